@@ -1,0 +1,198 @@
+"""Small discrete outcome tables: the lecture's worked example, user tables, and their π*.
+
+An outcome table lists, for one prompt x, each completion y with π_ref(y|x) and r(x,y). Solving it
+for a β gives π*, log Z, J(π*) = β log Z and KL(π* ‖ π_ref) exactly (float64).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpokit.errors import DpokitError, check_beta
+from dpokit.theory import kl_divergence, log_partition, optimal_policy, rl_objective
+from dpokit.theory.optimal import expected_reward
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One completion y of the prompt: its name, π_ref(y|x) and r(x,y)."""
+
+    name: str
+    ref_prob: float
+    reward: float
+
+
+WORKED_EXAMPLE_PROMPT = "this is a"
+WORKED_EXAMPLE: tuple[Outcome, ...] = (
+    Outcome("cats", 0.8, 1.0),
+    Outcome("reward function", 0.1, 8.0),
+    Outcome("dogs", 0.06, 0.5),
+    Outcome("sunny day", 0.04, 0.0),
+)
+"""The lecture's example: π_ref(cats) = 0.8, π_ref(reward function) = 0.1, the other 0.1 spread
+over two more outcomes; the reward (an LLM-topics reward model) favours ``reward function``, so
+at β = 1 almost all of π*'s mass moves onto it."""
+
+PROB_TOLERANCE = 1e-6
+
+
+def validate_outcomes(outcomes: Sequence[Outcome], *, source: str = "outcomes",
+                      normalize: bool = False) -> tuple[Outcome, ...]:
+    """Check a table: ≥ 1 outcome, unique non-empty names, finite rewards, π_ref ≥ 0 summing to 1.
+
+    With ``normalize`` the probabilities are rescaled to sum to 1 instead of being required to
+    (within ``PROB_TOLERANCE``). Raises :class:`DpokitError` naming ``source`` and the outcome.
+    """
+    if not outcomes:
+        raise DpokitError(f"{source}: no outcomes given")
+    seen: set[str] = set()
+    for outcome in outcomes:
+        if not outcome.name.strip():
+            raise DpokitError(f"{source}: an outcome has an empty name")
+        if outcome.name in seen:
+            raise DpokitError(f"{source}: outcome {outcome.name!r} is listed twice")
+        seen.add(outcome.name)
+        if not (math.isfinite(outcome.ref_prob) and outcome.ref_prob >= 0):
+            raise DpokitError(f"{source}: outcome {outcome.name!r} has ref_prob "
+                              f"{outcome.ref_prob!r}; probabilities must be finite and ≥ 0")
+        if not math.isfinite(outcome.reward):
+            raise DpokitError(f"{source}: outcome {outcome.name!r} has reward "
+                              f"{outcome.reward!r}; rewards must be finite")
+    total = math.fsum(o.ref_prob for o in outcomes)
+    if total <= 0:
+        raise DpokitError(f"{source}: the reference probabilities are all 0")
+    if normalize:
+        return tuple(Outcome(o.name, o.ref_prob / total, o.reward) for o in outcomes)
+    if abs(total - 1.0) > PROB_TOLERANCE:
+        raise DpokitError(f"{source}: reference probabilities sum to {total:.9g}, not 1 "
+                          f"(tolerance {PROB_TOLERANCE:g}); fix them or pass --normalize")
+    return tuple(outcomes)
+
+
+def _number(text: str, where: str, field: str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise DpokitError(f"{where}, field {field!r}: {text!r} is not a number") from None
+
+
+def parse_outcome(spec: str) -> Outcome:
+    """Parse ``NAME:REF_PROB:REWARD`` (the name may itself contain colons)."""
+    parts = spec.rsplit(":", 2)
+    if len(parts) != 3:
+        raise DpokitError(f"--outcome {spec!r}: expected NAME:REF_PROB:REWARD, e.g. 'cats:0.8:1'")
+    name, ref_prob, reward = parts
+    where = f"--outcome {spec!r}"
+    return Outcome(name.strip(), _number(ref_prob, where, "ref_prob"),
+                   _number(reward, where, "reward"))
+
+
+def parse_assignment(spec: str, flag: str) -> tuple[str, float]:
+    """Parse ``NAME=VALUE`` for ``--reward``/``--ref-prob`` overrides."""
+    name, sep, value = spec.rpartition("=")
+    if not sep or not name.strip():
+        raise DpokitError(f"{flag} {spec!r}: expected NAME=VALUE, e.g. 'cats=2.5'")
+    return name.strip(), _number(value, f"{flag} {spec!r}", "value")
+
+
+def read_outcomes_csv(path: str | Path) -> list[Outcome]:
+    """Read a CSV with a header and columns ``name`` (or ``outcome``), ``ref_prob``, ``reward``.
+
+    Errors name the file, the row (1 = first data row, line 2 of the file) and the field.
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            fields = [f.strip() for f in (reader.fieldnames or [])]
+            rows = list(reader)
+    except OSError as error:
+        raise DpokitError(f"cannot read {path}: {error.strerror or error}") from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DpokitError(f"{path}: not a readable UTF-8 CSV file ({error})") from None
+    name_field = "name" if "name" in fields else "outcome"
+    for required in (name_field, "ref_prob", "reward"):
+        if required not in fields:
+            raise DpokitError(f"{path}: missing column {required!r} (found {fields or 'none'}); "
+                              f"expected a header with name, ref_prob, reward")
+    outcomes = []
+    for index, raw in enumerate(rows, start=1):
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+        where = f"{path}, row {index} (line {index + 1})"
+        if not row.get(name_field):
+            raise DpokitError(f"{where}, field {name_field!r}: empty outcome name")
+        outcomes.append(Outcome(row[name_field], _number(row.get("ref_prob"), where, "ref_prob"),
+                                _number(row.get("reward"), where, "reward")))
+    if not outcomes:
+        raise DpokitError(f"{path}: no data rows")
+    return outcomes
+
+
+def apply_overrides(outcomes: Iterable[Outcome], *, rewards: Mapping[str, float] | None = None,
+                    ref_probs: Mapping[str, float] | None = None) -> list[Outcome]:
+    """Replace the reward or π_ref of named outcomes; an unknown name is an error."""
+    outcomes = list(outcomes)
+    names = {o.name for o in outcomes}
+    for flag, mapping in (("--reward", rewards or {}), ("--ref-prob", ref_probs or {})):
+        for name in mapping:
+            if name not in names:
+                raise DpokitError(f"{flag}: unknown outcome {name!r}; "
+                                  f"known outcomes: {', '.join(sorted(names))}")
+    return [Outcome(o.name, (ref_probs or {}).get(o.name, o.ref_prob),
+                    (rewards or {}).get(o.name, o.reward)) for o in outcomes]
+
+
+@dataclass(frozen=True)
+class OptimalSolution:
+    """π* of an outcome table at one β, and the quantities of the derivation (all exact)."""
+
+    beta: float
+    outcomes: tuple[Outcome, ...]
+    optimal_probs: tuple[float, ...]
+    log_partition: float
+    """log Z."""
+    objective: float
+    """J(π*) = E_π*[r] − β KL(π* ‖ π_ref), computed directly; equals β log Z."""
+    expected_reward: float
+    """E_π*[r]."""
+    kl_optimal_ref: float
+    """KL(π* ‖ π_ref)."""
+
+    def to_json(self) -> dict:
+        """The JSON object of ``dpokit optimal --json``."""
+        return {
+            "beta": self.beta,
+            "log_partition": self.log_partition,
+            "partition": math.exp(self.log_partition) if self.log_partition < 709 else math.inf,
+            "objective": self.objective,
+            "max_objective": self.beta * self.log_partition,
+            "expected_reward": self.expected_reward,
+            "kl_optimal_ref": self.kl_optimal_ref,
+            "outcomes": [
+                {"name": o.name, "ref_prob": o.ref_prob, "reward": o.reward, "optimal_prob": p}
+                for o, p in zip(self.outcomes, self.optimal_probs, strict=True)
+            ],
+        }
+
+
+def solve(outcomes: Sequence[Outcome], beta: float) -> OptimalSolution:
+    """Compute π* = π_ref·exp(r/β)/Z for a validated table, in float64."""
+    beta = check_beta(beta)
+    ref_logps = torch.tensor([o.ref_prob for o in outcomes], dtype=torch.float64).log()
+    rewards = torch.tensor([o.reward for o in outcomes], dtype=torch.float64)
+    optimal_logps = optimal_policy(ref_logps, rewards, beta)
+    return OptimalSolution(
+        beta=beta,
+        outcomes=tuple(outcomes),
+        optimal_probs=tuple(optimal_logps.exp().tolist()),
+        log_partition=float(log_partition(ref_logps, rewards, beta)),
+        objective=float(rl_objective(optimal_logps, ref_logps, rewards, beta)),
+        expected_reward=float(expected_reward(optimal_logps, rewards)),
+        kl_optimal_ref=float(kl_divergence(optimal_logps, ref_logps)),
+    )

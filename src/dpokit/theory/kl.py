@@ -1,0 +1,106 @@
+"""KL divergences: discrete, Gaussian closed form, and Monte-Carlo estimators (THEORY.md §1).
+
+All functions are pure and batched: leading dimensions broadcast, ``dim=-1`` is the outcome axis
+where there is one. Inputs are log-probabilities so that nothing underflows.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Discrete KL divergence from log-probabilities.
+
+        KL(p ‖ q) = Σ_y p(y) (log p(y) − log q(y))
+
+    Terms with p(y) = 0 contribute 0 (the convention 0·log 0 = 0), also in the gradient;
+    p(y) > 0 with q(y) = 0 gives +inf, as it should.
+
+    Args:
+        log_p: ``(..., Y)`` log-probabilities of p (rows sum to 1 in probability).
+        log_q: ``(..., Y)`` log-probabilities of q, broadcastable against ``log_p``.
+
+    Returns:
+        ``(...)`` KL(p ‖ q) ≥ 0 in nats.
+    """
+    log_p, log_q = torch.broadcast_tensors(log_p, log_q)
+    support = log_p > float("-inf")
+    # Mask before subtracting so that −inf − (−inf) never appears, not even in the backward pass.
+    safe_log_p = torch.where(support, log_p, torch.zeros_like(log_p))
+    safe_log_q = torch.where(support, log_q, torch.zeros_like(log_q))
+    terms = safe_log_p.exp() * (safe_log_p - safe_log_q)
+    return torch.where(support, terms, torch.zeros_like(terms)).sum(dim=-1)
+
+
+def gaussian_kl(mu_p: Tensor | float, sigma_p: Tensor | float,
+                mu_q: Tensor | float, sigma_q: Tensor | float) -> Tensor:
+    """Closed-form KL between two univariate Gaussians, elementwise (broadcasting).
+
+        KL(N(μ_p, σ_p²) ‖ N(μ_q, σ_q²)) = log(σ_q/σ_p) + (σ_p² + (μ_p − μ_q)²)/(2σ_q²) − 1/2
+
+    computed as ½(expm1(2ℓ) − 2ℓ) + (μ_p − μ_q)²/(2σ_q²) with ℓ = log(σ_p/σ_q), which keeps full
+    relative precision when the two curves almost overlap (KL → 0).
+
+    Args:
+        mu_p, sigma_p: mean and standard deviation (> 0) of p.
+        mu_q, sigma_q: mean and standard deviation (> 0) of q.
+
+    Returns:
+        KL(p ‖ q) in nats, broadcast shape of the inputs (float64 for Python floats).
+    """
+    mu_p, sigma_p, mu_q, sigma_q = _as_float_tensors(mu_p, sigma_p, mu_q, sigma_q)
+    log_ratio = torch.log(sigma_p) - torch.log(sigma_q)
+    spread = 0.5 * (torch.expm1(2.0 * log_ratio) - 2.0 * log_ratio)
+    shift = (mu_p - mu_q) ** 2 / (2.0 * sigma_q**2)
+    return spread + shift
+
+
+class KLEstimates(NamedTuple):
+    """Per-sample estimators of KL(p ‖ q) for samples y ~ p (Schulman, "Approximating KL")."""
+
+    k1: Tensor
+    """−log ρ: unbiased, high variance, can be negative."""
+    k2: Tensor
+    """½ (log ρ)²: biased (low bias when p ≈ q), always ≥ 0."""
+    k3: Tensor
+    """(ρ − 1) − log ρ: unbiased, always ≥ 0, low variance."""
+
+
+def kl_estimators(log_p: Tensor, log_q: Tensor) -> KLEstimates:
+    """The k1, k2, k3 estimators of KL(p ‖ q), one value per sample drawn from p.
+
+    With the log-ratio log ρ = log q(y) − log p(y) of a sample y ~ p:
+
+        k1 = −log ρ,    k2 = ½ (log ρ)²,    k3 = (ρ − 1) − log ρ = expm1(log ρ) − log ρ.
+
+    E_p[k1] = E_p[k3] = KL(p ‖ q); k3 ≥ 0 for every sample (log is concave). ``expm1`` keeps k3
+    accurate when ρ ≈ 1; k3 is +inf only when ρ itself overflows the dtype (q(y)/p(y) > ~1e38 in
+    float32), which is the honest value.
+
+    Args:
+        log_p: ``(...)`` log p(y) of each sample.
+        log_q: ``(...)`` log q(y) of the same samples.
+
+    Returns:
+        ``KLEstimates(k1, k2, k3)``, each of the broadcast shape; average them over samples.
+    """
+    log_ratio = log_q - log_p
+    return KLEstimates(
+        k1=-log_ratio,
+        k2=0.5 * log_ratio**2,
+        k3=torch.expm1(log_ratio) - log_ratio,
+    )
+
+
+def _as_float_tensors(*values: Tensor | float) -> list[Tensor]:
+    """Tensors of one common float dtype: that of the float tensors given, float64 if none."""
+    dtypes = [v.dtype for v in values if isinstance(v, Tensor) and v.is_floating_point()]
+    dtype = dtypes[0] if dtypes else torch.float64
+    for other in dtypes[1:]:
+        dtype = torch.promote_types(dtype, other)
+    return [v.to(dtype) if isinstance(v, Tensor) else torch.as_tensor(v, dtype=dtype)
+            for v in values]
