@@ -35,7 +35,8 @@ from dpokit.outcomes import (
     validate_outcomes,
 )
 
-console = Console(highlight=False, markup=False)
+# Piped output gets a fixed, roomy width; columns fold rather than truncate a number.
+console = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 120)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -81,7 +82,8 @@ def _exp_text(x: float) -> str:
               help="Override the reward of an outcome.")
 @click.option("--ref-prob", multiple=True, metavar="NAME=VALUE",
               help="Override π_ref of an outcome.")
-@click.option("--normalize", is_flag=True, help="Rescale π_ref to sum to 1 instead of requiring it.")
+@click.option("--normalize", is_flag=True,
+              help="Rescale π_ref to sum to 1 instead of requiring it.")
 @click.option("--prompt", default=None, help="Prompt text shown in the title.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def optimal(beta: tuple[str, ...], outcome: tuple[str, ...], csv_path: Path | None,
@@ -121,7 +123,8 @@ def optimal(beta: tuple[str, ...], outcome: tuple[str, ...], csv_path: Path | No
 def _print_solution(s: OptimalSolution, title: str) -> None:
     table = Table(title=f"Optimal policy π* at β = {s.beta:g} — {title}")
     for name in ("outcome y", "π_ref(y|x)", "r(x,y)", "exp(r/β)", "π*(y|x)"):
-        table.add_column(name, justify="left" if name == "outcome y" else "right")
+        table.add_column(name, justify="left" if name == "outcome y" else "right",
+                         overflow="fold")
     for o, p in zip(s.outcomes, s.optimal_probs, strict=True):
         table.add_row(o.name, f"{o.ref_prob:.4g}", f"{o.reward:.4g}",
                       _exp_text(o.reward / s.beta), f"{p:.6g}")
@@ -137,11 +140,11 @@ def _print_solution(s: OptimalSolution, title: str) -> None:
 def _print_sweep(solutions: list[OptimalSolution], title: str) -> None:
     """One row per outcome (π_ref, r, then π* at each β), then the per-β summaries."""
     table = Table(title=f"β sweep of π*(y|x) = π_ref·exp(r/β)/Z — {title}")
-    table.add_column("outcome y")
-    table.add_column("π_ref", justify="right")
-    table.add_column("r", justify="right")
+    table.add_column("outcome y", overflow="fold")
+    table.add_column("π_ref", justify="right", overflow="fold")
+    table.add_column("r", justify="right", overflow="fold")
     for s in solutions:
-        table.add_column(f"π* β={s.beta:g}", justify="right")
+        table.add_column(f"π* β={s.beta:g}", justify="right", overflow="fold")
     for i, o in enumerate(solutions[0].outcomes):
         table.add_row(o.name, f"{o.ref_prob:.4g}", f"{o.reward:.4g}",
                       *(f"{s.optimal_probs[i]:.4g}" for s in solutions),
@@ -216,11 +219,12 @@ def partition(vocab_size: int, max_length: int, rate: float | None, space_vocab:
             "monte_carlo": [row.to_json() for row in study],
         }, indent=2))
         return
-    how = "measured here with a bigram scorer; a neural π_ref is far slower" if measured else "given"
-    table = Table(title=f"Terms in Z(x) for V = {vocab_size:,}; time at {rate:.3g} sequences/s "
-                        f"({how})")
+    how = ("measured here with a bigram scorer; a neural π_ref is far slower" if measured
+           else "given")
+    console.print(f"Time to enumerate at {rate:.3g} sequences/s ({how}).")
+    table = Table(title=f"Terms in Z(x) for V = {vocab_size:,}")
     for name in ("T", "V^T", "time", "Σ_{t≤T} V^t", "time "):
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", overflow="fold")
     for row in growth:
         table.add_row(str(row.length), format_count(row.exactly),
                       format_duration(row.seconds_exactly), format_count(row.up_to),
@@ -228,9 +232,9 @@ def partition(vocab_size: int, max_length: int, rate: float | None, space_vocab:
     console.print(table)
     console.print(f"Built-in space: bigram π_ref over V = {space_vocab}, T = {space_length} "
                   f"({space.num_sequences:,} sequences), reward = Σ_t r(y_t) with r(v) ~ N(0, 1).")
-    ex = Table(title="Exact log Z: enumeration of every sequence vs the O(T·V²) recursion")
+    ex = Table(title="Exact log Z: enumeration vs O(T·V²) recursion")
     for name in ("β", "enumerated", "recursion", "|difference|"):
-        ex.add_column(name, justify="right")
+        ex.add_column(name, justify="right", overflow="fold")
     for e in exact:
         ex.add_row(f"{e.beta:g}", f"{e.enumerated:.10g}", f"{e.recursion:.10g}",
                    f"{abs(e.enumerated - e.recursion):.1e}")
@@ -238,7 +242,7 @@ def partition(vocab_size: int, max_length: int, rate: float | None, space_vocab:
     mc = Table(title=f"Monte-Carlo log Ẑ from π_ref samples ({repeats} repeats each)")
     for name in ("β", "n", "exact log Z", "mean log Ẑ", "RMSE log Ẑ", "mean |Ẑ/Z−1|",
                  "95% CI coverage", "mean ESS"):
-        mc.add_column(name, justify="right")
+        mc.add_column(name, justify="right", overflow="fold")
     for row in study:
         mc.add_row(f"{row.beta:g}", f"{row.num_samples:,}", f"{row.exact_log_partition:.5g}",
                    f"{row.mean_log_estimate:.5g}", f"{row.rmse_log:.3g}",
@@ -263,8 +267,10 @@ def figures(out: Path, rate: float | None) -> None:
 
     if rate is not None:
         _positive([rate], "--rate")
-    write_figures(out, rate=rate,
-                  on_written=lambda p: console.print(f"wrote {p}  — {FIGURES[p.name]}"))
+    def report(path: Path) -> None:
+        console.print(f"wrote {path}: {FIGURES[path.name]}", soft_wrap=True)
+
+    write_figures(out, rate=rate, on_written=report)
 
 
 # -------------------------------------------------------------------------------------- main

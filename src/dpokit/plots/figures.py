@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import torch
 from matplotlib.figure import Figure
 
 from dpokit.errors import DpokitError
-from dpokit.format import format_duration
 from dpokit.outcomes import WORKED_EXAMPLE, WORKED_EXAMPLE_PROMPT, Outcome, solve
 from dpokit.partition_study import (
     GPT2_VOCAB_SIZE,
@@ -110,7 +108,7 @@ def scale_shift_figure(scales: Sequence[float] = (0.5, 1.0, 2.0),
         values = scales if ax is left else shifts
         for curve, c in zip(family, values, strict=True):
             i = int(np.argmin(curve))
-            (line,) = ax.plot(w, curve, lw=1.8, label=label.format(c) + f": argmin = {w[i]:.2f}")
+            ax.plot(w, curve, lw=1.8, label=label.format(c) + f": argmin = {w[i]:.2f}")
             ax.plot([w[i]], [curve[i]], "o", color=RED, ms=6)
         ax.axvline(w[int(np.argmin(g))], color=GREY, lw=1, ls=":")
         ax.legend(fontsize=8)
@@ -156,8 +154,8 @@ def partition_growth_figure(rate: float, max_length: int = 8,
     for seconds, name in ((1.0, "1 second"), (365.25 * 86400, "1 year"),
                           (13.8e9 * 365.25 * 86400, "age of the universe")):
         ax.axhline(seconds * rate, color=GREY, lw=1, ls=":")
-        ax.text(lengths[0], seconds * rate * 1.8, f"{name} of enumeration", fontsize=8,
-                color=GREY)
+        ax.text(lengths[-1], seconds * rate * 1.8, f"enumeration takes {name}", fontsize=8,
+                color=GREY, ha="right")
     ax.set(title="Terms in Z(x): V^T grows exponentially with the length T",
            xlabel="completion length T (tokens)", ylabel="number of sequences V^T")
     secondary = ax.secondary_yaxis("right", functions=(lambda n: n / rate, lambda s: s * rate))
@@ -191,15 +189,14 @@ FIGURES: dict[str, str] = {
 
 
 def _save(fig: Figure, path: Path) -> None:
-    """Write a PNG through a temporary file in the same directory, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    os.close(fd)
+    """Write a PNG to a temporary name in the same directory, then rename it over ``path``,
+    so an interrupted run never leaves a truncated figure behind."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fig.savefig(tmp, dpi=120, format="png")
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def write_figures(out_dir: str | Path, *, rate: float | None = None,
@@ -231,5 +228,3 @@ def write_figures(out_dir: str | Path, *, rate: float | None = None,
             on_written(path)
     return written
 
-
-__all__ = ["FIGURES", "format_duration", "write_figures"]

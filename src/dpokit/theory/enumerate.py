@@ -23,7 +23,8 @@ from dpokit.format import format_count, format_duration
 from dpokit.theory.optimal import log_partition
 
 Scorer = Callable[[Tensor], tuple[Tensor, Tensor]]
-"""``scorer(sequences) -> (ref_logps, rewards)``: ``(N, t)`` int64 tokens to two ``(N,)`` tensors."""
+"""``scorer(sequences) -> (ref_logps, rewards)``: ``(N, t)`` int64 tokens to two ``(N,)``
+tensors."""
 
 DEFAULT_MAX_SEQUENCES = 2**24
 """Default budget: about 16.8 million scorer evaluations."""
@@ -79,10 +80,12 @@ def check_enumeration_budget(scorer: Scorer, vocab_size: int, length: int, *,
     over_count = max_sequences is not None and count > max_sequences
     if not over_count and max_seconds is None:
         return count
+    # Time one batch of the longest sequences end to end: build, score, reduce.
     probe_size = min(batch_size, vocab_size**length, 2**20)
-    probe = next(iter_sequences(vocab_size, length, batch_size=probe_size))
     start = time.perf_counter()
-    scorer(probe)
+    probe = next(iter_sequences(vocab_size, length, batch_size=probe_size))
+    ref_logps, rewards = scorer(probe)
+    torch.logsumexp(ref_logps.detach().double().cpu() + rewards.detach().double().cpu(), dim=0)
     rate = probe_size / max(time.perf_counter() - start, 1e-9)
     estimate = count / rate
     if over_count or (max_seconds is not None and estimate > max_seconds):

@@ -27,7 +27,8 @@ def _per_position(token_rewards: Tensor, length: int) -> Tensor:
     if token_rewards.dim() == 2 and token_rewards.shape[0] == length:
         return token_rewards
     raise DpokitError(
-        f"token_rewards must have shape (V,) or (T, V) = ({length}, V), got {tuple(token_rewards.shape)}")
+        f"token_rewards must have shape (V,) or (T, V) = ({length}, V), "
+        f"got {tuple(token_rewards.shape)}")
 
 
 def markov_logps(sequences: Tensor, log_init: Tensor, log_trans: Tensor) -> Tensor:
@@ -83,7 +84,7 @@ def markov_log_partition(log_init: Tensor, log_trans: Tensor, token_rewards: Ten
 
 def markov_sample(num_samples: int, length: int, log_init: Tensor, log_trans: Tensor, *,
                   generator: torch.Generator | None = None) -> Tensor:
-    """Exact ancestral samples y ~ π_ref from a bigram reference: ``(num_samples, length)`` int64."""
+    """Exact ancestral samples y ~ π_ref of a bigram reference: ``(num_samples, length)`` int64."""
     tokens = torch.multinomial(log_init.exp().expand(num_samples, -1), 1, replacement=True,
                                generator=generator)
     columns = [tokens]

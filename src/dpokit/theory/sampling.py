@@ -63,7 +63,8 @@ def rejection_sample(sample_ref: Callable[[int], Tensor], reward_fn: Callable[[T
     """
     beta = check_beta(beta)
     if num_samples < 1 or batch_size < 1:
-        raise DpokitError(f"num_samples and batch_size must be ≥ 1, got {num_samples}, {batch_size}")
+        raise DpokitError(
+            f"num_samples and batch_size must be ≥ 1, got {num_samples}, {batch_size}")
     kept_samples: list[Tensor] = []
     kept_rewards: list[Tensor] = []
     num_proposals = num_accepted = 0
