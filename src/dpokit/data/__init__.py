@@ -1,0 +1,34 @@
+"""Preference data: user files → validated examples → token pairs → padded or packed batches.
+
+    rows = load_rows("prefs.jsonl")                         # io.py: JSONL/JSON/CSV/Parquet/HF dir
+    examples = parse_examples(rows, ColumnMap())            # formats.py: standard/chat/implicit
+    pairs = tokenize_examples(examples, tokenizer, TokenizeSettings(max_length=512))
+    batch = collate_padded([pairs[i] for i in idx], pad_token_id=tokenizer.pad_token_id)
+    # or collate_packed(...) for the padding-free layout
+
+Every user error (missing field, wrong type, empty completion, unknown role, undecodable text) is a
+:class:`~dpokit.errors.DpokitError` naming the file, the row and the field.
+"""
+
+from dpokit.data.batching import epoch_batches, shard_for_rank
+from dpokit.data.collate import PairBatch, collate_packed, collate_padded
+from dpokit.data.formats import ColumnMap, PreferenceExample, parse_example, parse_examples
+from dpokit.data.io import RawRow, load_rows
+from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, tokenize_examples
+
+__all__ = [
+    "ColumnMap",
+    "PairBatch",
+    "PreferenceExample",
+    "RawRow",
+    "TokenizeSettings",
+    "TokenizedPair",
+    "collate_packed",
+    "collate_padded",
+    "epoch_batches",
+    "load_rows",
+    "parse_example",
+    "parse_examples",
+    "shard_for_rank",
+    "tokenize_examples",
+]

@@ -1,0 +1,36 @@
+"""Which examples go into which batch: deterministic shuffling and sharding by rank."""
+
+from __future__ import annotations
+
+import torch
+
+from dpokit.errors import DpokitError
+
+
+def epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int,
+                  shuffle: bool = True, drop_last: bool = False) -> list[list[int]]:
+    """Global batches of example indices for one epoch.
+
+    The order is a permutation drawn from ``seed`` and ``epoch`` alone (a fresh
+    ``torch.Generator``), so it is the same on every rank and after a resume.
+    """
+    if batch_size < 1:
+        raise DpokitError(f"batch_size must be ≥ 1, got {batch_size}")
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(num_examples, generator=generator).tolist()
+    else:
+        order = list(range(num_examples))
+    batches = [order[i:i + batch_size] for i in range(0, num_examples, batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def shard_for_rank(batch: list[int], rank: int, world_size: int) -> list[int]:
+    """This rank's contiguous share of a global batch (sizes differ by at most one)."""
+    if not 0 <= rank < world_size:
+        raise DpokitError(f"rank must be in [0, {world_size}), got {rank}")
+    base, extra = divmod(len(batch), world_size)
+    start = rank * base + min(rank, extra)
+    return batch[start:start + base + (rank < extra)]

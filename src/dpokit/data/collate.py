@@ -1,0 +1,116 @@
+"""Token pairs → model batches: padded (rows of equal length) or packed (one long row).
+
+Both layouts hold, for the 2B sequences of B pairs (chosen 0..B−1, then rejected 0..B−1):
+``input_ids``, ``position_ids`` (restarting at 0 for every sequence), ``completion_mask`` (1 on
+completion tokens) and ``sequence_ids`` (which of the 2B sequences a token belongs to, −1 on
+padding). Padded batches also carry an ``attention_mask``; packed ones have none, so
+``transformers`` detects the sequence boundaries from the restarting position ids (padding-free
+training) and no token attends across a boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from dpokit.data.tokenize import TokenizedPair
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """A batch of B preference pairs laid out for one forward pass over 2B sequences."""
+
+    layout: Literal["padded", "packed"]
+    input_ids: Tensor
+    """``(2B, L)`` padded, or ``(1, total_tokens)`` packed; int64."""
+    position_ids: Tensor
+    """Same shape; position within each sequence."""
+    completion_mask: Tensor
+    """Same shape; bool, True on completion tokens."""
+    sequence_ids: Tensor
+    """Same shape; int64 index of the sequence (0..2B−1) of each token, −1 on padding."""
+    attention_mask: Tensor | None
+    """``(2B, L)`` for padded batches, None for packed."""
+    num_pairs: int
+    weights: Tensor | None = None
+    """``(B,)`` per-pair weights from the data, if it has a weight column."""
+    margins: Tensor | None = None
+    """``(B,)`` per-pair margins from the data, if it has a margin column."""
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    """Other per-pair tensors, e.g. precomputed ``ref_chosen_logps``/``ref_rejected_logps``."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens in the batch."""
+        return int((self.sequence_ids >= 0).sum())
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return replace(self, input_ids=move(self.input_ids), position_ids=move(self.position_ids),
+                       completion_mask=move(self.completion_mask),
+                       sequence_ids=move(self.sequence_ids),
+                       attention_mask=move(self.attention_mask), weights=move(self.weights),
+                       margins=move(self.margins),
+                       extras={k: move(v) for k, v in self.extras.items()})
+
+
+def _sequences(pairs: Sequence[TokenizedPair]) -> list[tuple[list[int], int]]:
+    """The 2B sequences (tokens, prompt length): all chosen, then all rejected."""
+    return ([(p.prompt_ids + p.chosen_ids, len(p.prompt_ids)) for p in pairs]
+            + [(p.prompt_ids + p.rejected_ids, len(p.prompt_ids)) for p in pairs])
+
+
+def _optional(pairs: Sequence[TokenizedPair], name: str) -> Tensor | None:
+    values = [getattr(p, name) for p in pairs]
+    if all(v is None for v in values):
+        return None
+    default = 1.0 if name == "weight" else 0.0
+    return torch.tensor([default if v is None else v for v in values], dtype=torch.float32)
+
+
+def collate_padded(pairs: Sequence[TokenizedPair], *, pad_token_id: int,
+                   padding_side: Literal["right", "left"] = "right",
+                   pad_to_multiple_of: int | None = None) -> PairBatch:
+    """Pad the 2B sequences to one length; position ids count real tokens only."""
+    sequences = _sequences(pairs)
+    length = max(len(ids) for ids, _ in sequences)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    n = len(sequences)
+    input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n, length), dtype=torch.long)
+    completion_mask = torch.zeros((n, length), dtype=torch.bool)
+    sequence_ids = torch.full((n, length), -1, dtype=torch.long)
+    for i, (ids, prompt_length) in enumerate(sequences):
+        start = 0 if padding_side == "right" else length - len(ids)
+        span = slice(start, start + len(ids))
+        input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
+        position_ids[i, span] = torch.arange(len(ids))
+        completion_mask[i, start + prompt_length:start + len(ids)] = True
+        sequence_ids[i, span] = i
+    return PairBatch("padded", input_ids, position_ids, completion_mask, sequence_ids,
+                     attention_mask=(sequence_ids >= 0).long(), num_pairs=len(pairs),
+                     weights=_optional(pairs, "weight"), margins=_optional(pairs, "margin"))
+
+
+def collate_packed(pairs: Sequence[TokenizedPair]) -> PairBatch:
+    """Concatenate the 2B sequences into one row with position ids restarting per sequence."""
+    sequences = _sequences(pairs)
+    input_ids, position_ids, completion_mask, sequence_ids = [], [], [], []
+    for i, (ids, prompt_length) in enumerate(sequences):
+        input_ids.append(torch.tensor(ids, dtype=torch.long))
+        position_ids.append(torch.arange(len(ids)))
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        mask[prompt_length:] = True
+        completion_mask.append(mask)
+        sequence_ids.append(torch.full((len(ids),), i, dtype=torch.long))
+    return PairBatch("packed", torch.cat(input_ids)[None], torch.cat(position_ids)[None],
+                     torch.cat(completion_mask)[None], torch.cat(sequence_ids)[None],
+                     attention_mask=None, num_pairs=len(pairs),
+                     weights=_optional(pairs, "weight"), margins=_optional(pairs, "margin"))

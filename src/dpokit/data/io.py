@@ -1,0 +1,225 @@
+"""Read users' preference files into rows that remember where they came from.
+
+Supported: JSON Lines (``.jsonl``/``.ndjson``), JSON (a list of objects, or an object holding one
+under a split name such as ``"train"``), CSV, Parquet, Arrow stream files (``.arrow``, as written
+by ``datasets``), a Hugging Face dataset saved with ``save_to_disk`` (a ``Dataset`` or a
+``DatasetDict``, whose ``split`` is chosen), and a directory of such shards (read in name order;
+with ``split``, only shards whose name or folder starts with it). Every row keeps its file and
+1-based row number (the line number for JSON Lines) so errors can point at it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpokit.errors import DpokitError
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One record of a user's file, before validation."""
+
+    source: str
+    """The file (or dataset directory) it came from."""
+    row: int
+    """1-based row number in ``source`` (for JSON Lines, the line number)."""
+    fields: dict[str, Any]
+
+    @property
+    def where(self) -> str:
+        """``file, row N`` — the prefix of every error about this row."""
+        return f"{self.source}, row {self.row}"
+
+
+def _decode_error(path: Path, data: bytes, error: UnicodeDecodeError) -> DpokitError:
+    line = data[: error.start].count(b"\n") + 1
+    return DpokitError(f"{path}, line {line}: undecodable text (not UTF-8: byte "
+                       f"{data[error.start]:#04x} at offset {error.start})")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise DpokitError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _read_jsonl(path: Path) -> Iterator[RawRow]:
+    data = _read_bytes(path)
+    for number, raw_line in enumerate(data.split(b"\n"), start=1):
+        if not raw_line.strip():
+            continue
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DpokitError(f"{path}, row {number}: undecodable text (not UTF-8)") from error
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DpokitError(f"{path}, row {number}: not valid JSON ({error.msg} at column "
+                              f"{error.colno})") from None
+        if not isinstance(record, dict):
+            raise DpokitError(f"{path}, row {number}: expected a JSON object, got "
+                              f"{type(record).__name__}")
+        yield RawRow(str(path), number, record)
+
+
+def _read_json(path: Path, split: str | None) -> Iterator[RawRow]:
+    data = _read_bytes(path)
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise _decode_error(path, data, error) from None
+    except json.JSONDecodeError as error:
+        raise DpokitError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    if isinstance(document, dict):
+        key = split or ("train" if "train" in document else None)
+        if key is None or key not in document:
+            raise DpokitError(f"{path}: expected a list of objects, or an object with a "
+                              f"{split or 'train'!r} list (keys found: {sorted(document)})")
+        document = document[key]
+    if not isinstance(document, list):
+        raise DpokitError(f"{path}: expected a list of objects, got {type(document).__name__}")
+    for number, record in enumerate(document, start=1):
+        if not isinstance(record, dict):
+            raise DpokitError(f"{path}, row {number}: expected a JSON object, got "
+                              f"{type(record).__name__}")
+        yield RawRow(str(path), number, record)
+
+
+def _maybe_json(value: str) -> Any:
+    """CSV cells holding a JSON list of messages (``[{"role": …}]``) are decoded; others stay."""
+    text = value.strip()
+    if text.startswith("[{") and text.endswith("}]"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _read_csv(path: Path) -> Iterator[RawRow]:
+    data = _read_bytes(path)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise _decode_error(path, data, error) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for number, record in enumerate(reader, start=1):
+            fields = {k.strip(): _maybe_json(v) if isinstance(v, str) else v
+                      for k, v in record.items() if k is not None}
+            yield RawRow(str(path), number, fields)
+    except csv.Error as error:
+        raise DpokitError(f"{path}, line {reader.line_num}: malformed CSV ({error})") from None
+
+
+def _read_parquet(path: Path) -> Iterator[RawRow]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as error:
+        raise DpokitError(f"cannot read {path} as Parquet: {error}") from None
+    for number, record in enumerate(table.to_pylist(), start=1):
+        yield RawRow(str(path), number, record)
+
+
+def _read_arrow(path: Path) -> Iterator[RawRow]:
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+    except (OSError, pa.ArrowException) as error:
+        raise DpokitError(f"cannot read {path} as an Arrow stream: {error}") from None
+    for number, record in enumerate(table.to_pylist(), start=1):
+        yield RawRow(str(path), number, record)
+
+
+_READERS: dict[str, Callable[[Path, str | None], Iterator[RawRow]]] = {
+    ".jsonl": lambda p, _: _read_jsonl(p),
+    ".ndjson": lambda p, _: _read_jsonl(p),
+    ".json": _read_json,
+    ".csv": lambda p, _: _read_csv(p),
+    ".parquet": lambda p, _: _read_parquet(p),
+    ".arrow": lambda p, _: _read_arrow(p),
+}
+SUPPORTED_SUFFIXES = tuple(_READERS)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+
+
+def _read_saved_dataset(path: Path, split: str | None) -> Iterator[RawRow]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as error:  # datasets raises many types for a damaged directory
+        raise DpokitError(f"cannot load the saved dataset {path}: {error}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        names = sorted(loaded)
+        default = "train" if "train" in loaded else (names[0] if len(names) == 1 else None)
+        chosen = split or default
+        if chosen not in loaded:
+            raise DpokitError(f"{path}: no split {split or 'train'!r} (splits: {', '.join(names)});"
+                              f" choose one with split")
+        loaded = loaded[chosen]
+        source = f"{path}[{chosen}]"
+    else:
+        source = str(path)
+    for number, record in enumerate(loaded, start=1):
+        yield RawRow(source, number, dict(record))
+
+
+def _shards(path: Path, split: str | None) -> list[Path]:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _READERS
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if split is not None:
+        files = [p for p in files if p.name.startswith(split) or
+                 any(part == split for part in p.relative_to(path).parts[:-1])]
+    if not files:
+        wanted = f" for split {split!r}" if split else ""
+        raise DpokitError(f"{path}: no data files{wanted} (looked for "
+                          f"{', '.join(SUPPORTED_SUFFIXES)} files, or a saved dataset)")
+    suffixes = {p.suffix for p in files}
+    if len(suffixes) > 1:
+        raise DpokitError(f"{path}: shards of mixed formats ({', '.join(sorted(suffixes))})")
+    return files
+
+
+def iter_rows(path: str | Path, *, split: str | None = None) -> Iterator[RawRow]:
+    """Yield the rows of a file, a saved dataset or a directory of shards, in order."""
+    path = Path(path)
+    if not path.exists():
+        raise DpokitError(f"data not found: {path}")
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            yield from _read_saved_dataset(path, split)
+            return
+        for shard in _shards(path, split):
+            yield from _READERS[shard.suffix](shard, None)
+        return
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DpokitError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; expected "
+                          f"{', '.join(SUPPORTED_SUFFIXES)}, a saved dataset or a directory")
+    yield from reader(path, split)
+
+
+def load_rows(path: str | Path, *, split: str | None = None) -> list[RawRow]:
+    """All rows of :func:`iter_rows` as a list; an empty source is an error."""
+    rows = list(iter_rows(path, split=split))
+    if not rows:
+        raise DpokitError(f"{path}: no rows")
+    return rows

@@ -1,0 +1,195 @@
+"""Preference examples → token pairs, with TRL DPOTrainer 1.x's tokenisation convention.
+
+For each example the prompt alone, prompt + chosen and prompt + rejected are tokenised as the
+model will see them — through the tokenizer's own chat template for conversational data (the
+generation prompt on the prompt side), plain ``tokenizer(text)`` otherwise, with EOS appended to
+each plain-text completion. The prompt tokens are the longest common prefix of the three, so they
+are identical for chosen and rejected, and each completion starts where the tokenisations
+diverge. (When a merge across the prompt/completion boundary or the template shortens the prompt,
+this is logged once with an example.) Then truncation: the prompt to ``max_prompt_length`` (from
+the left by default, keeping its end), the completions to ``max_length`` minus the prompt (from the
+right by default); a pair left with an empty completion is dropped and counted in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+from dpokit.data.formats import Messages, PreferenceExample
+from dpokit.errors import DpokitError
+
+log = logging.getLogger("dpokit.data")
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """How examples become tokens; every field changes the tokens, so all of them key caches."""
+
+    max_length: int | None = 1024
+    """Longest prompt + completion, in tokens (None: no limit)."""
+    max_prompt_length: int | None = None
+    """Longest prompt, in tokens (None: only ``max_length`` applies)."""
+    prompt_truncation: Literal["left", "right"] = "left"
+    """``left`` drops the start of a long prompt (keeps the end next to the completion)."""
+    completion_truncation: Literal["right", "left"] = "right"
+    """``right`` drops the end of a long completion."""
+    text_mode: Literal["auto", "chat", "plain"] = "auto"
+    """``auto``: chat template for conversational rows, plain text otherwise; ``chat`` requires
+    conversational rows; ``plain`` renders conversations as ``role: content`` lines (for base
+    models)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "max_prompt_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DpokitError(f"{name} must be ≥ 1 or None, got {value}")
+        if self.prompt_truncation not in ("left", "right"):
+            raise DpokitError(f"prompt_truncation must be 'left' or 'right', "
+                              f"got {self.prompt_truncation!r}")
+        if self.completion_truncation not in ("left", "right"):
+            raise DpokitError(f"completion_truncation must be 'left' or 'right', "
+                              f"got {self.completion_truncation!r}")
+        if self.text_mode not in ("auto", "chat", "plain"):
+            raise DpokitError(f"text_mode must be 'auto', 'chat' or 'plain', "
+                              f"got {self.text_mode!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Token ids of one preference pair: the shared prompt and the two completions."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    weight: float | None = None
+    margin: float | None = None
+    source: str = ""
+    row: int = 0
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def render_plain(messages: Messages) -> str:
+    """Plain-text rendering of a conversation for base models: one ``role: content`` per line."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+
+
+def _ids(encoded: Any) -> list[int]:
+    """``input_ids`` of whatever a tokenizer call returned (list, dict or BatchEncoding)."""
+    if isinstance(encoded, list):
+        return list(encoded)
+    return list(encoded["input_ids"])
+
+
+def _texts(example: PreferenceExample, eos: str) -> tuple[str, str, str]:
+    """Prompt, prompt+chosen, prompt+rejected as text, EOS ending each completion."""
+    if example.conversational:
+        prompt = render_plain(example.prompt)
+        chosen, rejected = render_plain(example.chosen), render_plain(example.rejected)
+    else:
+        prompt, chosen, rejected = example.prompt, example.chosen, example.rejected
+    chosen = chosen if chosen.endswith(eos) else chosen + eos
+    rejected = rejected if rejected.endswith(eos) else rejected + eos
+    return prompt, prompt + chosen, prompt + rejected
+
+
+def _chat_ids(tokenizer: Any, example: PreferenceExample) -> tuple[list[int], list[int], list[int]]:
+    def encode(messages: Messages, generation_prompt: bool) -> list[int]:
+        return _ids(tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True))
+
+    try:
+        return (encode(example.prompt, True), encode(example.prompt + example.chosen, False),
+                encode(example.prompt + example.rejected, False))
+    except Exception as error:  # templates raise TemplateError, ValueError, … on odd turns
+        raise DpokitError(f"{example.where}: the chat template rejected this conversation "
+                          f"({type(error).__name__}: {error})") from None
+
+
+def _truncate(ids: list[int], limit: int, side: str) -> list[int]:
+    if len(ids) <= limit:
+        return ids
+    return ids[len(ids) - limit:] if side == "left" else ids[:limit]
+
+
+def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer: Any,
+                      settings: TokenizeSettings = TokenizeSettings(), *,
+                      progress: bool = False) -> list[TokenizedPair]:
+    """Tokenise, split at the shared prompt, truncate; drop (and count) pairs left empty."""
+    if not examples:
+        return []
+    conversational = examples[0].conversational
+    use_chat = conversational and settings.text_mode != "plain"
+    if settings.text_mode == "chat" and not conversational:
+        raise DpokitError(f"{examples[0].where}: text_mode='chat' needs conversational rows "
+                          f"(lists of messages); this data is plain text")
+    if use_chat and not getattr(tokenizer, "chat_template", None):
+        raise DpokitError("conversational data needs a tokenizer with a chat template, and this "
+                          "tokenizer has none; set text_mode='plain' to render 'role: content' "
+                          "lines instead")
+    eos = tokenizer.eos_token
+    if not use_chat and not eos:
+        raise DpokitError("the tokenizer has no eos_token; plain-text completions end with EOS")
+
+    if use_chat:
+        triples = [_chat_ids(tokenizer, e) for e in tqdm(
+            examples, disable=not progress, desc="tokenizing", unit="row", leave=False)]
+    else:
+        texts = [_texts(e, eos) for e in examples]
+        columns = [tokenizer([t[i] for t in texts])["input_ids"] for i in range(3)]
+        triples = list(zip(*columns, strict=True))
+
+    pairs: list[TokenizedPair] = []
+    merged = dropped = 0
+    for example, (prompt, prompt_chosen, prompt_rejected) in zip(examples, triples, strict=True):
+        shared = min(common_prefix_length(prompt, prompt_chosen),
+                     common_prefix_length(prompt, prompt_rejected))
+        if shared < len(prompt):
+            if merged == 0:
+                log.warning(
+                    "%s: the tokenized prompt is not a prefix of prompt+completion (tokens merge "
+                    "across the boundary, or the template renders the prompt differently); the "
+                    "completion starts where they diverge, leaving out %r of the prompt",
+                    example.where, tokenizer.decode(prompt[shared:]))
+            merged += 1
+        prompt_ids = list(prompt[:shared])
+        chosen_ids, rejected_ids = list(prompt_chosen[shared:]), list(prompt_rejected[shared:])
+        if settings.max_prompt_length is not None:
+            prompt_ids = _truncate(prompt_ids, settings.max_prompt_length,
+                                   settings.prompt_truncation)
+        if settings.max_length is not None:
+            budget = settings.max_length - len(prompt_ids)
+            chosen_ids = _truncate(chosen_ids, max(budget, 0), settings.completion_truncation)
+            rejected_ids = _truncate(rejected_ids, max(budget, 0), settings.completion_truncation)
+        if not chosen_ids or not rejected_ids:
+            dropped += 1
+            continue
+        pairs.append(TokenizedPair(prompt_ids, chosen_ids, rejected_ids, example.weight,
+                                   example.margin, example.source, example.row))
+    if merged > 1:
+        log.warning("%d of %d rows had their prompt shortened at the boundary", merged,
+                    len(examples))
+    if dropped:
+        log.warning("dropped %d of %d rows whose completion is empty after truncation to "
+                    "max_length=%s, max_prompt_length=%s", dropped, len(examples),
+                    settings.max_length, settings.max_prompt_length)
+    if not pairs:
+        raise DpokitError(f"no rows left after truncation (all {len(examples)} had an empty "
+                          f"completion); raise max_length or lower max_prompt_length")
+    return pairs

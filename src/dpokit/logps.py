@@ -1,0 +1,182 @@
+"""Sequence log-probabilities log π(y|x) = Σ_t log π(y_t | x, y_<t) of completions (THEORY.md §4).
+
+The only place in dpokit that shifts labels and masks tokens. One forward pass covers the chosen
+and the rejected completions of a batch together (padded or packed, see
+:mod:`dpokit.data.collate`). The decoder runs once; the LM head and the log-softmax then run only
+at the positions that predict a completion token, in chunks of ``chunk_size`` positions, each
+chunk recomputed in the backward pass (activation checkpointing), so full-vocabulary float32
+logits never exist for the whole batch at once.
+
+Also here, because they act on per-token log-probabilities:
+
+- LD-DPO's ``ld_alpha`` (Liu et al. 2024): tokens of a completion beyond the shared length
+  min(|y_w|, |y_l|) of its pair count with weight α ∈ [0, 1];
+- WPO's per-sequence statistic (Zhou et al. 2024, Eq. 2): the token mean of
+  log π(y_t|·) − log Σ_v π(v|·)², computed without gradient; the losses turn it into the weight
+  min(1, exp(w_chosen + w_rejected)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from dpokit.data.collate import PairBatch
+from dpokit.errors import DpokitError
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """Summed completion log-probabilities of a batch of pairs, each ``(B,)``."""
+
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+    chosen_tokens: Tensor
+    """Completion tokens scored per chosen sequence (int64)."""
+    rejected_tokens: Tensor
+    chosen_wpo: Tensor | None = None
+    """WPO statistic per chosen sequence (no gradient), when requested."""
+    rejected_wpo: Tensor | None = None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The ``transformers`` model inside DDP/FSDP/``torch.compile``/PEFT wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def _logit_transform(config) -> Callable[[Tensor], Tensor]:
+    """Post-processing some models apply to their logits (Cohere's scale, Gemma's soft cap)."""
+    scale = getattr(config, "logit_scale", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+
+    def transform(logits: Tensor) -> Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    return transform
+
+
+def _chunk_logps(hidden: Tensor, targets: Tensor, lm_head: nn.Module,
+                 transform: Callable[[Tensor], Tensor], wpo: bool) -> tuple[Tensor, Tensor]:
+    """log π(target | ·) for ``(n, H)`` hidden states, and the WPO term (zeros unless ``wpo``)."""
+    logits = transform(lm_head(hidden))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    log_normaliser = torch.logsumexp(logits, dim=-1)
+    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - log_normaliser
+    if wpo:
+        with torch.no_grad():
+            log_probs = logits.detach() - log_normaliser.detach()[:, None]
+            wpo_terms = token_logps.detach() - torch.logsumexp(2 * log_probs, dim=-1)
+    else:
+        wpo_terms = torch.zeros_like(token_logps.detach())
+    return token_logps, wpo_terms
+
+
+def _hidden_states(model: nn.Module, batch: PairBatch) -> Tensor:
+    """Last hidden states ``(rows, L, H)`` of the decoder, without the LM head."""
+    decoder = unwrap_model(model).get_decoder()
+    outputs = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, use_cache=False)
+    return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+
+
+def sequence_logps(model: nn.Module, batch: PairBatch, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   ld_alpha: float | None = None, wpo: bool = False,
+                   fused: bool = True) -> PairLogps:
+    """Summed log π(y|x) over the completion tokens of every chosen and rejected sequence.
+
+    Args:
+        model: a ``transformers`` causal LM (possibly PEFT-, DDP- or compile-wrapped).
+        batch: B pairs as a :class:`~dpokit.data.collate.PairBatch` (padded or packed).
+        chunk_size: completion positions per LM-head chunk.
+        ld_alpha: LD-DPO weight α for tokens beyond the pair's shared completion length.
+        wpo: also return the WPO statistic of each sequence.
+        fused: False runs the model's own forward (full logits) instead of the chunked LM head;
+            slower and hungrier, for models whose head is more than a linear layer + the logit
+            transforms handled here.
+
+    Returns:
+        :class:`PairLogps` with ``(B,)`` tensors (float32, or float64 for a float64 model).
+    """
+    if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
+        raise DpokitError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
+    if chunk_size < 1:
+        raise DpokitError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    num_sequences = 2 * batch.num_pairs
+    sequence_ids = batch.sequence_ids
+    # Position t predicts token t+1: score it when t+1 is a completion token of the same sequence.
+    scored = (batch.completion_mask[:, 1:] & (sequence_ids[:, 1:] == sequence_ids[:, :-1])
+              & (sequence_ids[:, 1:] >= 0))
+    targets = batch.input_ids[:, 1:][scored]
+    owners = sequence_ids[:, 1:][scored]
+    base = unwrap_model(model)
+
+    if fused:
+        hidden = _hidden_states(model, batch)[:, :-1][scored]  # (N, H): completion positions only
+        lm_head, transform = base.get_output_embeddings(), _logit_transform(base.config)
+        pieces = []
+        for start in range(0, len(targets), chunk_size):
+            args = (hidden[start:start + chunk_size], targets[start:start + chunk_size])
+            if torch.is_grad_enabled() and hidden.requires_grad:
+                pieces.append(checkpoint(_chunk_logps, *args, lm_head, transform, wpo,
+                                         use_reentrant=False))
+            else:
+                pieces.append(_chunk_logps(*args, lm_head, transform, wpo))
+        if pieces:
+            token_logps = torch.cat([p[0] for p in pieces])
+            wpo_terms = torch.cat([p[1] for p in pieces])
+        else:
+            token_logps = wpo_terms = hidden.new_zeros(0, dtype=torch.float32)
+    else:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, use_cache=False).logits[:, :-1][scored]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        log_probs = logits.log_softmax(dim=-1)
+        token_logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+        with torch.no_grad():
+            wpo_terms = token_logps.detach() - torch.logsumexp(2 * log_probs.detach(), dim=-1)
+
+    dtype = token_logps.dtype
+    counts = torch.zeros(num_sequences, dtype=torch.long, device=targets.device)
+    counts.index_add_(0, owners, torch.ones_like(owners))
+    weights = torch.ones_like(token_logps)
+    if ld_alpha is not None:
+        # 1-based position of each token within its completion; tokens of a sequence are
+        # contiguous and in order in both layouts.
+        index = torch.arange(len(owners), device=owners.device)
+        first = torch.full((num_sequences,), len(owners), device=owners.device, dtype=torch.long)
+        first = first.scatter_reduce(0, owners, index, reduce="amin")
+        position = index - first[owners] + 1
+        shared = torch.minimum(counts[:batch.num_pairs], counts[batch.num_pairs:]).repeat(2)
+        weights = torch.where(position <= shared[owners], 1.0, ld_alpha).to(dtype)
+    sums = torch.zeros(num_sequences, dtype=dtype, device=targets.device)
+    sums = sums.index_add(0, owners, token_logps * weights)
+    wpo_means = None
+    if wpo:
+        wpo_sums = torch.zeros(num_sequences, dtype=dtype, device=targets.device)
+        wpo_sums.index_add_(0, owners, wpo_terms.to(dtype))
+        wpo_means = wpo_sums / counts.clamp(min=1)
+    b = batch.num_pairs
+    return PairLogps(
+        chosen_logps=sums[:b], rejected_logps=sums[b:],
+        chosen_tokens=counts[:b], rejected_tokens=counts[b:],
+        chosen_wpo=None if wpo_means is None else wpo_means[:b],
+        rejected_wpo=None if wpo_means is None else wpo_means[b:],
+    )
