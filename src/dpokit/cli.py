@@ -273,11 +273,116 @@ def figures(out: Path, rate: float | None) -> None:
     write_figures(out, rate=rate, on_written=report)
 
 
+# -------------------------------------------------------------------------------------- eval
+
+
+def _loss_choices() -> list[str]:
+    from dpokit.losses import loss_names
+
+    return list(loss_names())
+
+
+@app.command(name="eval")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="Local Hugging Face causal LM directory (the policy).")
+@click.option("--ref-model", "ref_dir", type=click.Path(path_type=Path), default=None,
+              help="Reference model directory; without it only log-probs are reported.")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="Preference data: JSONL/JSON/CSV/Parquet file, saved dataset or directory.")
+@click.option("--split", default=None, help="Split of a saved DatasetDict or sharded directory.")
+@click.option("--beta", type=float, default=0.1, show_default=True, help="β > 0.")
+@click.option("--loss-type", default="sigmoid", show_default=True,
+              help="Loss to report (any name of `dpokit.losses.loss_names()`).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Pairs per batch.")
+@click.option("--max-length", type=int, default=1024, show_default=True,
+              help="Longest prompt + completion in tokens.")
+@click.option("--max-prompt-length", type=int, default=None, help="Longest prompt in tokens.")
+@click.option("--text-mode", type=click.Choice(["auto", "chat", "plain"]), default="auto",
+              show_default=True, help="Chat template for conversational rows, or plain text.")
+@click.option("--padding-free", is_flag=True, help="Pack sequences instead of padding them.")
+@click.option("--dtype", default="float32", show_default=True,
+              help="float32, bfloat16, float16 or float64.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, …")
+@click.option("--per-example", "per_example", type=click.Path(path_type=Path), default=None,
+              help="Write one JSON line per pair to this file.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow model code shipped in the directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def eval_command(model_dir: Path, ref_dir: Path | None, data_path: Path, split: str | None,
+                 beta: float, loss_type: str, batch_size: int, max_length: int,
+                 max_prompt_length: int | None, text_mode: str, padding_free: bool, dtype: str,
+                 device: str, per_example: Path | None, trust_remote_code: bool,
+                 as_json: bool) -> None:
+    """Log-probs, implicit rewards, loss and preference accuracy of a model on preference data."""
+    import torch
+
+    from dpokit.data import TokenizeSettings, load_preference_pairs
+    from dpokit.evaluate import evaluate_pairs, write_jsonl_atomic
+    from dpokit.losses import get_loss
+    from dpokit.models import load_causal_lm, load_tokenizer, resolve_dtype
+
+    _positive([beta], "--beta")
+    get_loss(loss_type)
+    resolve_dtype(dtype)
+    if batch_size < 1:
+        raise DpokitError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if not data_path.exists():
+        raise DpokitError(f"data not found: {data_path}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    model = load_causal_lm(model_dir, dtype=dtype, device=device,
+                           trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    ref_model = None if ref_dir is None else load_causal_lm(
+        ref_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+        what="reference model")
+    settings = TokenizeSettings(max_length=max_length, max_prompt_length=max_prompt_length,
+                                text_mode=text_mode)
+    pairs = load_preference_pairs(data_path, tokenizer, settings=settings, split=split,
+                                  progress=True)
+    result = evaluate_pairs(model, pairs, ref_model=ref_model, beta=beta, loss_type=loss_type,
+                            batch_size=batch_size, pad_token_id=tokenizer.pad_token_id,
+                            padding_free=padding_free, device=device, progress=True)
+    if per_example is not None:
+        write_jsonl_atomic(per_example, result.per_example)
+    if as_json:
+        print(json.dumps({"num_pairs": result.num_pairs, **result.metrics}, indent=2))
+        return
+    table = Table(title=f"{model_dir} on {data_path} ({result.num_pairs} pairs, β = {beta:g}, "
+                        f"{loss_type})")
+    table.add_column("metric")
+    table.add_column("mean", justify="right")
+    for name, value in result.metrics.items():
+        table.add_row(name, f"{value:.6g}")
+    console.print(table)
+    if ref_model is None and "loss" not in result.metrics:
+        console.print("No --ref-model: log-probs only (rewards and loss need a reference).")
+    if per_example is not None:
+        console.print(f"wrote {result.num_pairs} rows to {per_example}")
+
+
 # -------------------------------------------------------------------------------------- main
+
+
+def _configure_logging() -> None:
+    """dpokit's warnings as ``dpokit: warning: …`` lines on stderr; quiet library progress."""
+    import logging
+    import os
+
+    logger = logging.getLogger("dpokit")
+    if not any(getattr(h, "_dpokit", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("dpokit: %(levelname)s: %(message)s"))
+        handler._dpokit = True
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dpokit`` script and ``python -m dpokit``."""
+    _configure_logging()
     try:
         app.main(args=argv, prog_name="dpokit", standalone_mode=False)
     except DpokitError as error:

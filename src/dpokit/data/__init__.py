@@ -14,6 +14,7 @@ from dpokit.data.batching import epoch_batches, shard_for_rank
 from dpokit.data.collate import PairBatch, collate_packed, collate_padded
 from dpokit.data.formats import ColumnMap, PreferenceExample, parse_example, parse_examples
 from dpokit.data.io import RawRow, load_rows
+from dpokit.data.pipeline import load_preference_pairs
 from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, tokenize_examples
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "collate_packed",
     "collate_padded",
     "epoch_batches",
+    "load_preference_pairs",
     "load_rows",
     "parse_example",
     "parse_examples",

@@ -1,0 +1,25 @@
+"""One call from a user's data path to token pairs: read, validate, tokenise, truncate."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from dpokit.data.formats import ColumnMap, parse_examples
+from dpokit.data.io import load_rows
+from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, tokenize_examples
+
+log = logging.getLogger("dpokit.data")
+
+
+def load_preference_pairs(path: str | Path, tokenizer: Any, *,
+                          settings: TokenizeSettings = TokenizeSettings(),
+                          columns: ColumnMap = ColumnMap(), split: str | None = None,
+                          progress: bool = False) -> list[TokenizedPair]:
+    """Rows of ``path`` (any format of :mod:`dpokit.data.io`) as tokenized preference pairs."""
+    rows = load_rows(path, split=split)
+    examples = parse_examples(rows, columns)
+    pairs = tokenize_examples(examples, tokenizer, settings, progress=progress)
+    log.info("%s: %d rows, %d pairs after tokenisation", path, len(rows), len(pairs))
+    return pairs

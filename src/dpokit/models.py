@@ -1,0 +1,76 @@
+"""Load users' local Hugging Face causal LMs and tokenizers — never from a hub.
+
+``local_files_only`` is always on (no network at run time), ``trust_remote_code`` is off unless
+asked for, and a missing or malformed directory is a :class:`~dpokit.errors.DpokitError` with a
+one-line message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpokit.errors import DpokitError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` → ``torch.bfloat16``; unknown names are a user error."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise DpokitError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
+
+
+def _model_dir(path: str | Path, what: str) -> Path:
+    directory = Path(path)
+    if not directory.exists():
+        raise DpokitError(f"{what} directory not found: {directory} (dpokit loads local "
+                          f"directories only; download or save the model there first)")
+    if not directory.is_dir():
+        raise DpokitError(f"{what} path is not a directory: {directory}")
+    if not (directory / "config.json").is_file():
+        raise DpokitError(f"{directory} is not a Hugging Face model directory (no config.json)")
+    return directory
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved in ``path``; a missing pad token falls back to EOS."""
+    from transformers import AutoTokenizer
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise DpokitError(f"tokenizer directory not found: {directory}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise DpokitError(f"cannot load a tokenizer from {directory}: "
+                          f"{str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise DpokitError(f"the tokenizer in {directory} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, *, dtype: str = "float32", device: str | torch.device = "cpu",
+                   trust_remote_code: bool = False, what: str = "model") -> Any:
+    """``AutoModelForCausalLM`` from a local directory, in ``dtype`` on ``device``, eval mode."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    directory = _model_dir(path, what)
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=resolve_dtype(dtype), local_files_only=True,
+            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        raise DpokitError(f"cannot load a causal LM from {directory}: "
+                          f"{str(error).splitlines()[0]}") from None
+    return model.to(device).eval()
