@@ -1,0 +1,210 @@
+"""Typed dataclass configs that map 1:1 to YAML files and to command-line flags.
+
+A config is a dataclass whose fields carry a default and ``metadata={"help": ...}``. The same
+field is the YAML key ``output_dir`` and the flag ``--output-dir`` (``--output_dir`` works too);
+flags override the file. Values are checked against the field's type hint (int, float, str,
+bool, ``X | None``, ``Literal[...]``, ``list[X]``) before anything is loaded, and every error is a
+one-line :class:`~dpokit.errors.DpokitError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from dpokit.errors import DpokitError
+
+C = TypeVar("C")
+_MISSING = dataclasses.MISSING
+
+
+def field(default: Any = _MISSING, *, help: str, default_factory: Any = _MISSING) -> Any:
+    """A config field: its default and its help text (shown by ``--help``)."""
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is list:
+        return f"list of {_describe(args[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+_TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
+
+
+def coerce(key: str, value: Any, hint: Any, *, from_text: bool = False) -> Any:
+    """``value`` as the type ``hint`` of field ``key``, or a ``DpokitError`` naming the key.
+
+    ``from_text`` is for command-line strings: ``"3"`` → 3, ``"none"`` → None, ``"a,b"`` → a list.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    wrong = DpokitError(f"{key}: expected {_describe(hint)}, got {value!r}")
+    if origin in (types.UnionType, typing.Union):
+        if value is None or (from_text and str(value).lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+            raise wrong
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(key, value, arg, from_text=from_text)
+            except DpokitError:
+                continue
+        raise wrong
+    if origin is Literal:
+        if value in args:
+            return value
+        raise DpokitError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is list:
+        if from_text and isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            raise wrong
+        return [coerce(key, item, args[0], from_text=from_text) for item in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and str(value).lower() in _TRUE | _FALSE:
+            return str(value).lower() in _TRUE
+        raise wrong
+    if hint is int:
+        if isinstance(value, bool):
+            raise wrong
+        if isinstance(value, int):
+            return value
+        if from_text or isinstance(value, str):
+            try:
+                return int(str(value))
+            except ValueError:
+                raise wrong from None
+        raise wrong
+    if hint is float:
+        if isinstance(value, bool):
+            raise wrong
+        if isinstance(value, int | float):
+            return float(value)
+        if from_text or isinstance(value, str):
+            try:
+                return float(str(value))
+            except ValueError:
+                raise wrong from None
+        raise wrong
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise wrong
+    raise TypeError(f"config field {key} has unsupported type {hint!r}")  # programming error
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path`` (``yaml.safe_load``); anything else is a user error."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise DpokitError(f"cannot read config {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise DpokitError(f"{path}: not a UTF-8 text file") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise DpokitError(f"{path}{where}: not valid YAML "
+                          f"({getattr(error, 'problem', None) or error})") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise DpokitError(f"{path}: expected a mapping of config keys, got "
+                          f"{type(document).__name__}")
+    return document
+
+
+def build_config(cls: type[C], values: Mapping[str, Any], *, source: str = "config",
+                 from_text: Sequence[str] = ()) -> C:
+    """Instantiate ``cls`` from a mapping: unknown keys, wrong types and missing required keys
+    are ``DpokitError`` s naming the key; then the config's own ``validate()`` runs."""
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=3)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise DpokitError(f"{source}: unknown key {key!r}{hint}")
+        kwargs[name] = coerce(name, value, hints[name], from_text=key in from_text)
+    for name, f in fields.items():
+        if (name not in kwargs and f.default is _MISSING
+                and f.default_factory is _MISSING):
+            raise DpokitError(f"{source}: {name} is required (--{name.replace('_', '-')})")
+    config = cls(**kwargs)
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+    return config
+
+
+def load_config(cls: type[C], path: str | Path | None = None,
+                overrides: Mapping[str, str] | None = None) -> C:
+    """The YAML file at ``path`` (optional) with command-line ``overrides`` (text) on top."""
+    values: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        values.update({k.replace("-", "_"): v for k, v in read_yaml(path).items()})
+        source = str(path)
+    texts = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
+    values.update(texts)
+    return build_config(cls, values, source=source, from_text=tuple(texts))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain ``{field: value}`` of a config, ready for ``yaml.safe_dump``."""
+    return dataclasses.asdict(config)
+
+
+def write_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (through a temporary file and a rename)."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def field_help(cls: type) -> list[tuple[str, str, Any, str]]:
+    """``(flag, type description, default, help)`` for every field, in declaration order."""
+    hints = _hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.default is not _MISSING:
+            default = f.default
+        elif f.default_factory is not _MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        rows.append((f"--{f.name.replace('_', '-')}", _describe(hints[f.name]), default,
+                     f.metadata.get("help", "")))
+    return rows

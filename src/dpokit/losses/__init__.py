@@ -1,0 +1,74 @@
+"""Preference-optimisation losses: summed log-probabilities in, per-pair losses and rewards out.
+
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        beta=0.1, loss_type="sigmoid")          # all (B,); loss = losses.mean()
+
+Pure tensor functions: no models, no I/O, no global state. Names and numbers follow Hugging Face
+TRL 1.x's ``DPOTrainer`` (``loss_type``, ``loss_weights``, ``label_smoothing``,
+``f_divergence_type``, ``f_alpha_divergence_coef``, ``discopop_tau``, WPO weighting), so a TRL user
+gets the same values; ``simpo`` follows TRL's ``CPOTrainer``. Beyond TRL 1.x: cDPO label smoothing
+on ``sigmoid`` (as TRL 0.x), the BCO reward shift ``bco_delta`` (TRL 0.x's running mean, kept by
+the caller) and the RPO term ``rpo_alpha`` (TRL 0.x). THEORY.md §5 gives the notation.
+
+Modules, along the data flow:
+
+- :mod:`~dpokit.losses.scores`: :class:`LossInputs` and the f-divergence scores of log-ratios.
+- :mod:`~dpokit.losses.variants`: one pure function per loss, with its formula and paper.
+- :mod:`~dpokit.losses.registry`: :data:`LOSSES`, each :class:`LossSpec` declaring what it needs;
+  the trainer asks :func:`needs_reference` & co. instead of comparing names.
+- :mod:`~dpokit.losses.dpo`: :func:`dpo_loss`, the one entry point; :func:`wpo_weights`,
+  :func:`rpo_nll`.
+- :mod:`~dpokit.losses.metrics`: rewards/logps metrics as sums and a count.
+
+Length-desensitised DPO (LD-DPO, TRL's ``ld_alpha``) reweights per-token log-probabilities before
+they are summed, so it lives in :mod:`dpokit.logps`; the summed log-probs it produces go through
+these losses unchanged. Likewise the WPO statistics are computed from logits in
+:mod:`dpokit.logps` and passed in here.
+"""
+
+from dpokit.losses.dpo import dpo_loss, rpo_nll, wpo_weights
+from dpokit.losses.metrics import (
+    METRIC_KEYS,
+    METRIC_NAMES,
+    add_metric_sums,
+    metric_means,
+    preference_metrics,
+)
+from dpokit.losses.registry import (
+    LOSSES,
+    LossSpec,
+    get_loss,
+    is_batch_coupled,
+    loss_names,
+    needs_lengths,
+    needs_reference,
+    resolve_losses,
+    supports_f_divergence,
+    uses_label_smoothing,
+)
+from dpokit.losses.scores import F_DIVERGENCES, LossInputs, f_divergence_scores
+
+__all__ = [
+    "F_DIVERGENCES",
+    "LOSSES",
+    "METRIC_KEYS",
+    "METRIC_NAMES",
+    "LossInputs",
+    "LossSpec",
+    "add_metric_sums",
+    "dpo_loss",
+    "f_divergence_scores",
+    "get_loss",
+    "is_batch_coupled",
+    "loss_names",
+    "metric_means",
+    "needs_lengths",
+    "needs_reference",
+    "preference_metrics",
+    "resolve_losses",
+    "rpo_nll",
+    "supports_f_divergence",
+    "uses_label_smoothing",
+    "wpo_weights",
+]

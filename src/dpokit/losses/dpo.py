@@ -1,0 +1,222 @@
+"""``dpo_loss``: summed log-probabilities of preference pairs → per-pair losses and rewards.
+
+One call checks the arguments against what the requested variants declare in the registry,
+forms the f-divergence scores, takes the weighted sum of the variants (TRL's multi-loss
+``loss_type``), adds the RPO term, applies WPO weights, and returns the implicit rewards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from dpokit.errors import DpokitError, check_beta
+from dpokit.losses.registry import LossSpec, resolve_losses
+from dpokit.losses.scores import LossInputs, check_f_divergence, f_divergence_scores
+
+
+def wpo_weights(chosen_wpo_logweights: Tensor, rejected_wpo_logweights: Tensor) -> Tensor:
+    """WPO pair weights (arXiv:2406.11827, Eq. 2) as TRL 1.x computes them, without grad.
+
+        w = exp(a_w) · exp(a_l) = exp(a_w + a_l)
+
+    where a = (1/|y|) Σ_t [log π_θ(y_t|·) − log Σ_v π_θ(v|·)²] is the per-sequence statistic
+    (``logsumexp(2·log_softmax)`` per token, averaged over completion tokens; computed by
+    :mod:`dpokit.logps`). Since Σ_v π(v)² ≥ 1/V, every a ≤ log V, so w ≤ V² is finite for any
+    real model; the exponent is still capped at half the dtype's largest exponent so that
+    arbitrary inputs stay finite. (TRL 0.x clamped w at 1; TRL 1.x does not, nor do we.)
+
+    Args:
+        chosen_wpo_logweights: ``(B,)`` a for the chosen completions.
+        rejected_wpo_logweights: ``(B,)`` a for the rejected completions.
+
+    Returns:
+        ``(B,)`` positive weights, detached.
+    """
+    total = (chosen_wpo_logweights + rejected_wpo_logweights).detach()
+    cap = 0.5 * math.log(torch.finfo(total.dtype).max)
+    return torch.exp(torch.clamp(total, max=cap))
+
+
+def rpo_nll(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
+    """Per-pair length-normalised NLL of the chosen completion, RPO's term (arXiv:2404.19733).
+
+        NLL_i = −log π_θ(y_w,i | x_i) / |y_w,i|
+
+    TRL 0.x's ``rpo_alpha`` adds one batch token mean, Σ_i −log π_θ(y_w,i) / Σ_i |y_w,i|,
+    to every pair; the batch mean of NLL_i equals it when all chosen lengths are equal, and
+    otherwise weighs each pair equally instead of each token. TRL 1.x has no ``rpo_alpha``; it
+    expresses RPO as ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, α]`` (the token mean).
+    """
+    return -policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1.0)
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    *,
+    beta: float,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    simpo_gamma: float = 0.5,
+    bco_delta: float | Tensor = 0.0,
+    rpo_alpha: float | None = None,
+    chosen_wpo_logweights: Tensor | None = None,
+    rejected_wpo_logweights: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair preference losses and implicit rewards.
+
+        losses = wpo · (Σ_k w_k · L_k + rpo_alpha · NLL)
+
+    Args:
+        policy_chosen_logps: ``(B,)`` log π_θ(y_w|x), summed over completion tokens.
+        policy_rejected_logps: ``(B,)`` log π_θ(y_l|x), summed.
+        ref_chosen_logps: ``(B,)`` log π_ref(y_w|x), summed; None only for reference-free losses.
+        ref_rejected_logps: ``(B,)`` log π_ref(y_l|x), summed; None together with the above.
+        beta: β > 0 (for ``ipo`` the τ of the paper).
+        loss_type: a registered name (:func:`~dpokit.losses.registry.loss_names`) or a list.
+        loss_weights: one weight per entry of ``loss_type``; default 1.0 each (as TRL).
+        label_smoothing: ε, for the losses that declare ``uses_label_smoothing``.
+        chosen_lengths: ``(B,)`` completion token counts |y_w|, for losses that need lengths
+            and for ``rpo_alpha``; clamped to ≥ 1 as TRL does.
+        rejected_lengths: ``(B,)`` |y_l|.
+        f_divergence_type: ``reverse_kl`` (standard), ``forward_kl``, ``js_divergence`` or
+            ``alpha_divergence`` (see :mod:`dpokit.losses.scores`).
+        f_alpha_divergence_coef: α of ``alpha_divergence`` (TRL 1.x default 0.5).
+        discopop_tau: τ of ``discopop`` (TRL default 0.05), > 0.
+        simpo_gamma: target margin γ of ``simpo`` (TRL CPOConfig default 0.5).
+        bco_delta: reward shift δ of ``bco_pair``, the caller's running mean of rewards.
+        rpo_alpha: weight of the RPO term (see :func:`rpo_nll`); None or 0 for none.
+        chosen_wpo_logweights: ``(B,)`` WPO statistic of y_w (see :func:`wpo_weights`).
+        rejected_wpo_logweights: ``(B,)`` WPO statistic of y_l; give both or neither.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``(B,)``. The rewards are detached:
+        β·(log π_θ − log π_ref) with a reference, as TRL 1.x reports for every loss and every
+        combination of losses; without one, β·log π_θ(y)/|y|, as TRL's CPOTrainer reports for
+        SimPO. Reduce ``losses`` with a mean over pairs to get TRL's scalar loss.
+
+    Raises:
+        DpokitError: unknown loss name, β ≤ 0, or an argument the chosen losses need but lack
+            (reference, lengths) or cannot use (label_smoothing, a non-default f-divergence).
+    """
+    beta = check_beta(beta)
+    specs = resolve_losses(loss_type)
+    weights = _loss_weights(specs, loss_weights)
+    dtype = policy_chosen_logps.dtype
+    _check_shapes(policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+                  chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                  chosen_wpo_logweights=chosen_wpo_logweights,
+                  rejected_wpo_logweights=rejected_wpo_logweights)
+    has_reference = _pair_present(ref_chosen_logps, ref_rejected_logps, "ref")
+    has_lengths = _pair_present(chosen_lengths, rejected_lengths, "lengths")
+    has_wpo = _pair_present(chosen_wpo_logweights, rejected_wpo_logweights, "wpo_logweights")
+    _check_needs(specs, has_reference, has_lengths)
+    _check_options(specs, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
+                   discopop_tau)
+    if rpo_alpha and chosen_lengths is None:
+        raise DpokitError("rpo_alpha needs chosen_lengths: the RPO term is the NLL per token")
+
+    def scores(policy: Tensor, ref: Tensor | None) -> Tensor | None:
+        if ref is None:
+            return None
+        return f_divergence_scores(policy - ref, f_divergence_type, f_alpha_divergence_coef)
+
+    def as_lengths(lengths: Tensor | None) -> Tensor | None:
+        return None if lengths is None else lengths.to(dtype).clamp(min=1.0)
+
+    inputs = LossInputs(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        as_lengths(chosen_lengths), as_lengths(rejected_lengths),
+        scores(policy_chosen_logps, ref_chosen_logps),
+        scores(policy_rejected_logps, ref_rejected_logps),
+        beta=beta, label_smoothing=float(label_smoothing), discopop_tau=float(discopop_tau),
+        simpo_gamma=float(simpo_gamma), bco_delta=bco_delta)
+
+    losses = sum(weight * spec.fn(inputs) for spec, weight in zip(specs, weights, strict=True))
+    if rpo_alpha:
+        losses = losses + float(rpo_alpha) * rpo_nll(policy_chosen_logps, chosen_lengths)
+    if has_wpo:
+        losses = losses * wpo_weights(chosen_wpo_logweights, rejected_wpo_logweights)
+
+    if has_reference:
+        chosen_rewards = beta * inputs.chosen_logratios
+        rejected_rewards = beta * inputs.rejected_logratios
+    else:  # only reference-free losses, which all need lengths
+        chosen_len, rejected_len = inputs.lengths
+        chosen_rewards = beta * policy_chosen_logps / chosen_len
+        rejected_rewards = beta * policy_rejected_logps / rejected_len
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def _loss_weights(specs: tuple[LossSpec, ...], loss_weights: Sequence[float] | None
+                  ) -> tuple[float, ...]:
+    if loss_weights is None:
+        return (1.0,) * len(specs)
+    weights = tuple(float(w) for w in loss_weights)
+    if len(weights) != len(specs):
+        raise DpokitError(f"loss_weights has {len(weights)} entries but loss_type has "
+                          f"{len(specs)} ({', '.join(s.name for s in specs)})")
+    if not all(math.isfinite(w) for w in weights):
+        raise DpokitError(f"loss_weights must be finite, got {list(loss_weights)!r}")
+    return weights
+
+
+def _check_shapes(reference: Tensor, **others: Tensor | None) -> None:
+    if reference.ndim != 1:
+        raise DpokitError(f"log-probabilities must be (B,) tensors, got shape "
+                          f"{tuple(reference.shape)} for policy_chosen_logps")
+    for name, tensor in others.items():
+        if tensor is not None and tensor.shape != reference.shape:
+            raise DpokitError(f"{name} has shape {tuple(tensor.shape)}, expected "
+                              f"{tuple(reference.shape)} like policy_chosen_logps")
+
+
+def _pair_present(chosen: Tensor | None, rejected: Tensor | None, what: str) -> bool:
+    if (chosen is None) != (rejected is None):
+        raise DpokitError(f"give both chosen and rejected {what}, or neither")
+    return chosen is not None
+
+
+def _check_needs(specs: tuple[LossSpec, ...], has_reference: bool, has_lengths: bool) -> None:
+    if not has_reference and (missing := [s.name for s in specs if s.needs_reference]):
+        raise DpokitError(f"loss_type {', '.join(missing)} needs reference log-probs "
+                          "(ref_chosen_logps, ref_rejected_logps); only reference-free losses "
+                          "accept None")
+    if not has_lengths and (missing := [s.name for s in specs if s.needs_lengths]):
+        raise DpokitError(f"loss_type {', '.join(missing)} needs completion lengths "
+                          "(chosen_lengths, rejected_lengths: token counts per completion)")
+
+
+def _check_options(specs: tuple[LossSpec, ...], label_smoothing: float, f_divergence_type: str,
+                   alpha_coef: float, discopop_tau: float) -> None:
+    names = {s.name for s in specs}
+    eps = float(label_smoothing)
+    if eps and not any(s.uses_label_smoothing for s in specs):
+        raise DpokitError(f"label_smoothing={eps} has no effect on loss_type "
+                          f"{', '.join(sorted(names))}; set it to 0")
+    if "exo_pair" in names and not 0.0 < eps < 1.0:
+        raise DpokitError(f"exo_pair needs label_smoothing in (0, 1), got {eps} "
+                          "(the EXO paper recommends 1e-3)")
+    others = [s for s in specs if s.uses_label_smoothing and s.name != "exo_pair"]
+    if others and not 0.0 <= eps < 0.5:
+        raise DpokitError(f"label_smoothing must be in [0, 0.5), got {eps}")
+    check_f_divergence(f_divergence_type, float(alpha_coef))
+    if f_divergence_type != "reverse_kl" and (
+            unsupported := [s.name for s in specs if not s.supports_f_divergence]):
+        raise DpokitError(f"f_divergence_type={f_divergence_type!r} is not defined for loss_type "
+                          f"{', '.join(unsupported)}; use reverse_kl")
+    if "discopop" in names and not (discopop_tau > 0 and math.isfinite(discopop_tau)):
+        raise DpokitError(f"discopop_tau must be a finite number > 0, got {discopop_tau!r}")

@@ -1,0 +1,67 @@
+"""Preference metrics as sums and a count, so that micro-batches and ranks reduce exactly.
+
+:func:`preference_metrics` returns, for one batch, the SUM over pairs of each metric and the
+number of pairs; add those across micro-batches (:func:`add_metric_sums`) and ranks
+(``all_reduce`` of ``torch.stack([sums[k] for k in METRIC_KEYS])``), then divide once with
+:func:`metric_means`. The means are TRL's logged metrics:
+
+    rewards/chosen      mean of β(log π_θ(y_w) − log π_ref(y_w))   (the rewards dpo_loss returns)
+    rewards/rejected    mean of β(log π_θ(y_l) − log π_ref(y_l))
+    rewards/accuracies  fraction of pairs with chosen reward > rejected reward (ties count 0)
+    rewards/margins     mean of chosen reward − rejected reward
+    logps/chosen        mean of log π_θ(y_w|x) (summed over tokens)
+    logps/rejected      mean of log π_θ(y_l|x)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected")
+METRIC_KEYS = (*METRIC_NAMES, "count")
+"""Keys of the sums dictionary, in a fixed order for stacking before an ``all_reduce``."""
+
+
+def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor,
+                       policy_chosen_logps: Tensor, policy_rejected_logps: Tensor
+                       ) -> dict[str, Tensor]:
+    """Sums over the batch of each metric in :data:`METRIC_NAMES`, plus ``count`` (pairs).
+
+    Args:
+        chosen_rewards: ``(B,)`` from :func:`~dpokit.losses.dpo.dpo_loss`.
+        rejected_rewards: ``(B,)``.
+        policy_chosen_logps: ``(B,)`` summed log π_θ(y_w|x).
+        policy_rejected_logps: ``(B,)`` summed log π_θ(y_l|x).
+
+    Returns:
+        ``{key: 0-dim float64 tensor}`` for every key of :data:`METRIC_KEYS`, detached, on the
+        inputs' device (no host synchronisation).
+    """
+    chosen, rejected = chosen_rewards.detach().double(), rejected_rewards.detach().double()
+    sums = {
+        "rewards/chosen": chosen.sum(),
+        "rewards/rejected": rejected.sum(),
+        "rewards/accuracies": (chosen > rejected).double().sum(),
+        "rewards/margins": (chosen - rejected).sum(),
+        "logps/chosen": policy_chosen_logps.detach().double().sum(),
+        "logps/rejected": policy_rejected_logps.detach().double().sum(),
+    }
+    sums["count"] = torch.tensor(float(chosen.numel()), dtype=torch.float64, device=chosen.device)
+    return sums
+
+
+def add_metric_sums(*parts: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Key-wise sum of several :func:`preference_metrics` results (e.g. over micro-batches)."""
+    if not parts:
+        raise ValueError("add_metric_sums needs at least one set of sums")
+    return {key: sum((part[key] for part in parts[1:]), parts[0][key]) for key in METRIC_KEYS}
+
+
+def metric_means(sums: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """Divide the reduced sums by the count once: ``{metric name: mean}`` (NaN when count is 0)."""
+    count = float(sums["count"])
+    return {name: float(sums[name]) / count if count else float("nan") for name in METRIC_NAMES}
