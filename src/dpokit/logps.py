@@ -97,29 +97,39 @@ def _hidden_states(model: nn.Module, batch: PairBatch) -> Tensor:
     return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
 
 
-def sequence_logps(model: nn.Module, batch: PairBatch, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   ld_alpha: float | None = None, wpo: bool = False,
-                   fused: bool = True) -> PairLogps:
-    """Summed log π(y|x) over the completion tokens of every chosen and rejected sequence.
+@dataclass(frozen=True)
+class CompletionLogps:
+    """Per-sequence sums over completion tokens, each ``(num_sequences,)``."""
+
+    logps: Tensor
+    tokens: Tensor
+    wpo: Tensor | None = None
+
+
+def completion_logps(model: nn.Module, batch: PairBatch, *,
+                     chunk_size: int = DEFAULT_CHUNK_SIZE, wpo: bool = False,
+                     fused: bool = True, ld_alpha: float | None = None) -> CompletionLogps:
+    """Σ_t log π(y_t | x, y_<t) over the completion tokens of every sequence of ``batch``.
 
     Args:
         model: a ``transformers`` causal LM (possibly PEFT-, DDP- or compile-wrapped).
-        batch: B pairs as a :class:`~dpokit.data.collate.PairBatch` (padded or packed).
+        batch: sequences as a :class:`~dpokit.data.collate.PairBatch` (padded or packed).
         chunk_size: completion positions per LM-head chunk.
-        ld_alpha: LD-DPO weight α for tokens beyond the pair's shared completion length.
         wpo: also return the WPO statistic of each sequence.
         fused: False runs the model's own forward (full logits) instead of the chunked LM head;
             slower and hungrier, for models whose head is more than a linear layer + the logit
             transforms handled here.
+        ld_alpha: LD-DPO weight α for tokens beyond the pair's shared completion length (pair
+            batches only: sequence i and i + B are the two completions of pair i).
 
     Returns:
-        :class:`PairLogps` with ``(B,)`` tensors (float32, or float64 for a float64 model).
+        :class:`CompletionLogps` (float32, or float64 for a float64 model).
     """
     if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
         raise DpokitError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
     if chunk_size < 1:
         raise DpokitError(f"chunk_size must be ≥ 1, got {chunk_size}")
-    num_sequences = 2 * batch.num_pairs
+    num_sequences = batch.num_sequences
     sequence_ids = batch.sequence_ids
     # Position t predicts token t+1: score it when t+1 is a completion token of the same sequence.
     scored = (batch.completion_mask[:, 1:] & (sequence_ids[:, 1:] == sequence_ids[:, :-1])
@@ -158,6 +168,8 @@ def sequence_logps(model: nn.Module, batch: PairBatch, *, chunk_size: int = DEFA
     counts.index_add_(0, owners, torch.ones_like(owners))
     weights = torch.ones_like(token_logps)
     if ld_alpha is not None:
+        if batch.num_pairs * 2 != num_sequences:
+            raise DpokitError("ld_alpha needs a batch of preference pairs")
         # 1-based position of each token within its completion; tokens of a sequence are
         # contiguous and in order in both layouts.
         index = torch.arange(len(owners), device=owners.device)
@@ -173,10 +185,27 @@ def sequence_logps(model: nn.Module, batch: PairBatch, *, chunk_size: int = DEFA
         wpo_sums = torch.zeros(num_sequences, dtype=dtype, device=targets.device)
         wpo_sums.index_add_(0, owners, wpo_terms.to(dtype))
         wpo_means = wpo_sums / counts.clamp(min=1)
+    return CompletionLogps(sums, counts, wpo_means)
+
+
+def sequence_logps(model: nn.Module, batch: PairBatch, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   ld_alpha: float | None = None, wpo: bool = False,
+                   fused: bool = True) -> PairLogps:
+    """Summed log π(y|x) of the chosen and the rejected completion of every pair of ``batch``.
+
+    One forward pass over the 2B sequences; see :func:`completion_logps` for the arguments.
+
+    Returns:
+        :class:`PairLogps` with ``(B,)`` tensors (float32, or float64 for a float64 model).
+    """
+    if batch.num_sequences != 2 * batch.num_pairs:
+        raise DpokitError("sequence_logps needs a batch of preference pairs (2B sequences)")
+    out = completion_logps(model, batch, chunk_size=chunk_size, wpo=wpo, fused=fused,
+                           ld_alpha=ld_alpha)
     b = batch.num_pairs
     return PairLogps(
-        chosen_logps=sums[:b], rejected_logps=sums[b:],
-        chosen_tokens=counts[:b], rejected_tokens=counts[b:],
-        chosen_wpo=None if wpo_means is None else wpo_means[:b],
-        rejected_wpo=None if wpo_means is None else wpo_means[b:],
+        chosen_logps=out.logps[:b], rejected_logps=out.logps[b:],
+        chosen_tokens=out.tokens[:b], rejected_tokens=out.tokens[b:],
+        chosen_wpo=None if out.wpo is None else out.wpo[:b],
+        rejected_wpo=None if out.wpo is None else out.wpo[b:],
     )

@@ -11,7 +11,13 @@ Every user error (missing field, wrong type, empty completion, unknown role, und
 """
 
 from dpokit.data.batching import epoch_batches, shard_for_rank
-from dpokit.data.collate import PairBatch, collate_packed, collate_padded
+from dpokit.data.collate import (
+    PairBatch,
+    collate_packed,
+    collate_padded,
+    pack_sequences,
+    pad_sequences,
+)
 from dpokit.data.formats import ColumnMap, PreferenceExample, parse_example, parse_examples
 from dpokit.data.io import RawRow, load_rows
 from dpokit.data.pipeline import load_preference_pairs
@@ -29,6 +35,8 @@ __all__ = [
     "epoch_batches",
     "load_preference_pairs",
     "load_rows",
+    "pack_sequences",
+    "pad_sequences",
     "parse_example",
     "parse_examples",
     "shard_for_rank",

@@ -36,6 +36,9 @@ class PairBatch:
     attention_mask: Tensor | None
     """``(2B, L)`` for padded batches, None for packed."""
     num_pairs: int
+    """B: pairs in the batch (0 for a batch of single sequences, as in SFT)."""
+    num_sequences: int = 0
+    """Sequences in the batch: 2B for pairs."""
     weights: Tensor | None = None
     """``(B,)`` per-pair weights from the data, if it has a weight column."""
     margins: Tensor | None = None
@@ -74,11 +77,10 @@ def _optional(pairs: Sequence[TokenizedPair], name: str) -> Tensor | None:
     return torch.tensor([default if v is None else v for v in values], dtype=torch.float32)
 
 
-def collate_padded(pairs: Sequence[TokenizedPair], *, pad_token_id: int,
-                   padding_side: Literal["right", "left"] = "right",
-                   pad_to_multiple_of: int | None = None) -> PairBatch:
-    """Pad the 2B sequences to one length; position ids count real tokens only."""
-    sequences = _sequences(pairs)
+def pad_sequences(sequences: Sequence[tuple[list[int], int]], *, pad_token_id: int,
+                  padding_side: Literal["right", "left"] = "right",
+                  pad_to_multiple_of: int | None = None, num_pairs: int = 0) -> PairBatch:
+    """Pad ``(token ids, prompt length)`` sequences to one length; positions count real tokens."""
     length = max(len(ids) for ids, _ in sequences)
     if pad_to_multiple_of:
         length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
@@ -95,13 +97,13 @@ def collate_padded(pairs: Sequence[TokenizedPair], *, pad_token_id: int,
         completion_mask[i, start + prompt_length:start + len(ids)] = True
         sequence_ids[i, span] = i
     return PairBatch("padded", input_ids, position_ids, completion_mask, sequence_ids,
-                     attention_mask=(sequence_ids >= 0).long(), num_pairs=len(pairs),
-                     weights=_optional(pairs, "weight"), margins=_optional(pairs, "margin"))
+                     attention_mask=(sequence_ids >= 0).long(), num_pairs=num_pairs,
+                     num_sequences=n)
 
 
-def collate_packed(pairs: Sequence[TokenizedPair]) -> PairBatch:
-    """Concatenate the 2B sequences into one row with position ids restarting per sequence."""
-    sequences = _sequences(pairs)
+def pack_sequences(sequences: Sequence[tuple[list[int], int]], *,
+                   num_pairs: int = 0) -> PairBatch:
+    """Concatenate ``(token ids, prompt length)`` sequences into one row, positions restarting."""
     input_ids, position_ids, completion_mask, sequence_ids = [], [], [], []
     for i, (ids, prompt_length) in enumerate(sequences):
         input_ids.append(torch.tensor(ids, dtype=torch.long))
@@ -112,5 +114,20 @@ def collate_packed(pairs: Sequence[TokenizedPair]) -> PairBatch:
         sequence_ids.append(torch.full((len(ids),), i, dtype=torch.long))
     return PairBatch("packed", torch.cat(input_ids)[None], torch.cat(position_ids)[None],
                      torch.cat(completion_mask)[None], torch.cat(sequence_ids)[None],
-                     attention_mask=None, num_pairs=len(pairs),
-                     weights=_optional(pairs, "weight"), margins=_optional(pairs, "margin"))
+                     attention_mask=None, num_pairs=num_pairs, num_sequences=len(sequences))
+
+
+def collate_padded(pairs: Sequence[TokenizedPair], *, pad_token_id: int,
+                   padding_side: Literal["right", "left"] = "right",
+                   pad_to_multiple_of: int | None = None) -> PairBatch:
+    """Pad the 2B sequences of B pairs to one length (chosen first, then rejected)."""
+    batch = pad_sequences(_sequences(pairs), pad_token_id=pad_token_id,
+                          padding_side=padding_side, pad_to_multiple_of=pad_to_multiple_of,
+                          num_pairs=len(pairs))
+    return replace(batch, weights=_optional(pairs, "weight"), margins=_optional(pairs, "margin"))
+
+
+def collate_packed(pairs: Sequence[TokenizedPair]) -> PairBatch:
+    """Concatenate the 2B sequences of B pairs into one row (chosen first, then rejected)."""
+    batch = pack_sequences(_sequences(pairs), num_pairs=len(pairs))
+    return replace(batch, weights=_optional(pairs, "weight"), margins=_optional(pairs, "margin"))
