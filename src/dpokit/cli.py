@@ -360,6 +360,59 @@ def eval_command(model_dir: Path, ref_dir: Path | None, data_path: Path, split: 
         console.print(f"wrote {result.num_pairs} rows to {per_example}")
 
 
+# ----------------------------------------------------------------------------- sft / train
+
+
+def _config_command(name: str, config_cls: type, summary: str) -> click.Command:
+    """A command whose flags are the fields of ``config_cls`` (``--output-dir``/``--output_dir``),
+    on top of an optional ``--config`` YAML file."""
+    import dataclasses
+    import typing
+
+    from dpokit.config import field_help
+
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+
+    def callback(config_path: Path | None, **flags: object) -> None:
+        from dpokit.config import load_config
+        from dpokit.train.loop import train
+
+        overrides = {key: ("true" if value else "false") if isinstance(value, bool) else value
+                     for key, value in flags.items() if value is not None}
+        config = load_config(config_cls, config_path, overrides)
+        final = train(config)
+        console.print(f"done: {final}")
+
+    params: list[click.Parameter] = [click.Option(
+        ["--config", "config_path"], type=click.Path(path_type=Path), default=None,
+        help="YAML file of the fields below; flags override it.")]
+    for flag, kind, default, text in field_help(config_cls):
+        key = flag[2:].replace("-", "_")
+        assert key in fields
+        shown = "required" if default == "(required)" else f"default: {default!r}"
+        if hints[key] is bool:
+            decls = [f"{flag}/--no-{flag[2:]}", key]
+            if "_" in key:
+                decls.insert(1, f"--{key}/--no_{key}")
+            params.append(click.Option(decls, default=None, help=f"{text} [{shown}]"))
+        else:
+            decls = [flag, f"--{key}", key] if "_" in key else [flag, key]
+            params.append(click.Option(decls, default=None, metavar=kind.upper()
+                                       if " " not in kind else "VALUE",
+                                       help=f"{text} ({kind}) [{shown}]"))
+    return click.Command(name, callback=callback, params=params, help=summary,
+                         context_settings={"max_content_width": 100})
+
+
+app.add_command(_config_command(
+    "train", __import__("dpokit.train.config", fromlist=["DPOConfig"]).DPOConfig,
+    "DPO (or any loss of the family) on preference data: `dpokit train --config dpo.yaml`."))
+app.add_command(_config_command(
+    "sft", __import__("dpokit.train.config", fromlist=["SFTConfig"]).SFTConfig,
+    "Supervised fine-tuning (NLL of completion tokens): `dpokit sft --config sft.yaml`."))
+
+
 # -------------------------------------------------------------------------------------- main
 
 

@@ -95,5 +95,5 @@ def tiny_causal_lm(kind: str = "llama", *, seed: int = 0, dtype: torch.dtype = t
     config = tiny_config(kind, **config_kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()

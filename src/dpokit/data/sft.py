@@ -1,0 +1,129 @@
+"""Supervised fine-tuning data: rows → (prompt, completion) token sequences.
+
+Accepted rows: ``prompt`` + ``completion`` strings (EOS appended to the completion, as for
+preference data); ``prompt`` messages + ``completion`` message(s); or a whole ``messages``
+conversation whose last (assistant) message is the completion. The prompt tokens are the common
+prefix of the prompt alone and prompt + completion (the rule of :mod:`dpokit.data.tokenize`);
+SFT's loss is the NLL of the completion tokens only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpokit.data.formats import _is_messages, _messages
+from dpokit.data.io import RawRow, load_rows
+from dpokit.data.tokenize import (
+    TokenizeSettings,
+    _chat_ids,
+    _ids,
+    _truncate,
+    common_prefix_length,
+    render_plain,
+)
+from dpokit.errors import DpokitError
+
+log = logging.getLogger("dpokit.data")
+
+
+@dataclass(frozen=True)
+class SFTSequence:
+    """Token ids of one SFT example."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    source: str = ""
+    row: int = 0
+
+
+@dataclass(frozen=True)
+class _Example:
+    prompt: Any
+    completion: Any
+    where: str
+
+
+def _parse(row: RawRow, prompt_column: str, completion_column: str,
+           messages_column: str) -> _Example:
+    fields = row.fields
+    if messages_column in fields and fields[messages_column] is not None:
+        messages = _messages(row, messages_column, fields[messages_column], single_ok=False)
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise DpokitError(f"{row.where}, field {messages_column!r}: needs at least one "
+                              f"prompt message followed by a final assistant message")
+        return _Example(messages[:-1], messages[-1:], row.where)
+    for name in (prompt_column, completion_column):
+        if name not in fields or fields[name] is None:
+            raise DpokitError(f"{row.where}, field {name!r}: missing (an SFT row needs "
+                              f"{prompt_column}/{completion_column} or {messages_column})")
+    prompt, completion = fields[prompt_column], fields[completion_column]
+    if _is_messages(completion) or _is_messages(prompt):
+        return _Example(_messages(row, prompt_column, prompt, single_ok=False),
+                        _messages(row, completion_column, completion, single_ok=True), row.where)
+    for name, value in ((prompt_column, prompt), (completion_column, completion)):
+        if not isinstance(value, str):
+            raise DpokitError(f"{row.where}, field {name!r}: expected a string, "
+                              f"got {type(value).__name__}")
+    if not completion.strip():
+        raise DpokitError(f"{row.where}, field {completion_column!r}: empty completion")
+    return _Example(prompt, completion, row.where)
+
+
+def tokenize_sft(examples: Sequence[_Example], tokenizer: Any,
+                 settings: TokenizeSettings) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) per example, before truncation."""
+    out = []
+    for example in examples:
+        conversational = isinstance(example.completion, list)
+        if conversational and settings.text_mode != "plain":
+            if not getattr(tokenizer, "chat_template", None):
+                raise DpokitError("conversational data needs a tokenizer with a chat template; "
+                                  "set text_mode='plain'")
+            pseudo = type("E", (), {"prompt": example.prompt, "chosen": example.completion,
+                                    "rejected": example.completion, "where": example.where})
+            prompt, full, _ = _chat_ids(tokenizer, pseudo)
+        else:
+            eos = tokenizer.eos_token or ""
+            prompt_text = render_plain(example.prompt) if conversational else example.prompt
+            completion = (render_plain(example.completion) if conversational
+                          else example.completion)
+            completion = completion if completion.endswith(eos) else completion + eos
+            prompt, full = (_ids(tokenizer(prompt_text)), _ids(tokenizer(prompt_text + completion)))
+        shared = common_prefix_length(prompt, full)
+        out.append((list(full[:shared]), list(full[shared:])))
+    return out
+
+
+def load_sft_sequences(path: str | Path, tokenizer: Any, *,
+                       settings: TokenizeSettings = TokenizeSettings(),
+                       prompt_column: str = "prompt", completion_column: str = "completion",
+                       messages_column: str = "messages",
+                       split: str | None = None) -> list[SFTSequence]:
+    """Read, validate, tokenise and truncate SFT data; rows left empty are dropped and counted."""
+    rows = load_rows(path, split=split)
+    examples = [_parse(r, prompt_column, completion_column, messages_column) for r in rows]
+    sequences, dropped = [], 0
+    for row, (prompt_ids, completion_ids) in zip(rows, tokenize_sft(examples, tokenizer, settings),
+                                                 strict=True):
+        if not prompt_ids:  # nothing predicts the first token: it becomes the context
+            prompt_ids, completion_ids = completion_ids[:1], completion_ids[1:]
+        if settings.max_prompt_length is not None:
+            prompt_ids = _truncate(prompt_ids, settings.max_prompt_length,
+                                   settings.prompt_truncation)
+        if settings.max_length is not None:
+            budget = max(settings.max_length - len(prompt_ids), 0)
+            completion_ids = _truncate(completion_ids, budget, settings.completion_truncation)
+        if not completion_ids:
+            dropped += 1
+            continue
+        sequences.append(SFTSequence(prompt_ids, completion_ids, row.source, row.row))
+    if dropped:
+        log.warning("dropped %d of %d SFT rows left without completion (or prompt) tokens after "
+                    "truncation", dropped, len(rows))
+    if not sequences:
+        raise DpokitError(f"{path}: no SFT rows left after truncation")
+    return sequences

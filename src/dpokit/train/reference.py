@@ -1,0 +1,130 @@
+"""The reference policy π_ref, five ways, behind one interface: ``Reference.logps(batch)``.
+
+1. ``model``: a frozen copy of the initial policy (or ``ref_model``), run without gradients;
+2. ``precomputed``: one pass before training, cached on disk (``<output_dir>/../.dpokit_cache``)
+   under a hash of the reference weights, the token ids and the settings that change the numbers
+   — a second run on the same data skips the pass, and no reference model stays in memory;
+3. ``adapters``: with LoRA, the policy itself with its adapters disabled (no second copy);
+4. ``none``: reference-free losses (SimPO) load nothing;
+5. TR-DPO: mode ``model`` plus :meth:`Reference.sync`, ref ← α·θ + (1 − α)·ref every
+   ``ref_model_sync_steps`` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dpokit.data import PairBatch, TokenizedPair, collate_packed, collate_padded
+from dpokit.logps import sequence_logps, unwrap_model
+
+log = logging.getLogger("dpokit.train")
+
+
+class Reference:
+    """Reference log-probs ``(chosen, rejected)`` for a batch of pairs, or None (mode ``none``)."""
+
+    def __init__(self, mode: str, *, model: nn.Module | None = None,
+                 table: Tensor | None = None, chunk_size: int = 1024,
+                 ld_alpha: float | None = None, autocast=contextlib.nullcontext):
+        if mode not in ("none", "model", "adapters", "precomputed"):
+            raise ValueError(f"unknown reference mode {mode!r}")
+        self.mode, self.model, self.table = mode, model, table
+        self.chunk_size, self.ld_alpha, self.autocast = chunk_size, ld_alpha, autocast
+
+    @torch.no_grad()
+    def logps(self, batch: PairBatch) -> tuple[Tensor, Tensor] | None:
+        if self.mode == "none":
+            return None
+        if self.mode == "precomputed":
+            rows = self.table[batch.extras["indices"].cpu()].to(batch.input_ids.device)
+            return rows[:, 0], rows[:, 1]
+        model = unwrap_model(self.model) if self.mode == "model" else self.model
+        adapters_off = (model.disable_adapter() if self.mode == "adapters"
+                        else contextlib.nullcontext())
+        with adapters_off, self.autocast():
+            out = sequence_logps(model, batch, chunk_size=self.chunk_size,
+                                 ld_alpha=self.ld_alpha)
+        return out.chosen_logps.detach(), out.rejected_logps.detach()
+
+    @torch.no_grad()
+    def sync(self, policy: nn.Module, alpha: float) -> None:
+        """TR-DPO soft update: ref ← α·θ + (1 − α)·ref, parameter by parameter."""
+        policy_params = dict(unwrap_model(policy).named_parameters())
+        for name, ref_param in unwrap_model(self.model).named_parameters():
+            update = policy_params[name].detach().to(ref_param)
+            ref_param.mul_(1.0 - alpha).add_(update, alpha=alpha)
+
+
+def hash_directory(path: str | Path) -> str:
+    """SHA-256 of a model directory's weight and config files (names and contents)."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).iterdir()):
+        if file.is_file() and file.suffix in (".safetensors", ".bin", ".json", ".pt"):
+            digest.update(file.name.encode())
+            with file.open("rb") as handle:
+                for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(weights_hash: str, pairs: Sequence[TokenizedPair], settings: dict) -> str:
+    """Key of a reference log-prob cache: weights, every token id, and the settings."""
+    digest = hashlib.sha256(weights_hash.encode())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for pair in pairs:
+        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+    return digest.hexdigest()[:32]
+
+
+@torch.no_grad()
+def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair], *,
+                            batch_size: int, pad_token_id: int, padding_free: bool,
+                            device: torch.device, rank: int = 0, world_size: int = 1,
+                            progress: bool = False) -> Tensor:
+    """``(N, 2)`` reference log-probs of every pair; ranks split the work, then all-reduce."""
+    table = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    indices = list(range(rank, len(pairs), world_size))
+    bar = tqdm(total=len(indices), unit="pair", desc="reference log-probs", disable=not progress)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        items = [pairs[i] for i in chunk]
+        batch = (collate_packed(items) if padding_free
+                 else collate_padded(items, pad_token_id=pad_token_id)).to(device)
+        chosen, rejected = reference.logps(batch)
+        table[chunk, 0] = chosen.float().cpu()
+        table[chunk, 1] = rejected.float().cpu()
+        bar.update(len(chunk))
+    bar.close()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        table = table.to(device)
+        dist.all_reduce(table)  # each row was filled by exactly one rank
+        table = table.cpu()
+    return table
+
+
+def read_table(cache_file: Path) -> Tensor | None:
+    """The cached ``(N, 2)`` reference table, or None when there is none yet."""
+    if not cache_file.is_file():
+        return None
+    return load_file(str(cache_file))["ref_logps"]
+
+
+def write_table(cache_file: Path, table: Tensor) -> None:
+    """Store a reference table atomically (temporary file, then rename)."""
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+    save_file({"ref_logps": table.contiguous()}, str(tmp))
+    os.replace(tmp, cache_file)
