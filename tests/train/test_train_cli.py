@@ -1,0 +1,131 @@
+"""`dpokit train`/`sft` flags and YAML, bad configs, SIGTERM, and 2 processes under torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpokit.cli import main
+from tests.train.test_trainer import metrics, workdir  # noqa: F401  (fixture)
+
+DPOKIT = [sys.executable, "-m", "dpokit"]
+
+
+def run(capsys, *argv):
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(("yaml_text", "flags", "message"), [
+    ("beta: 0\n", [], "beta must be > 0, got 0.0"),
+    ("", ["--batch-size", "0"], "batch_size must be ≥ 1, got 0"),
+    ("", ["--label-smoothing", "0.5"], "label_smoothing must be in [0, 0.5)"),
+    ("bta: 0.1\n", [], "unknown key 'bta' (did you mean beta?)"),
+    ("beta: fast\n", [], "beta: expected float, got 'fast'"),
+    ("", ["--loss-type", "magic"], "unknown loss_type 'magic'"),
+    ("learning_rate: [1, 2]\n", [], "learning_rate: expected float"),
+    ("- just\n- a list\n", [], "expected a mapping of config keys"),
+    ("beta: [unclosed\n", [], "not valid YAML"),
+])
+def test_bad_configs_are_rejected_before_loading_a_model(tmp_path, capsys, yaml_text, flags,
+                                                         message):
+    cfg = tmp_path / "cfg.yaml"
+    prefix = "model: /nonexistent/model\ndata: /nonexistent/data.jsonl\n"
+    cfg.write_text(yaml_text if yaml_text.startswith("-") else prefix + yaml_text)
+    code, out, err = run(capsys, "train", "--config", str(cfg), *flags)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert message in err, err
+    assert "nonexistent" not in err  # rejected before the model or data were touched
+
+
+def test_flags_override_yaml_and_underscore_spelling_works(workdir, tmp_path, capsys):  # noqa: F811
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: {workdir / 'llama'}\ndata: {workdir / 'prefs.jsonl'}\n"
+                   f"output_dir: {tmp_path / 'ignored'}\nbeta: 5.0\nmax_steps: 2\n"
+                   f"logging_steps: 1\nsave_steps: null\n")
+    code, _, err = run(capsys, "train", "--config", str(cfg), "--output_dir",
+                       str(tmp_path / "run"), "--beta", "0.25", "--no-padding-free",
+                       "--batch-size", "4")
+    assert code == 0, err
+    assert not (tmp_path / "ignored").exists()
+    resolved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "beta: 0.25" in resolved and "batch_size: 4" in resolved
+    assert len(metrics(tmp_path / "run")) == 2
+
+
+def test_help_documents_every_field_with_its_default(capsys):
+    from dpokit.config import field_help
+    from dpokit.train.config import DPOConfig
+
+    code, out, _ = run(capsys, "train", "--help")
+    assert code == 0
+    flat = " ".join(out.split())
+    for flag, _, default, _ in field_help(DPOConfig):
+        assert flag in flat
+        shown = "[required]" if default == "(required)" else f"[default: {default!r}]"
+        assert shown in flat, (flag, shown)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(workdir, tmp_path):  # noqa: F811
+    out = tmp_path / "sig"
+    args = [*DPOKIT, "train", "--model", str(workdir / "llama"), "--data",
+            str(workdir / "prefs.jsonl"), "--output-dir", str(out), "--batch-size", "2",
+            "--max-steps", "100000", "--logging-steps", "1", "--save-steps", "100000"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+            (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n")
+            >= 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "stopped by signal" in err
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1
+    step = int(checkpoints[0].name.split("-")[1])
+    state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
+    assert state["global_step"] == step >= 2
+    assert not list(out.glob(".checkpoint-*"))  # no half-written checkpoint left
+    resumed = subprocess.run([*args[:-6], "--batch-size", "2", "--max-steps", str(step + 2),
+                              "--logging-steps", "1", "--resume", "auto"],
+                             capture_output=True, text=True, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [m["step"] for m in metrics(out)] == list(range(1, step + 3))
+
+
+def test_two_processes_match_one(workdir, tmp_path):  # noqa: F811
+    """torchrun with 2 gloo processes × batch 2 = 1 process × batch 4 (losses, final weights)."""
+    common = ["--model", str(workdir / "llama"), "--data", str(workdir / "prefs.jsonl"),
+              "--max-steps", "3", "--logging-steps", "1", "--save-steps", "1000",
+              "--learning-rate", "1e-3", "--beta", "0.5", "--lr-scheduler", "constant"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([*DPOKIT, "train", *common, "--batch-size", "4", "--output-dir",
+                             str(tmp_path / "one")], capture_output=True, text=True, env=env,
+                            check=False)
+    assert single.returncode == 0, single.stderr
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    double = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "dpokit",
+                             "train", *common, "--batch-size", "2", "--device", "cpu",
+                             "--output-dir", str(tmp_path / "two")],
+                            capture_output=True, text=True, env=env, check=False, timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["rewards/accuracies"] == b["rewards/accuracies"]
+    one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=0, atol=2e-5)

@@ -1,0 +1,186 @@
+"""The training loop on tiny models: learning, accumulation, resume, reference modes, saving."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpokit.config import load_config
+from dpokit.fixtures import tiny_causal_lm
+from dpokit.train.config import DPOConfig, SFTConfig
+from dpokit.train.loop import train
+
+PROMPTS = ["the cat", "the dog", "what color is the sky?", "a bird", "why is the sun red?"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tokenizer):
+    """A saved tiny Llama (and GPT-2, which has dropout) and a learnable preference set."""
+    root = tmp_path_factory.mktemp("train")
+    for kind in ("llama", "gpt2"):
+        model = tiny_causal_lm(kind, vocab_size=len(tokenizer), seed=7)
+        model.save_pretrained(root / kind)
+        tokenizer.save_pretrained(root / kind)
+    rng = random.Random(0)
+    rows = [{"prompt": rng.choice(PROMPTS), "chosen": " yes good answer",
+             "rejected": " no bad " + rng.choice(["red", "sea", "moon"])} for _ in range(48)]
+    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "sft.jsonl").write_text("".join(
+        json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n" for r in rows))
+    return root
+
+
+def config(workdir, out, cls=DPOConfig, **overrides):
+    values = {"model": str(workdir / "llama"), "data": str(workdir / "prefs.jsonl"),
+              "output_dir": str(workdir / out), "batch_size": 4, "learning_rate": 1e-3,
+              "logging_steps": 1, "save_steps": None, "max_steps": 6, "beta": 0.5,
+              "lr_scheduler": "constant", "max_length": 64}
+    if cls is SFTConfig:
+        values.pop("beta")
+        values["data"] = str(workdir / "sft.jsonl")
+    values.update(overrides)
+    return load_config(cls, None, {k: v if isinstance(v, str) else json.dumps(v)
+                                   for k, v in values.items()})
+
+
+def metrics(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def weights(final_dir):
+    return load_file(str(final_dir / "model.safetensors"))
+
+
+def test_dpo_learns_the_preference(workdir):
+    final = train(config(workdir, "learn", max_steps=10), progress=False)
+    history = [m for m in metrics(final.parent) if "loss" in m]
+    assert len(history) == 10
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert history[-1]["rewards/accuracies"] == 1.0
+    assert history[-1]["rewards/margins"] > history[0]["rewards/margins"]
+    for key in ("step", "epoch", "loss", "learning_rate", "grad_norm", "rewards/chosen",
+                "logps/rejected", "pairs_per_second"):
+        assert key in history[0]
+
+
+def test_saved_model_reloads_in_plain_transformers(workdir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.data import collate_padded, load_preference_pairs
+    from dpokit.logps import sequence_logps
+    from tests.test_logps import reference_token_logps
+
+    final = train(config(workdir, "reload", max_steps=2), progress=False)
+    model = AutoModelForCausalLM.from_pretrained(final, local_files_only=True)
+    pairs = load_preference_pairs(workdir / "prefs.jsonl", tokenizer)[:3]
+    with torch.no_grad():
+        ours = sequence_logps(model, collate_padded(pairs, pad_token_id=0)).chosen_logps
+    expected = [float(reference_token_logps(model, p.prompt_ids, p.chosen_ids)[0].sum())
+                for p in pairs]
+    torch.testing.assert_close(ours.double(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=0, atol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(workdir / "llama", local_files_only=True)
+    assert not torch.equal(base.lm_head.weight, model.lm_head.weight)  # it did train
+
+
+def test_gradient_accumulation_equals_one_big_batch(workdir):
+    """batch 8 = batch 4 × accumulation 2 = batch 2 × accumulation 4 (losses and weights)."""
+    runs = {}
+    for bs, acc in ((8, 1), (4, 2), (2, 4)):
+        final = train(config(workdir, f"acc{bs}", batch_size=bs, gradient_accumulation_steps=acc,
+                             max_steps=3), progress=False)
+        runs[bs] = (metrics(final.parent), weights(final))
+    for bs in (4, 2):
+        for a, b in zip(runs[8][0], runs[bs][0], strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+            assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6)
+        # Weights to 2e-5: AdamW divides by √v, so float32 summation-order noise in gradient
+        # elements near zero moves an update by up to ~1% of lr (1e-3) after a few steps.
+        for name, tensor in runs[8][1].items():
+            torch.testing.assert_close(runs[bs][1][name], tensor, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_resume_is_exact(workdir, kind):
+    """6 steps straight = 3 steps, stop, resume to 6 (metrics and final weights)."""
+    model = str(workdir / kind)
+    straight = train(config(workdir, f"straight-{kind}", model=model, save_steps=3),
+                     progress=False)
+    stopped = config(workdir, f"resumed-{kind}", model=model, save_steps=3, max_steps=3)
+    train(stopped, progress=False)
+    resumed = train(config(workdir, f"resumed-{kind}", model=model, save_steps=3,
+                           resume="auto"), progress=False)
+    a, b = metrics(straight.parent), metrics(resumed.parent)
+    assert [m["step"] for m in b] == list(range(1, 7))
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "rewards/margins", "grad_norm", "learning_rate"):
+            assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
+    for name, tensor in weights(straight).items():
+        torch.testing.assert_close(weights(resumed)[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_reference_modes_give_the_same_losses(workdir):
+    """Frozen copy = precomputed (cached on disk, reused) = TR-DPO before its first sync."""
+    base = metrics(train(config(workdir, "ref-model", max_steps=2), progress=False).parent)
+    pre = metrics(train(config(workdir, "ref-pre", max_steps=2, precompute_ref_logps=True),
+                        progress=False).parent)
+    cache = list((workdir / ".dpokit_cache").glob("*.safetensors"))
+    assert len(cache) == 1
+    stamp = cache[0].stat().st_mtime_ns
+    again = metrics(train(config(workdir, "ref-pre2", max_steps=2, precompute_ref_logps=True),
+                          progress=False).parent)
+    assert cache[0].stat().st_mtime_ns == stamp  # second run reused the cache
+    tr = metrics(train(config(workdir, "ref-tr", max_steps=2, sync_ref_model=True,
+                              ref_model_sync_steps=100), progress=False).parent)
+    for other in (pre, again, tr):
+        for x, y in zip(base, other, strict=True):
+            assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+            assert x["rewards/chosen"] == pytest.approx(y["rewards/chosen"], abs=1e-5)
+
+
+def test_lora_reference_is_the_base_model_with_adapters_disabled(workdir):
+    """With LoRA the reference (adapters off) equals a separate frozen copy of the base."""
+    adapters = metrics(train(config(workdir, "lora-a", lora=True, max_steps=2, lora_r=4),
+                             progress=False).parent)
+    separate = metrics(train(config(workdir, "lora-b", lora=True, max_steps=2, lora_r=4,
+                                    ref_model=str(workdir / "llama")), progress=False).parent)
+    for x, y in zip(adapters, separate, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+    assert (workdir / "lora-a" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_tr_dpo_sync_mixes_the_reference(workdir):
+    from dpokit.train.reference import Reference
+
+    policy = tiny_causal_lm("llama", vocab_size=64, seed=1)
+    ref = tiny_causal_lm("llama", vocab_size=64, seed=2)
+    before = ref.lm_head.weight.detach().clone()
+    Reference("model", model=ref).sync(policy, 0.25)
+    torch.testing.assert_close(ref.lm_head.weight,
+                               0.25 * policy.lm_head.weight + 0.75 * before)
+
+
+def test_reference_free_loss_loads_no_reference(workdir):
+    history = metrics(train(config(workdir, "simpo", loss_type="simpo", max_steps=3),
+                            progress=False).parent)
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_sft_lowers_the_completion_nll(workdir):
+    final = train(config(workdir, "sft", cls=SFTConfig, max_steps=24, learning_rate=3e-3),
+                  progress=False)
+    history = metrics(final.parent)
+    assert history[-1]["nll_per_token"] < 0.7 * history[0]["nll_per_token"]
+    assert (final / "model.safetensors").is_file()
+
+
+def test_eval_data_is_evaluated(workdir):
+    final = train(config(workdir, "evals", max_steps=4, eval_steps=2,
+                         eval_data=str(workdir / "prefs.jsonl")), progress=False)
+    evals = [m for m in metrics(final.parent) if "eval/loss" in m]
+    assert [m["step"] for m in evals] == [2, 4]
+    assert evals[1]["eval/loss"] < evals[0]["eval/loss"]
+    assert "eval/rewards/accuracies" in evals[0]
