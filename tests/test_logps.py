@@ -153,3 +153,31 @@ def test_lora_model_and_disabled_adapters(pairs, tokenizer):
     out.chosen_logps.sum().backward()
     trainable = [p for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None for p in trainable)
+
+
+def test_scaled_heads_match_the_models_own_forward(pairs, tokenizer):
+    """Granite divides its logits by ``logits_scaling``: the chunked head must do the same."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "granite", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    batch = collate_padded(pairs, pad_token_id=0)
+    with torch.no_grad():
+        fused = sequence_logps(model, batch).chosen_logps
+        full = sequence_logps(model, batch, fused=False).chosen_logps
+    torch.testing.assert_close(fused, full, rtol=0, atol=1e-5)
+
+
+def test_ld_alpha_keeps_float64_precision(pairs, tokenizer):
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=2, dtype=torch.float64)
+    chosen, rejected = reference(model, pairs)
+    with torch.no_grad():
+        out = sequence_logps(model, collate_packed(pairs), ld_alpha=0.3)
+    for i, ((c, _), (r, _)) in enumerate(zip(chosen, rejected, strict=True)):
+        shared = min(len(c), len(r))
+        assert float(out.chosen_logps[i]) == pytest.approx(
+            float(c[:shared].sum() + 0.3 * c[shared:].sum()), abs=1e-12)

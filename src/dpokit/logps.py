@@ -13,11 +13,12 @@ Also here, because they act on per-token log-probabilities:
   min(|y_w|, |y_l|) of its pair count with weight α ∈ [0, 1];
 - WPO's per-sequence statistic (Zhou et al. 2024, Eq. 2): the token mean of
   log π(y_t|·) − log Σ_v π(v|·)², computed without gradient; the losses turn it into the weight
-  min(1, exp(w_chosen + w_rejected)).
+  exp(w_chosen + w_rejected), as TRL 1.x does.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 from dpokit.data.collate import PairBatch
 from dpokit.errors import DpokitError
+
+log = logging.getLogger("dpokit.logps")
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -58,14 +61,31 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _logit_transform(config) -> Callable[[Tensor], Tensor]:
-    """Post-processing some models apply to their logits (Cohere's scale, Gemma's soft cap)."""
+_UNHANDLED_HEAD_SCALES = ("output_multiplier", "scale_width", "dim_model_base",
+                          "mup_output_alpha", "width_multiplier")
+"""Config attributes of models whose head does more than the transforms below: for these the
+model's own forward (full logits) is used instead of the chunked head."""
+
+
+def _logit_transform(config) -> Callable[[Tensor], Tensor] | None:
+    """Post-processing some models apply to their logits — Cohere's ``logit_scale``, Granite's
+    ``logits_scaling``, Falcon-H1's ``lm_head_multiplier``, Gemma's final soft cap — or None when
+    the head is one this module cannot reproduce."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _UNHANDLED_HEAD_SCALES):
+        return None
     scale = getattr(config, "logit_scale", None)
+    divisor = getattr(config, "logits_scaling", None)
+    multiplier = getattr(config, "lm_head_multiplier", None)
     cap = getattr(config, "final_logit_softcapping", None)
 
     def transform(logits: Tensor) -> Tensor:
         if scale is not None:
             logits = logits * scale
+        if multiplier is not None:
+            logits = logits * multiplier
+        if divisor is not None:
+            logits = logits / divisor
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
         return logits
@@ -129,18 +149,23 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         raise DpokitError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
     if chunk_size < 1:
         raise DpokitError(f"chunk_size must be ≥ 1, got {chunk_size}")
-    num_sequences = batch.num_sequences
     sequence_ids = batch.sequence_ids
+    num_sequences = batch.num_sequences or int(sequence_ids.max()) + 1
     # Position t predicts token t+1: score it when t+1 is a completion token of the same sequence.
     scored = (batch.completion_mask[:, 1:] & (sequence_ids[:, 1:] == sequence_ids[:, :-1])
               & (sequence_ids[:, 1:] >= 0))
     targets = batch.input_ids[:, 1:][scored]
     owners = sequence_ids[:, 1:][scored]
     base = unwrap_model(model)
+    transform = _logit_transform(base.config)
+    if fused and transform is None:
+        log.warning("%s scales its logits in a way the chunked head does not reproduce; using "
+                    "the model's full forward", type(base).__name__)
+        fused = False
 
     if fused:
         hidden = _hidden_states(model, batch)[:, :-1][scored]  # (N, H): completion positions only
-        lm_head, transform = base.get_output_embeddings(), _logit_transform(base.config)
+        lm_head = base.get_output_embeddings()
         pieces = []
         for start in range(0, len(targets), chunk_size):
             args = (hidden[start:start + chunk_size], targets[start:start + chunk_size])
@@ -177,7 +202,9 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         first = first.scatter_reduce(0, owners, index, reduce="amin")
         position = index - first[owners] + 1
         shared = torch.minimum(counts[:batch.num_pairs], counts[batch.num_pairs:]).repeat(2)
-        weights = torch.where(position <= shared[owners], 1.0, ld_alpha).to(dtype)
+        weights = torch.where(position <= shared[owners],
+                              torch.ones((), dtype=dtype, device=owners.device),
+                              torch.full((), ld_alpha, dtype=dtype, device=owners.device))
     sums = torch.zeros(num_sequences, dtype=dtype, device=targets.device)
     sums = sums.index_add(0, owners, token_logps * weights)
     wpo_means = None

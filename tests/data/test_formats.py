@@ -90,3 +90,27 @@ def test_mixed_formats_are_an_error():
             row({"prompt": [USER], "chosen": [BLUE], "rejected": [GREEN]}, 2)]
     with pytest.raises(DpokitError, match="row 2: mixes conversational and plain-text"):
         parse_examples(rows)
+
+
+def test_implicit_prompt_moves_one_space_only_as_trl_does():
+    example = parse_example(row({"chosen": "Q:  yes", "rejected": "Q:  no"}))
+    assert (example.prompt, example.chosen, example.rejected) == ("Q: ", " yes", " no")
+
+
+@pytest.mark.parametrize(("chosen", "rejected", "relation"), [
+    ("the cat sat", "the cat sat", "identical"),
+    ("the cat sat", "the cat sat on", "one is a prefix of the other"),
+    ([USER, BLUE], [USER, BLUE], "identical"),
+])
+def test_implicit_prompt_without_a_completion_says_why(chosen, rejected, relation):
+    with pytest.raises(DpokitError, match=f"chosen/rejected are {relation}"):
+        parse_example(row({"chosen": chosen, "rejected": rejected}))
+
+
+def test_tools_and_template_kwargs_are_kept_for_the_chat_template():
+    example = parse_example(row({"prompt": [USER], "chosen": BLUE, "rejected": GREEN,
+                                 "tools": '[{"name": "search"}]',
+                                 "chat_template_kwargs": {"enable_thinking": False}}))
+    assert example.template_kwargs == {"tools": [{"name": "search"}], "enable_thinking": False}
+    with pytest.raises(DpokitError, match="field 'tools': not valid JSON"):
+        parse_example(row({"prompt": [USER], "chosen": BLUE, "rejected": GREEN, "tools": "[x"}))

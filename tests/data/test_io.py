@@ -105,3 +105,19 @@ def test_missing_path_and_empty_file(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
     with pytest.raises(DpokitError, match="no rows"):
         load_rows(tmp_path / "empty.jsonl")
+
+
+def test_csv_json_cells_that_are_not_messages_stay_text(tmp_path):
+    path = tmp_path / "answers.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([["prompt", "chosen", "rejected"],
+                                      ["give json", '[{"name": "x"}]', "no"]])
+    (row,) = load_rows(path)
+    assert row.fields["chosen"] == '[{"name": "x"}]'
+
+
+def test_utf8_bom_is_accepted_in_json_and_jsonl(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS[0]).encode() + b"\n")
+    (tmp_path / "b.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS).encode())
+    assert load_rows(tmp_path / "a.jsonl")[0].fields == ROWS[0]
+    assert len(load_rows(tmp_path / "b.json")) == 2

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from dpokit.data.tokenize import TokenizedPair
+from dpokit.errors import DpokitError
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ def pad_sequences(sequences: Sequence[tuple[list[int], int]], *, pad_token_id: i
                   padding_side: Literal["right", "left"] = "right",
                   pad_to_multiple_of: int | None = None, num_pairs: int = 0) -> PairBatch:
     """Pad ``(token ids, prompt length)`` sequences to one length; positions count real tokens."""
+    if not sequences:
+        raise DpokitError("cannot collate an empty batch")
     length = max(len(ids) for ids, _ in sequences)
     if pad_to_multiple_of:
         length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
@@ -104,6 +107,8 @@ def pad_sequences(sequences: Sequence[tuple[list[int], int]], *, pad_token_id: i
 def pack_sequences(sequences: Sequence[tuple[list[int], int]], *,
                    num_pairs: int = 0) -> PairBatch:
     """Concatenate ``(token ids, prompt length)`` sequences into one row, positions restarting."""
+    if not sequences:
+        raise DpokitError("cannot collate an empty batch")
     input_ids, position_ids, completion_mask, sequence_ids = [], [], [], []
     for i, (ids, prompt_length) in enumerate(sequences):
         input_ids.append(torch.tensor(ids, dtype=torch.long))

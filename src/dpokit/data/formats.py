@@ -13,6 +13,7 @@ plus optional numeric ``weight`` and ``margin`` columns, passed to the losses th
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from dpokit.errors import DpokitError
 
 log = logging.getLogger("dpokit.data")
 
-ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "ipython", "function"})
 
 Messages = list[dict[str, str]]
 
@@ -51,6 +52,8 @@ class PreferenceExample:
     margin: float | None = None
     source: str = ""
     row: int = 0
+    template_kwargs: dict[str, Any] | None = None
+    """Extra ``apply_chat_template`` arguments (``tools``, ``chat_template_kwargs``)."""
 
     @property
     def conversational(self) -> bool:
@@ -125,12 +128,17 @@ def _split_implicit(row: RawRow, columns: ColumnMap, chosen: Any, rejected: Any)
         if shared == 0:
             raise _fail(row, columns.prompt, "missing, and chosen/rejected share no leading "
                                              "messages to take it from")
-        return chosen[:shared], chosen[shared:], rejected[shared:]
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-        shared += 1
-    while shared > 0 and chosen[shared - 1] == " ":  # the space starts the completion
-        shared -= 1
+    else:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared > 0 and chosen[shared - 1] == " ":  # one space starts the completion (as TRL)
+            shared -= 1
+    if shared >= min(len(chosen), len(rejected)):
+        relation = "identical" if chosen == rejected else "one is a prefix of the other"
+        raise _fail(row, columns.chosen, f"no prompt column, and chosen/rejected are {relation}: "
+                                         f"splitting off their shared prefix as the prompt "
+                                         f"leaves an empty completion")
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
@@ -148,7 +156,9 @@ def parse_example(row: RawRow, columns: ColumnMap = ColumnMap()) -> PreferenceEx
         chosen = _messages(row, columns.chosen, chosen, single_ok=True)
         rejected = _messages(row, columns.rejected, rejected, single_ok=True)
         if prompt is None or (isinstance(prompt, str) and not _is_messages(prompt)):
-            # Implicit prompt (a string prompt beside full conversations is ignored, as TRL does).
+            if prompt is not None:
+                log.warning("%s: a text prompt beside conversational chosen/rejected is ignored; "
+                            "the prompt is their shared leading messages", row.where)
             prompt, chosen, rejected = _split_implicit(row, columns, chosen, rejected)
         else:
             prompt = _messages(row, columns.prompt, prompt, single_ok=False)
@@ -170,7 +180,28 @@ def parse_example(row: RawRow, columns: ColumnMap = ColumnMap()) -> PreferenceEx
                 isinstance(value, list) and not any(m["content"].strip() for m in value)):
             raise _fail(row, name, "empty completion")
     return PreferenceExample(prompt, chosen, rejected, weight=_number(row, columns.weight),
-                             margin=_number(row, columns.margin), source=row.source, row=row.row)
+                             margin=_number(row, columns.margin), source=row.source, row=row.row,
+                             template_kwargs=_template_kwargs(row) if conversational else None)
+
+
+def _template_kwargs(row: RawRow) -> dict[str, Any] | None:
+    """``tools`` (a list or its JSON text) and ``chat_template_kwargs`` of a row, as TRL reads
+    them, for the chat template."""
+    kwargs: dict[str, Any] = {}
+    tools = row.fields.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise _fail(row, "tools", "not valid JSON") from None
+    if tools is not None:
+        kwargs["tools"] = tools
+    extra = row.fields.get("chat_template_kwargs")
+    if extra is not None:
+        if not isinstance(extra, dict):
+            raise _fail(row, "chat_template_kwargs", "expected an object")
+        kwargs.update(extra)
+    return kwargs or None
 
 
 def parse_examples(rows: Sequence[RawRow],

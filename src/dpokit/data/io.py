@@ -56,7 +56,7 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
         if not raw_line.strip():
             continue
         try:
-            line = raw_line.decode("utf-8")
+            line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as error:
             raise DpokitError(f"{path}, row {number}: undecodable text (not UTF-8)") from error
         try:
@@ -73,7 +73,7 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
 def _read_json(path: Path, split: str | None) -> Iterator[RawRow]:
     data = _read_bytes(path)
     try:
-        document = json.loads(data.decode("utf-8"))
+        document = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as error:
         raise _decode_error(path, data, error) from None
     except json.JSONDecodeError as error:
@@ -98,9 +98,11 @@ def _maybe_json(value: str) -> Any:
     text = value.strip()
     if text.startswith("[{") and text.endswith("}]"):
         try:
-            return json.loads(text)
+            decoded = json.loads(text)
         except json.JSONDecodeError:
             return value
+        if all(isinstance(m, dict) and "role" in m for m in decoded):
+            return decoded
     return value
 
 

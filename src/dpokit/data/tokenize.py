@@ -110,9 +110,12 @@ def _texts(example: PreferenceExample, eos: str) -> tuple[str, str, str]:
 
 
 def _chat_ids(tokenizer: Any, example: PreferenceExample) -> tuple[list[int], list[int], list[int]]:
+    extra = getattr(example, "template_kwargs", None) or {}
+
     def encode(messages: Messages, generation_prompt: bool) -> list[int]:
         return _ids(tokenizer.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True))
+            messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True,
+            **extra))
 
     try:
         return (encode(example.prompt, True), encode(example.prompt + example.chosen, False),

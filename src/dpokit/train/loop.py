@@ -127,6 +127,10 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Path:
             epoch_cache = {epoch: epoch_batches(len(train_items), global_batch, seed=config.seed,
                                                 epoch=epoch)}
         global_indices = epoch_cache[epoch][index]
+        if len(global_indices) < runtime.world_size:  # a tail too short to give every rank one
+            step += 1
+            bar.update(1)
+            continue
         mine = shard_for_rank(global_indices, runtime.rank, runtime.world_size)
         micro = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
         scale = runtime.world_size / len(global_indices)
