@@ -7,20 +7,9 @@ import sys
 
 import pytest
 
-from dpokit.cli import main
 from dpokit.outcomes import WORKED_EXAMPLE
 from dpokit.theory import markov_log_partition
-
-
-def run(capsys, *argv):
-    """Run ``dpokit ARGV`` in-process; return (exit status, stdout, stderr)."""
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.cli_helpers import run_cli as run
 
 
 def brute_force(ref_probs, rewards, beta):

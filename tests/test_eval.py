@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from dpokit.cli import main
 from dpokit.fixtures import tiny_causal_lm
+from tests.cli_helpers import run_cli as run
 from tests.test_logps import reference_token_logps
 
 ROWS = [
@@ -30,14 +30,6 @@ def saved(tmp_path_factory, tokenizer):
     return root, policy, ref
 
 
-def run(capsys, *argv):
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def expected_logps(model, tokenizer, row):

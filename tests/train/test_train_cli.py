@@ -12,20 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpokit.cli import main
+from tests.cli_helpers import run_cli as run
 from tests.train.test_trainer import metrics, workdir  # noqa: F401  (fixture)
 
 DPOKIT = [sys.executable, "-m", "dpokit"]
 
 
-def run(capsys, *argv):
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize(("yaml_text", "flags", "message"), [
