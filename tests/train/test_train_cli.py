@@ -121,3 +121,38 @@ def test_two_processes_match_one(workdir, tmp_path):  # noqa: F811
     two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     for name, tensor in one.items():
         torch.testing.assert_close(two[name], tensor, rtol=0, atol=2e-5)
+
+
+def test_fsdp_two_processes_match_one_and_resume_exactly(workdir, tmp_path):  # noqa: F811
+    """FSDP2 (fully_shard) on 2 gloo processes: same losses and weights as 1 process, and a
+    sharded checkpoint (torch.distributed.checkpoint) resumes to the same result."""
+    common = ["--model", str(workdir / "llama"), "--data", str(workdir / "prefs.jsonl"),
+              "--logging-steps", "1", "--learning-rate", "1e-3", "--beta", "0.5",
+              "--lr-scheduler", "constant", "--save-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+                "--nproc-per-node", "2", "-m", "dpokit", "train", "--fsdp", "--device", "cpu",
+                "--batch-size", "2", *common]
+
+    def launch(command, out, steps, *extra):
+        done = subprocess.run([*command, "--output-dir", str(tmp_path / out), "--max-steps",
+                               str(steps), *extra], capture_output=True, text=True, env=env,
+                              check=False, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    launch([*DPOKIT, "train", "--batch-size", "4", *common], "single", 4)
+    launch(torchrun, "fsdp", 4)
+    launch(torchrun, "fsdp-resumed", 2)
+    assert (tmp_path / "fsdp-resumed" / "checkpoint-2" / "sharded").is_dir()
+    launch(torchrun, "fsdp-resumed", 4, "--resume", "auto")
+    single, fsdp, resumed = (metrics(tmp_path / name)
+                             for name in ("single", "fsdp", "fsdp-resumed"))
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b, c in zip(single, fsdp, resumed, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert c["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    weights = [load_file(str(tmp_path / name / "final" / "model.safetensors"))
+               for name in ("single", "fsdp", "fsdp-resumed")]
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, rtol=0, atol=2e-5)
+        torch.testing.assert_close(weights[2][name], weights[1][name], rtol=0, atol=1e-6)

@@ -1,6 +1,7 @@
 """The training loop on tiny models: learning, accumulation, resume, reference modes, saving."""
 
 import json
+import math
 import random
 
 import pytest
@@ -184,3 +185,38 @@ def test_eval_data_is_evaluated(workdir):
     assert [m["step"] for m in evals] == [2, 4]
     assert evals[1]["eval/loss"] < evals[0]["eval/loss"]
     assert "eval/rewards/accuracies" in evals[0]
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(workdir):
+    plain = metrics(train(config(workdir, "gc-off", max_steps=2), progress=False).parent)
+    checkpointed = metrics(train(config(workdir, "gc-on", max_steps=2,
+                                        gradient_checkpointing=True), progress=False).parent)
+    for x, y in zip(plain, checkpointed, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(workdir):
+    run_dir = train(config(workdir, "limit", max_steps=5, save_steps=1, save_total_limit=2),
+                    progress=False).parent
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-4",
+                                                                     "checkpoint-5"]
+    assert not list(run_dir.glob(".checkpoint-*"))
+
+
+def test_bfloat16_autocast_trains_close_to_float32(workdir):
+    fp32 = metrics(train(config(workdir, "fp32", max_steps=3), progress=False).parent)
+    bf16 = metrics(train(config(workdir, "bf16", max_steps=3, dtype="bfloat16"),
+                         progress=False).parent)
+    assert all(math.isfinite(m["loss"]) for m in bf16)
+    assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], abs=0.05)
+    assert bf16[-1]["loss"] < bf16[0]["loss"]
+
+
+def test_lora_merge_writes_a_plain_model(workdir):
+    from transformers import AutoModelForCausalLM
+
+    final = train(config(workdir, "lora-merge", lora=True, lora_r=4, max_steps=2,
+                         merge_lora=True), progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged", local_files_only=True)
+    assert not any("lora" in name for name, _ in merged.named_parameters())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,28 +37,48 @@ def _all_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict,
                     rng: dict, ref_model: nn.Module | None = None,
-                    save_total_limit: int | None = None) -> Path:
-    """Write ``checkpoint-STEP`` atomically and prune old ones; returns its path."""
+                    save_total_limit: int | None = None, sharded: bool = False, rank: int = 0,
+                    barrier: Callable[[], None] = lambda: None) -> Path:
+    """Write ``checkpoint-STEP`` atomically and prune old ones; returns its path.
+
+    Called on every rank. ``sharded`` (FSDP) writes model and optimizer with
+    ``torch.distributed.checkpoint`` — each rank its own shard — instead of one file from rank 0;
+    every rank stores its own random generator state.
+    """
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{step}"
     tmp = output_dir / f".{PREFIX}{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-    if ref_model is not None:
-        save_file(_all_state(ref_model), str(tmp / "reference.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2),
-                                            encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    if save_total_limit is not None:
-        for old in list_checkpoints(output_dir)[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state},
+                 checkpoint_id=str(tmp / "sharded"))
+    torch.save(rng, tmp / f"rng_{rank}.pt")
+    if rank == 0:
+        if not sharded:
+            save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if ref_model is not None:
+            save_file(_all_state(ref_model), str(tmp / "reference.safetensors"))
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2),
+                                                encoding="utf-8")
+    barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if save_total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 
@@ -85,9 +106,43 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, ref_model: nn.Module | None = None) -> tuple[dict, dict]:
+                    scheduler: Any, ref_model: nn.Module | None = None, sharded: bool = False,
+                    rank: int = 0) -> tuple[dict, dict]:
     """Restore weights, optimizer and scheduler in place; return (trainer state, rng state)."""
     path = Path(path)
+    if sharded != (path / "sharded").is_dir():
+        raise DpokitError(f"{path} was written {'with' if not sharded else 'without'} FSDP; "
+                          f"resume it with the same fsdp setting")
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=str(path / "sharded"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+    else:
+        _load_trainable(path, model)
+        device = next(model.parameters()).device
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device,
+                                             weights_only=True))
+    if ref_model is not None and (path / "reference.safetensors").is_file():
+        with torch.no_grad():
+            ref_params = dict(ref_model.named_parameters())
+            for name, tensor in load_file(str(path / "reference.safetensors")).items():
+                ref_params[name].copy_(tensor.to(ref_params[name].device))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_file = path / f"rng_{rank}.pt"
+    if not rng_file.is_file():
+        raise DpokitError(f"{path} has no random state for rank {rank}; resume with the same "
+                          f"number of processes it was written with")
+    rng = torch.load(rng_file, weights_only=True)
+    trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    return trainer_state, rng
+
+
+def _load_trainable(path: Path, model: nn.Module) -> None:
     state = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in state]
@@ -98,14 +153,3 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor.to(params[name].device))
-        if ref_model is not None and (path / "reference.safetensors").is_file():
-            ref_params = dict(ref_model.named_parameters())
-            for name, tensor in load_file(str(path / "reference.safetensors")).items():
-                ref_params[name].copy_(tensor.to(ref_params[name].device))
-    device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device,
-                                         weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    return trainer_state, rng

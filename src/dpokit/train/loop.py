@@ -81,7 +81,11 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Path:
     model = load_causal_lm(config.model, dtype="float32", device=runtime.device,
                            trust_remote_code=config.trust_remote_code)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if config.lora:
         model = _add_lora(model, config)
@@ -106,8 +110,10 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Path:
     checkpoint = resolve_resume(config.resume, output_dir)
     ref_weights = reference.model if reference is not None and config.sync_ref_model else None
     if checkpoint is not None:
-        state, rng = load_checkpoint(checkpoint, model=model, optimizer=optimizer,
-                                     scheduler=scheduler, ref_model=ref_weights)
+        state, rng = load_checkpoint(checkpoint, model=policy if _sharded(config, runtime)
+                                     else model, optimizer=optimizer, scheduler=scheduler,
+                                     ref_model=ref_weights, sharded=_sharded(config, runtime),
+                                     rank=runtime.rank)
         step = state["global_step"]
         set_rng_state(rng)
         if runtime.is_main:
@@ -167,8 +173,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Path:
                       writer)
         stopping = runtime.all_reduce_sum(torch.tensor(float(stop.requested))).item() > 0
         if (config.save_steps and step % config.save_steps == 0) or stopping:
-            _save(output_dir, step, model, optimizer, scheduler, ref_weights, config, runtime,
-                  steps_per_epoch, total_steps)
+            _save(output_dir, step, policy if _sharded(config, runtime) else model, optimizer,
+                  scheduler, ref_weights, config, runtime, steps_per_epoch, total_steps)
         bar.update(1)
         if stopping:
             if runtime.is_main:
@@ -329,6 +335,8 @@ def _clip(model: nn.Module, max_norm: float | None) -> float:
     if not params:
         raise DpokitError("no parameter received a gradient (is anything trainable?)")
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
     return float(norm)
 
 
@@ -414,19 +422,17 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 def _save(output_dir, step, model, optimizer, scheduler, ref_weights, config, runtime,
           steps_per_epoch, total_steps) -> None:
-    if config.fsdp and runtime.distributed:
-        if runtime.is_main:
-            log.warning("checkpoints of FSDP runs are not written yet (sharded optimizer state "
-                        "needs torch.distributed.checkpoint); step %d is not saved", step)
-        return
-    if runtime.is_main:
-        state = {"global_step": step, "epoch": step / steps_per_epoch,
-                 "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                 "world_size": runtime.world_size}
-        save_checkpoint(output_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                        trainer_state=state, rng=rng_state(), ref_model=ref_weights,
-                        save_total_limit=config.save_total_limit)
-    runtime.barrier()
+    """Every rank takes part: FSDP checkpoints are sharded, each rank keeps its RNG state."""
+    state = {"global_step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps,
+             "steps_per_epoch": steps_per_epoch, "world_size": runtime.world_size}
+    save_checkpoint(output_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                    trainer_state=state, rng=rng_state(), ref_model=ref_weights,
+                    save_total_limit=config.save_total_limit, sharded=_sharded(config, runtime),
+                    rank=runtime.rank, barrier=runtime.barrier)
+
+
+def _sharded(config: TrainConfig, runtime: Runtime) -> bool:
+    return config.fsdp and runtime.distributed
 
 
 def _save_final(model: nn.Module, tokenizer: Any, final: Path, config: TrainConfig,

@@ -62,7 +62,10 @@ class Reference:
         """TR-DPO soft update: ref ← α·θ + (1 − α)·ref, parameter by parameter."""
         policy_params = dict(unwrap_model(policy).named_parameters())
         for name, ref_param in unwrap_model(self.model).named_parameters():
-            update = policy_params[name].detach().to(ref_param)
+            update = policy_params[name].detach()
+            if hasattr(update, "full_tensor"):  # FSDP2 shard: gather (every rank calls sync)
+                update = update.full_tensor()
+            update = update.to(ref_param)
             ref_param.mul_(1.0 - alpha).add_(update, alpha=alpha)
 
 
