@@ -20,7 +20,7 @@ PROMPTS = ["the cat", "the dog", "what color is the sky?", "a bird", "why is the
 def workdir(tmp_path_factory, tokenizer):
     """A saved tiny Llama (and GPT-2, which has dropout) and a learnable preference set."""
     root = tmp_path_factory.mktemp("train")
-    for kind in ("llama", "gpt2"):
+    for kind in ("llama", "gpt2", "qwen2"):
         model = tiny_causal_lm(kind, vocab_size=len(tokenizer), seed=7)
         model.save_pretrained(root / kind)
         tokenizer.save_pretrained(root / kind)
@@ -104,7 +104,7 @@ def test_gradient_accumulation_equals_one_big_batch(workdir):
             torch.testing.assert_close(runs[bs][1][name], tensor, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
 def test_resume_is_exact(workdir, kind):
     """6 steps straight = 3 steps, stop, resume to 6 (metrics and final weights)."""
     model = str(workdir / kind)
@@ -220,3 +220,16 @@ def test_lora_merge_writes_a_plain_model(workdir):
                          merge_lora=True), progress=False)
     merged = AutoModelForCausalLM.from_pretrained(final / "merged", local_files_only=True)
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_sft_on_conversations_and_tensorboard_events(workdir):
+    rows = [{"messages": [{"role": "user", "content": p},
+                          {"role": "assistant", "content": "yes good answer"}]} for p in PROMPTS]
+    data = workdir / "sft_chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    final = train(config(workdir, "sft-chat", cls=SFTConfig, data=str(data), max_steps=12,
+                         learning_rate=3e-3), progress=False)
+    history = metrics(final.parent)
+    assert history[-1]["nll_per_token"] < history[0]["nll_per_token"]
+    pytest.importorskip("tensorboard")
+    assert list((final.parent / "tensorboard").glob("events.out.tfevents.*"))
