@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo figures test test-slow lint clean
 
 # The stamps re-install whenever pyproject.toml or constraints.txt change.
 $(BIN)/python:
@@ -21,6 +21,9 @@ $(VENV)/.installed-test: $(BIN)/python pyproject.toml constraints.txt
 	touch $@ $(VENV)/.installed-run
 
 demo: $(VENV)/.installed-run
+	$(BIN)/dpokit demo --out out/demo
+
+figures: $(VENV)/.installed-run
 	$(BIN)/dpokit optimal
 	$(BIN)/dpokit figures --out out/figures
 

@@ -360,6 +360,66 @@ def eval_command(model_dir: Path, ref_dir: Path | None, data_path: Path, split: 
         console.print(f"wrote {result.num_pairs} rows to {per_example}")
 
 
+# -------------------------------------------------------------------------------------- demo
+
+
+@app.command()
+@click.option("--out", "out_dir", default="out/demo", show_default=True,
+              help="Directory for the run, report.json, report.md and the plots.")
+@click.option("--quick", is_flag=True, help="A smaller run (under a minute), looser bar (75%).")
+@click.option("--beta", "--betas", "betas", multiple=True, default=["1"], show_default=True,
+              help="β; several (comma-separated or repeated) give one DPO run per β.")
+@click.option("--loss-type", default="sigmoid", show_default=True,
+              help="Any loss of dpokit.losses that uses a reference.")
+@click.option("--reward", default="token_score", show_default=True,
+              help="Built-in reward: token_score, match or sorted.")
+@click.option("--pairs-per-prompt", type=int, default=None, help="Preference pairs per prompt.")
+@click.option("--dpo-epochs", type=float, default=None, help="Passes over the pairs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of everything.")
+def demo(out_dir: str, quick: bool, betas: tuple[str, ...], loss_type: str, reward: str,
+         pairs_per_prompt: int | None, dpo_epochs: float | None, seed: int) -> None:
+    """Train a transformer with DPO and measure, exactly, how close it gets to π*."""
+    from dpokit.demo.run import DemoConfig, check_demo_config, run_demo
+    from dpokit.demo.task import REWARDS
+    from dpokit.losses import get_loss
+
+    if not get_loss(loss_type).needs_reference:
+        raise DpokitError(f"--loss-type {loss_type} is reference-free; the demo compares "
+                          f"with π* = π_ref·exp(r/β)/Z and needs a loss with a reference")
+    if reward not in REWARDS:
+        raise DpokitError(f"--reward must be one of {', '.join(REWARDS)}, got {reward!r}")
+    overrides = {"out_dir": out_dir, "betas": _positive(_numbers(betas, "--beta"), "--beta"),
+                 "loss_type": loss_type, "reward": reward, "seed": seed}
+    if pairs_per_prompt is not None:
+        overrides["pairs_per_prompt"] = pairs_per_prompt
+    if dpo_epochs is not None:
+        overrides["dpo_epochs"] = dpo_epochs
+    config = DemoConfig.quick(**overrides) if quick else DemoConfig(**overrides)
+    check_demo_config(config)
+    r = run_demo(config, report=lambda line: console.print(line))
+    table = Table(title=f"DPO against the exact optimum (β = {r['beta']:g}, mean over prompts)")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for label, value in (
+            ("KL(π_ref ‖ π*)  before DPO", f"{r['kl_ref_to_optimal']:.4f}"),
+            ("KL(π_θ ‖ π*)  after DPO", f"{r['kl_policy_to_optimal']:.4f}"),
+            ("distance closed", f"{r['closed_fraction']:.1%} (bar "
+                                f"{r['target_closed_fraction']:.0%}: "
+                                f"{'met' if r['passed'] else 'NOT met'})"),
+            ("KL(π_θ ‖ π_ref)", f"{r['kl_policy_to_ref']:.4f}"),
+            ("E[r]: π_ref / π_θ / π*", f"{r['reward_ref']:.3f} / {r['reward_policy']:.3f} / "
+                                       f"{r['reward_optimal']:.3f}"),
+            ("J(π_θ) ≤ β log Z", f"{r['objective_policy']:.4f} ≤ {r['max_objective']:.4f}"),
+            ("implicit reward vs r (corr.)", f"{r['implicit_reward_correlation']:.3f}"),
+            ("mass on the space: π_ref / π_θ", f"{r['mass_in_space_ref']:.1%} / "
+                                               f"{r['mass_in_space_policy']:.1%}")):
+        table.add_row(label, value)
+    console.print(table)
+    console.print(f"report: {Path(out_dir) / 'report.md'}, numbers: "
+                  f"{Path(out_dir) / 'report.json'}, plots: {', '.join(r['plots'])} "
+                  f"({r['seconds']:.0f} s)", soft_wrap=True)
+
+
 # ----------------------------------------------------------------------------- sft / train
 
 

@@ -19,6 +19,8 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +56,30 @@ from dpokit.train.runtime import (
 log = logging.getLogger("dpokit.train")
 
 
-def train(config: TrainConfig, *, progress: bool = True) -> Path:
+@dataclass(frozen=True)
+class Probe:
+    """A measurement of the policy every ``every`` optimizer steps (and after the last one).
+
+    ``fn(model, step)`` gets the bare ``transformers`` model (eval mode, no gradients) on every
+    rank and returns a dict of numbers, which rank 0 appends to ``metrics.jsonl`` under
+    ``probe/…`` keys. The demo uses it to measure KL(π_θ‖π*) exactly during training.
+    """
+
+    every: int
+    fn: Callable[[nn.Module, int], dict]
+
+
+def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = None) -> Path:
     """Run SFT (``SFTConfig``) or DPO (``DPOConfig``); return the final model directory."""
     runtime = setup_runtime(config.device, config.dtype)
     try:
-        return _train(config, runtime, progress=progress)
+        return _train(config, runtime, progress=progress, probe=probe)
     finally:
         shutdown_runtime(runtime)
 
 
-def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Path:
+def _train(config: TrainConfig, runtime: Runtime, *, progress: bool,
+           probe: Probe | None = None) -> Path:
     # ------------------------------------------------------------------ setup: run directory
     output_dir = Path(config.output_dir)
     if runtime.is_main:
@@ -168,6 +184,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Path:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", **_postfix(record))
             window.zero_()
             window_start = time.perf_counter()
+        if probe is not None and (step % probe.every == 0 or step == total_steps):
+            _run_probe(probe, model, step, output_dir, runtime, writer)
         if config.eval_steps and eval_items and step % config.eval_steps == 0:
             _evaluate(policy, objective, eval_items, keys, config, runtime, step, output_dir,
                       writer)
@@ -386,6 +404,19 @@ def _evaluate(policy, objective, items, keys, config, runtime, step, output_dir,
     return record
 
 
+@torch.no_grad()
+def _run_probe(probe: Probe, model: nn.Module, step: int, output_dir: Path, runtime: Runtime,
+               writer) -> None:
+    inner = unwrap_model(model)
+    was_training = inner.training
+    inner.eval()
+    values = probe.fn(inner, step)
+    inner.train(was_training)
+    if runtime.is_main:
+        record = {"step": step, **{f"probe/{k}": v for k, v in values.items()}}
+        _log_metrics(output_dir / "metrics.jsonl", record, writer)
+
+
 def _log_metrics(path: Path, record: dict, writer) -> None:
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -470,4 +501,4 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-__all__ = ["SFTConfig", "train"]
+__all__ = ["Probe", "SFTConfig", "train"]
