@@ -188,7 +188,8 @@ def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
 
     main = runs[0]["final"]
     summary = {key: main[key] for key in (
-        "kl_ref_to_optimal", "kl_policy_to_optimal", "kl_policy_to_ref", "reward_ref",
+        "kl_ref_to_optimal", "kl_policy_to_optimal", "kl_policy_to_ref", "kl_optimal_to_ref",
+        "reward_ref",
         "reward_policy", "reward_optimal", "objective_policy", "max_objective",
         "closed_fraction", "implicit_reward_correlation", "implicit_reward_correlation_weighted",
         "implicit_offset")}

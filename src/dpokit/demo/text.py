@@ -17,6 +17,11 @@ def report_markdown(r: dict) -> str:
                f"reward where pairs compare completions; where π* puts mass on completions π_ref "
                f"rarely samples, the finite data cannot pin the policy down, and more pairs or "
                f"steps are needed.")
+        if r["kl_policy_to_ref"] > r["kl_optimal_to_ref"]:
+            why += (f" The policy also moved further from π_ref than π* does "
+                    f"(KL {r['kl_policy_to_ref']:.3f} against {r['kl_optimal_to_ref']:.3f}): it "
+                    f"over-fitted the few pairs it saw, pushing the winners of those comparisons "
+                    f"beyond what the Bradley–Terry probabilities justify.")
     runs = "\n".join(
         f"| {run['beta']:g} | {run['final']['kl_ref_to_optimal']:.4f} | "
         f"{run['final']['kl_policy_to_optimal']:.4f} | {run['final']['closed_fraction']:.1%} | "
