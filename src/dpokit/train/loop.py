@@ -121,6 +121,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool,
     steps_per_epoch = math.ceil(len(train_items) / global_batch)
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
     optimizer = _optimizer(model, config, runtime)
+    # float16 on a GPU needs loss scaling against gradient underflow; a no-op otherwise.
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == "float16")
     scheduler = _scheduler(optimizer, config, total_steps)
     step = 0
     checkpoint = resolve_resume(config.resume, output_dir)
@@ -132,6 +134,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool,
                                      rank=runtime.rank)
         step = state["global_step"]
         set_rng_state(rng)
+        if state.get("grad_scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["grad_scaler"])
         if runtime.is_main:
             _truncate_metrics(output_dir / "metrics.jsonl", step)
             log.warning("resumed from %s at step %d", checkpoint, step)
@@ -163,11 +167,13 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool,
             sync = i == len(micro) - 1
             with _no_sync(policy, not sync), runtime.autocast():
                 loss_sum, sums = objective(policy, batch)
-            (loss_sum * scale).backward()
+            scaler.scale(loss_sum * scale).backward()
             step_sums += torch.stack([*(sums[k].double().cpu() for k in keys),
                                       loss_sum.detach().double().cpu()])
+        scaler.unscale_(optimizer)
         grad_norm = _clip(model, config.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -192,7 +198,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool,
         stopping = runtime.all_reduce_sum(torch.tensor(float(stop.requested))).item() > 0
         if (config.save_steps and step % config.save_steps == 0) or stopping:
             _save(output_dir, step, policy if _sharded(config, runtime) else model, optimizer,
-                  scheduler, ref_weights, config, runtime, steps_per_epoch, total_steps)
+                  scheduler, ref_weights, config, runtime, steps_per_epoch, total_steps,
+                  scaler.state_dict() if scaler.is_enabled() else None)
         bar.update(1)
         if stopping:
             if runtime.is_main:
@@ -452,10 +459,11 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 
 def _save(output_dir, step, model, optimizer, scheduler, ref_weights, config, runtime,
-          steps_per_epoch, total_steps) -> None:
+          steps_per_epoch, total_steps, scaler_state=None) -> None:
     """Every rank takes part: FSDP checkpoints are sharded, each rank keeps its RNG state."""
     state = {"global_step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps,
-             "steps_per_epoch": steps_per_epoch, "world_size": runtime.world_size}
+             "steps_per_epoch": steps_per_epoch, "world_size": runtime.world_size,
+             "grad_scaler": scaler_state}
     save_checkpoint(output_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
                     trainer_state=state, rng=rng_state(), ref_model=ref_weights,
                     save_total_limit=config.save_total_limit, sharded=_sharded(config, runtime),
