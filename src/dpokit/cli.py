@@ -420,6 +420,54 @@ def demo(out_dir: str, quick: bool, betas: tuple[str, ...], loss_type: str, rewa
                   f"({r['seconds']:.0f} s)", soft_wrap=True)
 
 
+# ------------------------------------------------------------------------------------- bench
+
+
+@app.command()
+@click.option("--workdir", default="out/bench", show_default=True,
+              help="Where the fixtures (tokenizer, rows, models) and runs go.")
+@click.option("--models", default="tiny,small", show_default=True, help="tiny and/or small.")
+@click.option("--settings", default="default,no_ckpt_precompute", show_default=True,
+              help="default, no_ckpt, no_ckpt_precompute, padding_free.")
+@click.option("--steps", type=int, default=20, show_default=True, help="Steps per run.")
+@click.option("--repeats", type=int, default=2, show_default=True, help="Runs per framework.")
+@click.option("--frameworks", default="dpokit,trl", show_default=True,
+              help="dpokit and/or trl (TRL needs `pip install '.[bench]'`).")
+@click.option("--no-end-to-end", is_flag=True, help="Skip the 320-pair cold-start epoch.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the rows as JSON here.")
+def bench(workdir: str, models: str, settings: str, steps: int, repeats: int, frameworks: str,
+          no_end_to_end: bool, json_path: Path | None) -> None:
+    """DPO speed and memory of dpokit against TRL's DPOTrainer on identical fixtures."""
+    import importlib.util
+
+    from dpokit.bench import MODELS, SETTINGS, benchmark
+
+    chosen = {"models": models.split(","), "settings": settings.split(","),
+              "frameworks": frameworks.split(",")}
+    for key, known in (("models", MODELS), ("settings", SETTINGS),
+                       ("frameworks", ("dpokit", "trl"))):
+        unknown = [v for v in chosen[key] if v not in known]
+        if unknown:
+            raise DpokitError(f"--{key}: unknown {', '.join(unknown)} "
+                              f"(known: {', '.join(known)})")
+    if "trl" in chosen["frameworks"] and importlib.util.find_spec("trl") is None:
+        raise DpokitError("TRL is not installed; `pip install '.[bench]'` or --frameworks dpokit")
+    if steps < 4 or repeats < 1:
+        raise DpokitError("--steps must be ≥ 4 and --repeats ≥ 1")
+    rows = benchmark(workdir, steps=steps, repeats=repeats, end_to_end=not no_end_to_end,
+                     report=lambda line: console.print(line, soft_wrap=True), **chosen)
+    for model in chosen["models"]:
+        for setting in chosen["settings"]:
+            pair = {r["framework"]: r for r in rows if r["model"] == model
+                    and r["setting"] == setting and "error" not in r}
+            if len(pair) == 2:
+                ratio = pair["dpokit"]["pairs_per_second"] / pair["trl"]["pairs_per_second"]
+                console.print(f"{model}/{setting}: dpokit/TRL pairs/s = {ratio:.2f}×")
+    if json_path is not None:
+        json_path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+
+
 # ----------------------------------------------------------------------------- sft / train
 
 

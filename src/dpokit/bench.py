@@ -1,0 +1,272 @@
+"""DPO speed and memory, dpokit against TRL's DPOTrainer, side by side (``dpokit bench``).
+
+    dpokit bench --models tiny,small --steps 20 --repeats 2     # needs `pip install '.[bench]'`
+    python benchmarks/bench_dpo.py --models tiny --steps 5      # the same
+
+Fixtures are built from nothing into ``--workdir``: a byte-level BPE tokenizer of 2,048 tokens
+trained on a synthetic corpus, 1,024 synthetic preference rows (prompts ~41 tokens, completions
+~54), and randomly initialised Llama models from configs ("tiny": hidden 128, 2 layers; "small":
+hidden 512, 8 layers, 8 heads, MLP 1408). Every (framework, setting) runs in its own process —
+same model, rows, batch, learning rate, β, max_length and threads — alternating frameworks and
+repeating, and reports s/step (median of the steady-state steps), pairs/s, tokens/s, the
+fraction of the measured fp32 matmul peak, peak RSS, and end-to-end seconds for one epoch over 320
+pairs from a cold start (data preparation and any reference pass included).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODELS = {
+    "tiny": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 352},
+    "small": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 1408},
+}
+SETTINGS = {
+    # name: (dpokit overrides, TRL DPOConfig overrides)
+    "default": ({}, {"gradient_checkpointing": True}),
+    "no_ckpt_precompute": ({"precompute_ref_logps": True},
+                           {"gradient_checkpointing": False, "precompute_ref_log_probs": True}),
+    "no_ckpt": ({}, {"gradient_checkpointing": False}),
+    "padding_free": ({"padding_free": True}, {"gradient_checkpointing": False,
+                                              "padding_free": True}),
+}
+BATCH, MAX_LENGTH, LR, BETA, THREADS = 8, 256, 1e-6, 0.1, 2
+
+
+@dataclass(frozen=True)
+class Fixture:
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "prefs.jsonl"
+
+    @property
+    def data_320(self) -> Path:
+        return self.root / "prefs320.jsonl"
+
+    def model(self, name: str) -> Path:
+        return self.root / name
+
+
+def build_fixtures(root: str | Path, models: list[str], *, rows: int = 1024,
+                   seed: int = 0) -> Fixture:
+    """Tokenizer, preference rows and models, built once into ``root`` (reused when present)."""
+    from dpokit.fixtures import WORDS, build_tokenizer, synthetic_corpus, tiny_causal_lm
+
+    fixture = Fixture(Path(root))
+    fixture.root.mkdir(parents=True, exist_ok=True)
+    tokenizer = None
+    for name in models:
+        if (fixture.model(name) / "config.json").is_file():
+            continue
+        tokenizer = tokenizer or build_tokenizer(synthetic_corpus(4000, seed=seed),
+                                                 vocab_size=2048)
+        model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=seed,
+                               max_positions=MAX_LENGTH, **MODELS[name])
+        model.save_pretrained(fixture.model(name))
+        tokenizer.save_pretrained(fixture.model(name))
+    if not fixture.data.is_file():
+        rng = random.Random(seed)
+
+        def text(n: int) -> str:
+            return " ".join(rng.choice(WORDS) for _ in range(n))
+
+        lines = [json.dumps({"prompt": text(rng.randint(30, 50)) + "?",
+                             "chosen": " " + text(rng.randint(40, 66)) + ".",
+                             "rejected": " " + text(rng.randint(40, 66)) + "!"})
+                 for _ in range(rows)]
+        fixture.data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        fixture.data_320.write_text("\n".join(lines[:320]) + "\n", encoding="utf-8")
+    return fixture
+
+
+def matmul_peak_gflops(size: int = 1024, seconds: float = 1.0) -> float:
+    """Measured fp32 matmul throughput on this machine with the benchmark's thread count."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
+
+
+# ----------------------------------------------------------------------- one run per process
+
+
+def _run_dpokit(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
+                epochs: float | None) -> list[float]:
+    from dpokit.train.config import DPOConfig
+    from dpokit.train.loop import Probe, train
+
+    stamps: list[float] = []
+    overrides = SETTINGS[setting][0]
+    config = DPOConfig(model=str(fixture.model(model)), data=str(data),
+                       output_dir=str(fixture.root / "runs" / f"dpokit-{model}-{setting}"),
+                       batch_size=BATCH, learning_rate=LR, beta=BETA, max_length=MAX_LENGTH,
+                       max_steps=None if epochs else steps, num_epochs=epochs or 1.0,
+                       save_steps=None, logging_steps=10**9, lr_scheduler="constant",
+                       **overrides)
+    train(config, progress=False, probe=Probe(1, lambda m, s: stamps.append(
+        time.perf_counter()) or {}))
+    return stamps
+
+
+def _run_trl(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
+             epochs: float | None) -> list[float]:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    tokenizer = AutoTokenizer.from_pretrained(fixture.model(model))
+    policy = AutoModelForCausalLM.from_pretrained(fixture.model(model))
+    dataset = datasets.load_dataset("json", data_files=str(data), split="train")
+    args = DPOConfig(output_dir=str(fixture.root / "runs" / f"trl-{model}-{setting}"),
+                     per_device_train_batch_size=BATCH, learning_rate=LR, beta=BETA,
+                     max_length=MAX_LENGTH, max_steps=-1 if epochs else steps,
+                     num_train_epochs=epochs or 1.0, lr_scheduler_type="constant",
+                     save_strategy="no", report_to=[], logging_steps=10**9, use_cpu=True,
+                     dataloader_num_workers=0, **SETTINGS[setting][1])
+    DPOTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer,
+               callbacks=[Stamp()]).train()
+    return stamps
+
+
+def run_one(framework: str, fixture_dir: str, model: str, setting: str, steps: int,
+            end_to_end: bool) -> dict[str, Any]:
+    """One measurement in this process (``dpokit bench`` calls it in a fresh subprocess)."""
+    import torch
+
+    started = time.perf_counter()
+    torch.set_num_threads(THREADS)
+    fixture = Fixture(Path(fixture_dir))
+    runner = _run_dpokit if framework == "dpokit" else _run_trl
+    data = fixture.data_320 if end_to_end else fixture.data
+    stamps = runner(fixture, model, setting, steps, data, 1.0 if end_to_end else None)
+    gaps = [b - a for a, b in itertools.pairwise(stamps)][2:] or [float("nan")]
+    return {"framework": framework, "model": model, "setting": setting,
+            "seconds_per_step": statistics.median(gaps), "steps": len(stamps),
+            "wall_seconds": time.perf_counter() - started,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# ------------------------------------------------------------------------------- the driver
+
+
+def _tokens_per_pair(fixture: Fixture, model: str) -> float:
+    from dpokit.data import load_preference_pairs
+    from dpokit.models import load_tokenizer
+
+    pairs = load_preference_pairs(fixture.data, load_tokenizer(fixture.model(model)))
+    return sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+               for p in pairs) / len(pairs)
+
+
+def _params(fixture: Fixture, model: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(fixture.model(model) / "model.safetensors"), "pt") as handle:
+        return sum(_numel(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
+
+
+def _numel(shape) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def _subprocess(args: list[str]) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "dpokit.bench", *args], capture_output=True,
+                          text=True, env=env, check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "?"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], steps: int,
+              repeats: int, frameworks: list[str], end_to_end: bool = True,
+              report=print) -> list[dict]:
+    """Alternate frameworks, repeat, and return one summary row per (model, setting, framework)."""
+    fixture = build_fixtures(workdir, models)
+    peak = matmul_peak_gflops()
+    rows = []
+    for model in models:
+        params, tokens = _params(fixture, model), _tokens_per_pair(fixture, model)
+        for setting in settings:
+            results: dict[str, list[dict]] = {f: [] for f in frameworks}
+            for _ in range(repeats):
+                for framework in frameworks:
+                    results[framework].append(_subprocess(
+                        ["run", framework, str(fixture.root), model, setting, str(steps)]))
+            for framework, runs in results.items():
+                good = [r for r in runs if "error" not in r]
+                if not good:
+                    rows.append({"framework": framework, "model": model, "setting": setting,
+                                 "error": runs[0]["error"]})
+                    continue
+                spp = statistics.median(r["seconds_per_step"] for r in good)
+                # 6·N per trained token (prompt once per pair) + 2·N per reference token.
+                flops = (6 * params * tokens
+                         + (0 if "precompute" in setting else 2 * params * tokens)) * BATCH
+                row = {"framework": framework, "model": model, "setting": setting,
+                       "params": params, "tokens_per_pair": tokens,
+                       "seconds_per_step": spp, "pairs_per_second": BATCH / spp,
+                       "tokens_per_second": BATCH * tokens / spp,
+                       "peak_fraction": flops / spp / (peak * 1e9),
+                       "peak_rss_mb": max(r["peak_rss_mb"] for r in good),
+                       "matmul_peak_gflops": peak}
+                if end_to_end:
+                    e2e = _subprocess(["run", framework, str(fixture.root), model, setting,
+                                       str(steps), "--end-to-end"])
+                    row["end_to_end_seconds"] = e2e.get("wall_seconds")
+                rows.append(row)
+                report(_format_row(row))
+    return rows
+
+
+def _format_row(row: dict) -> str:
+    if "error" in row:
+        return f"{row['framework']:7} {row['model']:6} {row['setting']:20} error: {row['error']}"
+    e2e = row.get("end_to_end_seconds")
+    return (f"{row['framework']:7} {row['model']:6} {row['setting']:20} "
+            f"{row['seconds_per_step']:.3f} s/step  {row['pairs_per_second']:.2f} pairs/s  "
+            f"{row['tokens_per_second']:.0f} tok/s  {row['peak_fraction']:.0%} of peak  "
+            f"{row['peak_rss_mb']:.0f} MB" + (f"  e2e {e2e:.1f} s" if e2e else ""))
+
+
+def main(argv: list[str]) -> None:
+    """``python -m dpokit.bench run FRAMEWORK FIXTURE MODEL SETTING STEPS [--end-to-end]``."""
+    if argv[:1] == ["run"]:
+        framework, fixture_dir, model, setting, steps = argv[1:6]
+        result = run_one(framework, fixture_dir, model, setting, int(steps),
+                         "--end-to-end" in argv)
+        print(json.dumps(result))
+        return
+    raise SystemExit("usage: python -m dpokit.bench run FRAMEWORK FIXTURE MODEL SETTING STEPS")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

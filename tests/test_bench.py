@@ -1,0 +1,25 @@
+"""A smoke run of the benchmark's code path (dpokit only, tiny model, a few steps)."""
+
+import json
+
+from tests.cli_helpers import run_cli
+
+
+def test_bench_smoke(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    code, stdout, err = run_cli(capsys, "bench", "--workdir", str(tmp_path / "bench"),
+                                "--models", "tiny", "--settings", "default", "--steps", "5",
+                                "--repeats", "1", "--frameworks", "dpokit", "--json", str(out))
+    assert code == 0, err
+    (row,) = json.loads(out.read_text())
+    assert row["framework"] == "dpokit" and row["model"] == "tiny"
+    assert row["seconds_per_step"] > 0 and row["pairs_per_second"] > 0
+    assert 0 < row["peak_fraction"] < 1.5 and row["peak_rss_mb"] > 50
+    assert 100 < row["tokens_per_pair"] < 250  # prompts ~41 + two completions ~54
+    assert row["end_to_end_seconds"] > 0
+    assert "dpokit  tiny" in stdout
+
+
+def test_bench_rejects_unknown_names(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "bench", "--models", "huge")
+    assert code == 2 and "--models: unknown huge" in err
