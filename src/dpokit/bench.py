@@ -147,6 +147,7 @@ def _run_trl(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
                      max_length=MAX_LENGTH, max_steps=-1 if epochs else steps,
                      num_train_epochs=epochs or 1.0, lr_scheduler_type="constant",
                      save_strategy="no", report_to=[], logging_steps=10**9, use_cpu=True,
+                     bf16=False,  # TRL defaults to bf16 autocast; the comparison is fp32
                      dataloader_num_workers=0, **SETTINGS[setting][1])
     DPOTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer,
                callbacks=[Stamp()]).train()
