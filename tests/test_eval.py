@@ -87,14 +87,15 @@ def test_eval_without_reference_reports_logps_only(saved, capsys):
 def test_packed_and_padded_agree(saved, capsys):
     root, _, _ = saved
     results = []
-    for extra in ([], ["--padding-free"]):
+    for extra in ([], ["--padding-free"], ["--shared-prompt"]):
         code, out, _ = run(capsys, "eval", "--model", str(root / "policy"), "--ref-model",
                            str(root / "ref"), "--data", str(root / "prefs.jsonl"), "--json",
                            *extra)
         assert code == 0
         results.append(json.loads(out))
-    for key, value in results[0].items():
-        assert results[1][key] == pytest.approx(value, abs=1e-5), key
+    for other in results[1:]:
+        for key, value in results[0].items():
+            assert other[key] == pytest.approx(value, abs=1e-5), key
 
 
 @pytest.mark.parametrize(("args", "message"), [

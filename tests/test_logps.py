@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dpokit.data import RawRow, parse_examples, tokenize_examples
-from dpokit.data.collate import collate_packed, collate_padded
+from dpokit.data.collate import collate_packed, collate_padded, collate_shared
 from dpokit.fixtures import MODEL_KINDS, tiny_causal_lm
 from dpokit.logps import sequence_logps
 
@@ -17,7 +17,7 @@ ROWS = [
     {"prompt": "a", "chosen": " quick brown fox jumps over the lazy dog.", "rejected": " no"},
     {"prompt": "why is the sun red? answer the question", "chosen": " yes", "rejected": " no!"},
 ]
-LAYOUTS = ["right", "left", "packed"]
+LAYOUTS = ["right", "left", "packed", "shared"]
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,8 @@ def pairs(tokenizer):
 def collate(pairs, layout):
     if layout == "packed":
         return collate_packed(pairs)
+    if layout == "shared":
+        return collate_shared(pairs, pad_token_id=0)
     return collate_padded(pairs, pad_token_id=0, padding_side=layout)
 
 

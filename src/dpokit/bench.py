@@ -40,6 +40,11 @@ SETTINGS = {
     "no_ckpt": ({}, {"gradient_checkpointing": False}),
     "padding_free": ({"padding_free": True}, {"gradient_checkpointing": False,
                                               "padding_free": True}),
+    # dpokit's shared-prompt layout has no TRL counterpart: TRL runs its nearest setting.
+    "shared_prompt": ({"shared_prompt": True}, {"gradient_checkpointing": False}),
+    "shared_prompt_precompute": ({"shared_prompt": True, "precompute_ref_logps": True},
+                                 {"gradient_checkpointing": False,
+                                  "precompute_ref_log_probs": True}),
 }
 BATCH, MAX_LENGTH, LR, BETA, THREADS = 8, 256, 1e-6, 0.1, 2
 

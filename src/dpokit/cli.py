@@ -300,6 +300,8 @@ def _loss_choices() -> list[str]:
 @click.option("--text-mode", type=click.Choice(["auto", "chat", "plain"]), default="auto",
               show_default=True, help="Chat template for conversational rows, or plain text.")
 @click.option("--padding-free", is_flag=True, help="Pack sequences instead of padding them.")
+@click.option("--shared-prompt", is_flag=True,
+              help="One row per pair [prompt, chosen, rejected]: the prompt computed once.")
 @click.option("--dtype", default="float32", show_default=True,
               help="float32, bfloat16, float16 or float64.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, …")
@@ -310,7 +312,8 @@ def _loss_choices() -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def eval_command(model_dir: Path, ref_dir: Path | None, data_path: Path, split: str | None,
                  beta: float, loss_type: str, batch_size: int, max_length: int,
-                 max_prompt_length: int | None, text_mode: str, padding_free: bool, dtype: str,
+                 max_prompt_length: int | None, text_mode: str, padding_free: bool,
+                 shared_prompt: bool, dtype: str,
                  device: str, per_example: Path | None, trust_remote_code: bool,
                  as_json: bool) -> None:
     """Log-probs, implicit rewards, loss and preference accuracy of a model on preference data."""
@@ -326,6 +329,8 @@ def eval_command(model_dir: Path, ref_dir: Path | None, data_path: Path, split: 
     resolve_dtype(dtype)
     if batch_size < 1:
         raise DpokitError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if padding_free and shared_prompt:
+        raise DpokitError("--padding-free and --shared-prompt are two layouts; choose one")
     if not data_path.exists():
         raise DpokitError(f"data not found: {data_path}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -341,7 +346,9 @@ def eval_command(model_dir: Path, ref_dir: Path | None, data_path: Path, split: 
                                   progress=True)
     result = evaluate_pairs(model, pairs, ref_model=ref_model, beta=beta, loss_type=loss_type,
                             batch_size=batch_size, pad_token_id=tokenizer.pad_token_id,
-                            padding_free=padding_free, device=device, progress=True)
+                            layout="shared" if shared_prompt else
+                            ("packed" if padding_free else "padded"),
+                            device=device, progress=True)
     if per_example is not None:
         write_jsonl_atomic(per_example, result.per_example)
     if as_json:

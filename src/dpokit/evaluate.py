@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dpokit.data import PairBatch, TokenizedPair, collate_packed, collate_padded
+from dpokit.data import TokenizedPair, collate_pairs
 from dpokit.errors import DpokitError
 from dpokit.logps import DEFAULT_CHUNK_SIZE, PairLogps, sequence_logps
 from dpokit.losses import (
@@ -41,19 +41,11 @@ class EvalResult:
     per_example: list[dict[str, Any]] = field(default_factory=list)
 
 
-def make_batch(pairs: Sequence[TokenizedPair], *, pad_token_id: int,
-               padding_free: bool) -> PairBatch:
-    """The padded or packed layout of ``pairs``."""
-    if padding_free:
-        return collate_packed(pairs)
-    return collate_padded(pairs, pad_token_id=pad_token_id)
-
-
 @torch.no_grad()
 def evaluate_pairs(model: nn.Module, pairs: Sequence[TokenizedPair], *,
                    ref_model: nn.Module | None = None, beta: float = 0.1,
                    loss_type: str = "sigmoid", loss_options: dict[str, Any] | None = None,
-                   batch_size: int = 8, pad_token_id: int = 0, padding_free: bool = False,
+                   batch_size: int = 8, pad_token_id: int = 0, layout: str = "padded",
                    chunk_size: int = DEFAULT_CHUNK_SIZE, device: str | torch.device = "cpu",
                    progress: bool = False) -> EvalResult:
     """Log-probs of every pair under ``model`` (and ``ref_model``), losses and metrics."""
@@ -66,7 +58,7 @@ def evaluate_pairs(model: nn.Module, pairs: Sequence[TokenizedPair], *,
     bar = tqdm(total=len(pairs), unit="pair", disable=not progress, desc="evaluating")
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        batch = make_batch(chunk, pad_token_id=pad_token_id, padding_free=padding_free).to(device)
+        batch = collate_pairs(chunk, layout, pad_token_id=pad_token_id).to(device)
         policy = sequence_logps(model, batch, chunk_size=chunk_size)
         ref: PairLogps | None = None
         if ref_model is not None:

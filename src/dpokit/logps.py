@@ -109,10 +109,22 @@ def _chunk_logps(hidden: Tensor, targets: Tensor, lm_head: nn.Module,
     return token_logps, wpo_terms
 
 
+def _mask(model: nn.Module, batch: PairBatch) -> Tensor | None:
+    """The batch's attention mask as the model takes it: a custom 4D boolean mask (shared
+    layout) becomes additive (0 or the dtype's minimum), which eager and SDPA attention accept."""
+    mask = batch.attention_mask
+    if mask is None or mask.dim() != 4:
+        return mask
+    dtype = next(unwrap_model(model).parameters()).dtype
+    zeros = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(mask, zeros, torch.full((), torch.finfo(dtype).min, dtype=dtype,
+                                               device=mask.device))
+
+
 def _hidden_states(model: nn.Module, batch: PairBatch) -> Tensor:
     """Last hidden states ``(rows, L, H)`` of the decoder, without the LM head."""
     decoder = unwrap_model(model).get_decoder()
-    outputs = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+    outputs = decoder(input_ids=batch.input_ids, attention_mask=_mask(model, batch),
                       position_ids=batch.position_ids, use_cache=False)
     return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
 
@@ -151,11 +163,18 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         raise DpokitError(f"chunk_size must be ≥ 1, got {chunk_size}")
     sequence_ids = batch.sequence_ids
     num_sequences = batch.num_sequences or int(sequence_ids.max()) + 1
-    # Position t predicts token t+1: score it when t+1 is a completion token of the same sequence.
-    scored = (batch.completion_mask[:, 1:] & (sequence_ids[:, 1:] == sequence_ids[:, :-1])
-              & (sequence_ids[:, 1:] >= 0))
-    targets = batch.input_ids[:, 1:][scored]
-    owners = sequence_ids[:, 1:][scored]
+    if batch.predictor is not None:  # shared-prompt layout: explicit predicting columns
+        scored = batch.completion_mask & (batch.predictor >= 0)
+        rows = torch.arange(len(scored), device=scored.device)[:, None].expand_as(scored)[scored]
+        sources = (rows, batch.predictor[scored])
+        targets, owners = batch.input_ids[scored], sequence_ids[scored]
+    else:
+        # Position t predicts token t+1: scored when t+1 is a completion token of its sequence.
+        scored = (batch.completion_mask[:, 1:] & (sequence_ids[:, 1:] == sequence_ids[:, :-1])
+                  & (sequence_ids[:, 1:] >= 0))
+        sources = None
+        targets = batch.input_ids[:, 1:][scored]
+        owners = sequence_ids[:, 1:][scored]
     base = unwrap_model(model)
     transform = _logit_transform(base.config)
     if fused and transform is None:
@@ -164,7 +183,9 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         fused = False
 
     if fused:
-        hidden = _hidden_states(model, batch)[:, :-1][scored]  # (N, H): completion positions only
+        hidden = _hidden_states(model, batch)
+        # (N, H): only the positions that predict a completion token
+        hidden = hidden[sources] if sources is not None else hidden[:, :-1][scored]
         lm_head = base.get_output_embeddings()
         pieces = []
         for start in range(0, len(targets), chunk_size):
@@ -180,8 +201,9 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         else:
             token_logps = wpo_terms = hidden.new_zeros(0, dtype=torch.float32)
     else:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, use_cache=False).logits[:, :-1][scored]
+        logits = model(input_ids=batch.input_ids, attention_mask=_mask(model, batch),
+                       position_ids=batch.position_ids, use_cache=False).logits
+        logits = logits[sources] if sources is not None else logits[:, :-1][scored]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         log_probs = logits.log_softmax(dim=-1)
         token_logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)

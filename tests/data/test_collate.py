@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from dpokit.data import TokenizedPair, collate_packed, collate_padded, epoch_batches, shard_for_rank
+from dpokit.data import (
+    TokenizedPair,
+    collate_packed,
+    collate_padded,
+    collate_shared,
+    epoch_batches,
+    shard_for_rank,
+)
 from dpokit.errors import DpokitError
 
 PAIRS = [
@@ -82,3 +89,18 @@ def test_to_moves_every_tensor():
     moved = batch.to("cpu")
     assert moved.extras["ref_chosen_logps"].device.type == "cpu"
     assert torch.equal(moved.input_ids, batch.input_ids)
+
+
+def test_shared_prompt_layout_by_hand():
+    """Pair 0: prompt [1,10,11], chosen [20,21], rejected [30] → one row of 6 tokens."""
+    batch = collate_shared(PAIRS, pad_token_id=0)
+    assert batch.input_ids[0].tolist() == [1, 10, 11, 20, 21, 30]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3]  # rejected restarts after x
+    assert batch.sequence_ids[0].tolist() == [0, 0, 0, 0, 0, 2]
+    assert batch.predictor[0].tolist() == [-1, -1, -1, 2, 3, 2]  # y_l[0] predicted from x's end
+    mask = batch.attention_mask[0, 0]
+    assert mask[5].tolist() == [True, True, True, False, False, True]  # y_l sees x, not y_w
+    assert mask[4].tolist() == [True, True, True, True, True, False]
+    assert batch.input_ids[1].tolist() == [1, 12, 22, 31, 32, 33]
+    assert batch.predictor[1].tolist() == [-1, -1, 1, 1, 3, 4]
+    assert batch.num_sequences == 4 and batch.weights.tolist() == [2.0, 1.0]

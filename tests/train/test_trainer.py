@@ -233,3 +233,13 @@ def test_sft_on_conversations_and_tensorboard_events(workdir):
     assert history[-1]["nll_per_token"] < history[0]["nll_per_token"]
     pytest.importorskip("tensorboard")
     assert list((final.parent / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("layout", [{"shared_prompt": True}, {"padding_free": True}])
+def test_layouts_train_identically(workdir, layout):
+    padded = metrics(train(config(workdir, "layout-padded", max_steps=2), progress=False).parent)
+    other = metrics(train(config(workdir, f"layout-{next(iter(layout))}", max_steps=2,
+                                 **layout), progress=False).parent)
+    for x, y in zip(padded, other, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)

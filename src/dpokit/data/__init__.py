@@ -15,6 +15,8 @@ from dpokit.data.collate import (
     PairBatch,
     collate_packed,
     collate_padded,
+    collate_pairs,
+    collate_shared,
     pack_sequences,
     pad_sequences,
 )
@@ -32,6 +34,8 @@ __all__ = [
     "TokenizedPair",
     "collate_packed",
     "collate_padded",
+    "collate_pairs",
+    "collate_shared",
     "epoch_batches",
     "load_preference_pairs",
     "load_rows",

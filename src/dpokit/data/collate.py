@@ -25,7 +25,7 @@ from dpokit.errors import DpokitError
 class PairBatch:
     """A batch of B preference pairs laid out for one forward pass over 2B sequences."""
 
-    layout: Literal["padded", "packed"]
+    layout: Literal["padded", "packed", "shared"]
     input_ids: Tensor
     """``(2B, L)`` padded, or ``(1, total_tokens)`` packed; int64."""
     position_ids: Tensor
@@ -35,7 +35,7 @@ class PairBatch:
     sequence_ids: Tensor
     """Same shape; int64 index of the sequence (0..2B−1) of each token, −1 on padding."""
     attention_mask: Tensor | None
-    """``(2B, L)`` for padded batches, None for packed."""
+    """``(2B, L)`` for padded batches, None for packed, ``(B, 1, L, L)`` bool for shared."""
     num_pairs: int
     """B: pairs in the batch (0 for a batch of single sequences, as in SFT)."""
     num_sequences: int = 0
@@ -46,6 +46,9 @@ class PairBatch:
     """``(B,)`` per-pair margins from the data, if it has a margin column."""
     extras: dict[str, Tensor] = field(default_factory=dict)
     """Other per-pair tensors, e.g. precomputed ``ref_chosen_logps``/``ref_rejected_logps``."""
+    predictor: Tensor | None = None
+    """For the ``shared`` layout: per token, the column whose hidden state predicts it (−1 for
+    tokens that are not scored). None: the previous column of the same sequence."""
 
     @property
     def num_tokens(self) -> int:
@@ -60,7 +63,7 @@ class PairBatch:
                        completion_mask=move(self.completion_mask),
                        sequence_ids=move(self.sequence_ids),
                        attention_mask=move(self.attention_mask), weights=move(self.weights),
-                       margins=move(self.margins),
+                       margins=move(self.margins), predictor=move(self.predictor),
                        extras={k: move(v) for k, v in self.extras.items()})
 
 
@@ -136,3 +139,62 @@ def collate_packed(pairs: Sequence[TokenizedPair]) -> PairBatch:
     """Concatenate the 2B sequences of B pairs into one row (chosen first, then rejected)."""
     batch = pack_sequences(_sequences(pairs), num_pairs=len(pairs))
     return replace(batch, weights=_optional(pairs, "weight"), margins=_optional(pairs, "margin"))
+
+
+def collate_shared(pairs: Sequence[TokenizedPair], *, pad_token_id: int) -> PairBatch:
+    """One row per pair, ``[prompt, chosen, rejected]``: the prompt is computed once.
+
+    Positions continue from the prompt in both completions, and a block mask lets chosen tokens
+    see the prompt and earlier chosen tokens, rejected tokens the prompt and earlier rejected
+    tokens — so every hidden state equals the one of its own ``prompt + completion`` sequence.
+    The first rejected token is predicted from the prompt's last position (``predictor``).
+    Tokens per pair: |x| + |y_w| + |y_l| instead of 2|x| + |y_w| + |y_l| (plus padding).
+    """
+    if not pairs:
+        raise DpokitError("cannot collate an empty batch")
+    b = len(pairs)
+    length = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    input_ids = torch.full((b, length), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((b, length), dtype=torch.long)
+    completion_mask = torch.zeros((b, length), dtype=torch.bool)
+    sequence_ids = torch.full((b, length), -1, dtype=torch.long)
+    segment = torch.full((b, length), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected
+    predictor = torch.full((b, length), -1, dtype=torch.long)
+    for i, pair in enumerate(pairs):
+        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        input_ids[i, :p + c + r] = torch.tensor(pair.prompt_ids + pair.chosen_ids
+                                                + pair.rejected_ids)
+        position_ids[i, :p] = torch.arange(p)
+        position_ids[i, p:p + c] = torch.arange(p, p + c)
+        position_ids[i, p + c:p + c + r] = torch.arange(p, p + r)
+        segment[i, :p], segment[i, p:p + c], segment[i, p + c:p + c + r] = 0, 1, 2
+        sequence_ids[i, :p + c] = i
+        sequence_ids[i, p + c:p + c + r] = b + i
+        completion_mask[i, p:p + c + r] = True
+        predictor[i, p:p + c] = torch.arange(p - 1, p + c - 1)
+        predictor[i, p + c:p + c + r] = torch.cat([torch.tensor([p - 1]),
+                                                   torch.arange(p + c, p + c + r - 1)])
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves only
+    return PairBatch("shared", input_ids, position_ids, completion_mask, sequence_ids,
+                     attention_mask=allowed[:, None], num_pairs=b, num_sequences=2 * b,
+                     weights=_optional(pairs, "weight"), margins=_optional(pairs, "margin"),
+                     predictor=predictor)
+
+
+LAYOUTS = ("padded", "packed", "shared")
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], layout: str, *,
+                  pad_token_id: int) -> PairBatch:
+    """B pairs in the named layout: ``padded``, ``packed`` (padding-free) or ``shared`` (the
+    prompt once per pair)."""
+    if layout == "packed":
+        return collate_packed(pairs)
+    if layout == "shared":
+        return collate_shared(pairs, pad_token_id=pad_token_id)
+    if layout == "padded":
+        return collate_padded(pairs, pad_token_id=pad_token_id)
+    raise DpokitError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")

@@ -125,6 +125,8 @@ class DPOConfig(TrainConfig):
     rpo_alpha: float | None = field(None, help="Weight of the RPO NLL term on chosen.")
     ld_alpha: float | None = field(None, help="LD-DPO weight of tokens past the shared length.")
     use_weighting: bool = field(False, help="WPO weighting of each pair.")
+    shared_prompt: bool = field(
+        False, help="One row per pair [prompt, chosen, rejected]: the prompt is computed once.")
     precompute_ref_logps: bool = field(
         False, help="One reference pass before training, cached on disk beside the output.")
     sync_ref_model: bool = field(False, help="TR-DPO: move π_ref towards π_θ periodically.")
@@ -155,9 +157,18 @@ class DPOConfig(TrainConfig):
         if self.sync_ref_model and self.precompute_ref_logps:
             raise DpokitError("sync_ref_model changes the reference during training; it cannot be "
                               "combined with precompute_ref_logps")
+        if self.shared_prompt and self.padding_free:
+            raise DpokitError("shared_prompt and padding_free are two layouts; choose one")
         if self.sync_ref_model and self.lora:
             raise DpokitError("sync_ref_model needs a separate reference model; with lora the "
                               "reference is the base model with adapters disabled")
+
+    @property
+    def layout(self) -> str:
+        """How pairs are laid out for the model (``dpokit.data.collate.LAYOUTS``)."""
+        if self.shared_prompt:
+            return "shared"
+        return "packed" if self.padding_free else "padded"
 
     @property
     def columns(self) -> ColumnMap:

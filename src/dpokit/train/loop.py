@@ -127,6 +127,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool,
     step = 0
     checkpoint = resolve_resume(config.resume, output_dir)
     ref_weights = reference.model if reference is not None and config.sync_ref_model else None
+    if checkpoint is None and runtime.is_main:
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run, a fresh log
     if checkpoint is not None:
         state, rng = load_checkpoint(checkpoint, model=policy if _sharded(config, runtime)
                                      else model, optimizer=optimizer, scheduler=scheduler,
@@ -282,7 +284,7 @@ def _setup_reference(config: DPOConfig, model: nn.Module, pairs: list, tokenizer
     if not config.precompute_ref_logps:
         return reference
     settings = {"ld_alpha": config.ld_alpha, "dtype": config.dtype,
-                "padding_free": config.padding_free, "chunk_size": config.chunk_size,
+                "layout": config.layout, "chunk_size": config.chunk_size,
                 "mode": reference.mode}
     key = cache_key(hash_directory(ref_dir), pairs, settings)
     cache_file = Path(config.output_dir).resolve().parent / ".dpokit_cache" / f"{key}.safetensors"
@@ -292,7 +294,7 @@ def _setup_reference(config: DPOConfig, model: nn.Module, pairs: list, tokenizer
     if table is None:
         table = compute_reference_table(
             reference, pairs, batch_size=2 * config.batch_size,
-            pad_token_id=tokenizer.pad_token_id, padding_free=config.padding_free,
+            pad_token_id=tokenizer.pad_token_id, layout=config.layout,
             device=runtime.device, rank=runtime.rank, world_size=runtime.world_size,
             progress=progress and runtime.is_main)
         if runtime.is_main:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dpokit.data import PairBatch, TokenizedPair, collate_packed, collate_padded
+from dpokit.data import PairBatch, TokenizedPair, collate_pairs
 from dpokit.data.collate import pack_sequences, pad_sequences
 from dpokit.data.sft import SFTSequence
 from dpokit.logps import completion_logps
@@ -54,8 +54,7 @@ class DPOObjective:
     pad_token_id: int
 
     def collate(self, pairs: Sequence[TokenizedPair], indices: Sequence[int]) -> PairBatch:
-        batch = (collate_packed(pairs) if self.config.padding_free
-                 else collate_padded(pairs, pad_token_id=self.pad_token_id))
+        batch = collate_pairs(pairs, self.config.layout, pad_token_id=self.pad_token_id)
         batch.extras["indices"] = torch.tensor(list(indices), dtype=torch.long)
         return batch
 

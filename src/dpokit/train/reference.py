@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dpokit.data import PairBatch, TokenizedPair, collate_packed, collate_padded
+from dpokit.data import PairBatch, TokenizedPair, collate_pairs
 from dpokit.logps import sequence_logps, unwrap_model
 
 log = logging.getLogger("dpokit.train")
@@ -92,7 +92,7 @@ def cache_key(weights_hash: str, pairs: Sequence[TokenizedPair], settings: dict)
 
 @torch.no_grad()
 def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair], *,
-                            batch_size: int, pad_token_id: int, padding_free: bool,
+                            batch_size: int, pad_token_id: int, layout: str,
                             device: torch.device, rank: int = 0, world_size: int = 1,
                             progress: bool = False) -> Tensor:
     """``(N, 2)`` reference log-probs of every pair; ranks split the work, then all-reduce."""
@@ -102,8 +102,7 @@ def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair]
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         items = [pairs[i] for i in chunk]
-        batch = (collate_packed(items) if padding_free
-                 else collate_padded(items, pad_token_id=pad_token_id)).to(device)
+        batch = collate_pairs(items, layout, pad_token_id=pad_token_id).to(device)
         chosen, rejected = reference.logps(batch)
         table[chunk, 0] = chosen.float().cpu()
         table[chunk, 1] = rejected.float().cpu()
