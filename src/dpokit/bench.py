@@ -33,15 +33,18 @@ MODELS = {
     "small": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 1408},
 }
 SETTINGS = {
-    # name: (dpokit overrides, TRL DPOConfig overrides)
+    # name: (dpokit overrides, TRL DPOConfig overrides). dpokit's defaults are the shared-prompt
+    # layout and a cached reference; the other settings pin them to isolate each effect.
     "default": ({}, {"gradient_checkpointing": True}),
-    "no_ckpt_precompute": ({"precompute_ref_logps": True},
+    "no_ckpt": ({"shared_prompt": False, "precompute_ref_logps": False},
+                {"gradient_checkpointing": False}),
+    "no_ckpt_precompute": ({"shared_prompt": False, "precompute_ref_logps": True},
                            {"gradient_checkpointing": False, "precompute_ref_log_probs": True}),
-    "no_ckpt": ({}, {"gradient_checkpointing": False}),
-    "padding_free": ({"padding_free": True}, {"gradient_checkpointing": False,
-                                              "padding_free": True}),
+    "padding_free": ({"padding_free": True, "precompute_ref_logps": False},
+                     {"gradient_checkpointing": False, "padding_free": True}),
     # dpokit's shared-prompt layout has no TRL counterpart: TRL runs its nearest setting.
-    "shared_prompt": ({"shared_prompt": True}, {"gradient_checkpointing": False}),
+    "shared_prompt": ({"shared_prompt": True, "precompute_ref_logps": False},
+                      {"gradient_checkpointing": False}),
     "shared_prompt_precompute": ({"shared_prompt": True, "precompute_ref_logps": True},
                                  {"gradient_checkpointing": False,
                                   "precompute_ref_log_probs": True}),

@@ -125,15 +125,18 @@ def test_resume_is_exact(workdir, kind):
 
 def test_reference_modes_give_the_same_losses(workdir):
     """Frozen copy = precomputed (cached on disk, reused) = TR-DPO before its first sync."""
-    base = metrics(train(config(workdir, "ref-model", max_steps=2), progress=False).parent)
-    pre = metrics(train(config(workdir, "ref-pre", max_steps=2, precompute_ref_logps=True),
-                        progress=False).parent)
-    cache = list((workdir / ".dpokit_cache").glob("*.safetensors"))
-    assert len(cache) == 1
-    stamp = cache[0].stat().st_mtime_ns
-    again = metrics(train(config(workdir, "ref-pre2", max_steps=2, precompute_ref_logps=True),
-                          progress=False).parent)
-    assert cache[0].stat().st_mtime_ns == stamp  # second run reused the cache
+    base = metrics(train(config(workdir, "ref-model", max_steps=2, precompute_ref_logps=False),
+                         progress=False).parent)
+    cache_dir = workdir / ".dpokit_cache"
+    before = set(cache_dir.glob("*.safetensors")) if cache_dir.exists() else set()
+    pre = metrics(train(config(workdir, "ref-pre", max_steps=2, precompute_ref_logps=True,
+                               max_length=60), progress=False).parent)
+    (cache,) = set(cache_dir.glob("*.safetensors")) - before  # one new table, for these tokens
+    stamp = cache.stat().st_mtime_ns
+    again = metrics(train(config(workdir, "ref-pre2", max_steps=2, precompute_ref_logps=True,
+                                 max_length=60), progress=False).parent)
+    assert cache.stat().st_mtime_ns == stamp  # second run reused the cache
+    assert set(cache_dir.glob("*.safetensors")) - before == {cache}
     tr = metrics(train(config(workdir, "ref-tr", max_steps=2, sync_ref_model=True,
                               ref_model_sync_steps=100), progress=False).parent)
     for other in (pre, again, tr):
@@ -144,12 +147,16 @@ def test_reference_modes_give_the_same_losses(workdir):
 
 def test_lora_reference_is_the_base_model_with_adapters_disabled(workdir):
     """With LoRA the reference (adapters off) equals a separate frozen copy of the base."""
-    adapters = metrics(train(config(workdir, "lora-a", lora=True, max_steps=2, lora_r=4),
-                             progress=False).parent)
+    adapters = metrics(train(config(workdir, "lora-a", lora=True, max_steps=2, lora_r=4,
+                                    precompute_ref_logps=False), progress=False).parent)
     separate = metrics(train(config(workdir, "lora-b", lora=True, max_steps=2, lora_r=4,
-                                    ref_model=str(workdir / "llama")), progress=False).parent)
-    for x, y in zip(adapters, separate, strict=True):
+                                    ref_model=str(workdir / "llama"),
+                                    precompute_ref_logps=False), progress=False).parent)
+    cached = metrics(train(config(workdir, "lora-c", lora=True, max_steps=2, lora_r=4),
+                           progress=False).parent)  # default: adapters-off pass, cached
+    for x, y, z in zip(adapters, separate, cached, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert x["loss"] == pytest.approx(z["loss"], abs=1e-5)
     assert (workdir / "lora-a" / "final" / "adapter_model.safetensors").is_file()
 
 
@@ -237,7 +244,8 @@ def test_sft_on_conversations_and_tensorboard_events(workdir):
 
 @pytest.mark.parametrize("layout", [{"shared_prompt": True}, {"padding_free": True}])
 def test_layouts_train_identically(workdir, layout):
-    padded = metrics(train(config(workdir, "layout-padded", max_steps=2), progress=False).parent)
+    padded = metrics(train(config(workdir, "layout-padded", max_steps=2, shared_prompt=False),
+                           progress=False).parent)
     other = metrics(train(config(workdir, f"layout-{next(iter(layout))}", max_steps=2,
                                  **layout), progress=False).parent)
     for x, y in zip(padded, other, strict=True):

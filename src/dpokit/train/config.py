@@ -125,10 +125,12 @@ class DPOConfig(TrainConfig):
     rpo_alpha: float | None = field(None, help="Weight of the RPO NLL term on chosen.")
     ld_alpha: float | None = field(None, help="LD-DPO weight of tokens past the shared length.")
     use_weighting: bool = field(False, help="WPO weighting of each pair.")
-    shared_prompt: bool = field(
-        False, help="One row per pair [prompt, chosen, rejected]: the prompt is computed once.")
-    precompute_ref_logps: bool = field(
-        False, help="One reference pass before training, cached on disk beside the output.")
+    shared_prompt: bool | None = field(
+        None, help="One row per pair [prompt, chosen, rejected], the prompt computed once "
+                   "(null: on unless padding_free).")
+    precompute_ref_logps: bool | None = field(
+        None, help="One reference pass before training, cached on disk beside the output "
+                   "(null: on unless sync_ref_model).")
     sync_ref_model: bool = field(False, help="TR-DPO: move π_ref towards π_θ periodically.")
     ref_model_mixup_alpha: float = field(0.6, help="TR-DPO mixing α: ref ← α·θ + (1−α)·ref.")
     ref_model_sync_steps: int = field(512, help="TR-DPO: steps between reference updates.")
@@ -154,10 +156,10 @@ class DPOConfig(TrainConfig):
                               f"got {self.ref_model_mixup_alpha}")
         if self.ref_model_sync_steps < 1:
             raise DpokitError(f"ref_model_sync_steps must be ≥ 1, got {self.ref_model_sync_steps}")
-        if self.sync_ref_model and self.precompute_ref_logps:
+        if self.sync_ref_model and self.precompute_ref_logps is True:
             raise DpokitError("sync_ref_model changes the reference during training; it cannot be "
                               "combined with precompute_ref_logps")
-        if self.shared_prompt and self.padding_free:
+        if self.shared_prompt is True and self.padding_free:
             raise DpokitError("shared_prompt and padding_free are two layouts; choose one")
         if self.sync_ref_model and self.lora:
             raise DpokitError("sync_ref_model needs a separate reference model; with lora the "
@@ -166,9 +168,16 @@ class DPOConfig(TrainConfig):
     @property
     def layout(self) -> str:
         """How pairs are laid out for the model (``dpokit.data.collate.LAYOUTS``)."""
-        if self.shared_prompt:
-            return "shared"
-        return "packed" if self.padding_free else "padded"
+        if self.padding_free:
+            return "packed"
+        return "padded" if self.shared_prompt is False else "shared"
+
+    @property
+    def precompute(self) -> bool:
+        """Whether the reference pass runs once before training (resolving ``null``)."""
+        if self.precompute_ref_logps is None:
+            return not self.sync_ref_model
+        return self.precompute_ref_logps
 
     @property
     def columns(self) -> ColumnMap:

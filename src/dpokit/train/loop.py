@@ -281,7 +281,7 @@ def _setup_reference(config: DPOConfig, model: nn.Module, pairs: list, tokenizer
                                    what="reference model")
         ref_model.requires_grad_(False)
         reference = Reference("model", model=ref_model, **common)
-    if not config.precompute_ref_logps:
+    if not config.precompute:
         return reference
     settings = {"ld_alpha": config.ld_alpha, "dtype": config.dtype,
                 "layout": config.layout, "chunk_size": config.chunk_size,
