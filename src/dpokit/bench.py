@@ -237,9 +237,11 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
                                  "error": runs[0]["error"]})
                     continue
                 spp = statistics.median(r["seconds_per_step"] for r in good)
-                # 6·N per trained token (prompt once per pair) + 2·N per reference token.
-                flops = (6 * params * tokens
-                         + (0 if "precompute" in setting else 2 * params * tokens)) * BATCH
+                # 6·N per trained token (prompt once per pair) + 2·N per reference token when
+                # the reference runs every step (dpokit's default caches it, as "precompute").
+                cached = "precompute" in setting or (framework == "dpokit"
+                                                     and setting == "default")
+                flops = (6 * params * tokens + (0 if cached else 2 * params * tokens)) * BATCH
                 row = {"framework": framework, "model": model, "setting": setting,
                        "params": params, "tokens_per_pair": tokens,
                        "seconds_per_step": spp, "pairs_per_second": BATCH / spp,

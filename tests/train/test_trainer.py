@@ -129,12 +129,13 @@ def test_reference_modes_give_the_same_losses(workdir):
                          progress=False).parent)
     cache_dir = workdir / ".dpokit_cache"
     before = set(cache_dir.glob("*.safetensors")) if cache_dir.exists() else set()
+    # chunk_size is part of the cache key and unused elsewhere: this table is new.
     pre = metrics(train(config(workdir, "ref-pre", max_steps=2, precompute_ref_logps=True,
-                               max_length=60), progress=False).parent)
+                               chunk_size=513), progress=False).parent)
     (cache,) = set(cache_dir.glob("*.safetensors")) - before  # one new table, for these tokens
     stamp = cache.stat().st_mtime_ns
     again = metrics(train(config(workdir, "ref-pre2", max_steps=2, precompute_ref_logps=True,
-                                 max_length=60), progress=False).parent)
+                                 chunk_size=513), progress=False).parent)
     assert cache.stat().st_mtime_ns == stamp  # second run reused the cache
     assert set(cache_dir.glob("*.safetensors")) - before == {cache}
     tr = metrics(train(config(workdir, "ref-tr", max_steps=2, sync_ref_model=True,

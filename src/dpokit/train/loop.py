@@ -13,6 +13,7 @@ ranks give the gradient of the mean over the global batch, exactly.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -93,6 +94,14 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool,
     is_dpo = isinstance(config, DPOConfig)
     train_items, eval_items = _load_data(config, tokenizer, is_dpo)
 
+    # ------------------------------------------------------------------ setup: reference
+    # A reference of its own is set up (and, by default, its pass run and freed) before the
+    # policy is loaded, so the two models never sit in memory together.
+    reference = None
+    if is_dpo and not (config.lora and config.ref_model is None):
+        reference = _setup_reference(config, None, train_items + eval_items, tokenizer,
+                                     runtime, progress)
+
     # ------------------------------------------------------------------ setup: policy
     model = load_causal_lm(config.model, dtype="float32", device=runtime.device,
                            trust_remote_code=config.trust_remote_code)
@@ -107,9 +116,9 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool,
         model = _add_lora(model, config)
     model.train()
 
-    # ------------------------------------------------------------------ setup: reference
-    reference = _setup_reference(config, model, train_items + eval_items, tokenizer, runtime,
-                                 progress) if is_dpo else None
+    if is_dpo and reference is None:  # LoRA: the reference is this model, adapters off
+        reference = _setup_reference(config, model, train_items + eval_items, tokenizer,
+                                     runtime, progress)
     objective = (DPOObjective(config, reference, tokenizer.pad_token_id) if is_dpo
                  else SFTObjective(config, tokenizer.pad_token_id))
     policy = _wrap(LogpsModule(model, chunk_size=config.chunk_size,
@@ -265,7 +274,7 @@ def _add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
     return get_peft_model(model, lora)
 
 
-def _setup_reference(config: DPOConfig, model: nn.Module, pairs: list, tokenizer: Any,
+def _setup_reference(config: DPOConfig, model: nn.Module | None, pairs: list, tokenizer: Any,
                      runtime: Runtime, progress: bool) -> Reference:
     common = {"chunk_size": config.chunk_size, "ld_alpha": config.ld_alpha,
               "autocast": runtime.autocast}
@@ -304,6 +313,7 @@ def _setup_reference(config: DPOConfig, model: nn.Module, pairs: list, tokenizer
              cache_file)
     if reference.mode == "model":
         del reference.model  # never kept in memory during training
+        gc.collect()
     return Reference("precomputed", table=table, **common)
 
 
