@@ -124,14 +124,24 @@ def _run_dpokit(fixture: Fixture, model: str, setting: str, steps: int, data: Pa
 
     stamps: list[float] = []
     overrides = SETTINGS[setting][0]
+    # A fresh run directory (and so a fresh reference cache beside it) for every run: an
+    # end-to-end measurement must include the reference pass.
+    import tempfile
+
+    run_root = Path(tempfile.mkdtemp(prefix="run-", dir=fixture.root))
     config = DPOConfig(model=str(fixture.model(model)), data=str(data),
-                       output_dir=str(fixture.root / "runs" / f"dpokit-{model}-{setting}"),
+                       output_dir=str(run_root / f"dpokit-{model}-{setting}"), device="cpu",
                        batch_size=BATCH, learning_rate=LR, beta=BETA, max_length=MAX_LENGTH,
                        max_steps=None if epochs else steps, num_epochs=epochs or 1.0,
                        save_steps=None, logging_steps=10**9, lr_scheduler="constant",
                        **overrides)
-    train(config, progress=False, probe=Probe(1, lambda m, s: stamps.append(
-        time.perf_counter()) or {}))
+    try:
+        train(config, progress=False, probe=Probe(1, lambda m, s: stamps.append(
+            time.perf_counter()) or {}))
+    finally:
+        import shutil
+
+        shutil.rmtree(run_root, ignore_errors=True)
     return stamps
 
 

@@ -76,7 +76,9 @@ def coerce(key: str, value: Any, hint: Any, *, from_text: bool = False) -> Any:
         raise DpokitError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
     if origin is list:
         if from_text and isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else None
+            value = parsed if isinstance(parsed, list) else [
+                part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, list | tuple):
             raise wrong
         return [coerce(key, item, args[0], from_text=from_text) for item in value]

@@ -252,3 +252,59 @@ def test_layouts_train_identically(workdir, layout):
     for x, y in zip(padded, other, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+def test_eval_pairs_get_their_own_reference_logps(workdir):
+    """A separate eval file: the cached reference (default) and a live one agree."""
+    rows = [{"prompt": "why is the sun red?", "chosen": " because of the sea",
+             "rejected": " no moon"}, {"prompt": "a bird", "chosen": " flew over the tree",
+                                       "rejected": " sat"}]
+    eval_file = workdir / "eval_other.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = [metrics(train(config(workdir, f"eval-ref-{flag}", max_steps=1,
+                                 eval_data=str(eval_file), precompute_ref_logps=flag),
+                          progress=False).parent) for flag in (True, False)]
+    cached, live = (next(m for m in run if "eval/loss" in m) for run in runs)
+    assert cached["eval/loss"] == pytest.approx(live["eval/loss"], abs=1e-5)
+    assert cached["eval/rewards/chosen"] == pytest.approx(live["eval/rewards/chosen"], abs=1e-5)
+
+
+def test_lora_reference_runs_without_dropout(workdir):
+    """GPT-2 has dropout: the adapters-off reference must be computed in eval mode, so the
+    cached and the live reference agree."""
+    runs = [metrics(train(config(workdir, f"lora-drop-{flag}", model=str(workdir / "gpt2"),
+                                 lora=True, lora_r=4, max_steps=1, precompute_ref_logps=flag,
+                                 lora_target_modules=["c_attn"]), progress=False).parent)
+            for flag in (True, False)]
+    assert runs[0][0]["rewards/chosen"] == pytest.approx(runs[1][0]["rewards/chosen"], abs=1e-5)
+
+
+def test_a_fresh_run_refuses_a_directory_with_checkpoints(workdir):
+    from dpokit.errors import DpokitError
+
+    train(config(workdir, "taken", max_steps=2, save_steps=2), progress=False)
+    with pytest.raises(DpokitError, match="holds checkpoints of an earlier run"):
+        train(config(workdir, "taken", max_steps=2, save_steps=2), progress=False)
+
+
+def test_resume_between_logging_steps_logs_the_same_numbers(workdir):
+    """A crash after the step-3 checkpoint but before the step-4 log is saved: the resumed run
+    still logs at step 4 the mean over steps 3 and 4, as the uninterrupted run does."""
+    from dpokit.train.loop import Probe
+
+    def crash(model, step):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+        return {}
+
+    straight = train(config(workdir, "win-a", save_steps=3, logging_steps=2), progress=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config(workdir, "win-b", save_steps=3, logging_steps=2), progress=False,
+              probe=Probe(1, crash))
+    resumed = train(config(workdir, "win-b", save_steps=3, logging_steps=2, resume="auto"),
+                    progress=False)
+    a = metrics(straight.parent)
+    b = [m for m in metrics(resumed.parent) if "loss" in m]  # not the crashed run's probe lines
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [2, 4, 6]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)

@@ -123,7 +123,8 @@ def best_of_n(ref_logps: Tensor, rewards: Tensor, n: int) -> Tensor:
     probs = ref_logps.exp()
     out = torch.zeros_like(probs)
     for i in range(len(rewards)):
-        values, inverse = torch.unique(rewards[i], return_inverse=True)  # ascending
+        # Rewards equal up to float rounding (sums of scores) form one tie group.
+        values, inverse = torch.unique(torch.round(rewards[i], decimals=9), return_inverse=True)
         group_mass = torch.zeros(len(values), dtype=probs.dtype).index_add_(0, inverse, probs[i])
         cdf = group_mass.cumsum(0).clamp(max=1.0)
         below = torch.cat([cdf.new_zeros(1), cdf[:-1]])

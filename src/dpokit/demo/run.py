@@ -93,6 +93,10 @@ def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
     task = task or DemoTask(reward=config.reward, seed=config.seed)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    for old in [out / "sft", *out.glob("dpo-beta*")]:  # the demo's own runs: start afresh
+        shutil.rmtree(old, ignore_errors=True)
     generator = torch.Generator().manual_seed(config.seed + 1)
 
     # 1. π_ref: a real transformer, trained by dpokit's SFT on the reference distribution.
@@ -262,6 +266,12 @@ def _write_report(out, result, task, space, ref_logps, runs) -> None:
 def check_demo_config(config: DemoConfig) -> None:
     if not config.betas or any(not b > 0 for b in config.betas):
         raise DpokitError("--betas must be numbers > 0")
+    if len({f"{b:g}" for b in config.betas}) != len(config.betas):
+        raise DpokitError("--betas must be distinct")
     for key in ("sft_samples_per_prompt", "pairs_per_prompt", "batch_size", "probes"):
         if getattr(config, key) < 1:
             raise DpokitError(f"{key} must be ≥ 1")
+    for key in ("sft_epochs", "dpo_epochs"):
+        value = getattr(config, key)
+        if not (value > 0 and math.isfinite(value)):
+            raise DpokitError(f"{key.replace('_', '-')} must be a finite number > 0, got {value}")

@@ -70,6 +70,28 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Reject impossible values with a message naming the key."""
+        import dataclasses
+        import math
+        import re
+
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DpokitError(f"{f.name} must be a finite number, got {value}")
+            if isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v)
+                                               for v in value):
+                raise DpokitError(f"{f.name} must hold finite numbers, got {value}")
+        if not 0 <= self.seed < 2**32:
+            raise DpokitError(f"seed must be in [0, 2^32), got {self.seed}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise DpokitError(f"device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+        if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):
+            raise DpokitError("adam_beta1 and adam_beta2 must be in [0, 1)")
+        if not self.adam_epsilon > 0 or not self.lora_alpha > 0:
+            raise DpokitError("adam_epsilon and lora_alpha must be > 0")
+        if self.fsdp and self.dtype == "float16":
+            raise DpokitError("fsdp with float16 is not supported (loss scaling is not sharded); "
+                              "use bfloat16")
         positive_ints = ("batch_size", "gradient_accumulation_steps", "logging_steps",
                          "chunk_size", "lora_r")
         for key in positive_ints:
@@ -161,6 +183,13 @@ class DPOConfig(TrainConfig):
                               "combined with precompute_ref_logps")
         if self.shared_prompt is True and self.padding_free:
             raise DpokitError("shared_prompt and padding_free are two layouts; choose one")
+        from dpokit.losses import needs_reference
+
+        if self.sync_ref_model and not needs_reference(self.loss_type):
+            raise DpokitError(f"sync_ref_model moves a reference, but loss_type "
+                              f"{self.loss_type} uses none")
+        if not self.discopop_tau > 0:
+            raise DpokitError(f"discopop_tau must be > 0, got {self.discopop_tau}")
         if self.sync_ref_model and self.lora:
             raise DpokitError("sync_ref_model needs a separate reference model; with lora the "
                               "reference is the base model with adapters disabled")

@@ -34,7 +34,12 @@ from dpokit.errors import DpokitError
 from dpokit.logps import unwrap_model
 from dpokit.losses import metric_means, needs_reference
 from dpokit.models import load_causal_lm, load_tokenizer
-from dpokit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from dpokit.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from dpokit.train.config import DPOConfig, SFTConfig, TrainConfig
 from dpokit.train.objectives import DPOObjective, LogpsModule, SFTObjective, metric_names
 from dpokit.train.reference import (
@@ -72,10 +77,14 @@ class Probe:
 
 def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = None) -> Path:
     """Run SFT (``SFTConfig``) or DPO (``DPOConfig``); return the final model directory."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     runtime = setup_runtime(config.device, config.dtype)
     try:
         return _train(config, runtime, progress=progress, probe=probe)
     finally:
+        for sig, handler in handlers.items():  # even when training raised
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, handler)
         shutdown_runtime(runtime)
 
 
@@ -136,14 +145,26 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool,
     step = 0
     checkpoint = resolve_resume(config.resume, output_dir)
     ref_weights = reference.model if reference is not None and config.sync_ref_model else None
+    if checkpoint is None and list_checkpoints(output_dir):
+        raise DpokitError(f"{output_dir} holds checkpoints of an earlier run; resume it with "
+                          f"--resume auto, or choose another --output-dir")
     if checkpoint is None and runtime.is_main:
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run, a fresh log
+    keys = metric_names(objective)
+    window = torch.zeros(len(keys) + 1, dtype=torch.float64)  # metric sums + loss sum
     if checkpoint is not None:
         state, rng = load_checkpoint(checkpoint, model=policy if _sharded(config, runtime)
                                      else model, optimizer=optimizer, scheduler=scheduler,
                                      ref_model=ref_weights, sharded=_sharded(config, runtime),
                                      rank=runtime.rank)
+        for key, value in (("world_size", runtime.world_size),
+                           ("steps_per_epoch", steps_per_epoch)):
+            if state.get(key, value) != value:
+                raise DpokitError(f"resume: {checkpoint} was written with {key}={state[key]}, "
+                                  f"this run has {value}; resume with the same number of "
+                                  f"processes, batch_size and gradient_accumulation_steps")
         step = state["global_step"]
+        window = torch.tensor(state.get("metric_window", window.tolist()), dtype=torch.float64)
         set_rng_state(rng)
         if state.get("grad_scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["grad_scaler"])
@@ -154,8 +175,6 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool,
     # ------------------------------------------------------------------ the loop
     stop = _StopFlag()
     writer = _tensorboard(output_dir) if runtime.is_main else None
-    keys = metric_names(objective)
-    window = torch.zeros(len(keys) + 1, dtype=torch.float64)  # metric sums + loss sum
     window_start, epoch_cache = time.perf_counter(), {}
     bar = _progress_bar(total_steps, step, runtime.is_main and progress)
     while step < total_steps:
@@ -164,23 +183,19 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool,
             epoch_cache = {epoch: epoch_batches(len(train_items), global_batch, seed=config.seed,
                                                 epoch=epoch)}
         global_indices = epoch_cache[epoch][index]
-        if len(global_indices) < runtime.world_size:  # a tail too short to give every rank one
-            step += 1
-            bar.update(1)
-            continue
-        mine = shard_for_rank(global_indices, runtime.rank, runtime.world_size)
-        micro = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
+        micro = _micro_batches(global_indices, config.batch_size, runtime)
         scale = runtime.world_size / len(global_indices)
         step_sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
-        for i, indices in enumerate(micro):
+        for i, (indices, weight) in enumerate(micro):
             batch = objective.collate([train_items[j] for j in indices], indices)
             batch = batch.to(runtime.device)
             sync = i == len(micro) - 1
             with _no_sync(policy, not sync), runtime.autocast():
                 loss_sum, sums = objective(policy, batch)
-            scaler.scale(loss_sum * scale).backward()
-            step_sums += torch.stack([*(sums[k].double().cpu() for k in keys),
-                                      loss_sum.detach().double().cpu()])
+            scaler.scale(loss_sum * (scale * weight)).backward()
+            if weight:
+                step_sums += torch.stack([*(sums[k].double().cpu() for k in keys),
+                                          loss_sum.detach().double().cpu()])
         scaler.unscale_(optimizer)
         grad_norm = _clip(model, config.max_grad_norm)
         scaler.step(optimizer)
@@ -205,12 +220,12 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool,
             _run_probe(probe, model, step, output_dir, runtime, writer)
         if config.eval_steps and eval_items and step % config.eval_steps == 0:
             _evaluate(policy, objective, eval_items, keys, config, runtime, step, output_dir,
-                      writer)
+                      writer, offset=len(train_items))
         stopping = runtime.all_reduce_sum(torch.tensor(float(stop.requested))).item() > 0
         if (config.save_steps and step % config.save_steps == 0) or stopping:
             _save(output_dir, step, policy if _sharded(config, runtime) else model, optimizer,
                   scheduler, ref_weights, config, runtime, steps_per_epoch, total_steps,
-                  scaler.state_dict() if scaler.is_enabled() else None)
+                  scaler.state_dict() if scaler.is_enabled() else None, window.tolist())
         bar.update(1)
         if stopping:
             if runtime.is_main:
@@ -218,13 +233,16 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool,
                             "--resume auto", step)
             bar.close()
             stop.restore()
+            if writer is not None:
+                writer.close()
             return output_dir / f"checkpoint-{step}"
     bar.close()
     stop.restore()
 
     # ------------------------------------------------------------------ final evaluation, save
     if eval_items and (not config.eval_steps or step % config.eval_steps != 0):
-        _evaluate(policy, objective, eval_items, keys, config, runtime, step, output_dir, writer)
+        _evaluate(policy, objective, eval_items, keys, config, runtime, step, output_dir, writer,
+                  offset=len(train_items))
     final = output_dir / "final"
     state_dict = None
     if config.fsdp and runtime.distributed:  # gather the full weights on every rank, save on 0
@@ -271,7 +289,10 @@ def _add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                       lora_dropout=config.lora_dropout, task_type="CAUSAL_LM",
                       target_modules="all-linear" if targets == ["all-linear"] else targets)
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:  # e.g. target modules not found in the model
+        raise DpokitError(f"lora: {str(error).splitlines()[0]}") from None
 
 
 def _setup_reference(config: DPOConfig, model: nn.Module | None, pairs: list, tokenizer: Any,
@@ -360,6 +381,21 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_step
 # ------------------------------------------------------------------------------ step helpers
 
 
+def _micro_batches(global_indices: list[int], batch_size: int,
+                   runtime: Runtime) -> list[tuple[list[int], float]]:
+    """This rank's micro-batches of a global batch, as ``(indices, weight)``.
+
+    Every rank gets the same number: ranks whose share is shorter add zero-weight repeats of one
+    example, so FSDP's and DDP's collectives (one per forward and backward) stay matched.
+    """
+    mine = shard_for_rank(global_indices, runtime.rank, runtime.world_size)
+    largest = math.ceil(len(global_indices) / runtime.world_size)
+    count = max(1, math.ceil(largest / batch_size))
+    micro = [(mine[i:i + batch_size], 1.0) for i in range(0, len(mine), batch_size)]
+    filler = (mine or global_indices)[:1]
+    return micro + [(filler, 0.0)] * (count - len(micro))
+
+
 def _no_sync(policy: nn.Module, skip: bool):
     """DDP's ``no_sync`` for micro-batches before the last one of a step."""
     if skip and hasattr(policy, "no_sync"):
@@ -400,18 +436,24 @@ def _postfix(record: dict) -> dict:
 
 
 @torch.no_grad()
-def _evaluate(policy, objective, items, keys, config, runtime, step, output_dir, writer) -> dict:
-    """Loss and metrics over all evaluation examples (sharded by rank, reduced as sums)."""
+def _evaluate(policy, objective, items, keys, config, runtime, step, output_dir, writer, *,
+              offset: int = 0) -> dict:
+    """Loss and metrics over all evaluation examples (sharded by rank, reduced as sums).
+
+    ``offset`` is where the evaluation pairs start in the reference table (after the training
+    pairs). Every rank runs the same number of batches, padding with zero-weight ones, so that
+    DDP and FSDP collectives stay in step.
+    """
     policy.eval()
     sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
-    mine = shard_for_rank(list(range(len(items))), runtime.rank, runtime.world_size)
-    for start in range(0, len(mine), config.batch_size):
-        indices = mine[start:start + config.batch_size]
-        batch = objective.collate([items[i] for i in indices], indices).to(runtime.device)
+    for indices, weight in _micro_batches(list(range(len(items))), config.batch_size, runtime):
+        batch = objective.collate([items[i] for i in indices],
+                                  [offset + i for i in indices]).to(runtime.device)
         with runtime.autocast():
             loss_sum, part = objective(policy, batch)
-        sums += torch.stack([*(part[k].double().cpu() for k in keys),
-                             loss_sum.double().cpu()])
+        if weight:
+            sums += torch.stack([*(part[k].double().cpu() for k in keys),
+                                 loss_sum.double().cpu()])
     policy.train()
     sums = runtime.all_reduce_sum(sums).cpu()
     values = dict(zip(keys, sums[:-1].tolist(), strict=True))
@@ -449,8 +491,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """After a resume, drop metric lines logged past the checkpoint (they will be redone)."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-             if line.strip() and json.loads(line)["step"] <= step]
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
+            return False
+
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if keep(line)]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     os.replace(tmp, path)
@@ -471,11 +518,12 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 
 def _save(output_dir, step, model, optimizer, scheduler, ref_weights, config, runtime,
-          steps_per_epoch, total_steps, scaler_state=None) -> None:
-    """Every rank takes part: FSDP checkpoints are sharded, each rank keeps its RNG state."""
+          steps_per_epoch, total_steps, scaler_state=None, metric_window=None) -> None:
+    """Every rank takes part: FSDP checkpoints are sharded, each rank keeps its RNG state.
+    The unlogged metric sums are stored too, so a resumed run logs the same numbers."""
     state = {"global_step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps,
              "steps_per_epoch": steps_per_epoch, "world_size": runtime.world_size,
-             "grad_scaler": scaler_state}
+             "grad_scaler": scaler_state, "metric_window": metric_window}
     save_checkpoint(output_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
                     trainer_state=state, rng=rng_state(), ref_model=ref_weights,
                     save_total_limit=config.save_total_limit, sharded=_sharded(config, runtime),

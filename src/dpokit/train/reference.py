@@ -52,9 +52,14 @@ class Reference:
         model = unwrap_model(self.model) if self.mode == "model" else self.model
         adapters_off = (model.disable_adapter() if self.mode == "adapters"
                         else contextlib.nullcontext())
-        with adapters_off, self.autocast():
-            out = sequence_logps(model, batch, chunk_size=self.chunk_size,
-                                 ld_alpha=self.ld_alpha)
+        was_training = model.training
+        model.eval()  # the reference never sees dropout, whichever way it is provided
+        try:
+            with adapters_off, self.autocast():
+                out = sequence_logps(model, batch, chunk_size=self.chunk_size,
+                                     ld_alpha=self.ld_alpha)
+        finally:
+            model.train(was_training)
         return out.chosen_logps.detach(), out.rejected_logps.detach()
 
     @torch.no_grad()
