@@ -506,7 +506,7 @@ def _config_command(name: str, config_cls: type, summary: str) -> click.Command:
         key = flag[2:].replace("-", "_")
         assert key in fields
         shown = "required" if default == "(required)" else f"default: {default!r}"
-        if hints[key] is bool:
+        if hints[key] in (bool, bool | None):  # flags; an unset optional one stays null
             decls = [f"{flag}/--no-{flag[2:]}", key]
             if "_" in key:
                 decls.insert(1, f"--{key}/--no_{key}")

@@ -54,11 +54,14 @@ def test_flags_override_yaml_and_underscore_spelling_works(workdir, tmp_path, ca
                    f"logging_steps: 1\nsave_steps: null\n")
     code, _, err = run(capsys, "train", "--config", str(cfg), "--output_dir",
                        str(tmp_path / "run"), "--beta", "0.25", "--no-padding-free",
-                       "--batch-size", "4")
+                       "--batch-size", "4", "--no-shared-prompt", "--loss-type",
+                       "[sigmoid, sft]", "--loss-weights", "1,0.5")
     assert code == 0, err
     assert not (tmp_path / "ignored").exists()
     resolved = (tmp_path / "run" / "config.yaml").read_text()
     assert "beta: 0.25" in resolved and "batch_size: 4" in resolved
+    assert "shared_prompt: false" in resolved and "precompute_ref_logps: null" in resolved
+    assert "- sft" in resolved and "- 0.5" in resolved
     assert len(metrics(tmp_path / "run")) == 2
 
 
