@@ -88,25 +88,14 @@ def coerce(key: str, value: Any, hint: Any, *, from_text: bool = False) -> Any:
         if from_text and str(value).lower() in _TRUE | _FALSE:
             return str(value).lower() in _TRUE
         raise wrong
-    if hint is int:
+    if hint in (int, float):
         if isinstance(value, bool):
             raise wrong
-        if isinstance(value, int):
-            return value
+        if isinstance(value, int) or (hint is float and isinstance(value, float)):
+            return hint(value)
         if from_text or isinstance(value, str):
             try:
-                return int(str(value))
-            except ValueError:
-                raise wrong from None
-        raise wrong
-    if hint is float:
-        if isinstance(value, bool):
-            raise wrong
-        if isinstance(value, int | float):
-            return float(value)
-        if from_text or isinstance(value, str):
-            try:
-                return float(str(value))
+                return hint(str(value))
             except ValueError:
                 raise wrong from None
         raise wrong
