@@ -34,6 +34,7 @@ from dpokit.outcomes import (
     solve,
     validate_outcomes,
 )
+from dpokit.train.config import DPOConfig, SFTConfig
 
 # Piped output gets a fixed, roomy width; columns fold rather than truncate a number.
 console = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 120)
@@ -521,10 +522,10 @@ def _config_command(name: str, config_cls: type, summary: str) -> click.Command:
 
 
 app.add_command(_config_command(
-    "train", __import__("dpokit.train.config", fromlist=["DPOConfig"]).DPOConfig,
+    "train", DPOConfig,
     "DPO (or any loss of the family) on preference data: `dpokit train --config dpo.yaml`."))
 app.add_command(_config_command(
-    "sft", __import__("dpokit.train.config", fromlist=["SFTConfig"]).SFTConfig,
+    "sft", SFTConfig,
     "Supervised fine-tuning (NLL of completion tokens): `dpokit sft --config sft.yaml`."))
 
 

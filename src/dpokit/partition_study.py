@@ -11,7 +11,6 @@ Used by ``dpokit partition`` and the V^T figure. Two studies:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -175,10 +174,3 @@ def monte_carlo_study(space: BuiltinSpace, betas: Sequence[float], sample_sizes:
             ))
     return rows
 
-
-def seconds_to_enumerate(vocab_size: int, length: int, rate: float) -> float:
-    """V^T / rate, in seconds (inf when the count overflows a float)."""
-    try:
-        return count_sequences(vocab_size, length) / rate
-    except OverflowError:
-        return math.inf

@@ -19,10 +19,10 @@ from dpokit.data.formats import _is_messages, _messages
 from dpokit.data.io import RawRow, load_rows
 from dpokit.data.tokenize import (
     TokenizeSettings,
-    _chat_ids,
     _ids,
     _truncate,
     common_prefix_length,
+    encode_chat,
     render_plain,
 )
 from dpokit.errors import DpokitError
@@ -83,9 +83,9 @@ def tokenize_sft(examples: Sequence[_Example], tokenizer: Any,
             if not getattr(tokenizer, "chat_template", None):
                 raise DpokitError("conversational data needs a tokenizer with a chat template; "
                                   "set text_mode='plain'")
-            pseudo = type("E", (), {"prompt": example.prompt, "chosen": example.completion,
-                                    "rejected": example.completion, "where": example.where})
-            prompt, full, _ = _chat_ids(tokenizer, pseudo)
+            prompt, full = encode_chat(
+                tokenizer, [(example.prompt, True), (example.prompt + example.completion, False)],
+                where=example.where)
         else:
             eos = tokenizer.eos_token or ""
             prompt_text = render_plain(example.prompt) if conversational else example.prompt

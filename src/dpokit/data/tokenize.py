@@ -109,20 +109,24 @@ def _texts(example: PreferenceExample, eos: str) -> tuple[str, str, str]:
     return prompt, prompt + chosen, prompt + rejected
 
 
-def _chat_ids(tokenizer: Any, example: PreferenceExample) -> tuple[list[int], list[int], list[int]]:
-    extra = getattr(example, "template_kwargs", None) or {}
-
-    def encode(messages: Messages, generation_prompt: bool) -> list[int]:
-        return _ids(tokenizer.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True,
-            **extra))
-
+def encode_chat(tokenizer: Any, conversations: Sequence[tuple[Messages, bool]], *,
+                where: str, template_kwargs: dict | None = None) -> list[list[int]]:
+    """Token ids of each ``(messages, add_generation_prompt)`` through the chat template."""
     try:
-        return (encode(example.prompt, True), encode(example.prompt + example.chosen, False),
-                encode(example.prompt + example.rejected, False))
+        return [_ids(tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True,
+            **(template_kwargs or {}))) for messages, generation_prompt in conversations]
     except Exception as error:  # templates raise TemplateError, ValueError, … on odd turns
-        raise DpokitError(f"{example.where}: the chat template rejected this conversation "
+        raise DpokitError(f"{where}: the chat template rejected this conversation "
                           f"({type(error).__name__}: {error})") from None
+
+
+def _chat_ids(tokenizer: Any, example: PreferenceExample) -> tuple[list[int], list[int], list[int]]:
+    prompt, chosen, rejected = encode_chat(
+        tokenizer, [(example.prompt, True), (example.prompt + example.chosen, False),
+                    (example.prompt + example.rejected, False)],
+        where=example.where, template_kwargs=example.template_kwargs)
+    return prompt, chosen, rejected
 
 
 def _truncate(ids: list[int], limit: int, side: str) -> list[int]:
