@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from dpokit.attention import enable_segment_attention, flatten
 from dpokit.data.collate import PairBatch
 from dpokit.errors import DpokitError
 
@@ -121,11 +122,29 @@ def _mask(model: nn.Module, batch: PairBatch) -> Tensor | None:
                                                device=mask.device))
 
 
-def _hidden_states(model: nn.Module, batch: PairBatch) -> Tensor:
-    """Last hidden states ``(rows, L, H)`` of the decoder, without the LM head."""
+def _hidden_states(model: nn.Module, batch: PairBatch, rows: Tensor, columns: Tensor, *,
+                   unpadded: bool) -> Tensor:
+    """Last hidden states of the decoder (no LM head) at the padded positions ``(rows,
+    columns)``, ``(N, H)``. ``unpadded`` runs the decoder on the real tokens only
+    (:mod:`dpokit.attention`) when the model allows it; the states are the same."""
     decoder = unwrap_model(model).get_decoder()
+    if unpadded and enable_segment_attention(unwrap_model(model)):
+        dtype = next(unwrap_model(model).parameters()).dtype
+        flat = flatten(batch, dtype)
+        # A 4D mask makes transformers use it as given (no mask is built for the flat row);
+        # segment attention ignores it and masks each segment itself.
+        outputs = decoder(input_ids=flat.input_ids, position_ids=flat.position_ids,
+                          attention_mask=torch.zeros((1, 1, 1, 1), dtype=dtype,
+                                                     device=flat.input_ids.device),
+                          use_cache=False, dpokit_segments=flat.segments)
+        hidden = _last_hidden(outputs)[0]  # (T, H)
+        return hidden[flat.flat_index[rows * batch.input_ids.shape[1] + columns]]
     outputs = decoder(input_ids=batch.input_ids, attention_mask=_mask(model, batch),
                       position_ids=batch.position_ids, use_cache=False)
+    return _last_hidden(outputs)[rows, columns]
+
+
+def _last_hidden(outputs) -> Tensor:
     return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
 
 
@@ -140,7 +159,8 @@ class CompletionLogps:
 
 def completion_logps(model: nn.Module, batch: PairBatch, *,
                      chunk_size: int = DEFAULT_CHUNK_SIZE, wpo: bool = False,
-                     fused: bool = True, ld_alpha: float | None = None) -> CompletionLogps:
+                     fused: bool = True, ld_alpha: float | None = None,
+                     unpadded: bool = True) -> CompletionLogps:
     """Σ_t log π(y_t | x, y_<t) over the completion tokens of every sequence of ``batch``.
 
     Args:
@@ -153,6 +173,11 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
             transforms handled here.
         ld_alpha: LD-DPO weight α for tokens beyond the pair's shared completion length (pair
             batches only: sequence i and i + B are the two completions of pair i).
+        unpadded: run the decoder on the real tokens only, attention per sequence
+            (:mod:`dpokit.attention`; exact). Models that do not run SDPA through the
+            ``transformers`` attention interface are run padded whatever this says. It
+            switches such a model's attention implementation to ``dpokit_segment_sdpa``, which
+            behaves as SDPA on every other call.
 
     Returns:
         :class:`CompletionLogps` (float32, or float64 for a float64 model).
@@ -166,13 +191,13 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
     if batch.predictor is not None:  # shared-prompt layout: explicit predicting columns
         scored = batch.completion_mask & (batch.predictor >= 0)
         rows = torch.arange(len(scored), device=scored.device)[:, None].expand_as(scored)[scored]
-        sources = (rows, batch.predictor[scored])
+        columns = batch.predictor[scored]
         targets, owners = batch.input_ids[scored], sequence_ids[scored]
     else:
         # Position t predicts token t+1: scored when t+1 is a completion token of its sequence.
         scored = (batch.completion_mask[:, 1:] & (sequence_ids[:, 1:] == sequence_ids[:, :-1])
                   & (sequence_ids[:, 1:] >= 0))
-        sources = None
+        rows, columns = scored.nonzero(as_tuple=True)  # the predicting positions, row-major
         targets = batch.input_ids[:, 1:][scored]
         owners = sequence_ids[:, 1:][scored]
     base = unwrap_model(model)
@@ -183,9 +208,8 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         fused = False
 
     if fused:
-        hidden = _hidden_states(model, batch)
         # (N, H): only the positions that predict a completion token
-        hidden = hidden[sources] if sources is not None else hidden[:, :-1][scored]
+        hidden = _hidden_states(model, batch, rows, columns, unpadded=unpadded)
         lm_head = base.get_output_embeddings()
         pieces = []
         for start in range(0, len(targets), chunk_size):
@@ -203,7 +227,7 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
     else:
         logits = model(input_ids=batch.input_ids, attention_mask=_mask(model, batch),
                        position_ids=batch.position_ids, use_cache=False).logits
-        logits = logits[sources] if sources is not None else logits[:, :-1][scored]
+        logits = logits[rows, columns]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         log_probs = logits.log_softmax(dim=-1)
         token_logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)
@@ -239,7 +263,7 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
 
 def sequence_logps(model: nn.Module, batch: PairBatch, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
                    ld_alpha: float | None = None, wpo: bool = False,
-                   fused: bool = True) -> PairLogps:
+                   fused: bool = True, unpadded: bool = True) -> PairLogps:
     """Summed log π(y|x) of the chosen and the rejected completion of every pair of ``batch``.
 
     One forward pass over the 2B sequences; see :func:`completion_logps` for the arguments.
@@ -250,7 +274,7 @@ def sequence_logps(model: nn.Module, batch: PairBatch, *, chunk_size: int = DEFA
     if batch.num_sequences != 2 * batch.num_pairs:
         raise DpokitError("sequence_logps needs a batch of preference pairs (2B sequences)")
     out = completion_logps(model, batch, chunk_size=chunk_size, wpo=wpo, fused=fused,
-                           ld_alpha=ld_alpha)
+                           ld_alpha=ld_alpha, unpadded=unpadded)
     b = batch.num_pairs
     return PairLogps(
         chosen_logps=out.logps[:b], rejected_logps=out.logps[b:],

@@ -195,10 +195,13 @@ def test_eval_data_is_evaluated(workdir):
     assert "eval/rewards/accuracies" in evals[0]
 
 
-def test_gradient_checkpointing_changes_nothing_but_memory(workdir):
-    plain = metrics(train(config(workdir, "gc-off", max_steps=2), progress=False).parent)
-    checkpointed = metrics(train(config(workdir, "gc-on", max_steps=2,
-                                        gradient_checkpointing=True), progress=False).parent)
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_recomputation_changes_nothing_but_memory(workdir, recompute):
+    plain = metrics(train(config(workdir, f"{recompute}-off", max_steps=2,
+                                 selective_checkpointing=False), progress=False).parent)
+    checkpointed = metrics(train(config(
+        workdir, f"{recompute}-on", max_steps=2, gradient_checkpointing=recompute == "full",
+        selective_checkpointing=recompute == "selective"), progress=False).parent)
     for x, y in zip(plain, checkpointed, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)

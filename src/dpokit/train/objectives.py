@@ -33,13 +33,15 @@ class LogpsModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, *, chunk_size: int, ld_alpha: float | None = None,
-                 wpo: bool = False):
+                 wpo: bool = False, unpadded: bool = True):
         super().__init__()
         self.model = model
         self.chunk_size, self.ld_alpha, self.wpo = chunk_size, ld_alpha, wpo
+        self.unpadded = unpadded
 
     def forward(self, batch: PairBatch) -> tuple[Tensor, Tensor, Tensor]:
         out = completion_logps(self.model, batch, chunk_size=self.chunk_size, wpo=self.wpo,
+                               unpadded=self.unpadded,
                                ld_alpha=self.ld_alpha if batch.num_pairs else None)
         wpo = out.wpo if out.wpo is not None else torch.zeros_like(out.logps)
         return out.logps, out.tokens, wpo

@@ -36,11 +36,13 @@ class Reference:
 
     def __init__(self, mode: str, *, model: nn.Module | None = None,
                  table: Tensor | None = None, chunk_size: int = 1024,
-                 ld_alpha: float | None = None, autocast=contextlib.nullcontext):
+                 ld_alpha: float | None = None, autocast=contextlib.nullcontext,
+                 unpadded: bool = True):
         if mode not in ("none", "model", "adapters", "precomputed"):
             raise ValueError(f"unknown reference mode {mode!r}")
         self.mode, self.model, self.table = mode, model, table
         self.chunk_size, self.ld_alpha, self.autocast = chunk_size, ld_alpha, autocast
+        self.unpadded = unpadded
 
     @torch.no_grad()
     def logps(self, batch: PairBatch) -> tuple[Tensor, Tensor] | None:
@@ -57,7 +59,7 @@ class Reference:
         try:
             with adapters_off, self.autocast():
                 out = sequence_logps(model, batch, chunk_size=self.chunk_size,
-                                     ld_alpha=self.ld_alpha)
+                                     ld_alpha=self.ld_alpha, unpadded=self.unpadded)
         finally:
             model.train(was_training)
         return out.chosen_logps.detach(), out.rejected_logps.detach()

@@ -1,0 +1,55 @@
+"""Activation recomputation: what the backward pass recomputes instead of keeping.
+
+Two settings, both through ``transformers``' per-layer checkpointing hook and PyTorch's
+non-reentrant ``torch.utils.checkpoint``:
+
+- ``full``: every decoder layer keeps only its input and recomputes everything (≈ +⅓ compute);
+- ``selective``: PyTorch's selective activation checkpointing — a layer keeps the outputs of its
+  matrix multiplications and attention kernels (:data:`SAVED_OPS`) and recomputes only the
+  element-wise work between them (norms, activations, rotary embeddings, residual adds). On the
+  benchmark's Llama that drops the saved activations per token and layer from about 9·H + 4·I to
+  6·H + 2·I floats for ~2% more time: the recomputed ops are memory-bound and small.
+
+Numbers are unchanged either way (dropout is replayed with the saved RNG state).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+_aten = torch.ops.aten
+SAVED_OPS = frozenset(
+    getattr(_aten, name).default for name in (
+        "mm", "addmm", "bmm", "baddbmm",
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    ) if hasattr(_aten, name))
+"""Ops whose outputs selective checkpointing keeps: the expensive ones."""
+
+
+def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_context():
+    """The ``context_fn`` of ``torch.utils.checkpoint.checkpoint`` for selective recomputation."""
+    return create_selective_checkpoint_contexts(_policy)
+
+
+def enable_recompute(model: nn.Module, mode: Literal["none", "selective", "full"]) -> None:
+    """Turn on recomputation of ``model``'s decoder layers (a bare ``transformers`` model)."""
+    if mode == "none":
+        return
+    kwargs: dict = {"use_reentrant": False}
+    if mode == "selective":
+        kwargs["context_fn"] = selective_context
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+

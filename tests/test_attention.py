@@ -1,0 +1,146 @@
+"""The unpadded decoder (dpokit.attention) against transformers' own padded pass.
+
+Oracle: the same model run the way transformers runs a padded batch (its own masks, SDPA),
+float64; tolerance 1e-10 on log-prob sums and parameter gradients.
+"""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dpokit.attention import SEGMENT_ATTENTION, enable_segment_attention, flatten
+from dpokit.data import RawRow, parse_examples, tokenize_examples
+from dpokit.data.collate import collate_packed, collate_padded, collate_shared
+from dpokit.errors import DpokitError
+from dpokit.fixtures import MODEL_KINDS, tiny_causal_lm
+from dpokit.logps import completion_logps
+
+ROWS = [
+    {"prompt": "the cat sat", "chosen": " on the mat.", "rejected": " under the green tree!"},
+    {"prompt": "what color is the sky?", "chosen": " blue", "rejected": " green and red sea"},
+    {"prompt": "a", "chosen": " quick brown fox jumps over the lazy dog.", "rejected": " no"},
+]
+LAYOUTS = {
+    "right": lambda pairs: collate_padded(pairs, pad_token_id=0),
+    "left": lambda pairs: collate_padded(pairs, pad_token_id=0, padding_side="left"),
+    "packed": collate_packed,
+    "shared": lambda pairs: collate_shared(pairs, pad_token_id=0),
+}
+
+
+@pytest.fixture(scope="module")
+def pairs(tokenizer):
+    rows = [RawRow("t.jsonl", i + 1, r) for i, r in enumerate(ROWS)]
+    return tokenize_examples(parse_examples(rows), tokenizer)
+
+
+def logps_and_grads(model, batch, *, unpadded):
+    model.zero_grad()
+    out = completion_logps(model, batch, chunk_size=8, unpadded=unpadded)
+    (out.logps * torch.linspace(0.5, 1.5, len(out.logps), dtype=out.logps.dtype)).sum().backward()
+    return out.logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same(model, batch):
+    padded = copy.deepcopy(model)  # stays on transformers' SDPA
+    expected, expected_grads = logps_and_grads(padded, batch, unpadded=False)
+    got, grads = logps_and_grads(model, batch, unpadded=True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_unpadded_equals_padded(pairs, tokenizer, kind, layout):
+    model = tiny_causal_lm(kind, vocab_size=len(tokenizer), seed=5, dtype=torch.float64)
+    assert_same(model, LAYOUTS[layout](pairs))
+    assert model.config._attn_implementation == SEGMENT_ATTENTION
+
+
+def test_decoder_sees_only_real_tokens(pairs, tokenizer):
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=5)
+    batch = LAYOUTS["shared"](pairs)
+    shapes = []
+    handle = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True)
+    with torch.no_grad():
+        completion_logps(model, batch)
+    handle.remove()
+    real = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    assert shapes == [(1, real)]
+    assert real < batch.input_ids.numel()  # the batch does have padding
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sliding_window_counts_positions_in_each_sequence(pairs, tokenizer, layout):
+    """Qwen2 with a 3-token window on every layer: the padded oracle (right padding, one row
+    per sequence) gets the window from transformers' own mask."""
+    def qwen2(**window):
+        config = AutoConfig.for_model(
+            "qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+            **window)
+        torch.manual_seed(6)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float64)
+
+    model = qwen2(use_sliding_window=True, sliding_window=3, max_window_layers=0)
+    oracle = copy.deepcopy(model)
+    no_window = qwen2()
+    no_window.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        expected = completion_logps(oracle, LAYOUTS["right"](pairs), unpadded=False).logps
+        got = completion_logps(model, LAYOUTS[layout](pairs), unpadded=True).logps
+        full = completion_logps(no_window, LAYOUTS["right"](pairs), unpadded=False).logps
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    assert (full - expected).abs().max() > 1e-3  # the window matters for these sequences
+
+
+def test_switched_model_is_plain_sdpa_on_other_calls(tokenizer):
+    """After the switch, an ordinary call with a left-padded 2D mask (as in generation) gives
+    what an untouched SDPA model gives."""
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=7, dtype=torch.float64)
+    plain = copy.deepcopy(model)
+    assert enable_segment_attention(model)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+        expected = plain(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[:, 2:], expected[:, 2:], rtol=0, atol=1e-12)
+
+
+def test_eager_models_run_padded(pairs, tokenizer):
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=8, dtype=torch.float64)
+    model.set_attn_implementation("eager")
+    assert not enable_segment_attention(model)
+    batch = LAYOUTS["shared"](pairs)
+    with torch.no_grad():
+        got = completion_logps(model, batch, unpadded=True).logps
+        expected = completion_logps(model, batch, unpadded=False).logps
+    assert model.config._attn_implementation == "eager"
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+def test_flatten_segments(pairs):
+    batch = LAYOUTS["left"](pairs)
+    flat = flatten(batch)
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) for p in pairs] + [
+        len(p.prompt_ids) + len(p.rejected_ids) for p in pairs]
+    assert [stop - start for start, stop in flat.segments.bounds] == lengths
+    assert flat.input_ids.shape == (1, sum(lengths))
+    real = batch.sequence_ids.reshape(-1) >= 0
+    assert torch.equal(flat.input_ids[0], batch.input_ids.reshape(-1)[real])
+    assert (flat.flat_index[~real] == -1).all()
+    assert all(mask is None for mask in flat.segments.masks)
+
+
+def test_flatten_rejects_interleaved_sequences(pairs):
+    batch = collate_packed(pairs)
+    ids = batch.sequence_ids.clone()
+    ids[0, 0] = ids[0, -1]  # sequence of the last token also appears first
+    with pytest.raises(DpokitError, match="split by another"):
+        flatten(type(batch)(**{**batch.__dict__, "sequence_ids": ids}))
