@@ -34,13 +34,17 @@ MODELS = {
 }
 SETTINGS = {
     # name: (dpokit overrides, TRL DPOConfig overrides). dpokit's defaults are the shared-prompt
-    # layout and a cached reference; the other settings pin them to isolate each effect.
+    # layout, the unpadded decoder, selective recomputation and a cached reference; the other
+    # settings pin them to isolate each effect. "No checkpointing" switches off selective
+    # recomputation too.
     "default": ({}, {"gradient_checkpointing": True}),
-    "no_ckpt": ({"shared_prompt": False, "precompute_ref_logps": False},
-                {"gradient_checkpointing": False}),
-    "no_ckpt_precompute": ({"shared_prompt": False, "precompute_ref_logps": True},
+    "no_ckpt": ({"shared_prompt": False, "precompute_ref_logps": False,
+                 "selective_checkpointing": False}, {"gradient_checkpointing": False}),
+    "no_ckpt_precompute": ({"shared_prompt": False, "precompute_ref_logps": True,
+                            "selective_checkpointing": False},
                            {"gradient_checkpointing": False, "precompute_ref_log_probs": True}),
-    "padding_free": ({"padding_free": True, "precompute_ref_logps": False},
+    "padding_free": ({"padding_free": True, "precompute_ref_logps": False,
+                      "selective_checkpointing": False},
                      {"gradient_checkpointing": False, "padding_free": True}),
     # dpokit's shared-prompt layout has no TRL counterpart: TRL runs its nearest setting.
     "shared_prompt": ({"shared_prompt": True, "precompute_ref_logps": False},
@@ -48,6 +52,11 @@ SETTINGS = {
     "shared_prompt_precompute": ({"shared_prompt": True, "precompute_ref_logps": True},
                                  {"gradient_checkpointing": False,
                                   "precompute_ref_log_probs": True}),
+    # dpokit-only ablations of the default (run with --frameworks dpokit): one switch each.
+    "default_padded": ({"unpadded": False}, {"gradient_checkpointing": True}),
+    "default_no_recompute": ({"selective_checkpointing": False},
+                             {"gradient_checkpointing": True}),
+    "default_recompute": ({"selective_checkpointing": True}, {"gradient_checkpointing": True}),
 }
 BATCH, MAX_LENGTH, LR, BETA, THREADS = 8, 256, 1e-6, 0.1, 2
 
@@ -250,7 +259,7 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
                 # 6·N per trained token (prompt once per pair) + 2·N per reference token when
                 # the reference runs every step (dpokit's default caches it, as "precompute").
                 cached = "precompute" in setting or (framework == "dpokit"
-                                                     and setting == "default")
+                                                     and setting.startswith("default"))
                 flops = (6 * params * tokens + (0 if cached else 2 * params * tokens)) * BATCH
                 row = {"framework": framework, "model": model, "setting": setting,
                        "params": params, "tokens_per_pair": tokens,

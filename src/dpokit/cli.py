@@ -436,7 +436,9 @@ def demo(out_dir: str, quick: bool, betas: tuple[str, ...], loss_type: str, rewa
               help="Where the fixtures (tokenizer, rows, models) and runs go.")
 @click.option("--models", default="tiny,small", show_default=True, help="tiny and/or small.")
 @click.option("--settings", default="default,no_ckpt_precompute", show_default=True,
-              help="default, no_ckpt, no_ckpt_precompute, padding_free.")
+              help="default, no_ckpt, no_ckpt_precompute, padding_free, shared_prompt, "
+                   "shared_prompt_precompute; dpokit-only ablations default_padded, "
+                   "default_no_recompute, default_recompute.")
 @click.option("--steps", type=int, default=20, show_default=True, help="Steps per run.")
 @click.option("--repeats", type=int, default=2, show_default=True, help="Runs per framework.")
 @click.option("--frameworks", default="dpokit,trl", show_default=True,

@@ -11,7 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dpokit.fixtures import tiny_causal_lm
-from dpokit.train.recompute import SAVED_OPS, enable_recompute
+from dpokit.train.recompute import AUTO_MIN_FREED_BYTES, SAVED_OPS, enable_recompute, freed_bytes
 
 
 def model_for(mode, dtype=torch.float64):
@@ -71,3 +71,16 @@ def test_modes_switch_the_layers():
     for mode in ("selective", "full"):
         layers = model_for(mode).model.layers
         assert all(layer.gradient_checkpointing for layer in layers)
+
+
+def test_freed_bytes_by_hand():
+    """Llama shape H = 512, I = 1408, 8 layers; 1,000 tokens in float32:
+    1000 · 8 · (3·512 + 2·1408) · 4 B = 1000 · 8 · 4352 · 4 = 139,264,000 B."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("llama", hidden_size=512, intermediate_size=1408,
+                                  num_hidden_layers=8, num_attention_heads=8)
+    assert freed_bytes(config, 1000, 4) == 139_264_000
+    gpt2 = AutoConfig.for_model("gpt2", n_embd=64, n_layer=3, n_head=4)  # I = 4·H
+    assert freed_bytes(gpt2, 10, 2) == 10 * 3 * (3 * 64 + 2 * 256) * 2
+    assert freed_bytes(config, 1000, 4) >= AUTO_MIN_FREED_BYTES > freed_bytes(config, 100, 4)

@@ -311,3 +311,18 @@ def test_resume_between_logging_steps_logs_the_same_numbers(workdir):
     assert [m["step"] for m in a] == [m["step"] for m in b] == [2, 4, 6]
     for x, y in zip(a, b, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+
+
+def test_selective_recomputation_decides_itself_from_the_activation_size(workdir, caplog):
+    """The test model frees far below 64 MiB per micro-batch: auto leaves it off; an explicit
+    setting wins."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="dpokit.train"):
+        train(config(workdir, "auto-recompute", max_steps=1), progress=False)
+    assert any("selective recomputation off (auto" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dpokit.train"):
+        train(config(workdir, "forced-recompute", max_steps=1, selective_checkpointing=True),
+              progress=False)
+    assert not any("(auto" in r.getMessage() for r in caplog.records)

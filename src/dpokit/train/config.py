@@ -52,9 +52,10 @@ class TrainConfig:
     device: str = field("auto", help="auto, cpu, cuda (torchrun: one GPU per process).")
     gradient_checkpointing: bool = field(
         False, help="Recompute each decoder layer in backward (least memory, ~1/3 more time).")
-    selective_checkpointing: bool = field(
-        True, help="Keep matmul/attention outputs, recompute the element-wise ops between them "
-                   "in backward (less memory for ~2% time; off under gradient_checkpointing).")
+    selective_checkpointing: bool | None = field(
+        None, help="Keep matmul/attention outputs, recompute the element-wise ops between them "
+                   "in backward: ~40% less activation memory for a few % of time (null: on "
+                   "when that frees ≥ 64 MiB per micro-batch; off under gradient_checkpointing).")
     padding_free: bool = field(False, help="Pack sequences into one row (no padding).")
     chunk_size: int = field(1024, help="Completion positions per LM-head chunk.")
     unpadded: bool = field(

@@ -42,7 +42,7 @@ from dpokit.train.checkpoint import (
 )
 from dpokit.train.config import DPOConfig, SFTConfig, TrainConfig
 from dpokit.train.objectives import DPOObjective, LogpsModule, SFTObjective, metric_names
-from dpokit.train.recompute import enable_recompute
+from dpokit.train.recompute import AUTO_MIN_FREED_BYTES, enable_recompute, freed_bytes
 from dpokit.train.reference import (
     Reference,
     cache_key,
@@ -115,8 +115,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool,
     # ------------------------------------------------------------------ setup: policy
     model = load_causal_lm(config.model, dtype="float32", device=runtime.device,
                            trust_remote_code=config.trust_remote_code)
-    enable_recompute(model, "full" if config.gradient_checkpointing else
-                     "selective" if config.selective_checkpointing else "none")
+    enable_recompute(model, _recompute_mode(config, model, train_items, is_dpo))
     if config.lora:
         model = _add_lora(model, config)
     model.train()
@@ -277,6 +276,27 @@ def _load_data(config: TrainConfig, tokenizer: Any, is_dpo: bool) -> tuple[list,
     train_items = load(config.data, config.split)
     eval_items = load(config.eval_data, config.eval_split) if config.eval_data else []
     return train_items, eval_items
+
+
+def _recompute_mode(config: TrainConfig, model: nn.Module, items: list, is_dpo: bool) -> str:
+    """``full``, ``selective`` or ``none``; a null ``selective_checkpointing`` decides from the
+    model's shape and the mean tokens of a micro-batch (:func:`freed_bytes`)."""
+    if config.gradient_checkpointing:
+        return "full"
+    selective = config.selective_checkpointing
+    if selective is None:
+        if is_dpo:
+            prompt_rows = 1 if config.layout == "shared" else 2
+            lengths = [prompt_rows * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+                       for p in items]
+        else:
+            lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in items]
+        tokens = config.batch_size * sum(lengths) / max(1, len(lengths))
+        freed = freed_bytes(model.config, tokens, 4 if config.dtype == "float32" else 2)
+        selective = freed >= AUTO_MIN_FREED_BYTES
+        log.info("selective recomputation %s (auto: it frees ~%.0f MiB per micro-batch)",
+                 "on" if selective else "off", freed / 2**20)
+    return "selective" if selective else "none"
 
 
 def _add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
