@@ -23,3 +23,14 @@ def test_bench_smoke(tmp_path, capsys):
 def test_bench_rejects_unknown_names(tmp_path, capsys):
     code, _, err = run_cli(capsys, "bench", "--models", "huge")
     assert code == 2 and "--models: unknown huge" in err
+
+
+def test_bench_cuda_needs_a_device(tmp_path, capsys):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    code, _, err = run_cli(capsys, "bench", "--workdir", str(tmp_path), "--models", "tiny",
+                           "--frameworks", "dpokit", "--device", "cuda")
+    assert code == 2 and "no CUDA device" in err

@@ -31,6 +31,8 @@ from typing import Any
 MODELS = {
     "tiny": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 352},
     "small": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 1408},
+    # For a lent GPU (--device cuda --dtype bfloat16): a 0.45 B Llama shape (head dim 64).
+    "0.5b": {"hidden_size": 1280, "num_layers": 24, "num_heads": 20, "intermediate_size": 3584},
 }
 SETTINGS = {
     # name: (dpokit overrides, TRL DPOConfig overrides). dpokit's defaults are the shared-prompt
@@ -109,17 +111,23 @@ def build_fixtures(root: str | Path, models: list[str], *, rows: int = 1024,
     return fixture
 
 
-def matmul_peak_gflops(size: int = 1024, seconds: float = 1.0) -> float:
-    """Measured fp32 matmul throughput on this machine with the benchmark's thread count."""
+def matmul_peak_gflops(size: int | None = None, seconds: float = 1.0, *, device: str = "cpu",
+                       dtype: str = "float32") -> float:
+    """Measured matmul throughput of ``device`` in ``dtype`` (CPU: the benchmark's threads)."""
     import torch
 
     torch.set_num_threads(THREADS)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    size = size or (1024 if device == "cpu" else 8192)
+    kind = getattr(torch, dtype)
+    a = torch.randn(size, size, device=device, dtype=kind)
+    b = torch.randn(size, size, device=device, dtype=kind)
     a @ b
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
+        if device != "cpu":
+            torch.cuda.synchronize()
     return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
 
 
@@ -127,7 +135,7 @@ def matmul_peak_gflops(size: int = 1024, seconds: float = 1.0) -> float:
 
 
 def _run_dpokit(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
-                epochs: float | None) -> list[float]:
+                epochs: float | None, device: str, dtype: str) -> list[float]:
     from dpokit.train.config import DPOConfig
     from dpokit.train.loop import Probe, train
 
@@ -139,7 +147,8 @@ def _run_dpokit(fixture: Fixture, model: str, setting: str, steps: int, data: Pa
 
     run_root = Path(tempfile.mkdtemp(prefix="run-", dir=fixture.root))
     config = DPOConfig(model=str(fixture.model(model)), data=str(data),
-                       output_dir=str(run_root / f"dpokit-{model}-{setting}"), device="cpu",
+                       output_dir=str(run_root / f"dpokit-{model}-{setting}"), device=device,
+                       dtype=dtype,
                        batch_size=BATCH, learning_rate=LR, beta=BETA, max_length=MAX_LENGTH,
                        max_steps=None if epochs else steps, num_epochs=epochs or 1.0,
                        save_steps=None, logging_steps=10**9, lr_scheduler="constant",
@@ -155,7 +164,7 @@ def _run_dpokit(fixture: Fixture, model: str, setting: str, steps: int, data: Pa
 
 
 def _run_trl(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
-             epochs: float | None) -> list[float]:
+             epochs: float | None, device: str, dtype: str) -> list[float]:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -173,8 +182,10 @@ def _run_trl(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
                      per_device_train_batch_size=BATCH, learning_rate=LR, beta=BETA,
                      max_length=MAX_LENGTH, max_steps=-1 if epochs else steps,
                      num_train_epochs=epochs or 1.0, lr_scheduler_type="constant",
-                     save_strategy="no", report_to=[], logging_steps=10**9, use_cpu=True,
-                     bf16=False,  # TRL defaults to bf16 autocast; the comparison is fp32
+                     save_strategy="no", report_to=[], logging_steps=10**9,
+                     use_cpu=device == "cpu",
+                     # TRL defaults to bf16 autocast; both run the benchmark's dtype
+                     bf16=dtype == "bfloat16", fp16=dtype == "float16",
                      dataloader_num_workers=0, **SETTINGS[setting][1])
     DPOTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer,
                callbacks=[Stamp()]).train()
@@ -182,7 +193,7 @@ def _run_trl(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
 
 
 def run_one(framework: str, fixture_dir: str, model: str, setting: str, steps: int,
-            end_to_end: bool) -> dict[str, Any]:
+            end_to_end: bool, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
     """One measurement in this process (``dpokit bench`` calls it in a fresh subprocess)."""
     import torch
 
@@ -191,12 +202,16 @@ def run_one(framework: str, fixture_dir: str, model: str, setting: str, steps: i
     fixture = Fixture(Path(fixture_dir))
     runner = _run_dpokit if framework == "dpokit" else _run_trl
     data = fixture.data_320 if end_to_end else fixture.data
-    stamps = runner(fixture, model, setting, steps, data, 1.0 if end_to_end else None)
+    stamps = runner(fixture, model, setting, steps, data, 1.0 if end_to_end else None, device,
+                    dtype)
     gaps = [b - a for a, b in itertools.pairwise(stamps)][2:] or [float("nan")]
-    return {"framework": framework, "model": model, "setting": setting,
-            "seconds_per_step": statistics.median(gaps), "steps": len(stamps),
-            "wall_seconds": time.perf_counter() - started,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result = {"framework": framework, "model": model, "setting": setting,
+              "seconds_per_step": statistics.median(gaps), "steps": len(stamps),
+              "wall_seconds": time.perf_counter() - started,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device != "cpu":
+        result["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
 
 
 # ------------------------------------------------------------------------------- the driver
@@ -236,10 +251,13 @@ def _subprocess(args: list[str]) -> dict:
 
 def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], steps: int,
               repeats: int, frameworks: list[str], end_to_end: bool = True,
-              report=print) -> list[dict]:
-    """Alternate frameworks, repeat, and return one summary row per (model, setting, framework)."""
+              device: str = "cpu", dtype: str = "float32", report=print) -> list[dict]:
+    """Alternate frameworks, repeat, and return one summary row per (model, setting, framework).
+
+    ``device="cuda"`` with ``dtype="bfloat16"`` is the GPU benchmark (one GPU per process)."""
     fixture = build_fixtures(workdir, models)
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(device=device, dtype=dtype)
+    where = ["--device", device, "--dtype", dtype]
     rows = []
     for model in models:
         params, tokens = _params(fixture, model), _tokens_per_pair(fixture, model)
@@ -248,7 +266,8 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
             for _ in range(repeats):
                 for framework in frameworks:
                     results[framework].append(_subprocess(
-                        ["run", framework, str(fixture.root), model, setting, str(steps)]))
+                        ["run", framework, str(fixture.root), model, setting, str(steps),
+                         *where]))
             for framework, runs in results.items():
                 good = [r for r in runs if "error" not in r]
                 if not good:
@@ -267,10 +286,12 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
                        "tokens_per_second": BATCH * tokens / spp,
                        "peak_fraction": flops / spp / (peak * 1e9),
                        "peak_rss_mb": max(r["peak_rss_mb"] for r in good),
-                       "matmul_peak_gflops": peak}
+                       "matmul_peak_gflops": peak, "device": device, "dtype": dtype}
+                if device != "cpu":
+                    row["peak_device_mb"] = max(r["peak_device_mb"] for r in good)
                 if end_to_end:
                     e2e = _subprocess(["run", framework, str(fixture.root), model, setting,
-                                       str(steps), "--end-to-end"])
+                                       str(steps), "--end-to-end", *where])
                     row["end_to_end_seconds"] = e2e.get("wall_seconds")
                 rows.append(row)
                 report(_format_row(row))
@@ -284,15 +305,23 @@ def _format_row(row: dict) -> str:
     return (f"{row['framework']:7} {row['model']:6} {row['setting']:20} "
             f"{row['seconds_per_step']:.3f} s/step  {row['pairs_per_second']:.2f} pairs/s  "
             f"{row['tokens_per_second']:.0f} tok/s  {row['peak_fraction']:.0%} of peak  "
-            f"{row['peak_rss_mb']:.0f} MB" + (f"  e2e {e2e:.1f} s" if e2e else ""))
+            f"{row['peak_rss_mb']:.0f} MB"
+            + (f" (GPU {row['peak_device_mb']:.0f} MB)" if "peak_device_mb" in row else "")
+            + (f"  e2e {e2e:.1f} s" if e2e else ""))
 
 
 def main(argv: list[str]) -> None:
-    """``python -m dpokit.bench run FRAMEWORK FIXTURE MODEL SETTING STEPS [--end-to-end]``."""
+    """``python -m dpokit.bench run FRAMEWORK FIXTURE MODEL SETTING STEPS [--end-to-end]
+    [--device D] [--dtype T]``."""
     if argv[:1] == ["run"]:
         framework, fixture_dir, model, setting, steps = argv[1:6]
+
+        def option(name: str, default: str) -> str:
+            return argv[argv.index(name) + 1] if name in argv else default
+
         result = run_one(framework, fixture_dir, model, setting, int(steps),
-                         "--end-to-end" in argv)
+                         "--end-to-end" in argv, option("--device", "cpu"),
+                         option("--dtype", "float32"))
         print(json.dumps(result))
         return
     raise SystemExit("usage: python -m dpokit.bench run FRAMEWORK FIXTURE MODEL SETTING STEPS")

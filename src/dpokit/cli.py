@@ -434,7 +434,8 @@ def demo(out_dir: str, quick: bool, betas: tuple[str, ...], loss_type: str, rewa
 @app.command()
 @click.option("--workdir", default="out/bench", show_default=True,
               help="Where the fixtures (tokenizer, rows, models) and runs go.")
-@click.option("--models", default="tiny,small", show_default=True, help="tiny and/or small.")
+@click.option("--models", default="tiny,small", show_default=True,
+              help="tiny, small (CPU) and/or 0.5b (for a GPU).")
 @click.option("--settings", default="default,no_ckpt_precompute", show_default=True,
               help="default, no_ckpt, no_ckpt_precompute, padding_free, shared_prompt, "
                    "shared_prompt_precompute; dpokit-only ablations default_padded, "
@@ -444,10 +445,14 @@ def demo(out_dir: str, quick: bool, betas: tuple[str, ...], loss_type: str, rewa
 @click.option("--frameworks", default="dpokit,trl", show_default=True,
               help="dpokit and/or trl (TRL needs `pip install '.[bench]'`).")
 @click.option("--no-end-to-end", is_flag=True, help="Skip the 320-pair cold-start epoch.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: the GPU benchmark (e.g. --models 0.5b --dtype bfloat16).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              default="float32", show_default=True, help="Compute precision of both.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the rows as JSON here.")
 def bench(workdir: str, models: str, settings: str, steps: int, repeats: int, frameworks: str,
-          no_end_to_end: bool, json_path: Path | None) -> None:
+          no_end_to_end: bool, device: str, dtype: str, json_path: Path | None) -> None:
     """DPO speed and memory of dpokit against TRL's DPOTrainer on identical fixtures."""
     import importlib.util
 
@@ -465,7 +470,13 @@ def bench(workdir: str, models: str, settings: str, steps: int, repeats: int, fr
         raise DpokitError("TRL is not installed; `pip install '.[bench]'` or --frameworks dpokit")
     if steps < 4 or repeats < 1:
         raise DpokitError("--steps must be ≥ 4 and --repeats ≥ 1")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DpokitError("--device cuda: no CUDA device is available")
     rows = benchmark(workdir, steps=steps, repeats=repeats, end_to_end=not no_end_to_end,
+                     device=device, dtype=dtype,
                      report=lambda line: console.print(line, soft_wrap=True), **chosen)
     for model in chosen["models"]:
         for setting in chosen["settings"]:
