@@ -10,7 +10,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dpokit.attention import SEGMENT_ATTENTION, enable_segment_attention, flatten
+from dpokit.attention import (
+    SEGMENT_ATTENTION,
+    UNPADDED_MODEL_TYPES,
+    enable_segment_attention,
+    flatten,
+)
 from dpokit.data import RawRow, parse_examples, tokenize_examples
 from dpokit.data.collate import collate_packed, collate_padded, collate_shared
 from dpokit.errors import DpokitError
@@ -144,3 +149,49 @@ def test_flatten_rejects_interleaved_sequences(pairs):
     ids[0, 0] = ids[0, -1]  # sequence of the last token also appears first
     with pytest.raises(DpokitError, match="split by another"):
         flatten(type(batch)(**{**batch.__dict__, "sequence_ids": ids}))
+
+
+def tiny_of_type(model_type, vocab_size, *, window=None):
+    """A 2-layer model of ``model_type`` from its config (float64, float32 for MoE kernels)."""
+    if model_type == "gpt2":
+        config = AutoConfig.for_model("gpt2", vocab_size=vocab_size, n_embd=32, n_layer=2,
+                                      n_head=4, n_positions=256, pad_token_id=0)
+    else:
+        extra = {"num_local_experts": 2, "num_experts": 2, "num_experts_per_tok": 1,
+                 "moe_intermediate_size": 32} if "moe" in model_type or model_type == "mixtral" \
+            else {}
+        if window:
+            extra.update(sliding_window=window, use_sliding_window=True, max_window_layers=0)
+        config = AutoConfig.for_model(
+            model_type, vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, pad_token_id=0, **extra)
+    moe = "moe" in model_type or model_type == "mixtral"
+    torch.manual_seed(12)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if moe else torch.float64)
+    return model.eval(), (1e-5 if moe else 1e-10)
+
+
+@pytest.mark.parametrize("model_type", sorted(UNPADDED_MODEL_TYPES))
+def test_every_switched_family_equals_its_padded_pass(pairs, tokenizer, model_type):
+    """The allowlist is checked, not assumed: right-padded transformers pass as the oracle,
+    with a 3-token sliding window where the family has one."""
+    for window in (None, 3):
+        model, tolerance = tiny_of_type(model_type, len(tokenizer), window=window)
+        oracle = copy.deepcopy(model)
+        with torch.no_grad():
+            expected = completion_logps(oracle, LAYOUTS["right"](pairs), unpadded=False).logps
+            for layout in ("left", "packed", "shared"):
+                got = completion_logps(model, LAYOUTS[layout](pairs), unpadded=True).logps
+                torch.testing.assert_close(got, expected, rtol=0, atol=tolerance,
+                                           msg=f"{model_type} {layout} window={window}")
+        assert model.config._attn_implementation == SEGMENT_ATTENTION
+
+
+def test_families_outside_the_list_run_padded(tokenizer):
+    """Qwen2-MoE builds a sliding-window mask but does not pass the window to attention: it
+    must not be switched."""
+    model, _ = tiny_of_type("qwen2_moe", len(tokenizer))
+    assert model.config.model_type not in UNPADDED_MODEL_TYPES
+    assert not enable_segment_attention(model)
+    assert model.config._attn_implementation == "sdpa"

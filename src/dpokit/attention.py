@@ -11,10 +11,15 @@ every hidden state equals the one of the padded pass.
 
 It plugs into ``transformers`` through its documented attention interface:
 :data:`SEGMENT_ATTENTION` is registered with ``AttentionInterface`` on first use and behaves as
-SDPA unless called with the ``dpokit_segments`` keyword, which models that support attention
-backends (``_supports_attention_backend``) forward from the decoder's call to every attention
-layer. A sliding-window layer (Mistral, Qwen2) passes its window, and segments longer than the
-window get it in their mask.
+SDPA unless called with the ``dpokit_segments`` keyword, which the decoder forwards to every
+attention layer. A sliding-window layer (Mistral, Qwen2) passes its window, and segments longer
+than the window get it in their mask.
+
+Only the decoder families in :data:`UNPADDED_MODEL_TYPES` are switched: their every layer is
+softmax attention whose whole pattern is causal + padding + the window it passes. Others run
+padded — hybrids whose convolution or state-space layers would carry state from one sequence to
+the next in a flat row (LFM2, Granite-H), and models whose pattern lives only in the mask
+(chunked attention, a window that is not passed to the attention function, learned mask biases).
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ from dpokit.errors import DpokitError
 
 SEGMENT_ATTENTION = "dpokit_segment_sdpa"
 """The name under which :func:`segment_attention` is registered with ``transformers``."""
+
+UNPADDED_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma3_text",
+    "phi", "phi3", "gpt2", "olmo2", "granite", "starcoder2", "cohere", "smollm3",
+})
+"""``config.model_type`` of the decoders checked equal to their padded pass (with a sliding
+window where the family has one; ``tests/test_attention.py``)."""
 
 
 @dataclass(frozen=True)
@@ -152,8 +164,11 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     groups = getattr(module, "num_key_value_groups", 1)
     gqa = {}
     if groups > 1:
-        if query.device.type == "cpu" or all(b is None for b in dpokit_segments.biases):
-            gqa = {"enable_gqa": True}  # CPU kernels and masks-free GPU kernels support it
+        masked = any(b is not None for b in dpokit_segments.biases) or (
+            window is not None
+            and max(stop - start for start, stop in dpokit_segments.bounds) > window)
+        if query.device.type == "cpu" or not masked:
+            gqa = {"enable_gqa": True}  # CPU kernels and mask-free GPU kernels support it
         else:  # masked GPU kernels do not: repeat the key/value heads once for the whole row
             key = key.repeat_interleave(groups, dim=1)
             value = value.repeat_interleave(groups, dim=1)
@@ -174,13 +189,14 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
 
 
 def enable_segment_attention(model: nn.Module) -> bool:
-    """Switch ``model`` (a bare ``transformers`` model) to :func:`segment_attention` if it runs
-    SDPA and forwards attention keywords; True when it does (it then behaves as before on calls
-    without segments). Registration with ``transformers`` happens here, on first use."""
+    """Switch ``model`` (a bare ``transformers`` model) to :func:`segment_attention` if it is one
+    of :data:`UNPADDED_MODEL_TYPES` and runs SDPA; True when it does (it then behaves as before
+    on calls without segments). Registration with ``transformers`` happens here, on first use."""
     current = getattr(model.config, "_attn_implementation", None)
     if current == SEGMENT_ATTENTION:
         return True
-    if current != "sdpa" or not getattr(model, "_supports_attention_backend", False):
+    if (current != "sdpa" or getattr(model.config, "model_type", None) not in UNPADDED_MODEL_TYPES
+            or not getattr(model, "_supports_attention_backend", False)):
         return False
     if not hasattr(model, "set_attn_implementation"):
         return False

@@ -10,8 +10,15 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from dpokit.errors import DpokitError
 from dpokit.fixtures import tiny_causal_lm
-from dpokit.train.recompute import AUTO_MIN_FREED_BYTES, SAVED_OPS, enable_recompute, freed_bytes
+from dpokit.train.recompute import (
+    AUTO_MIN_FREED_BYTES,
+    SAVED_OPS,
+    _policy,
+    enable_recompute,
+    freed_bytes,
+)
 
 
 def model_for(mode, dtype=torch.float64):
@@ -84,3 +91,24 @@ def test_freed_bytes_by_hand():
     gpt2 = AutoConfig.for_model("gpt2", n_embd=64, n_layer=3, n_head=4)  # I = 4·H
     assert freed_bytes(gpt2, 10, 2) == 10 * 3 * (3 * 64 + 2 * 256) * 2
     assert freed_bytes(config, 1000, 4) >= AUTO_MIN_FREED_BYTES > freed_bytes(config, 100, 4)
+
+
+def test_attention_with_dropout_is_recomputed_not_replayed():
+    """Replaying a dropout-drawing kernel from the cache would shift the RNG for the layer's
+    later dropouts in the recomputation (CUDA flash/efficient kernels draw inside the op)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    flash = torch.ops.aten._scaled_dot_product_flash_attention.default
+    q = torch.zeros(1, 1, 2, 4)
+    assert _policy(None, flash, q, q, q, 0.0) == CheckpointPolicy.MUST_SAVE
+    assert _policy(None, flash, q, q, q, 0.1) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert _policy(None, torch.ops.aten.mm.default, q, q) == CheckpointPolicy.MUST_SAVE
+    assert _policy(None, torch.ops.aten.silu.default, q) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def test_models_without_checkpointing_support_get_a_clear_error():
+    model = tiny_causal_lm("llama", vocab_size=64, seed=0)
+    model.supports_gradient_checkpointing = False
+    with pytest.raises(DpokitError, match="does not support activation checkpointing"):
+        enable_recompute(model, "selective")
+    enable_recompute(model, "none")  # nothing asked, nothing raised

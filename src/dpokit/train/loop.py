@@ -42,7 +42,12 @@ from dpokit.train.checkpoint import (
 )
 from dpokit.train.config import DPOConfig, SFTConfig, TrainConfig
 from dpokit.train.objectives import DPOObjective, LogpsModule, SFTObjective, metric_names
-from dpokit.train.recompute import AUTO_MIN_FREED_BYTES, enable_recompute, freed_bytes
+from dpokit.train.recompute import (
+    AUTO_MIN_FREED_BYTES,
+    enable_recompute,
+    freed_bytes,
+    supports_recompute,
+)
 from dpokit.train.reference import (
     Reference,
     cache_key,
@@ -284,6 +289,8 @@ def _recompute_mode(config: TrainConfig, model: nn.Module, items: list, is_dpo: 
     if config.gradient_checkpointing:
         return "full"
     selective = config.selective_checkpointing
+    if selective is None and not supports_recompute(model):
+        selective = False
     if selective is None:
         if is_dpo:
             prompt_rows = 1 if config.layout == "shared" else 2

@@ -27,18 +27,36 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from dpokit.errors import DpokitError
+
 _aten = torch.ops.aten
 SAVED_OPS = frozenset(
     getattr(_aten, name).default for name in (
-        "mm", "addmm", "bmm", "baddbmm",
+        "mm", "addmm", "bmm", "baddbmm", "_grouped_mm",
         "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
     ) if hasattr(_aten, name))
 """Ops whose outputs selective checkpointing keeps: the expensive ones."""
 
 
+def _draws_random(op, args, kwargs) -> bool:
+    """Whether this call consumes the RNG (attention with ``dropout_p > 0``)."""
+    if torch.Tag.nondeterministic_seeded not in op.tags:
+        return False
+    names = [argument.name for argument in op._schema.arguments]
+    if "dropout_p" not in names:
+        return True
+    index = names.index("dropout_p")
+    dropout = kwargs.get("dropout_p", args[index] if index < len(args) else 0.0)
+    return bool(dropout)
+
+
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    # An op that draws random numbers is recomputed, never replayed from the cache: skipping
+    # it in the recomputation would shift the RNG for every later dropout of the layer.
+    if op in SAVED_OPS and not _draws_random(op, args, kwargs):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def selective_context():
@@ -67,10 +85,18 @@ def freed_bytes(model_config, tokens: float, bytes_per_value: int) -> float:
     return tokens * layers * (3 * hidden + 2 * inner) * bytes_per_value
 
 
+def supports_recompute(model: nn.Module) -> bool:
+    """Whether ``model`` has ``transformers``' per-layer checkpointing hook."""
+    return bool(getattr(model, "supports_gradient_checkpointing", False))
+
+
 def enable_recompute(model: nn.Module, mode: Literal["none", "selective", "full"]) -> None:
     """Turn on recomputation of ``model``'s decoder layers (a bare ``transformers`` model)."""
     if mode == "none":
         return
+    if not supports_recompute(model):
+        raise DpokitError(f"{type(model).__name__} does not support activation checkpointing; "
+                          "run without gradient_checkpointing/selective_checkpointing")
     kwargs: dict = {"use_reentrant": False}
     if mode == "selective":
         kwargs["context_fn"] = selective_context
@@ -78,5 +104,4 @@ def enable_recompute(model: nn.Module, mode: Literal["none", "selective", "full"
         model.activation_checkpointing_enable(kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.config.use_cache = False
 
