@@ -10,7 +10,9 @@ non-reentrant ``torch.utils.checkpoint``:
   benchmark's Llama that drops the saved activations per token and layer from about 9·H + 4·I to
   6·H + 2·I floats for ~2% more time: the recomputed ops are memory-bound and small.
 
-Numbers are unchanged either way (dropout is replayed with the saved RNG state).
+Numbers are unchanged either way: dropout is replayed with the saved RNG state, and an
+attention kernel that draws its own dropout is recomputed rather than served from the cache
+(skipping it would shift the RNG for the layer's later dropouts).
 
 Selective recomputation pays a fixed cost per recorded op (PyTorch intercepts every op of the
 layer in Python) that the memory it frees justifies only when activations are large: on the
