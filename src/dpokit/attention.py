@@ -105,16 +105,18 @@ def flatten(batch: PairBatch, dtype: torch.dtype = torch.float32) -> FlatBatch:
     flat_index = torch.full((rows * length,), -1, dtype=torch.long, device=real.device)
     flat_index[index] = torch.arange(len(index), device=real.device)
     position_ids = batch.position_ids.reshape(-1)[index]
-    biases = tuple(None if mask is None else _bias(mask, dtype) for mask in masks)
+    biases = tuple(None if mask is None else additive_mask(mask, dtype)[None, None]
+                   for mask in masks)
     return FlatBatch(batch.input_ids.reshape(-1)[index][None], position_ids[None], flat_index,
                      Segments(bounds, tuple(masks), biases, position_ids))
 
 
-def _bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(n, n)`` boolean → ``(1, 1, n, n)`` additive: 0 where allowed, the dtype's minimum."""
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean attention mask (True: may attend) as the additive one eager attention and SDPA
+    take: 0 where allowed, the dtype's minimum elsewhere; same shape."""
     zero = torch.zeros((), dtype=dtype, device=mask.device)
     low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
-    return torch.where(mask, zero, low)[None, None]
+    return torch.where(mask, zero, low)
 
 
 def _with_window(mask: Tensor | None, positions: Tensor, window: int | None) -> Tensor | None:
@@ -179,7 +181,7 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             dpokit_segments.masks, dpokit_segments.biases, dpokit_segments.bounds, strict=True):
         windowed = _with_window(mask, dpokit_segments.position_ids[start:stop], window)
         if windowed is not mask:
-            bias = _bias(windowed, query.dtype)
+            bias = additive_mask(windowed, query.dtype)[None, None]
         elif bias is not None and bias.dtype != query.dtype:
             bias = bias.to(query.dtype)
         outputs.append(torch.nn.functional.scaled_dot_product_attention(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import random
 import resource
@@ -230,14 +231,8 @@ def _params(fixture: Fixture, model: str) -> int:
     from safetensors import safe_open
 
     with safe_open(str(fixture.model(model) / "model.safetensors"), "pt") as handle:
-        return sum(_numel(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
-
-
-def _numel(shape) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
+        return sum(math.prod(handle.get_slice(key).get_shape())
+                   for key in handle.keys())  # noqa: SIM118
 
 
 def _subprocess(args: list[str]) -> dict:

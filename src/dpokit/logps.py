@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dpokit.attention import enable_segment_attention, flatten
+from dpokit.attention import additive_mask, enable_segment_attention, flatten
 from dpokit.data.collate import PairBatch
 from dpokit.errors import DpokitError
 
@@ -110,26 +110,15 @@ def _chunk_logps(hidden: Tensor, targets: Tensor, lm_head: nn.Module,
     return token_logps, wpo_terms
 
 
-def _mask(model: nn.Module, batch: PairBatch) -> Tensor | None:
-    """The batch's attention mask as the model takes it: a custom 4D boolean mask (shared
-    layout) becomes additive (0 or the dtype's minimum), which eager and SDPA attention accept."""
-    mask = batch.attention_mask
-    if mask is None or mask.dim() != 4:
-        return mask
-    dtype = next(unwrap_model(model).parameters()).dtype
-    zeros = torch.zeros((), dtype=dtype, device=mask.device)
-    return torch.where(mask, zeros, torch.full((), torch.finfo(dtype).min, dtype=dtype,
-                                               device=mask.device))
-
-
 def _hidden_states(model: nn.Module, batch: PairBatch, rows: Tensor, columns: Tensor, *,
                    unpadded: bool) -> Tensor:
     """Last hidden states of the decoder (no LM head) at the padded positions ``(rows,
     columns)``, ``(N, H)``. ``unpadded`` runs the decoder on the real tokens only
     (:mod:`dpokit.attention`) when the model allows it; the states are the same."""
-    decoder = unwrap_model(model).get_decoder()
-    if unpadded and enable_segment_attention(unwrap_model(model)):
-        dtype = next(unwrap_model(model).parameters()).dtype
+    base = unwrap_model(model)
+    decoder = base.get_decoder()
+    dtype = next(base.parameters()).dtype
+    if unpadded and enable_segment_attention(base):
         flat = flatten(batch, dtype)
         # A 4D mask makes transformers use it as given (no mask is built for the flat row);
         # segment attention ignores it and masks each segment itself.
@@ -139,9 +128,16 @@ def _hidden_states(model: nn.Module, batch: PairBatch, rows: Tensor, columns: Te
                           use_cache=False, dpokit_segments=flat.segments)
         hidden = _last_hidden(outputs)[0]  # (T, H)
         return hidden[flat.flat_index[rows * batch.input_ids.shape[1] + columns]]
-    outputs = decoder(input_ids=batch.input_ids, attention_mask=_mask(model, batch),
+    outputs = decoder(input_ids=batch.input_ids, attention_mask=_mask(batch, dtype),
                       position_ids=batch.position_ids, use_cache=False)
     return _last_hidden(outputs)[rows, columns]
+
+
+def _mask(batch: PairBatch, dtype: torch.dtype) -> Tensor | None:
+    """The batch's attention mask as the model takes it: a custom 4D boolean mask (shared
+    layout) becomes additive, which eager and SDPA attention accept."""
+    mask = batch.attention_mask
+    return additive_mask(mask, dtype) if mask is not None and mask.dim() == 4 else mask
 
 
 def _last_hidden(outputs) -> Tensor:
@@ -174,10 +170,10 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         ld_alpha: LD-DPO weight α for tokens beyond the pair's shared completion length (pair
             batches only: sequence i and i + B are the two completions of pair i).
         unpadded: run the decoder on the real tokens only, attention per sequence
-            (:mod:`dpokit.attention`; exact). Models that do not run SDPA through the
-            ``transformers`` attention interface are run padded whatever this says. It
-            switches such a model's attention implementation to ``dpokit_segment_sdpa``, which
-            behaves as SDPA on every other call.
+            (:mod:`dpokit.attention`; exact). Only SDPA models of the families in
+            ``dpokit.attention.UNPADDED_MODEL_TYPES`` are switched; others run padded whatever
+            this says. The switch sets the model's attention implementation to
+            ``dpokit_segment_sdpa``, which behaves as SDPA on every other call.
 
     Returns:
         :class:`CompletionLogps` (float32, or float64 for a float64 model).
@@ -225,7 +221,8 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         else:
             token_logps = wpo_terms = hidden.new_zeros(0, dtype=torch.float32)
     else:
-        logits = model(input_ids=batch.input_ids, attention_mask=_mask(model, batch),
+        logits = model(input_ids=batch.input_ids,
+                       attention_mask=_mask(batch, next(base.parameters()).dtype),
                        position_ids=batch.position_ids, use_cache=False).logits
         logits = logits[rows, columns]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))

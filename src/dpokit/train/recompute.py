@@ -8,7 +8,7 @@ non-reentrant ``torch.utils.checkpoint``:
   matrix multiplications and attention kernels (:data:`SAVED_OPS`) and recomputes only the
   element-wise work between them (norms, activations, rotary embeddings, residual adds). On the
   benchmark's Llama that drops the saved activations per token and layer from about 9·H + 4·I to
-  6·H + 2·I floats for ~2% more time: the recomputed ops are memory-bound and small.
+  6·H + 2·I floats for 5–7% more time: the recomputed ops are memory-bound and small.
 
 Numbers are unchanged either way: dropout is replayed with the saved RNG state, and an
 attention kernel that draws its own dropout is recomputed rather than served from the cache
