@@ -16,29 +16,21 @@ from dpokit.attention import (
     enable_segment_attention,
     flatten,
 )
-from dpokit.data import RawRow, parse_examples, tokenize_examples
-from dpokit.data.collate import collate_packed, collate_padded, collate_shared
 from dpokit.errors import DpokitError
 from dpokit.fixtures import MODEL_KINDS, tiny_causal_lm
 from dpokit.logps import completion_logps
+from tests.helpers import LAYOUTS, tokenized_pairs
 
 ROWS = [
     {"prompt": "the cat sat", "chosen": " on the mat.", "rejected": " under the green tree!"},
     {"prompt": "what color is the sky?", "chosen": " blue", "rejected": " green and red sea"},
     {"prompt": "a", "chosen": " quick brown fox jumps over the lazy dog.", "rejected": " no"},
 ]
-LAYOUTS = {
-    "right": lambda pairs: collate_padded(pairs, pad_token_id=0),
-    "left": lambda pairs: collate_padded(pairs, pad_token_id=0, padding_side="left"),
-    "packed": collate_packed,
-    "shared": lambda pairs: collate_shared(pairs, pad_token_id=0),
-}
 
 
 @pytest.fixture(scope="module")
 def pairs(tokenizer):
-    rows = [RawRow("t.jsonl", i + 1, r) for i, r in enumerate(ROWS)]
-    return tokenize_examples(parse_examples(rows), tokenizer)
+    return tokenized_pairs(ROWS, tokenizer)
 
 
 def logps_and_grads(model, batch, *, unpadded):
@@ -144,7 +136,7 @@ def test_flatten_segments(pairs):
 
 
 def test_flatten_rejects_interleaved_sequences(pairs):
-    batch = collate_packed(pairs)
+    batch = LAYOUTS["packed"](pairs)
     ids = batch.sequence_ids.clone()
     ids[0, 0] = ids[0, -1]  # sequence of the last token also appears first
     with pytest.raises(DpokitError, match="split by another"):

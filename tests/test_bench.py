@@ -2,7 +2,7 @@
 
 import json
 
-from tests.cli_helpers import run_cli
+from tests.helpers import run_cli
 
 
 def test_bench_smoke(tmp_path, capsys):
@@ -22,7 +22,7 @@ def test_bench_smoke(tmp_path, capsys):
 
 def test_bench_rejects_unknown_names(tmp_path, capsys):
     code, _, err = run_cli(capsys, "bench", "--models", "huge")
-    assert code == 2 and "--models: unknown huge" in err
+    assert code == 2 and "models: unknown huge" in err
 
 
 def test_bench_cuda_needs_a_device(tmp_path, capsys):

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from dpokit.outcomes import WORKED_EXAMPLE
+from dpokit.lecture.outcomes import WORKED_EXAMPLE
 from dpokit.theory import markov_log_partition
-from tests.cli_helpers import run_cli as run
+from tests.helpers import run_cli as run
 
 
 def brute_force(ref_probs, rewards, beta):
@@ -81,9 +81,9 @@ def test_optimal_from_csv(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["optimal", "--beta", "0"], "--beta must be a finite number > 0, got 0"),
-    (["optimal", "--beta", "-1"], "--beta must be a finite number > 0"),
-    (["optimal", "--beta", "abc"], "--beta: 'abc' is not a number"),
+    (["optimal", "--beta", "0"], "error: beta must be a finite number > 0, got 0.0"),
+    (["optimal", "--beta", "-1"], "error: beta must be a finite number > 0"),
+    (["optimal", "--beta", "abc"], "betas: expected float, got 'abc'"),
     (["optimal", "-o", "a:0.5:0", "-o", "b:0.6:1"], "sum to 1.1"),
     (["optimal", "-o", "a:-0.5:0", "-o", "b:1.5:1"], "must be finite and ≥ 0"),
     (["optimal", "-o", "a:0.5"], "expected NAME:REF_PROB:REWARD"),
@@ -93,9 +93,9 @@ def test_optimal_from_csv(tmp_path, capsys):
     (["optimal", "--ref-prob", "cats"], "expected NAME=VALUE"),
     (["optimal", "--csv", "/nonexistent/outcomes.csv"], "cannot read /nonexistent/outcomes.csv"),
     (["optimal", "--no-such-flag"], "No such option"),
-    (["partition", "--samples", "1"], "--samples must all be ≥ 2"),
-    (["partition", "--repeats", "0"], "--repeats must be ≥ 1"),
-    (["figures", "--rate", "0"], "--rate must be a finite number > 0"),
+    (["partition", "--samples", "1"], "error: samples must all be ≥ 2"),
+    (["partition", "--repeats", "0"], "error: repeats must be ≥ 1"),
+    (["figures", "--rate", "0"], "error: rate must be a finite number > 0"),
 ])
 def test_bad_arguments_exit_2_with_one_line(capsys, argv, message):
     code, out, err = run(capsys, *argv)
@@ -152,7 +152,7 @@ def test_partition_json_agrees_with_theory(capsys):
 
 
 def test_partition_exact_matches_recursion_for_the_builtin_space(capsys):
-    from dpokit.partition_study import builtin_space
+    from dpokit.lecture.partition import builtin_space
 
     code, out, _ = run(capsys, "partition", "--json", "--max-length", "2", "--rate", "10",
                        "--beta", "1", "--samples", "10", "--repeats", "2")
@@ -164,7 +164,7 @@ def test_partition_exact_matches_recursion_for_the_builtin_space(capsys):
 
 
 def test_figures_write_every_png(tmp_path, capsys):
-    from dpokit.plots.figures import FIGURES
+    from dpokit.lecture.figures import FIGURES
 
     out_dir = tmp_path / "figs"
     code, out, _ = run(capsys, "figures", "--out", str(out_dir), "--rate", "1e7")
@@ -194,4 +194,4 @@ def test_entry_points_behave_the_same(launcher):
     bad = subprocess.run([*launcher, "optimal", "--beta", "0"], capture_output=True, text=True,
                          check=False)
     assert bad.returncode == 2
-    assert bad.stderr == "dpokit: error: --beta must be a finite number > 0, got 0\n"
+    assert bad.stderr == "dpokit: error: beta must be a finite number > 0, got 0.0\n"

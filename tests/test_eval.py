@@ -7,8 +7,8 @@ import math
 import pytest
 
 from dpokit.fixtures import tiny_causal_lm
-from tests.cli_helpers import run_cli as run
-from tests.test_logps import reference_token_logps
+from tests.helpers import reference_token_logps, write_jsonl
+from tests.helpers import run_cli as run
 
 ROWS = [
     {"prompt": "the cat sat", "chosen": " on the mat.", "rejected": " under the tree!"},
@@ -26,7 +26,7 @@ def saved(tmp_path_factory, tokenizer):
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     data = root / "prefs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    write_jsonl(data, ROWS)
     return root, policy, ref
 
 
@@ -102,7 +102,7 @@ def test_packed_and_padded_agree(saved, capsys):
     (["--model", "/nonexistent/model"], "model directory not found: /nonexistent/model"),
     (["--data", "/nonexistent/prefs.jsonl"], "data not found: /nonexistent/prefs.jsonl"),
     (["--loss-type", "magic"], "unknown loss"),
-    (["--beta", "0"], "--beta must be a finite number > 0"),
+    (["--beta", "0"], "beta must be a finite number > 0"),
 ])
 def test_eval_errors_are_one_line(saved, capsys, args, message):
     root, _, _ = saved
@@ -123,3 +123,82 @@ def test_bad_row_is_named(saved, capsys, tmp_path):
     code, _, err = run(capsys, "eval", "--model", str(root / "policy"), "--data", str(bad))
     assert code == 2
     assert f"{bad}, row 2, field 'rejected': missing" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"ld_alpha": 0.5},
+    {"use_weighting": True},
+    {"loss_type": ["ipo"]},
+    {"padding_free": True},
+    {"shared_prompt": False, "rpo_alpha": 0.3},
+])
+def test_eval_loss_equals_the_loss_logged_at_training_step_1(saved, capsys, tmp_path, extra):
+    """`dpokit eval` and a training step run one objective: with the whole data set as one
+    batch, the eval loss (and metrics) on the initial model equal what step 1 logs — per-row
+    weights, ld_alpha, WPO, rpo_alpha and every layout included. Tolerance 1e-5 (float32)."""
+    from dpokit.config import load_config
+    from dpokit.train.config import DPOConfig
+    from dpokit.train.loop import train
+
+    root, _, _ = saved
+    data = tmp_path / "weighted.jsonl"
+    weights = [0.5, 2.0, 1.25]
+    data.write_text("".join(json.dumps({**r, "weight": w}) + "\n"
+                            for r, w in zip(ROWS, weights, strict=True)))
+    common = {"model": str(root / "policy"), "ref_model": str(root / "ref"), "data": str(data),
+              "beta": 0.5, **extra}
+    config = load_config(DPOConfig, None, {k: v if isinstance(v, str) else json.dumps(v)
+                                           for k, v in {**common, "batch_size": 3,
+                                                        "max_steps": 1, "logging_steps": 1,
+                                                        "save_steps": None,
+                                                        "output_dir": str(tmp_path / "run")}
+                                           .items()})
+    train(config, progress=False)
+    (step_1,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl")
+                 .read_text().splitlines() if '"loss"' in line]
+    flags = []
+    for key, value in common.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + key.replace("_", "-"))
+        else:
+            flags += [flag, ",".join(value) if isinstance(value, list) else str(value)]
+    code, out, err = run(capsys, "eval", *flags, "--batch-size", "2", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["num_pairs"] == 3
+    for key in ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected"):
+        assert summary[key] == pytest.approx(step_1[key], abs=1e-5), key
+    flags[flags.index(str(data))] = str(root / "prefs.jsonl")  # the same rows, no weights
+    unweighted = json.loads(run(capsys, "eval", *flags, "--json")[1])["loss"]
+    assert abs(unweighted - summary["loss"]) > 1e-3  # the weights are really applied
+
+
+def test_margin_column_feeds_odpo(saved, tokenizer, capsys, tmp_path):
+    """The data's margin m reaches the loss: odpo's per-pair loss is −log σ(βh − α·m)
+    (ODPO, Amini et al. 2024) with h from the float64 reference log-probs; tolerance 1e-5."""
+    root, policy, ref = saved
+    data = tmp_path / "margins.jsonl"
+    margins = [0.0, 1.5, -2.0]
+    data.write_text("".join(json.dumps({**r, "margin": m}) + "\n"
+                            for r, m in zip(ROWS, margins, strict=True)))
+    out_file = tmp_path / "per_example.jsonl"
+    code, _, err = run(capsys, "eval", "--model", str(root / "policy"), "--ref-model",
+                       str(root / "ref"), "--data", str(data), "--beta", "0.5", "--loss-type",
+                       "odpo", "--odpo-alpha", "0.4", "--per-example", str(out_file), "--json")
+    assert code == 0, err
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    for row, m, record in zip(ROWS, margins, records, strict=True):
+        chosen, rejected = expected_logps(policy, tokenizer, row)
+        ref_chosen, ref_rejected = expected_logps(ref, tokenizer, row)
+        h = (chosen - ref_chosen) - (rejected - ref_rejected)
+        z = 0.5 * h - 0.4 * m
+        assert record["loss"] == pytest.approx(math.log1p(math.exp(-z)), abs=1e-5)
+    code, _, err = run(capsys, "eval", "--model", str(root / "policy"), "--ref-model",
+                       str(root / "ref"), "--data", str(root / "prefs.jsonl"), "--loss-type",
+                       "odpo")
+    assert code == 2 and "margin" in err and err.count("\n") == 1

@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from dpokit.data import RawRow, parse_examples, tokenize_examples
-from dpokit.data.collate import collate_packed, collate_padded, collate_shared
+from dpokit.data.collate import collate_packed, collate_padded
 from dpokit.fixtures import MODEL_KINDS, tiny_causal_lm
 from dpokit.logps import sequence_logps
+from tests.helpers import LAYOUTS, reference_token_logps, tokenized_pairs
 
 ROWS = [
     {"prompt": "the cat sat", "chosen": " on the mat.", "rejected": " under the green tree!"},
@@ -17,33 +17,15 @@ ROWS = [
     {"prompt": "a", "chosen": " quick brown fox jumps over the lazy dog.", "rejected": " no"},
     {"prompt": "why is the sun red? answer the question", "chosen": " yes", "rejected": " no!"},
 ]
-LAYOUTS = ["right", "left", "packed", "shared"]
 
 
 @pytest.fixture(scope="module")
 def pairs(tokenizer):
-    rows = [RawRow("t.jsonl", i + 1, r) for i, r in enumerate(ROWS)]
-    return tokenize_examples(parse_examples(rows), tokenizer)
+    return tokenized_pairs(ROWS, tokenizer)
 
 
 def collate(pairs, layout):
-    if layout == "packed":
-        return collate_packed(pairs)
-    if layout == "shared":
-        return collate_shared(pairs, pad_token_id=0)
-    return collate_padded(pairs, pad_token_id=0, padding_side=layout)
-
-
-def reference_token_logps(model, prompt_ids, completion_ids):
-    """Per-token log π of the completion: one unpadded sequence, full logits, float64."""
-    model64 = copy.deepcopy(model).double()
-    ids = torch.tensor([prompt_ids + completion_ids])
-    with torch.no_grad():
-        log_probs = model64(input_ids=ids).logits[0, :-1].log_softmax(-1)
-    token_logps = log_probs.gather(-1, ids[0, 1:, None]).squeeze(-1)
-    wpo = token_logps - torch.logsumexp(2 * log_probs, dim=-1)
-    start = len(prompt_ids) - 1
-    return token_logps[start:], wpo[start:]
+    return LAYOUTS[layout](pairs)
 
 
 def reference(model, pairs):

@@ -1,6 +1,6 @@
 """dpokit: KL-regularised preference optimisation — the exact optimal policy and DPO.
 
-The exact theory lives in :mod:`dpokit.theory` (pure tensor functions, THEORY.md's notation).
+The exact theory lives in :mod:`dpokit.theory` (pure tensor functions, docs/theory.md's notation).
 """
 
 from dpokit.errors import DpokitError

@@ -27,7 +27,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from dpokit.config import Config, field
+from dpokit.errors import DpokitError
 
 MODELS = {
     "tiny": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 352},
@@ -62,6 +65,51 @@ SETTINGS = {
     "default_recompute": ({"selective_checkpointing": True}, {"gradient_checkpointing": True}),
 }
 BATCH, MAX_LENGTH, LR, BETA, THREADS = 8, 256, 1e-6, 0.1, 2
+
+
+@dataclass(kw_only=True)
+class BenchConfig(Config):
+    """What ``dpokit bench`` runs (flags and YAML keys)."""
+
+    workdir: str = field("out/bench", help="Where the fixtures (tokenizer, rows, models) and "
+                                           "runs go.")
+    models: list[str] = field(default_factory=lambda: ["tiny", "small"],
+                              help=f"Model shapes: {', '.join(MODELS)} (0.5b for a GPU).")
+    settings: list[str] = field(
+        default_factory=lambda: ["default", "no_ckpt_precompute"],
+        help=f"Settings: {', '.join(SETTINGS)} (default_* are dpokit-only ablations).")
+    steps: int = field(20, help="Steps per run (≥ 4).")
+    repeats: int = field(2, help="Runs per framework (alternating).")
+    frameworks: list[str] = field(default_factory=lambda: ["dpokit", "trl"],
+                                  help="dpokit and/or trl (TRL needs `pip install '.[bench]'`).")
+    end_to_end: bool = field(True, help="Also time one cold-start epoch over 320 pairs.")
+    device: Literal["cpu", "cuda"] = field(
+        "cpu", help="cuda: the GPU benchmark (e.g. --models 0.5b --dtype bfloat16).")
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        "float32", help="Compute precision of both frameworks.")
+    json: str | None = field(None, help="Also write the rows as JSON here.")
+
+    def validate(self) -> None:
+        """Known names, enough steps, TRL and CUDA present when asked for."""
+        import importlib.util
+
+        super().validate()
+        for key, known in (("models", MODELS), ("settings", SETTINGS),
+                           ("frameworks", ("dpokit", "trl"))):
+            unknown = [v for v in getattr(self, key) if v not in known]
+            if unknown:
+                raise DpokitError(f"{key}: unknown {', '.join(unknown)} "
+                                  f"(known: {', '.join(known)})")
+        if "trl" in self.frameworks and importlib.util.find_spec("trl") is None:
+            raise DpokitError("TRL is not installed; `pip install '.[bench]'` or "
+                              "--frameworks dpokit")
+        if self.steps < 4 or self.repeats < 1:
+            raise DpokitError("steps must be ≥ 4 and repeats ≥ 1")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise DpokitError("device cuda: no CUDA device is available")
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,26 @@ C = TypeVar("C")
 _MISSING = dataclasses.MISSING
 
 
-def field(default: Any = _MISSING, *, help: str, default_factory: Any = _MISSING) -> Any:
-    """A config field: its default and its help text (shown by ``--help``)."""
+def field(default: Any = _MISSING, *, help: str, default_factory: Any = _MISSING,
+          aliases: Sequence[str] = ()) -> Any:
+    """A config field: its default, its help text (shown by ``--help``) and extra flag
+    spellings (``aliases=("-b",)``) besides ``--field-name`` and ``--field_name``."""
+    metadata = {"help": help, "aliases": tuple(aliases)}
     if default_factory is not _MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+class Config:
+    """Base of dpokit's config dataclasses: ``validate()`` chains through every concern.
+
+    Each concern (model, data, loss, optimisation, …) is a keyword-only dataclass deriving from
+    this; a command's config inherits the concerns it needs, and its ``validate`` runs all of
+    theirs (each calls ``super().validate()`` first).
+    """
+
+    def validate(self) -> None:
+        """Reject impossible values with a one-line ``DpokitError`` naming the key."""
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -150,7 +165,8 @@ def build_config(cls: type[C], values: Mapping[str, Any], *, source: str = "conf
         if (name not in kwargs and f.default is _MISSING
                 and f.default_factory is _MISSING):
             raise DpokitError(f"{source}: {name} is required (--{name.replace('_', '-')})")
-    config = cls(**kwargs)
+    preset = getattr(cls, "preset", None)  # e.g. the demo's quick settings under the given ones
+    config = cls(**(preset(kwargs) if callable(preset) else kwargs))
     validate = getattr(config, "validate", None)
     if callable(validate):
         validate()
@@ -177,12 +193,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def write_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (through a temporary file and a rename)."""
-    import os
+    from dpokit.atomic import write_text
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def field_help(cls: type) -> list[tuple[str, str, Any, str]]:

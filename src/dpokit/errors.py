@@ -18,7 +18,7 @@ class BudgetExceededError(DpokitError):
 
 
 def check_beta(beta: float) -> float:
-    """Return ``beta`` as a float after checking β > 0 and finite (THEORY.md §2 needs β > 0)."""
+    """``beta`` as a float after checking β > 0 and finite (docs/theory.md §2 needs β > 0)."""
     value = float(beta)
     if not value > 0 or value == float("inf"):
         raise DpokitError(f"beta must be a finite number > 0, got {beta!r}")

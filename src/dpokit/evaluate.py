@@ -1,15 +1,16 @@
-"""Score preference data with a policy (and optionally a reference): ``dpokit eval``.
+"""Evaluation: an objective run without backward — ``dpokit eval`` and in-training evaluation.
 
-For every pair: log π_θ(y_w|x), log π_θ(y_l|x) summed over completion tokens, their token
-counts, and — with a reference, or for a reference-free loss — the implicit rewards
-β log(π_θ/π_ref) and the loss of :func:`dpokit.losses.dpo_loss`. Means are reduced as sums and
-counts over all batches, then divided once.
+    result = evaluate(objective, objective.policy(model), items, batch_size=8, runtime=runtime)
+    result.metrics   # objective.means(...) of sums reduced over every batch and rank
+
+Because it is the same :meth:`~dpokit.objectives.Objective.forward` that training calls, it
+applies weights, margins, ld_alpha, WPO and every layout exactly as a training step does: the loss
+of ``dpokit eval`` on the initial model equals the loss logged at training step 1 over the same
+rows. Sums and counts are reduced over batches (and ranks), then divided once.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,100 +20,115 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dpokit.data import TokenizedPair, collate_pairs
+from dpokit.config import field as field_
+from dpokit.data import micro_batches
 from dpokit.errors import DpokitError
-from dpokit.logps import DEFAULT_CHUNK_SIZE, PairLogps, sequence_logps
-from dpokit.losses import (
-    add_metric_sums,
-    dpo_loss,
-    metric_means,
-    needs_lengths,
-    needs_reference,
-    preference_metrics,
-)
+from dpokit.objectives import MetricSums, Objective
+from dpokit.objectives.config import DataConfig, ModelConfig, PreferenceConfig
+from dpokit.runtime import Runtime
 
 
 @dataclass
-class EvalResult:
-    """Means over the data, and one record per pair."""
+class Evaluation:
+    """Means over the data, and (when asked) one record per example."""
 
     metrics: dict[str, float]
-    num_pairs: int
+    num_examples: int
     per_example: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _records(items: Sequence[Any], examples: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """One JSON-ready dict per item: where it came from, then every per-example value."""
+    columns = {k: v.detach().cpu() for k, v in examples.items()}
+    records = []
+    for i, item in enumerate(items):
+        record = {"source": getattr(item, "source", ""), "row": getattr(item, "row", i)}
+        for key, values in columns.items():
+            value = values[i]
+            record[key] = int(value) if not value.is_floating_point() else float(value)
+        records.append(record)
+    return records
+
+
 @torch.no_grad()
-def evaluate_pairs(model: nn.Module, pairs: Sequence[TokenizedPair], *,
-                   ref_model: nn.Module | None = None, beta: float = 0.1,
-                   loss_type: str = "sigmoid", loss_options: dict[str, Any] | None = None,
-                   batch_size: int = 8, pad_token_id: int = 0, layout: str = "padded",
-                   chunk_size: int = DEFAULT_CHUNK_SIZE, device: str | torch.device = "cpu",
-                   progress: bool = False) -> EvalResult:
-    """Log-probs of every pair under ``model`` (and ``ref_model``), losses and metrics."""
-    if batch_size < 1:
-        raise DpokitError(f"batch_size must be ≥ 1, got {batch_size}")
-    with_loss = ref_model is not None or not needs_reference(loss_type)
+def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, batch_size: int,
+             runtime: Runtime, offset: int = 0, per_example: bool = False,
+             progress: bool = False) -> Evaluation:
+    """Loss and metrics of ``objective`` over ``items`` (sharded by rank, reduced as sums).
+
+    ``offset`` is where ``items`` start among the examples the reference table was computed on
+    (evaluation pairs follow the training pairs). Every rank runs the same number of batches,
+    padding with zero-weight ones, so DDP and FSDP collectives stay in step. ``per_example``
+    keeps this rank's records (one process: all of them).
+    """
+    was_training = policy.training
+    policy.eval()
+    sums = MetricSums(objective.metric_keys)
     records: list[dict[str, Any]] = []
-    sums: dict[str, torch.Tensor] | None = None
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    bar = tqdm(total=len(pairs), unit="pair", disable=not progress, desc="evaluating")
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        batch = collate_pairs(chunk, layout, pad_token_id=pad_token_id).to(device)
-        policy = sequence_logps(model, batch, chunk_size=chunk_size)
-        ref: PairLogps | None = None
-        if ref_model is not None:
-            ref = sequence_logps(ref_model, batch, chunk_size=chunk_size)
-        rows = [{"source": p.source, "row": p.row} for p in chunk]
-        for i, record in enumerate(rows):
-            record.update(chosen_logps=float(policy.chosen_logps[i]),
-                          rejected_logps=float(policy.rejected_logps[i]),
-                          chosen_tokens=int(policy.chosen_tokens[i]),
-                          rejected_tokens=int(policy.rejected_tokens[i]))
-        if with_loss:
-            lengths = needs_lengths(loss_type) or (loss_options or {}).get("rpo_alpha")
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                policy.chosen_logps, policy.rejected_logps,
-                None if ref is None else ref.chosen_logps,
-                None if ref is None else ref.rejected_logps,
-                beta=beta, loss_type=loss_type,
-                chosen_lengths=policy.chosen_tokens if lengths else None,
-                rejected_lengths=policy.rejected_tokens if lengths else None,
-                **(loss_options or {}))
-            part = preference_metrics(chosen_rewards, rejected_rewards, policy.chosen_logps,
-                                      policy.rejected_logps)
-            sums = part if sums is None else add_metric_sums(sums, part)
-            loss_sum += losses.double().sum().cpu()
-            for i, record in enumerate(rows):
-                if ref is not None:
-                    record.update(ref_chosen_logps=float(ref.chosen_logps[i]),
-                                  ref_rejected_logps=float(ref.rejected_logps[i]))
-                record.update(chosen_reward=float(chosen_rewards[i]),
-                              rejected_reward=float(rejected_rewards[i]), loss=float(losses[i]))
-        records.extend(rows)
-        bar.update(len(chunk))
-    bar.close()
-    n = len(records)
-    metrics = {
-        "logps/chosen": sum(r["chosen_logps"] for r in records) / n,
-        "logps/rejected": sum(r["rejected_logps"] for r in records) / n,
-    }
-    if sums is not None:
-        metrics = {"loss": float(loss_sum) / n, **metric_means(sums)}
-    return EvalResult(metrics=metrics, num_pairs=n, per_example=records)
-
-
-def write_jsonl_atomic(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
-    """Write JSON lines to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    batches = micro_batches(list(range(len(items))), batch_size, runtime.rank,
+                            runtime.world_size)
+    bar = tqdm(total=len(items), unit=objective.unit[:-1], desc="evaluating",
+               disable=not progress)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record) + "\n")
-        os.replace(tmp, path)
-    except OSError as error:
-        raise DpokitError(f"cannot write {path}: {error.strerror or error}") from None
+        for indices, weight in batches:
+            chunk = [items[i] for i in indices]
+            batch = objective.collate(chunk, [offset + i for i in indices]).to(runtime.device)
+            with runtime.autocast():
+                out = objective.forward(policy, batch)
+            if weight:
+                sums.add(out.sums)
+                if per_example:
+                    records += _records(chunk, out.examples)
+                bar.update(len(indices))
     finally:
-        tmp.unlink(missing_ok=True)
+        bar.close()
+        policy.train(was_training)
+    reduced = sums.reduce(runtime.all_reduce_sum)
+    return Evaluation(objective.means(reduced), int(reduced["count"]), records)
+
+
+@dataclass(kw_only=True)
+class EvalConfig(PreferenceConfig, DataConfig, ModelConfig):
+    """``dpokit eval``: the same model, data and loss keys as ``dpokit train``."""
+
+    ref_model: str | None = field_(
+        None, help="Reference model directory; without it a loss that needs π_ref is not "
+                   "computed and only log-probs are reported.")
+    per_example: str | None = field_(None, help="Write one JSON line per pair to this file.")
+    json: bool = field_(False, help="Print the summary as JSON.")
+
+
+def run_eval(config: EvalConfig, *, progress: bool = True) -> Evaluation:
+    """Load the policy (and reference), read the pairs, :func:`evaluate`, write per-example."""
+    from dpokit.atomic import write_jsonl
+    from dpokit.models import load_causal_lm, load_tokenizer
+    from dpokit.objectives import DPOObjective, Reference
+    from dpokit.runtime import setup_runtime
+
+    runtime = setup_runtime(config.device, config.dtype)
+    if not Path(config.data).exists():
+        raise DpokitError(f"data not found: {config.data}")
+    model = load_causal_lm(config.model, dtype="float32", device=runtime.device,
+                           trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    reference = Reference("none")
+    if config.ref_model is not None and config.needs_reference:
+        ref_model = load_causal_lm(config.ref_model, dtype="float32", device=runtime.device,
+                                   trust_remote_code=config.trust_remote_code,
+                                   what="reference model")
+        reference = Reference("model", model=ref_model, chunk_size=config.chunk_size,
+                              ld_alpha=config.ld_alpha, autocast=runtime.autocast,
+                              unpadded=config.unpadded)
+    objective = DPOObjective(config, tokenizer, reference, score_only=True)
+    pairs = objective.load(config.data, config.split)
+    model.eval()
+    result = evaluate(objective, objective.policy(model), pairs, batch_size=config.batch_size,
+                      runtime=runtime, per_example=config.per_example is not None,
+                      progress=progress)
+    if config.per_example is not None:
+        try:
+            write_jsonl(config.per_example, result.per_example)
+        except OSError as error:
+            raise DpokitError(f"cannot write {config.per_example}: "
+                              f"{error.strerror or error}") from None
+    return result

@@ -1,4 +1,5 @@
-"""Sequence log-probabilities log π(y|x) = Σ_t log π(y_t | x, y_<t) of completions (THEORY.md §4).
+"""Sequence log-probabilities log π(y|x) = Σ_t log π(y_t | x, y_<t) of completions
+(docs/theory.md §4).
 
 The only place in dpokit that shifts labels and masks tokens. One forward pass covers the chosen
 and the rejected completions of a batch together (padded or packed, see

@@ -13,13 +13,13 @@ from dpokit.demo.run import DemoConfig, run_demo
 from dpokit.demo.task import DemoTask
 from dpokit.errors import DpokitError
 from dpokit.theory import kl_divergence
-from tests.cli_helpers import run_cli
+from tests.helpers import run_cli
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(DemoConfig.quick(out_dir=str(out)), report=lambda line: None)
+    return out, run_demo(DemoConfig.quick_config(out_dir=str(out)), report=lambda line: None)
 
 
 def test_quick_demo_closes_the_distance_to_the_optimum(quick):
@@ -118,9 +118,9 @@ def test_custom_reward_callable_and_bad_rewards():
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--reward", "vibes"], "--reward must be one of"),
+    (["--reward", "vibes"], "reward must be one of"),
     (["--loss-type", "simpo"], "reference-free"),
-    (["--beta", "0"], "--beta must be a finite number > 0"),
+    (["--beta", "0"], "beta must be a finite number > 0"),
 ])
 def test_demo_cli_errors(capsys, argv, message):
     code, _, err = run_cli(capsys, "demo", "--quick", *argv)

@@ -22,17 +22,24 @@ class Pairs:
     rr: list[float]  # log π_ref(y_l)
     lc: list[float]  # |y_w|
     lr: list[float]  # |y_l|
+    m: list[float] | None = None  # per-pair margin from the data (ODPO's offset before α)
 
 
 @dataclass(frozen=True)
 class Params:
     beta: float
-    eps: float = 0.0  # label smoothing
-    tau: float = 0.05  # discopop
-    gamma: float = 0.5  # simpo
-    delta: float = 0.0  # bco
+    eps: float = 0.0  # label_smoothing
+    tau: float = 0.05  # discopop_tau
+    gamma: float = 0.5  # simpo_gamma
+    delta: float = 0.0  # bco_delta
     f: str = "reverse_kl"
     alpha: float = 0.5
+    odpo_alpha: float = 1.0
+
+    def hyper_parameters(self) -> dict[str, float]:
+        """The values above under the names ``dpo_loss`` takes (the registry's declarations)."""
+        return {"label_smoothing": self.eps, "discopop_tau": self.tau, "simpo_gamma": self.gamma,
+                "bco_delta": self.delta, "odpo_alpha": self.odpo_alpha}
 
 
 def sigmoid(z: float) -> float:
@@ -162,6 +169,11 @@ def oracle_sigmoid_norm(p, q):
 def oracle_simpo(p, q):
     return [_cdpo(q.beta * (pc / lc - pr / lr) - q.gamma, q.eps)
             for pc, pr, _, _, lc, lr in _per_pair(p)]
+
+
+def oracle_odpo(p, q):
+    return [-log_sigmoid(q.beta * h - q.odpo_alpha * m) for h, m in zip(_margins(p, q), p.m,
+                                                                        strict=True)]
 
 
 ORACLES = {name.removeprefix("oracle_"): fn for name, fn in list(globals().items())

@@ -1,6 +1,8 @@
 """``dpo_loss`` as a whole: the registry's declarations hold, errors, combinations, rewards,
 RPO, WPO. Float64 throughout; equalities to 1e-12 unless stated."""
 
+import contextlib
+import dataclasses
 import math
 
 import numpy as np
@@ -10,16 +12,19 @@ import torch
 from dpokit.errors import DpokitError
 from dpokit.losses import (
     LOSSES,
+    HyperParameter,
     dpo_loss,
+    hyper_parameters,
     is_batch_coupled,
     loss_names,
     needs_lengths,
+    needs_margins,
     needs_reference,
     supports_f_divergence,
     uses_label_smoothing,
     wpo_weights,
 )
-from tests.losses.batches import random_pairs, run, tensors
+from tests.losses.batches import margins, random_pairs, run, tensors
 from tests.losses.oracles import Params
 
 NAMES = loss_names()
@@ -34,10 +39,12 @@ def _params(name: str) -> Params:
 @pytest.mark.parametrize("name", NAMES)
 def test_reference_declaration(name):
     """Reference-free losses run with ref=None; the others raise a DpokitError naming the loss."""
-    pc, pr, _, _, lc, lr = tensors(random_pairs(0))
+    pairs = random_pairs(0)
+    pc, pr, _, _, lc, lr = tensors(pairs)
     eps = _params(name).eps
     call = lambda: dpo_loss(pc, pr, None, None, beta=0.3, loss_type=name,  # noqa: E731
-                            label_smoothing=eps, chosen_lengths=lc, rejected_lengths=lr)
+                            label_smoothing=eps, chosen_lengths=lc, rejected_lengths=lr,
+                            margins=margins(pairs))
     if LOSSES[name].needs_reference:
         with pytest.raises(DpokitError, match=name):
             call()
@@ -52,14 +59,28 @@ def test_reference_declaration(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_lengths_declaration(name):
     """Losses that declare lengths raise without them; the others run without them."""
-    pc, pr, rc, rr, _, _ = tensors(random_pairs(1))
+    pairs = random_pairs(1)
+    pc, pr, rc, rr, _, _ = tensors(pairs)
     call = lambda: dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type=name,  # noqa: E731
-                            label_smoothing=_params(name).eps)
+                            label_smoothing=_params(name).eps, margins=margins(pairs))
     if LOSSES[name].needs_lengths:
         with pytest.raises(DpokitError, match="lengths"):
             call()
     else:
         assert torch.isfinite(call()[0]).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_margins_declaration(name):
+    """Losses that declare margins raise without them; the others ignore them."""
+    pairs = random_pairs(1)
+    without_margins = dataclasses.replace(pairs, m=None)
+    if LOSSES[name].needs_margins:
+        with pytest.raises(DpokitError, match="margin_column"):
+            run(without_margins, _params(name), name)
+    else:
+        with_margins, *_ = run(pairs, _params(name), name)
+        assert torch.equal(with_margins, run(without_margins, _params(name), name)[0])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -98,6 +119,52 @@ def test_f_divergence_declaration(name):
             run(pairs, Params(beta=0.3, eps=_params(name).eps, f="js_divergence"), name)
 
 
+DECLARED = [(spec.name, p.name) for spec in LOSSES.values() for p in spec.hyper_parameters]
+UNDECLARED = [(spec.name, key) for spec in LOSSES.values() for key in hyper_parameters()
+              if key not in spec.hyper_parameter_names]
+
+
+def _declaration(name: str, key: str) -> HyperParameter:
+    return next(p for p in LOSSES[name].hyper_parameters if p.name == key)
+
+
+@pytest.mark.parametrize(("name", "key"), DECLARED)
+def test_hyper_parameter_declaration(name, key):
+    """A declared hyper-parameter changes the loss; values outside its declared range (or not
+    finite) are refused with a message naming the key, the loss and the range."""
+    pairs, parameter = random_pairs(2), _declaration(name, key)
+    accepted = []
+    for value in (0.05, 0.2, 0.7, 2.0):
+        with contextlib.suppress(DpokitError):
+            parameter.check(value, name)
+            accepted.append(value)
+    a, *_ = run(pairs, _params(name), name, **{key: accepted[0]})
+    b, *_ = run(pairs, _params(name), name, **{key: accepted[1]})
+    assert not torch.allclose(a, b)
+    outside = [math.nan, math.inf]
+    if parameter.low is not None:
+        outside.append(parameter.low if parameter.low_open else parameter.low - 0.1)
+    if parameter.high is not None:
+        outside.append(parameter.high if parameter.high_open else parameter.high + 0.1)
+    for value in outside:
+        with pytest.raises(DpokitError) as info:
+            run(pairs, _params(name), name, **{key: value})
+        message = str(info.value)
+        assert key in message and name in message, message
+        if parameter.low is not None or parameter.high is not None:
+            assert parameter.describe_range() in message, message
+
+
+@pytest.mark.parametrize(("name", "key"), UNDECLARED)
+def test_undeclared_hyper_parameter_is_refused_unless_default(name, key):
+    """A hyper-parameter the loss does not read may only be given at its default."""
+    pairs, default = random_pairs(2), hyper_parameters()[key].default
+    at_default, *_ = run(pairs, _params(name), name, **{key: default})
+    assert torch.equal(at_default, run(pairs, _params(name), name)[0])
+    with pytest.raises(DpokitError, match=f"{key}=.* has no effect on loss_type {name}"):
+        run(pairs, _params(name), name, **{key: default + 0.25})
+
+
 def test_capability_helpers_read_the_registry():
     """Helpers answer for one name or a list (any/all), never by comparing names elsewhere."""
     assert needs_reference("sigmoid") and not needs_reference("simpo")
@@ -105,6 +172,7 @@ def test_capability_helpers_read_the_registry():
     assert needs_lengths("ipo") and needs_lengths(["sigmoid", "sft"]) and not needs_lengths("hinge")
     assert is_batch_coupled(["sigmoid", "aot"]) and not is_batch_coupled("sigmoid")
     assert uses_label_smoothing("robust") and not uses_label_smoothing("ipo")
+    assert needs_margins(["sigmoid", "odpo"]) and not needs_margins(["sigmoid", "simpo"])
     assert supports_f_divergence(["sigmoid", "ipo"]) and not supports_f_divergence(["ipo", "aot"])
     assert {s.needs_reference for s in LOSSES.values()} == {True, False}
 

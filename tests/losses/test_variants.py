@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from dpokit.errors import DpokitError
 from dpokit.losses import (
     F_DIVERGENCES,
     LOSSES,
     dpo_loss,
     f_divergence_scores,
+    hyper_parameters,
     loss_names,
 )
 from tests.losses.batches import random_pairs, run
@@ -31,6 +33,11 @@ def test_every_registered_loss_has_an_oracle():
     assert set(loss_names()) == set(ORACLES)
 
 
+def test_every_hyper_parameter_has_an_oracle_setting():
+    """``Params`` carries a value for each declared hyper-parameter, so the oracles can use it."""
+    assert set(Params(beta=1.0).hyper_parameters()) == set(hyper_parameters())
+
+
 def test_f_settings_cover_every_divergence():
     """The f-divergence tests below exercise every divergence dpokit knows."""
     assert {f for f, _ in F_SETTINGS} | {"reverse_kl"} == set(F_DIVERGENCES)
@@ -38,7 +45,7 @@ def test_f_settings_cover_every_divergence():
 
 def _params(name: str, beta: float, **kw) -> Params:
     eps = 0.1 if LOSSES[name].uses_label_smoothing else 0.0
-    return Params(beta=beta, eps=eps, tau=0.05, gamma=0.5, delta=0.3, **kw)
+    return Params(beta=beta, eps=eps, tau=0.05, gamma=0.5, delta=0.3, odpo_alpha=0.7, **kw)
 
 
 @pytest.mark.parametrize("name", loss_names())
@@ -81,7 +88,19 @@ def _extreme_pairs() -> Pairs:
         pr.append(-1.0 + min(u_l, 0.0))
         rr.append(-1.0 - max(u_l, 0.0))
     n = len(u_pairs)
-    return Pairs(pc, pr, rc, rr, [1.0, 1000.0] * (n // 2), [1000.0, 1.0] * (n // 2))
+    margins = [0.0, 1e4, 2.0, -3.0, 1e4, 0.5, 0.0, 1e4, -1e4, 1.0]  # ODPO's offset before α
+    return Pairs(pc, pr, rc, rr, [1.0, 1000.0] * (n // 2), [1000.0, 1.0] * (n // 2), margins)
+
+
+def _least_label_smoothing(name: str) -> float:
+    """ε = 0 where the loss accepts it (or does not read ε), else EXO's recommended 1e-3."""
+    for parameter in LOSSES[name].hyper_parameters:
+        if parameter.name == "label_smoothing":
+            try:
+                parameter.check(0.0, name)
+            except DpokitError:
+                return 1e-3
+    return 0.0
 
 
 EXTREME_CASES = [(name, "reverse_kl", 0.5, 0.05) for name in loss_names()]
@@ -95,8 +114,8 @@ def test_extreme_log_ratios_give_finite_loss_and_gradient(name, f, alpha, tau, d
     """|h| up to 1e4, β ∈ {0.01, 10}: no NaN/inf in losses, rewards or d(Σ losses)/d(logps)."""
     pairs = _extreme_pairs()
     for beta in (0.01, 10.0):
-        params = Params(beta=beta, eps=1e-3 if name == "exo_pair" else 0.0, tau=tau,
-                        delta=0.3, f=f, alpha=alpha)
+        params = Params(beta=beta, eps=_least_label_smoothing(name), tau=tau, delta=0.3, f=f,
+                        alpha=alpha)
         losses, chosen_r, rejected_r, (pc, pr) = run(pairs, params, name, dtype=dtype,
                                                      requires_grad=True, rpo_alpha=1.0)
         assert losses.dtype == dtype
@@ -141,6 +160,37 @@ def test_ipo_hand_worked_value():
                                         rejected_lengths=one(4.0))
     assert float(losses) == pytest.approx(1.5625, abs=1e-12)
     assert (float(chosen), float(rejected)) == pytest.approx((2.0, -0.5), abs=1e-12)
+
+
+def test_odpo_hand_worked_value():
+    """β = 0.1, α = 0.4; log-probs as in the sigmoid example (h = 2, βh = 0.2); data margin m = 1.5.
+
+    Offset α·m = 0.6, so z = βh − α·m = −0.4 and L = −log σ(−0.4) = log(1 + e^0.4)
+    = log 2.4918246976 = 0.9130152524. Rewards are DPO's: β·u = (0.1, −0.1).
+    """
+    one = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    losses, chosen, rejected = dpo_loss(one(-10.0), one(-12.0), one(-11.0), one(-11.0), beta=0.1,
+                                        loss_type="odpo", margins=one(1.5), odpo_alpha=0.4)
+    assert float(losses) == pytest.approx(0.9130152523999526, abs=1e-12)
+    assert (float(chosen), float(rejected)) == pytest.approx((0.1, -0.1), abs=1e-12)
+
+
+@pytest.mark.parametrize("f", F_DIVERGENCES)
+def test_odpo_without_offset_is_sigmoid(f):
+    """α = 0: −log σ(βΔ − 0·m) is DPO's −log σ(βΔ), bit for bit, under every f-divergence."""
+    pairs = random_pairs(11)
+    odpo, *_ = run(pairs, Params(beta=0.3, f=f, odpo_alpha=0.0), "odpo")
+    sigmoid, *_ = run(pairs, Params(beta=0.3, f=f), "sigmoid")
+    assert torch.equal(odpo, sigmoid)
+    shifted, *_ = run(pairs, Params(beta=0.3, f=f, odpo_alpha=0.5), "odpo")
+    assert (shifted > sigmoid).all()  # margins m > 0 raise the bar, so the loss
+
+
+def test_odpo_needs_margins():
+    """Without the data's margin column odpo refuses to run, naming the loss and the column."""
+    one = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    with pytest.raises(DpokitError, match=r"odpo needs a per-pair margin column.*margin_column"):
+        dpo_loss(one(-10.0), one(-12.0), one(-11.0), one(-11.0), beta=0.1, loss_type="odpo")
 
 
 def test_label_smoothing_zero_is_plain_dpo_and_robust_reduces_to_it():

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.cli_helpers import run_cli as run
-from tests.train.test_trainer import metrics, workdir  # noqa: F401  (fixture)
+from tests.helpers import read_metrics
+from tests.helpers import run_cli as run
 
 DPOKIT = [sys.executable, "-m", "dpokit"]
 
@@ -21,7 +21,7 @@ DPOKIT = [sys.executable, "-m", "dpokit"]
 
 
 @pytest.mark.parametrize(("yaml_text", "flags", "message"), [
-    ("beta: 0\n", [], "beta must be > 0, got 0.0"),
+    ("beta: 0\n", [], "beta must be a finite number > 0, got 0.0"),
     ("", ["--batch-size", "0"], "batch_size must be ≥ 1, got 0"),
     ("", ["--label-smoothing", "0.5"], "label_smoothing must be in [0, 0.5)"),
     ("bta: 0.1\n", [], "unknown key 'bta' (did you mean beta?)"),
@@ -47,7 +47,7 @@ def test_bad_configs_are_rejected_before_loading_a_model(tmp_path, capsys, yaml_
     assert "nonexistent" not in err  # rejected before the model or data were touched
 
 
-def test_flags_override_yaml_and_underscore_spelling_works(workdir, tmp_path, capsys):  # noqa: F811
+def test_flags_override_yaml_and_underscore_spelling_works(workdir, tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"model: {workdir / 'llama'}\ndata: {workdir / 'prefs.jsonl'}\n"
                    f"output_dir: {tmp_path / 'ignored'}\nbeta: 5.0\nmax_steps: 2\n"
@@ -62,7 +62,7 @@ def test_flags_override_yaml_and_underscore_spelling_works(workdir, tmp_path, ca
     assert "beta: 0.25" in resolved and "batch_size: 4" in resolved
     assert "shared_prompt: false" in resolved and "precompute_ref_logps: null" in resolved
     assert "- sft" in resolved and "- 0.5" in resolved
-    assert len(metrics(tmp_path / "run")) == 2
+    assert len(read_metrics(tmp_path / "run")) == 2
 
 
 def test_help_documents_every_field_with_its_default(capsys):
@@ -78,7 +78,7 @@ def test_help_documents_every_field_with_its_default(capsys):
         assert shown in flat, (flag, shown)
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_continues(workdir, tmp_path):  # noqa: F811
+def test_sigterm_saves_a_checkpoint_and_resume_continues(workdir, tmp_path):
     out = tmp_path / "sig"
     args = [*DPOKIT, "train", "--model", str(workdir / "llama"), "--data",
             str(workdir / "prefs.jsonl"), "--output-dir", str(out), "--batch-size", "2",
@@ -103,10 +103,10 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(workdir, tmp_path):  # 
                               "--logging-steps", "1", "--resume", "auto"],
                              capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr
-    assert [m["step"] for m in metrics(out)] == list(range(1, step + 3))
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, step + 3))
 
 
-def test_two_processes_match_one(workdir, tmp_path):  # noqa: F811
+def test_two_processes_match_one(workdir, tmp_path):
     """torchrun with 2 gloo processes × batch 2 = 1 process × batch 4 (losses, final weights)."""
     eval_rows = (workdir / "prefs.jsonl").read_text().splitlines()[:3]  # 3 rows on 2 ranks
     (tmp_path / "eval.jsonl").write_text("\n".join(eval_rows) + "\n")
@@ -125,7 +125,7 @@ def test_two_processes_match_one(workdir, tmp_path):  # noqa: F811
                              "--output-dir", str(tmp_path / "two")],
                             capture_output=True, text=True, env=env, check=False, timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]
-    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+    for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"), strict=True):
         key = "loss" if "loss" in a else "eval/loss"  # the last line is the evaluation
         assert a[key] == pytest.approx(b[key], abs=1e-5)
         assert a.get("rewards/accuracies") == b.get("rewards/accuracies")
@@ -135,7 +135,7 @@ def test_two_processes_match_one(workdir, tmp_path):  # noqa: F811
         torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-5)
 
 
-def test_fsdp_two_processes_match_one_and_resume_exactly(workdir, tmp_path):  # noqa: F811
+def test_fsdp_two_processes_match_one_and_resume_exactly(workdir, tmp_path):
     """FSDP2 (fully_shard) on 2 gloo processes: same losses and weights as 1 process, and a
     sharded checkpoint (torch.distributed.checkpoint) resumes to the same result."""
     common = ["--model", str(workdir / "llama"), "--data", str(workdir / "prefs.jsonl"),
@@ -157,7 +157,7 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(workdir, tmp_path):  # 
     launch(torchrun, "fsdp-resumed", 2)
     assert (tmp_path / "fsdp-resumed" / "checkpoint-2" / "sharded").is_dir()
     launch(torchrun, "fsdp-resumed", 4, "--resume", "auto")
-    single, fsdp, resumed = (metrics(tmp_path / name)
+    single, fsdp, resumed = (read_metrics(tmp_path / name)
                              for name in ("single", "fsdp", "fsdp-resumed"))
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     for a, b, c in zip(single, fsdp, resumed, strict=True):

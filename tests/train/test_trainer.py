@@ -2,7 +2,6 @@
 
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -12,25 +11,7 @@ from dpokit.config import load_config
 from dpokit.fixtures import tiny_causal_lm
 from dpokit.train.config import DPOConfig, SFTConfig
 from dpokit.train.loop import train
-
-PROMPTS = ["the cat", "the dog", "what color is the sky?", "a bird", "why is the sun red?"]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tokenizer):
-    """A saved tiny Llama (and GPT-2, which has dropout) and a learnable preference set."""
-    root = tmp_path_factory.mktemp("train")
-    for kind in ("llama", "gpt2", "qwen2"):
-        model = tiny_causal_lm(kind, vocab_size=len(tokenizer), seed=7)
-        model.save_pretrained(root / kind)
-        tokenizer.save_pretrained(root / kind)
-    rng = random.Random(0)
-    rows = [{"prompt": rng.choice(PROMPTS), "chosen": " yes good answer",
-             "rejected": " no bad " + rng.choice(["red", "sea", "moon"])} for _ in range(48)]
-    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "sft.jsonl").write_text("".join(
-        json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n" for r in rows))
-    return root
+from tests.helpers import PROMPTS, read_metrics
 
 
 def config(workdir, out, cls=DPOConfig, **overrides):
@@ -46,18 +27,13 @@ def config(workdir, out, cls=DPOConfig, **overrides):
                                    for k, v in values.items()})
 
 
-def metrics(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
 def weights(final_dir):
     return load_file(str(final_dir / "model.safetensors"))
 
 
 def test_dpo_learns_the_preference(workdir):
     final = train(config(workdir, "learn", max_steps=10), progress=False)
-    history = [m for m in metrics(final.parent) if "loss" in m]
+    history = [m for m in read_metrics(final.parent) if "loss" in m]
     assert len(history) == 10
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     assert history[-1]["rewards/accuracies"] == 1.0
@@ -72,7 +48,7 @@ def test_saved_model_reloads_in_plain_transformers(workdir, tokenizer):
 
     from dpokit.data import collate_padded, load_preference_pairs
     from dpokit.logps import sequence_logps
-    from tests.test_logps import reference_token_logps
+    from tests.helpers import reference_token_logps
 
     final = train(config(workdir, "reload", max_steps=2), progress=False)
     model = AutoModelForCausalLM.from_pretrained(final, local_files_only=True)
@@ -93,7 +69,7 @@ def test_gradient_accumulation_equals_one_big_batch(workdir):
     for bs, acc in ((8, 1), (4, 2), (2, 4)):
         final = train(config(workdir, f"acc{bs}", batch_size=bs, gradient_accumulation_steps=acc,
                              max_steps=3), progress=False)
-        runs[bs] = (metrics(final.parent), weights(final))
+        runs[bs] = (read_metrics(final.parent), weights(final))
     for bs in (4, 2):
         for a, b in zip(runs[8][0], runs[bs][0], strict=True):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
@@ -114,7 +90,7 @@ def test_resume_is_exact(workdir, kind):
     train(stopped, progress=False)
     resumed = train(config(workdir, f"resumed-{kind}", model=model, save_steps=3,
                            resume="auto"), progress=False)
-    a, b = metrics(straight.parent), metrics(resumed.parent)
+    a, b = read_metrics(straight.parent), read_metrics(resumed.parent)
     assert [m["step"] for m in b] == list(range(1, 7))
     for x, y in zip(a, b, strict=True):
         for key in ("loss", "rewards/margins", "grad_norm", "learning_rate"):
@@ -125,20 +101,20 @@ def test_resume_is_exact(workdir, kind):
 
 def test_reference_modes_give_the_same_losses(workdir):
     """Frozen copy = precomputed (cached on disk, reused) = TR-DPO before its first sync."""
-    base = metrics(train(config(workdir, "ref-model", max_steps=2, precompute_ref_logps=False),
+    base = read_metrics(train(config(workdir, "ref-model", max_steps=2, precompute_ref_logps=False),
                          progress=False).parent)
     cache_dir = workdir / ".dpokit_cache"
     before = set(cache_dir.glob("*.safetensors")) if cache_dir.exists() else set()
     # chunk_size is part of the cache key and unused elsewhere: this table is new.
-    pre = metrics(train(config(workdir, "ref-pre", max_steps=2, precompute_ref_logps=True,
+    pre = read_metrics(train(config(workdir, "ref-pre", max_steps=2, precompute_ref_logps=True,
                                chunk_size=513), progress=False).parent)
     (cache,) = set(cache_dir.glob("*.safetensors")) - before  # one new table, for these tokens
     stamp = cache.stat().st_mtime_ns
-    again = metrics(train(config(workdir, "ref-pre2", max_steps=2, precompute_ref_logps=True,
+    again = read_metrics(train(config(workdir, "ref-pre2", max_steps=2, precompute_ref_logps=True,
                                  chunk_size=513), progress=False).parent)
     assert cache.stat().st_mtime_ns == stamp  # second run reused the cache
     assert set(cache_dir.glob("*.safetensors")) - before == {cache}
-    tr = metrics(train(config(workdir, "ref-tr", max_steps=2, sync_ref_model=True,
+    tr = read_metrics(train(config(workdir, "ref-tr", max_steps=2, sync_ref_model=True,
                               ref_model_sync_steps=100), progress=False).parent)
     for other in (pre, again, tr):
         for x, y in zip(base, other, strict=True):
@@ -148,12 +124,12 @@ def test_reference_modes_give_the_same_losses(workdir):
 
 def test_lora_reference_is_the_base_model_with_adapters_disabled(workdir):
     """With LoRA the reference (adapters off) equals a separate frozen copy of the base."""
-    adapters = metrics(train(config(workdir, "lora-a", lora=True, max_steps=2, lora_r=4,
+    adapters = read_metrics(train(config(workdir, "lora-a", lora=True, max_steps=2, lora_r=4,
                                     precompute_ref_logps=False), progress=False).parent)
-    separate = metrics(train(config(workdir, "lora-b", lora=True, max_steps=2, lora_r=4,
+    separate = read_metrics(train(config(workdir, "lora-b", lora=True, max_steps=2, lora_r=4,
                                     ref_model=str(workdir / "llama"),
                                     precompute_ref_logps=False), progress=False).parent)
-    cached = metrics(train(config(workdir, "lora-c", lora=True, max_steps=2, lora_r=4),
+    cached = read_metrics(train(config(workdir, "lora-c", lora=True, max_steps=2, lora_r=4),
                            progress=False).parent)  # default: adapters-off pass, cached
     for x, y, z in zip(adapters, separate, cached, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
@@ -162,7 +138,7 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(workdir):
 
 
 def test_tr_dpo_sync_mixes_the_reference(workdir):
-    from dpokit.train.reference import Reference
+    from dpokit.objectives import Reference
 
     policy = tiny_causal_lm("llama", vocab_size=64, seed=1)
     ref = tiny_causal_lm("llama", vocab_size=64, seed=2)
@@ -173,7 +149,7 @@ def test_tr_dpo_sync_mixes_the_reference(workdir):
 
 
 def test_reference_free_loss_loads_no_reference(workdir):
-    history = metrics(train(config(workdir, "simpo", loss_type="simpo", max_steps=3),
+    history = read_metrics(train(config(workdir, "simpo", loss_type="simpo", max_steps=3),
                             progress=False).parent)
     assert history[-1]["loss"] < history[0]["loss"]
 
@@ -181,7 +157,7 @@ def test_reference_free_loss_loads_no_reference(workdir):
 def test_sft_lowers_the_completion_nll(workdir):
     final = train(config(workdir, "sft", cls=SFTConfig, max_steps=24, learning_rate=3e-3),
                   progress=False)
-    history = metrics(final.parent)
+    history = read_metrics(final.parent)
     assert history[-1]["nll_per_token"] < 0.7 * history[0]["nll_per_token"]
     assert (final / "model.safetensors").is_file()
 
@@ -189,7 +165,7 @@ def test_sft_lowers_the_completion_nll(workdir):
 def test_eval_data_is_evaluated(workdir):
     final = train(config(workdir, "evals", max_steps=4, eval_steps=2,
                          eval_data=str(workdir / "prefs.jsonl")), progress=False)
-    evals = [m for m in metrics(final.parent) if "eval/loss" in m]
+    evals = [m for m in read_metrics(final.parent) if "eval/loss" in m]
     assert [m["step"] for m in evals] == [2, 4]
     assert evals[1]["eval/loss"] < evals[0]["eval/loss"]
     assert "eval/rewards/accuracies" in evals[0]
@@ -197,9 +173,9 @@ def test_eval_data_is_evaluated(workdir):
 
 @pytest.mark.parametrize("recompute", ["full", "selective"])
 def test_recomputation_changes_nothing_but_memory(workdir, recompute):
-    plain = metrics(train(config(workdir, f"{recompute}-off", max_steps=2,
+    plain = read_metrics(train(config(workdir, f"{recompute}-off", max_steps=2,
                                  selective_checkpointing=False), progress=False).parent)
-    checkpointed = metrics(train(config(
+    checkpointed = read_metrics(train(config(
         workdir, f"{recompute}-on", max_steps=2, gradient_checkpointing=recompute == "full",
         selective_checkpointing=recompute == "selective"), progress=False).parent)
     for x, y in zip(plain, checkpointed, strict=True):
@@ -216,8 +192,8 @@ def test_save_total_limit_keeps_the_newest_checkpoints(workdir):
 
 
 def test_bfloat16_autocast_trains_close_to_float32(workdir):
-    fp32 = metrics(train(config(workdir, "fp32", max_steps=3), progress=False).parent)
-    bf16 = metrics(train(config(workdir, "bf16", max_steps=3, dtype="bfloat16"),
+    fp32 = read_metrics(train(config(workdir, "fp32", max_steps=3), progress=False).parent)
+    bf16 = read_metrics(train(config(workdir, "bf16", max_steps=3, dtype="bfloat16"),
                          progress=False).parent)
     assert all(math.isfinite(m["loss"]) for m in bf16)
     assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], abs=0.05)
@@ -240,7 +216,7 @@ def test_sft_on_conversations_and_tensorboard_events(workdir):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
     final = train(config(workdir, "sft-chat", cls=SFTConfig, data=str(data), max_steps=12,
                          learning_rate=3e-3), progress=False)
-    history = metrics(final.parent)
+    history = read_metrics(final.parent)
     assert history[-1]["nll_per_token"] < history[0]["nll_per_token"]
     pytest.importorskip("tensorboard")
     assert list((final.parent / "tensorboard").glob("events.out.tfevents.*"))
@@ -248,9 +224,9 @@ def test_sft_on_conversations_and_tensorboard_events(workdir):
 
 @pytest.mark.parametrize("layout", [{"shared_prompt": True}, {"padding_free": True}])
 def test_layouts_train_identically(workdir, layout):
-    padded = metrics(train(config(workdir, "layout-padded", max_steps=2, shared_prompt=False),
+    padded = read_metrics(train(config(workdir, "layout-padded", max_steps=2, shared_prompt=False),
                            progress=False).parent)
-    other = metrics(train(config(workdir, f"layout-{next(iter(layout))}", max_steps=2,
+    other = read_metrics(train(config(workdir, f"layout-{next(iter(layout))}", max_steps=2,
                                  **layout), progress=False).parent)
     for x, y in zip(padded, other, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
@@ -264,7 +240,7 @@ def test_eval_pairs_get_their_own_reference_logps(workdir):
                                        "rejected": " sat"}]
     eval_file = workdir / "eval_other.jsonl"
     eval_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    runs = [metrics(train(config(workdir, f"eval-ref-{flag}", max_steps=1,
+    runs = [read_metrics(train(config(workdir, f"eval-ref-{flag}", max_steps=1,
                                  eval_data=str(eval_file), precompute_ref_logps=flag),
                           progress=False).parent) for flag in (True, False)]
     cached, live = (next(m for m in run if "eval/loss" in m) for run in runs)
@@ -275,7 +251,7 @@ def test_eval_pairs_get_their_own_reference_logps(workdir):
 def test_lora_reference_runs_without_dropout(workdir):
     """GPT-2 has dropout: the adapters-off reference must be computed in eval mode, so the
     cached and the live reference agree."""
-    runs = [metrics(train(config(workdir, f"lora-drop-{flag}", model=str(workdir / "gpt2"),
+    runs = [read_metrics(train(config(workdir, f"lora-drop-{flag}", model=str(workdir / "gpt2"),
                                  lora=True, lora_r=4, max_steps=1, precompute_ref_logps=flag,
                                  lora_target_modules=["c_attn"]), progress=False).parent)
             for flag in (True, False)]
@@ -306,8 +282,8 @@ def test_resume_between_logging_steps_logs_the_same_numbers(workdir):
               probe=Probe(1, crash))
     resumed = train(config(workdir, "win-b", save_steps=3, logging_steps=2, resume="auto"),
                     progress=False)
-    a = metrics(straight.parent)
-    b = [m for m in metrics(resumed.parent) if "loss" in m]  # not the crashed run's probe lines
+    a = read_metrics(straight.parent)
+    b = [m for m in read_metrics(resumed.parent) if "loss" in m]  # no probe lines
     assert [m["step"] for m in a] == [m["step"] for m in b] == [2, 4, 6]
     for x, y in zip(a, b, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)

@@ -10,7 +10,7 @@ Every user error (missing field, wrong type, empty completion, unknown role, und
 :class:`~dpokit.errors.DpokitError` naming the file, the row and the field.
 """
 
-from dpokit.data.batching import epoch_batches, shard_for_rank
+from dpokit.data.batching import epoch_batches, micro_batches, shard_for_rank
 from dpokit.data.collate import (
     PairBatch,
     collate_packed,
@@ -39,6 +39,7 @@ __all__ = [
     "epoch_batches",
     "load_preference_pairs",
     "load_rows",
+    "micro_batches",
     "pack_sequences",
     "pad_sequences",
     "parse_example",

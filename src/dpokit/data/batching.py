@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dpokit.errors import DpokitError
@@ -34,3 +36,18 @@ def shard_for_rank(batch: list[int], rank: int, world_size: int) -> list[int]:
     base, extra = divmod(len(batch), world_size)
     start = rank * base + min(rank, extra)
     return batch[start:start + base + (rank < extra)]
+
+
+def micro_batches(global_indices: list[int], batch_size: int, rank: int,
+                  world_size: int) -> list[tuple[list[int], float]]:
+    """This rank's micro-batches of a global batch, as ``(indices, weight)``.
+
+    Every rank gets the same number: ranks whose share is shorter add zero-weight repeats of one
+    example, so FSDP's and DDP's collectives (one per forward and backward) stay matched.
+    """
+    mine = shard_for_rank(global_indices, rank, world_size)
+    largest = math.ceil(len(global_indices) / world_size)
+    count = max(1, math.ceil(largest / batch_size))
+    micro = [(mine[i:i + batch_size], 1.0) for i in range(0, len(mine), batch_size)]
+    filler = (mine or global_indices)[:1]
+    return micro + [(filler, 0.0)] * (count - len(micro))

@@ -8,7 +8,8 @@ Accepted per row (column names mappable with :class:`ColumnMap`):
 - implicit prompt: only ``chosen``/``rejected``, two full conversations (or texts) sharing a
   prefix, which is split off as the prompt;
 
-plus optional numeric ``weight`` and ``margin`` columns, passed to the losses that use them.
+plus optional numeric ``weight`` (scales the pair's loss) and ``margin`` (the offset m of the
+losses that read one, e.g. ``odpo``; ignored, with a warning, by the others) columns.
 """
 
 from __future__ import annotations

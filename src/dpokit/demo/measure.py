@@ -1,4 +1,4 @@
-"""Exact measurements on the demo's enumerable outcome space (THEORY.md §2, §4).
+"""Exact measurements on the demo's enumerable outcome space (docs/theory.md §2, §4).
 
 Every completion of every prompt is scored through the model, so each quantity below is exact —
 no sampling. A model puts a little mass outside the space (EOS too early or too late); π_θ and

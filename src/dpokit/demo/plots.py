@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from dpokit.plots.figures import BLUE, GREEN, GREY, RED, _save
+from dpokit.lecture.figures import BLUE, GREEN, GREY, RED, save_figure
 from dpokit.theory import optimal_policy
 
 
@@ -98,5 +98,5 @@ def write_demo_plots(out: Path, result, task, space, ref_logps, runs) -> list[st
         "frontier.png": _frontier(result, runs),
     }
     for name, fig in figures.items():
-        _save(fig, out / name)
+        save_figure(fig, out / name)
     return list(figures)

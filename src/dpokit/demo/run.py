@@ -16,14 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dpokit.atomic import write_jsonl, write_text
+from dpokit.config import Config, field
 from dpokit.demo.measure import (
     build_space,
     matched_best_of_n,
@@ -31,47 +32,82 @@ from dpokit.demo.measure import (
     renormalise,
     score_space,
 )
-from dpokit.demo.task import DemoTask, build_word_tokenizer
-from dpokit.errors import DpokitError
+from dpokit.demo.task import REWARDS, DemoTask, build_word_tokenizer
+from dpokit.errors import DpokitError, check_beta
+from dpokit.losses import LOSSES, get_loss
 from dpokit.theory import expected_reward, kl_divergence, optimal_policy, rejection_sample
 
 log = logging.getLogger("dpokit.demo")
 
 
-@dataclass
-class DemoConfig:
-    """Settings of the demo (``dpokit demo --help`` shows the command-line names)."""
+def _reference_losses() -> list[str]:
+    return [name for name, spec in LOSSES.items() if spec.needs_reference]
 
-    out_dir: str = "out/demo"
-    betas: list[float] = field(default_factory=lambda: [1.0])
-    loss_type: str = "sigmoid"
-    reward: str = "token_score"
-    seed: int = 0
-    sft_samples_per_prompt: int = 2000
-    sft_epochs: float = 3.0
-    pairs_per_prompt: int = 5000
-    dpo_epochs: float = 4.0
-    batch_size: int = 64
-    dpo_learning_rate: float = 3e-3
-    hidden_size: int = 64
-    num_layers: int = 2
-    probes: int = 12
-    """Exact measurements during each DPO run (evenly spaced)."""
-    target_closed_fraction: float = 0.9
+
+QUICK = {"sft_samples_per_prompt": 600, "sft_epochs": 3.0, "pairs_per_prompt": 800,
+         "dpo_epochs": 3.0, "probes": 6, "target_closed_fraction": 0.75}
+"""What ``quick`` changes (keys set explicitly keep their value)."""
+
+
+@dataclass(kw_only=True)
+class DemoConfig(Config):
+    """Settings of the demo: ``dpokit demo --help`` lists them as flags, ``--config`` as YAML."""
+
+    out_dir: str = field("out/demo", aliases=("--out",),
+                         help="Directory for the run, report.json, report.md and the plots.")
+    quick: bool = field(False, help="A smaller run (under a minute) with a looser bar (75%).")
+    betas: list[float] = field(default_factory=lambda: [1.0], aliases=("--beta",),
+                               help="β > 0; several give one DPO run per β and the frontier.")
+    loss_type: str = field("sigmoid", help=f"A loss with a reference: "
+                                           f"{', '.join(_reference_losses())}.")
+    reward: str = field("token_score", help=f"Built-in reward: {', '.join(REWARDS)}.")
+    seed: int = field(0, help="Seed of everything.")
+    sft_samples_per_prompt: int = field(2000, help="SFT samples per prompt from π_ref's law.")
+    sft_epochs: float = field(3.0, help="SFT passes over those samples.")
+    pairs_per_prompt: int = field(5000, help="Preference pairs per prompt.")
+    dpo_epochs: float = field(4.0, help="DPO passes over the pairs.")
+    batch_size: int = field(64, help="Examples per batch, SFT and DPO.")
+    dpo_learning_rate: float = field(3e-3, help="Peak learning rate of DPO.")
+    hidden_size: int = field(64, help="Width of the demo's Llama-shaped transformer.")
+    num_layers: int = field(2, help="Decoder layers of the transformer.")
+    probes: int = field(12, help="Exact measurements of KL(π_θ‖π*) during each DPO run.")
+    target_closed_fraction: float = field(
+        0.9, help="The bar: fraction of KL(π_ref‖π*) DPO must close.")
 
     @classmethod
-    def quick(cls, **overrides: Any) -> DemoConfig:
-        """The ``--quick`` settings: fewer samples and steps (under a minute)."""
-        values = {"sft_samples_per_prompt": 600, "sft_epochs": 3.0, "pairs_per_prompt": 800,
-                  "dpo_epochs": 3.0, "probes": 6, "target_closed_fraction": 0.75}
-        values.update(overrides)
-        return cls(**values)
+    def preset(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """With ``quick``, :data:`QUICK` under the values given."""
+        return {**QUICK, **values} if values.get("quick") else values
 
+    @classmethod
+    def quick_config(cls, **overrides: Any) -> DemoConfig:
+        """The ``--quick`` settings with ``overrides`` on top."""
+        return cls(**cls.preset({"quick": True, **overrides}))
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    def validate(self) -> None:
+        """Reject settings the demo cannot run, naming the key."""
+        super().validate()
+        if not self.betas:
+            raise DpokitError("betas must hold at least one β")
+        for beta in self.betas:
+            check_beta(beta)
+        if len({f"{b:g}" for b in self.betas}) != len(self.betas):
+            raise DpokitError("betas must be distinct")
+        if not get_loss(self.loss_type).needs_reference:
+            raise DpokitError(f"loss_type {self.loss_type} is reference-free; the demo compares "
+                              f"with π* = π_ref·exp(r/β)/Z and needs a loss with a reference")
+        if isinstance(self.reward, str) and self.reward not in REWARDS:
+            raise DpokitError(f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
+        for key in ("sft_samples_per_prompt", "pairs_per_prompt", "batch_size", "probes",
+                    "hidden_size", "num_layers"):
+            if getattr(self, key) < 1:
+                raise DpokitError(f"{key} must be ≥ 1")
+        for key in ("sft_epochs", "dpo_epochs", "dpo_learning_rate"):
+            value = getattr(self, key)
+            if not (value > 0 and math.isfinite(value)):
+                raise DpokitError(f"{key} must be a finite number > 0, got {value}")
+        if not 0 < self.target_closed_fraction <= 1:
+            raise DpokitError("target_closed_fraction must be in (0, 1]")
 
 
 def _quiet_train(config, probe=None) -> Path:
@@ -110,7 +146,7 @@ def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
     for i, prompt in enumerate(task.prompts):
         words = task.sample_reference(i, config.sft_samples_per_prompt, generator)
         sft_rows += [{"prompt": prompt, "completion": text} for text in task.text(words)]
-    _write_jsonl(out / "sft.jsonl", sft_rows)
+    write_jsonl(out / "sft.jsonl", sft_rows)
     report(f"[1/5] SFT: π_ref from {len(sft_rows)} samples of the reference distribution")
     sft_final = _quiet_train(SFTConfig(
         model=str(out / "base"), data=str(out / "sft.jsonl"), output_dir=str(out / "sft"),
@@ -142,7 +178,7 @@ def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
             chosen, rejected = (a, b) if win else (b, a)
             pair_rows.append({"prompt": prompt, "chosen": texts[chosen],
                               "rejected": texts[rejected]})
-    _write_jsonl(out / "prefs.jsonl", pair_rows)
+    write_jsonl(out / "prefs.jsonl", pair_rows)
     coverage_ref = float((ref_logps.exp() * covered).sum(-1).mean())
     report(f"[2/5] preference data: {len(pair_rows)} Bradley–Terry pairs sampled from π_ref "
            f"(they cover {covered.float().mean():.0%} of the outcomes, "
@@ -257,21 +293,5 @@ def _write_report(out, result, task, space, ref_logps, runs) -> None:
     from dpokit.demo.text import report_markdown
 
     result["plots"] = write_demo_plots(out, result, task, space, ref_logps, runs)
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    os.replace(tmp, out / "report.json")
-    (out / "report.md").write_text(report_markdown(result), encoding="utf-8")
-
-
-def check_demo_config(config: DemoConfig) -> None:
-    if not config.betas or any(not b > 0 for b in config.betas):
-        raise DpokitError("--betas must be numbers > 0")
-    if len({f"{b:g}" for b in config.betas}) != len(config.betas):
-        raise DpokitError("--betas must be distinct")
-    for key in ("sft_samples_per_prompt", "pairs_per_prompt", "batch_size", "probes"):
-        if getattr(config, key) < 1:
-            raise DpokitError(f"{key} must be ≥ 1")
-    for key in ("sft_epochs", "dpo_epochs"):
-        value = getattr(config, key)
-        if not (value > 0 and math.isfinite(value)):
-            raise DpokitError(f"{key.replace('_', '-')} must be a finite number > 0, got {value}")
+    write_text(out / "report.json", json.dumps(result, indent=2))
+    write_text(out / "report.md", report_markdown(result))

@@ -56,7 +56,7 @@ of {task['length']} words then EOS), with each model renormalised there. π_ref 
 fixes the *relative* probabilities — which is what converges to π* — but not how much mass stays
 on the completions the data contains{' (here most of it moved elsewhere, the "likelihood displacement" seen with DPO; an RPO term, `rpo_alpha`, counters it)' if r['mass_in_space_policy'] < 0.5 else ''}.
 
-The gap between J(π_θ) and β log Z is exactly β·KL(π_θ‖π*) — the identity of THEORY.md §2.
+The gap between J(π_θ) and β log Z is exactly β·KL(π_θ‖π*) — the identity of docs/theory.md §2.
 The implicit reward β·log(π_θ/π_ref) equals the true reward up to a per-prompt constant, and that
 constant is β log Z(x): DPO recovered the reward without ever computing Z.
 

@@ -9,14 +9,17 @@ TRL 1.x's ``DPOTrainer`` (``loss_type``, ``loss_weights``, ``label_smoothing``,
 ``f_divergence_type``, ``f_alpha_divergence_coef``, ``discopop_tau``, WPO weighting), so a TRL user
 gets the same values; ``simpo`` follows TRL's ``CPOTrainer``. Beyond TRL 1.x: cDPO label smoothing
 on ``sigmoid`` (as TRL 0.x), the BCO reward shift ``bco_delta`` (TRL 0.x's running mean, kept by
-the caller) and the RPO term ``rpo_alpha`` (TRL 0.x). THEORY.md §5 gives the notation.
+the caller), the RPO term ``rpo_alpha`` (TRL 0.x) and ODPO (``odpo``), whose offset is the data's
+per-pair margin scaled by ``odpo_alpha``. docs/theory.md §5 gives the notation.
 
 Modules, along the data flow:
 
 - :mod:`~dpokit.losses.scores`: :class:`LossInputs` and the f-divergence scores of log-ratios.
 - :mod:`~dpokit.losses.variants`: one pure function per loss, with its formula and paper.
-- :mod:`~dpokit.losses.registry`: :data:`LOSSES`, each :class:`LossSpec` declaring what it needs;
-  the trainer asks :func:`needs_reference` & co. instead of comparing names.
+- :mod:`~dpokit.losses.registry`: :data:`LOSSES`, each :class:`LossSpec` declaring what it needs
+  and its :class:`HyperParameter` s with their ranges; the trainer asks :func:`needs_reference`
+  & co. instead of comparing names, builds its config fields from :func:`hyper_parameters` and
+  validates them with :func:`check_loss_options`.
 - :mod:`~dpokit.losses.dpo`: :func:`dpo_loss`, the one entry point; :func:`wpo_weights`,
   :func:`rpo_nll`.
 - :mod:`~dpokit.losses.metrics`: rewards/logps metrics as sums and a count.
@@ -37,11 +40,15 @@ from dpokit.losses.metrics import (
 )
 from dpokit.losses.registry import (
     LOSSES,
+    HyperParameter,
     LossSpec,
+    check_loss_options,
     get_loss,
+    hyper_parameters,
     is_batch_coupled,
     loss_names,
     needs_lengths,
+    needs_margins,
     needs_reference,
     resolve_losses,
     supports_f_divergence,
@@ -54,16 +61,20 @@ __all__ = [
     "LOSSES",
     "METRIC_KEYS",
     "METRIC_NAMES",
+    "HyperParameter",
     "LossInputs",
     "LossSpec",
     "add_metric_sums",
+    "check_loss_options",
     "dpo_loss",
     "f_divergence_scores",
     "get_loss",
+    "hyper_parameters",
     "is_batch_coupled",
     "loss_names",
     "metric_means",
     "needs_lengths",
+    "needs_margins",
     "needs_reference",
     "preference_metrics",
     "resolve_losses",

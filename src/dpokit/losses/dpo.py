@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from dpokit.errors import DpokitError, check_beta
-from dpokit.losses.registry import LossSpec, resolve_losses
+from dpokit.losses.registry import LossSpec, check_loss_options, resolve_losses
 from dpokit.losses.scores import LossInputs, check_f_divergence, f_divergence_scores
 
 
@@ -63,17 +63,15 @@ def dpo_loss(
     beta: float,
     loss_type: str | Sequence[str] = "sigmoid",
     loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
+    margins: Tensor | None = None,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
-    discopop_tau: float = 0.05,
-    simpo_gamma: float = 0.5,
-    bco_delta: float | Tensor = 0.0,
     rpo_alpha: float | None = None,
     chosen_wpo_logweights: Tensor | None = None,
     rejected_wpo_logweights: Tensor | None = None,
+    **hyper_parameters: float | Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair preference losses and implicit rewards.
 
@@ -87,19 +85,22 @@ def dpo_loss(
         beta: β > 0 (for ``ipo`` the τ of the paper).
         loss_type: a registered name (:func:`~dpokit.losses.registry.loss_names`) or a list.
         loss_weights: one weight per entry of ``loss_type``; default 1.0 each (as TRL).
-        label_smoothing: ε, for the losses that declare ``uses_label_smoothing``.
         chosen_lengths: ``(B,)`` completion token counts |y_w|, for losses that need lengths
             and for ``rpo_alpha``; clamped to ≥ 1 as TRL does.
         rejected_lengths: ``(B,)`` |y_l|.
+        margins: ``(B,)`` per-pair margins m from the data (``margin_column``), for losses
+            that declare ``needs_margins``; ignored by the others.
         f_divergence_type: ``reverse_kl`` (standard), ``forward_kl``, ``js_divergence`` or
             ``alpha_divergence`` (see :mod:`dpokit.losses.scores`).
         f_alpha_divergence_coef: α of ``alpha_divergence`` (TRL 1.x default 0.5).
-        discopop_tau: τ of ``discopop`` (TRL default 0.05), > 0.
-        simpo_gamma: target margin γ of ``simpo`` (TRL CPOConfig default 0.5).
-        bco_delta: reward shift δ of ``bco_pair``, the caller's running mean of rewards.
         rpo_alpha: weight of the RPO term (see :func:`rpo_nll`); None or 0 for none.
         chosen_wpo_logweights: ``(B,)`` WPO statistic of y_w (see :func:`wpo_weights`).
         rejected_wpo_logweights: ``(B,)`` WPO statistic of y_l; give both or neither.
+        **hyper_parameters: the values of the hyper-parameters the losses declare
+            (:func:`~dpokit.losses.registry.hyper_parameters`: name, default, range; e.g.
+            ``label_smoothing=0.1``), each a float (``bco_delta`` may be a 0-dim Tensor).
+            A missing one takes its default; each loss gets exactly those it declares, checked
+            against its range by :func:`~dpokit.losses.registry.check_loss_options`.
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each ``(B,)``. The rewards are detached:
@@ -108,8 +109,10 @@ def dpo_loss(
         SimPO. Reduce ``losses`` with a mean over pairs to get TRL's scalar loss.
 
     Raises:
-        DpokitError: unknown loss name, β ≤ 0, or an argument the chosen losses need but lack
-            (reference, lengths) or cannot use (label_smoothing, a non-default f-divergence).
+        DpokitError: unknown loss name or hyper-parameter, β ≤ 0, a hyper-parameter out of a
+            loss's range, or an argument the chosen losses need but lack (reference, lengths,
+            margins) or cannot use (a non-default hyper-parameter none of them reads, a
+            non-default f-divergence).
     """
     beta = check_beta(beta)
     specs = resolve_losses(loss_type)
@@ -118,14 +121,14 @@ def dpo_loss(
     _check_shapes(policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
                   ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
                   chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-                  chosen_wpo_logweights=chosen_wpo_logweights,
+                  margins=margins, chosen_wpo_logweights=chosen_wpo_logweights,
                   rejected_wpo_logweights=rejected_wpo_logweights)
     has_reference = _pair_present(ref_chosen_logps, ref_rejected_logps, "ref")
     has_lengths = _pair_present(chosen_lengths, rejected_lengths, "lengths")
     has_wpo = _pair_present(chosen_wpo_logweights, rejected_wpo_logweights, "wpo_logweights")
-    _check_needs(specs, has_reference, has_lengths)
-    _check_options(specs, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
-                   discopop_tau)
+    _check_needs(specs, has_reference, has_lengths, margins is not None)
+    check_loss_options(loss_type, hyper_parameters)
+    _check_f_divergence(specs, f_divergence_type, f_alpha_divergence_coef)
     if rpo_alpha and chosen_lengths is None:
         raise DpokitError("rpo_alpha needs chosen_lengths: the RPO term is the NLL per token")
 
@@ -142,10 +145,15 @@ def dpo_loss(
         as_lengths(chosen_lengths), as_lengths(rejected_lengths),
         scores(policy_chosen_logps, ref_chosen_logps),
         scores(policy_rejected_logps, ref_rejected_logps),
-        beta=beta, label_smoothing=float(label_smoothing), discopop_tau=float(discopop_tau),
-        simpo_gamma=float(simpo_gamma), bco_delta=bco_delta)
+        beta=beta, margins=None if margins is None else margins.to(dtype))
 
-    losses = sum(weight * spec.fn(inputs) for spec, weight in zip(specs, weights, strict=True))
+    def options(spec: LossSpec) -> dict[str, float | Tensor]:
+        # exactly what the spec declares; defaults for what the caller left out
+        values = {p.name: hyper_parameters.get(p.name, p.default) for p in spec.hyper_parameters}
+        return {k: v if isinstance(v, Tensor) else float(v) for k, v in values.items()}
+
+    losses = sum(weight * spec.fn(inputs, **options(spec))
+                 for spec, weight in zip(specs, weights, strict=True))
     if rpo_alpha:
         losses = losses + float(rpo_alpha) * rpo_nll(policy_chosen_logps, chosen_lengths)
     if has_wpo:
@@ -190,7 +198,8 @@ def _pair_present(chosen: Tensor | None, rejected: Tensor | None, what: str) -> 
     return chosen is not None
 
 
-def _check_needs(specs: tuple[LossSpec, ...], has_reference: bool, has_lengths: bool) -> None:
+def _check_needs(specs: tuple[LossSpec, ...], has_reference: bool, has_lengths: bool,
+                 has_margins: bool) -> None:
     if not has_reference and (missing := [s.name for s in specs if s.needs_reference]):
         raise DpokitError(f"loss_type {', '.join(missing)} needs reference log-probs "
                           "(ref_chosen_logps, ref_rejected_logps); only reference-free losses "
@@ -198,25 +207,15 @@ def _check_needs(specs: tuple[LossSpec, ...], has_reference: bool, has_lengths: 
     if not has_lengths and (missing := [s.name for s in specs if s.needs_lengths]):
         raise DpokitError(f"loss_type {', '.join(missing)} needs completion lengths "
                           "(chosen_lengths, rejected_lengths: token counts per completion)")
+    if not has_margins and (missing := [s.name for s in specs if s.needs_margins]):
+        raise DpokitError(f"loss_type {', '.join(missing)} needs a per-pair margin column in the "
+                          "data (margin_column), passed as margins: one number m per pair")
 
 
-def _check_options(specs: tuple[LossSpec, ...], label_smoothing: float, f_divergence_type: str,
-                   alpha_coef: float, discopop_tau: float) -> None:
-    names = {s.name for s in specs}
-    eps = float(label_smoothing)
-    if eps and not any(s.uses_label_smoothing for s in specs):
-        raise DpokitError(f"label_smoothing={eps} has no effect on loss_type "
-                          f"{', '.join(sorted(names))}; set it to 0")
-    if "exo_pair" in names and not 0.0 < eps < 1.0:
-        raise DpokitError(f"exo_pair needs label_smoothing in (0, 1), got {eps} "
-                          "(the EXO paper recommends 1e-3)")
-    others = [s for s in specs if s.uses_label_smoothing and s.name != "exo_pair"]
-    if others and not 0.0 <= eps < 0.5:
-        raise DpokitError(f"label_smoothing must be in [0, 0.5), got {eps}")
+def _check_f_divergence(specs: tuple[LossSpec, ...], f_divergence_type: str,
+                        alpha_coef: float) -> None:
     check_f_divergence(f_divergence_type, float(alpha_coef))
     if f_divergence_type != "reverse_kl" and (
             unsupported := [s.name for s in specs if not s.supports_f_divergence]):
         raise DpokitError(f"f_divergence_type={f_divergence_type!r} is not defined for loss_type "
                           f"{', '.join(unsupported)}; use reverse_kl")
-    if "discopop" in names and not (discopop_tau > 0 and math.isfinite(discopop_tau)):
-        raise DpokitError(f"discopop_tau must be a finite number > 0, got {discopop_tau!r}")

@@ -1,22 +1,91 @@
 """The registry of loss variants: each entry declares what it needs, so callers never compare names.
 
-CLI choices (:func:`loss_names`), config validation (:func:`resolve_losses`), the trainer's
-questions (:func:`needs_reference`, :func:`needs_lengths`, :func:`is_batch_coupled`, ...) and the
-test parametrisation all read :data:`LOSSES`. Adding a loss is one function in
-:mod:`dpokit.losses.variants`, one entry here and one oracle in the tests.
+CLI choices (:func:`loss_names`), config validation (:func:`resolve_losses`,
+:func:`check_loss_options`), the config's hyper-parameter fields and flags
+(:func:`hyper_parameters`), the trainer's questions (:func:`needs_reference`,
+:func:`needs_lengths`, :func:`needs_margins`, :func:`is_batch_coupled`, ...) and the test
+parametrisation all read :data:`LOSSES`. Adding a loss, with or without a hyper-parameter, is one
+function in :mod:`dpokit.losses.variants`, one entry here and one oracle in the tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from torch import Tensor
 
 from dpokit.errors import DpokitError
 from dpokit.losses import variants
-from dpokit.losses.scores import LossInputs
+
+
+@dataclass(frozen=True)
+class HyperParameter:
+    """A float a loss reads besides β: its config key, default, help line and valid range.
+
+    Each :class:`LossSpec` declares the range it accepts; several losses may declare the same
+    name with different ranges (ε is in [0, 0.5) for cDPO but (0, 1) for EXO), but they share
+    the default and the help line, since the config has one field per name.
+    """
+
+    name: str
+    """Config key and :func:`~dpokit.losses.dpo_loss` keyword, e.g. ``label_smoothing``."""
+    default: float
+    """Value used when the caller gives none (TRL's default where TRL has the parameter)."""
+    help: str
+    """One line for ``--help``."""
+    low: float | None = None
+    """Lower bound, or None for none."""
+    low_open: bool = False
+    """Whether ``low`` itself is excluded."""
+    high: float | None = None
+    """Upper bound, or None for none."""
+    high_open: bool = False
+    """Whether ``high`` itself is excluded."""
+    hint: str = ""
+    """Appended in parentheses to the error for a value out of this declaration's range."""
+
+    def describe_range(self) -> str:
+        """The valid values: ``[0, 0.5)``, ``(0, 1)``, ``> 0``, ``≥ 0``, ... or ``any finite``."""
+        low, high = self.low, self.high
+        if low is not None and high is not None:
+            return (f"{'(' if self.low_open else '['}{low:g}, "
+                    f"{high:g}{')' if self.high_open else ']'}")
+        if low is not None:
+            return f"{'>' if self.low_open else '≥'} {low:g}"
+        if high is not None:
+            return f"{'<' if self.high_open else '≤'} {high:g}"
+        return "any finite"
+
+    def check(self, value: float, loss: str) -> None:
+        """Raise :class:`DpokitError` unless ``value`` is finite and in range for ``loss``.
+
+        The message names the key, the loss and the range, e.g. ``label_smoothing must be in
+        [0, 0.5) for sigmoid, got 0.5``.
+        """
+        try:
+            number = float(value)
+            shown = repr(number)
+        except (TypeError, ValueError):
+            number, shown = math.nan, repr(value)
+        if math.isfinite(number) and self._contains(number):
+            return
+        bounded = self.low is not None and self.high is not None
+        if self.low is None and self.high is None:
+            requirement = "finite"
+        else:
+            requirement = f"{'in ' if bounded else ''}{self.describe_range()}"
+            if not math.isfinite(number):
+                requirement = f"finite and {requirement}"
+        hint = f" ({self.hint})" if self.hint else ""
+        raise DpokitError(f"{self.name} must be {requirement} for {loss}, got {shown}{hint}")
+
+    def _contains(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
 
 @dataclass(frozen=True)
@@ -25,67 +94,105 @@ class LossSpec:
 
     name: str
     """The ``loss_type`` string, spelled as in TRL 1.x where TRL has the loss."""
-    fn: Callable[[LossInputs], Tensor]
-    """Pure function from :class:`LossInputs` to ``(B,)`` per-pair losses."""
+    fn: Callable[..., Tensor]
+    """Pure function ``fn(inputs: LossInputs, **hyper_parameters) -> (B,)`` per-pair losses,
+    called with exactly the keywords of :attr:`hyper_parameters`."""
     needs_reference: bool
     """Reads π_ref log-probs (``ref_*`` must not be None)."""
     needs_lengths: bool
     """Reads completion token counts (``chosen_lengths`` and ``rejected_lengths``)."""
+    needs_margins: bool
+    """Reads the ``(B,)`` per-pair margins m from the data (``margins``; ``margin_column``)."""
     batch_coupled: bool
     """A pair's loss depends on other pairs in the batch (sorting, batch token means): results
     change if the batch is split into micro-batches."""
-    uses_label_smoothing: bool
-    """Reads ``label_smoothing`` (ε)."""
     supports_f_divergence: bool
     """Built on the scores s_w − s_l, so a non-default ``f_divergence_type`` is meaningful (TRL
     1.x rejects it for the other losses, and so do we)."""
+    hyper_parameters: tuple[HyperParameter, ...]
+    """The hyper-parameters ``fn`` takes as keywords, each with the range this loss accepts."""
     doc: str
     """One line for CLI help."""
     source: str
     """Where the formula is taken from (paper and trainer)."""
 
+    @property
+    def hyper_parameter_names(self) -> tuple[str, ...]:
+        """Names of :attr:`hyper_parameters`, in declaration order."""
+        return tuple(h.name for h in self.hyper_parameters)
 
-def _spec(name: str, fn: Callable[[LossInputs], Tensor], doc: str, source: str, *,
-          reference: bool = True, lengths: bool = False, coupled: bool = False,
-          smoothing: bool = False, f_divergence: bool = False) -> LossSpec:
-    return LossSpec(name, fn, reference, lengths, coupled, smoothing, f_divergence, doc, source)
+    @property
+    def uses_label_smoothing(self) -> bool:
+        """Reads ``label_smoothing`` (ε)."""
+        return "label_smoothing" in self.hyper_parameter_names
+
+
+# One declaration per hyper-parameter; a loss that narrows the range replaces only the bounds.
+_LABEL_SMOOTHING = HyperParameter(
+    "label_smoothing", 0.0, "ε: probability that a preference label is flipped (cDPO, robust "
+    "DPO, AOT, SimPO; EXO's target); valid range depends on the loss", low=0.0, high=0.5,
+    high_open=True)
+_EXO_LABEL_SMOOTHING = replace(_LABEL_SMOOTHING, low_open=True, high=1.0,
+                               hint="the EXO paper recommends 1e-3")
+_BCO_DELTA = HyperParameter(
+    "bco_delta", 0.0, "δ: reward shift of bco_pair, the running mean of rewards (0: TRL 1.x)")
+_DISCOPOP_TAU = HyperParameter(
+    "discopop_tau", 0.05, "τ > 0: temperature of the discopop modulation (TRL default 0.05)",
+    low=0.0, low_open=True)
+_SIMPO_GAMMA = HyperParameter(
+    "simpo_gamma", 0.5, "γ: target reward margin of simpo (TRL CPOConfig default 0.5)")
+_ODPO_ALPHA = HyperParameter(
+    "odpo_alpha", 1.0, "α ≥ 0: scale of the data's per-pair margin in odpo's offset α·m",
+    low=0.0)
+
+
+def _spec(name: str, fn: Callable[..., Tensor], doc: str, source: str, *,
+          reference: bool = True, lengths: bool = False, margins: bool = False,
+          coupled: bool = False, f_divergence: bool = False,
+          hyper: tuple[HyperParameter, ...] = ()) -> LossSpec:
+    return LossSpec(name, fn, reference, lengths, margins, coupled, f_divergence, hyper, doc,
+                    source)
 
 
 _TRL = "TRL 1.x DPOTrainer"
 _SPECS = (
     _spec("sigmoid", variants.sigmoid, "DPO logistic loss; label_smoothing gives cDPO",
-          f"arXiv:2305.18290; {_TRL} (ε as TRL 0.x)", smoothing=True, f_divergence=True),
+          f"arXiv:2305.18290; {_TRL} (ε as TRL 0.x)", f_divergence=True,
+          hyper=(_LABEL_SMOOTHING,)),
     _spec("hinge", variants.hinge, "SLiC hinge loss max(0, 1 − βΔ)",
           f"arXiv:2305.10425; {_TRL}", f_divergence=True),
     _spec("ipo", variants.ipo, "IPO squared loss on per-token averaged log-ratios",
           f"arXiv:2310.12036; {_TRL}", lengths=True, f_divergence=True),
     _spec("exo_pair", variants.exo_pair, "EXO reverse-KL to the ε-smoothed label",
-          f"arXiv:2402.00856; {_TRL}", smoothing=True, f_divergence=True),
+          f"arXiv:2402.00856; {_TRL}", f_divergence=True, hyper=(_EXO_LABEL_SMOOTHING,)),
     _spec("nca_pair", variants.nca_pair, "NCA: absolute likelihoods of both completions",
           f"arXiv:2402.05369; {_TRL}"),
     _spec("robust", variants.robust, "Robust DPO, unbiased under label flips w.p. ε",
-          f"arXiv:2403.00409; {_TRL}", smoothing=True, f_divergence=True),
+          f"arXiv:2403.00409; {_TRL}", f_divergence=True, hyper=(_LABEL_SMOOTHING,)),
     _spec("bco_pair", variants.bco_pair, "BCO binary classifier on pairs, shift bco_delta",
-          f"arXiv:2404.04656; {_TRL} (δ as TRL 0.x)"),
+          f"arXiv:2404.04656; {_TRL} (δ as TRL 0.x)", hyper=(_BCO_DELTA,)),
     _spec("sppo_hard", variants.sppo_hard, "SPPO with hard win probabilities",
           f"arXiv:2405.00675; {_TRL}"),
     _spec("aot", variants.aot, "AOT for paired data (sorted over the batch)",
-          f"arXiv:2406.05882; {_TRL}", coupled=True, smoothing=True),
+          f"arXiv:2406.05882; {_TRL}", coupled=True, hyper=(_LABEL_SMOOTHING,)),
     _spec("aot_unpaired", variants.aot_unpaired, "AOT for unpaired data (sorted over the batch)",
-          f"arXiv:2406.05882; {_TRL}", coupled=True, smoothing=True),
+          f"arXiv:2406.05882; {_TRL}", coupled=True, hyper=(_LABEL_SMOOTHING,)),
     _spec("apo_zero", variants.apo_zero, "APO-zero: raise chosen, lower rejected",
           f"arXiv:2408.06266; {_TRL}"),
     _spec("apo_down", variants.apo_down, "APO-down: lower both, rejected more",
           f"arXiv:2408.06266; {_TRL}"),
     _spec("discopop", variants.discopop, "DiscoPOP log-ratio modulated loss (discopop_tau)",
-          f"arXiv:2406.08414; {_TRL}", f_divergence=True),
+          f"arXiv:2406.08414; {_TRL}", f_divergence=True, hyper=(_DISCOPOP_TAU,)),
     _spec("sft", variants.sft, "NLL of the chosen completions (batch token mean)",
           _TRL, reference=False, lengths=True, coupled=True, f_divergence=True),
     _spec("sigmoid_norm", variants.sigmoid_norm, "DPO on per-token averaged log-ratios",
           f"arXiv:2405.14734 (normalisation); {_TRL}", lengths=True, f_divergence=True),
     _spec("simpo", variants.simpo, "SimPO: reference-free, length-normalised, margin simpo_gamma",
           "arXiv:2405.14734; TRL CPOTrainer loss_type='simpo'", reference=False, lengths=True,
-          smoothing=True),
+          hyper=(_SIMPO_GAMMA, _LABEL_SMOOTHING)),
+    _spec("odpo", variants.odpo, "DPO with an offset α·m, m the data's margin (odpo_alpha)",
+          "arXiv:2402.10571 (offset taken from the data's margin column)", margins=True,
+          f_divergence=True, hyper=(_ODPO_ALPHA,)),
 )
 
 LOSSES: MappingProxyType[str, LossSpec] = MappingProxyType({s.name: s for s in _SPECS})
@@ -114,6 +221,57 @@ def resolve_losses(loss_type: str | Sequence[str]) -> tuple[LossSpec, ...]:
     return tuple(get_loss(name) for name in names)
 
 
+def hyper_parameters() -> dict[str, HyperParameter]:
+    """Every declared hyper-parameter by name, one per name, in registry order.
+
+    The value is the first declaration; its default and help are those of every declaration
+    (the tests assert it), its range only that loss's: check values with
+    :func:`check_loss_options`. The trainer config builds one float field per entry.
+    """
+    found: dict[str, HyperParameter] = {}
+    for spec in LOSSES.values():
+        for parameter in spec.hyper_parameters:
+            found.setdefault(parameter.name, parameter)
+    return found
+
+
+def check_loss_options(loss_type: str | Sequence[str],
+                       options: Mapping[str, float | Tensor]) -> None:
+    """Check hyper-parameter values against what the requested losses declare.
+
+    Each requested loss's declared hyper-parameters are range-checked, taking the value in
+    ``options`` or else the default. A key that no requested loss reads must equal its
+    default (a non-default value would silently do nothing); an unknown key is an error.
+    A 0-dim Tensor (``bco_delta``'s running mean, kept on the device) is accepted and its
+    value not read, so the training step never waits on the device; for a key no requested
+    loss reads, a Tensor counts as a non-default value.
+
+    Raises:
+        DpokitError: unknown loss name or key, a value out of a loss's range, or a
+            non-default value that none of the losses reads.
+    """
+    specs = resolve_losses(loss_type)
+    known = hyper_parameters()
+    if unknown := [key for key in options if key not in known]:
+        raise DpokitError(f"unknown hyper-parameter {', '.join(map(repr, unknown))}; "
+                          f"known: {', '.join(known)}")
+    read = {name for spec in specs for name in spec.hyper_parameter_names}
+    for key, value in options.items():
+        if key not in read and (isinstance(value, Tensor) or value != known[key].default):
+            names = ", ".join(sorted({spec.name for spec in specs}))
+            shown = "a Tensor" if isinstance(value, Tensor) else repr(value)
+            raise DpokitError(f"{key}={shown} has no effect on loss_type {names}; "
+                              f"set it to {known[key].default:g}")
+    for spec in specs:
+        for parameter in spec.hyper_parameters:
+            value = options.get(parameter.name, parameter.default)
+            if not isinstance(value, Tensor):
+                parameter.check(value, spec.name)
+            elif value.ndim != 0:
+                raise DpokitError(f"{parameter.name} must be a number or a 0-dim Tensor for "
+                                  f"{spec.name}, got shape {tuple(value.shape)}")
+
+
 def needs_reference(loss_type: str | Sequence[str]) -> bool:
     """Whether any of the losses reads π_ref log-probs (else no reference model is needed)."""
     return any(spec.needs_reference for spec in resolve_losses(loss_type))
@@ -122,6 +280,11 @@ def needs_reference(loss_type: str | Sequence[str]) -> bool:
 def needs_lengths(loss_type: str | Sequence[str]) -> bool:
     """Whether any of the losses reads completion lengths (``rpo_alpha`` needs them too)."""
     return any(spec.needs_lengths for spec in resolve_losses(loss_type))
+
+
+def needs_margins(loss_type: str | Sequence[str]) -> bool:
+    """Whether any of the losses reads the per-pair margins of the data (``margin_column``)."""
+    return any(spec.needs_margins for spec in resolve_losses(loss_type))
 
 
 def is_batch_coupled(loss_type: str | Sequence[str]) -> bool:

@@ -35,6 +35,8 @@ class LossInputs:
 
     ``dpo_loss`` builds this after checking that the fields a variant declares it needs (in its
     :class:`~dpokit.losses.registry.LossSpec`) are present; lengths arrive as floats ≥ 1.
+    Hyper-parameters (ε, τ, γ, ...) are not here: each variant takes the ones its spec declares
+    as keyword arguments.
     """
 
     policy_chosen_logps: Tensor  # Σ_t log π_θ(y_w,t | x, y_w,<t)
@@ -46,10 +48,7 @@ class LossInputs:
     chosen_scores: Tensor | None  # f-divergence score of u(y_w); None without a reference
     rejected_scores: Tensor | None
     beta: float
-    label_smoothing: float = 0.0
-    discopop_tau: float = 0.05
-    simpo_gamma: float = 0.5
-    bco_delta: float | Tensor = 0.0
+    margins: Tensor | None = None  # m, the per-pair margin from the data; None without one
 
     @property
     def chosen_logratios(self) -> Tensor:
@@ -63,7 +62,7 @@ class LossInputs:
 
     @property
     def delta_score(self) -> Tensor:
-        """score(y_w) − score(y_l); with reverse_kl this is THEORY.md's margin h."""
+        """score(y_w) − score(y_l); with reverse_kl this is the margin h of docs/theory.md §5."""
         return _present(self.chosen_scores, "chosen_scores") - _present(
             self.rejected_scores, "rejected_scores")
 

@@ -1,11 +1,14 @@
-"""The loss variants: one pure function ``LossInputs -> (B,) per-pair losses`` each.
+"""The loss variants: one pure function per loss, ``(LossInputs, **hyper-parameters) -> (B,)``.
 
-Notation (THEORY.md §5): β > 0; u_w, u_l the chosen/rejected log-ratios log π_θ − log π_ref of the
-summed completion log-probabilities; s_w, s_l their f-divergence scores (s = u for reverse_kl,
-the default); Δ = s_w − s_l (the margin h under reverse_kl); z = β·Δ; |y| the completion length
-in tokens; ε = ``label_smoothing``. Formulas follow TRL 1.x ``DPOTrainer._compute_loss`` unless a
-docstring says otherwise; each cites its paper. Everything is in log space (``logsigmoid``,
-``softplus``), so no logit difference is ever exponentiated unguarded.
+Notation (docs/theory.md §5): β > 0; u_w, u_l the chosen/rejected log-ratios log π_θ − log π_ref
+of the summed completion log-probabilities; s_w, s_l their f-divergence scores (s = u for
+reverse_kl, the default); Δ = s_w − s_l (the margin h under reverse_kl); z = β·Δ; |y| the
+completion length in tokens; m the per-pair margin from the data; ε = ``label_smoothing``. A
+variant takes exactly the hyper-parameters its :class:`~dpokit.losses.registry.LossSpec` declares,
+as keyword arguments; ``dpo_loss`` has checked their ranges. Formulas follow TRL 1.x
+``DPOTrainer._compute_loss`` unless a docstring says otherwise; each cites its paper. Everything
+is in log space (``logsigmoid``, ``softplus``), so no logit difference is ever exponentiated
+unguarded.
 """
 
 from __future__ import annotations
@@ -25,14 +28,14 @@ def smoothed_logistic(z: Tensor, eps: float) -> Tensor:
     return loss
 
 
-def sigmoid(x: LossInputs) -> Tensor:
+def sigmoid(x: LossInputs, *, label_smoothing: float) -> Tensor:
     """DPO (arXiv:2305.18290, Eq. 7), conservative with ε > 0 (cDPO, ericmitchell.ai/cdpo.pdf).
 
         L = −(1−ε) log σ(βΔ) − ε log σ(−βΔ)
 
     TRL 0.x applied ``label_smoothing`` here exactly so; TRL 1.x ignores it for ``sigmoid``.
     """
-    return smoothed_logistic(x.beta * x.delta_score, x.label_smoothing)
+    return smoothed_logistic(x.beta * x.delta_score, label_smoothing)
 
 
 def hinge(x: LossInputs) -> Tensor:
@@ -50,14 +53,14 @@ def ipo(x: LossInputs) -> Tensor:
     return (margin - 1.0 / (2.0 * x.beta)) ** 2
 
 
-def exo_pair(x: LossInputs) -> Tensor:
+def exo_pair(x: LossInputs, *, label_smoothing: float) -> Tensor:
     """EXO-pref (arXiv:2402.00856, Eq. 16): KL([σ(z), σ(−z)] ‖ [1−ε, ε]) with z = βΔ, ε ∈ (0, 1).
 
         L = σ(z)(log σ(z) − log(1−ε)) + σ(−z)(log σ(−z) − log ε)
     """
     z = x.beta * x.delta_score
     log_q_w, log_q_l = F.logsigmoid(z), F.logsigmoid(-z)
-    eps = torch.tensor(x.label_smoothing, dtype=z.dtype, device=z.device)
+    eps = torch.tensor(label_smoothing, dtype=z.dtype, device=z.device)
     return (log_q_w.exp() * (log_q_w - torch.log1p(-eps))
             + log_q_l.exp() * (log_q_l - torch.log(eps)))
 
@@ -71,25 +74,26 @@ def nca_pair(x: LossInputs) -> Tensor:
     return -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
 
 
-def robust(x: LossInputs) -> Tensor:
+def robust(x: LossInputs, *, label_smoothing: float) -> Tensor:
     """Robust DPO (arXiv:2403.00409), unbiased under label flips w.p. ε ∈ [0, ½):
 
         L = [−(1−ε) log σ(βΔ) + ε log σ(−βΔ)] / (1 − 2ε)
     """
-    z, eps = x.beta * x.delta_score, x.label_smoothing
+    z, eps = x.beta * x.delta_score, label_smoothing
     return (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
 
 
-def bco_pair(x: LossInputs) -> Tensor:
+def bco_pair(x: LossInputs, *, bco_delta: float | Tensor) -> Tensor:
     """BCO on pairs (arXiv:2404.04656) with reward shift δ = ``bco_delta``:
 
         L = −log σ(βu_w − δ) − log σ(−(βu_l − δ))
 
     δ is the running mean of the rewards βu over all pairs seen so far. The function stays pure:
     the caller keeps that mean (TRL 0.x first folds the current batch's mean of
-    cat(βu_w, βu_l) into it, then uses it) and passes it in. δ = 0 is TRL 1.x, which dropped it.
+    cat(βu_w, βu_l) into it, then uses it) and passes it in, a float or a 0-dim Tensor.
+    δ = 0 is TRL 1.x, which dropped it.
     """
-    delta = x.bco_delta
+    delta = bco_delta
     r_w, r_l = x.beta * x.chosen_logratios, x.beta * x.rejected_logratios
     return -F.logsigmoid(r_w - delta) - F.logsigmoid(-(r_l - delta))
 
@@ -103,7 +107,7 @@ def sppo_hard(x: LossInputs) -> Tensor:
     return (x.chosen_logratios - half) ** 2 + (x.rejected_logratios + half) ** 2
 
 
-def aot(x: LossInputs) -> Tensor:
+def aot(x: LossInputs, *, label_smoothing: float) -> Tensor:
     """AOT, paired (arXiv:2406.05882): couples the batch through sorting.
 
         d = sort_B(log π_θ(y_w) − log π_θ(y_l)) − sort_B(log π_ref(y_w) − log π_ref(y_l))
@@ -111,14 +115,14 @@ def aot(x: LossInputs) -> Tensor:
     """
     policy = torch.sort(x.policy_chosen_logps - x.policy_rejected_logps).values
     ref = torch.sort(x.ref_chosen_logps - x.ref_rejected_logps).values
-    return smoothed_logistic(x.beta * (policy - ref), x.label_smoothing)
+    return smoothed_logistic(x.beta * (policy - ref), label_smoothing)
 
 
-def aot_unpaired(x: LossInputs) -> Tensor:
+def aot_unpaired(x: LossInputs, *, label_smoothing: float) -> Tensor:
     """AOT, unpaired (arXiv:2406.05882): d = sort_B(u_w) − sort_B(u_l), loss as ``aot``."""
     chosen = torch.sort(x.chosen_logratios).values
     rejected = torch.sort(x.rejected_logratios).values
-    return smoothed_logistic(x.beta * (chosen - rejected), x.label_smoothing)
+    return smoothed_logistic(x.beta * (chosen - rejected), label_smoothing)
 
 
 def apo_zero(x: LossInputs) -> Tensor:
@@ -134,7 +138,7 @@ def apo_down(x: LossInputs) -> Tensor:
     return torch.sigmoid(x.beta * chosen) + torch.sigmoid(-x.beta * (chosen - x.rejected_logratios))
 
 
-def discopop(x: LossInputs) -> Tensor:
+def discopop(x: LossInputs, *, discopop_tau: float) -> Tensor:
     """DiscoPOP, log-ratio modulated loss (arXiv:2406.08414, Eq. 5), z = βΔ, τ = ``discopop_tau``:
 
         L = −log σ(z) · (1 − σ(z/τ)) + exp(−z) · σ(z/τ)
@@ -142,7 +146,7 @@ def discopop(x: LossInputs) -> Tensor:
     computed as softplus(−z)·σ(−z/τ) + exp(−z + log σ(z/τ)); the exponent is bounded for τ < 1
     and capped (see :func:`~dpokit.losses.scores.exp_cap`) otherwise.
     """
-    z, tau = x.beta * x.delta_score, x.discopop_tau
+    z, tau = x.beta * x.delta_score, discopop_tau
     exponent = torch.clamp(-z + F.logsigmoid(z / tau), max=exp_cap(z.dtype))
     return F.softplus(-z) * torch.sigmoid(-z / tau) + torch.exp(exponent)
 
@@ -168,7 +172,7 @@ def sigmoid_norm(x: LossInputs) -> Tensor:
     return -F.logsigmoid(x.beta * (x.chosen_scores / chosen_len - x.rejected_scores / rejected_len))
 
 
-def simpo(x: LossInputs) -> Tensor:
+def simpo(x: LossInputs, *, simpo_gamma: float, label_smoothing: float) -> Tensor:
     """SimPO (arXiv:2405.14734), reference-free, γ = ``simpo_gamma``, as TRL's CPOTrainer:
 
         z = β (log π_θ(y_w)/|y_w| − log π_θ(y_l)/|y_l|) − γ,   L = −(1−ε) log σ(z) − ε log σ(−z)
@@ -177,4 +181,18 @@ def simpo(x: LossInputs) -> Tensor:
     """
     chosen_len, rejected_len = x.lengths
     margin = x.policy_chosen_logps / chosen_len - x.policy_rejected_logps / rejected_len
-    return smoothed_logistic(x.beta * margin - x.simpo_gamma, x.label_smoothing)
+    return smoothed_logistic(x.beta * margin - simpo_gamma, label_smoothing)
+
+
+def odpo(x: LossInputs, *, odpo_alpha: float) -> Tensor:
+    """DPO with an offset (ODPO, Amini et al. 2024, arXiv:2402.10571), α = ``odpo_alpha`` ≥ 0:
+
+        L = −log σ(βΔ − α·m)
+
+    m is the pair's margin from the data (``margins``, the ``margin_column``): the pair must be
+    won by at least the offset α·m. The paper computes its offset Δ_r from the two responses'
+    scores, α·log(score(y_w) − score(y_l)) or a linearly scaled score difference; here the data
+    column holds m directly, so the offset is α·m. Δ is the score margin, so f-divergences apply
+    as for ``sigmoid``; α = 0 is exactly ``sigmoid`` without label smoothing.
+    """
+    return -F.logsigmoid(x.beta * x.delta_score - odpo_alpha * x.margins)

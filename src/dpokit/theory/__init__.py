@@ -1,4 +1,4 @@
-"""The exact theory engine: every quantity of the derivation in THEORY.md, computed.
+"""The exact theory engine: every quantity of the derivation in docs/theory.md, computed.
 
 Pure functions on torch tensors (any float dtype, batched over leading dimensions, ``dim=-1`` the
 outcome axis), in log space. No model code and no I/O here.

@@ -1,4 +1,4 @@
-"""Exact log Z over a sequence space by enumeration, guarded by a budget (THEORY.md §3).
+"""Exact log Z over a sequence space by enumeration, guarded by a budget (docs/theory.md §3).
 
 Over completions of exactly T tokens from a vocabulary of V, Z(x) sums V^T terms; over all
 lengths 1..T it sums Σ_t V^t. This module enumerates them in batches through a *scorer* — any

@@ -1,4 +1,5 @@
-"""Unbiased Monte-Carlo estimate of the partition function from reference samples (THEORY.md §3).
+"""Unbiased Monte-Carlo estimate of the partition function from reference samples
+(docs/theory.md §3).
 
     Z(x) = E_{y~π_ref}[exp(r(x,y)/β)]    ⇒    Ẑ = (1/n) Σ_i exp(r(x,y_i)/β),  y_i ~ π_ref
 

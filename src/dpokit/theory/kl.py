@@ -1,4 +1,4 @@
-"""KL divergences: discrete, Gaussian closed form, and Monte-Carlo estimators (THEORY.md §1).
+"""KL divergences: discrete, Gaussian closed form, and Monte-Carlo estimators (docs/theory.md §1).
 
 All functions are pure and batched: leading dimensions broadcast, ``dim=-1`` is the outcome axis
 where there is one. Inputs are log-probabilities so that nothing underflows.

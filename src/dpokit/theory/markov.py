@@ -1,4 +1,4 @@
-"""Exact log Z for a Markov (bigram) reference with a token-additive reward (THEORY.md §3).
+"""Exact log Z for a Markov (bigram) reference with a token-additive reward (docs/theory.md §3).
 
 The reference generates y_1..y_T with π_ref(y) = π_0(y_1) Π_{t≥2} P(y_t | y_{t−1}), where π_0
 is the first-token distribution given the prompt and P a V×V transition matrix; the reward adds

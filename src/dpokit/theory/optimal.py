@@ -1,4 +1,4 @@
-"""The closed-form optimum of the KL-regularised objective (THEORY.md §2 and §4).
+"""The closed-form optimum of the KL-regularised objective (docs/theory.md §2 and §4).
 
     Z(x)    = Σ_y π_ref(y|x) exp(r(x,y)/β)
     π*(y|x) = π_ref(y|x) exp(r(x,y)/β) / Z(x)

@@ -1,4 +1,4 @@
-"""Exact samples from π* without Z: rejection sampling from π_ref (THEORY.md §3).
+"""Exact samples from π* without Z: rejection sampling from π_ref (docs/theory.md §3).
 
 When r(x,y) ≤ r_max for every y, propose y ~ π_ref and accept with probability
 exp((r(x,y) − r_max)/β) ≤ 1. Accepted samples are distributed exactly as

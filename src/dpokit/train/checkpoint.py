@@ -10,7 +10,6 @@ the oldest. Everything is read back with ``safetensors`` or ``torch.load(weights
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dpokit.atomic import replace, temporary_sibling
 from dpokit.errors import DpokitError
 
 PREFIX = "checkpoint-"
@@ -47,7 +47,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module,
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{step}"
-    tmp = output_dir / f".{PREFIX}{step}.tmp"
+    tmp = temporary_sibling(final, shared=True)  # one name on every rank
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -72,9 +72,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module,
                                                 encoding="utf-8")
     barrier()
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace(tmp, final)
         if save_total_limit is not None:
             for old in list_checkpoints(output_dir)[:-save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)

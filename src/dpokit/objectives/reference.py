@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from dpokit.atomic import atomic_path
 from dpokit.data import PairBatch, TokenizedPair, collate_pairs
 from dpokit.logps import sequence_logps, unwrap_model
 
@@ -37,15 +37,33 @@ class Reference:
     def __init__(self, mode: str, *, model: nn.Module | None = None,
                  table: Tensor | None = None, chunk_size: int = 1024,
                  ld_alpha: float | None = None, autocast=contextlib.nullcontext,
-                 unpadded: bool = True):
+                 unpadded: bool = True, sync_steps: int | None = None,
+                 sync_alpha: float = 0.6):
         if mode not in ("none", "model", "adapters", "precomputed"):
             raise ValueError(f"unknown reference mode {mode!r}")
+        if sync_steps is not None and mode != "model":
+            raise ValueError("only a reference model of its own can be synced (TR-DPO)")
         self.mode, self.model, self.table = mode, model, table
         self.chunk_size, self.ld_alpha, self.autocast = chunk_size, ld_alpha, autocast
         self.unpadded = unpadded
+        self.sync_steps, self.sync_alpha = sync_steps, sync_alpha
+
+    @property
+    def moving_model(self) -> nn.Module | None:
+        """The reference weights that change during training (TR-DPO), for checkpoints."""
+        return self.model if self.sync_steps else None
+
+    def after_step(self, policy: nn.Module, step: int) -> None:
+        """TR-DPO: every ``sync_steps`` optimizer steps, :meth:`sync` towards the policy."""
+        if self.sync_steps and step % self.sync_steps == 0:
+            self.sync(policy, self.sync_alpha)
 
     @torch.no_grad()
     def logps(self, batch: PairBatch) -> tuple[Tensor, Tensor] | None:
+        """``(chosen, rejected)`` summed log π_ref, each ``(B,)``, detached; None in mode none.
+
+        ``precomputed`` looks the rows up by ``batch.extras["indices"]`` (positions in the
+        table); the model modes run a no-grad forward in eval mode (no dropout)."""
         if self.mode == "none":
             return None
         if self.mode == "precomputed":
@@ -133,7 +151,5 @@ def read_table(cache_file: Path) -> Tensor | None:
 
 def write_table(cache_file: Path, table: Tensor) -> None:
     """Store a reference table atomically (temporary file, then rename)."""
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-    save_file({"ref_logps": table.contiguous()}, str(tmp))
-    os.replace(tmp, cache_file)
+    with atomic_path(cache_file) as tmp:
+        save_file({"ref_logps": table.contiguous()}, str(tmp))

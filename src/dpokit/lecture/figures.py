@@ -7,7 +7,6 @@ Every function returns a ``matplotlib.figure.Figure`` (no pyplot, no global back
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,9 +14,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from dpokit.atomic import atomic_path
 from dpokit.errors import DpokitError
-from dpokit.outcomes import WORKED_EXAMPLE, WORKED_EXAMPLE_PROMPT, Outcome, solve
-from dpokit.partition_study import (
+from dpokit.lecture.outcomes import WORKED_EXAMPLE, WORKED_EXAMPLE_PROMPT, Outcome, solve
+from dpokit.lecture.partition import (
     GPT2_VOCAB_SIZE,
     EstimateRow,
     builtin_space,
@@ -188,15 +188,11 @@ FIGURES: dict[str, str] = {
 }
 
 
-def _save(fig: Figure, path: Path) -> None:
-    """Write a PNG to a temporary name in the same directory, then rename it over ``path``,
-    so an interrupted run never leaves a truncated figure behind."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+def save_figure(fig: Figure, path: Path) -> None:
+    """Write ``fig`` as a PNG at ``path`` through a temporary sibling and a rename, so an
+    interrupted run never leaves a truncated figure behind."""
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_figures(out_dir: str | Path, *, rate: float | None = None,
@@ -222,7 +218,7 @@ def write_figures(out_dir: str | Path, *, rate: float | None = None,
     written = []
     for name in FIGURES:
         path = out / name
-        _save(builders[name](), path)
+        save_figure(builders[name](), path)
         written.append(path)
         if on_written:
             on_written(path)

@@ -11,12 +11,16 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dpokit.errors import DpokitError, check_beta
 from dpokit.theory import kl_divergence, log_partition, optimal_policy, rl_objective
 from dpokit.theory.optimal import expected_reward
+
+if TYPE_CHECKING:
+    from dpokit.lecture.config import OptimalConfig
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,8 @@ def validate_outcomes(outcomes: Sequence[Outcome], *, source: str = "outcomes",
         return tuple(Outcome(o.name, o.ref_prob / total, o.reward) for o in outcomes)
     if abs(total - 1.0) > PROB_TOLERANCE:
         raise DpokitError(f"{source}: reference probabilities sum to {total:.9g}, not 1 "
-                          f"(tolerance {PROB_TOLERANCE:g}); fix them or pass --normalize")
+                          f"(tolerance {PROB_TOLERANCE:g}); fix them or set normalize "
+                          f"(--normalize)")
     return tuple(outcomes)
 
 
@@ -86,19 +91,19 @@ def parse_outcome(spec: str) -> Outcome:
     """Parse ``NAME:REF_PROB:REWARD`` (the name may itself contain colons)."""
     parts = spec.rsplit(":", 2)
     if len(parts) != 3:
-        raise DpokitError(f"--outcome {spec!r}: expected NAME:REF_PROB:REWARD, e.g. 'cats:0.8:1'")
+        raise DpokitError(f"outcomes {spec!r}: expected NAME:REF_PROB:REWARD, e.g. 'cats:0.8:1'")
     name, ref_prob, reward = parts
-    where = f"--outcome {spec!r}"
+    where = f"outcomes {spec!r}"
     return Outcome(name.strip(), _number(ref_prob, where, "ref_prob"),
                    _number(reward, where, "reward"))
 
 
-def parse_assignment(spec: str, flag: str) -> tuple[str, float]:
-    """Parse ``NAME=VALUE`` for ``--reward``/``--ref-prob`` overrides."""
+def parse_assignment(spec: str, key: str) -> tuple[str, float]:
+    """Parse ``NAME=VALUE`` of the override list ``key`` (``rewards`` or ``ref_probs``)."""
     name, sep, value = spec.rpartition("=")
     if not sep or not name.strip():
-        raise DpokitError(f"{flag} {spec!r}: expected NAME=VALUE, e.g. 'cats=2.5'")
-    return name.strip(), _number(value, f"{flag} {spec!r}", "value")
+        raise DpokitError(f"{key} {spec!r}: expected NAME=VALUE, e.g. 'cats=2.5'")
+    return name.strip(), _number(value, f"{key} {spec!r}", "value")
 
 
 def read_outcomes_csv(path: str | Path) -> list[Outcome]:
@@ -139,13 +144,34 @@ def apply_overrides(outcomes: Iterable[Outcome], *, rewards: Mapping[str, float]
     """Replace the reward or π_ref of named outcomes; an unknown name is an error."""
     outcomes = list(outcomes)
     names = {o.name for o in outcomes}
-    for flag, mapping in (("--reward", rewards or {}), ("--ref-prob", ref_probs or {})):
+    for key, mapping in (("rewards", rewards or {}), ("ref_probs", ref_probs or {})):
         for name in mapping:
             if name not in names:
-                raise DpokitError(f"{flag}: unknown outcome {name!r}; "
+                raise DpokitError(f"{key}: unknown outcome {name!r}; "
                                   f"known outcomes: {', '.join(sorted(names))}")
     return [Outcome(o.name, (ref_probs or {}).get(o.name, o.ref_prob),
                     (rewards or {}).get(o.name, o.reward)) for o in outcomes]
+
+
+def outcome_table(config: OptimalConfig) -> tuple[tuple[Outcome, ...], str | None]:
+    """The validated table of ``dpokit optimal`` and the prompt of its title.
+
+    The outcomes come from ``csv``, else ``outcomes``, else the worked example (whose prompt is
+    the default title); then the ``rewards`` and ``ref_probs`` overrides apply.
+    """
+    prompt = config.prompt
+    if config.csv is not None:
+        table, source = read_outcomes_csv(config.csv), config.csv
+    elif config.outcomes:
+        table, source = [parse_outcome(spec) for spec in config.outcomes], "outcomes"
+    else:
+        table, source = list(WORKED_EXAMPLE), "worked example"
+        prompt = WORKED_EXAMPLE_PROMPT if prompt is None else prompt
+    table = apply_overrides(
+        table,
+        rewards=dict(parse_assignment(spec, "rewards") for spec in config.rewards),
+        ref_probs=dict(parse_assignment(spec, "ref_probs") for spec in config.ref_probs))
+    return validate_outcomes(table, source=source, normalize=config.normalize), prompt
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,70 @@
+"""Commands whose flags are generated from a config dataclass (``dpokit.config``).
+
+Every field ``output_dir`` becomes ``--output-dir`` (``--output_dir`` too, plus any ``aliases`` of
+the field), with the field's help text, type and default; booleans are ``--x/--no-x`` (an unset
+optional one stays null); list fields take ``a,b``, a YAML list ``[a, b]`` or the flag repeated.
+``--config FILE`` reads the same keys from YAML; flags override it. The resolved config is
+validated before the command's function runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dpokit.config import field_help, load_config
+
+
+def _is_list(hint: Any) -> bool:
+    """``list[X]`` or ``list[X] | None``: the flag may be repeated."""
+    return typing.get_origin(hint) is list or any(
+        typing.get_origin(arg) is list for arg in typing.get_args(hint))
+
+
+def _params(config_cls: type) -> list[click.Parameter]:
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    params: list[click.Parameter] = [click.Option(
+        ["--config", "config_path"], type=click.Path(path_type=Path), default=None,
+        help="YAML file of the keys below (the flag names without --); flags override it.")]
+    for flag, kind, default, text in field_help(config_cls):
+        key = flag[2:].replace("-", "_")
+        aliases = list(fields[key].metadata.get("aliases", ()))
+        shown = "required" if default == "(required)" else f"default: {default!r}"
+        if hints[key] in (bool, bool | None):
+            decls = [f"{flag}/--no-{flag[2:]}", *aliases, key]
+            if "_" in key:
+                decls.insert(1, f"--{key}/--no_{key}")
+            params.append(click.Option(decls, default=None, help=f"{text} [{shown}]"))
+            continue
+        decls = [flag, *([f"--{key}"] if "_" in key else []), *aliases, key]
+        metavar = kind.upper() if " " not in kind else "VALUE"
+        params.append(click.Option(decls, default=None, metavar=metavar,
+                                   multiple=_is_list(hints[key]),
+                                   help=f"{text} ({kind}) [{shown}]"))
+    return params
+
+
+def config_command(name: str, config_cls: type, run: Callable[[Any], None], *,
+                   summary: str) -> click.Command:
+    """A click command: flags from ``config_cls``, ``--config`` YAML, then ``run(config)``."""
+
+    def callback(config_path: Path | None, **flags: Any) -> None:
+        overrides = {}
+        for key, value in flags.items():
+            if value is None or value == ():
+                continue
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, tuple):
+                value = value[0] if len(value) == 1 else ",".join(value)
+            overrides[key] = value
+        run(load_config(config_cls, config_path, overrides))
+
+    return click.Command(name, callback=callback, params=_params(config_cls), help=summary,
+                         context_settings={"max_content_width": 100})

@@ -1,0 +1,202 @@
+"""The config concerns every objective shares: the model, the data, and the preference loss.
+
+    ModelConfig        which model, on what device and precision, how log-probs are computed
+    DataConfig         which rows, which prompt column, how they are tokenised and batched
+    PreferenceConfig   the columns of a pair, β, the loss (its hyper-parameters come from the
+                       loss registry: a loss that declares one gets its config key and flag here
+                       without this file changing), the reference and the pair layout
+
+``dpokit train`` (``DPOConfig``), ``dpokit sft`` (``SFTConfig``) and ``dpokit eval``
+(``EvalConfig``) are built from these, so a key means the same in every command. All are
+keyword-only dataclasses: YAML key = field name = ``--flag``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from dpokit.config import Config, field
+from dpokit.data import ColumnMap, TokenizeSettings
+from dpokit.errors import DpokitError, check_beta
+from dpokit.losses import (
+    F_DIVERGENCES,
+    check_loss_options,
+    hyper_parameters,
+    loss_names,
+    needs_reference,
+    resolve_losses,
+    supports_f_divergence,
+)
+from dpokit.losses.scores import check_f_divergence
+
+FDivergence = Literal[F_DIVERGENCES]  # the names come from dpokit.losses, never copied
+
+
+def check_finite(config: object) -> None:
+    """Every float (and every float in a list) of a config is finite, or a ``DpokitError``."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DpokitError(f"{f.name} must be a finite number, got {value}")
+        if isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v)
+                                           for v in value):
+            raise DpokitError(f"{f.name} must hold finite numbers, got {value}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig(Config):
+    """The model and how its log-probabilities are computed."""
+
+    model: str = field(
+        help="The policy (in training, the initial one): a local Hugging Face causal LM dir.")
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        "float32", help="Compute precision: bfloat16/float16 autocast where the device has it.")
+    device: str = field("auto", help="auto, cpu, cuda (torchrun: one GPU per process).")
+    chunk_size: int = field(1024, help="Completion positions per LM-head chunk.")
+    unpadded: bool = field(
+        True, help="Run the model on the real tokens only, attention per sequence (exact; "
+                   "SDPA models, others run padded).")
+    trust_remote_code: bool = field(False, help="Allow model code shipped in the directory.")
+
+    def validate(self) -> None:
+        """Reject impossible values with a message naming the key."""
+        super().validate()
+        check_finite(self)
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise DpokitError(f"device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+        if self.chunk_size < 1:
+            raise DpokitError(f"chunk_size must be ≥ 1, got {self.chunk_size}")
+
+
+@dataclass(kw_only=True)
+class DataConfig(Config):
+    """Which rows, how they are tokenised, and how many go into one batch."""
+
+    data: str = field(help="Data: JSONL/JSON/CSV/Parquet file, saved dataset or directory.")
+    split: str | None = field(None, help="Split of the data (saved DatasetDict/shards).")
+    prompt_column: str = field("prompt", help="Column holding the prompt.")
+    max_length: int | None = field(1024, help="Longest prompt + completion in tokens.")
+    max_prompt_length: int | None = field(None, help="Longest prompt in tokens (left-truncated).")
+    text_mode: Literal["auto", "chat", "plain"] = field(
+        "auto", help="Chat template for conversational rows, or plain 'role: content' text.")
+    batch_size: int = field(8, help="Examples per micro-batch on each device.")
+    padding_free: bool = field(False, help="Pack sequences into one row (no padding).")
+
+    def validate(self) -> None:
+        """Reject impossible values with a message naming the key."""
+        super().validate()
+        if self.batch_size < 1:
+            raise DpokitError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        for key in ("max_length", "max_prompt_length"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise DpokitError(f"{key} must be ≥ 1 or null, got {value}")
+        self.tokenize_settings  # noqa: B018  (its own checks)
+
+    @property
+    def tokenize_settings(self) -> TokenizeSettings:
+        """The settings that turn rows into tokens (:class:`dpokit.data.TokenizeSettings`)."""
+        return TokenizeSettings(max_length=self.max_length,
+                                max_prompt_length=self.max_prompt_length,
+                                text_mode=self.text_mode)
+
+
+@dataclass(kw_only=True)
+class _PreferenceConfig(Config):
+    """Preference pairs and the loss of the DPO family (:func:`dpokit.losses.dpo_loss`).
+
+    Combined with :class:`DataConfig` (it reads ``prompt_column`` and ``padding_free``)."""
+
+    chosen_column: str = field("chosen", help="Column holding the preferred completion.")
+    rejected_column: str = field("rejected", help="Column holding the dispreferred completion.")
+    weight_column: str = field("weight", help="Optional per-pair weight column (scales its loss).")
+    margin_column: str = field(
+        "margin", help="Optional per-pair margin column (the offset m of losses that read one).")
+    ref_model: str | None = field(None, help="Reference model directory (default: the policy).")
+    beta: float = field(0.1, help="β > 0: strength of the KL penalty towards π_ref.")
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        help=f"Loss name(s), summed when several: {', '.join(loss_names())}.")
+    loss_weights: list[float] | None = field(None, help="One weight per loss_type entry.")
+    f_divergence_type: FDivergence = field(
+        "reverse_kl", help="f-divergence of the log-ratio scores.")
+    f_alpha_divergence_coef: float = field(0.5, help="α of alpha_divergence.")
+    rpo_alpha: float | None = field(None, help="Weight of the RPO NLL term on chosen.")
+    ld_alpha: float | None = field(None, help="LD-DPO weight of tokens past the shared length.")
+    use_weighting: bool = field(False, help="WPO weighting of each pair.")
+    shared_prompt: bool | None = field(
+        None, help="One row per pair [prompt, chosen, rejected], the prompt computed once "
+                   "(null: on unless padding_free).")
+
+    def validate(self) -> None:
+        """The losses' own checks (:func:`dpokit.losses.check_loss_options`) and the layout's."""
+        super().validate()
+        check_beta(self.beta)
+        resolve_losses(self.loss_type)
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise DpokitError(f"loss_weights has {len(self.loss_weights)} entries for "
+                              f"{len(self.loss_type)} loss types")
+        check_loss_options(self.loss_type, self.hyper_parameters())
+        check_f_divergence(self.f_divergence_type, self.f_alpha_divergence_coef)
+        if self.f_divergence_type != "reverse_kl" and not supports_f_divergence(self.loss_type):
+            raise DpokitError(f"f_divergence_type={self.f_divergence_type!r} is not defined for "
+                              f"loss_type {self.loss_type}; use reverse_kl")
+        if self.rpo_alpha is not None and self.rpo_alpha < 0:
+            raise DpokitError(f"rpo_alpha must be ≥ 0 or null, got {self.rpo_alpha}")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise DpokitError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        if self.shared_prompt is True and self.padding_free:
+            raise DpokitError("shared_prompt and padding_free are two layouts; choose one")
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the losses read π_ref log-probs (:func:`dpokit.losses.needs_reference`)."""
+        return needs_reference(self.loss_type)
+
+    @property
+    def layout(self) -> str:
+        """How pairs are laid out for the model (``dpokit.data.collate.LAYOUTS``)."""
+        if self.padding_free:
+            return "packed"
+        return "padded" if self.shared_prompt is False else "shared"
+
+    @property
+    def columns(self) -> ColumnMap:
+        """The user's column names of a pair."""
+        return ColumnMap(prompt=self.prompt_column, chosen=self.chosen_column,
+                         rejected=self.rejected_column, weight=self.weight_column,
+                         margin=self.margin_column)
+
+    def hyper_parameters(self) -> dict[str, float]:
+        """The registry's loss hyper-parameters as set in this config (``label_smoothing``, …)."""
+        return {name: getattr(self, name) for name in hyper_parameters()}
+
+    def loss_options(self) -> dict:
+        """The keyword options of :func:`dpokit.losses.dpo_loss`."""
+        return {"loss_weights": self.loss_weights, "f_divergence_type": self.f_divergence_type,
+                "f_alpha_divergence_coef": self.f_alpha_divergence_coef,
+                "rpo_alpha": self.rpo_alpha, **self.hyper_parameters()}
+
+
+def _hyper_parameter_fields() -> list[tuple[str, type, dataclasses.Field]]:
+    """One float field per hyper-parameter the loss registry declares, in registry order."""
+    return [(p.name, float, field(p.default, help=f"{p.help} (loss: {', '.join(p_losses)})"))
+            for p, p_losses in _declarations()]
+
+
+def _declarations():
+    from dpokit.losses import LOSSES
+
+    for p in hyper_parameters().values():
+        yield p, [name for name, spec in LOSSES.items()
+                  if p.name in (h.name for h in spec.hyper_parameters)]
+
+
+PreferenceConfig = dataclasses.make_dataclass(
+    "PreferenceConfig", _hyper_parameter_fields(), bases=(_PreferenceConfig,), kw_only=True,
+    namespace={"__doc__": _PreferenceConfig.__doc__, "__module__": __name__})
+""":class:`_PreferenceConfig` plus a field per hyper-parameter of :data:`dpokit.losses.LOSSES`."""

@@ -1,0 +1,159 @@
+"""The DPO-family objective on offline preference pairs (:func:`dpokit.losses.dpo_loss`).
+
+Per pair i, with summed completion log-probs of the policy and the reference:
+
+    L_i = w_i · loss_type(log π_θ(y_w), log π_θ(y_l), log π_ref(y_w), log π_ref(y_l); β, …)
+
+w_i the row's ``weight`` column (1 without one); margins m_i (the ``margin`` column) reach the
+losses that read them (e.g. ``odpo``); LD-DPO (``ld_alpha``) and WPO (``use_weighting``) act on
+the log-probs. ``forward`` returns Σ_i L_i and the metric sums of :mod:`dpokit.losses.metrics`.
+
+Without a reference for a loss that needs one (``dpokit eval`` with no ``--ref-model``) the
+objective only scores: it reports log-probs, no loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpokit.data import PairBatch, TokenizedPair, collate_pairs, load_preference_pairs
+from dpokit.errors import DpokitError
+from dpokit.losses import (
+    METRIC_KEYS,
+    dpo_loss,
+    metric_means,
+    needs_lengths,
+    needs_margins,
+    preference_metrics,
+)
+from dpokit.objectives.base import LogpsModule, Objective, Output, count
+from dpokit.objectives.reference import Reference
+
+log = logging.getLogger("dpokit.objectives")
+
+_LOGPS_KEYS = ("logps/chosen", "logps/rejected", "count")
+
+
+class DPOObjective(Objective):
+    """A DPO-family loss on preference pairs.
+
+    Args:
+        config: a :class:`~dpokit.objectives.config.PreferenceConfig` combined with the model
+            and data concerns (``DPOConfig`` in training, ``EvalConfig`` in ``dpokit eval``).
+        tokenizer: the policy's tokenizer (for loading and padding).
+        reference: π_ref's log-probs; may be set later (training sets it up once the data is
+            read), must be set before :meth:`forward`.
+        score_only: allow a loss that needs a reference to run without one, reporting log-probs
+            only (``dpokit eval`` without ``--ref-model``).
+    """
+
+    unit = "pairs"
+
+    def __init__(self, config: Any, tokenizer: Any, reference: Reference | None = None, *,
+                 score_only: bool = False):
+        self.config, self.tokenizer = config, tokenizer
+        self.needs_reference = config.needs_reference
+        self.reference = reference if self.needs_reference else Reference("none")
+        self.score_only = score_only
+        self.lengths = needs_lengths(config.loss_type) or bool(config.rpo_alpha)
+        self.margins = needs_margins(config.loss_type)
+
+    @property
+    def with_loss(self) -> bool:
+        """Whether a loss is computed (False only for scoring without a reference)."""
+        return not (self.score_only and self.needs_reference
+                    and (self.reference is None or self.reference.mode == "none"))
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        """TRL's reward/log-prob metrics, ``count`` and ``loss`` (log-probs only if scoring)."""
+        return (*METRIC_KEYS, "loss") if self.with_loss else _LOGPS_KEYS
+
+    def load(self, path: str, split: str | None) -> list[TokenizedPair]:
+        """Preference pairs of ``path`` with this config's columns and tokenisation; a loss that
+        reads margins needs one on every row (the first row without is named)."""
+        pairs = load_preference_pairs(path, self.tokenizer,
+                                      settings=self.config.tokenize_settings,
+                                      columns=self.config.columns, split=split)
+        column, losses = self.config.margin_column, ", ".join(self.config.loss_type)
+        if self.margins:
+            missing = next((p for p in pairs if p.margin is None), None)
+            if missing is not None:
+                raise DpokitError(f"{missing.source}, row {missing.row}: loss_type {losses} "
+                                  f"needs a per-pair margin, and the row has no {column!r} "
+                                  f"(set margin_column)")
+        elif any(p.margin is not None for p in pairs):
+            log.warning("%s has a margin column (%s) but loss_type %s reads none; it is "
+                        "ignored", path, column, losses)
+        return pairs
+
+    def tokens(self, item: TokenizedPair) -> int:
+        """Tokens of one pair in this layout (the prompt once in the shared layout)."""
+        prompt_rows = 1 if self.config.layout == "shared" else 2
+        return prompt_rows * len(item.prompt_ids) + len(item.chosen_ids) + len(item.rejected_ids)
+
+    def collate(self, items: Sequence[TokenizedPair], indices: Sequence[int]) -> PairBatch:
+        """Pairs in the config's layout; ``extras["indices"]`` finds precomputed π_ref rows."""
+        batch = collate_pairs(items, self.config.layout, pad_token_id=self.tokenizer.pad_token_id)
+        batch.extras["indices"] = torch.tensor(list(indices), dtype=torch.long)
+        return batch
+
+    def policy(self, model: nn.Module) -> LogpsModule:
+        """Log-probs with LD-DPO's α and, for WPO, the per-sequence statistic."""
+        c = self.config
+        return LogpsModule(model, chunk_size=c.chunk_size, ld_alpha=c.ld_alpha,
+                           wpo=c.use_weighting, unpadded=c.unpadded)
+
+    def forward(self, policy: nn.Module, batch: PairBatch) -> Output:
+        """Σ_i w_i L_i over the B pairs of ``batch``, metric sums, per-pair values."""
+        logps, tokens, wpo = policy(batch)
+        b = batch.num_pairs
+        chosen, rejected = logps[:b], logps[b:]
+        examples = {"chosen_logps": chosen.detach(), "rejected_logps": rejected.detach(),
+                    "chosen_tokens": tokens[:b], "rejected_tokens": tokens[b:]}
+        if not self.with_loss:
+            sums = {"logps/chosen": chosen.detach().double().sum(),
+                    "logps/rejected": rejected.detach().double().sum(), "count": count(b, chosen)}
+            return Output(chosen.sum() * 0.0, sums, examples)
+        if self.reference is None:
+            raise RuntimeError("DPOObjective.forward before a reference was set")
+        ref = self.reference.logps(batch)
+        use_wpo = self.config.use_weighting
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen, rejected, None if ref is None else ref[0], None if ref is None else ref[1],
+            beta=self.config.beta, loss_type=self.config.loss_type,
+            chosen_lengths=tokens[:b] if self.lengths else None,
+            rejected_lengths=tokens[b:] if self.lengths else None,
+            margins=batch.margins.to(chosen) if self.margins else None,
+            chosen_wpo_logweights=wpo[:b] if use_wpo else None,
+            rejected_wpo_logweights=wpo[b:] if use_wpo else None,
+            **self.config.loss_options())
+        if batch.weights is not None:
+            examples["weight"] = batch.weights
+            losses = losses * batch.weights.to(losses)
+        loss_sum = losses.sum()
+        sums = preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+        sums["loss"] = loss_sum.detach().double()
+        if ref is not None:
+            examples.update(ref_chosen_logps=ref[0], ref_rejected_logps=ref[1])
+        examples.update(chosen_reward=chosen_rewards, rejected_reward=rejected_rewards,
+                        loss=losses.detach())
+        return Output(loss_sum, sums, examples)
+
+    def means(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """``loss`` and TRL's metric means (or the mean log-probs when only scoring)."""
+        n = sums["count"]
+        if not self.with_loss:
+            return {"logps/chosen": sums["logps/chosen"] / n,
+                    "logps/rejected": sums["logps/rejected"] / n}
+        return {"loss": sums["loss"] / n, **metric_means(sums)}
+
+    def postfix(self, record: Mapping[str, float]) -> dict[str, str]:
+        """Preference accuracy and pairs/s."""
+        return {"acc": f"{record['rewards/accuracies']:.2f}",
+                "pairs/s": f"{record['pairs_per_second']:.1f}"}

@@ -1,0 +1,74 @@
+"""Supervised fine-tuning: the per-token NLL of each completion, prompt tokens masked.
+
+    L_i = −(1/|y_i|) Σ_t log π_θ(y_i,t | x_i, y_i,<t)        (mean over examples of L_i)
+
+The loop divides Σ_i L_i by the number of examples once, so every example weighs the same
+whatever its length; ``nll_per_token`` (logged) is Σ_i |y_i| L_i / Σ_i |y_i|.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpokit.data import PairBatch
+from dpokit.data.collate import pack_sequences, pad_sequences
+from dpokit.data.sft import SFTSequence, load_sft_sequences
+from dpokit.objectives.base import LogpsModule, Objective, Output, count
+
+
+class SFTObjective(Objective):
+    """Mean over examples of the per-token NLL of each completion.
+
+    ``config`` holds the model and data concerns plus ``completion_column`` and
+    ``messages_column`` (``SFTConfig``).
+    """
+
+    unit = "examples"
+    metric_keys = ("nll_tokens", "tokens", "count", "loss")
+
+    def __init__(self, config: Any, tokenizer: Any):
+        self.config, self.tokenizer = config, tokenizer
+
+    def load(self, path: str, split: str | None) -> list[SFTSequence]:
+        """Prompt/completion or conversation rows, tokenised and truncated."""
+        c = self.config
+        return load_sft_sequences(path, self.tokenizer, settings=c.tokenize_settings,
+                                  prompt_column=c.prompt_column,
+                                  completion_column=c.completion_column,
+                                  messages_column=c.messages_column, split=split)
+
+    def tokens(self, item: SFTSequence) -> int:
+        """Prompt and completion tokens."""
+        return len(item.prompt_ids) + len(item.completion_ids)
+
+    def collate(self, items: Sequence[SFTSequence], indices: Sequence[int]) -> PairBatch:
+        """Padded (or, with ``padding_free``, packed) sequences."""
+        sequences = [(s.prompt_ids + s.completion_ids, len(s.prompt_ids)) for s in items]
+        batch = (pack_sequences(sequences) if self.config.padding_free
+                 else pad_sequences(sequences, pad_token_id=self.tokenizer.pad_token_id))
+        batch.extras["indices"] = torch.tensor(list(indices), dtype=torch.long)
+        return batch
+
+    def policy(self, model: nn.Module) -> LogpsModule:
+        """Completion log-probs of ``model``."""
+        return LogpsModule(model, chunk_size=self.config.chunk_size,
+                           unpadded=self.config.unpadded)
+
+    def forward(self, policy: nn.Module, batch: PairBatch) -> Output:
+        """Σ_i L_i, the NLL and token sums, per-example NLL."""
+        logps, tokens, _ = policy(batch)
+        nll = -logps / tokens.clamp(min=1).to(logps.dtype)
+        loss_sum = nll.sum()
+        sums = {"nll_tokens": (-logps.detach()).double().sum(), "tokens": tokens.double().sum(),
+                "count": count(len(nll), nll), "loss": loss_sum.detach().double()}
+        return Output(loss_sum, sums, {"logps": logps.detach(), "tokens": tokens,
+                                        "loss": nll.detach()})
+
+    def means(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """``loss`` (mean per-example NLL per token) and ``nll_per_token``."""
+        return {"loss": sums["loss"] / sums["count"],
+                "nll_per_token": sums["nll_tokens"] / max(sums["tokens"], 1.0)}

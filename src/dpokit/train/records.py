@@ -1,0 +1,76 @@
+"""Where a run's numbers go: ``metrics.jsonl`` (one JSON record per line), TensorBoard (when
+installed) and the progress bar. Only rank 0 writes; other ranks get a log that does nothing.
+
+Training records carry ``step``, ``epoch``, ``loss``, ``learning_rate``, ``grad_norm``, the
+objective's metric means and its throughput; evaluation records ``eval/…`` keys; probes
+``probe/…`` keys. In TensorBoard a key without a ``/`` is filed under ``train/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dpokit.atomic import write_text
+
+
+class MetricsLog:
+    """Append-only metric records of one run directory, mirrored to TensorBoard."""
+
+    def __init__(self, output_dir: Path, *, enabled: bool, total_steps: int, step: int,
+                 progress: bool):
+        from tqdm.auto import tqdm
+
+        self.path = output_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = _tensorboard(output_dir) if enabled else None
+        self.bar = tqdm(total=total_steps, initial=step, unit="step", desc="training",
+                        disable=not (enabled and progress))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (it has a ``step``) to ``metrics.jsonl`` and TensorBoard."""
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value,
+                                           record["step"])
+
+    def close(self) -> None:
+        """Close the progress bar and flush TensorBoard."""
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def start_fresh(output_dir: Path) -> None:
+    """A fresh run starts a fresh ``metrics.jsonl``."""
+    (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def truncate_metrics(output_dir: Path, step: int) -> None:
+    """After a resume, drop metric lines logged past the checkpoint (they will be redone)."""
+    path = output_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
+            return False
+
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if keep(line)]
+    write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _tensorboard(output_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(output_dir / "tensorboard"))

@@ -1,0 +1,66 @@
+"""Helpers shared by the test modules: the in-process CLI, data files, the float64 log-prob
+oracle and the four pair layouts. (Fixtures shared across modules live in conftest.py.)"""
+
+import copy
+import json
+
+import torch
+
+from dpokit.data import RawRow, parse_examples, tokenize_examples
+from dpokit.data.collate import collate_packed, collate_padded, collate_shared
+
+PROMPTS = ["the cat", "the dog", "what color is the sky?", "a bird", "why is the sun red?"]
+"""Prompts of the ``workdir`` fixture's learnable preference set."""
+
+LAYOUTS = {
+    "right": lambda pairs: collate_padded(pairs, pad_token_id=0),
+    "left": lambda pairs: collate_padded(pairs, pad_token_id=0, padding_side="left"),
+    "packed": collate_packed,
+    "shared": lambda pairs: collate_shared(pairs, pad_token_id=0),
+}
+"""Every way a batch of pairs is laid out for the model (right/left padding, packed, shared)."""
+
+
+def run_cli(capsys, *argv):
+    """``dpokit ARGV`` in this process: (exit status, stdout, stderr)."""
+    from dpokit.cli import main
+
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_jsonl(path, rows):
+    """``rows`` as a JSON-lines file at ``path``; returns ``path``."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_metrics(run_dir):
+    """The records of ``run_dir/metrics.jsonl``."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def tokenized_pairs(rows, tokenizer, source="t.jsonl"):
+    """Preference rows (dicts) through dpokit's parser and tokenizer."""
+    raw = [RawRow(source, i + 1, r) for i, r in enumerate(rows)]
+    return tokenize_examples(parse_examples(raw), tokenizer)
+
+
+def reference_token_logps(model, prompt_ids, completion_ids):
+    """Per-token log π of the completion: one unpadded sequence, full logits, float64.
+
+    Returns ``(token_logps, wpo)``: log π(y_t|·) and log π(y_t|·) − log Σ_v π(v|·)² per token."""
+    model64 = copy.deepcopy(model).double()
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        log_probs = model64(input_ids=ids).logits[0, :-1].log_softmax(-1)
+    token_logps = log_probs.gather(-1, ids[0, 1:, None]).squeeze(-1)
+    wpo = token_logps - torch.logsumexp(2 * log_probs, dim=-1)
+    start = len(prompt_ids) - 1
+    return token_logps[start:], wpo[start:]
