@@ -202,3 +202,20 @@ def test_margin_column_feeds_odpo(saved, tokenizer, capsys, tmp_path):
                        str(root / "ref"), "--data", str(root / "prefs.jsonl"), "--loss-type",
                        "odpo")
     assert code == 2 and "margin" in err and err.count("\n") == 1
+
+
+def test_eval_reads_the_same_keys_from_yaml(saved, capsys, tmp_path):
+    """`dpokit eval --config` takes the keys of its flags (train's names); flags override."""
+    root, _, _ = saved
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"model: {root / 'policy'}\nref_model: {root / 'ref'}\n"
+                   f"data: {root / 'prefs.jsonl'}\nbeta: 2.0\nloss_type: [hinge]\n")
+    from_yaml = json.loads(run(capsys, "eval", "--config", str(cfg), "--beta", "0.5",
+                               "--json")[1])
+    from_flags = json.loads(run(capsys, "eval", "--model", str(root / "policy"), "--ref-model",
+                                str(root / "ref"), "--data", str(root / "prefs.jsonl"),
+                                "--beta", "0.5", "--loss-type", "hinge", "--json")[1])
+    assert from_yaml == pytest.approx(from_flags, abs=1e-7)
+    cfg.write_text(cfg.read_text() + "learning_rate: 1.0e-6\n")
+    code, _, err = run(capsys, "eval", "--config", str(cfg))
+    assert code == 2 and "unknown key 'learning_rate'" in err and err.count("\n") == 1

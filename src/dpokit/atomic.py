@@ -8,7 +8,8 @@ The temporary sibling is ``.<name>.<pid>.tmp`` (hidden, unique per process, so t
 writing the same target never share one); ``shared=True`` drops the pid for a directory that
 several ranks of one run fill together (``.<name>.tmp``). On an exception the temporary is
 removed and the target is left as it was; on success ``os.replace`` puts it in place in one step
-(a directory target is removed first: POSIX cannot rename over a non-empty directory).
+(an existing directory target is renamed aside first — POSIX cannot rename over a non-empty
+directory — and removed once the new one is in place).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def temporary_sibling(path: str | Path, *, shared: bool = False) -> Path:
 
 
 def _remove(path: Path) -> None:
+    """Delete a file or a directory tree if it exists."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -38,10 +40,21 @@ def _remove(path: Path) -> None:
 
 
 def replace(tmp: Path, path: Path) -> None:
-    """Move a finished temporary into place (removing an existing directory target first)."""
-    if tmp.is_dir() and path.is_dir():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    """Move a finished temporary into place. An existing directory target is first renamed
+    aside (``.<name>.<pid>.old``), and deleted only once the new one is in place; if the rename
+    fails it is put back, so ``path`` is never lost."""
+    if not (tmp.is_dir() and path.is_dir()):
+        os.replace(tmp, path)
+        return
+    aside = path.with_name(f".{path.name}.{os.getpid()}.old")
+    _remove(aside)
+    os.replace(path, aside)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(aside, path)
+        raise
+    _remove(aside)
 
 
 @contextlib.contextmanager

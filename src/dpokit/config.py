@@ -65,6 +65,14 @@ def _describe(hint: Any) -> str:
 _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 
 
+def split_list_text(text: str) -> list:
+    """A list from command-line text: a YAML list ``[a, b]``, or ``a,b`` split at commas."""
+    parsed = yaml.safe_load(text) if text.strip().startswith("[") else None
+    if isinstance(parsed, list):
+        return parsed
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def coerce(key: str, value: Any, hint: Any, *, from_text: bool = False) -> Any:
     """``value`` as the type ``hint`` of field ``key``, or a ``DpokitError`` naming the key.
 
@@ -91,9 +99,7 @@ def coerce(key: str, value: Any, hint: Any, *, from_text: bool = False) -> Any:
         raise DpokitError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
     if origin is list:
         if from_text and isinstance(value, str):
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else None
-            value = parsed if isinstance(parsed, list) else [
-                part.strip() for part in value.split(",") if part.strip()]
+            value = split_list_text(value)
         if not isinstance(value, list | tuple):
             raise wrong
         return [coerce(key, item, args[0], from_text=from_text) for item in value]
@@ -165,8 +171,7 @@ def build_config(cls: type[C], values: Mapping[str, Any], *, source: str = "conf
         if (name not in kwargs and f.default is _MISSING
                 and f.default_factory is _MISSING):
             raise DpokitError(f"{source}: {name} is required (--{name.replace('_', '-')})")
-    preset = getattr(cls, "preset", None)  # e.g. the demo's quick settings under the given ones
-    config = cls(**(preset(kwargs) if callable(preset) else kwargs))
+    config = cls(**kwargs)
     validate = getattr(config, "validate", None)
     if callable(validate):
         validate()

@@ -4,9 +4,9 @@
     result.metrics   # objective.means(...) of sums reduced over every batch and rank
 
 Because it is the same :meth:`~dpokit.objectives.Objective.forward` that training calls, it
-applies weights, margins, ld_alpha, WPO and every layout exactly as a training step does: the loss
-of ``dpokit eval`` on the initial model equals the loss logged at training step 1 over the same
-rows. Sums and counts are reduced over batches (and ranks), then divided once.
+applies weights, margins, ld_alpha, WPO and every layout exactly as a training step does: on the
+initial model, ``dpokit eval``'s loss equals the loss training logs at step 1 when that step's
+batch is the whole data set (and the model has no dropout, which training applies). Sums and counts are reduced over batches (and ranks), then divided once.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ class Evaluation:
     metrics: dict[str, float]
     num_examples: int
     per_example: list[dict[str, Any]] = field(default_factory=list)
+    is_main: bool = True
+    """Whether this process is rank 0 (the one that writes and prints under torchrun)."""
 
 
 def _records(items: Sequence[Any], examples: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -59,7 +61,7 @@ def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, b
     ``offset`` is where ``items`` start among the examples the reference table was computed on
     (evaluation pairs follow the training pairs). Every rank runs the same number of batches,
     padding with zero-weight ones, so DDP and FSDP collectives stay in step. ``per_example``
-    keeps this rank's records (one process: all of them).
+    keeps one record per item, in data order (gathered from every rank under torchrun).
     """
     was_training = policy.training
     policy.eval()
@@ -84,7 +86,14 @@ def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, b
         bar.close()
         policy.train(was_training)
     reduced = sums.reduce(runtime.all_reduce_sum)
-    return Evaluation(objective.means(reduced), int(reduced["count"]), records)
+    if per_example and runtime.distributed:  # ranks hold contiguous shares, in rank order
+        import torch.distributed as dist
+
+        shares: list[Any] = [None] * runtime.world_size
+        dist.all_gather_object(shares, records)
+        records = [record for share in shares for record in share]
+    return Evaluation(objective.means(reduced), int(reduced["count"]), records,
+                      is_main=runtime.is_main)
 
 
 @dataclass(kw_only=True)
@@ -99,15 +108,25 @@ class EvalConfig(PreferenceConfig, DataConfig, ModelConfig):
 
 
 def run_eval(config: EvalConfig, *, progress: bool = True) -> Evaluation:
-    """Load the policy (and reference), read the pairs, :func:`evaluate`, write per-example."""
+    """Load the policy (and reference), read the pairs, :func:`evaluate`, write per-example
+    (one process, or every rank of ``torchrun``: rank 0 writes)."""
+    from dpokit.runtime import setup_runtime, shutdown_runtime
+
+    if not Path(config.data).exists():
+        raise DpokitError(f"data not found: {config.data}")
+    runtime = setup_runtime(config.device, config.dtype)
+    try:
+        return _run_eval(config, runtime, progress=progress)
+    finally:
+        shutdown_runtime(runtime)
+
+
+def _run_eval(config: EvalConfig, runtime: Runtime, *, progress: bool) -> Evaluation:
+    """:func:`run_eval` once the runtime is up."""
     from dpokit.atomic import write_jsonl
     from dpokit.models import load_causal_lm, load_tokenizer
     from dpokit.objectives import DPOObjective, Reference
-    from dpokit.runtime import setup_runtime
 
-    runtime = setup_runtime(config.device, config.dtype)
-    if not Path(config.data).exists():
-        raise DpokitError(f"data not found: {config.data}")
     model = load_causal_lm(config.model, dtype="float32", device=runtime.device,
                            trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
@@ -124,8 +143,8 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> Evaluation:
     model.eval()
     result = evaluate(objective, objective.policy(model), pairs, batch_size=config.batch_size,
                       runtime=runtime, per_example=config.per_example is not None,
-                      progress=progress)
-    if config.per_example is not None:
+                      progress=progress and runtime.is_main)
+    if config.per_example is not None and runtime.is_main:
         try:
             write_jsonl(config.per_example, result.per_example)
         except OSError as error:

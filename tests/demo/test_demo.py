@@ -19,7 +19,7 @@ from tests.helpers import run_cli
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(DemoConfig.quick_config(out_dir=str(out)), report=lambda line: None)
+    return out, run_demo(DemoConfig(quick=True, out_dir=str(out)), report=lambda line: None)
 
 
 def test_quick_demo_closes_the_distance_to_the_optimum(quick):
@@ -133,3 +133,20 @@ def test_full_demo_meets_the_bar(tmp_path):
     r = run_demo(DemoConfig(out_dir=str(tmp_path)), report=lambda line: None)
     assert r["kl_policy_to_optimal"] <= 0.1 * r["kl_ref_to_optimal"]
     assert r["seconds"] < 300
+
+
+def test_demo_reads_yaml_and_quick_fills_only_unset_settings(tmp_path, capsys):
+    """`dpokit demo --config` takes the same keys as its flags; quick changes only the
+    settings left null (a value given explicitly stays)."""
+    from dpokit.config import load_config
+    from dpokit.demo.run import FULL, QUICK
+
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text("reward: vibes\n")
+    code, _, err = run_cli(capsys, "demo", "--config", str(cfg))
+    assert code == 2 and "reward must be one of" in err and err.count("\n") == 1
+    cfg.write_text("quick: true\npairs_per_prompt: 123\nbetas: [0.5, 2]\n")
+    config = load_config(DemoConfig, cfg, {"seed": "3"})
+    assert config.pairs_per_prompt == 123 and config.betas == [0.5, 2.0] and config.seed == 3
+    assert config.probes == QUICK["probes"] and config.sft_epochs == QUICK["sft_epochs"]
+    assert DemoConfig().probes == FULL["probes"] and DemoConfig(quick=True).probes == 6

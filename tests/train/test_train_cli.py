@@ -168,3 +168,49 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(workdir, tmp_path):
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=0, atol=1e-5)
         torch.testing.assert_close(weights[2][name], weights[1][name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_every_registry_hyper_parameter_is_a_key_and_a_flag(capsys, command):
+    """A loss's declared hyper-parameters become config keys and flags of train and eval by
+    themselves, with the registry's default and help, and the loss names appear in --help."""
+    import dataclasses
+
+    from dpokit.evaluate import EvalConfig
+    from dpokit.losses import hyper_parameters, loss_names
+    from dpokit.train.config import DPOConfig
+
+    cls = {"train": DPOConfig, "eval": EvalConfig}[command]
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    code, out, _ = run(capsys, command, "--help")
+    flat = " ".join(out.split())
+    assert code == 0 and all(name in flat for name in loss_names())
+    for name, spec in hyper_parameters().items():
+        assert defaults[name] == spec.default
+        assert f"--{name.replace('_', '-')}" in flat and " ".join(spec.help.split()) in flat
+
+
+@pytest.mark.parametrize(("loss", "smoothing", "accepted"), [
+    ("exo_pair", 0.7, True), ("exo_pair", 0.0, False), ("sigmoid", 0.7, False),
+    ("robust", 0.3, True), ("ipo", 0.1, False)])
+def test_config_validation_is_the_losses_own(loss, smoothing, accepted):
+    """One validation: the config asks the registry's declared ranges (exo_pair takes ε in
+    (0, 1), sigmoid [0, 0.5); a loss that reads no ε refuses a non-zero one)."""
+    from dpokit.config import build_config
+    from dpokit.errors import DpokitError
+    from dpokit.losses import check_loss_options
+    from dpokit.train.config import DPOConfig
+
+    values = {"model": "m", "data": "d", "loss_type": [loss], "label_smoothing": smoothing}
+    try:
+        check_loss_options([loss], {"label_smoothing": smoothing})
+        direct = None
+    except DpokitError as error:
+        direct = str(error)
+    if accepted:
+        assert direct is None
+        assert build_config(DPOConfig, values).label_smoothing == smoothing
+    else:
+        with pytest.raises(DpokitError) as caught:
+            build_config(DPOConfig, values)
+        assert str(caught.value) == direct

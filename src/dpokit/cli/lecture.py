@@ -29,6 +29,7 @@ def _exp_text(x: float) -> str:
 
 
 def _optimal(config: OptimalConfig) -> None:
+    """``dpokit optimal``: π* of the table at each β, as tables (one β or a sweep) or JSON."""
     outcomes, prompt = outcome_table(config)
     solutions = [solve(outcomes, beta) for beta in config.betas]
     if config.json:
@@ -43,6 +44,7 @@ def _optimal(config: OptimalConfig) -> None:
 
 
 def _print_solution(s: OptimalSolution, title: str) -> None:
+    """One β: each outcome's π_ref, r, exp(r/β), π*, then Z, KL(π*‖π_ref) and J(π*)."""
     table = Table(title=f"Optimal policy π* at β = {s.beta:g} — {title}")
     for name in ("outcome y", "π_ref(y|x)", "r(x,y)", "exp(r/β)", "π*(y|x)"):
         table.add_column(name, justify="left" if name == "outcome y" else "right",
@@ -83,6 +85,7 @@ def _print_sweep(solutions: list[OptimalSolution], title: str) -> None:
 
 
 def _partition(config: PartitionConfig) -> None:
+    """``dpokit partition``: V^T growth, exact log Z two ways, Monte-Carlo estimates."""
     from dpokit.lecture.partition import (
         builtin_space,
         exact_partitions,
@@ -147,9 +150,11 @@ def _partition(config: PartitionConfig) -> None:
 
 
 def _figures(config: FiguresConfig) -> None:
+    """``dpokit figures``: write every figure, one line per file with its caption."""
     from dpokit.lecture.figures import FIGURES, write_figures
 
     def report(path: Path) -> None:
+        """Print what was written."""
         console.print(f"wrote {path}: {FIGURES[path.name]}", soft_wrap=True)
 
     write_figures(config.out_dir, rate=config.rate, on_written=report)

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from dpokit.config import field_help, load_config
+from dpokit.config import field_help, load_config, split_list_text
 
 
 def _is_list(hint: Any) -> bool:
@@ -27,6 +27,7 @@ def _is_list(hint: Any) -> bool:
 
 
 def _params(config_cls: type) -> list[click.Parameter]:
+    """``--config`` and one click option per field of ``config_cls``."""
     hints = typing.get_type_hints(config_cls)
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     params: list[click.Parameter] = [click.Option(
@@ -55,14 +56,16 @@ def config_command(name: str, config_cls: type, run: Callable[[Any], None], *,
     """A click command: flags from ``config_cls``, ``--config`` YAML, then ``run(config)``."""
 
     def callback(config_path: Path | None, **flags: Any) -> None:
+        """Flags given (as text) over the YAML file, validated, then ``run``."""
         overrides = {}
         for key, value in flags.items():
             if value is None or value == ():
                 continue
             if isinstance(value, bool):
                 value = "true" if value else "false"
-            elif isinstance(value, tuple):
-                value = value[0] if len(value) == 1 else ",".join(value)
+            elif isinstance(value, tuple):  # a list flag: each occurrence is one text value
+                value = value[0] if len(value) == 1 else [
+                    item for text in value for item in split_list_text(text)]
             overrides[key] = value
         run(load_config(config_cls, config_path, overrides))
 

@@ -21,15 +21,19 @@ from dpokit.train.config import DPOConfig, SFTConfig
 
 
 def _train(config) -> None:
+    """``dpokit train`` / ``dpokit sft``: run the loop, print where the model went."""
     from dpokit.train.loop import train
 
     console.print(f"done: {train(config)}")
 
 
 def _eval(config: EvalConfig) -> None:
+    """``dpokit eval``: evaluate, print the means as a table (or JSON)."""
     from dpokit.evaluate import run_eval
 
     result = run_eval(config)
+    if not result.is_main:
+        return
     if config.json:
         print(json.dumps({"num_pairs": result.num_examples, **result.metrics}, indent=2))
         return
@@ -48,6 +52,7 @@ def _eval(config: EvalConfig) -> None:
 
 
 def _demo(config: DemoConfig) -> None:
+    """``dpokit demo``: run it, print the summary table and where the report is."""
     from dpokit.demo.run import run_demo
 
     r = run_demo(config, report=lambda line: console.print(line))
@@ -75,6 +80,7 @@ def _demo(config: DemoConfig) -> None:
 
 
 def _bench(config: BenchConfig) -> None:
+    """``dpokit bench``: run the benchmark, print dpokit/TRL ratios, write the rows."""
     from dpokit.bench import benchmark
 
     chosen = {"models": config.models, "settings": config.settings,

@@ -44,9 +44,11 @@ def _reference_losses() -> list[str]:
     return [name for name, spec in LOSSES.items() if spec.needs_reference]
 
 
+FULL = {"sft_samples_per_prompt": 2000, "sft_epochs": 3.0, "pairs_per_prompt": 5000,
+        "dpo_epochs": 4.0, "probes": 12, "target_closed_fraction": 0.9}
 QUICK = {"sft_samples_per_prompt": 600, "sft_epochs": 3.0, "pairs_per_prompt": 800,
          "dpo_epochs": 3.0, "probes": 6, "target_closed_fraction": 0.75}
-"""What ``quick`` changes (keys set explicitly keep their value)."""
+"""The values of the settings left null, without and with ``quick``."""
 
 
 @dataclass(kw_only=True)
@@ -62,27 +64,26 @@ class DemoConfig(Config):
                                            f"{', '.join(_reference_losses())}.")
     reward: str = field("token_score", help=f"Built-in reward: {', '.join(REWARDS)}.")
     seed: int = field(0, help="Seed of everything.")
-    sft_samples_per_prompt: int = field(2000, help="SFT samples per prompt from π_ref's law.")
-    sft_epochs: float = field(3.0, help="SFT passes over those samples.")
-    pairs_per_prompt: int = field(5000, help="Preference pairs per prompt.")
-    dpo_epochs: float = field(4.0, help="DPO passes over the pairs.")
+    sft_samples_per_prompt: int | None = field(
+        None, help="SFT samples per prompt from π_ref's law (null: 2000; quick: 600).")
+    sft_epochs: float | None = field(None, help="SFT passes over those samples (null: 3).")
+    pairs_per_prompt: int | None = field(
+        None, help="Preference pairs per prompt (null: 5000; quick: 800).")
+    dpo_epochs: float | None = field(None, help="DPO passes over the pairs (null: 4; quick: 3).")
     batch_size: int = field(64, help="Examples per batch, SFT and DPO.")
     dpo_learning_rate: float = field(3e-3, help="Peak learning rate of DPO.")
     hidden_size: int = field(64, help="Width of the demo's Llama-shaped transformer.")
     num_layers: int = field(2, help="Decoder layers of the transformer.")
-    probes: int = field(12, help="Exact measurements of KL(π_θ‖π*) during each DPO run.")
-    target_closed_fraction: float = field(
-        0.9, help="The bar: fraction of KL(π_ref‖π*) DPO must close.")
+    probes: int | None = field(
+        None, help="Exact measurements of KL(π_θ‖π*) during each DPO run (null: 12; quick: 6).")
+    target_closed_fraction: float | None = field(
+        None, help="The bar: fraction of KL(π_ref‖π*) DPO must close (null: 0.9; quick: 0.75).")
 
-    @classmethod
-    def preset(cls, values: dict[str, Any]) -> dict[str, Any]:
-        """With ``quick``, :data:`QUICK` under the values given."""
-        return {**QUICK, **values} if values.get("quick") else values
-
-    @classmethod
-    def quick_config(cls, **overrides: Any) -> DemoConfig:
-        """The ``--quick`` settings with ``overrides`` on top."""
-        return cls(**cls.preset({"quick": True, **overrides}))
+    def __post_init__(self) -> None:
+        """Settings left null take :data:`FULL`'s value, or :data:`QUICK`'s with ``quick``."""
+        for key, value in (QUICK if self.quick else FULL).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     def validate(self) -> None:
         """Reject settings the demo cannot run, naming the key."""

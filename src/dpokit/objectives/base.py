@@ -43,6 +43,7 @@ class MetricSums:
     """Running float64 sums of an objective's metrics, in a fixed key order for ``all_reduce``."""
 
     def __init__(self, keys: Sequence[str]):
+        """Zero sums for ``keys``."""
         self.keys = tuple(keys)
         self.values = torch.zeros(len(self.keys), dtype=torch.float64)
 
@@ -80,12 +81,14 @@ class LogpsModule(nn.Module):
 
     def __init__(self, model: nn.Module, *, chunk_size: int, ld_alpha: float | None = None,
                  wpo: bool = False, unpadded: bool = True):
+        """Wrap ``model`` with the options of :func:`~dpokit.logps.completion_logps`."""
         super().__init__()
         self.model = model
         self.chunk_size, self.ld_alpha, self.wpo = chunk_size, ld_alpha, wpo
         self.unpadded = unpadded
 
     def forward(self, batch: PairBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logps, tokens, wpo)`` of every sequence of ``batch``."""
         out = completion_logps(self.model, batch, chunk_size=self.chunk_size, wpo=self.wpo,
                                unpadded=self.unpadded,
                                ld_alpha=self.ld_alpha if batch.num_pairs else None)

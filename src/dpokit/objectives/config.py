@@ -189,6 +189,7 @@ def _hyper_parameter_fields() -> list[tuple[str, type, dataclasses.Field]]:
 
 
 def _declarations():
+    """Each registry hyper-parameter with the names of the losses that declare it."""
     from dpokit.losses import LOSSES
 
     for p in hyper_parameters().values():

@@ -56,6 +56,7 @@ class DPOObjective(Objective):
 
     def __init__(self, config: Any, tokenizer: Any, reference: Reference | None = None, *,
                  score_only: bool = False):
+        """See the class docstring."""
         self.config, self.tokenizer = config, tokenizer
         self.needs_reference = config.needs_reference
         self.reference = reference if self.needs_reference else Reference("none")

@@ -39,6 +39,7 @@ class Reference:
                  ld_alpha: float | None = None, autocast=contextlib.nullcontext,
                  unpadded: bool = True, sync_steps: int | None = None,
                  sync_alpha: float = 0.6):
+        """``mode`` is none, model, adapters or precomputed; ``sync_steps`` turns on TR-DPO."""
         if mode not in ("none", "model", "adapters", "precomputed"):
             raise ValueError(f"unknown reference mode {mode!r}")
         if sync_steps is not None and mode != "model":

@@ -31,6 +31,7 @@ class SFTObjective(Objective):
     metric_keys = ("nll_tokens", "tokens", "count", "loss")
 
     def __init__(self, config: Any, tokenizer: Any):
+        """See the class docstring."""
         self.config, self.tokenizer = config, tokenizer
 
     def load(self, path: str, split: str | None) -> list[SFTSequence]:

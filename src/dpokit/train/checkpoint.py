@@ -26,11 +26,13 @@ PREFIX = "checkpoint-"
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, on the CPU (what a checkpoint stores)."""
     return {name: p.detach().to("cpu").contiguous()
             for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _all_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter, on the CPU (the moving TR-DPO reference)."""
     return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
 
 
@@ -141,6 +143,7 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
 
 
 def _load_trainable(path: Path, model: nn.Module) -> None:
+    """Copy ``trainable.safetensors`` into ``model``; a mismatch is a user error."""
     state = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in state]

@@ -1,4 +1,4 @@
-"""The training loop of ``dpokit sft`` and ``dpokit train`` — one function, top to bottom.
+"""The training loop of ``dpokit sft`` and ``dpokit train``, read top to bottom in ``train()``.
 
     python -m dpokit train --config dpo.yaml                         # one process
     torchrun --nproc-per-node 4 -m dpokit train --config dpo.yaml    # DDP (FSDP with --fsdp)
@@ -57,8 +57,8 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
     runtime = setup_runtime(config.device, config.dtype)
     run = None
     try:
-        with _stop_on_signal() as stop:
-            run = setup_run(config, runtime, progress=progress)
+        run = setup_run(config, runtime, progress=progress)
+        with _stop_on_signal() as stop:  # from the first step: a signal in setup stops it
             while run.step < run.total_steps:
                 train_step(run)
                 stopping = runtime.all_reduce_sum(torch.tensor(float(stop.requested))).item() > 0
@@ -184,7 +184,7 @@ def finish(run: Run) -> Path:
             run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     final = run.output_dir / "final"
     if runtime.is_main:
-        with atomic_path(final, directory=True) as tmp:
+        with atomic_path(final, directory=True, shared=True) as tmp:  # a stale one is cleared
             run.model.save_pretrained(tmp, state_dict=state_dict)
             run.tokenizer.save_pretrained(tmp)
             if config.lora and config.merge_lora:
@@ -214,6 +214,8 @@ def _clip(model: nn.Module, max_norm: float | None) -> float:
 
 
 class _StopRequest:
+    """Set when SIGINT/SIGTERM arrived during training."""
+
     requested = False
 
 
@@ -225,6 +227,7 @@ def _stop_on_signal() -> Iterator[_StopRequest]:
     previous = {}
 
     def handle(signum, frame) -> None:
+        """Note the signal; the loop acts on it after the step."""
         stop.requested = True
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -54,6 +54,7 @@ def _draws_random(op, args, kwargs) -> bool:
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Save matmul/attention outputs, recompute the rest (PyTorch SAC's policy function)."""
     # An op that draws random numbers is recomputed, never replayed from the cache: skipping
     # it in the recomputation would shift the RNG for every later dropout of the layer.
     if op in SAVED_OPS and not _draws_random(op, args, kwargs):

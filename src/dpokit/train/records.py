@@ -20,6 +20,7 @@ class MetricsLog:
 
     def __init__(self, output_dir: Path, *, enabled: bool, total_steps: int, step: int,
                  progress: bool):
+        """Rank 0 (``enabled``) writes; the bar starts at ``step`` of ``total_steps``."""
         from tqdm.auto import tqdm
 
         self.path = output_dir / "metrics.jsonl"
@@ -59,6 +60,7 @@ def truncate_metrics(output_dir: Path, step: int) -> None:
         return
 
     def keep(line: str) -> bool:
+        """A complete record of a step up to the checkpoint."""
         try:
             return json.loads(line)["step"] <= step
         except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
@@ -69,6 +71,7 @@ def truncate_metrics(output_dir: Path, step: int) -> None:
 
 
 def _tensorboard(output_dir: Path):
+    """A TensorBoard writer, or None when tensorboard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:

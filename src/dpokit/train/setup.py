@@ -79,6 +79,7 @@ class Run:
 
     @property
     def output_dir(self) -> Path:
+        """The run directory."""
         return Path(self.config.output_dir)
 
     @property
