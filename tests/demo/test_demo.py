@@ -1,5 +1,5 @@
 """The demo's claims, checked: DPO closes the distance to the exact π*, and the exact
-identities of THEORY.md hold on its measurements."""
+identities of docs/theory.md hold on its measurements."""
 
 import itertools
 import json

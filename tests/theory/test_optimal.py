@@ -134,7 +134,7 @@ def test_functions_are_batched_over_prompts():
 
 @given(st.data())
 def test_implicit_reward_recovers_reward_up_to_log_partition(data):
-    """At π = π*: β log(π*/π_ref) = r − β log Z (THEORY.md §4), for every outcome."""
+    """At π = π*: β log(π*/π_ref) = r − β log Z (docs/theory.md §4), for every outcome."""
     n = data.draw(st.integers(2, 8))
     ref = torch.tensor(data.draw(distributions(size=n))).log()
     r = torch.tensor(data.draw(rewards(n)))

@@ -183,18 +183,17 @@ class _PreferenceConfig(Config):
 
 
 def _hyper_parameter_fields() -> list[tuple[str, type, dataclasses.Field]]:
-    """One float field per hyper-parameter the loss registry declares, in registry order."""
-    return [(p.name, float, field(p.default, help=f"{p.help} (loss: {', '.join(p_losses)})"))
-            for p, p_losses in _declarations()]
-
-
-def _declarations():
-    """Each registry hyper-parameter with the names of the losses that declare it."""
+    """One float field per hyper-parameter the loss registry declares, in registry order; its
+    help names the losses that read it, each with its valid range."""
     from dpokit.losses import LOSSES
 
+    fields = []
     for p in hyper_parameters().values():
-        yield p, [name for name, spec in LOSSES.items()
-                  if p.name in (h.name for h in spec.hyper_parameters)]
+        readers = [f"{name} {h.describe_range()}" for name, spec in LOSSES.items()
+                   for h in spec.hyper_parameters if h.name == p.name]
+        fields.append((p.name, float, field(p.default,
+                                            help=f"{p.help} (read by {', '.join(readers)})")))
+    return fields
 
 
 PreferenceConfig = dataclasses.make_dataclass(
