@@ -15,6 +15,12 @@ from dpokit.theory.enumerate import (
     iter_sequences,
 )
 from dpokit.theory.estimate import PartitionEstimate, estimate_log_partition
+from dpokit.theory.fullspace import (
+    FullSpaceKL,
+    constant_outside_log_partition,
+    full_space_kl,
+    log1mexp,
+)
 from dpokit.theory.kl import KLEstimates, gaussian_kl, kl_divergence, kl_estimators
 from dpokit.theory.markov import (
     markov_log_partition,
@@ -38,22 +44,26 @@ from dpokit.theory.sampling import RejectionSamples, accept_log_probability, rej
 __all__ = [
     "DEFAULT_MAX_SEQUENCES",
     "EnumeratedPartition",
+    "FullSpaceKL",
     "KLEstimates",
     "PartitionEstimate",
     "RejectionSamples",
     "Scorer",
     "accept_log_probability",
     "check_enumeration_budget",
+    "constant_outside_log_partition",
     "count_sequences",
     "enumerate_log_partition",
     "estimate_log_partition",
     "expected_reward",
+    "full_space_kl",
     "gaussian_kl",
     "implicit_reward",
     "iter_scores",
     "iter_sequences",
     "kl_divergence",
     "kl_estimators",
+    "log1mexp",
     "log_partition",
     "log_preference_probability",
     "markov_log_partition",
