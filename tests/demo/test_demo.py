@@ -150,3 +150,35 @@ def test_demo_reads_yaml_and_quick_fills_only_unset_settings(tmp_path, capsys):
     assert config.pairs_per_prompt == 123 and config.betas == [0.5, 2.0] and config.seed == 3
     assert config.probes == QUICK["probes"] and config.sft_epochs == QUICK["sft_epochs"]
     assert DemoConfig().probes == FULL["probes"] and DemoConfig(quick=True).probes == 6
+
+
+def test_full_space_measurement(quick):
+    """On the model's whole output space: (1) the share of real `generate` samples in the task's
+    space agrees with the exact mass there (binomial, 4σ); (2) KL(π_ref‖π*) obeys the identity
+    KL = log Z − J(π_ref)/β with J(π_ref) = E_π_ref[r] (r = r_invalid outside; float64, 1e-9);
+    (3) lower bound ≤ interval, and the bound is what offline DPO's likelihood displacement
+    makes it: far above KL(π_ref‖π*)."""
+    out, r = quick
+    full, beta = r["full_space"], r["beta"]
+    n = full["num_samples"]
+    per = full["per_prompt"]
+    for sampled, mass in zip(per["sampled_in_space"], per["mass_in_space_policy"], strict=True):
+        assert abs(sampled - mass) <= 4 * math.sqrt(mass * (1 - mass) / n) + 1e-9
+    from dpokit.demo.measure import build_space, score_space
+    from dpokit.demo.task import DemoTask, build_word_tokenizer
+    from dpokit.models import load_causal_lm
+
+    task = DemoTask(reward=r["task"]["reward"], seed=r["config"]["seed"])
+    space = build_space(task, build_word_tokenizer(task))
+    ref_in = score_space(load_causal_lm(r["ref_model_dir"]), space)
+    mass_in = ref_in.exp().sum(-1)
+    log_z = torch.log((ref_in.exp() * torch.exp(space.rewards / beta)).sum(-1)
+                      + (1 - mass_in) * math.exp(full["r_invalid"] / beta))
+    objective = (ref_in.exp() * space.rewards).sum(-1) + (1 - mass_in) * full["r_invalid"]
+    expected = (log_z - objective / beta).tolist()
+    assert per["kl_ref_to_optimal"] == pytest.approx(expected, abs=1e-9)
+    low, high = full["kl_policy_to_optimal_ci"]
+    assert full["kl_policy_to_optimal_lower_bound"] <= low <= high
+    assert full["kl_policy_to_optimal_lower_bound"] > full["kl_ref_to_optimal"]
+    assert full["closed_fraction_lower_bound"] < 0 < r["closed_fraction"]
+    assert "On the model's whole output space" in (out / "report.md").read_text()

@@ -1,9 +1,11 @@
 """Exact measurements on the demo's enumerable outcome space (docs/theory.md §2, §4).
 
-Every completion of every prompt is scored through the model, so each quantity below is exact —
-no sampling. A model puts a little mass outside the space (EOS too early or too late); π_θ and
-π_ref here are the models restricted to the space and renormalised (the mass inside is reported),
-which is the distribution DPO's preferences can shape: a per-prompt constant cancels in its loss.
+Every completion of every prompt is scored through the model, so each quantity of
+:func:`measure` is exact — no sampling. A model also puts mass outside the space (EOS too early or
+too late, other tokens): :func:`measure` takes π_θ and π_ref restricted to the space and
+renormalised (the mass inside is reported), the distribution DPO's preferences can shape;
+:func:`full_space_measure` measures the distance to π* on the model's whole output space, the
+distribution a user actually samples, with ``generate`` samples for what lies outside.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from dpokit.data.collate import pad_sequences
 from dpokit.demo.task import DemoTask
 from dpokit.logps import completion_logps
 from dpokit.theory import (
+    constant_outside_log_partition,
     expected_reward,
+    full_space_kl,
     kl_divergence,
     log_partition,
     optimal_policy,
@@ -149,3 +153,107 @@ def matched_best_of_n(ref_logps: Tensor, rewards: Tensor, target_kl: float,
         n = n + 1 if n < 16 else math.ceil(n * 1.25)
     _, n, kl, reward = best
     return n, {"n": n, "kl_to_ref": kl, "reward": reward}
+
+
+@torch.no_grad()
+def sample_completions(model: nn.Module, space: Space, *, num_samples: int, max_new_tokens: int,
+                       eos_token_id: int, pad_token_id: int, seed: int) -> list[list[list[int]]]:
+    """``num_samples`` completions per prompt from plain ``model.generate`` (temperature 1, no
+    top-k/top-p): what a user who samples the model gets. Each is cut after its first EOS; one
+    without EOS keeps all ``max_new_tokens`` tokens. The global RNG is left as it was."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    samples = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for sequences in space.sequences:
+            prompt_ids, prompt_length = sequences[0][0], sequences[0][1]
+            ids = torch.tensor([prompt_ids[:prompt_length]] * num_samples, device=device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                 pad_token_id=pad_token_id)
+            rows = []
+            for row in out[:, prompt_length:].tolist():
+                end = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
+                rows.append(row[:end])
+            samples.append(rows)
+    model.train(was_training)
+    return samples
+
+
+def in_space(completion: list[int], word_ids: set[int], length: int, eos_token_id: int) -> bool:
+    """Whether a generated completion is one of the task's: ``length`` words, then EOS."""
+    return (len(completion) == length + 1 and completion[-1] == eos_token_id
+            and all(token in word_ids for token in completion[:-1]))
+
+
+@torch.no_grad()
+def score_completions(model: nn.Module, prompt_ids: list[int],
+                      completions: list[list[int]], *, batch_size: int = 1024) -> Tensor:
+    """``(n,)`` log π(y|x) of each completion after ``prompt_ids``, float64."""
+    device = next(model.parameters()).device
+    sequences = [(prompt_ids + c, len(prompt_ids)) for c in completions]
+    logps = [completion_logps(model, pad_sequences(sequences[i:i + batch_size],
+                                                   pad_token_id=0).to(device)).logps
+             for i in range(0, len(sequences), batch_size)]
+    return torch.cat(logps).double().cpu() if logps else torch.zeros(0, dtype=torch.float64)
+
+
+def full_space_measure(policy: nn.Module, ref: nn.Module, space: Space, tokenizer, beta: float,
+                       *, r_invalid: float, num_samples: int, max_new_tokens: int,
+                       seed: int) -> dict:
+    """The distance to π* on the model's whole output space (docs/theory.md §6).
+
+    π* puts reward ``r_invalid`` on every completion outside the task's space S, so Z_O is exact
+    (:func:`~dpokit.theory.constant_outside_log_partition`) and, since π*|O = π_ref|O,
+    KL(π_ref‖π*) is exact too (its lumped bound is tight). For π_θ: the exact lumped lower
+    bound, and the estimate with its 95% interval from ``num_samples`` ``generate`` samples per
+    prompt (those outside S, scored under π_θ and π_ref). Also the fraction of the samples in S.
+    """
+    policy_in, ref_in = score_space(policy, space), score_space(ref, space)
+    log_z_out = constant_outside_log_partition(ref_in, r_invalid, beta)
+    eos = tokenizer.eos_token_id
+    samples = sample_completions(policy, space, num_samples=num_samples,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id, seed=seed)
+    word_ids = set(tokenizer.convert_tokens_to_ids(list(space.task.words)))
+    per_prompt: dict[str, list] = {key: [] for key in (
+        "kl_ref_to_optimal", "kl_policy_to_optimal_lower_bound", "kl_policy_to_optimal_estimate",
+        "kl_policy_to_optimal_ci", "sampled_in_space", "mass_in_space_policy",
+        "mass_in_space_optimal", "outside_samples")}
+    for i, rows in enumerate(samples):
+        outside = [c for c in rows if not in_space(c, word_ids, space.task.length, eos)]
+        prompt_ids = space.sequences[i][0][0][:space.sequences[i][0][1]]
+        ref_kl = full_space_kl(ref_in[i], ref_in[i], space.rewards[i], beta,
+                               outside_log_partition=log_z_out[i])
+        got = full_space_kl(policy_in[i], ref_in[i], space.rewards[i], beta,
+                            outside_log_partition=log_z_out[i],
+                            outside_policy_logps=score_completions(policy, prompt_ids, outside),
+                            outside_ref_logps=score_completions(ref, prompt_ids, outside),
+                            outside_rewards=torch.full((len(outside),), float(r_invalid),
+                                                       dtype=torch.float64))
+        per_prompt["kl_ref_to_optimal"].append(float(ref_kl.lower_bound))  # exact (π*|O = π_ref|O)
+        per_prompt["kl_policy_to_optimal_lower_bound"].append(float(got.lower_bound))
+        per_prompt["kl_policy_to_optimal_estimate"].append(float(got.estimate))
+        per_prompt["kl_policy_to_optimal_ci"].append([float(got.ci_low), float(got.ci_high)])
+        per_prompt["sampled_in_space"].append(1.0 - len(outside) / len(rows))
+        per_prompt["mass_in_space_policy"].append(1.0 - float(got.policy_mass_outside))
+        per_prompt["mass_in_space_optimal"].append(1.0 - float(got.optimal_mass_outside))
+        per_prompt["outside_samples"].append(len(outside))
+    mean = {key: sum(values) / len(values) for key, values in per_prompt.items()
+            if key != "kl_policy_to_optimal_ci"}
+    lows, highs = zip(*per_prompt["kl_policy_to_optimal_ci"], strict=True)
+    # Prompts are sampled independently: the mean's interval from the per-prompt half-widths.
+    half = math.sqrt(sum(((h - lo) / 2) ** 2 for lo, h in zip(lows, highs, strict=True)))
+    half /= len(lows)
+    estimate = mean["kl_policy_to_optimal_estimate"]
+    ref_kl = mean["kl_ref_to_optimal"]
+    return {**mean, "kl_policy_to_optimal_ci": [
+                max(mean["kl_policy_to_optimal_lower_bound"], estimate - half), estimate + half],
+            "closed_fraction_lower_bound":
+                1.0 - mean["kl_policy_to_optimal_lower_bound"] / ref_kl,
+            "closed_fraction_estimate": 1.0 - estimate / ref_kl,
+            "r_invalid": float(r_invalid), "num_samples": num_samples,
+            "max_new_tokens": max_new_tokens, "per_prompt": per_prompt}

@@ -27,6 +27,7 @@ from dpokit.atomic import write_jsonl, write_text
 from dpokit.config import Config, field
 from dpokit.demo.measure import (
     build_space,
+    full_space_measure,
     matched_best_of_n,
     measure,
     renormalise,
@@ -76,6 +77,13 @@ class DemoConfig(Config):
     num_layers: int = field(2, help="Decoder layers of the transformer.")
     probes: int | None = field(
         None, help="Exact measurements of KL(π_θ‖π*) during each DPO run (null: 12; quick: 6).")
+    r_invalid: float | None = field(
+        None, help="Reward of every completion outside the task's space (wrong length, another "
+                   "token, no EOS), defining π* on the model's whole output space (null: the "
+                   "lowest in-space reward − 1).")
+    full_space_samples: int = field(
+        1000, help="generate samples per prompt for the full-space measurement.")
+    max_new_tokens: int = field(8, help="Generation limit of those samples.")
     target_closed_fraction: float | None = field(
         None, help="The bar: fraction of KL(π_ref‖π*) DPO must close (null: 0.9; quick: 0.75).")
 
@@ -100,7 +108,7 @@ class DemoConfig(Config):
         if isinstance(self.reward, str) and self.reward not in REWARDS:
             raise DpokitError(f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
         for key in ("sft_samples_per_prompt", "pairs_per_prompt", "batch_size", "probes",
-                    "hidden_size", "num_layers"):
+                    "hidden_size", "num_layers", "full_space_samples", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise DpokitError(f"{key} must be ≥ 1")
         for key in ("sft_epochs", "dpo_epochs", "dpo_learning_rate"):
@@ -187,6 +195,8 @@ def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
            f"twice left out)")
 
     # 4. DPO runs, with exact measurements along the way.
+    r_invalid = (float(space.rewards.min()) - 1.0 if config.r_invalid is None
+                 else config.r_invalid)
     runs = []
     for beta in config.betas:
         report(f"[3/5] DPO ({config.loss_type}, β = {beta:g}): training and measuring "
@@ -214,9 +224,12 @@ def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
         model = load_causal_lm(final)
         policy_logps, mass = renormalise(score_space(model, space))
         final_measure = measure(policy_logps, ref_logps, space.rewards, beta)
+        full = full_space_measure(model, load_causal_lm(sft_final), space, tokenizer, beta,
+                                  r_invalid=r_invalid, num_samples=config.full_space_samples,
+                                  max_new_tokens=config.max_new_tokens, seed=config.seed + 2)
         runs.append({"beta": beta, "model": str(final), "history": history,
                      "final": final_measure, "mass_in_space": float(mass.mean()),
-                     "policy_logps": policy_logps})
+                     "full_space": full, "policy_logps": policy_logps})
 
     # 5. The training-free routes to π* for the first β, and the exact frontier.
     beta = config.betas[0]
@@ -249,6 +262,9 @@ def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
                  "outcomes_covered": float(covered.float().mean()),
                  "ref_mass_covered": coverage_ref, "ref_mass_in_space": float(ref_mass.mean())},
         "per_prompt": main["per_prompt"],
+        "ref_model_dir": str(sft_final),
+        "policy_model_dir": runs[0]["model"],
+        "full_space": runs[0]["full_space"],
         "runs": [{k: v for k, v in run.items() if k != "policy_logps"} for run in runs],
         "best_of_n": best_of,
         "rejection_sampling": rejection,

@@ -28,6 +28,29 @@ def report_markdown(r: dict) -> str:
         f"{run['final']['reward_policy']:.3f} | {run['final']['reward_optimal']:.3f} |"
         for run in r["runs"])
     best, rej = r["best_of_n"], r["rejection_sampling"]
+    full = r["full_space"]
+    low, high = full["kl_policy_to_optimal_ci"]
+    full_space = f"""## On the model's whole output space
+
+The numbers below the table of this section are measured on the enumerated space, each model
+renormalised there. A user who samples the trained model (`generate`, temperature 1, up to
+{full['max_new_tokens']} new tokens) gets something else: of {full['num_samples']} samples per
+prompt, **{full['sampled_in_space']:.1%}** were completions of the task (π_ref keeps
+{r['mass_in_space_ref']:.1%} of its mass there). With every other completion given the reward
+r_invalid = {full['r_invalid']:.3g}, π* is defined on the whole space and the distance is:
+
+| quantity (mean over prompts, β = {r['beta']:g}) | value |
+|---|---|
+| KL(π_ref ‖ π*) on the whole space — before DPO (exact) | {full['kl_ref_to_optimal']:.4f} |
+| KL(π_θ ‖ π*) on the whole space ≥ (exact lower bound, outside lumped) | {full['kl_policy_to_optimal_lower_bound']:.4f} |
+| KL(π_θ ‖ π*) on the whole space, Monte-Carlo estimate [95% interval] | {full['kl_policy_to_optimal_estimate']:.4f} [{low:.4f}, {high:.4f}] |
+| distance closed on the whole space (lower bound / estimate) | {full['closed_fraction_lower_bound']:.1%} / {full['closed_fraction_estimate']:.1%} |
+| mass on the task's space: π_θ / π* | {full['mass_in_space_policy']:.1%} / {full['mass_in_space_optimal']:.1%} |
+
+{'Offline DPO fitted the relative probabilities of the completions its pairs compare, and moved the rest of the mass to completions no pair contains: on the distribution a user samples, π_θ is farther from π* than π_ref was (docs/theory.md §6).' if full['closed_fraction_lower_bound'] < 0 else 'On the distribution a user samples, DPO moved π_θ towards π* as well.'}
+The bar below is still the renormalised one; on-policy pairs, which follow π_θ's mass wherever it
+goes, are the remedy (planned: issue 11).
+"""
     return f"""# dpokit demo: DPO reaches the exact optimal policy
 
 Task: {len(task['prompts'])} prompts, completions of {task['length']} words from
@@ -38,6 +61,9 @@ the Bradley–Terry model of the true reward. Because every completion can be sc
 policy π* = π_ref·exp(r/β)/Z is known exactly, and so is the distance to it.
 
 {verdict}{why}
+
+{full_space}
+## On the enumerated space, renormalised
 
 | quantity (mean over prompts, β = {r['beta']:g}) | value |
 |---|---|
