@@ -219,3 +219,32 @@ def test_eval_reads_the_same_keys_from_yaml(saved, capsys, tmp_path):
     cfg.write_text(cfg.read_text() + "learning_rate: 1.0e-6\n")
     code, _, err = run(capsys, "eval", "--config", str(cfg))
     assert code == 2 and "unknown key 'learning_rate'" in err and err.count("\n") == 1
+
+
+def test_label_prob_column_feeds_sigmoid_soft(saved, tokenizer, capsys, tmp_path):
+    """Soft Bradley–Terry labels from the data: sigmoid_soft's per-pair loss is
+    −p log σ(βh) − (1−p) log σ(−βh) with h from the float64 reference log-probs (1e-5); a
+    probability outside [0, 1] is a one-line error naming the file, row and column."""
+    root, policy, ref = saved
+    data = tmp_path / "soft.jsonl"
+    probs = [0.9, 0.5, 0.2]
+    write_jsonl(data, [{**r, "agree": p} for r, p in zip(ROWS, probs, strict=True)])
+    out_file = tmp_path / "per_example.jsonl"
+    code, _, err = run(capsys, "eval", "--model", str(root / "policy"), "--ref-model",
+                       str(root / "ref"), "--data", str(data), "--beta", "0.5", "--loss-type",
+                       "sigmoid_soft", "--label-prob-column", "agree", "--per-example",
+                       str(out_file), "--json")
+    assert code == 0, err
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    for row, p, record in zip(ROWS, probs, records, strict=True):
+        chosen, rejected = expected_logps(policy, tokenizer, row)
+        ref_chosen, ref_rejected = expected_logps(ref, tokenizer, row)
+        z = 0.5 * ((chosen - ref_chosen) - (rejected - ref_rejected))
+        expected = p * math.log1p(math.exp(-z)) + (1 - p) * math.log1p(math.exp(z))
+        assert record["loss"] == pytest.approx(expected, abs=1e-5)
+    write_jsonl(data, [{**ROWS[0], "agree": 0.5}, {**ROWS[1], "agree": 1.5}])
+    code, _, err = run(capsys, "eval", "--model", str(root / "policy"), "--ref-model",
+                       str(root / "ref"), "--data", str(data), "--loss-type", "sigmoid_soft",
+                       "--label-prob-column", "agree")
+    assert code == 2 and err.count("\n") == 1
+    assert f"{data}, row 2, field 'agree': expected a probability in [0, 1]" in err

@@ -23,6 +23,7 @@ class Pairs:
     lc: list[float]  # |y_w|
     lr: list[float]  # |y_l|
     m: list[float] | None = None  # per-pair margin from the data (ODPO's offset before α)
+    s: list[float] | None = None  # per-pair soft label p = P(y_w ≻ y_l) from the data
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,12 @@ def oracle_simpo(p, q):
 def oracle_odpo(p, q):
     return [-log_sigmoid(q.beta * h - q.odpo_alpha * m) for h, m in zip(_margins(p, q), p.m,
                                                                         strict=True)]
+
+
+def oracle_sigmoid_soft(p, q):
+    """Cross-entropy to the soft label: −p log σ(βh) − (1 − p) log σ(−βh)."""
+    return [-s * log_sigmoid(q.beta * h) - (1.0 - s) * log_sigmoid(-q.beta * h)
+            for h, s in zip(_margins(p, q), p.s, strict=True)]
 
 
 ORACLES = {name.removeprefix("oracle_"): fn for name, fn in list(globals().items())

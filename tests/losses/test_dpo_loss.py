@@ -24,7 +24,7 @@ from dpokit.losses import (
     uses_label_smoothing,
     wpo_weights,
 )
-from tests.losses.batches import margins, random_pairs, run, tensors
+from tests.losses.batches import label_probs, margins, random_pairs, run, tensors
 from tests.losses.oracles import Params
 
 NAMES = loss_names()
@@ -44,7 +44,7 @@ def test_reference_declaration(name):
     eps = _params(name).eps
     call = lambda: dpo_loss(pc, pr, None, None, beta=0.3, loss_type=name,  # noqa: E731
                             label_smoothing=eps, chosen_lengths=lc, rejected_lengths=lr,
-                            margins=margins(pairs))
+                            margins=margins(pairs), label_probs=label_probs(pairs))
     if LOSSES[name].needs_reference:
         with pytest.raises(DpokitError, match=name):
             call()
@@ -62,7 +62,8 @@ def test_lengths_declaration(name):
     pairs = random_pairs(1)
     pc, pr, rc, rr, _, _ = tensors(pairs)
     call = lambda: dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type=name,  # noqa: E731
-                            label_smoothing=_params(name).eps, margins=margins(pairs))
+                            label_smoothing=_params(name).eps, margins=margins(pairs),
+                            label_probs=label_probs(pairs))
     if LOSSES[name].needs_lengths:
         with pytest.raises(DpokitError, match="lengths"):
             call()
@@ -81,6 +82,19 @@ def test_margins_declaration(name):
     else:
         with_margins, *_ = run(pairs, _params(name), name)
         assert torch.equal(with_margins, run(without_margins, _params(name), name)[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_label_probs_declaration(name):
+    """Losses that declare soft labels raise without them; the others ignore them."""
+    pairs = random_pairs(1)
+    without = dataclasses.replace(pairs, s=None)
+    if LOSSES[name].needs_label_probs:
+        with pytest.raises(DpokitError, match="label_prob_column"):
+            run(without, _params(name), name)
+    else:
+        with_labels, *_ = run(pairs, _params(name), name)
+        assert torch.equal(with_labels, run(without, _params(name), name)[0])
 
 
 @pytest.mark.parametrize("name", NAMES)

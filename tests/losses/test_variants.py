@@ -78,7 +78,8 @@ def test_f_divergence_scores_match_oracle(f, alpha):
 
 
 def _extreme_pairs() -> Pairs:
-    """Pairs whose log-ratios and margins reach ±1e4 in every sign combination."""
+    """Pairs whose log-ratios and margins reach ±1e4 in every sign combination, with soft
+    labels at and near 0 and 1."""
     u_pairs = [(5e3, -5e3), (-5e3, 5e3), (1e4, 0.0), (0.0, -1e4), (-1e4, 0.0), (0.0, 1e4),
                (1e4, 1e4), (-1e4, -1e4), (0.0, 0.0), (3.0, -2.0)]
     pc, pr, rc, rr = [], [], [], []
@@ -89,7 +90,9 @@ def _extreme_pairs() -> Pairs:
         rr.append(-1.0 - max(u_l, 0.0))
     n = len(u_pairs)
     margins = [0.0, 1e4, 2.0, -3.0, 1e4, 0.5, 0.0, 1e4, -1e4, 1.0]  # ODPO's offset before α
-    return Pairs(pc, pr, rc, rr, [1.0, 1000.0] * (n // 2), [1000.0, 1.0] * (n // 2), margins)
+    soft = [0.0, 1.0, 0.5, 1e-9, 1.0 - 1e-9, 0.3, 1.0, 0.0, 0.9, 0.1]  # sigmoid_soft's labels
+    return Pairs(pc, pr, rc, rr, [1.0, 1000.0] * (n // 2), [1000.0, 1.0] * (n // 2), margins,
+                 soft)
 
 
 def _least_label_smoothing(name: str) -> float:
@@ -215,3 +218,26 @@ def test_zero_lengths_are_clamped_to_one_as_in_trl():
         a, *_ = run(zero, Params(beta=0.5), name)
         b, *_ = run(ones, Params(beta=0.5), name)
         assert torch.equal(a, b), name
+
+
+def test_sigmoid_soft_hand_value_limits_and_fixed_point():
+    """β = 0.5, h = 2 (βh = 1), p = 0.8: L = −0.8 log σ(1) − 0.2 log σ(−1)
+    = 0.8·0.3132617 + 0.2·1.3132617 = 0.5132617. p = 1 is sigmoid, p = 1 − ε is cDPO, and the
+    gradient in βh, σ(βh) − p, vanishes at βh = logit p (the Bradley–Terry fixed point)."""
+    def loss(h, p, name="sigmoid_soft", **kw):
+        one = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+        return dpo_loss(one(h), one(0.0), one(0.0), one(0.0), beta=0.5, loss_type=name,
+                        label_probs=one(p), **kw)[0]
+
+    assert float(loss(2.0, 0.8)) == pytest.approx(0.8 * 0.31326168751822 + 0.2 * 1.31326168751822,
+                                                  abs=1e-12)
+    for h in (-3.0, 0.2, 4.0):
+        assert float(loss(h, 1.0)) == pytest.approx(float(loss(h, 1.0, "sigmoid")), abs=1e-15)
+        assert float(loss(h, 0.9)) == pytest.approx(
+            float(loss(h, 1.0, "sigmoid", label_smoothing=0.1)), abs=1e-14)
+    p = 0.7
+    h = torch.tensor([2 * math.log(p / (1 - p))], dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(1, dtype=torch.float64)
+    dpo_loss(h, zero, zero, zero, beta=0.5, loss_type="sigmoid_soft",
+             label_probs=torch.tensor([p], dtype=torch.float64))[0].sum().backward()
+    assert float(h.grad) == pytest.approx(0.0, abs=1e-12)

@@ -44,6 +44,8 @@ class PairBatch:
     """``(B,)`` per-pair weights from the data, if it has a weight column."""
     margins: Tensor | None = None
     """``(B,)`` per-pair margins from the data, if it has a margin column."""
+    label_probs: Tensor | None = None
+    """``(B,)`` per-pair soft labels P(chosen ≻ rejected), if the data has a label_prob column."""
     extras: dict[str, Tensor] = field(default_factory=dict)
     """Other per-pair tensors, e.g. precomputed ``ref_chosen_logps``/``ref_rejected_logps``."""
     predictor: Tensor | None = None
@@ -63,7 +65,8 @@ class PairBatch:
                        completion_mask=move(self.completion_mask),
                        sequence_ids=move(self.sequence_ids),
                        attention_mask=move(self.attention_mask), weights=move(self.weights),
-                       margins=move(self.margins), predictor=move(self.predictor),
+                       margins=move(self.margins), label_probs=move(self.label_probs),
+                       predictor=move(self.predictor),
                        extras={k: move(v) for k, v in self.extras.items()})
 
 
@@ -71,6 +74,12 @@ def _sequences(pairs: Sequence[TokenizedPair]) -> list[tuple[list[int], int]]:
     """The 2B sequences (tokens, prompt length): all chosen, then all rejected."""
     return ([(p.prompt_ids + p.chosen_ids, len(p.prompt_ids)) for p in pairs]
             + [(p.prompt_ids + p.rejected_ids, len(p.prompt_ids)) for p in pairs])
+
+
+def _per_pair(pairs: Sequence[TokenizedPair]) -> dict[str, Tensor | None]:
+    """The optional per-pair columns of a batch: weights, margins, soft labels."""
+    return {"weights": _optional(pairs, "weight"), "margins": _optional(pairs, "margin"),
+            "label_probs": _optional(pairs, "label_prob")}
 
 
 def _optional(pairs: Sequence[TokenizedPair], name: str) -> Tensor | None:
@@ -132,13 +141,13 @@ def collate_padded(pairs: Sequence[TokenizedPair], *, pad_token_id: int,
     batch = pad_sequences(_sequences(pairs), pad_token_id=pad_token_id,
                           padding_side=padding_side, pad_to_multiple_of=pad_to_multiple_of,
                           num_pairs=len(pairs))
-    return replace(batch, weights=_optional(pairs, "weight"), margins=_optional(pairs, "margin"))
+    return replace(batch, **_per_pair(pairs))
 
 
 def collate_packed(pairs: Sequence[TokenizedPair]) -> PairBatch:
     """Concatenate the 2B sequences of B pairs into one row (chosen first, then rejected)."""
     batch = pack_sequences(_sequences(pairs), num_pairs=len(pairs))
-    return replace(batch, weights=_optional(pairs, "weight"), margins=_optional(pairs, "margin"))
+    return replace(batch, **_per_pair(pairs))
 
 
 def collate_shared(pairs: Sequence[TokenizedPair], *, pad_token_id: int) -> PairBatch:
@@ -180,7 +189,7 @@ def collate_shared(pairs: Sequence[TokenizedPair], *, pad_token_id: int) -> Pair
     allowed |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves only
     return PairBatch("shared", input_ids, position_ids, completion_mask, sequence_ids,
                      attention_mask=allowed[:, None], num_pairs=b, num_sequences=2 * b,
-                     weights=_optional(pairs, "weight"), margins=_optional(pairs, "margin"),
+                     **_per_pair(pairs),
                      predictor=predictor)
 
 

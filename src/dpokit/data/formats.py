@@ -8,8 +8,9 @@ Accepted per row (column names mappable with :class:`ColumnMap`):
 - implicit prompt: only ``chosen``/``rejected``, two full conversations (or texts) sharing a
   prefix, which is split off as the prompt;
 
-plus optional numeric ``weight`` (scales the pair's loss) and ``margin`` (the offset m of the
-losses that read one, e.g. ``odpo``; ignored, with a warning, by the others) columns.
+plus optional numeric ``weight`` (scales the pair's loss), ``margin`` (the offset m of the
+losses that read one, e.g. ``odpo``; ignored, with a warning, by the others) and ``label_prob``
+(p = P(chosen ≻ rejected) ∈ [0, 1], the soft label of ``sigmoid_soft``) columns.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ColumnMap:
     rejected: str = "rejected"
     weight: str = "weight"
     margin: str = "margin"
+    label_prob: str = "label_prob"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class PreferenceExample:
     row: int = 0
     template_kwargs: dict[str, Any] | None = None
     """Extra ``apply_chat_template`` arguments (``tools``, ``chat_template_kwargs``)."""
+    label_prob: float | None = None
+    """P(chosen ≻ rejected): a soft preference label (annotator agreement, or σ of a score gap)."""
 
     @property
     def conversational(self) -> bool:
@@ -180,9 +184,13 @@ def parse_example(row: RawRow, columns: ColumnMap = ColumnMap()) -> PreferenceEx
         if not value or (isinstance(value, str) and not value.strip()) or (
                 isinstance(value, list) and not any(m["content"].strip() for m in value)):
             raise _fail(row, name, "empty completion")
+    label_prob = _number(row, columns.label_prob)
+    if label_prob is not None and not 0.0 <= label_prob <= 1.0:
+        raise _fail(row, columns.label_prob, f"expected a probability in [0, 1], got {label_prob}")
     return PreferenceExample(prompt, chosen, rejected, weight=_number(row, columns.weight),
                              margin=_number(row, columns.margin), source=row.source, row=row.row,
-                             template_kwargs=_template_kwargs(row) if conversational else None)
+                             template_kwargs=_template_kwargs(row) if conversational else None,
+                             label_prob=label_prob)
 
 
 def _template_kwargs(row: RawRow) -> dict[str, Any] | None:

@@ -73,6 +73,7 @@ class TokenizedPair:
     margin: float | None = None
     source: str = ""
     row: int = 0
+    label_prob: float | None = None
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -188,7 +189,8 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer: Any,
             dropped += 1
             continue
         pairs.append(TokenizedPair(prompt_ids, chosen_ids, rejected_ids, example.weight,
-                                   example.margin, example.source, example.row))
+                                   example.margin, example.source, example.row,
+                                   example.label_prob))
     if merged > 1:
         log.warning("%d of %d rows had their prompt shortened at the boundary", merged,
                     len(examples))

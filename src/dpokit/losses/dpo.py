@@ -66,6 +66,7 @@ def dpo_loss(
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
     margins: Tensor | None = None,
+    label_probs: Tensor | None = None,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
     rpo_alpha: float | None = None,
@@ -121,12 +122,14 @@ def dpo_loss(
     _check_shapes(policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
                   ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
                   chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-                  margins=margins, chosen_wpo_logweights=chosen_wpo_logweights,
+                  margins=margins, label_probs=label_probs,
+                  chosen_wpo_logweights=chosen_wpo_logweights,
                   rejected_wpo_logweights=rejected_wpo_logweights)
     has_reference = _pair_present(ref_chosen_logps, ref_rejected_logps, "ref")
     has_lengths = _pair_present(chosen_lengths, rejected_lengths, "lengths")
     has_wpo = _pair_present(chosen_wpo_logweights, rejected_wpo_logweights, "wpo_logweights")
-    _check_needs(specs, has_reference, has_lengths, margins is not None)
+    _check_needs(specs, has_reference, has_lengths, margins is not None,
+                 label_probs is not None)
     check_loss_options(loss_type, hyper_parameters)
     _check_f_divergence(specs, f_divergence_type, f_alpha_divergence_coef)
     if rpo_alpha and chosen_lengths is None:
@@ -145,7 +148,8 @@ def dpo_loss(
         as_lengths(chosen_lengths), as_lengths(rejected_lengths),
         scores(policy_chosen_logps, ref_chosen_logps),
         scores(policy_rejected_logps, ref_rejected_logps),
-        beta=beta, margins=None if margins is None else margins.to(dtype))
+        beta=beta, margins=None if margins is None else margins.to(dtype),
+        label_probs=None if label_probs is None else label_probs.to(dtype))
 
     def options(spec: LossSpec) -> dict[str, float | Tensor]:
         # exactly what the spec declares; defaults for what the caller left out
@@ -199,7 +203,7 @@ def _pair_present(chosen: Tensor | None, rejected: Tensor | None, what: str) -> 
 
 
 def _check_needs(specs: tuple[LossSpec, ...], has_reference: bool, has_lengths: bool,
-                 has_margins: bool) -> None:
+                 has_margins: bool, has_label_probs: bool) -> None:
     if not has_reference and (missing := [s.name for s in specs if s.needs_reference]):
         raise DpokitError(f"loss_type {', '.join(missing)} needs reference log-probs "
                           "(ref_chosen_logps, ref_rejected_logps); only reference-free losses "
@@ -210,6 +214,9 @@ def _check_needs(specs: tuple[LossSpec, ...], has_reference: bool, has_lengths: 
     if not has_margins and (missing := [s.name for s in specs if s.needs_margins]):
         raise DpokitError(f"loss_type {', '.join(missing)} needs a per-pair margin column in the "
                           "data (margin_column), passed as margins: one number m per pair")
+    if not has_label_probs and (missing := [s.name for s in specs if s.needs_label_probs]):
+        raise DpokitError(f"loss_type {', '.join(missing)} needs a per-pair soft label in the "
+                          "data (label_prob_column), passed as label_probs: p ∈ [0, 1] per pair")
 
 
 def _check_f_divergence(specs: tuple[LossSpec, ...], f_divergence_type: str,

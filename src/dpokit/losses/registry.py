@@ -103,6 +103,9 @@ class LossSpec:
     """Reads completion token counts (``chosen_lengths`` and ``rejected_lengths``)."""
     needs_margins: bool
     """Reads the ``(B,)`` per-pair margins m from the data (``margins``; ``margin_column``)."""
+    needs_label_probs: bool
+    """Reads the ``(B,)`` per-pair soft labels p = P(y_w ≻ y_l) (``label_probs``;
+    ``label_prob_column``)."""
     batch_coupled: bool
     """A pair's loss depends on other pairs in the batch (sorting, batch token means): results
     change if the batch is split into micro-batches."""
@@ -148,10 +151,10 @@ _ODPO_ALPHA = HyperParameter(
 
 def _spec(name: str, fn: Callable[..., Tensor], doc: str, source: str, *,
           reference: bool = True, lengths: bool = False, margins: bool = False,
-          coupled: bool = False, f_divergence: bool = False,
+          label_probs: bool = False, coupled: bool = False, f_divergence: bool = False,
           hyper: tuple[HyperParameter, ...] = ()) -> LossSpec:
-    return LossSpec(name, fn, reference, lengths, margins, coupled, f_divergence, hyper, doc,
-                    source)
+    return LossSpec(name, fn, reference, lengths, margins, label_probs, coupled, f_divergence,
+                    hyper, doc, source)
 
 
 _TRL = "TRL 1.x DPOTrainer"
@@ -193,6 +196,10 @@ _SPECS = (
     _spec("odpo", variants.odpo, "DPO with an offset α·m, m the data's margin (odpo_alpha)",
           "arXiv:2402.10571 (offset taken from the data's margin column)", margins=True,
           f_divergence=True, hyper=(_ODPO_ALPHA,)),
+    _spec("sigmoid_soft", variants.sigmoid_soft,
+          "DPO on soft Bradley–Terry labels p (label_prob column); fixed point βh = logit p",
+          "docs/theory.md §6 (cross-entropy to the data's preference probability)",
+          label_probs=True, f_divergence=True),
 )
 
 LOSSES: MappingProxyType[str, LossSpec] = MappingProxyType({s.name: s for s in _SPECS})
@@ -280,6 +287,11 @@ def needs_reference(loss_type: str | Sequence[str]) -> bool:
 def needs_lengths(loss_type: str | Sequence[str]) -> bool:
     """Whether any of the losses reads completion lengths (``rpo_alpha`` needs them too)."""
     return any(spec.needs_lengths for spec in resolve_losses(loss_type))
+
+
+def needs_label_probs(loss_type: str | Sequence[str]) -> bool:
+    """Whether any of the losses reads per-pair soft labels (``label_prob_column``)."""
+    return any(spec.needs_label_probs for spec in resolve_losses(loss_type))
 
 
 def needs_margins(loss_type: str | Sequence[str]) -> bool:

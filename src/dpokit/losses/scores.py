@@ -49,6 +49,7 @@ class LossInputs:
     rejected_scores: Tensor | None
     beta: float
     margins: Tensor | None = None  # m, the per-pair margin from the data; None without one
+    label_probs: Tensor | None = None  # p = P(y_w ≻ y_l), soft labels from the data
 
     @property
     def chosen_logratios(self) -> Tensor:

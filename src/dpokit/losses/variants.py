@@ -196,3 +196,18 @@ def odpo(x: LossInputs, *, odpo_alpha: float) -> Tensor:
     as for ``sigmoid``; α = 0 is exactly ``sigmoid`` without label smoothing.
     """
     return -F.logsigmoid(x.beta * x.delta_score - odpo_alpha * x.margins)
+
+
+def sigmoid_soft(x: LossInputs) -> Tensor:
+    """DPO on soft Bradley–Terry labels p = P(y_w ≻ y_l) (``label_probs``, the data's
+    ``label_prob`` column), the cross-entropy to the preference probability (docs/theory.md §6):
+
+        L = −p log σ(βΔ) − (1 − p) log σ(−βΔ),        ∂L/∂(βΔ) = σ(βΔ) − p
+
+    Its minimum over Δ is βΔ = logit p: with p = σ(r(y_w) − r(y_l)) that is βh = r(y_w) − r(y_l),
+    which π* satisfies, so soft labels keep π* as the fixed point where hard ones (p = 1,
+    ``sigmoid``) push h up without end. p = 1 is ``sigmoid``; a constant p = 1 − ε is cDPO.
+    """
+    z, p = x.beta * x.delta_score, x.label_probs
+    return -p * F.logsigmoid(z) - (1.0 - p) * F.logsigmoid(-z)
+

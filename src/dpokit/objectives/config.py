@@ -116,6 +116,9 @@ class _PreferenceConfig(Config):
     weight_column: str = field("weight", help="Optional per-pair weight column (scales its loss).")
     margin_column: str = field(
         "margin", help="Optional per-pair margin column (the offset m of losses that read one).")
+    label_prob_column: str = field(
+        "label_prob", help="Optional per-pair soft label column: P(chosen ≻ rejected) ∈ [0, 1], "
+                           "read by sigmoid_soft.")
     ref_model: str | None = field(None, help="Reference model directory (default: the policy).")
     beta: float = field(0.1, help="β > 0: strength of the KL penalty towards π_ref.")
     loss_type: list[str] = field(
@@ -169,7 +172,7 @@ class _PreferenceConfig(Config):
         """The user's column names of a pair."""
         return ColumnMap(prompt=self.prompt_column, chosen=self.chosen_column,
                          rejected=self.rejected_column, weight=self.weight_column,
-                         margin=self.margin_column)
+                         margin=self.margin_column, label_prob=self.label_prob_column)
 
     def hyper_parameters(self) -> dict[str, float]:
         """The registry's loss hyper-parameters as set in this config (``label_smoothing``, …)."""

@@ -4,8 +4,9 @@ Per pair i, with summed completion log-probs of the policy and the reference:
 
     L_i = w_i · loss_type(log π_θ(y_w), log π_θ(y_l), log π_ref(y_w), log π_ref(y_l); β, …)
 
-w_i the row's ``weight`` column (1 without one); margins m_i (the ``margin`` column) reach the
-losses that read them (e.g. ``odpo``); LD-DPO (``ld_alpha``) and WPO (``use_weighting``) act on
+w_i the row's ``weight`` column (1 without one); margins m_i (the ``margin`` column) and soft
+labels p_i (the ``label_prob`` column) reach the losses that read them (``odpo``,
+``sigmoid_soft``); LD-DPO (``ld_alpha``) and WPO (``use_weighting``) act on
 the log-probs. ``forward`` returns Σ_i L_i and the metric sums of :mod:`dpokit.losses.metrics`.
 
 Without a reference for a loss that needs one (``dpokit eval`` with no ``--ref-model``) the
@@ -27,6 +28,7 @@ from dpokit.losses import (
     METRIC_KEYS,
     dpo_loss,
     metric_means,
+    needs_label_probs,
     needs_lengths,
     needs_margins,
     preference_metrics,
@@ -63,6 +65,7 @@ class DPOObjective(Objective):
         self.score_only = score_only
         self.lengths = needs_lengths(config.loss_type) or bool(config.rpo_alpha)
         self.margins = needs_margins(config.loss_type)
+        self.label_probs = needs_label_probs(config.loss_type)
 
     @property
     def with_loss(self) -> bool:
@@ -77,20 +80,23 @@ class DPOObjective(Objective):
 
     def load(self, path: str, split: str | None) -> list[TokenizedPair]:
         """Preference pairs of ``path`` with this config's columns and tokenisation; a loss that
-        reads margins needs one on every row (the first row without is named)."""
+        reads margins or soft labels needs one on every row (the first row without is named)."""
         pairs = load_preference_pairs(path, self.tokenizer,
                                       settings=self.config.tokenize_settings,
                                       columns=self.config.columns, split=split)
-        column, losses = self.config.margin_column, ", ".join(self.config.loss_type)
-        if self.margins:
-            missing = next((p for p in pairs if p.margin is None), None)
-            if missing is not None:
-                raise DpokitError(f"{missing.source}, row {missing.row}: loss_type {losses} "
-                                  f"needs a per-pair margin, and the row has no {column!r} "
-                                  f"(set margin_column)")
-        elif any(p.margin is not None for p in pairs):
-            log.warning("%s has a margin column (%s) but loss_type %s reads none; it is "
-                        "ignored", path, column, losses)
+        losses = ", ".join(self.config.loss_type)
+        for needed, attr, key in ((self.margins, "margin", "margin_column"),
+                                  (self.label_probs, "label_prob", "label_prob_column")):
+            column = getattr(self.config, key)
+            if needed:
+                missing = next((p for p in pairs if getattr(p, attr) is None), None)
+                if missing is not None:
+                    raise DpokitError(f"{missing.source}, row {missing.row}: loss_type {losses} "
+                                      f"needs a per-pair {attr}, and the row has no {column!r} "
+                                      f"(set {key})")
+            elif any(getattr(p, attr) is not None for p in pairs):
+                log.warning("%s has a %s column (%s) but loss_type %s reads none; it is "
+                            "ignored", path, attr, column, losses)
         return pairs
 
     def tokens(self, item: TokenizedPair) -> int:
@@ -131,6 +137,7 @@ class DPOObjective(Objective):
             chosen_lengths=tokens[:b] if self.lengths else None,
             rejected_lengths=tokens[b:] if self.lengths else None,
             margins=batch.margins.to(chosen) if self.margins else None,
+            label_probs=batch.label_probs.to(chosen) if self.label_probs else None,
             chosen_wpo_logweights=wpo[:b] if use_wpo else None,
             rejected_wpo_logweights=wpo[b:] if use_wpo else None,
             **self.config.loss_options())
