@@ -15,12 +15,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dpokit.config import Config
 from dpokit.config import field as field_
 from dpokit.data import micro_batches
 from dpokit.errors import DpokitError
@@ -152,3 +153,82 @@ def _run_eval(config: EvalConfig, runtime: Runtime, *, progress: bool) -> Evalua
             raise DpokitError(f"cannot write {config.per_example}: "
                               f"{error.strerror or error}") from None
     return result
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(Config):
+    """``dpokit generate``: completions of a data file's prompts from a local model."""
+
+    model: str = field_(help="A local Hugging Face causal LM directory.")
+    data: str = field_(help="Prompts: any data file dpokit reads (its prompt column; other "
+                            "columns are ignored).")
+    output: str = field_("samples.jsonl", help="Where the completions go (one JSON line each).")
+    split: str | None = field_(None, help="Split of the data (saved DatasetDict/shards).")
+    prompt_column: str = field_("prompt", help="Column holding the prompt (text or messages).")
+    max_prompt_length: int | None = field_(None, help="Longest prompt in tokens (keeps the end).")
+    text_mode: Literal["auto", "chat", "plain"] = field_(
+        "auto", help="Chat template for conversational prompts, or plain 'role: content' text.")
+    num_generations: int = field_(1, help="Completions per prompt.")
+    max_new_tokens: int = field_(64, help="Longest completion in tokens.")
+    temperature: float = field_(1.0, help="Sampling temperature (0: greedy).")
+    top_p: float = field_(1.0, help="Nucleus sampling mass (1: off).")
+    top_k: int = field_(0, help="Sample from the k most likely tokens (0: off).")
+    seed: int = field_(0, help="Seed of the sampling (same seed, same completions).")
+    batch_size: int = field_(64, help="Sequences generated together.")
+    dtype: Literal["float32", "bfloat16", "float16"] = field_(
+        "float32", help="Compute precision: bfloat16/float16 autocast where the device has it.")
+    device: str = field_("auto", help="auto, cpu, cuda.")
+    trust_remote_code: bool = field_(False, help="Allow model code shipped in the directory.")
+
+    def validate(self) -> None:
+        """Sampling settings, sizes and the output path."""
+        from dpokit.generation import check_sampling
+
+        super().validate()
+        check_sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                       top_p=self.top_p, top_k=self.top_k, num_generations=self.num_generations)
+        if self.batch_size < 1:
+            raise DpokitError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise DpokitError(f"max_prompt_length must be ≥ 1 or null, got "
+                              f"{self.max_prompt_length}")
+        if Path(self.output).is_dir():
+            raise DpokitError(f"output {self.output} is a directory; name a file")
+
+
+def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Generate and write ``config.output`` atomically; returns the records written."""
+    from dpokit.atomic import write_jsonl
+    from dpokit.data import TokenizeSettings
+    from dpokit.data.prompts import load_prompts
+    from dpokit.generation import generate_completions
+    from dpokit.models import load_causal_lm, load_tokenizer
+    from dpokit.runtime import setup_runtime, shutdown_runtime
+
+    if not Path(config.data).exists():
+        raise DpokitError(f"data not found: {config.data}")
+    runtime = setup_runtime(config.device, config.dtype)
+    try:
+        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        model = load_causal_lm(config.model, dtype="float32", device=runtime.device,
+                               trust_remote_code=config.trust_remote_code)
+        settings = TokenizeSettings(max_length=None, max_prompt_length=config.max_prompt_length,
+                                    text_mode=config.text_mode)
+        prompts = load_prompts(config.data, tokenizer, settings=settings,
+                               prompt_column=config.prompt_column, split=config.split)
+        with runtime.autocast():
+            completions = generate_completions(
+                model, tokenizer, prompts, num_generations=config.num_generations,
+                max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                top_p=config.top_p, top_k=config.top_k, seed=config.seed,
+                batch_size=config.batch_size)
+        records = [{"source": p.source, "row": p.row, "prompt": p.prompt, "completion": c.text,
+                    "eos": c.eos, "tokens": len(c.ids)}
+                   for p, group in zip(prompts, completions, strict=True) for c in group]
+        try:
+            write_jsonl(config.output, records)
+        except OSError as error:
+            raise DpokitError(f"cannot write {config.output}: {error.strerror or error}") from None
+        return records
+    finally:
+        shutdown_runtime(runtime)

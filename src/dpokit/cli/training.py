@@ -16,7 +16,7 @@ from dpokit.bench import BenchConfig
 from dpokit.cli.app import app, console
 from dpokit.cli.options import config_command
 from dpokit.demo.run import DemoConfig
-from dpokit.evaluate import EvalConfig
+from dpokit.evaluate import EvalConfig, GenerateConfig
 from dpokit.train.config import DPOConfig, SFTConfig
 
 
@@ -49,6 +49,16 @@ def _eval(config: EvalConfig) -> None:
         console.print("No --ref-model: log-probs only (rewards and loss need a reference).")
     if config.per_example is not None:
         console.print(f"wrote {result.num_examples} rows to {config.per_example}")
+
+
+def _generate(config: GenerateConfig) -> None:
+    """``dpokit generate``: write the completions, say how many and how many ended with EOS."""
+    from dpokit.evaluate import run_generate
+
+    records = run_generate(config)
+    ended = sum(r["eos"] for r in records)
+    console.print(f"wrote {len(records)} completions to {config.output} ({ended} ended with "
+                  f"EOS within {config.max_new_tokens} tokens)")
 
 
 def _demo(config: DemoConfig) -> None:
@@ -118,6 +128,9 @@ for _name, _cls, _run, _summary in (
         ("eval", EvalConfig, _eval,
          "Log-probs, implicit rewards, loss and preference accuracy of a model on preference "
          "data — the training objective without backward (same keys as `dpokit train`)."),
+        ("generate", GenerateConfig, _generate,
+         "Completions of the prompts of a data file from a local model: "
+         "`dpokit generate --model runs/dpo/final --data prompts.jsonl`."),
         ("demo", DemoConfig, _demo,
          "Train a transformer with DPO and measure, exactly, how close it gets to π*."),
         ("bench", BenchConfig, _bench,

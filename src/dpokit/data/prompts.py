@@ -1,0 +1,73 @@
+"""Prompts alone, for generation: ``dpokit generate`` and (next) on-policy DPO.
+
+Any file :mod:`dpokit.data.io` reads; each row's ``prompt`` column (name mappable) is a string or
+a list of ``{role, content}`` messages; every other column is ignored. Conversational prompts go
+through the chat template with the generation prompt appended (``text_mode`` ``plain`` renders
+them as ``role: content`` lines instead); ``max_prompt_length`` keeps the end of a long prompt.
+Errors name the file, row and field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpokit.data.formats import Messages, _is_messages, _messages
+from dpokit.data.io import RawRow, load_rows
+from dpokit.data.tokenize import TokenizeSettings, _ids, encode_chat, render_plain
+from dpokit.errors import DpokitError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: as given, and its token ids (what generation continues)."""
+
+    prompt: str | Messages
+    prompt_ids: list[int]
+    source: str = ""
+    row: int = 0
+
+
+def _prompt(row: RawRow, column: str) -> str | Messages:
+    value = row.fields.get(column)
+    if value is None:
+        raise DpokitError(f"{row.where}, field {column!r}: missing (generation needs a prompt)")
+    if _is_messages(value):
+        return _messages(row, column, value, single_ok=False)
+    if not isinstance(value, str) or not value.strip():
+        raise DpokitError(f"{row.where}, field {column!r}: expected a non-empty string or a "
+                          f"list of messages, got {value!r}")
+    return value
+
+
+def tokenize_prompt(prompt: str | Messages, tokenizer: Any, settings: TokenizeSettings, *,
+                    where: str = "prompt") -> list[int]:
+    """Token ids of one prompt (chat template with the generation prompt for messages)."""
+    if isinstance(prompt, list) and settings.text_mode != "plain":
+        if not getattr(tokenizer, "chat_template", None):
+            raise DpokitError(f"{where}: conversational prompts need a tokenizer with a chat "
+                              f"template; set text_mode='plain' to render 'role: content' lines")
+        (ids,) = encode_chat(tokenizer, [(prompt, True)], where=where)
+    else:
+        if settings.text_mode == "chat":
+            raise DpokitError(f"{where}: text_mode='chat' needs conversational prompts")
+        text = render_plain(prompt) if isinstance(prompt, list) else prompt
+        ids = _ids(tokenizer(text))
+    limit = settings.max_prompt_length
+    return ids[len(ids) - limit:] if limit is not None and len(ids) > limit else ids
+
+
+def load_prompts(path: str | Path, tokenizer: Any, *,
+                 settings: TokenizeSettings = TokenizeSettings(), prompt_column: str = "prompt",
+                 split: str | None = None) -> list[Prompt]:
+    """The prompts of ``path``, tokenised (see the module docstring)."""
+    rows = load_rows(path, split=split)
+    if not rows:
+        raise DpokitError(f"{path}: no rows")
+    prompts = []
+    for row in rows:
+        prompt = _prompt(row, prompt_column)
+        ids = tokenize_prompt(prompt, tokenizer, settings, where=row.where)
+        prompts.append(Prompt(prompt, ids, row.source, row.row))
+    return prompts

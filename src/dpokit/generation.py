@@ -1,0 +1,92 @@
+"""Completions of prompts from a causal LM: ``model.generate`` with a KV cache, seeded.
+
+    completions = generate_completions(model, tokenizer, prompts, num_generations=2,
+                                       max_new_tokens=64, temperature=1.0, seed=0)
+
+Prompts are left-padded into batches (``generate`` continues every row from its last column);
+each completion is cut after its first EOS (``eos`` True) or keeps all ``max_new_tokens`` tokens
+(``eos`` False). ``temperature`` 0 is greedy decoding; otherwise sampling with ``top_k`` (0: off)
+and ``top_p`` (1: off). The random stream is seeded from ``seed`` alone and the caller's global
+RNG is left as it was, so the same call gives the same completions, and training that generates
+between steps resumes exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpokit.data.prompts import Prompt
+from dpokit.errors import DpokitError
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated completion of one prompt."""
+
+    ids: list[int]
+    """Token ids after the prompt, up to and including the first EOS."""
+    text: str
+    """``ids`` decoded without special tokens."""
+    eos: bool
+    """Whether it ended with EOS within ``max_new_tokens`` (else it was cut there)."""
+
+
+def check_sampling(*, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                   num_generations: int = 1) -> None:
+    """One-line errors for impossible generation settings, naming the key."""
+    if max_new_tokens < 1:
+        raise DpokitError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    if not temperature >= 0 or temperature == float("inf"):
+        raise DpokitError(f"temperature must be a finite number ≥ 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise DpokitError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise DpokitError(f"top_k must be ≥ 0 (0: off), got {top_k}")
+    if num_generations < 1:
+        raise DpokitError(f"num_generations must be ≥ 1, got {num_generations}")
+
+
+@torch.no_grad()
+def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], *,
+                         num_generations: int = 1, max_new_tokens: int = 64,
+                         temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                         seed: int = 0, batch_size: int = 64) -> list[list[Completion]]:
+    """``num_generations`` completions of each prompt (outer list: prompts, in order)."""
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   top_k=top_k, num_generations=num_generations)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if eos is None:
+        raise DpokitError("generation needs a tokenizer with an eos_token")
+    device = next(model.parameters()).device
+    rows = [p.prompt_ids for p in prompts for _ in range(num_generations)]
+    sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+                if temperature > 0 else {"do_sample": False})
+    was_training = model.training
+    model.eval()
+    out: list[Completion] = []
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                width = max(len(r) for r in chunk)
+                ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk], device=device)
+                mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk],
+                                    device=device)
+                generated = model.generate(ids, attention_mask=mask,
+                                           max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                           pad_token_id=pad, **sampling)
+                for row in generated[:, width:].tolist():
+                    ended = eos in row
+                    row = row[:row.index(eos) + 1] if ended else row
+                    out.append(Completion(row, tokenizer.decode(row, skip_special_tokens=True),
+                                          ended))
+    finally:
+        model.train(was_training)
+    k = num_generations
+    return [out[i * k:(i + 1) * k] for i in range(len(prompts))]
