@@ -21,12 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dpokit.config import Config
 from dpokit.config import field as field_
 from dpokit.data import micro_batches
 from dpokit.errors import DpokitError
 from dpokit.objectives import MetricSums, Objective
-from dpokit.objectives.config import DataConfig, ModelConfig, PreferenceConfig
+from dpokit.objectives.config import DataConfig, ModelConfig, PreferenceConfig, SamplingConfig
 from dpokit.runtime import Runtime
 
 
@@ -156,7 +155,7 @@ def _run_eval(config: EvalConfig, runtime: Runtime, *, progress: bool) -> Evalua
 
 
 @dataclass(kw_only=True)
-class GenerateConfig(Config):
+class GenerateConfig(SamplingConfig):
     """``dpokit generate``: completions of a data file's prompts from a local model."""
 
     model: str = field_(help="A local Hugging Face causal LM directory.")
@@ -169,10 +168,6 @@ class GenerateConfig(Config):
     text_mode: Literal["auto", "chat", "plain"] = field_(
         "auto", help="Chat template for conversational prompts, or plain 'role: content' text.")
     num_generations: int = field_(1, help="Completions per prompt.")
-    max_new_tokens: int = field_(64, help="Longest completion in tokens.")
-    temperature: float = field_(1.0, help="Sampling temperature (0: greedy).")
-    top_p: float = field_(1.0, help="Nucleus sampling mass (1: off).")
-    top_k: int = field_(0, help="Sample from the k most likely tokens (0: off).")
     seed: int = field_(0, help="Seed of the sampling (same seed, same completions).")
     batch_size: int = field_(64, help="Sequences generated together.")
     dtype: Literal["float32", "bfloat16", "float16"] = field_(
@@ -182,11 +177,9 @@ class GenerateConfig(Config):
 
     def validate(self) -> None:
         """Sampling settings, sizes and the output path."""
-        from dpokit.generation import check_sampling
-
         super().validate()
-        check_sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                       top_p=self.top_p, top_k=self.top_k, num_generations=self.num_generations)
+        if self.num_generations < 1:
+            raise DpokitError(f"num_generations must be ≥ 1, got {self.num_generations}")
         if self.batch_size < 1:
             raise DpokitError(f"batch_size must be ≥ 1, got {self.batch_size}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
@@ -219,9 +212,7 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
         with runtime.autocast():
             completions = generate_completions(
                 model, tokenizer, prompts, num_generations=config.num_generations,
-                max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                top_p=config.top_p, top_k=config.top_k, seed=config.seed,
-                batch_size=config.batch_size)
+                seed=config.seed, batch_size=config.batch_size, **config.sampling)
         records = [{"source": p.source, "row": p.row, "prompt": p.prompt, "completion": c.text,
                     "eos": c.eos, "tokens": len(c.ids)}
                    for p, group in zip(prompts, completions, strict=True) for c in group]

@@ -302,3 +302,28 @@ def test_selective_recomputation_decides_itself_from_the_activation_size(workdir
         train(config(workdir, "forced-recompute", max_steps=1, selective_checkpointing=True),
               progress=False)
     assert not any("(auto" in r.getMessage() for r in caplog.records)
+
+
+def test_eval_generate_writes_samples_and_a_resume_redraws_them(workdir):
+    """eval_generate: at each evaluation the first N eval prompts are completed by the policy
+    into samples.jsonl (step, prompt, completion, eos, tokens); a resumed run truncates the file
+    at its checkpoint (a stale line past it is dropped) and writes the same samples an
+    uninterrupted run does (generation is seeded by the step)."""
+    common = {"eval_data": str(workdir / "prefs.jsonl"), "eval_steps": 2, "eval_generate": 3,
+              "max_new_tokens": 4, "temperature": 0.8, "max_steps": 4}
+    straight = train(config(workdir, "gen-straight", **common), progress=False)
+    samples = [json.loads(line) for line in
+               (straight.parent / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2, 2, 2, 4, 4, 4]
+    assert all(1 <= s["tokens"] <= 4 and isinstance(s["completion"], str) for s in samples)
+    assert samples[0]["prompt"] in PROMPTS
+    first = train(config(workdir, "gen-resumed", **{**common, "max_steps": 2}, save_steps=2),
+                    progress=False)  # stops at step 2 with a checkpoint; resumed below to step 4
+    assert first.name == "final"
+    with (first.parent / "samples.jsonl").open("a") as handle:
+        handle.write('{"step": 4, "prompt": "stale"}\n')
+    resumed = train(config(workdir, "gen-resumed", **common, save_steps=2, resume="auto"),
+                    progress=False)
+    again = [json.loads(line) for line in
+             (resumed.parent / "samples.jsonl").read_text().splitlines()]
+    assert again == samples

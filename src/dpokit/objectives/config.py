@@ -106,6 +106,30 @@ class DataConfig(Config):
 
 
 @dataclass(kw_only=True)
+class SamplingConfig(Config):
+    """How completions are generated (``dpokit generate``, samples at evaluation)."""
+
+    max_new_tokens: int = field(64, help="Longest generated completion in tokens.")
+    temperature: float = field(1.0, help="Sampling temperature (0: greedy).")
+    top_p: float = field(1.0, help="Nucleus sampling mass (1: off).")
+    top_k: int = field(0, help="Sample from the k most likely tokens (0: off).")
+
+    def validate(self) -> None:
+        """The generation settings' own checks."""
+        from dpokit.generation import check_sampling
+
+        super().validate()
+        check_sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                       top_p=self.top_p, top_k=self.top_k)
+
+    @property
+    def sampling(self) -> dict:
+        """The keyword arguments of :func:`dpokit.generation.generate_completions`."""
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k}
+
+
+@dataclass(kw_only=True)
 class _PreferenceConfig(Config):
     """Preference pairs and the loss of the DPO family (:func:`dpokit.losses.dpo_loss`).
 

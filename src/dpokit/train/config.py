@@ -19,11 +19,11 @@ from typing import Any, Literal
 from dpokit.config import field
 from dpokit.errors import DpokitError
 from dpokit.objectives import DPOObjective, SFTObjective
-from dpokit.objectives.config import DataConfig, ModelConfig, PreferenceConfig
+from dpokit.objectives.config import DataConfig, ModelConfig, PreferenceConfig, SamplingConfig
 
 
 @dataclass(kw_only=True)
-class TrainConfig(DataConfig, ModelConfig):
+class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
     """What SFT and DPO share: model, data, optimisation, precision, logging, checkpoints."""
 
     output_dir: str = field("out/run", help="Run directory: checkpoints, metrics, final model.")
@@ -51,6 +51,9 @@ class TrainConfig(DataConfig, ModelConfig):
                    "when that frees ≥ 64 MiB per micro-batch; off under gradient_checkpointing).")
     logging_steps: int = field(10, help="Log metrics every this many optimizer steps.")
     eval_steps: int | None = field(None, help="Evaluate every this many steps (null: at end).")
+    eval_generate: int = field(
+        0, help="At each evaluation, complete this many eval prompts with the policy (sampling "
+                "settings above) into samples.jsonl and TensorBoard text.")
     save_steps: int | None = field(500, help="Save a checkpoint every this many steps.")
     save_total_limit: int | None = field(2, help="Keep at most this many checkpoints.")
     resume: str | None = field(None, help="Checkpoint directory to resume from, or 'auto'.")
@@ -94,6 +97,11 @@ class TrainConfig(DataConfig, ModelConfig):
             raise DpokitError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise DpokitError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.eval_generate < 0:
+            raise DpokitError(f"eval_generate must be ≥ 0, got {self.eval_generate}")
+        if self.eval_generate and self.fsdp:
+            raise DpokitError("eval_generate is not supported with fsdp (generation would need "
+                              "the sharded weights gathered); use DDP or dpokit generate")
 
     def objective(self, tokenizer: Any):
         """The objective this config trains (its reference, if any, is set up by the trainer)."""

@@ -140,7 +140,28 @@ def evaluate_run(run: Run) -> dict:
                       runtime=run.runtime, offset=len(run.train_items))
     record = {"step": run.step, **{f"eval/{k}": v for k, v in result.metrics.items()}}
     run.metrics.write(record)
+    if run.config.eval_generate and run.runtime.is_main:
+        run.metrics.write_samples(run.step, sample_eval_prompts(run))
     return record
+
+
+def sample_eval_prompts(run: Run) -> list[dict]:
+    """Completions of the first ``eval_generate`` eval prompts by the current policy (rank 0,
+    the unwrapped model — with LoRA its adapters on — seeded by the step, so a resumed run
+    draws the same)."""
+    from dpokit.data.prompts import Prompt
+    from dpokit.generation import generate_completions
+
+    tokenizer = run.tokenizer
+    items = run.eval_items[:run.config.eval_generate]
+    prompts = [Prompt(tokenizer.decode(item.prompt_ids, skip_special_tokens=True),
+                      list(item.prompt_ids), item.source, item.row) for item in items]
+    with run.runtime.autocast():
+        completions = generate_completions(run.model, tokenizer, prompts,
+                                           seed=run.config.seed + run.step, **run.config.sampling)
+    return [{"source": p.source, "row": p.row, "prompt": p.prompt, "completion": c.text,
+             "eos": c.eos, "tokens": len(c.ids)}
+            for p, (c,) in zip(prompts, completions, strict=True)]
 
 
 @torch.no_grad()

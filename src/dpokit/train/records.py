@@ -41,6 +41,19 @@ class MetricsLog:
                     self.writer.add_scalar(key if "/" in key else f"train/{key}", value,
                                            record["step"])
 
+    def write_samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        """Append generated samples to ``samples.jsonl`` and TensorBoard (as a text table)."""
+        if not self.enabled:
+            return
+        with (self.path.parent / "samples.jsonl").open("a", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps({"step": step, **record}) + "\n")
+        if self.writer is not None:
+            rows = "\n".join(f"| {json.dumps(r['prompt'])} | {json.dumps(r['completion'])} |"
+                             for r in records)
+            self.writer.add_text("eval/samples", f"| prompt | completion |\n|---|---|\n{rows}",
+                                 step)
+
     def close(self) -> None:
         """Close the progress bar and flush TensorBoard."""
         self.bar.close()
@@ -48,14 +61,24 @@ class MetricsLog:
             self.writer.close()
 
 
+RECORD_FILES = ("metrics.jsonl", "samples.jsonl")
+"""The per-step record files of a run directory."""
+
+
 def start_fresh(output_dir: Path) -> None:
-    """A fresh run starts a fresh ``metrics.jsonl``."""
-    (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    """A fresh run starts fresh record files."""
+    for name in RECORD_FILES:
+        (output_dir / name).unlink(missing_ok=True)
 
 
 def truncate_metrics(output_dir: Path, step: int) -> None:
-    """After a resume, drop metric lines logged past the checkpoint (they will be redone)."""
-    path = output_dir / "metrics.jsonl"
+    """After a resume, drop records logged past the checkpoint (they will be redone)."""
+    for name in RECORD_FILES:
+        _truncate(output_dir / name, step)
+
+
+def _truncate(path: Path, step: int) -> None:
+    """Keep the complete lines of ``path`` whose ``step`` is at most ``step``."""
     if not path.is_file():
         return
 
