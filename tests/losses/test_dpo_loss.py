@@ -72,29 +72,19 @@ def test_lengths_declaration(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_margins_declaration(name):
-    """Losses that declare margins raise without them; the others ignore them."""
+@pytest.mark.parametrize(("needs", "column", "message"), [
+    ("needs_margins", "m", "margin_column"), ("needs_label_probs", "s", "label_prob_column")])
+def test_per_pair_data_declaration(name, needs, column, message):
+    """Losses that declare a per-pair data column (margins, soft labels) raise without it; the
+    others ignore it."""
     pairs = random_pairs(1)
-    without_margins = dataclasses.replace(pairs, m=None)
-    if LOSSES[name].needs_margins:
-        with pytest.raises(DpokitError, match="margin_column"):
-            run(without_margins, _params(name), name)
-    else:
-        with_margins, *_ = run(pairs, _params(name), name)
-        assert torch.equal(with_margins, run(without_margins, _params(name), name)[0])
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_label_probs_declaration(name):
-    """Losses that declare soft labels raise without them; the others ignore them."""
-    pairs = random_pairs(1)
-    without = dataclasses.replace(pairs, s=None)
-    if LOSSES[name].needs_label_probs:
-        with pytest.raises(DpokitError, match="label_prob_column"):
+    without = dataclasses.replace(pairs, **{column: None})
+    if getattr(LOSSES[name], needs):
+        with pytest.raises(DpokitError, match=message):
             run(without, _params(name), name)
     else:
-        with_labels, *_ = run(pairs, _params(name), name)
-        assert torch.equal(with_labels, run(without, _params(name), name)[0])
+        with_column, *_ = run(pairs, _params(name), name)
+        assert torch.equal(with_column, run(without, _params(name), name)[0])
 
 
 @pytest.mark.parametrize("name", NAMES)
