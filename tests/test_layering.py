@@ -14,7 +14,7 @@ LAYERS = [
     {"theory"},  # exact math: standalone
     {"lecture"},  # the lecture's tables, study and figures, computed by theory
     {"data"},
-    {"attention", "logps", "models", "runtime", "fixtures", "generation"},
+    {"attention", "logps", "models", "runtime", "fixtures", "generation", "rewards"},
     {"losses"},
     {"objectives"},
     {"evaluate"},

@@ -124,6 +124,13 @@ class Objective(ABC):
     def tokens(self, item: Any) -> int:
         """Tokens the model sees for one example (for memory estimates)."""
 
+    def prepare(self, model: nn.Module, items: Sequence[Any], indices: Sequence[int],
+                step: int) -> Sequence[Any]:
+        """The examples a training micro-batch trains on, from the loaded ``items`` at
+        ``indices``: themselves for offline data; on-policy DPO generates its pairs here with
+        the current (bare) ``model``."""
+        return items
+
     @abstractmethod
     def collate(self, items: Sequence[Any], indices: Sequence[int]) -> PairBatch:
         """A model batch of ``items``; ``indices`` are their positions in the loaded data."""

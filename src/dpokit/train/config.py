@@ -118,6 +118,21 @@ class DPOConfig(PreferenceConfig, TrainConfig):
     sync_ref_model: bool = field(False, help="TR-DPO: move π_ref towards π_θ periodically.")
     ref_model_mixup_alpha: float = field(0.6, help="TR-DPO mixing α: ref ← α·θ + (1−α)·ref.")
     ref_model_sync_steps: int = field(512, help="TR-DPO: steps between reference updates.")
+    online: bool = field(
+        False, help="On-policy DPO: each step the policy completes the data's prompts "
+                    "(num_generations each, the sampling settings above), the reward scores "
+                    "them and DPO trains on the pairs.")
+    reward: str | None = field(
+        None, help="Online reward: module:function or path/file.py:function with TRL's "
+                   "signature f(prompts, completions, **kw) -> list[float].")
+    num_generations: int = field(2, help="Online: completions per prompt (≥ 2; with more, "
+                                         "the best and the worst form the pair).")
+    label: Literal["soft", "sampled", "hard"] = field(
+        "soft", help="Online pair labels: soft p = σ((r₁−r₂)/τ) (loss sigmoid_soft), sampled "
+                     "(one Bernoulli draw), hard (higher reward wins, TRL's rule).")
+    label_temperature: float = field(1.0, help="Online: τ > 0 of the labels' σ((r₁−r₂)/τ).")
+    missing_eos_penalty: float | None = field(
+        None, help="Online: subtracted from the reward of a completion without EOS.")
 
     def validate(self) -> None:
         """The loss's checks, the trainer's, and the reference options' combinations."""
@@ -133,19 +148,49 @@ class DPOConfig(PreferenceConfig, TrainConfig):
         if self.sync_ref_model and not self.needs_reference:
             raise DpokitError(f"sync_ref_model moves a reference, but loss_type "
                               f"{self.loss_type} uses none")
+        if self.online:
+            self._validate_online()
         if self.sync_ref_model and self.lora:
             raise DpokitError("sync_ref_model needs a separate reference model; with lora the "
                               "reference is the base model with adapters disabled")
+
+    def _validate_online(self) -> None:
+        """What on-policy DPO needs, and what it does not support yet."""
+        from dpokit.losses import needs_label_probs
+
+        if not self.reward:
+            raise DpokitError("online needs a reward (module:function or path/file.py:function)")
+        if self.num_generations < 2:
+            raise DpokitError(f"num_generations must be ≥ 2 online, got {self.num_generations}")
+        if not self.label_temperature > 0:
+            raise DpokitError(f"label_temperature must be > 0, got {self.label_temperature}")
+        soft = needs_label_probs(self.loss_type)
+        if self.label == "soft" and not soft:
+            raise DpokitError(f"label soft trains on soft labels: set loss_type [sigmoid_soft] "
+                              f"(got {self.loss_type}), or label hard/sampled")
+        if self.label != "soft" and soft:
+            raise DpokitError(f"label {self.label} gives no soft labels for loss_type "
+                              f"{self.loss_type}; use label soft")
+        for key, why in (("eval_data", "evaluation on generated pairs"), ("fsdp", "generation "
+                         "from sharded weights"), ("precompute_ref_logps", "a precomputed "
+                         "reference (the pairs are new each step)")):
+            if getattr(self, key):
+                raise DpokitError(f"online does not support {key} yet ({why})")
 
     @property
     def precompute(self) -> bool:
         """Whether the reference pass runs once before training (resolving ``null``)."""
         if self.precompute_ref_logps is None:
-            return not self.sync_ref_model
+            return not (self.sync_ref_model or self.online)
         return self.precompute_ref_logps
 
     def objective(self, tokenizer: Any) -> DPOObjective:
-        """:class:`~dpokit.objectives.DPOObjective` (the trainer sets its reference)."""
+        """:class:`~dpokit.objectives.DPOObjective`, or its on-policy form with ``online`` (the
+        trainer sets the reference)."""
+        if self.online:
+            from dpokit.objectives.online import OnlineDPOObjective
+
+            return OnlineDPOObjective(self, tokenizer)
         return DPOObjective(self, tokenizer)
 
 

@@ -88,7 +88,9 @@ def train_step(run: Run) -> None:
     micro = micro_batches(global_indices, config.batch_size, runtime.rank, runtime.world_size)
     scale = runtime.world_size / len(global_indices)
     for i, (indices, weight) in enumerate(micro):
-        batch = objective.collate([run.train_items[j] for j in indices], indices)
+        items = objective.prepare(run.model, [run.train_items[j] for j in indices], indices,
+                                  run.step)
+        batch = objective.collate(items, indices)
         batch = batch.to(runtime.device)
         with _no_sync(run.policy, i < len(micro) - 1), runtime.autocast():
             out = objective.forward(run.policy, batch)

@@ -1,0 +1,68 @@
+"""Reward functions named by the user: ``module:function`` or ``path/to/file.py:function``.
+
+The function has TRL's reward-function signature, ``f(prompts, completions, **kwargs) ->
+list[float]`` (text in; conversational prompts as message lists), so a TRL user's rewards carry
+over. Only the module or file the user names is imported. A reward that raises, returns the
+wrong number of values or a non-finite one is a one-line error naming the reward and the step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dpokit.errors import DpokitError
+
+RewardFn = Callable[..., Sequence[float]]
+
+
+def load_reward(spec: str) -> RewardFn:
+    """The callable ``spec`` names (``pkg.module:fn`` or ``file.py:fn``)."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise DpokitError(f"reward {spec!r}: expected module:function or path/file.py:function")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise DpokitError(f"reward {spec!r}: file not found: {path}")
+        module_spec = importlib.util.spec_from_file_location(f"dpokit_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as error:
+            raise DpokitError(f"reward {spec!r}: importing {path} failed "
+                              f"({type(error).__name__}: {error})") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as error:
+            raise DpokitError(f"reward {spec!r}: cannot import {target} "
+                              f"({type(error).__name__}: {error})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise DpokitError(f"reward {spec!r}: {target} has no function {name!r}")
+    return fn
+
+
+def score(fn: RewardFn, spec: str, prompts: Sequence[Any], completions: Sequence[str], *,
+          step: int) -> list[float]:
+    """``fn(prompts=…, completions=…)`` checked: one finite number per completion."""
+    try:
+        values = list(fn(prompts=list(prompts), completions=list(completions)))
+    except Exception as error:
+        raise DpokitError(f"reward {spec} failed at step {step}: "
+                          f"{type(error).__name__}: {error}") from None
+    if len(values) != len(completions):
+        raise DpokitError(f"reward {spec} returned {len(values)} values for "
+                          f"{len(completions)} completions at step {step}")
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise DpokitError(f"reward {spec} returned a non-number at step {step}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise DpokitError(f"reward {spec} returned a non-finite value at step {step}")
+    return values

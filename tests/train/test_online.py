@@ -1,0 +1,89 @@
+"""On-policy DPO (`online: true`) on a tiny model: it learns what the reward asks, resumes
+exactly, and refuses what it cannot do with one line."""
+
+import pytest
+
+from dpokit.train.loop import train
+from tests.helpers import read_metrics, run_cli, write_jsonl
+from tests.train.test_trainer import config
+
+REWARD = '''
+def short(prompts, completions, **kwargs):
+    """Shorter completions are better: −(characters)."""
+    return [-float(len(c)) for c in completions]
+
+
+def wrong_length(prompts, completions, **kwargs):
+    return [0.0]
+'''
+
+
+@pytest.fixture(scope="module")
+def reward_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("reward") / "rewards.py"
+    path.write_text(REWARD)
+    return path
+
+
+def online(workdir, out, reward_file, **overrides):
+    values = {"online": True, "reward": f"{reward_file}:short", "loss_type": ["sigmoid_soft"],
+              "max_new_tokens": 8, "beta": 1.0, "learning_rate": 1e-2, "batch_size": 8,
+              "num_generations": 4,
+              "max_steps": 30, "logging_steps": 10, "data": str(workdir / "sft.jsonl")}
+    values.update(overrides)
+    return config(workdir, out, **values)
+
+
+def test_online_dpo_learns_the_reward(workdir, reward_file):
+    """Rewarding short completions (−characters): over 30 steps the mean reward of the
+    policy's own generations rises by more than 3 (window means over 10 steps × 8 prompts × 4
+    generations; standard error ≈ 0.3) and they get shorter."""
+    final = train(online(workdir, "online-learn", reward_file), progress=False)
+    history = read_metrics(final.parent)
+    first, last = history[0], history[-1]
+    for key in ("reward/mean", "reward/std", "eos_fraction", "completion_tokens", "loss",
+                "rewards/accuracies", "pairs_per_second"):
+        assert key in first
+    assert last["reward/mean"] > first["reward/mean"] + 3.0
+    assert last["completion_tokens"] < first["completion_tokens"]
+
+
+@pytest.mark.parametrize("label", ["soft", "hard"])
+def test_online_resume_is_exact(workdir, reward_file, label):
+    """Generation is seeded by the step and the batch: 2 + 2 steps equal 4 straight."""
+    loss = ["sigmoid_soft"] if label == "soft" else ["sigmoid"]
+    common = {"label": label, "loss_type": loss, "max_steps": 4, "logging_steps": 1}
+    straight = read_metrics(train(online(workdir, f"on-{label}-a", reward_file, **common),
+                                  progress=False).parent)
+    out = f"on-{label}-b"
+    train(online(workdir, out, reward_file, **{**common, "max_steps": 2}, save_steps=2),
+          progress=False)
+    resumed = read_metrics(train(online(workdir, out, reward_file, **common, save_steps=2,
+                                        resume="auto"), progress=False).parent)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed, strict=True):
+        for key in ("loss", "reward/mean", "completion_tokens", "rewards/margins"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--reward", "{file}:wrong_length"], "returned 1 values for 8 completions at step 0"),
+    (["--reward", "{file}:nothing"], "has no function 'nothing'"),
+    (["--loss-type", "sigmoid"], "label soft trains on soft labels"),
+    (["--num-generations", "1"], "num_generations must be ≥ 2"),
+    (["--reward", "/nonexistent/r.py:f"], "file not found"),
+])
+def test_online_errors_are_one_line(workdir, reward_file, tmp_path, capsys, flags, message):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the cat"}] * 4)
+    values = {"--model": str(workdir / "llama"), "--data": str(prompts),
+              "--output-dir": str(tmp_path / "run"), "--reward": f"{reward_file}:short",
+              "--loss-type": "sigmoid_soft", "--batch-size": "4", "--max-steps": "1",
+              "--max-new-tokens": "4", "--save-steps": "null"}
+    values.update({k: v.format(file=reward_file) for k, v in zip(flags[::2], flags[1::2],
+                                                                  strict=True)})
+    argv = ["train", "--online", *[x for kv in values.items() for x in kv]]
+    code, out, err = run_cli(capsys, *argv)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert code == 2 and out == "" and "Traceback" not in err, err
+    assert lines[-1].startswith("dpokit: error: ") and message in lines[-1], err
+    assert sum("dpokit: error" in line for line in lines) == 1
