@@ -194,7 +194,7 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
     from dpokit.atomic import write_jsonl
     from dpokit.data import TokenizeSettings
     from dpokit.data.prompts import load_prompts
-    from dpokit.generation import generate_completions
+    from dpokit.generation import completion_records, generate_completions
     from dpokit.models import load_causal_lm, load_tokenizer
     from dpokit.runtime import setup_runtime, shutdown_runtime
 
@@ -213,9 +213,7 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
             completions = generate_completions(
                 model, tokenizer, prompts, num_generations=config.num_generations,
                 seed=config.seed, batch_size=config.batch_size, **config.sampling)
-        records = [{"source": p.source, "row": p.row, "prompt": p.prompt, "completion": c.text,
-                    "eos": c.eos, "tokens": len(c.ids)}
-                   for p, group in zip(prompts, completions, strict=True) for c in group]
+        records = completion_records(prompts, completions)
         try:
             write_jsonl(config.output, records)
         except OSError as error:

@@ -90,3 +90,13 @@ def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[Pro
         model.train(was_training)
     k = num_generations
     return [out[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+def completion_records(prompts: Sequence[Prompt],
+                       completions: Sequence[Sequence[Completion]]) -> list[dict[str, Any]]:
+    """One JSON-ready record per completion: ``source``, ``row``, ``prompt``, ``completion``,
+    ``eos``, ``tokens`` (what ``samples.jsonl`` holds)."""
+    return [{"source": p.source, "row": p.row, "prompt": p.prompt, "completion": c.text,
+             "eos": c.eos, "tokens": len(c.ids)}
+            for p, group in zip(prompts, completions, strict=True) for c in group]
+

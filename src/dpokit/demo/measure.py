@@ -56,17 +56,20 @@ def build_space(task: DemoTask, tokenizer) -> Space:
 
 
 @torch.no_grad()
+def _sequence_logps(model: nn.Module, sequences: list[tuple[list[int], int]], *,
+                    batch_size: int) -> Tensor:
+    """``(n,)`` completion log π of ``(token ids, prompt length)`` sequences, float64."""
+    device = next(model.parameters()).device
+    logps = [completion_logps(model, pad_sequences(sequences[i:i + batch_size],
+                                                   pad_token_id=0).to(device)).logps
+             for i in range(0, len(sequences), batch_size)]
+    return torch.cat(logps).double().cpu() if logps else torch.zeros(0, dtype=torch.float64)
+
+
 def score_space(model: nn.Module, space: Space, *, batch_size: int = 1024) -> Tensor:
     """``(P, Y)`` log π(y|x) of every completion (T words + EOS), float64, not renormalised."""
-    device = next(model.parameters()).device
-    rows = []
-    for sequences in space.sequences:
-        logps = []
-        for start in range(0, len(sequences), batch_size):
-            batch = pad_sequences(sequences[start:start + batch_size], pad_token_id=0).to(device)
-            logps.append(completion_logps(model, batch).logps.double().cpu())
-        rows.append(torch.cat(logps))
-    return torch.stack(rows)
+    return torch.stack([_sequence_logps(model, sequences, batch_size=batch_size)
+                        for sequences in space.sequences])
 
 
 def renormalise(logps: Tensor) -> tuple[Tensor, Tensor]:
@@ -155,69 +158,44 @@ def matched_best_of_n(ref_logps: Tensor, rewards: Tensor, target_kl: float,
     return n, {"n": n, "kl_to_ref": kl, "reward": reward}
 
 
-@torch.no_grad()
-def sample_completions(model: nn.Module, space: Space, *, num_samples: int, max_new_tokens: int,
-                       eos_token_id: int, pad_token_id: int, seed: int) -> list[list[list[int]]]:
-    """``num_samples`` completions per prompt from plain ``model.generate`` (temperature 1, no
-    top-k/top-p): what a user who samples the model gets. Each is cut after its first EOS; one
-    without EOS keeps all ``max_new_tokens`` tokens. The global RNG is left as it was."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    samples = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for sequences in space.sequences:
-            prompt_ids, prompt_length = sequences[0][0], sequences[0][1]
-            ids = torch.tensor([prompt_ids[:prompt_length]] * num_samples, device=device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 temperature=1.0, top_k=0, top_p=1.0,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                 pad_token_id=pad_token_id)
-            rows = []
-            for row in out[:, prompt_length:].tolist():
-                end = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
-                rows.append(row[:end])
-            samples.append(rows)
-    model.train(was_training)
-    return samples
-
-
 def in_space(completion: list[int], word_ids: set[int], length: int, eos_token_id: int) -> bool:
     """Whether a generated completion is one of the task's: ``length`` words, then EOS."""
     return (len(completion) == length + 1 and completion[-1] == eos_token_id
             and all(token in word_ids for token in completion[:-1]))
 
 
-@torch.no_grad()
 def score_completions(model: nn.Module, prompt_ids: list[int],
                       completions: list[list[int]], *, batch_size: int = 1024) -> Tensor:
     """``(n,)`` log π(y|x) of each completion after ``prompt_ids``, float64."""
-    device = next(model.parameters()).device
-    sequences = [(prompt_ids + c, len(prompt_ids)) for c in completions]
-    logps = [completion_logps(model, pad_sequences(sequences[i:i + batch_size],
-                                                   pad_token_id=0).to(device)).logps
-             for i in range(0, len(sequences), batch_size)]
-    return torch.cat(logps).double().cpu() if logps else torch.zeros(0, dtype=torch.float64)
+    return _sequence_logps(model, [(prompt_ids + c, len(prompt_ids)) for c in completions],
+                           batch_size=batch_size)
 
 
 def full_space_measure(policy: nn.Module, ref: nn.Module, space: Space, tokenizer, beta: float,
-                       *, r_invalid: float, num_samples: int, max_new_tokens: int,
-                       seed: int) -> dict:
+                       *, policy_space_logps: Tensor, ref_space_logps: Tensor, r_invalid: float,
+                       num_samples: int, max_new_tokens: int, seed: int) -> dict:
     """The distance to π* on the model's whole output space (docs/theory.md §6).
 
     π* puts reward ``r_invalid`` on every completion outside the task's space S, so Z_O is exact
     (:func:`~dpokit.theory.constant_outside_log_partition`) and, since π*|O = π_ref|O,
     KL(π_ref‖π*) is exact too (its lumped bound is tight). For π_θ: the exact lumped lower
     bound, and the estimate with its 95% interval from ``num_samples`` ``generate`` samples per
-    prompt (those outside S, scored under π_θ and π_ref). Also the fraction of the samples in S.
+    prompt (temperature 1, no top-k/top-p: what a user who samples the model gets; those
+    outside S are scored under π_θ and π_ref). Also the fraction of the samples in S.
+    ``policy_space_logps`` and ``ref_space_logps`` are :func:`score_space` of the two models.
     """
-    policy_in, ref_in = score_space(policy, space), score_space(ref, space)
+    from dpokit.data.prompts import Prompt
+    from dpokit.generation import generate_completions
+
+    policy_in, ref_in = policy_space_logps, ref_space_logps
     log_z_out = constant_outside_log_partition(ref_in, r_invalid, beta)
     eos = tokenizer.eos_token_id
-    samples = sample_completions(policy, space, num_samples=num_samples,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=tokenizer.pad_token_id, seed=seed)
+    prompts = [Prompt(text, sequences[0][0][:sequences[0][1]])
+               for text, sequences in zip(space.task.prompts, space.sequences, strict=True)]
+    # One generate batch per prompt, one seeded stream over the prompts.
+    samples = [[c.ids for c in group] for group in generate_completions(
+        policy, tokenizer, prompts, num_generations=num_samples, max_new_tokens=max_new_tokens,
+        temperature=1.0, seed=seed, batch_size=num_samples)]
     word_ids = set(tokenizer.convert_tokens_to_ids(list(space.task.words)))
     per_prompt: dict[str, list] = {key: [] for key in (
         "kl_ref_to_optimal", "kl_policy_to_optimal_lower_bound", "kl_policy_to_optimal_estimate",
@@ -225,7 +203,7 @@ def full_space_measure(policy: nn.Module, ref: nn.Module, space: Space, tokenize
         "mass_in_space_optimal", "outside_samples")}
     for i, rows in enumerate(samples):
         outside = [c for c in rows if not in_space(c, word_ids, space.task.length, eos)]
-        prompt_ids = space.sequences[i][0][0][:space.sequences[i][0][1]]
+        prompt_ids = prompts[i].prompt_ids
         ref_kl = full_space_kl(ref_in[i], ref_in[i], space.rewards[i], beta,
                                outside_log_partition=log_z_out[i])
         got = full_space_kl(policy_in[i], ref_in[i], space.rewards[i], beta,

@@ -165,9 +165,9 @@ def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
 
     # 2. Score every completion of every prompt through π_ref.
     space = build_space(task, tokenizer)
-    ref_model = load_causal_lm(sft_final)
-    ref_logps, ref_mass = renormalise(score_space(ref_model, space))
-    del ref_model
+    ref_model = load_causal_lm(sft_final)  # kept: it scores the samples outside the space
+    ref_scores = score_space(ref_model, space)
+    ref_logps, ref_mass = renormalise(ref_scores)
 
     # 3. Preference pairs from π_ref, labelled by Bradley–Terry on the true reward.
     pair_rows, covered = [], torch.zeros_like(ref_logps, dtype=torch.bool)
@@ -222,9 +222,11 @@ def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
             warmup_ratio=0.05, save_steps=None, logging_steps=20, seed=config.seed,
             max_length=32), probe=Probe(max(1, steps // config.probes), probe_fn))
         model = load_causal_lm(final)
-        policy_logps, mass = renormalise(score_space(model, space))
+        policy_scores = score_space(model, space)
+        policy_logps, mass = renormalise(policy_scores)
         final_measure = measure(policy_logps, ref_logps, space.rewards, beta)
-        full = full_space_measure(model, load_causal_lm(sft_final), space, tokenizer, beta,
+        full = full_space_measure(model, ref_model, space, tokenizer, beta,
+                                  policy_space_logps=policy_scores, ref_space_logps=ref_scores,
                                   r_invalid=r_invalid, num_samples=config.full_space_samples,
                                   max_new_tokens=config.max_new_tokens, seed=config.seed + 2)
         runs.append({"beta": beta, "model": str(final), "history": history,

@@ -152,7 +152,7 @@ def sample_eval_prompts(run: Run) -> list[dict]:
     the unwrapped model — with LoRA its adapters on — seeded by the step, so a resumed run
     draws the same)."""
     from dpokit.data.prompts import Prompt
-    from dpokit.generation import generate_completions
+    from dpokit.generation import completion_records, generate_completions
 
     tokenizer = run.tokenizer
     items = run.eval_items[:run.config.eval_generate]
@@ -161,9 +161,7 @@ def sample_eval_prompts(run: Run) -> list[dict]:
     with run.runtime.autocast():
         completions = generate_completions(run.model, tokenizer, prompts,
                                            seed=run.config.seed + run.step, **run.config.sampling)
-    return [{"source": p.source, "row": p.row, "prompt": p.prompt, "completion": c.text,
-             "eos": c.eos, "tokens": len(c.ids)}
-            for p, (c,) in zip(prompts, completions, strict=True)]
+    return completion_records(prompts, completions)
 
 
 @torch.no_grad()
