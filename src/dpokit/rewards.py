@@ -2,7 +2,10 @@
 
 The function has TRL's reward-function signature, ``f(prompts, completions, **kwargs) ->
 list[float]`` (text in; conversational prompts as message lists), so a TRL user's rewards carry
-over. Only the module or file the user names is imported. A reward that raises, returns the
+over. Like TRL, dpokit also passes ``completion_ids`` (each completion's token ids, its EOS
+included when it ended) to a function that takes ``**kwargs`` or names that parameter — text
+decoded without special tokens cannot tell a completion cut at ``max_new_tokens`` from one that
+ended. Only the module or file the user names is imported. A reward that raises, returns the
 wrong number of values or a non-finite one is a one-line error naming the reward and the step.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,11 +52,24 @@ def load_reward(spec: str) -> RewardFn:
     return fn
 
 
-def score(fn: RewardFn, spec: str, prompts: Sequence[Any], completions: Sequence[str], *,
-          step: int) -> list[float]:
-    """``fn(prompts=…, completions=…)`` checked: one finite number per completion."""
+def _takes(fn: RewardFn, name: str) -> bool:
+    """Whether ``fn`` accepts the keyword ``name`` (by name or through ``**kwargs``)."""
     try:
-        values = list(fn(prompts=list(prompts), completions=list(completions)))
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: pass only the basics
+        return False
+    return any(p.kind is p.VAR_KEYWORD or (p.name == name and p.kind is not p.POSITIONAL_ONLY)
+               for p in parameters)
+
+
+def score(fn: RewardFn, spec: str, prompts: Sequence[Any], completions: Sequence[str], *,
+          step: int, completion_ids: Sequence[Sequence[int]] | None = None) -> list[float]:
+    """``fn(prompts=…, completions=…[, completion_ids=…])`` checked: one finite number per
+    completion."""
+    extra = ({"completion_ids": [list(ids) for ids in completion_ids]}
+             if completion_ids is not None and _takes(fn, "completion_ids") else {})
+    try:
+        values = list(fn(prompts=list(prompts), completions=list(completions), **extra))
     except Exception as error:
         raise DpokitError(f"reward {spec} failed at step {step}: "
                           f"{type(error).__name__}: {error}") from None

@@ -36,11 +36,13 @@ class Params:
     f: str = "reverse_kl"
     alpha: float = 0.5
     odpo_alpha: float = 1.0
+    dpop_lambda: float = 50.0
 
     def hyper_parameters(self) -> dict[str, float]:
         """The values above under the names ``dpo_loss`` takes (the registry's declarations)."""
         return {"label_smoothing": self.eps, "discopop_tau": self.tau, "simpo_gamma": self.gamma,
-                "bco_delta": self.delta, "odpo_alpha": self.odpo_alpha}
+                "bco_delta": self.delta, "odpo_alpha": self.odpo_alpha,
+                "dpop_lambda": self.dpop_lambda}
 
 
 def sigmoid(z: float) -> float:
@@ -181,6 +183,12 @@ def oracle_sigmoid_soft(p, q):
     """Cross-entropy to the soft label: −p log σ(βh) − (1 − p) log σ(−βh)."""
     return [-s * log_sigmoid(q.beta * h) - (1.0 - s) * log_sigmoid(-q.beta * h)
             for h, s in zip(_margins(p, q), p.s, strict=True)]
+
+
+def oracle_dpop(p, q):
+    """Pal et al. eq. 3: −log σ(β(h − λ·max(0, log(π_ref(y_w)/π_θ(y_w)))))."""
+    return [-log_sigmoid(q.beta * ((pc - rc) - (pr - rr) - q.dpop_lambda * max(0.0, rc - pc)))
+            for pc, pr, rc, rr, _, _ in _per_pair(p)]
 
 
 ORACLES = {name.removeprefix("oracle_"): fn for name, fn in list(globals().items())

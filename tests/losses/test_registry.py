@@ -31,7 +31,7 @@ def test_hyper_parameters_is_the_union_in_registry_order():
     assert {"label_smoothing", "discopop_tau", "simpo_gamma", "bco_delta"} <= set(union)
     defaults = {name: p.default for name, p in hyper_parameters().items()}
     assert defaults == {"label_smoothing": 0.0, "bco_delta": 0.0, "discopop_tau": 0.05,
-                        "simpo_gamma": 0.5, "odpo_alpha": 1.0}
+                        "simpo_gamma": 0.5, "odpo_alpha": 1.0, "dpop_lambda": 50.0}
 
 
 def test_each_variant_takes_exactly_its_declared_keywords():
@@ -89,11 +89,12 @@ def test_check_bounds_are_open_or_closed_as_declared():
     ("simpo", {"simpo_gamma": math.nan}, "simpo_gamma must be finite for simpo, got nan"),
     ("bco_pair", {"bco_delta": -math.inf}, "bco_delta must be finite for bco_pair, got -inf"),
     ("odpo", {"odpo_alpha": -0.5}, "odpo_alpha must be ≥ 0 for odpo, got -0.5"),
+    ("dpop", {"dpop_lambda": -1.0}, "dpop_lambda must be ≥ 0 for dpop, got -1.0"),
     (["hinge", "sigmoid"], {"simpo_gamma": 1.0},
      "simpo_gamma=1.0 has no effect on loss_type hinge, sigmoid; set it to 0.5"),
     ("sigmoid", {"label_smooth": 0.1},
      "unknown hyper-parameter 'label_smooth'; known: label_smoothing, bco_delta, discopop_tau, "
-     "simpo_gamma, odpo_alpha"),
+     "simpo_gamma, odpo_alpha, dpop_lambda"),
 ])
 def test_check_loss_options_messages(loss, options, message):
     with pytest.raises(DpokitError) as info:

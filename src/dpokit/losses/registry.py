@@ -147,6 +147,9 @@ _SIMPO_GAMMA = HyperParameter(
 _ODPO_ALPHA = HyperParameter(
     "odpo_alpha", 1.0, "α ≥ 0: scale of the data's per-pair margin in odpo's offset α·m",
     low=0.0)
+_DPOP_LAMBDA = HyperParameter(
+    "dpop_lambda", 50.0, "λ ≥ 0: weight of dpop's penalty on log π_ref(y_w) − log π_θ(y_w) > 0 "
+    "(the paper uses 5–500)", low=0.0)
 
 
 def _spec(name: str, fn: Callable[..., Tensor], doc: str, source: str, *,
@@ -200,6 +203,9 @@ _SPECS = (
           "DPO on soft Bradley–Terry labels p (label_prob column); fixed point βh = logit p",
           "docs/theory.md §6 (cross-entropy to the data's preference probability)",
           label_probs=True, f_divergence=True),
+    _spec("dpop", variants.dpop, "DPO-Positive: DPO plus λ·max(0, −u_w) inside the sigmoid",
+          "arXiv:2402.13228 (Smaug); keeps the chosen likelihood at or above π_ref's",
+          hyper=(_DPOP_LAMBDA,)),
 )
 
 LOSSES: MappingProxyType[str, LossSpec] = MappingProxyType({s.name: s for s in _SPECS})

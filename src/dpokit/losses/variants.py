@@ -198,6 +198,20 @@ def odpo(x: LossInputs, *, odpo_alpha: float) -> Tensor:
     return -F.logsigmoid(x.beta * x.delta_score - odpo_alpha * x.margins)
 
 
+def dpop(x: LossInputs, *, dpop_lambda: float) -> Tensor:
+    """DPO-Positive (DPOP, Pal et al. 2024, arXiv:2402.13228), λ = ``dpop_lambda`` ≥ 0:
+
+        L = −log σ(β[h − λ·max(0, log π_ref(y_w) − log π_θ(y_w))])
+
+    h = u_w − u_l is the log-ratio margin (docs/theory.md §5); the penalty is active only while
+    the chosen completion's likelihood is below the reference's, which keeps mass on y_w where
+    plain DPO lets both likelihoods fall (likelihood displacement, §6). λ = 0 is ``sigmoid``.
+    """
+    u_w = x.chosen_logratios
+    h = u_w - x.rejected_logratios
+    return -F.logsigmoid(x.beta * (h - dpop_lambda * F.relu(-u_w)))
+
+
 def sigmoid_soft(x: LossInputs) -> Tensor:
     """DPO on soft Bradley–Terry labels p = P(y_w ≻ y_l) (``label_probs``, the data's
     ``label_prob`` column), the cross-entropy to the preference probability (docs/theory.md §6):

@@ -67,7 +67,8 @@ class OnlineDPOObjective(DPOObjective):
                                       num_generations=c.num_generations, **c.sampling)
         flat = [completion for group in groups for completion in group]
         prompts = [item.prompt for item in items for _ in range(c.num_generations)]
-        rewards = score(self.reward_fn, c.reward, prompts, [x.text for x in flat], step=step)
+        rewards = score(self.reward_fn, c.reward, prompts, [x.text for x in flat], step=step,
+                        completion_ids=[x.ids for x in flat])
         if c.missing_eos_penalty:
             rewards = [r - (0.0 if x.eos else c.missing_eos_penalty)
                        for r, x in zip(rewards, flat, strict=True)]
