@@ -11,6 +11,7 @@ distribution a user actually samples, with ``generate`` samples for what lies ou
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -171,6 +172,108 @@ def score_completions(model: nn.Module, prompt_ids: list[int],
                            batch_size=batch_size)
 
 
+@dataclass(frozen=True)
+class OutsideSamples:
+    """Exact samples of π_θ(·|x) conditioned on O, the completions outside the task's space."""
+
+    completions: list[list[int]]
+    """Token ids after the prompt (EOS included when the completion ended)."""
+    log_mass: float
+    """log π_θ(O|x) = log Σ over the deviation table (equals log(1 − π_θ(S|x)))."""
+
+
+@torch.no_grad()
+def sample_outside(model: nn.Module, prompt_ids: list[int], word_ids: Sequence[int], length: int,
+                   eos_token_id: int, *, num_samples: int, max_new_tokens: int,
+                   seed: int) -> OutsideSamples:
+    """``num_samples`` exact draws from π_θ(·|x, y ∉ S), with no rejection.
+
+    S is ``length`` tokens of ``word_ids`` then EOS, a prefix tree, so every y ∉ S leaves it at
+    one point: after an in-space prefix u of t ≤ ``length`` words, a token v outside the allowed
+    set (the words for t < length, EOS for t = length). Hence
+
+        π_θ(y ∉ S) = Σ_u Σ_{v not allowed after u} π_θ(u) π_θ(v | u),
+
+    a table over the V⁰ + … + V^T prefixes (one forward per prefix length). Drawing (u, v) from it
+    and continuing with ``generate`` at temperature 1 (the same law as π_θ) up to
+    ``max_new_tokens`` tokens in all gives y ~ π_θ|O exactly, however small π_θ(O) is — where
+    plain sampling would need ~1/π_θ(O) draws per outside sample. With ``max_new_tokens`` ≤
+    ``length`` the in-space prefixes cut at the limit are outside too.
+    """
+    from dpokit.data.prompts import Prompt
+    from dpokit.generation import generate_completions
+
+    device = next(model.parameters()).device
+    words = torch.tensor(list(word_ids), device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        prefixes = torch.zeros(1, 0, dtype=torch.long, device=device)
+        prefix_logps = torch.zeros(1, dtype=torch.float64, device=device)
+        table, keys = [], []
+        for t in range(min(length, max_new_tokens - 1) + 1):
+            ids = torch.cat([torch.tensor(prompt_ids, device=device).expand(len(prefixes), -1),
+                             prefixes], dim=1)
+            step = torch.cat([model(ids[i:i + 1024]).logits[:, -1].double().log_softmax(-1)
+                              for i in range(0, len(ids), 1024)])  # (prefixes, vocab)
+            allowed = words if t < length else torch.tensor([eos_token_id], device=device)
+            deviate = prefix_logps[:, None] + step
+            deviate[:, allowed] = -math.inf
+            table.append(deviate.flatten())
+            keys.append((t, prefixes, step.shape[1]))
+            if t < length:  # extend every prefix by every word
+                prefix_logps = (prefix_logps[:, None] + step[:, words]).flatten()
+                prefixes = torch.cat([prefixes.repeat_interleave(len(words), 0),
+                                      words.repeat(len(prefixes))[:, None]], dim=1)
+        if length + 1 > max_new_tokens:  # in-space prefixes cut at the limit
+            table.append(prefix_logps)
+            keys.append((None, prefixes, 1))
+    finally:
+        model.train(was_training)
+    flat = torch.cat(table)
+    log_mass = float(torch.logsumexp(flat, 0))
+    if log_mass == -math.inf or num_samples == 0:
+        return OutsideSamples([], log_mass)
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.multinomial((flat - log_mass).exp().cpu(), num_samples, replacement=True,
+                              generator=generator).tolist()
+    offsets = [0]
+    for part in table:
+        offsets.append(offsets[-1] + len(part))
+    starts = []
+    for index in draws:
+        block = next(b for b in range(len(table)) if index < offsets[b + 1])
+        t, prefixes, vocab = keys[block]
+        local = index - offsets[block]
+        starts.append(prefixes[local].tolist() if t is None
+                      else [*prefixes[local // vocab].tolist(), local % vocab])
+    completions: list[list[int]] = [[] for _ in starts]
+    pending: dict[int, list[int]] = {}
+    for i, start in enumerate(starts):
+        if start[-1] == eos_token_id or len(start) >= max_new_tokens:
+            completions[i] = start
+        else:
+            pending.setdefault(len(start), []).append(i)
+    for n, rows in sorted(pending.items()):  # continue from each start, the same law as π_θ
+        prompts = [Prompt("", prompt_ids + starts[i]) for i in rows]
+        groups = generate_completions(model, _EosOnly(eos_token_id), prompts,
+                                      max_new_tokens=max_new_tokens - n, temperature=1.0,
+                                      seed=seed + n, batch_size=1024)
+        for i, (rest,) in zip(rows, groups, strict=True):
+            completions[i] = starts[i] + rest.ids
+    return OutsideSamples(completions, log_mass)
+
+
+class _EosOnly:
+    """What generation reads of a tokenizer (rows of one length need no padding)."""
+
+    def __init__(self, eos_token_id: int):
+        self.eos_token_id = self.pad_token_id = eos_token_id
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return ""
+
+
 def full_space_measure(policy: nn.Module, ref: nn.Module, space: Space, tokenizer, beta: float,
                        *, policy_space_logps: Tensor, ref_space_logps: Tensor, r_invalid: float,
                        num_samples: int, max_new_tokens: int, seed: int) -> dict:
@@ -179,9 +282,11 @@ def full_space_measure(policy: nn.Module, ref: nn.Module, space: Space, tokenize
     π* puts reward ``r_invalid`` on every completion outside the task's space S, so Z_O is exact
     (:func:`~dpokit.theory.constant_outside_log_partition`) and, since π*|O = π_ref|O,
     KL(π_ref‖π*) is exact too (its lumped bound is tight). For π_θ: the exact lumped lower
-    bound, and the estimate with its 95% interval from ``num_samples`` ``generate`` samples per
-    prompt (temperature 1, no top-k/top-p: what a user who samples the model gets; those
-    outside S are scored under π_θ and π_ref). Also the fraction of the samples in S.
+    bound, and the estimate with its 95% interval from ``num_samples`` exact samples of π_θ|O per
+    prompt (:func:`sample_outside`, scored under π_θ and π_ref), so the interval stays narrow
+    however little mass π_θ leaves outside. Also the fraction of ``num_samples`` plain
+    ``generate`` samples (temperature 1, no top-k/top-p: what a user who samples the model gets)
+    that land in S.
     ``policy_space_logps`` and ``ref_space_logps`` are :func:`score_space` of the two models.
     """
     from dpokit.data.prompts import Prompt
@@ -200,10 +305,15 @@ def full_space_measure(policy: nn.Module, ref: nn.Module, space: Space, tokenize
     per_prompt: dict[str, list] = {key: [] for key in (
         "kl_ref_to_optimal", "kl_policy_to_optimal_lower_bound", "kl_policy_to_optimal_estimate",
         "kl_policy_to_optimal_ci", "sampled_in_space", "mass_in_space_policy",
-        "mass_in_space_optimal", "outside_samples")}
+        "mass_in_space_optimal", "outside_samples", "log_mass_outside_table")}
+    word_list = tokenizer.convert_tokens_to_ids(list(space.task.words))
     for i, rows in enumerate(samples):
-        outside = [c for c in rows if not in_space(c, word_ids, space.task.length, eos)]
+        sampled_outside = sum(not in_space(c, word_ids, space.task.length, eos) for c in rows)
         prompt_ids = prompts[i].prompt_ids
+        drawn = sample_outside(policy, prompt_ids, word_list, space.task.length, eos,
+                               num_samples=num_samples, max_new_tokens=max_new_tokens,
+                               seed=seed + 1 + i)
+        outside = drawn.completions
         ref_kl = full_space_kl(ref_in[i], ref_in[i], space.rewards[i], beta,
                                outside_log_partition=log_z_out[i])
         got = full_space_kl(policy_in[i], ref_in[i], space.rewards[i], beta,
@@ -216,10 +326,11 @@ def full_space_measure(policy: nn.Module, ref: nn.Module, space: Space, tokenize
         per_prompt["kl_policy_to_optimal_lower_bound"].append(float(got.lower_bound))
         per_prompt["kl_policy_to_optimal_estimate"].append(float(got.estimate))
         per_prompt["kl_policy_to_optimal_ci"].append([float(got.ci_low), float(got.ci_high)])
-        per_prompt["sampled_in_space"].append(1.0 - len(outside) / len(rows))
+        per_prompt["sampled_in_space"].append(1.0 - sampled_outside / len(rows))
         per_prompt["mass_in_space_policy"].append(1.0 - float(got.policy_mass_outside))
         per_prompt["mass_in_space_optimal"].append(1.0 - float(got.optimal_mass_outside))
         per_prompt["outside_samples"].append(len(outside))
+        per_prompt["log_mass_outside_table"].append(drawn.log_mass)
     mean = {key: sum(values) / len(values) for key, values in per_prompt.items()
             if key != "kl_policy_to_optimal_ci"}
     lows, highs = zip(*per_prompt["kl_policy_to_optimal_ci"], strict=True)
