@@ -65,34 +65,19 @@ def _demo(config: DemoConfig) -> None:
     """``dpokit demo``: run it, print the summary table and where the report is."""
     from dpokit.demo.run import run_demo
 
+    from dpokit.demo.text import METHOD_COLUMNS, method_rows, verdict
+
     r = run_demo(config, report=lambda line: console.print(line))
-    table = Table(title=f"DPO against the exact optimum (β = {r['beta']:g}, mean over prompts)")
-    table.add_column("quantity")
-    table.add_column("value", justify="right")
     full = r["full_space"]
-    low, high = full["kl_policy_to_optimal_ci"]
-    for label, value in (
-            ("whole output space: KL(π_ref ‖ π*)", f"{full['kl_ref_to_optimal']:.4f}"),
-            ("whole output space: KL(π_θ ‖ π*)",
-             f"≥ {full['kl_policy_to_optimal_lower_bound']:.4f}, ≈ "
-             f"{full['kl_policy_to_optimal_estimate']:.4f} [{low:.4f}, {high:.4f}]"),
-            ("whole output space: distance closed",
-             f"{full['closed_fraction_lower_bound']:.1%} (lower bound)"),
-            ("generate samples in the task's space", f"{full['sampled_in_space']:.1%}"),
-            ("renormalised: KL(π_ref ‖ π*)  before DPO", f"{r['kl_ref_to_optimal']:.4f}"),
-            ("renormalised: KL(π_θ ‖ π*)  after DPO", f"{r['kl_policy_to_optimal']:.4f}"),
-            ("renormalised: distance closed", f"{r['closed_fraction']:.1%} (bar "
-                                f"{r['target_closed_fraction']:.0%}: "
-                                f"{'met' if r['passed'] else 'NOT met'})"),
-            ("KL(π_θ ‖ π_ref)", f"{r['kl_policy_to_ref']:.4f}"),
-            ("E[r]: π_ref / π_θ / π*", f"{r['reward_ref']:.3f} / {r['reward_policy']:.3f} / "
-                                       f"{r['reward_optimal']:.3f}"),
-            ("J(π_θ) ≤ β log Z", f"{r['objective_policy']:.4f} ≤ {r['max_objective']:.4f}"),
-            ("implicit reward vs r (corr.)", f"{r['implicit_reward_correlation']:.3f}"),
-            ("mass on the space: π_ref / π_θ", f"{r['mass_in_space_ref']:.1%} / "
-                                               f"{r['mass_in_space_policy']:.1%}")):
-        table.add_row(label, value)
+    table = Table(title=f"Distance to the exact π* on the model's whole output space "
+                        f"(β = {r['beta']:g}, mean over prompts; KL(π_ref ‖ π*) = "
+                        f"{full['kl_ref_to_optimal']:.4f})")
+    for k, column in enumerate(METHOD_COLUMNS):
+        table.add_column(column, justify="left" if k == 0 else "right")
+    for row in method_rows(r):
+        table.add_row(*row)
     console.print(table)
+    console.print(verdict(r).replace("**", ""), soft_wrap=True)
     out = Path(config.out_dir)
     console.print(f"report: {out / 'report.md'}, numbers: {out / 'report.json'}, plots: "
                   f"{', '.join(r['plots'])} ({r['seconds']:.0f} s)", soft_wrap=True)

@@ -1,14 +1,19 @@
-"""``dpokit demo``: SFT a transformer into π_ref, DPO it, and measure the distance to π* exactly.
+"""``dpokit demo``: SFT a transformer into π_ref, train it towards π* offline and on-policy, and
+measure the distance to π* exactly, on the model's whole output space.
 
-    dpokit demo                       # defaults: ~3 minutes on 2 CPU cores
-    dpokit demo --quick               # smaller, under a minute
-    dpokit demo --betas 0.5,1,2,4     # one DPO run per β and the exact reward–KL frontier
+    dpokit demo                                # defaults: ~3 minutes on 2 CPU cores
+    dpokit demo --quick                        # smaller, under a minute
+    dpokit demo --methods rpo,dpop,online-hard # more methods beside offline DPO and online-soft
+    dpokit demo --betas 0.5,1,2,4              # offline DPO per β and the exact frontier
 
 Steps: (1) sample SFT data from the documented reference distribution and train π_ref with
 ``dpokit sft``; (2) score every completion through π_ref; (3) sample preference pairs from π_ref and
-label them with the Bradley–Terry model of the true reward; (4) train with ``dpokit train``,
-measuring KL(π_θ‖π*) exactly every few steps; (5) compare with the training-free routes to π*
-(rejection sampling, best-of-n at matched KL); (6) write ``report.json``, plots, ``report.md``.
+label them with the Bradley–Terry model of the true reward; (4) train each method with
+``dpokit train`` (offline DPO on those pairs; on-policy DPO generating its own pairs and scoring
+them with the task's reward, :mod:`dpokit.demo.reward`), measuring the distance to π* exactly every
+few steps; (5) measure each final policy on the whole output space (:mod:`dpokit.demo.measure`);
+(6) compare with the training-free routes to π* (rejection sampling, best-of-n at matched KL);
+(7) write ``report.json``, plots, ``report.md``.
 """
 
 from __future__ import annotations
@@ -33,10 +38,19 @@ from dpokit.demo.measure import (
     renormalise,
     score_space,
 )
+from dpokit.demo.methods import ALWAYS, DEFAULT, METHODS, Method
+from dpokit.demo.reward import TaskReward, write_reward_file
 from dpokit.demo.task import REWARDS, DemoTask, build_word_tokenizer
 from dpokit.errors import DpokitError, check_beta
 from dpokit.losses import LOSSES, get_loss
-from dpokit.theory import expected_reward, kl_divergence, optimal_policy, rejection_sample
+from dpokit.theory import (
+    constant_outside_log_partition,
+    expected_reward,
+    full_space_kl,
+    kl_divergence,
+    optimal_policy,
+    rejection_sample,
+)
 
 log = logging.getLogger("dpokit.demo")
 
@@ -46,9 +60,11 @@ def _reference_losses() -> list[str]:
 
 
 FULL = {"sft_samples_per_prompt": 2000, "sft_epochs": 3.0, "pairs_per_prompt": 5000,
-        "dpo_epochs": 4.0, "probes": 12, "target_closed_fraction": 0.9}
+        "dpo_epochs": 4.0, "probes": 12, "target_closed_fraction": 0.97,
+        "target_sampled_in_space": 0.99}
 QUICK = {"sft_samples_per_prompt": 600, "sft_epochs": 3.0, "pairs_per_prompt": 800,
-         "dpo_epochs": 3.0, "probes": 6, "target_closed_fraction": 0.75}
+         "dpo_epochs": 3.0, "probes": 6, "target_closed_fraction": 0.85,
+         "target_sampled_in_space": 0.97}
 """The values of the settings left null, without and with ``quick``."""
 
 
@@ -58,10 +74,15 @@ class DemoConfig(Config):
 
     out_dir: str = field("out/demo", aliases=("--out",),
                          help="Directory for the run, report.json, report.md and the plots.")
-    quick: bool = field(False, help="A smaller run (under a minute) with a looser bar (75%).")
+    quick: bool = field(False, help="A smaller run (under a minute) with a looser bar (85%, 97%).")
     betas: list[float] = field(default_factory=lambda: [1.0], aliases=("--beta",),
                                help="β > 0; several give one DPO run per β and the frontier.")
-    loss_type: str = field("sigmoid", help=f"A loss with a reference: "
+    methods: list[str] = field(
+        default_factory=list,
+        help=f"Methods to run beside the two the demo always runs ({', '.join(ALWAYS)}): "
+             + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()
+                         if m.name not in ALWAYS) + ".")
+    loss_type: str = field("sigmoid", help=f"Offline DPO's loss, one with a reference: "
                                            f"{', '.join(_reference_losses())}.")
     reward: str = field("token_score", help=f"Built-in reward: {', '.join(REWARDS)}.")
     seed: int = field(0, help="Seed of everything.")
@@ -70,22 +91,30 @@ class DemoConfig(Config):
     sft_epochs: float | None = field(None, help="SFT passes over those samples (null: 3).")
     pairs_per_prompt: int | None = field(
         None, help="Preference pairs per prompt (null: 5000; quick: 800).")
-    dpo_epochs: float | None = field(None, help="DPO passes over the pairs (null: 4; quick: 3).")
+    dpo_epochs: float | None = field(
+        None, help="Offline passes over the pairs (null: 4; quick: 3). On-policy methods "
+                   "generate as many pairs as the file holds, one pass.")
     batch_size: int = field(64, help="Examples per batch, SFT and DPO.")
-    dpo_learning_rate: float = field(3e-3, help="Peak learning rate of DPO.")
+    dpo_learning_rate: float = field(3e-3, help="Peak learning rate of every method.")
     hidden_size: int = field(64, help="Width of the demo's Llama-shaped transformer.")
     num_layers: int = field(2, help="Decoder layers of the transformer.")
     probes: int | None = field(
-        None, help="Exact measurements of KL(π_θ‖π*) during each DPO run (null: 12; quick: 6).")
+        None, help="Exact measurements of KL(π_θ‖π*) during each run (null: 12; quick: 6).")
     r_invalid: float | None = field(
         None, help="Reward of every completion outside the task's space (wrong length, another "
                    "token, no EOS), defining π* on the model's whole output space (null: the "
                    "lowest in-space reward − 1).")
     full_space_samples: int = field(
-        1000, help="generate samples per prompt for the full-space measurement.")
-    max_new_tokens: int = field(8, help="Generation limit of those samples.")
+        1000, help="Samples per prompt for the full-space measurement (plain generate samples "
+                   "for the share in the space; exact samples outside it for the estimate).")
+    max_new_tokens: int = field(
+        8, help="Generation limit: of those samples, and of on-policy training's pairs.")
     target_closed_fraction: float | None = field(
-        None, help="The bar: fraction of KL(π_ref‖π*) DPO must close (null: 0.9; quick: 0.75).")
+        None, help=f"The bar: fraction of the whole-space KL(π_ref‖π*) the {DEFAULT} policy "
+                   f"must close, lower bound (null: 0.97; quick: 0.85).")
+    target_sampled_in_space: float | None = field(
+        None, help=f"The bar: share of the {DEFAULT} policy's generate samples that must be "
+                   f"completions of the task (null: 0.99; quick: 0.97).")
 
     def __post_init__(self) -> None:
         """Settings left null take :data:`FULL`'s value, or :data:`QUICK`'s with ``quick``."""
@@ -105,6 +134,10 @@ class DemoConfig(Config):
         if not get_loss(self.loss_type).needs_reference:
             raise DpokitError(f"loss_type {self.loss_type} is reference-free; the demo compares "
                               f"with π* = π_ref·exp(r/β)/Z and needs a loss with a reference")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise DpokitError(f"methods: unknown {', '.join(unknown)}; known: "
+                              f"{', '.join(METHODS)}")
         if isinstance(self.reward, str) and self.reward not in REWARDS:
             raise DpokitError(f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
         for key in ("sft_samples_per_prompt", "pairs_per_prompt", "batch_size", "probes",
@@ -115,8 +148,14 @@ class DemoConfig(Config):
             value = getattr(self, key)
             if not (value > 0 and math.isfinite(value)):
                 raise DpokitError(f"{key} must be a finite number > 0, got {value}")
-        if not 0 < self.target_closed_fraction <= 1:
-            raise DpokitError("target_closed_fraction must be in (0, 1]")
+        for key in ("target_closed_fraction", "target_sampled_in_space"):
+            if not 0 < getattr(self, key) <= 1:
+                raise DpokitError(f"{key} must be in (0, 1]")
+
+    @property
+    def method_names(self) -> list[str]:
+        """The two methods always run, then the added ones (each once)."""
+        return list(dict.fromkeys([*ALWAYS, *self.methods]))
 
 
 def _quiet_train(config, probe=None) -> Path:
@@ -130,8 +169,7 @@ def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
     """Run every step and return the report (also written to ``out_dir/report.json``)."""
     from dpokit.fixtures import tiny_causal_lm
     from dpokit.models import load_causal_lm
-    from dpokit.train.config import DPOConfig, SFTConfig
-    from dpokit.train.loop import Probe
+    from dpokit.train.config import SFTConfig
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -140,7 +178,8 @@ def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
     out.mkdir(parents=True, exist_ok=True)
     import shutil
 
-    for old in [out / "sft", *out.glob("dpo-beta*")]:  # the demo's own runs: start afresh
+    for old in [out / "sft", *(out / name for name in METHODS),
+                *out.glob("dpo-beta*")]:  # the demo's own runs: start afresh
         shutil.rmtree(old, ignore_errors=True)
     generator = torch.Generator().manual_seed(config.seed + 1)
 
@@ -194,44 +233,25 @@ def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
            f"{coverage_ref:.1%} of π_ref's mass; {same_pairs} draws of the same completion "
            f"twice left out)")
 
-    # 4. DPO runs, with exact measurements along the way.
+    # 4. Every method, with exact measurements along the way.
     r_invalid = (float(space.rewards.min()) - 1.0 if config.r_invalid is None
                  else config.r_invalid)
-    runs = []
-    for beta in config.betas:
-        report(f"[3/5] DPO ({config.loss_type}, β = {beta:g}): training and measuring "
-               f"KL(π_θ‖π*) exactly")
-        history: list[dict] = []
-
-        def probe_fn(model, step, beta=beta, history=history):
-            policy_logps, mass = renormalise(score_space(model, space))
-            values = measure(policy_logps, ref_logps, space.rewards, beta)
-            history.append({"step": step, "mass_in_space": float(mass.mean()),
-                            **{k: v for k, v in values.items() if k != "per_prompt"}})
-            return {"kl_policy_to_optimal": values["kl_policy_to_optimal"]}
-
-        history.append({"step": 0, "mass_in_space": float(ref_mass.mean()),
-                         **{k: v for k, v in measure(ref_logps, ref_logps, space.rewards,
-                                                     beta).items() if k != "per_prompt"}})
-        steps = math.ceil(config.dpo_epochs * math.ceil(len(pair_rows) / config.batch_size))
-        dpo_dir = out / f"dpo-beta{beta:g}"
-        final = _quiet_train(DPOConfig(
-            model=str(sft_final), data=str(out / "prefs.jsonl"), output_dir=str(dpo_dir),
-            beta=beta, loss_type=[config.loss_type], batch_size=config.batch_size,
-            learning_rate=config.dpo_learning_rate, max_steps=steps, lr_scheduler="cosine",
-            warmup_ratio=0.05, save_steps=None, logging_steps=20, seed=config.seed,
-            max_length=32), probe=Probe(max(1, steps // config.probes), probe_fn))
-        model = load_causal_lm(final)
-        policy_scores = score_space(model, space)
-        policy_logps, mass = renormalise(policy_scores)
-        final_measure = measure(policy_logps, ref_logps, space.rewards, beta)
-        full = full_space_measure(model, ref_model, space, tokenizer, beta,
-                                  policy_space_logps=policy_scores, ref_space_logps=ref_scores,
-                                  r_invalid=r_invalid, num_samples=config.full_space_samples,
-                                  max_new_tokens=config.max_new_tokens, seed=config.seed + 2)
-        runs.append({"beta": beta, "model": str(final), "history": history,
-                     "final": final_measure, "mass_in_space": float(mass.mean()),
-                     "full_space": full, "policy_logps": policy_logps})
+    trainer = _Trainer(config, out, sft_final, space, ref_model, ref_scores, tokenizer,
+                       r_invalid, report)
+    reward_spec = write_reward_file(out, TaskReward(task, eos_token_id=tokenizer.eos_token_id,
+                                                    r_invalid=r_invalid))
+    write_jsonl(out / "prompts.jsonl", [{"prompt": prompt} for prompt in task.prompts
+                                        for _ in range(config.pairs_per_prompt)])
+    names = config.method_names
+    methods = []
+    for number, name in enumerate(names, 1):
+        report(f"[3/5] method {number}/{len(names)}: {name} — {METHODS[name].description}")
+        methods.append(trainer.run(METHODS[name], config.betas[0], len(pair_rows), reward_spec))
+    runs = [trainer.offline_run(methods[0])]  # offline DPO per β, for the frontier
+    for beta in config.betas[1:]:
+        report(f"[3/5] offline DPO at β = {beta:g}, for the frontier")
+        runs.append(trainer.offline_run(trainer.run(METHODS["dpo"], beta, len(pair_rows),
+                                                    reward_spec)))
 
     # 5. The training-free routes to π* for the first β, and the exact frontier.
     beta = config.betas[0]
@@ -242,7 +262,8 @@ def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
     frontier = _frontier(ref_logps, space.rewards)
     report("[4/5] training-free comparison: rejection sampling and best-of-n at matched KL")
 
-    main = runs[0]["final"]
+    default = next(m for m in methods if m["name"] == DEFAULT)
+    main = default["final"]
     summary = {key: main[key] for key in (
         "kl_ref_to_optimal", "kl_policy_to_optimal", "kl_policy_to_ref", "kl_optimal_to_ref",
         "reward_ref",
@@ -250,23 +271,30 @@ def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
         "closed_fraction", "implicit_reward_correlation", "implicit_reward_correlation_weighted",
         "implicit_offset")}
     summary["mass_in_space_ref"] = float(ref_mass.mean())
-    summary["mass_in_space_policy"] = runs[0]["mass_in_space"]
+    summary["mass_in_space_policy"] = default["mass_in_space"]
+    full = default["full_space"]
     result = {
         **summary,
         "beta": beta,
+        "default_method": DEFAULT,
         "target_closed_fraction": config.target_closed_fraction,
-        "passed": summary["closed_fraction"] >= config.target_closed_fraction,
+        "target_sampled_in_space": config.target_sampled_in_space,
+        "passed": (full["closed_fraction_lower_bound"] >= config.target_closed_fraction
+                   and full["sampled_in_space"] >= config.target_sampled_in_space),
         "task": {"prompts": list(task.prompts), "words": list(task.words),
                  "length": task.length, "reward": task.reward_name,
-                 "outcomes_per_prompt": task.num_outcomes, "ref_spread": task.ref_spread},
+                 "outcomes_per_prompt": task.num_outcomes, "ref_spread": task.ref_spread,
+                 "r_invalid": r_invalid, "reward_function": reward_spec},
         "data": {"sft_rows": len(sft_rows), "pairs": len(pair_rows),
                  "identical_draws_dropped": same_pairs,
                  "outcomes_covered": float(covered.float().mean()),
-                 "ref_mass_covered": coverage_ref, "ref_mass_in_space": float(ref_mass.mean())},
+                 "ref_mass_covered": coverage_ref, "ref_mass_in_space": float(ref_mass.mean()),
+                 "ref_mass_in_space_per_prompt": ref_mass.tolist()},
         "per_prompt": main["per_prompt"],
         "ref_model_dir": str(sft_final),
-        "policy_model_dir": runs[0]["model"],
-        "full_space": runs[0]["full_space"],
+        "policy_model_dir": default["model_dir"],
+        "full_space": full,
+        "methods": [{k: v for k, v in m.items() if k != "policy_logps"} for m in methods],
         "runs": [{k: v for k, v in run.items() if k != "policy_logps"} for run in runs],
         "best_of_n": best_of,
         "rejection_sampling": rejection,
@@ -274,9 +302,96 @@ def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
         "config": asdict(config),
         "seconds": time.perf_counter() - started,
     }
-    _write_report(out, result, task, space, ref_logps, runs)
+    _write_report(out, result, task, space, ref_logps, methods, runs)
     report(f"[5/5] report written to {out}")
     return result
+
+
+class _Trainer:
+    """Trains one method and measures it: exact probes during training, the whole output space
+    at the end."""
+
+    def __init__(self, config, out, sft_final, space, ref_model, ref_scores, tokenizer,
+                 r_invalid, report):
+        self.config, self.out, self.sft_final, self.space = config, out, sft_final, space
+        self.ref_model, self.ref_scores, self.tokenizer = ref_model, ref_scores, tokenizer
+        self.ref_logps, _ = renormalise(ref_scores)
+        self.r_invalid, self.report = r_invalid, report
+
+    def _distances(self, scores: torch.Tensor, beta: float) -> dict:
+        """The exact numbers a probe logs: renormalised measure and whole-space lower bound."""
+        policy_logps, mass = renormalise(scores)
+        values = measure(policy_logps, self.ref_logps, self.space.rewards, beta)
+        log_z_out = constant_outside_log_partition(self.ref_scores, self.r_invalid, beta)
+        full = full_space_kl(scores, self.ref_scores, self.space.rewards, beta,
+                             outside_log_partition=log_z_out)
+        ref_full = full_space_kl(self.ref_scores, self.ref_scores, self.space.rewards, beta,
+                                 outside_log_partition=log_z_out)
+        return {"mass_in_space": float(mass.mean()),
+                "kl_policy_to_optimal_full_lower_bound": float(full.lower_bound.mean()),
+                "kl_ref_to_optimal_full": float(ref_full.lower_bound.mean()),
+                **{k: v for k, v in values.items() if k != "per_prompt"}}
+
+    def run(self, method: Method, beta: float, pairs: int, reward_spec: str) -> dict:
+        """Train ``method`` at ``beta`` on the shared budget of ``pairs`` labelled pairs."""
+        from dpokit.models import load_causal_lm
+        from dpokit.train.config import DPOConfig
+        from dpokit.train.loop import Probe
+
+        c, started = self.config, time.perf_counter()
+        history = [{"step": 0, **self._distances(self.ref_scores, beta)}]
+
+        def probe_fn(model, step):
+            history.append({"step": step, **self._distances(score_space(model, self.space),
+                                                             beta)})
+            return {"kl_policy_to_optimal": history[-1]["kl_policy_to_optimal"],
+                    "kl_policy_to_optimal_full_lower_bound":
+                        history[-1]["kl_policy_to_optimal_full_lower_bound"]}
+
+        if method.online:  # one pass, each step's pairs generated by the current policy
+            data, steps = self.out / "prompts.jsonl", math.ceil(pairs / c.batch_size)
+            online = {"online": True, "reward": reward_spec, "num_generations": 2,
+                      "max_new_tokens": c.max_new_tokens, "temperature": 1.0}
+        else:
+            data = self.out / "prefs.jsonl"
+            steps = math.ceil(c.dpo_epochs * math.ceil(pairs / c.batch_size))
+            online = {}
+        settings = {"loss_type": [c.loss_type], **method.settings, **online}
+        name = method.name if beta == c.betas[0] else f"{method.name}-beta{beta:g}"
+        final = _quiet_train(DPOConfig(
+            model=str(self.sft_final), data=str(data), output_dir=str(self.out / name),
+            beta=beta, batch_size=c.batch_size, learning_rate=c.dpo_learning_rate,
+            max_steps=steps, lr_scheduler="cosine", warmup_ratio=0.05, save_steps=None,
+            logging_steps=20, seed=c.seed, max_length=32, **settings),
+            probe=Probe(max(1, steps // c.probes), probe_fn))
+        model = load_causal_lm(final)
+        scores = score_space(model, self.space)
+        policy_logps, mass = renormalise(scores)
+        final_measure = measure(policy_logps, self.ref_logps, self.space.rewards, beta)
+        full = full_space_measure(model, self.ref_model, self.space, self.tokenizer, beta,
+                                  policy_space_logps=scores, ref_space_logps=self.ref_scores,
+                                  r_invalid=self.r_invalid, num_samples=c.full_space_samples,
+                                  max_new_tokens=c.max_new_tokens, seed=c.seed + 2)
+        self.report(f"      whole output space: {full['closed_fraction_lower_bound']:.1%} of "
+                    f"KL(π_ref‖π*) closed (lower bound), {full['sampled_in_space']:.1%} of "
+                    f"samples in the task's space; renormalised: "
+                    f"{final_measure['closed_fraction']:.1%} closed")
+        return {"name": method.name, "description": method.description, "beta": beta,
+                "online": method.online, "model_dir": str(final), "steps": steps,
+                "pairs": steps * c.batch_size if method.online else pairs,
+                "settings": settings, "history": history,
+                "final": final_measure,
+                "mass_in_space": float(mass.mean()), "full_space": full,
+                "seconds": time.perf_counter() - started, "policy_logps": policy_logps}
+
+    @staticmethod
+    def offline_run(method_result: dict) -> dict:
+        """The fields of an offline DPO run in ``runs`` (one per β)."""
+        keys = ("beta", "model_dir", "history", "final", "mass_in_space", "full_space",
+                "policy_logps")
+        run = {k: method_result[k] for k in keys}
+        run["model"] = run.pop("model_dir")
+        return run
 
 
 def _rejection(ref_logps, rewards, beta, generator) -> dict:
@@ -307,10 +422,22 @@ def _frontier(ref_logps, rewards) -> list[dict]:
     return points
 
 
-def _write_report(out, result, task, space, ref_logps, runs) -> None:
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as null (an undefined quantity, e.g. the implicit
+    reward's correlation at step 0, where π_θ = π_ref and it is constant): valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _write_report(out, result, task, space, ref_logps, methods, runs) -> None:
     from dpokit.demo.plots import write_demo_plots
     from dpokit.demo.text import report_markdown
 
-    result["plots"] = write_demo_plots(out, result, task, space, ref_logps, runs)
-    write_text(out / "report.json", json.dumps(result, indent=2))
+    result["plots"] = write_demo_plots(out, result, task, space, ref_logps, methods, runs)
+    write_text(out / "report.json", json.dumps(_json_safe(result), indent=2, allow_nan=False))
     write_text(out / "report.md", report_markdown(result))

@@ -3,92 +3,125 @@
 from __future__ import annotations
 
 
-def report_markdown(r: dict) -> str:
-    task, data = r["task"], r["data"]
-    verdict = (f"**The bar is met**: DPO closed {r['closed_fraction']:.1%} of the distance "
-               f"(target {r['target_closed_fraction']:.0%})."
-               if r["passed"] else
-               f"**The bar is not met**: DPO closed {r['closed_fraction']:.1%} of the distance, "
-               f"short of the {r['target_closed_fraction']:.0%} target.")
-    why = ""
-    if not r["passed"]:
-        why = (f"\n\nWhy: the preference pairs cover {data['outcomes_covered']:.0%} of the "
-               f"outcomes ({data['ref_mass_covered']:.1%} of π_ref's mass). DPO only learns the "
-               f"reward where pairs compare completions; where π* puts mass on completions π_ref "
-               f"rarely samples, the finite data cannot pin the policy down, and more pairs or "
-               f"steps are needed.")
-        if r["kl_policy_to_ref"] > r["kl_optimal_to_ref"]:
-            why += (f" The policy also moved further from π_ref than π* does "
-                    f"(KL {r['kl_policy_to_ref']:.3f} against {r['kl_optimal_to_ref']:.3f}): it "
-                    f"over-fitted the few pairs it saw, pushing the winners of those comparisons "
-                    f"beyond what the Bradley–Terry probabilities justify.")
-    runs = "\n".join(
-        f"| {run['beta']:g} | {run['final']['kl_ref_to_optimal']:.4f} | "
-        f"{run['final']['kl_policy_to_optimal']:.4f} | {run['final']['closed_fraction']:.1%} | "
-        f"{run['final']['reward_policy']:.3f} | {run['final']['reward_optimal']:.3f} |"
-        for run in r["runs"])
-    best, rej = r["best_of_n"], r["rejection_sampling"]
+def method_rows(r: dict) -> list[tuple[str, ...]]:
+    """One row per method: name, labelled pairs, whole-space KL (bound, estimate, interval), closed
+    (bound), samples in the space, renormalised closed. Shared by report.md and the console."""
+    rows = []
+    for m in r["methods"]:
+        full = m["full_space"]
+        low, high = full["kl_policy_to_optimal_ci"]
+        rows.append((m["name"], f"{m['pairs']}",
+                     f"{full['kl_policy_to_optimal_lower_bound']:.4f}",
+                     f"{full['kl_policy_to_optimal_estimate']:.4f}", f"[{low:.4f}, {high:.4f}]",
+                     f"{full['closed_fraction_lower_bound']:.1%}",
+                     f"{full['sampled_in_space']:.1%}",
+                     f"{m['final']['closed_fraction']:.1%}"))
+    return rows
+
+
+METHOD_COLUMNS = ("method", "pairs", "KL(π_θ‖π*) ≥", "KL(π_θ‖π*) ≈", "95% interval",
+                  "closed (≥)", "samples in space", "closed, renormalised")
+
+
+def verdict(r: dict) -> str:
+    """The bar, met or not, in one sentence (with the reason when it is not)."""
     full = r["full_space"]
-    low, high = full["kl_policy_to_optimal_ci"]
-    full_space = f"""## On the model's whole output space
+    name = r["default_method"]
+    said = (f"{name} closed {full['closed_fraction_lower_bound']:.1%} of the whole-space "
+            f"distance (lower bound; target {r['target_closed_fraction']:.0%}) with "
+            f"{full['sampled_in_space']:.1%} of its samples in the task's space (target "
+            f"{r['target_sampled_in_space']:.0%})")
+    if r["passed"]:
+        return f"**The bar is met**: {said}."
+    why = []
+    if full["sampled_in_space"] < r["target_sampled_in_space"]:
+        why.append("the policy still emits completions outside the task's space, which π* "
+                   "almost never does; more on-policy steps (a larger pairs_per_prompt) push "
+                   "them down, since every such sample is scored r_invalid")
+    if full["closed_fraction_lower_bound"] < r["target_closed_fraction"]:
+        why.append("the pairs seen so far do not pin the policy down where π* has mass that "
+                   "π_θ rarely samples; with on-policy pairs that region is explored only as "
+                   "fast as π_θ moves there, so a small budget (quick) stops short")
+    return f"**The bar is not met**: {said}. Why: {'; '.join(why)}."
 
-The numbers below the table of this section are measured on the enumerated space, each model
-renormalised there. A user who samples the trained model (`generate`, temperature 1, up to
-{full['max_new_tokens']} new tokens) gets something else: of {full['num_samples']} samples per
-prompt, **{full['sampled_in_space']:.1%}** were completions of the task (π_ref keeps
-{r['mass_in_space_ref']:.1%} of its mass there). With every other completion given the reward
-r_invalid = {full['r_invalid']:.3g}, π* is defined on the whole space and the distance is:
 
-| quantity (mean over prompts, β = {r['beta']:g}) | value |
-|---|---|
-| KL(π_ref ‖ π*) on the whole space — before DPO (exact) | {full['kl_ref_to_optimal']:.4f} |
-| KL(π_θ ‖ π*) on the whole space ≥ (exact lower bound, outside lumped) | {full['kl_policy_to_optimal_lower_bound']:.4f} |
-| KL(π_θ ‖ π*) on the whole space, Monte-Carlo estimate [95% interval] | {full['kl_policy_to_optimal_estimate']:.4f} [{low:.4f}, {high:.4f}] |
-| distance closed on the whole space (lower bound / estimate) | {full['closed_fraction_lower_bound']:.1%} / {full['closed_fraction_estimate']:.1%} |
-| mass on the task's space: π_θ / π* | {full['mass_in_space_policy']:.1%} / {full['mass_in_space_optimal']:.1%} |
-
-{'Offline DPO fitted the relative probabilities of the completions its pairs compare, and moved the rest of the mass to completions no pair contains: on the distribution a user samples, π_θ is farther from π* than π_ref was (docs/theory.md §6).' if full['closed_fraction_lower_bound'] < 0 else 'On the distribution a user samples, DPO moved π_θ towards π* as well.'}
-The bar below is still the renormalised one; on-policy pairs, which follow π_θ's mass wherever it
-goes, are the remedy (planned: issue 11).
-"""
-    return f"""# dpokit demo: DPO reaches the exact optimal policy
+def report_markdown(r: dict) -> str:
+    task, data, full = r["task"], r["data"], r["full_space"]
+    table = "\n".join("| " + " | ".join(row) + " |" for row in method_rows(r))
+    offline = next((m for m in r["methods"] if m["name"] == "dpo"), None)
+    lesson = ""
+    if offline is not None:
+        off = offline["full_space"]
+        lesson = (f"Offline DPO closes {offline['final']['closed_fraction']:.1%} of the distance "
+                  f"on the task's space renormalised — the slice its pairs cover — but keeps "
+                  f"only {off['mass_in_space_policy']:.1%} of its mass there: a user who "
+                  f"samples it gets a task completion {off['sampled_in_space']:.1%} of the time, "
+                  f"and on the whole output space it is "
+                  f"{'farther from π* than π_ref was' if off['closed_fraction_lower_bound'] < 0 else 'closer to π* than π_ref'}"
+                  f" (closed {off['closed_fraction_lower_bound']:.1%}, lower bound). Its loss "
+                  f"only compares completions that appear in pairs; gradient steps move mass "
+                  f"to everything else (likelihood displacement, docs/theory.md §6). On-policy "
+                  f"pairs follow π_θ's mass wherever it goes, and soft Bradley–Terry labels keep "
+                  f"π* as the fixed point, so the on-policy policy reaches π* where it is "
+                  f"sampled.")
+    extra = ""
+    if len(r["runs"]) > 1:
+        extra = "\n\nOffline DPO at every β (renormalised on the task's space):\n\n" + \
+            "| β | KL(π_ref‖π*) | KL(π_θ‖π*) | closed | E_πθ[r] | E_π*[r] | closed, whole space (≥) |\n" \
+            "|---|---|---|---|---|---|---|\n" + "\n".join(
+                f"| {run['beta']:g} | {run['final']['kl_ref_to_optimal']:.4f} | "
+                f"{run['final']['kl_policy_to_optimal']:.4f} | "
+                f"{run['final']['closed_fraction']:.1%} | {run['final']['reward_policy']:.3f} | "
+                f"{run['final']['reward_optimal']:.3f} | "
+                f"{run['full_space']['closed_fraction_lower_bound']:.1%} |" for run in r["runs"])
+    best, rej = r["best_of_n"], r["rejection_sampling"]
+    return f"""# dpokit demo: offline and on-policy DPO against the exact optimal policy
 
 Task: {len(task['prompts'])} prompts, completions of {task['length']} words from
 {len(task['words'])} ({task['outcomes_per_prompt']} per prompt), reward `{task['reward']}`.
-π_ref is a small transformer trained by `dpokit sft` on {data['sft_rows']} samples; DPO
-(`dpokit train`) learned from {data['pairs']} preference pairs sampled from π_ref and labelled by
-the Bradley–Terry model of the true reward. Because every completion can be scored, the optimal
-policy π* = π_ref·exp(r/β)/Z is known exactly, and so is the distance to it.
+π_ref is a small transformer trained by `dpokit sft` on {data['sft_rows']} samples. Every method
+starts from it with the same β = {r['beta']:g}, batch, learning rate and number of labelled
+pairs: offline methods learn from {data['pairs']} pairs sampled once from π_ref and labelled by
+the Bradley–Terry model of the true reward; on-policy ones (`dpokit train --online`) generate
+their pairs from the policy being trained and score them with the task's reward
+(`{task['reward_function']}`), which gives r_invalid = {task['r_invalid']:.3g} to every
+completion outside the task's space (another length, another token, no EOS within
+{full['max_new_tokens']} tokens). Because every completion of the task can be scored, π* =
+π_ref·exp(r/β)/Z is known exactly on the model's whole output space, and so is the distance to it.
 
-{verdict}{why}
+{verdict(r)}
 
-{full_space}
-## On the enumerated space, renormalised
+## The distance to π* on the model's whole output space
+
+KL(π_ref ‖ π*) = **{full['kl_ref_to_optimal']:.4f}** before training (exact). For each trained
+policy: the exact lower bound (the outside lumped into one outcome), an unbiased Monte-Carlo
+estimate with its 95% interval ({full['num_samples']} exact samples per prompt of π_θ outside
+the space), the share of {full['num_samples']} `generate` samples per prompt (temperature 1)
+that are task completions, and, for comparison, the distance closed on the task's space with
+each model renormalised there:
+
+| {' | '.join(METHOD_COLUMNS)} |
+|{'---|' * len(METHOD_COLUMNS)}
+{table}
+
+{lesson}
+
+## The {r['default_method']} policy on the task's space, renormalised
 
 | quantity (mean over prompts, β = {r['beta']:g}) | value |
 |---|---|
-| KL(π_ref ‖ π*) — distance before DPO | {r['kl_ref_to_optimal']:.4f} |
-| KL(π_θ ‖ π*) — distance after DPO | {r['kl_policy_to_optimal']:.4f} |
-| KL(π_θ ‖ π_ref) — how far DPO moved | {r['kl_policy_to_ref']:.4f} |
+| KL(π_ref ‖ π*) — distance before training | {r['kl_ref_to_optimal']:.4f} |
+| KL(π_θ ‖ π*) — distance after training | {r['kl_policy_to_optimal']:.4f} |
+| KL(π_θ ‖ π_ref) — how far training moved | {r['kl_policy_to_ref']:.4f} |
 | E[r] under π_ref / π_θ / π* | {r['reward_ref']:.3f} / {r['reward_policy']:.3f} / {r['reward_optimal']:.3f} |
 | J(π_θ) against its maximum β log Z | {r['objective_policy']:.4f} ≤ {r['max_objective']:.4f} |
 | implicit reward vs r: correlation (uniform / π*-weighted) | {r['implicit_reward_correlation']:.3f} / {r['implicit_reward_correlation_weighted']:.3f} |
 | fitted offset E_π*[r − r̂] against β log Z | {r['implicit_offset']:.4f} vs {r['max_objective']:.4f} |
-
-Distances are measured on the enumerated space (the {task['outcomes_per_prompt']} completions
-of {task['length']} words then EOS), with each model renormalised there. π_ref keeps
-{r['mass_in_space_ref']:.1%} of its probability on that space; after DPO, π_θ keeps
-{r['mass_in_space_policy']:.1%}. DPO's loss only compares completions with each other, so it
-fixes the *relative* probabilities — which is what converges to π* — but not how much mass stays
-on the completions the data contains{' (here most of it moved elsewhere, the "likelihood displacement" seen with DPO; an RPO term, `rpo_alpha`, counters it)' if r['mass_in_space_policy'] < 0.5 else ''}.
+| mass on the task's space: π_ref / π_θ | {r['mass_in_space_ref']:.1%} / {r['mass_in_space_policy']:.1%} |
 
 The gap between J(π_θ) and β log Z is exactly β·KL(π_θ‖π*) — the identity of docs/theory.md §2.
 The implicit reward β·log(π_θ/π_ref) equals the true reward up to a per-prompt constant, and that
-constant is β log Z(x): DPO recovered the reward without ever computing Z.
-
-| β | KL(π_ref‖π*) | KL(π_θ‖π*) | closed | E_πθ[r] | E_π*[r] |
-|---|---|---|---|---|---|
-{runs}
+constant is β log Z(x): DPO recovers the reward without ever computing Z.{extra}
 
 Training-free routes to π*: rejection sampling from π_ref accepted
 {rej['acceptance_rate']:.3%} of proposals (theory: {rej['expected_acceptance_rate']:.3%}); its
@@ -97,7 +130,8 @@ samples' mean reward {rej['sample_mean_reward']:.3f} matches E_π*[r] = {rej['ex
 E[r] = {best['reward']:.3f}, against π*'s {r['reward_optimal']:.3f}: at a given KL, π* has the best
 reward of all, and best-of-n spends its KL less efficiently.
 
-Plots: `kl_to_optimal.png` (distance to π* over training), `distribution.png` (π_ref, π_θ, π* for
-one prompt), `implicit_reward.png` (recovered vs true reward), `frontier.png` (reward against KL).
-Numbers: `report.json`. Finished in {r['seconds']:.0f} s.
+Plots: `kl_to_optimal.png` (distance to π* over training, per method: whole space solid,
+renormalised dashed), `distribution.png` (what a sampler gets for one prompt: π_ref, the trained
+policies, π*), `implicit_reward.png` (recovered vs true reward), `frontier.png` (reward against
+KL). Numbers: `report.json`. Finished in {r['seconds']:.0f} s.
 """

@@ -11,13 +11,25 @@ reward, and forms one pair per prompt (the two completions; with more, the best 
 
 Soft labels keep π* as the fixed point (βh = r₁ − r₂ at τ = 1); hard ones push h without end.
 The DPO step itself is :class:`~dpokit.objectives.dpo.DPOObjective`'s, with the starting model as
-π_ref, scored each step (nothing to precompute: the pairs are new). Logged besides the DPO keys:
-``reward/mean``, ``reward/std``, ``eos_fraction`` and ``completion_tokens`` of the generations.
+π_ref, scored each step (nothing to precompute: the pairs are new). Logged besides the DPO keys,
+per logging window:
+
+    reward/mean, reward/std   of every generation's reward (after missing_eos_penalty)
+    eos_fraction              generations that ended with EOS within max_new_tokens
+    completion_tokens         mean generated tokens per completion
+    kl_to_ref                 k3 estimate of KL(π_θ‖π_ref) from the paired completions,
+                              mean of (ρ − 1) − log ρ with ρ = π_ref(y)/π_θ(y) (docs/theory.md §1);
+                              unbiased at temperature 1 without top-k/top-p and with
+                              num_generations = 2 (more: best and worst, a selected pair)
+    label_entropy             mean binary entropy H(p) of p = σ((r₁ − r₂)/τ), in nats (0: every
+                              pair decided, log 2: coin flips)
+    generation/tokens_per_second   generated tokens per second of generate, per process
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,7 +43,10 @@ from dpokit.objectives.base import Output
 from dpokit.objectives.dpo import DPOObjective
 from dpokit.rewards import load_reward, score
 
-_GENERATION_KEYS = ("generations", "reward_sum", "reward_sq_sum", "eos", "completion_tokens")
+_GENERATION_KEYS = ("generations", "reward_sum", "reward_sq_sum", "eos", "completion_tokens",
+                    "generation_seconds", "label_entropy_sum", "pairs")
+_MAX_LOG_RATIO = 50.0
+"""k3's ρ = exp(log π_ref − log π_θ) is taken with the log-ratio clamped here (exp guarded)."""
 
 
 class OnlineDPOObjective(DPOObjective):
@@ -46,7 +61,7 @@ class OnlineDPOObjective(DPOObjective):
     @property
     def metric_keys(self) -> tuple[str, ...]:
         """The DPO keys and the generation statistics."""
-        return (*super().metric_keys, *_GENERATION_KEYS)
+        return (*super().metric_keys, *_GENERATION_KEYS, "kl_k3_sum", "kl_samples")
 
     def load(self, path: str, split: str | None) -> list[Prompt]:
         """The prompts of ``path`` (other columns are ignored)."""
@@ -63,8 +78,10 @@ class OnlineDPOObjective(DPOObjective):
         """Generate, score and pair (see the module docstring); keeps the generation stats."""
         c = self.config
         seed = (c.seed * 1_000_003 + step) * 1_000_003 + min(indices)
+        started = time.perf_counter()
         groups = generate_completions(model, self.tokenizer, items, seed=seed,
                                       num_generations=c.num_generations, **c.sampling)
+        seconds = time.perf_counter() - started
         flat = [completion for group in groups for completion in group]
         prompts = [item.prompt for item in items for _ in range(c.num_generations)]
         rewards = score(self.reward_fn, c.reward, prompts, [x.text for x in flat], step=step,
@@ -73,7 +90,7 @@ class OnlineDPOObjective(DPOObjective):
             rewards = [r - (0.0 if x.eos else c.missing_eos_penalty)
                        for r, x in zip(rewards, flat, strict=True)]
         generator = torch.Generator().manual_seed(seed)
-        pairs = []
+        pairs, entropy = [], 0.0
         k = c.num_generations
         for i, item in enumerate(items):
             r = rewards[i * k:(i + 1) * k]
@@ -81,6 +98,7 @@ class OnlineDPOObjective(DPOObjective):
                                           min(range(k), key=r.__getitem__))
             gap = (r[a] - r[b]) / c.label_temperature
             p = 1.0 / (1.0 + math.exp(-max(-700.0, min(700.0, gap))))  # σ, exp guarded
+            entropy += _binary_entropy(p)
             draw = float(torch.rand((), generator=generator))  # drawn for every label kind
             if (c.label == "sampled" and draw >= p) or (c.label == "hard" and r[b] > r[a]):
                 a, b = b, a
@@ -90,7 +108,9 @@ class OnlineDPOObjective(DPOObjective):
         self._stats = {"generations": float(len(flat)), "reward_sum": sum(rewards),
                        "reward_sq_sum": sum(v * v for v in rewards),
                        "eos": float(sum(x.eos for x in flat)),
-                       "completion_tokens": float(sum(len(x.ids) for x in flat))}
+                       "completion_tokens": float(sum(len(x.ids) for x in flat)),
+                       "generation_seconds": seconds, "label_entropy_sum": entropy,
+                       "pairs": float(len(pairs))}
         return pairs
 
     def forward(self, policy: nn.Module, batch: Any) -> Output:
@@ -100,6 +120,13 @@ class OnlineDPOObjective(DPOObjective):
         for key in _GENERATION_KEYS:
             out.sums[key] = torch.tensor(self._stats.get(key, 0.0), dtype=torch.float64,
                                          device=device)
+        e = out.examples
+        policy_logps = torch.cat([e["chosen_logps"], e["rejected_logps"]]).double()
+        ref_logps = torch.cat([e["ref_chosen_logps"], e["ref_rejected_logps"]]).double()
+        log_ratio = (ref_logps.to(policy_logps) - policy_logps).clamp(max=_MAX_LOG_RATIO)
+        out.sums["kl_k3_sum"] = (torch.expm1(log_ratio) - log_ratio).sum()
+        out.sums["kl_samples"] = torch.tensor(float(len(log_ratio)), dtype=torch.float64,
+                                              device=device)
         return out
 
     def means(self, sums: Mapping[str, float]) -> dict[str, float]:
@@ -108,4 +135,13 @@ class OnlineDPOObjective(DPOObjective):
         mean = sums["reward_sum"] / n
         return {**super().means(sums), "reward/mean": mean,
                 "reward/std": math.sqrt(max(sums["reward_sq_sum"] / n - mean * mean, 0.0)),
-                "eos_fraction": sums["eos"] / n, "completion_tokens": sums["completion_tokens"] / n}
+                "eos_fraction": sums["eos"] / n, "completion_tokens": sums["completion_tokens"] / n,
+                "kl_to_ref": sums["kl_k3_sum"] / max(sums["kl_samples"], 1.0),
+                "label_entropy": sums["label_entropy_sum"] / max(sums["pairs"], 1.0),
+                "generation/tokens_per_second":
+                    sums["completion_tokens"] / max(sums["generation_seconds"], 1e-9)}
+
+
+def _binary_entropy(p: float) -> float:
+    """H(p) = −p log p − (1 − p) log(1 − p) in nats (0 at p ∈ {0, 1})."""
+    return -sum(q * math.log(q) for q in (p, 1.0 - p) if q > 0.0)
