@@ -75,7 +75,7 @@ def test_the_on_policy_run_is_an_ordinary_training_run(quick):
     eos = tokenizer.eos_token_id
     words = task.all_completions()[[0, 7, 300]]
     texts = task.text(words)
-    ids = [tokenizer.convert_tokens_to_ids([task.words[w] for w in row]) + [eos]
+    ids = [[*tokenizer.convert_tokens_to_ids([task.words[w] for w in row]), eos]
            for row in words.tolist()]
     expected = task.rewards(1, words).tolist()
     prompts = [task.prompts[1]] * 3
@@ -85,7 +85,7 @@ def test_the_on_policy_run_is_an_ordinary_training_run(quick):
                                           for i in range(4)) - 1.0)
     bad = [(texts[0], ids[0][:-1]),                      # cut: no EOS
            (texts[0] + " red", ids[0][:-1] + ids[1][:1] + [eos]),  # 4 words
-           (" red fence", ids[0][:1] + [tokenizer.convert_tokens_to_ids("fence"), eos]),
+           (" red fence", [*ids[0][:1], tokenizer.convert_tokens_to_ids("fence"), eos]),
            ("", [eos])]
     assert reward([prompts[0]] * 4, [t for t, _ in bad],
                   completion_ids=[i for _, i in bad]) == [r_invalid] * 4

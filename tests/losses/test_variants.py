@@ -45,8 +45,8 @@ def test_f_settings_cover_every_divergence():
 
 def _params(name: str, beta: float, **kw) -> Params:
     eps = 0.1 if LOSSES[name].uses_label_smoothing else 0.0
-    return Params(beta=beta, eps=eps, tau=0.05, gamma=0.5, delta=0.3, odpo_alpha=0.7, dpop_lambda=3.0,
-                  **kw)
+    return Params(beta=beta, eps=eps, tau=0.05, gamma=0.5, delta=0.3, odpo_alpha=0.7,
+                  dpop_lambda=3.0, **kw)
 
 
 @pytest.mark.parametrize("name", loss_names())

@@ -64,7 +64,6 @@ def _generate(config: GenerateConfig) -> None:
 def _demo(config: DemoConfig) -> None:
     """``dpokit demo``: run it, print the summary table and where the report is."""
     from dpokit.demo.run import run_demo
-
     from dpokit.demo.text import METHOD_COLUMNS, method_rows, verdict
 
     r = run_demo(config, report=lambda line: console.print(line))
