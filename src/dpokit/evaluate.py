@@ -56,11 +56,15 @@ def _records(items: Sequence[Any], examples: dict[str, torch.Tensor]) -> list[di
 @torch.no_grad()
 def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, batch_size: int,
              runtime: Runtime, offset: int = 0, per_example: bool = False,
-             progress: bool = False) -> Evaluation:
+             progress: bool = False, model: nn.Module | None = None,
+             step: int = 0) -> Evaluation:
     """Loss and metrics of ``objective`` over ``items`` (sharded by rank, reduced as sums).
 
     ``offset`` is where ``items`` start among the examples the reference table was computed on
-    (evaluation pairs follow the training pairs). Every rank runs the same number of batches,
+    (evaluation pairs follow the training pairs). With the bare ``model``, each batch first goes
+    through :meth:`~dpokit.objectives.Objective.prepare` at ``step``, so on-policy DPO evaluates
+    on pairs the current policy generates for the evaluation prompts (seeded by the step and
+    their positions, so a resumed run evaluates the same). Every rank runs the same number of batches,
     padding with zero-weight ones, so DDP and FSDP collectives stay in step. ``per_example``
     keeps one record per item, in data order (gathered from every rank under torchrun).
     """
@@ -75,7 +79,10 @@ def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, b
     try:
         for indices, weight in batches:
             chunk = [items[i] for i in indices]
-            batch = objective.collate(chunk, [offset + i for i in indices]).to(runtime.device)
+            positions = [offset + i for i in indices]
+            if model is not None:
+                chunk = objective.prepare(model, chunk, positions, step)
+            batch = objective.collate(chunk, positions).to(runtime.device)
             with runtime.autocast():
                 out = objective.forward(policy, batch)
             if weight:

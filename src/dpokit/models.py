@@ -74,3 +74,26 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", device: str | to
         raise DpokitError(f"cannot load a causal LM from {directory}: "
                           f"{str(error).splitlines()[0]}") from None
     return model.to(device).eval()
+
+
+def load_reward_model(path: str | Path, *, dtype: str = "float32",
+                      device: str | torch.device = "cpu",
+                      trust_remote_code: bool = False) -> Any:
+    """``AutoModelForSequenceClassification`` with one output (a scalar reward) from a local
+    directory, in ``dtype`` on ``device``, eval mode."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    directory = _model_dir(path, "reward model")
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            directory, dtype=resolve_dtype(dtype), local_files_only=True,
+            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        raise DpokitError(f"cannot load a sequence-classification reward model from "
+                          f"{directory}: {str(error).splitlines()[0]}") from None
+    if model.config.num_labels != 1:
+        raise DpokitError(f"reward model {directory} has {model.config.num_labels} outputs; a "
+                          f"reward model has one (num_labels: 1)")
+    return model.to(device).eval()

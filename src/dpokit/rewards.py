@@ -1,11 +1,18 @@
-"""Reward functions named by the user: ``module:function`` or ``path/to/file.py:function``.
+"""Rewards named by the user: ``module:function``, ``path/to/file.py:function``, or a local
+reward-model directory.
 
 The function has TRL's reward-function signature, ``f(prompts, completions, **kwargs) ->
 list[float]`` (text in; conversational prompts as message lists), so a TRL user's rewards carry
 over. Like TRL, dpokit also passes ``completion_ids`` (each completion's token ids, its EOS
 included when it ended) to a function that takes ``**kwargs`` or names that parameter — text
 decoded without special tokens cannot tell a completion cut at ``max_new_tokens`` from one that
-ended. Only the module or file the user names is imported. A reward that raises, returns the
+ended.
+
+A directory is an ``AutoModelForSequenceClassification`` with one output (TRL's reward models
+are) and its tokenizer: :class:`RewardModel` scores prompt + completion in batches, without
+gradients. A text prompt is joined to its completion as is; a conversational one goes through the
+reward tokenizer's chat template with the completion as the assistant's message (as TRL does).
+ Only the module or file the user names is imported. A reward that raises, returns the
 wrong number of values or a non-finite one is a one-line error naming the reward and the step.
 """
 
@@ -24,11 +31,60 @@ from dpokit.errors import DpokitError
 RewardFn = Callable[..., Sequence[float]]
 
 
+class RewardModel:
+    """A reward-model directory as a reward function: ``model(prompts, completions)``."""
+
+    def __init__(self, path: str | Path, *, batch_size: int = 32, trust_remote_code: bool = False):
+        from dpokit.models import load_reward_model, load_tokenizer
+
+        self.path = str(path)
+        self.batch_size = batch_size
+        self.model = load_reward_model(path, trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        if self.model.config.pad_token_id is None:  # it finds each row's last token by padding
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.__name__ = f"reward model {self.path}"
+
+    def to(self, device: Any) -> RewardModel:
+        """Move the model (the trainer puts it on the policy's device)."""
+        self.model.to(device)
+        return self
+
+    def text(self, prompt: Any, completion: str) -> str:
+        """The scored text: prompt + completion, or the chat template over the conversation."""
+        if isinstance(prompt, list):
+            messages = [*prompt, {"role": "assistant", "content": completion}]
+            if getattr(self.tokenizer, "chat_template", None):
+                return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+        return prompt + completion
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[str],
+                 **kwargs: Any) -> list[float]:
+        """One scalar per completion: the model's output at the row's last token."""
+        import torch
+
+        texts = [self.text(p, c) for p, c in zip(prompts, completions, strict=True)]
+        device = next(self.model.parameters()).device
+        scores: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                encoded = self.tokenizer(texts[start:start + self.batch_size], padding=True,
+                                         return_tensors="pt").to(device)
+                logits = self.model(**encoded).logits
+                scores += logits[:, 0].float().cpu().tolist()
+        return scores
+
+
 def load_reward(spec: str) -> RewardFn:
-    """The callable ``spec`` names (``pkg.module:fn`` or ``file.py:fn``)."""
+    """The callable ``spec`` names (``pkg.module:fn`` or ``file.py:fn``), or a
+    :class:`RewardModel` for a directory."""
+    if Path(spec).is_dir():
+        return RewardModel(spec)
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise DpokitError(f"reward {spec!r}: expected module:function or path/file.py:function")
+        raise DpokitError(f"reward {spec!r}: expected module:function, path/file.py:function "
+                          f"or a reward-model directory")
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():

@@ -110,6 +110,9 @@ class Objective(ABC):
     """Whether :attr:`reference` must be set before training (π_ref log-probs are read)."""
     reference: Any = None
     """The :class:`~dpokit.objectives.reference.Reference`, for objectives that need one."""
+    reward_fn: Any = None
+    """The reward its generations are scored with (on-policy DPO), also used for the rewards of
+    ``eval_generate`` samples; None when it scores nothing."""
 
     @property
     @abstractmethod
@@ -126,8 +129,8 @@ class Objective(ABC):
 
     def prepare(self, model: nn.Module, items: Sequence[Any], indices: Sequence[int],
                 step: int) -> Sequence[Any]:
-        """The examples a training micro-batch trains on, from the loaded ``items`` at
-        ``indices``: themselves for offline data; on-policy DPO generates its pairs here with
+        """The examples a micro-batch trains on (or is evaluated on), from the loaded ``items``
+        at ``indices``: themselves for offline data; on-policy DPO generates its pairs here with
         the current (bare) ``model``."""
         return items
 

@@ -54,6 +54,11 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
     eval_generate: int = field(
         0, help="At each evaluation, complete this many eval prompts with the policy (sampling "
                 "settings above) into samples.jsonl and TensorBoard text.")
+    reward: str | None = field(
+        None, help="Reward of online pairs and of eval_generate samples: module:function or "
+                   "path/file.py:function with TRL's signature f(prompts, completions, **kw) "
+                   "-> list[float], or a local reward-model directory "
+                   "(AutoModelForSequenceClassification, one output).")
     save_steps: int | None = field(500, help="Save a checkpoint every this many steps.")
     save_total_limit: int | None = field(2, help="Keep at most this many checkpoints.")
     resume: str | None = field(None, help="Checkpoint directory to resume from, or 'auto'.")
@@ -99,9 +104,17 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
             raise DpokitError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.eval_generate < 0:
             raise DpokitError(f"eval_generate must be ≥ 0, got {self.eval_generate}")
+        if self.reward and not self.reads_reward:
+            raise DpokitError("reward is read by online training and by eval_generate samples; "
+                              "set online: true or eval_generate, or remove reward")
         if self.eval_generate and self.fsdp:
             raise DpokitError("eval_generate is not supported with fsdp (generation would need "
                               "the sharded weights gathered); use DDP or dpokit generate")
+
+    @property
+    def reads_reward(self) -> bool:
+        """Whether anything reads ``reward``: the samples of ``eval_generate``."""
+        return bool(self.eval_generate)
 
     def objective(self, tokenizer: Any):
         """The objective this config trains (its reference, if any, is set up by the trainer)."""
@@ -122,9 +135,6 @@ class DPOConfig(PreferenceConfig, TrainConfig):
         False, help="On-policy DPO: each step the policy completes the data's prompts "
                     "(num_generations each, the sampling settings above), the reward scores "
                     "them and DPO trains on the pairs.")
-    reward: str | None = field(
-        None, help="Online reward: module:function or path/file.py:function with TRL's "
-                   "signature f(prompts, completions, **kw) -> list[float].")
     num_generations: int = field(2, help="Online: completions per prompt (≥ 2; with more, "
                                          "the best and the worst form the pair).")
     label: Literal["soft", "sampled", "hard"] = field(
@@ -150,6 +160,7 @@ class DPOConfig(PreferenceConfig, TrainConfig):
                               f"{self.loss_type} uses none")
         if self.online:
             self._validate_online()
+
         if self.sync_ref_model and self.lora:
             raise DpokitError("sync_ref_model needs a separate reference model; with lora the "
                               "reference is the base model with adapters disabled")
@@ -159,7 +170,8 @@ class DPOConfig(PreferenceConfig, TrainConfig):
         from dpokit.losses import needs_label_probs
 
         if not self.reward:
-            raise DpokitError("online needs a reward (module:function or path/file.py:function)")
+            raise DpokitError("online needs a reward (module:function, path/file.py:function or "
+                              "a reward-model directory)")
         if self.num_generations < 2:
             raise DpokitError(f"num_generations must be ≥ 2 online, got {self.num_generations}")
         if not self.label_temperature > 0:
@@ -171,11 +183,15 @@ class DPOConfig(PreferenceConfig, TrainConfig):
         if self.label != "soft" and soft:
             raise DpokitError(f"label {self.label} gives no soft labels for loss_type "
                               f"{self.loss_type}; use label soft")
-        for key, why in (("eval_data", "evaluation on generated pairs"), ("fsdp", "generation "
-                         "from sharded weights"), ("precompute_ref_logps", "a precomputed "
-                         "reference (the pairs are new each step)")):
+        for key, why in (("fsdp", "generation from sharded weights"), ("precompute_ref_logps",
+                         "a precomputed reference (the pairs are new each step)")):
             if getattr(self, key):
                 raise DpokitError(f"online does not support {key} yet ({why})")
+
+    @property
+    def reads_reward(self) -> bool:
+        """Online training reads ``reward`` too."""
+        return self.online or super().reads_reward
 
     @property
     def precompute(self) -> bool:

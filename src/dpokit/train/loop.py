@@ -139,7 +139,8 @@ def log_window(run: Run) -> None:
 def evaluate_run(run: Run) -> dict:
     """The objective over the evaluation data (no backward), logged as ``eval/…``."""
     result = evaluate(run.objective, run.policy, run.eval_items, batch_size=run.config.batch_size,
-                      runtime=run.runtime, offset=len(run.train_items))
+                      runtime=run.runtime, offset=len(run.train_items), model=run.model,
+                      step=run.step)
     record = {"step": run.step, **{f"eval/{k}": v for k, v in result.metrics.items()}}
     run.metrics.write(record)
     if run.config.eval_generate and run.runtime.is_main:
@@ -150,18 +151,29 @@ def evaluate_run(run: Run) -> dict:
 def sample_eval_prompts(run: Run) -> list[dict]:
     """Completions of the first ``eval_generate`` eval prompts by the current policy (rank 0,
     the unwrapped model — with LoRA its adapters on — seeded by the step, so a resumed run
-    draws the same)."""
+    draws the same), each with its ``reward`` when the run has one."""
     from dpokit.data.prompts import Prompt
     from dpokit.generation import completion_records, generate_completions
+    from dpokit.rewards import score
 
     tokenizer = run.tokenizer
     items = run.eval_items[:run.config.eval_generate]
-    prompts = [Prompt(tokenizer.decode(item.prompt_ids, skip_special_tokens=True),
+    prompts = [item if isinstance(item, Prompt) else
+               Prompt(tokenizer.decode(item.prompt_ids, skip_special_tokens=True),
                       list(item.prompt_ids), item.source, item.row) for item in items]
     with run.runtime.autocast():
         completions = generate_completions(run.model, tokenizer, prompts,
                                            seed=run.config.seed + run.step, **run.config.sampling)
-    return completion_records(prompts, completions)
+    records = completion_records(prompts, completions)
+    if run.sample_reward is not None:
+        flat = [c for group in completions for c in group]
+        rewards = score(run.sample_reward, run.config.reward,
+                        [p.prompt for p, group in zip(prompts, completions, strict=True)
+                         for _ in group], [c.text for c in flat], step=run.step + 1,
+                        completion_ids=[c.ids for c in flat])
+        for record, value in zip(records, rewards, strict=True):
+            record["reward"] = value
+    return records
 
 
 @torch.no_grad()

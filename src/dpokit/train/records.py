@@ -49,10 +49,12 @@ class MetricsLog:
             for record in records:
                 handle.write(json.dumps({"step": step, **record}) + "\n")
         if self.writer is not None:
+            scored = any("reward" in r for r in records)
             rows = "\n".join(f"| {json.dumps(r['prompt'])} | {json.dumps(r['completion'])} |"
-                             for r in records)
-            self.writer.add_text("eval/samples", f"| prompt | completion |\n|---|---|\n{rows}",
-                                 step)
+                             + (f" {r['reward']:.4g} |" if scored else "") for r in records)
+            header = ("| prompt | completion | reward |\n|---|---|---|" if scored
+                      else "| prompt | completion |\n|---|---|")
+            self.writer.add_text("eval/samples", f"{header}\n{rows}", step)
 
     def close(self) -> None:
         """Close the progress bar and flush TensorBoard."""

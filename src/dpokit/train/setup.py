@@ -46,6 +46,17 @@ from dpokit.train.records import MetricsLog, start_fresh, truncate_metrics
 log = logging.getLogger("dpokit.train")
 
 
+def _sample_reward(config: TrainConfig, objective: Objective, device: torch.device) -> Any:
+    """What scores ``eval_generate`` samples: the objective's reward, or ``reward`` loaded (a
+    reward model on the run's device)."""
+    from dpokit.rewards import RewardModel, load_reward
+
+    if not config.eval_generate or not config.reward:
+        return None
+    reward = objective.reward_fn or load_reward(config.reward)
+    return reward.to(device) if isinstance(reward, RewardModel) else reward
+
+
 @dataclass
 class Run:
     """The state of one training run: what the loop reads and updates, in one place."""
@@ -73,6 +84,8 @@ class Run:
     """Optimizer steps taken (the position in the data: batches follow from it)."""
     grad_norm: float = 0.0
     """Of the last step, before clipping."""
+    sample_reward: Any = None
+    """The reward of ``eval_generate`` samples (the objective's, or ``config.reward``'s)."""
     window_start: float = field(default_factory=time.perf_counter)
     epoch_order: dict[int, list[list[int]]] = field(default_factory=dict)
     """The global batches of the current epoch."""
@@ -137,7 +150,8 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
               scaler=torch.amp.GradScaler(runtime.device.type,
                                           enabled=runtime.dtype == "float16"),
               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-              global_batch=global_batch, window=MetricSums(objective.metric_keys))
+              global_batch=global_batch, window=MetricSums(objective.metric_keys),
+              sample_reward=_sample_reward(config, objective, runtime.device))
     resume(run)
     run.metrics = MetricsLog(output_dir, enabled=runtime.is_main, total_steps=total_steps,
                              step=run.step, progress=progress)
