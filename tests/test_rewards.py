@@ -71,7 +71,7 @@ def test_reward_model_errors(tmp_path, tokenizer):
     tokenizer.save_pretrained(two)
     with pytest.raises(DpokitError, match="has 2 outputs; a reward model has one"):
         load_reward(str(two))
-    with pytest.raises(DpokitError, match="no config.json"):
+    with pytest.raises(DpokitError, match=r"no config\.json"):
         load_reward(str(tmp_path))
 
 
