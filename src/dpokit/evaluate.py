@@ -65,8 +65,9 @@ def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, b
     through :meth:`~dpokit.objectives.Objective.prepare` at ``step``, so on-policy DPO evaluates
     on pairs the current policy generates for the evaluation prompts (seeded by the step and
     their positions, so a resumed run evaluates the same). Every rank runs the same number of
-    batches, padding with zero-weight ones, so DDP and FSDP collectives stay in step. ``per_example``
-    keeps one record per item, in data order (gathered from every rank under torchrun).
+    batches, padding with zero-weight ones, so DDP and FSDP collectives stay in step.
+    ``per_example`` keeps one record per item, in data order (gathered from every rank under
+    torchrun).
     """
     was_training = policy.training
     policy.eval()
