@@ -34,3 +34,19 @@ def test_bench_cuda_needs_a_device(tmp_path, capsys):
     code, _, err = run_cli(capsys, "bench", "--workdir", str(tmp_path), "--models", "tiny",
                            "--frameworks", "dpokit", "--device", "cuda")
     assert code == 2 and "no CUDA device" in err
+
+
+def test_bench_online_smoke(tmp_path, capsys):
+    """The on-policy setting runs dpokit train --online with the benchmark's reward callable."""
+    from dpokit.bench_online import length_reward
+
+    assert length_reward(["p"] * 2, [" a b", " " + "w " * 12]) == [-10.0, 0.0]
+    out = tmp_path / "rows.json"
+    code, stdout, err = run_cli(capsys, "bench", "--workdir", str(tmp_path / "bench"),
+                                "--models", "tiny", "--settings", "online", "--steps", "4",
+                                "--repeats", "1", "--frameworks", "dpokit", "--no-end-to-end",
+                                "--json", str(out))
+    assert code == 0, err
+    (row,) = json.loads(out.read_text())
+    assert row["setting"] == "online" and row["seconds_per_step"] > 0
+    assert row["pairs_per_second"] > 0 and "online" in stdout

@@ -36,15 +36,22 @@ def _greedy_oracle(model, ids, eos, max_new_tokens):
     return out
 
 
-def test_greedy_equals_the_argmax_oracle_in_left_padded_batches(model, tokenizer):
+@pytest.mark.parametrize(("num_generations", "batch_size"), [(1, 3), (3, 6), (2, 64), (5, 2)])
+def test_greedy_equals_the_argmax_oracle_in_left_padded_batches(model, tokenizer,
+                                                               num_generations, batch_size):
+    """Every generation of every prompt, in left-padded batches (with more than one generation
+    the prompt's cache is computed once and shared), equals the one-prompt argmax oracle."""
     prompts = _prompts(tokenizer)
     got = generate_completions(model, tokenizer, prompts, max_new_tokens=6, temperature=0.0,
-                               batch_size=3)
-    for prompt, (completion,) in zip(prompts, got, strict=True):
+                               batch_size=batch_size, num_generations=num_generations)
+    assert len({len(p.prompt_ids) for p in prompts}) > 1  # padding is exercised
+    for prompt, group in zip(prompts, got, strict=True):
         expected = _greedy_oracle(model, prompt.prompt_ids, tokenizer.eos_token_id, 6)
-        assert completion.ids == expected
-        assert completion.eos == (expected[-1] == tokenizer.eos_token_id)
-        assert completion.text == tokenizer.decode(expected, skip_special_tokens=True)
+        assert len(group) == num_generations
+        for completion in group:
+            assert completion.ids == expected
+            assert completion.eos == (expected[-1] == tokenizer.eos_token_id)
+            assert completion.text == tokenizer.decode(expected, skip_special_tokens=True)
 
 
 def test_sampling_follows_the_model_distribution_and_is_seeded(model, tokenizer):
@@ -93,6 +100,33 @@ def test_generate_command_writes_samples(model, tokenizer, tmp_path, capsys):
                                              add_generation_prompt=True, return_dict=True)
     assert chat.prompt_ids == list(expected["input_ids"])  # the chat template, generation prompt
     assert records[2]["prompt"] == [{"role": "user", "content": "what color is the sky?"}]
+
+
+def test_generate_scores_samples_with_a_reward(model, tokenizer, tmp_path, capsys):
+    """--reward adds each completion's reward (here: characters, and the token count from
+    completion_ids); a reward returning NaN is a one-line error naming it, and writes nothing."""
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (tmp_path / "r.py").write_text(
+        "def chars(prompts, completions, completion_ids, **kw):\n"
+        "    return [len(c) + 1000 * len(i) for c, i in zip(completions, completion_ids)]\n"
+        "def nan(prompts, completions, **kw):\n"
+        "    return [float('nan')] * len(completions)\n")
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the cat sat"}] * 2)
+    out = tmp_path / "samples.jsonl"
+    argv = ["generate", "--model", str(model_dir), "--data", str(data), "--output", str(out),
+            "--num-generations", "3", "--max-new-tokens", "6"]
+    code, _, err = run_cli(capsys, *argv, "--reward", f"{tmp_path / 'r.py'}:chars")
+    assert code == 0, err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 6
+    for r in records:
+        assert r["reward"] == len(r["completion"]) + 1000 * r["tokens"]
+    out.unlink()
+    code, _, err = run_cli(capsys, *argv, "--reward", f"{tmp_path / 'r.py'}:nan")
+    assert code == 2 and err.count("\n") == 1 and "returned a non-finite value (nan)" in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(("rows", "flags", "message"), [

@@ -63,6 +63,11 @@ SETTINGS = {
     "default_no_recompute": ({"selective_checkpointing": False},
                              {"gradient_checkpointing": True}),
     "default_recompute": ({"selective_checkpointing": True}, {"gradient_checkpointing": True}),
+    # On-policy DPO against TRL's experimental OnlineDPOTrainer (dpokit.bench_online). TRL's
+    # default turns gradient checkpointing on, which also turns the KV cache of its generation
+    # off; online_no_ckpt is its fastest setting.
+    "online": ({}, {}),
+    "online_no_ckpt": ({"selective_checkpointing": False}, {"gradient_checkpointing": False}),
 }
 BATCH, MAX_LENGTH, LR, BETA, THREADS = 8, 256, 1e-6, 0.1, 2
 
@@ -212,11 +217,11 @@ def _run_dpokit(fixture: Fixture, model: str, setting: str, steps: int, data: Pa
     return stamps
 
 
-def _run_trl(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
-             epochs: float | None, device: str, dtype: str) -> list[float]:
+def trl_inputs(fixture: Fixture, model: str, data: Path) -> tuple[Any, Any, Any, Any, list]:
+    """What a TRL trainer of the benchmark takes: tokenizer, policy, dataset, a callback that
+    stamps each step's end, and the list it stamps into."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
 
     stamps: list[float] = []
 
@@ -227,6 +232,14 @@ def _run_trl(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
     tokenizer = AutoTokenizer.from_pretrained(fixture.model(model))
     policy = AutoModelForCausalLM.from_pretrained(fixture.model(model))
     dataset = datasets.load_dataset("json", data_files=str(data), split="train")
+    return tokenizer, policy, dataset, Stamp(), stamps
+
+
+def _run_trl(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
+             epochs: float | None, device: str, dtype: str) -> list[float]:
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer, policy, dataset, stamp, stamps = trl_inputs(fixture, model, data)
     args = DPOConfig(output_dir=str(fixture.root / "runs" / f"trl-{model}-{setting}"),
                      per_device_train_batch_size=BATCH, learning_rate=LR, beta=BETA,
                      max_length=MAX_LENGTH, max_steps=-1 if epochs else steps,
@@ -237,7 +250,7 @@ def _run_trl(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
                      bf16=dtype == "bfloat16", fp16=dtype == "float16",
                      dataloader_num_workers=0, **SETTINGS[setting][1])
     DPOTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer,
-               callbacks=[Stamp()]).train()
+               callbacks=[stamp]).train()
     return stamps
 
 
@@ -249,10 +262,18 @@ def run_one(framework: str, fixture_dir: str, model: str, setting: str, steps: i
     started = time.perf_counter()
     torch.set_num_threads(THREADS)
     fixture = Fixture(Path(fixture_dir))
-    runner = _run_dpokit if framework == "dpokit" else _run_trl
-    data = fixture.data_320 if end_to_end else fixture.data
-    stamps = runner(fixture, model, setting, steps, data, 1.0 if end_to_end else None, device,
-                    dtype)
+    if setting.startswith("online"):
+        from dpokit import bench_online
+
+        runner = bench_online.run_dpokit if framework == "dpokit" else bench_online.run_trl
+        stamps = runner(fixture, model, steps, batch=BATCH, lr=LR, beta=BETA,
+                        max_length=MAX_LENGTH, device=device, dtype=dtype,
+                        overrides=SETTINGS[setting][framework == "trl"])
+    else:
+        runner = _run_dpokit if framework == "dpokit" else _run_trl
+        data = fixture.data_320 if end_to_end else fixture.data
+        stamps = runner(fixture, model, setting, steps, data, 1.0 if end_to_end else None,
+                        device, dtype)
     gaps = [b - a for a, b in itertools.pairwise(stamps)][2:] or [float("nan")]
     result = {"framework": framework, "model": model, "setting": setting,
               "seconds_per_step": statistics.median(gaps), "steps": len(stamps),
@@ -318,6 +339,15 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
                                  "error": runs[0]["error"]})
                     continue
                 spp = statistics.median(r["seconds_per_step"] for r in good)
+                if setting.startswith("online"):  # a step's work depends on the generations
+                    row = {"framework": framework, "model": model, "setting": setting,
+                           "params": params, "seconds_per_step": spp,
+                           "pairs_per_second": BATCH / spp,
+                           "peak_rss_mb": max(r["peak_rss_mb"] for r in good),
+                           "device": device, "dtype": dtype}
+                    rows.append(row)
+                    report(_format_row(row))
+                    continue
                 # 6·N per trained token (prompt once per pair) + 2·N per reference token when
                 # the reference runs every step (dpokit's default caches it, as "precompute").
                 cached = "precompute" in setting or (framework == "dpokit"
@@ -345,6 +375,10 @@ def _format_row(row: dict) -> str:
     if "error" in row:
         return f"{row['framework']:7} {row['model']:6} {row['setting']:20} error: {row['error']}"
     e2e = row.get("end_to_end_seconds")
+    if row["setting"].startswith("online"):
+        return (f"{row['framework']:7} {row['model']:6} {row['setting']:20} "
+                f"{row['seconds_per_step']:.3f} s/step  {row['pairs_per_second']:.2f} pairs/s  "
+                f"{row['peak_rss_mb']:.0f} MB")
     return (f"{row['framework']:7} {row['model']:6} {row['setting']:20} "
             f"{row['seconds_per_step']:.3f} s/step  {row['pairs_per_second']:.2f} pairs/s  "
             f"{row['tokens_per_second']:.0f} tok/s  {row['peak_fraction']:.0%} of peak  "

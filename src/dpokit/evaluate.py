@@ -176,6 +176,9 @@ class GenerateConfig(SamplingConfig):
     text_mode: Literal["auto", "chat", "plain"] = field_(
         "auto", help="Chat template for conversational prompts, or plain 'role: content' text.")
     num_generations: int = field_(1, help="Completions per prompt.")
+    reward: str | None = field_(
+        None, help="Also score each completion (a 'reward' field): module:function, "
+                   "path/file.py:function (TRL's signature) or a reward-model directory.")
     seed: int = field_(0, help="Seed of the sampling (same seed, same completions).")
     batch_size: int = field_(64, help="Sequences generated together.")
     dtype: Literal["float32", "bfloat16", "float16"] = field_(
@@ -222,6 +225,19 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
                 model, tokenizer, prompts, num_generations=config.num_generations,
                 seed=config.seed, batch_size=config.batch_size, **config.sampling)
         records = completion_records(prompts, completions)
+        if config.reward:
+            from dpokit.rewards import RewardModel, load_reward, score
+
+            reward = load_reward(config.reward)
+            if isinstance(reward, RewardModel):
+                reward.to(runtime.device)
+            flat = [c for group in completions for c in group]
+            values = score(reward, config.reward,
+                           [p.prompt for p, group in zip(prompts, completions, strict=True)
+                            for _ in group], [c.text for c in flat], step=0,
+                           completion_ids=[c.ids for c in flat])
+            for record, value in zip(records, values, strict=True):
+                record["reward"] = value
         try:
             write_jsonl(config.output, records)
         except OSError as error:

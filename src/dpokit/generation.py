@@ -3,8 +3,10 @@
     completions = generate_completions(model, tokenizer, prompts, num_generations=2,
                                        max_new_tokens=64, temperature=1.0, seed=0)
 
-Prompts are left-padded into batches (``generate`` continues every row from its last column);
-each completion is cut after its first EOS (``eos`` True) or keeps all ``max_new_tokens`` tokens
+Prompts are left-padded into batches (``generate`` continues every row from its last column).
+With ``num_generations`` > 1 each prompt is computed once: its KV cache is filled by one forward
+over the unique prompts and repeated for its generations before ``generate`` decodes (greedy
+output equal to the plain path, tested). Each completion is cut after its first EOS (``eos`` True) or keeps all ``max_new_tokens`` tokens
 (``eos`` False). ``temperature`` 0 is greedy decoding; otherwise sampling with ``top_k`` (0: off)
 and ``top_p`` (1: off). The random stream is seeded from ``seed`` alone and the caller's global
 RNG is left as it was, so the same call gives the same completions, and training that generates
@@ -63,7 +65,7 @@ def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[Pro
     if eos is None:
         raise DpokitError("generation needs a tokenizer with an eos_token")
     device = next(model.parameters()).device
-    rows = [p.prompt_ids for p in prompts for _ in range(num_generations)]
+    k = num_generations
     sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
                 if temperature > 0 else {"do_sample": False})
     was_training = model.training
@@ -72,15 +74,19 @@ def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[Pro
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
+            for chunk, copies in _calls(prompts, k, batch_size):
                 width = max(len(r) for r in chunk)
                 ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk], device=device)
                 mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk],
                                     device=device)
-                generated = model.generate(ids, attention_mask=mask,
+                extra = {}
+                if copies > 1 and width > 1:
+                    name, cache = _prompt_cache(model, ids[:, :-1], mask[:, :-1], copies)
+                    extra[name] = cache
+                generated = model.generate(ids.repeat_interleave(copies, 0),
+                                           attention_mask=mask.repeat_interleave(copies, 0),
                                            max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                           pad_token_id=pad, **sampling)
+                                           pad_token_id=pad, **sampling, **extra)
                 for row in generated[:, width:].tolist():
                     ended = eos in row
                     row = row[:row.index(eos) + 1] if ended else row
@@ -88,8 +94,39 @@ def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[Pro
                                           ended))
     finally:
         model.train(was_training)
-    k = num_generations
     return [out[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+def _calls(prompts: Sequence[Prompt], k: int,
+           batch_size: int) -> list[tuple[list[list[int]], int]]:
+    """``(prompt ids, copies)`` per ``generate`` call, in output order: whole prompts with their
+    ``k`` generations, at most ``batch_size`` sequences a call (a prompt's generations split
+    over several calls when ``k`` is larger)."""
+    if k <= batch_size:
+        per_call = batch_size // k
+        return [([p.prompt_ids for p in prompts[i:i + per_call]], k)
+                for i in range(0, len(prompts), per_call)]
+    return [([p.prompt_ids], min(batch_size, k - done)) for p in prompts
+            for done in range(0, k, batch_size)]
+
+
+def _prompt_cache(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                  copies: int) -> tuple[str, Any]:
+    """The KV cache of all but the last prompt token, one forward per unique prompt, each row
+    repeated ``copies`` times (``generate`` then runs only the last token and the new ones), and
+    the keyword this transformers version takes it by."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else \
+        "past_key_values"
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: as generate numbers them
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+          **{name: cache})
+    cache.batch_repeat_interleave(copies)
+    return name, cache
 
 
 def completion_records(prompts: Sequence[Prompt],

@@ -121,21 +121,24 @@ def _takes(fn: RewardFn, name: str) -> bool:
 def score(fn: RewardFn, spec: str, prompts: Sequence[Any], completions: Sequence[str], *,
           step: int, completion_ids: Sequence[Sequence[int]] | None = None) -> list[float]:
     """``fn(prompts=…, completions=…[, completion_ids=…])`` checked: one finite number per
-    completion."""
+    completion. ``step`` (1-based; 0: not in training) goes into the error messages."""
+    where = f" at step {step}" if step else ""
     extra = ({"completion_ids": [list(ids) for ids in completion_ids]}
              if completion_ids is not None and _takes(fn, "completion_ids") else {})
     try:
         values = list(fn(prompts=list(prompts), completions=list(completions), **extra))
     except Exception as error:
-        raise DpokitError(f"reward {spec} failed at step {step}: "
+        raise DpokitError(f"reward {spec} failed{where}: "
                           f"{type(error).__name__}: {error}") from None
     if len(values) != len(completions):
         raise DpokitError(f"reward {spec} returned {len(values)} values for "
-                          f"{len(completions)} completions at step {step}")
+                          f"{len(completions)} completions{where}")
     try:
         values = [float(v) for v in values]
     except (TypeError, ValueError):
-        raise DpokitError(f"reward {spec} returned a non-number at step {step}") from None
-    if not all(math.isfinite(v) for v in values):
-        raise DpokitError(f"reward {spec} returned a non-finite value at step {step}")
+        raise DpokitError(f"reward {spec} returned a non-number{where}") from None
+    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise DpokitError(f"reward {spec} returned a non-finite value ({values[bad]}) for "
+                          f"completion {bad}{where}")
     return values
