@@ -6,11 +6,11 @@
 Prompts are left-padded into batches (``generate`` continues every row from its last column).
 With ``num_generations`` > 1 each prompt is computed once: its KV cache is filled by one forward
 over the unique prompts and repeated for its generations before ``generate`` decodes (greedy
-output equal to the plain path, tested). Each completion is cut after its first EOS (``eos`` True) or keeps all ``max_new_tokens`` tokens
-(``eos`` False). ``temperature`` 0 is greedy decoding; otherwise sampling with ``top_k`` (0: off)
-and ``top_p`` (1: off). The random stream is seeded from ``seed`` alone and the caller's global
-RNG is left as it was, so the same call gives the same completions, and training that generates
-between steps resumes exactly.
+output equal to the plain path, tested). Each completion is cut after its first EOS (``eos``
+True) or keeps all ``max_new_tokens`` tokens (``eos`` False). ``temperature`` 0 is greedy
+decoding; otherwise sampling with ``top_k`` (0: off) and ``top_p`` (1: off). The random stream
+is seeded from ``seed`` alone and the caller's global RNG is left as it was, so the same call
+gives the same completions, and training that generates between steps resumes exactly.
 """
 
 from __future__ import annotations
