@@ -19,7 +19,7 @@ LAYERS = [
     {"objectives"},
     {"evaluate"},
     {"train"},
-    {"demo", "bench"},
+    {"demo", "bench", "bench_online"},
     {"cli", "__main__"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
