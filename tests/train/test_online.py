@@ -185,3 +185,17 @@ def test_reward_without_a_reader_is_refused(workdir, reward_file):
     with pytest.raises(DpokitError, match="reward is read by online training and by "
                                           "eval_generate"):
         config(workdir, "no-reader", reward=f"{reward_file}:short")
+
+
+def test_iterative_online_dpo_refreshes_the_reference(workdir, reward_file):
+    """sync_ref_model with α = 1 every 2 steps (iterative DPO), with gradient accumulation: the
+    reference becomes the policy after steps 2 and 4, so the k3 KL of the samples is 0 at steps
+    1, 3 and 5 (π_θ = π_ref when they are drawn) and positive at steps 2 and 4."""
+    final = train(online(workdir, "online-iter", reward_file, max_steps=5, logging_steps=1,
+                         sync_ref_model=True, ref_model_mixup_alpha=1.0, ref_model_sync_steps=2,
+                         gradient_accumulation_steps=2, batch_size=4), progress=False)
+    kl = {r["step"]: r["kl_to_ref"] for r in read_metrics(final.parent) if "kl_to_ref" in r}
+    for step in (1, 3, 5):
+        assert kl[step] == pytest.approx(0.0, abs=1e-5), kl
+    for step in (2, 4):
+        assert kl[step] > 1e-3, kl
