@@ -58,6 +58,17 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
+def nonfinite_parameter(model: Any) -> str | None:
+    """The name of the first parameter holding a NaN or ±inf (this process's shard under FSDP),
+    or None when every one is finite."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            if not bool(torch.isfinite(local).all()):
+                return name
+    return None
+
+
 def load_causal_lm(path: str | Path, *, dtype: str = "float32", device: str | torch.device = "cpu",
                    trust_remote_code: bool = False, what: str = "model") -> Any:
     """``AutoModelForCausalLM`` from a local directory, in ``dtype`` on ``device``, eval mode."""
@@ -73,6 +84,10 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", device: str | to
     except (OSError, ValueError, KeyError) as error:
         raise DpokitError(f"cannot load a causal LM from {directory}: "
                           f"{str(error).splitlines()[0]}") from None
+    bad = nonfinite_parameter(model)
+    if bad is not None:
+        raise DpokitError(f"{directory}: weight {bad} holds NaN or inf values; the {what} is "
+                          f"corrupt or came from a diverged run")
     return model.to(device).eval()
 
 

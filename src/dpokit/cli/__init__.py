@@ -24,13 +24,24 @@ from dpokit.errors import DpokitError
 
 
 def _configure_logging() -> None:
-    """dpokit's warnings as ``dpokit: warning: …`` lines on stderr; quiet library progress."""
+    """dpokit's warnings as ``dpokit: warning: …`` lines on stderr; quiet library progress. The
+    handler writes to whatever ``sys.stderr`` is at the time of each message (not the stream of
+    the first call), so a redirected or replaced stderr is honoured."""
     import logging
     import os
 
+    class Handler(logging.StreamHandler):
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     logger = logging.getLogger("dpokit")
     if not any(getattr(h, "_dpokit", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = Handler()
         handler.setFormatter(logging.Formatter("dpokit: %(levelname)s: %(message)s"))
         handler._dpokit = True
         logger.addHandler(handler)

@@ -143,11 +143,24 @@ def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair]
     return table
 
 
-def read_table(cache_file: Path) -> Tensor | None:
-    """The cached ``(N, 2)`` reference table, or None when there is none yet."""
+def read_table(cache_file: Path, rows: int) -> Tensor | None:
+    """The cached ``(rows, 2)`` reference table, or None when there is none yet — or when the
+    entry is unreadable, of the wrong shape or not finite: then it is removed (with a warning
+    naming it) so that it is rebuilt."""
     if not cache_file.is_file():
         return None
-    return load_file(str(cache_file))["ref_logps"]
+    try:
+        table = load_file(str(cache_file))["ref_logps"]
+        problem = (None if tuple(table.shape) == (rows, 2) and bool(torch.isfinite(table).all())
+                   else f"shape {tuple(table.shape)} or non-finite values")
+    except Exception as error:  # a truncated or foreign file: safetensors raises its own types
+        problem = f"{type(error).__name__}: {error}"
+    if problem is None:
+        return table
+    log.warning("reference cache entry %s is corrupt (%s); removed, recomputing it",
+                cache_file, problem)
+    cache_file.unlink(missing_ok=True)
+    return None
 
 
 def write_table(cache_file: Path, table: Tensor) -> None:

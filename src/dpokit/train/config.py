@@ -40,6 +40,9 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
     adam_beta2: float = field(0.999, help="AdamW β2.")
     adam_epsilon: float = field(1e-8, help="AdamW ε.")
     max_grad_norm: float | None = field(1.0, help="Clip the gradient norm to this (null: off).")
+    max_nonfinite_steps: int = field(
+        3, help="Divergence guard: a step whose loss or gradient norm is NaN/inf is skipped; "
+                "this many in a row stop the run (exit 2), the last checkpoint kept.")
     num_epochs: float = field(1.0, help="Passes over the training data (fractions allowed).")
     max_steps: int | None = field(None, help="Stop after this many optimizer steps.")
     seed: int = field(42, help="Seed of data order, initialisation and dropout.")
@@ -83,7 +86,8 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
         if self.fsdp and self.dtype == "float16":
             raise DpokitError("fsdp with float16 is not supported (loss scaling is not sharded); "
                               "use bfloat16")
-        for key in ("gradient_accumulation_steps", "logging_steps", "lora_r"):
+        for key in ("gradient_accumulation_steps", "logging_steps", "lora_r",
+                    "max_nonfinite_steps"):
             if getattr(self, key) < 1:
                 raise DpokitError(f"{key} must be ≥ 1, got {getattr(self, key)}")
         for key in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -30,8 +31,9 @@ from dpokit.data import epoch_batches, micro_batches
 from dpokit.errors import DpokitError
 from dpokit.evaluate import evaluate
 from dpokit.logps import unwrap_model
+from dpokit.models import nonfinite_parameter
 from dpokit.runtime import rng_state, setup_runtime, shutdown_runtime
-from dpokit.train.checkpoint import save_checkpoint
+from dpokit.train.checkpoint import list_checkpoints, save_checkpoint
 from dpokit.train.config import DPOConfig, SFTConfig, TrainConfig
 from dpokit.train.setup import Run, setup_run
 
@@ -87,6 +89,7 @@ def train_step(run: Run) -> None:
     global_indices = run.epoch_order[epoch][index]
     micro = micro_batches(global_indices, config.batch_size, runtime.rank, runtime.world_size)
     scale = runtime.world_size / len(global_indices)
+    sums, loss = [], torch.zeros((), dtype=torch.float64, device=runtime.device)
     for i, (indices, weight) in enumerate(micro):
         items = objective.prepare(run.model, [run.train_items[j] for j in indices], indices,
                                   run.step)
@@ -96,15 +99,49 @@ def train_step(run: Run) -> None:
             out = objective.forward(run.policy, batch)
         run.scaler.scale(out.loss_sum * (scale * weight)).backward()
         if weight:
-            run.window.add(out.sums)
+            sums.append(out.sums)
+            loss += out.loss_sum.detach().double()
     run.scaler.unscale_(run.optimizer)
     run.grad_norm = _clip(run.model, config.max_grad_norm)
-    run.scaler.step(run.optimizer)
+    if _finite_step(run, loss):
+        run.scaler.step(run.optimizer)
+        for step_sums in sums:
+            run.window.add(step_sums)
     run.scaler.update()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     objective.after_step(run.model, run.step)
+
+
+def _finite_step(run: Run, loss: torch.Tensor) -> bool:
+    """The divergence guard: whether this step's loss (and, without fp16 loss scaling, which
+    skips such steps itself, its gradient norm) is finite on every rank — one all-reduced flag
+    per step. A non-finite step is skipped (no update, its metrics not logged) and counted;
+    ``max_nonfinite_steps`` of them in a row stop the run with a one-line error, the last
+    checkpoint untouched."""
+    bad = not math.isfinite(float(loss))
+    if not run.scaler.is_enabled():
+        bad = bad or not math.isfinite(run.grad_norm)
+    if run.runtime.all_reduce_sum(torch.tensor(float(bad))).item() == 0:
+        run.nonfinite_in_row = 0
+        return True
+    run.skipped_steps += 1
+    run.nonfinite_in_row += 1
+    step = run.step + 1
+    if run.runtime.is_main:
+        log.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a "
+                    "row, %d in all)", step, float(loss), run.grad_norm, run.nonfinite_in_row,
+                    run.skipped_steps)
+    if run.nonfinite_in_row >= run.config.max_nonfinite_steps:
+        saved = list_checkpoints(run.output_dir)
+        last = f"the last checkpoint, {saved[-1]}, is intact" if saved else "no checkpoint saved"
+        raise DpokitError(
+            f"step {step}: the loss or gradient norm was not finite for {run.nonfinite_in_row} "
+            f"steps in a row (loss {float(loss)}, grad_norm {run.grad_norm}): training diverged "
+            f"and stopped; {last}. Lower learning_rate, set max_grad_norm, or check the data "
+            f"and the reference")
+    return False
 
 
 def after_step(run: Run, probe: Probe | None, stopping: bool) -> None:
@@ -126,12 +163,15 @@ def log_window(run: Run) -> None:
     seconds = time.perf_counter() - run.window_start
     sums = run.window.reduce(run.runtime.all_reduce_sum)
     objective = run.objective
+    means = objective.means(sums) if sums["count"] > 0 else {}  # empty: every step skipped
     record = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4),
-              **objective.means(sums), "learning_rate": run.scheduler.get_last_lr()[0],
+              **means, "learning_rate": run.scheduler.get_last_lr()[0],
               "grad_norm": run.grad_norm,
-              f"{objective.unit}_per_second": sums["count"] / seconds}
+              f"{objective.unit}_per_second": sums["count"] / seconds,
+              "skipped_steps": run.skipped_steps}
     run.metrics.write(record)
-    run.metrics.bar.set_postfix(loss=f"{record['loss']:.4f}", **objective.postfix(record))
+    if means:
+        run.metrics.bar.set_postfix(loss=f"{record['loss']:.4f}", **objective.postfix(record))
     run.window.zero_()
     run.window_start = time.perf_counter()
 
@@ -195,7 +235,9 @@ def save(run: Run) -> None:
              "total_steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch,
              "world_size": runtime.world_size,
              "grad_scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-             "metric_window": run.window.state_dict()}
+             "metric_window": run.window.state_dict(),
+             "skipped_steps": run.skipped_steps, "nonfinite_in_row": run.nonfinite_in_row}
+    check_finite_weights(run, f"step {run.step}: checkpoint not saved")
     save_checkpoint(run.output_dir, run.step, model=run.checkpoint_model,
                     optimizer=run.optimizer, scheduler=run.scheduler, trainer_state=state,
                     rng=rng_state(), ref_model=run.objective.moving_weights,
@@ -216,6 +258,7 @@ def finish(run: Run) -> Path:
         state_dict = get_model_state_dict(
             run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     final = run.output_dir / "final"
+    check_finite_weights(run, f"step {run.step}: final/ not saved")
     if runtime.is_main:
         with atomic_path(final, directory=True, shared=True) as tmp:  # a stale one is cleared
             run.model.save_pretrained(tmp, state_dict=state_dict)
@@ -226,6 +269,16 @@ def finish(run: Run) -> Path:
                 run.tokenizer.save_pretrained(tmp / "merged")
     runtime.barrier()
     return final
+
+
+def check_finite_weights(run: Run, what: str) -> None:
+    """Refuse to write non-finite weights: a one-line error (on every rank) naming the
+    parameter; nothing is written and earlier checkpoints stay as they are."""
+    bad = nonfinite_parameter(run.model)
+    if run.runtime.all_reduce_sum(torch.tensor(float(bad is not None))).item() > 0:
+        raise DpokitError(f"{what}: the weights are not finite"
+                          + (f" (parameter {bad})" if bad else " (on another rank)")
+                          + "; training diverged. Lower learning_rate or set max_grad_norm")
 
 
 def _no_sync(policy: nn.Module, skip: bool):

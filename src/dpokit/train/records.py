@@ -9,6 +9,7 @@ objective's metric means and its throughput; evaluation records ``eval/…`` key
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float):
@@ -61,6 +62,12 @@ class MetricsLog:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def finite_json(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with NaN and ±inf numbers as null, so every line stays valid JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()}
 
 
 RECORD_FILES = ("metrics.jsonl", "samples.jsonl")

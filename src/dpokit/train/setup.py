@@ -23,7 +23,7 @@ from torch import nn
 from dpokit.config import write_config
 from dpokit.errors import DpokitError
 from dpokit.logps import unwrap_model
-from dpokit.models import load_causal_lm, load_tokenizer
+from dpokit.models import load_causal_lm, load_tokenizer, nonfinite_parameter
 from dpokit.objectives import MetricSums, Objective, Reference
 from dpokit.objectives.reference import (
     cache_key,
@@ -84,6 +84,10 @@ class Run:
     """Optimizer steps taken (the position in the data: batches follow from it)."""
     grad_norm: float = 0.0
     """Of the last step, before clipping."""
+    skipped_steps: int = 0
+    """Steps skipped by the divergence guard (non-finite loss or gradient norm), in all."""
+    nonfinite_in_row: int = 0
+    """Non-finite steps since the last finite one."""
     sample_reward: Any = None
     """The reward of ``eval_generate`` samples (the objective's, or ``config.reward``'s)."""
     window_start: float = field(default_factory=time.perf_counter)
@@ -180,6 +184,12 @@ def resume(run: Run) -> None:
                               f"this run has {value}; resume with the same number of "
                               f"processes, batch_size and gradient_accumulation_steps")
     run.step = state["global_step"]
+    run.skipped_steps = state.get("skipped_steps", 0)
+    run.nonfinite_in_row = state.get("nonfinite_in_row", 0)
+    bad = nonfinite_parameter(run.model)
+    if bad is not None:
+        raise DpokitError(f"resume: {checkpoint} holds non-finite weights (parameter {bad}); "
+                          f"it is corrupt — resume from an earlier checkpoint")
     if state.get("metric_window") is not None:
         run.window.load_state_dict(state["metric_window"])
     set_rng_state(rng)
@@ -253,13 +263,17 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
     key = cache_key(hash_directory(ref_dir), items, settings)
     cache_file = Path(config.output_dir).resolve().parent / ".dpokit_cache" / f"{key}.safetensors"
 
-    table = read_table(cache_file)
+    table = read_table(cache_file, len(items))
     cached = table is not None
     if table is None:
         table = compute_reference_table(
             reference, items, batch_size=2 * config.batch_size,
             pad_token_id=pad_token_id, layout=config.layout, device=runtime.device,
             rank=runtime.rank, world_size=runtime.world_size, progress=progress and runtime.is_main)
+        if not bool(torch.isfinite(table).all()):
+            row = int((~torch.isfinite(table)).any(-1).nonzero()[0])
+            raise DpokitError(f"reference log-probs are not finite (example {row + 1} of "
+                              f"{len(items)}); the reference model {ref_dir} is broken")
         if runtime.is_main:
             write_table(cache_file, table)
     runtime.barrier()
