@@ -21,10 +21,17 @@ from dpokit.train.config import DPOConfig, SFTConfig
 
 
 def _train(config) -> None:
-    """``dpokit train`` / ``dpokit sft``: run the loop, print where the model went."""
-    from dpokit.train.loop import train
+    """``dpokit train`` / ``dpokit sft``: run the loop, print where the model went; stopped by
+    SIGTERM/SIGINT (after saving a checkpoint), exit with 143/130."""
+    import sys
 
-    console.print(f"done: {train(config)}")
+    from dpokit.train import loop
+
+    path = loop.train(config)
+    if loop.last_stop_signal is not None:
+        console.print(f"stopped: checkpoint {path} (resume with --resume auto)", soft_wrap=True)
+        sys.exit(128 + int(loop.last_stop_signal))
+    console.print(f"done: {path}")
 
 
 def _eval(config: EvalConfig) -> None:

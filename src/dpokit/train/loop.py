@@ -53,9 +53,16 @@ class Probe:
     fn: Callable[[nn.Module, int], dict]
 
 
+last_stop_signal: int | None = None
+"""The signal that stopped the last :func:`train` call early (None: it ran to the end); the CLI
+exits with 128 + it (143 for SIGTERM, 130 for SIGINT), so a scheduler sees the interruption."""
+
+
 def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = None) -> Path:
     """Run SFT (``SFTConfig``) or DPO (``DPOConfig``); return the final model directory, or the
     checkpoint written when SIGINT/SIGTERM stopped the run early."""
+    global last_stop_signal
+    last_stop_signal = None
     runtime = setup_runtime(config.device, config.dtype)
     run = None
     try:
@@ -69,6 +76,8 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
                     if runtime.is_main:
                         log.warning("stopped by signal after step %d; checkpoint saved — "
                                     "resume with --resume auto", run.step)
+                    # a rank that got no signal itself stops as if it had had SIGTERM
+                    last_stop_signal = stop.signum or signal.SIGTERM
                     return run.output_dir / f"checkpoint-{run.step}"
         run.metrics.bar.close()
         return finish(run)
@@ -303,6 +312,7 @@ class _StopRequest:
     """Set when SIGINT/SIGTERM arrived during training."""
 
     requested = False
+    signum: int | None = None
 
 
 @contextlib.contextmanager
@@ -315,6 +325,7 @@ def _stop_on_signal() -> Iterator[_StopRequest]:
     def handle(signum, frame) -> None:
         """Note the signal; the loop acts on it after the step."""
         stop.requested = True
+        stop.signum = signum
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError):  # not in the main thread: no handlers
