@@ -188,33 +188,34 @@ def matmul_peak_gflops(size: int | None = None, seconds: float = 1.0, *, device:
 # ----------------------------------------------------------------------- one run per process
 
 
-def _run_dpokit(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
-                epochs: float | None, device: str, dtype: str) -> list[float]:
+def timed_dpokit_run(fixture: Fixture, **settings: Any) -> list[float]:
+    """Step-end timestamps of one ``dpokit train`` run of ``DPOConfig(**settings)`` in a fresh
+    run directory under the fixture (so a fresh reference cache too: an end-to-end measurement
+    includes the reference pass), removed afterwards."""
+    import shutil
+    import tempfile
+
     from dpokit.train.config import DPOConfig
     from dpokit.train.loop import Probe, train
 
     stamps: list[float] = []
-    overrides = SETTINGS[setting][0]
-    # A fresh run directory (and so a fresh reference cache beside it) for every run: an
-    # end-to-end measurement must include the reference pass.
-    import tempfile
-
     run_root = Path(tempfile.mkdtemp(prefix="run-", dir=fixture.root))
-    config = DPOConfig(model=str(fixture.model(model)), data=str(data),
-                       output_dir=str(run_root / f"dpokit-{model}-{setting}"), device=device,
-                       dtype=dtype,
-                       batch_size=BATCH, learning_rate=LR, beta=BETA, max_length=MAX_LENGTH,
-                       max_steps=None if epochs else steps, num_epochs=epochs or 1.0,
-                       save_steps=None, logging_steps=10**9, lr_scheduler="constant",
-                       **overrides)
+    config = DPOConfig(output_dir=str(run_root / "dpokit"), save_steps=None,
+                       logging_steps=10**9, lr_scheduler="constant", **settings)
     try:
         train(config, progress=False, probe=Probe(1, lambda m, s: stamps.append(
             time.perf_counter()) or {}))
     finally:
-        import shutil
-
         shutil.rmtree(run_root, ignore_errors=True)
     return stamps
+
+
+def _run_dpokit(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
+                epochs: float | None, device: str, dtype: str) -> list[float]:
+    return timed_dpokit_run(
+        fixture, model=str(fixture.model(model)), data=str(data), device=device, dtype=dtype,
+        batch_size=BATCH, learning_rate=LR, beta=BETA, max_length=MAX_LENGTH,
+        max_steps=None if epochs else steps, num_epochs=epochs or 1.0, **SETTINGS[setting][0])
 
 
 def trl_inputs(fixture: Fixture, model: str, data: Path) -> tuple[Any, Any, Any, Any, list]:

@@ -10,7 +10,6 @@ A step is generate + reward + reference and policy log-probs + backward + AdamW.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,27 +36,14 @@ def run_dpokit(fixture, model: str, steps: int, *, batch: int, lr: float, beta: 
                max_length: int, device: str, dtype: str,
                overrides: dict[str, Any]) -> list[float]:
     """Step-end timestamps of ``dpokit train --online`` (hard labels, sigmoid)."""
-    import shutil
-    import tempfile
+    from dpokit.bench import timed_dpokit_run
 
-    from dpokit.train.config import DPOConfig
-    from dpokit.train.loop import Probe, train
-
-    stamps: list[float] = []
-    run_root = Path(tempfile.mkdtemp(prefix="run-", dir=fixture.root))
-    config = DPOConfig(model=str(fixture.model(model)), data=str(prompts_file(fixture)),
-                       output_dir=str(run_root / "dpokit-online"), device=device, dtype=dtype,
-                       online=True, reward="dpokit.bench_online:length_reward", label="hard",
-                       loss_type=["sigmoid"], num_generations=2, max_new_tokens=MAX_NEW_TOKENS,
-                       temperature=TEMPERATURE, batch_size=batch, learning_rate=lr, beta=beta,
-                       max_length=max_length, max_steps=steps, save_steps=None,
-                       logging_steps=10**9, lr_scheduler="constant", **overrides)
-    try:
-        train(config, progress=False, probe=Probe(1, lambda m, s: stamps.append(
-            time.perf_counter()) or {}))
-    finally:
-        shutil.rmtree(run_root, ignore_errors=True)
-    return stamps
+    return timed_dpokit_run(
+        fixture, model=str(fixture.model(model)), data=str(prompts_file(fixture)),
+        device=device, dtype=dtype, online=True, reward="dpokit.bench_online:length_reward",
+        label="hard", loss_type=["sigmoid"], num_generations=2, max_new_tokens=MAX_NEW_TOKENS,
+        temperature=TEMPERATURE, batch_size=batch, learning_rate=lr, beta=beta,
+        max_length=max_length, max_steps=steps, **overrides)
 
 
 def run_trl(fixture, model: str, steps: int, *, batch: int, lr: float, beta: float,

@@ -226,16 +226,11 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
                 seed=config.seed, batch_size=config.batch_size, **config.sampling)
         records = completion_records(prompts, completions)
         if config.reward:
-            from dpokit.rewards import RewardModel, load_reward, score
+            from dpokit.rewards import load_reward, score_groups
 
-            reward = load_reward(config.reward)
-            if isinstance(reward, RewardModel):
-                reward.to(runtime.device)
-            flat = [c for group in completions for c in group]
-            values = score(reward, config.reward,
-                           [p.prompt for p, group in zip(prompts, completions, strict=True)
-                            for _ in group], [c.text for c in flat], step=0,
-                           completion_ids=[c.ids for c in flat])
+            values = score_groups(load_reward(config.reward), config.reward,
+                                  [p.prompt for p in prompts], completions, step=0,
+                                  device=runtime.device)
             for record, value in zip(records, values, strict=True):
                 record["reward"] = value
         try:

@@ -69,20 +69,20 @@ def nonfinite_parameter(model: Any) -> str | None:
     return None
 
 
-def load_causal_lm(path: str | Path, *, dtype: str = "float32", device: str | torch.device = "cpu",
-                   trust_remote_code: bool = False, what: str = "model") -> Any:
-    """``AutoModelForCausalLM`` from a local directory, in ``dtype`` on ``device``, eval mode."""
-    from transformers import AutoModelForCausalLM
+def _from_pretrained(auto_class: Any, path: str | Path, *, what: str, kind: str, dtype: str,
+                     device: str | torch.device, trust_remote_code: bool) -> Any:
+    """``auto_class.from_pretrained`` of a local directory (no network), one-line errors, its
+    weights checked finite, in ``dtype`` on ``device``, eval mode."""
     from transformers.utils import logging as hf_logging
 
     directory = _model_dir(path, what)
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=resolve_dtype(dtype), local_files_only=True,
-            trust_remote_code=trust_remote_code)
+        model = auto_class.from_pretrained(directory, dtype=resolve_dtype(dtype),
+                                           local_files_only=True,
+                                           trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
-        raise DpokitError(f"cannot load a causal LM from {directory}: "
+        raise DpokitError(f"cannot load a {kind} from {directory}: "
                           f"{str(error).splitlines()[0]}") from None
     bad = nonfinite_parameter(model)
     if bad is not None:
@@ -91,24 +91,26 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", device: str | to
     return model.to(device).eval()
 
 
+def load_causal_lm(path: str | Path, *, dtype: str = "float32", device: str | torch.device = "cpu",
+                   trust_remote_code: bool = False, what: str = "model") -> Any:
+    """``AutoModelForCausalLM`` from a local directory, in ``dtype`` on ``device``, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return _from_pretrained(AutoModelForCausalLM, path, what=what, kind="causal LM", dtype=dtype,
+                            device=device, trust_remote_code=trust_remote_code)
+
+
 def load_reward_model(path: str | Path, *, dtype: str = "float32",
                       device: str | torch.device = "cpu",
                       trust_remote_code: bool = False) -> Any:
     """``AutoModelForSequenceClassification`` with one output (a scalar reward) from a local
     directory, in ``dtype`` on ``device``, eval mode."""
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
-    directory = _model_dir(path, "reward model")
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            directory, dtype=resolve_dtype(dtype), local_files_only=True,
-            trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as error:
-        raise DpokitError(f"cannot load a sequence-classification reward model from "
-                          f"{directory}: {str(error).splitlines()[0]}") from None
+    model = _from_pretrained(AutoModelForSequenceClassification, path, what="reward model",
+                             kind="sequence-classification reward model", dtype=dtype,
+                             device=device, trust_remote_code=trust_remote_code)
     if model.config.num_labels != 1:
-        raise DpokitError(f"reward model {directory} has {model.config.num_labels} outputs; a "
+        raise DpokitError(f"reward model {Path(path)} has {model.config.num_labels} outputs; a "
                           f"reward model has one (num_labels: 1)")
-    return model.to(device).eval()
+    return model

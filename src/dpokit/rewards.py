@@ -12,7 +12,7 @@ A directory is an ``AutoModelForSequenceClassification`` with one output (TRL's 
 are) and its tokenizer: :class:`RewardModel` scores prompt + completion in batches, without
 gradients. A text prompt is joined to its completion as is; a conversational one goes through the
 reward tokenizer's chat template with the completion as the assistant's message (as TRL does).
- Only the module or file the user names is imported. A reward that raises, returns the
+Only the module or file the user names is imported. A reward that raises, returns the
 wrong number of values or a non-finite one is a one-line error naming the reward and the step.
 """
 
@@ -142,3 +142,15 @@ def score(fn: RewardFn, spec: str, prompts: Sequence[Any], completions: Sequence
         raise DpokitError(f"reward {spec} returned a non-finite value ({values[bad]}) for "
                           f"completion {bad}{where}")
     return values
+
+
+def score_groups(fn: RewardFn, spec: str, prompts: Sequence[Any], groups: Sequence[Sequence[Any]],
+                 *, step: int, device: Any = None) -> list[float]:
+    """:func:`score` of generated completions: ``groups[i]`` are the completions (with ``text``
+    and ``ids``) of ``prompts[i]``; one reward per completion, flattened in that order. A
+    :class:`RewardModel` is first moved to ``device`` when one is given."""
+    if device is not None and isinstance(fn, RewardModel):
+        fn.to(device)
+    flat = [c for group in groups for c in group]
+    return score(fn, spec, [p for p, group in zip(prompts, groups, strict=True) for _ in group],
+                 [c.text for c in flat], step=step, completion_ids=[c.ids for c in flat])

@@ -41,7 +41,7 @@ from dpokit.data.prompts import Prompt, load_prompts
 from dpokit.generation import generate_completions
 from dpokit.objectives.base import Output
 from dpokit.objectives.dpo import DPOObjective
-from dpokit.rewards import RewardModel, load_reward, score
+from dpokit.rewards import load_reward, score_groups
 
 _GENERATION_KEYS = ("generations", "reward_sum", "reward_sq_sum", "eos", "completion_tokens",
                     "generation_seconds", "label_entropy_sum", "pairs")
@@ -77,17 +77,14 @@ class OnlineDPOObjective(DPOObjective):
                 step: int) -> list[TokenizedPair]:
         """Generate, score and pair (see the module docstring); keeps the generation stats."""
         c = self.config
-        if isinstance(self.reward_fn, RewardModel):
-            self.reward_fn.to(next(model.parameters()).device)
         seed = (c.seed * 1_000_003 + step) * 1_000_003 + min(indices)
         started = time.perf_counter()
         groups = generate_completions(model, self.tokenizer, items, seed=seed,
                                       num_generations=c.num_generations, **c.sampling)
         seconds = time.perf_counter() - started
         flat = [completion for group in groups for completion in group]
-        prompts = [item.prompt for item in items for _ in range(c.num_generations)]
-        rewards = score(self.reward_fn, c.reward, prompts, [x.text for x in flat], step=step + 1,
-                        completion_ids=[x.ids for x in flat])
+        rewards = score_groups(self.reward_fn, c.reward, [item.prompt for item in items], groups,
+                               step=step + 1, device=next(model.parameters()).device)
         if c.missing_eos_penalty:
             rewards = [r - (0.0 if x.eos else c.missing_eos_penalty)
                        for r, x in zip(rewards, flat, strict=True)]

@@ -203,7 +203,7 @@ def sample_eval_prompts(run: Run) -> list[dict]:
     draws the same), each with its ``reward`` when the run has one."""
     from dpokit.data.prompts import Prompt
     from dpokit.generation import completion_records, generate_completions
-    from dpokit.rewards import score
+    from dpokit.rewards import score_groups
 
     tokenizer = run.tokenizer
     items = run.eval_items[:run.config.eval_generate]
@@ -215,11 +215,9 @@ def sample_eval_prompts(run: Run) -> list[dict]:
                                            seed=run.config.seed + run.step, **run.config.sampling)
     records = completion_records(prompts, completions)
     if run.sample_reward is not None:
-        flat = [c for group in completions for c in group]
-        rewards = score(run.sample_reward, run.config.reward,
-                        [p.prompt for p, group in zip(prompts, completions, strict=True)
-                         for _ in group], [c.text for c in flat], step=run.step + 1,
-                        completion_ids=[c.ids for c in flat])
+        rewards = score_groups(run.sample_reward, run.config.reward,
+                               [p.prompt for p in prompts], completions, step=run.step + 1,
+                               device=run.runtime.device)
         for record, value in zip(records, rewards, strict=True):
             record["reward"] = value
     return records

@@ -46,15 +46,13 @@ from dpokit.train.records import MetricsLog, start_fresh, truncate_metrics
 log = logging.getLogger("dpokit.train")
 
 
-def _sample_reward(config: TrainConfig, objective: Objective, device: torch.device) -> Any:
-    """What scores ``eval_generate`` samples: the objective's reward, or ``reward`` loaded (a
-    reward model on the run's device)."""
-    from dpokit.rewards import RewardModel, load_reward
+def _sample_reward(config: TrainConfig, objective: Objective) -> Any:
+    """What scores ``eval_generate`` samples: the objective's reward, or ``reward`` loaded."""
+    from dpokit.rewards import load_reward
 
     if not config.eval_generate or not config.reward:
         return None
-    reward = objective.reward_fn or load_reward(config.reward)
-    return reward.to(device) if isinstance(reward, RewardModel) else reward
+    return objective.reward_fn or load_reward(config.reward)
 
 
 @dataclass
@@ -155,7 +153,7 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
                                           enabled=runtime.dtype == "float16"),
               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               global_batch=global_batch, window=MetricSums(objective.metric_keys),
-              sample_reward=_sample_reward(config, objective, runtime.device))
+              sample_reward=_sample_reward(config, objective))
     resume(run)
     run.metrics = MetricsLog(output_dir, enabled=runtime.is_main, total_steps=total_steps,
                              step=run.step, progress=progress)
