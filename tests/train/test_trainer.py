@@ -224,9 +224,11 @@ def test_sft_on_conversations_and_tensorboard_events(workdir):
 
 @pytest.mark.parametrize("layout", [{"shared_prompt": True}, {"padding_free": True}])
 def test_layouts_train_identically(workdir, layout):
-    padded = read_metrics(train(config(workdir, "layout-padded", max_steps=2, shared_prompt=False),
+    name = next(iter(layout))
+    padded = read_metrics(train(config(workdir, f"layout-padded-{name}", max_steps=2,
+                                       shared_prompt=False),
                            progress=False).parent)
-    other = read_metrics(train(config(workdir, f"layout-{next(iter(layout))}", max_steps=2,
+    other = read_metrics(train(config(workdir, f"layout-{name}", max_steps=2,
                                  **layout), progress=False).parent)
     for x, y in zip(padded, other, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
@@ -262,7 +264,7 @@ def test_a_fresh_run_refuses_a_directory_with_checkpoints(workdir):
     from dpokit.errors import DpokitError
 
     train(config(workdir, "taken", max_steps=2, save_steps=2), progress=False)
-    with pytest.raises(DpokitError, match="holds checkpoints of an earlier run"):
+    with pytest.raises(DpokitError, match="holds an earlier run .*resume it with --resume auto"):
         train(config(workdir, "taken", max_steps=2, save_steps=2), progress=False)
 
 

@@ -5,11 +5,17 @@ states, the random generator states, the trainer state (step and data position, 
 for TR-DPO, the moving reference weights. It is written into a hidden temporary directory and
 renamed into place, so a crash mid-save leaves no partial checkpoint; ``save_total_limit`` prunes
 the oldest. Everything is read back with ``safetensors`` or ``torch.load(weights_only=True)``.
+
+``checksums.json`` holds the size and SHA-256 of every other file; resuming verifies them, and
+``--resume auto`` skips a checkpoint that fails (a truncated or altered file, one missing) for the
+newest one that passes, with a warning naming what it skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +28,10 @@ from torch import nn
 from dpokit.atomic import replace, temporary_sibling
 from dpokit.errors import DpokitError
 
+log = logging.getLogger("dpokit.train")
+
 PREFIX = "checkpoint-"
+CHECKSUMS = "checksums.json"
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -74,6 +83,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module,
                                                 encoding="utf-8")
     barrier()
     if rank == 0:
+        write_checksums(tmp)
         replace(tmp, final)
         if save_total_limit is not None:
             for old in list_checkpoints(output_dir)[:-save_total_limit]:
@@ -92,17 +102,91 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """``checksums.json``: ``{relative path: {"bytes": n, "sha256": hex}}`` of every file."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size,
+                                                  "sha256": _sha256(p)} for p in files}
+    (directory / CHECKSUMS).write_text(json.dumps(sums, indent=1), encoding="utf-8")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed (a file missing, truncated or altered),
+    or None when every file matches ``checksums.json``. A checkpoint of an older dpokit, without
+    checksums, is accepted with a warning."""
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"trainer_state.json unreadable ({getattr(error, 'strerror', None) or error})"
+    try:
+        sums = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        log.warning("%s has no %s (written by an older dpokit): its files are not verified",
+                    path, CHECKSUMS)
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{CHECKSUMS} unreadable ({getattr(error, 'strerror', None) or error})"
+    for name, expected in sums.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} has {size} bytes, {expected['bytes']} were written"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: a path, the latest in ``output_dir`` for ``auto``, or None."""
+    """The checkpoint to resume from: a path, the newest valid one in ``output_dir`` for
+    ``auto`` (None if there is none at all), or None. Each is verified first."""
     if resume is None:
         return None
     if resume == "auto":
         checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        skipped = []
+        for path in reversed(checkpoints):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                if skipped:
+                    log.warning("resume auto: skipped %s; resuming from %s",
+                                "; ".join(skipped), path.name)
+                return path
+            skipped.append(f"{path.name} ({problem})")
+        if skipped:
+            raise DpokitError(f"resume auto: no valid checkpoint in {output_dir}: "
+                              f"{'; '.join(skipped)}")
+        return None
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
         raise DpokitError(f"resume: {path} is not a dpokit checkpoint (no trainer_state.json)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise DpokitError(f"resume: {path} is corrupt: {problem}; resume from an earlier "
+                          f"checkpoint")
     return path
+
+
+def read_trainer_state(path: Path) -> dict:
+    """``trainer_state.json`` of a checkpoint (verified by :func:`resolve_resume`)."""
+    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def _read(path: Path, what: str, read: Callable[[], Any]) -> Any:
+    """``read()``, with any failure to read ``path/what`` as one line naming the file."""
+    try:
+        return read()
+    except DpokitError:
+        raise
+    except Exception as error:  # safetensors, pickle, JSON and OS errors alike
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DpokitError(f"resume: cannot read {path / what}: {first}") from None
 
 
 def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -125,26 +209,32 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     else:
         _load_trainable(path, model)
         device = next(model.parameters()).device
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device,
-                                             weights_only=True))
+        optimizer_state = _read(path, "optimizer.pt", lambda: torch.load(
+            path / "optimizer.pt", map_location=device, weights_only=True))
+        _read(path, "optimizer.pt", lambda: optimizer.load_state_dict(optimizer_state))
     if ref_model is not None and (path / "reference.safetensors").is_file():
+        reference = _read(path, "reference.safetensors",
+                          lambda: load_file(str(path / "reference.safetensors")))
         with torch.no_grad():
             ref_params = dict(ref_model.named_parameters())
-            for name, tensor in load_file(str(path / "reference.safetensors")).items():
+            for name, tensor in reference.items():
                 ref_params[name].copy_(tensor.to(ref_params[name].device))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    scheduler_state = _read(path, "scheduler.pt",
+                            lambda: torch.load(path / "scheduler.pt", weights_only=True))
+    scheduler.load_state_dict(scheduler_state)
     rng_file = path / f"rng_{rank}.pt"
     if not rng_file.is_file():
         raise DpokitError(f"{path} has no random state for rank {rank}; resume with the same "
                           f"number of processes it was written with")
-    rng = torch.load(rng_file, weights_only=True)
-    trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    rng = _read(path, rng_file.name, lambda: torch.load(rng_file, weights_only=True))
+    trainer_state = _read(path, "trainer_state.json", lambda: read_trainer_state(path))
     return trainer_state, rng
 
 
 def _load_trainable(path: Path, model: nn.Module) -> None:
     """Copy ``trainable.safetensors`` into ``model``; a mismatch is a user error."""
-    state = load_file(str(path / "trainable.safetensors"))
+    state = _read(path, "trainable.safetensors",
+                  lambda: load_file(str(path / "trainable.safetensors")))
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in state]
     unknown = [name for name in state if name not in params]

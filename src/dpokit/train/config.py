@@ -64,7 +64,12 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
                    "(AutoModelForSequenceClassification, one output).")
     save_steps: int | None = field(500, help="Save a checkpoint every this many steps.")
     save_total_limit: int | None = field(2, help="Keep at most this many checkpoints.")
-    resume: str | None = field(None, help="Checkpoint directory to resume from, or 'auto'.")
+    resume: str | None = field(
+        None, help="Checkpoint directory to resume from, or 'auto' (the newest valid one in "
+                   "output_dir; a fresh start when there is none).")
+    overwrite: bool = field(
+        False, help="Delete an earlier run's final/, metrics, samples and checkpoints in "
+                    "output_dir and start afresh (without it such a directory is refused).")
     lora: bool = field(False, help="Train LoRA adapters (peft) instead of all weights.")
     lora_r: int = field(16, help="LoRA rank.")
     lora_alpha: float = field(32.0, help="LoRA scaling numerator.")
@@ -106,6 +111,9 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
             raise DpokitError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise DpokitError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.overwrite and self.resume:
+            raise DpokitError("overwrite deletes the run that resume would continue; set one "
+                              "of them")
         if self.eval_generate < 0:
             raise DpokitError(f"eval_generate must be ≥ 0, got {self.eval_generate}")
         if self.reward and not self.reads_reward:

@@ -35,6 +35,7 @@ from dpokit.models import nonfinite_parameter
 from dpokit.runtime import rng_state, setup_runtime, shutdown_runtime
 from dpokit.train.checkpoint import list_checkpoints, save_checkpoint
 from dpokit.train.config import DPOConfig, SFTConfig, TrainConfig
+from dpokit.train.rundir import claim
 from dpokit.train.setup import Run, setup_run
 
 log = logging.getLogger("dpokit.train")
@@ -64,8 +65,9 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
     global last_stop_signal
     last_stop_signal = None
     runtime = setup_runtime(config.device, config.dtype)
-    run = None
+    run, lock = None, None
     try:
+        lock = claim(config.output_dir, runtime)  # a second run on this directory is refused
         run = setup_run(config, runtime, progress=progress)
         with _stop_on_signal() as stop:  # from the first step: a signal in setup stops it
             while run.step < run.total_steps:
@@ -82,8 +84,10 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
         run.metrics.bar.close()
         return finish(run)
     finally:
-        if run is not None:
+        if run is not None and run.metrics is not None:
             run.metrics.close()
+        if lock is not None:
+            lock.release()
         shutdown_runtime(runtime)
 
 
@@ -243,7 +247,8 @@ def save(run: Run) -> None:
              "world_size": runtime.world_size,
              "grad_scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
              "metric_window": run.window.state_dict(),
-             "skipped_steps": run.skipped_steps, "nonfinite_in_row": run.nonfinite_in_row}
+             "skipped_steps": run.skipped_steps, "nonfinite_in_row": run.nonfinite_in_row,
+             "fingerprint": run.fingerprint}
     check_finite_weights(run, f"step {run.step}: checkpoint not saved")
     save_checkpoint(run.output_dir, run.step, model=run.checkpoint_model,
                     optimizer=run.optimizer, scheduler=run.scheduler, trainer_state=state,

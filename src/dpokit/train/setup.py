@@ -33,8 +33,14 @@ from dpokit.objectives.reference import (
     write_table,
 )
 from dpokit.runtime import Runtime, seed_everything, set_rng_state
-from dpokit.train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume
+from dpokit.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    read_trainer_state,
+    resolve_resume,
+)
 from dpokit.train.config import TrainConfig
+from dpokit.train.fingerprint import check_length, check_same_run, run_fingerprint
 from dpokit.train.recompute import (
     AUTO_MIN_FREED_BYTES,
     enable_recompute,
@@ -42,6 +48,7 @@ from dpokit.train.recompute import (
     supports_recompute,
 )
 from dpokit.train.records import MetricsLog, start_fresh, truncate_metrics
+from dpokit.train.rundir import check_fresh, on_main
 
 log = logging.getLogger("dpokit.train")
 
@@ -88,6 +95,8 @@ class Run:
     """Non-finite steps since the last finite one."""
     sample_reward: Any = None
     """The reward of ``eval_generate`` samples (the objective's, or ``config.reward``'s)."""
+    fingerprint: dict = field(default_factory=dict)
+    """What determines the run (:mod:`dpokit.train.fingerprint`), stored in checkpoints."""
     window_start: float = field(default_factory=time.perf_counter)
     epoch_order: dict[int, list[list[int]]] = field(default_factory=dict)
     """The global batches of the current epoch."""
@@ -109,12 +118,13 @@ class Run:
 
 
 def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
-    """Run directory, data, reference, policy, optimisation and (when resuming) its state."""
+    """Run directory, data, reference, policy, optimisation and (when resuming) its state.
+
+    Everything that can refuse the run — the directory (an earlier run in it, a corrupt
+    checkpoint), the data, a resume of a different run — is checked before any weights load,
+    and ``config.yaml`` is written only once the run is accepted."""
     output_dir = Path(config.output_dir)
-    if runtime.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_config(config, output_dir / "config.yaml")
-    runtime.barrier()
+    checkpoint = _decide_on_main(runtime, config)
     seed_everything(config.seed)
 
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
@@ -122,6 +132,15 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     train_items = objective.load(config.data, config.split)
     eval_items = objective.load(config.eval_data, config.eval_split) if config.eval_data else []
     items = train_items + eval_items
+    global_batch = config.batch_size * config.gradient_accumulation_steps * runtime.world_size
+    steps_per_epoch = math.ceil(len(train_items) / global_batch)
+    total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
+    fingerprint = run_fingerprint(config, train_items)
+    if checkpoint is not None:
+        check_resumable(checkpoint, config, runtime, fingerprint, steps_per_epoch, total_steps)
+    if runtime.is_main:
+        write_config(config, output_dir / "config.yaml")
+    runtime.barrier()
 
     # A reference of its own is set up (and by default run and freed) before the policy loads;
     # with LoRA and no ref_model the reference is the policy with its adapters off.
@@ -139,9 +158,6 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
         objective.reference = setup_reference(config, runtime, items, tokenizer.pad_token_id,
                                               progress=progress, policy=model)
 
-    global_batch = config.batch_size * config.gradient_accumulation_steps * runtime.world_size
-    steps_per_epoch = math.ceil(len(train_items) / global_batch)
-    total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
     policy = wrap(objective.policy(model), config, runtime)  # FSDP shards: optimizer after
     optimizer = build_optimizer(model, config, runtime)
     run = Run(config=config, runtime=runtime, objective=objective, tokenizer=tokenizer,
@@ -153,34 +169,63 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
                                           enabled=runtime.dtype == "float16"),
               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               global_batch=global_batch, window=MetricSums(objective.metric_keys),
-              sample_reward=_sample_reward(config, objective))
-    resume(run)
+              sample_reward=_sample_reward(config, objective), fingerprint=fingerprint)
+    resume(run, checkpoint)
     run.metrics = MetricsLog(output_dir, enabled=runtime.is_main, total_steps=total_steps,
                              step=run.step, progress=progress)
     run.window_start = time.perf_counter()
     return run
 
 
-def resume(run: Run) -> None:
-    """Restore a checkpoint (``resume``) into ``run``, or make sure the directory is fresh."""
-    config, runtime, output_dir = run.config, run.runtime, run.output_dir
+def _decide_on_main(runtime: Runtime, config: TrainConfig) -> Path | None:
+    """:func:`_checkpoint_or_fresh` on rank 0 (which verifies the checkpoints), its answer
+    shared with every rank."""
+    checkpoint = on_main(runtime, lambda: _checkpoint_or_fresh(config))
+    if not runtime.distributed:
+        return checkpoint
+    step = -1.0 if checkpoint is None else float(checkpoint.name[len("checkpoint-"):])
+    step = int(runtime.all_reduce_sum(torch.tensor(
+        step if runtime.is_main else 0.0, dtype=torch.float64)).item())
+    if step < 0:
+        return None
+    return (Path(config.resume) if config.resume != "auto"
+            else Path(config.output_dir) / f"checkpoint-{step}")
+
+
+def _checkpoint_or_fresh(config: TrainConfig) -> Path | None:
+    """The verified checkpoint to resume, or None after making sure a fresh run may use the
+    directory (an earlier run in it is refused unless ``overwrite``)."""
+    output_dir = Path(config.output_dir)
     checkpoint = resolve_resume(config.resume, output_dir)
     if checkpoint is None:
-        if list_checkpoints(output_dir):
-            raise DpokitError(f"{output_dir} holds checkpoints of an earlier run; resume it with "
-                              f"--resume auto, or choose another --output-dir")
-        if runtime.is_main:
-            start_fresh(output_dir)
-        return
-    state, rng = load_checkpoint(checkpoint, model=run.checkpoint_model, optimizer=run.optimizer,
-                                 scheduler=run.scheduler, ref_model=run.objective.moving_weights,
-                                 sharded=run.sharded, rank=runtime.rank)
-    for key, value in (("world_size", runtime.world_size),
-                       ("steps_per_epoch", run.steps_per_epoch)):
+        check_fresh(output_dir, overwrite=config.overwrite,
+                    resumable=bool(list_checkpoints(output_dir)))
+        start_fresh(output_dir)
+    return checkpoint
+
+
+def check_resumable(checkpoint: Path, config: TrainConfig, runtime: Runtime, fingerprint: dict,
+                    steps_per_epoch: int, total_steps: int) -> None:
+    """The checks a resume passes before any weights load: the same processes and batches,
+    the same run (fingerprint), a length the schedule allows."""
+    state = read_trainer_state(checkpoint)
+    for key, value in (("world_size", runtime.world_size), ("steps_per_epoch", steps_per_epoch)):
         if state.get(key, value) != value:
             raise DpokitError(f"resume: {checkpoint} was written with {key}={state[key]}, "
                               f"this run has {value}; resume with the same number of "
                               f"processes, batch_size and gradient_accumulation_steps")
+    check_same_run(checkpoint, state.get("fingerprint"), fingerprint)
+    check_length(checkpoint, state, config, total_steps)
+
+
+def resume(run: Run, checkpoint: Path | None) -> None:
+    """Restore ``checkpoint`` (verified by :func:`check_resumable`) into ``run``."""
+    runtime, output_dir = run.runtime, run.output_dir
+    if checkpoint is None:
+        return
+    state, rng = load_checkpoint(checkpoint, model=run.checkpoint_model, optimizer=run.optimizer,
+                                 scheduler=run.scheduler, ref_model=run.objective.moving_weights,
+                                 sharded=run.sharded, rank=runtime.rank)
     run.step = state["global_step"]
     run.skipped_steps = state.get("skipped_steps", 0)
     run.nonfinite_in_row = state.get("nonfinite_in_row", 0)

@@ -1,0 +1,143 @@
+"""Resume = the same run: what a checkpoint records of the run that wrote it, and the check.
+
+The fingerprint is every config key (``config.yaml``'s) except those in :data:`MAY_CHANGE`, with
+the paths replaced by what they hold: ``model``, ``ref_model`` and a reward-model directory by a
+digest of their files (names, sizes, and their contents — whole for files up to 64 MiB, 16
+spread 1 MiB blocks beyond), a ``file.py:function`` reward by the file's SHA-256, and ``data``
+(with its ``split``) by a digest of the token ids of every training row, so another file with
+the same rows resumes and the same file tokenised differently does not. Resuming with any other
+value is an error listing the differing keys.
+
+``max_steps`` and ``num_epochs`` change the run's length: allowed when the learning rate at a
+step does not depend on it (``lr_scheduler: constant`` with warmup in absolute ``warmup_steps``
+or none), refused otherwise (a linear or cosine schedule would jump).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from dpokit.config import config_to_dict
+from dpokit.errors import DpokitError
+
+MAY_CHANGE = frozenset({
+    "output_dir", "resume", "overwrite", "device", "logging_steps", "save_steps",
+    "save_total_limit", "eval_data", "eval_split", "eval_steps", "eval_generate",
+    "max_nonfinite_steps", "max_steps", "num_epochs"})
+"""Keys a resumed run may set differently (bookkeeping, evaluation, where it runs, its length)."""
+
+_CONTENT_KEYS = ("model", "ref_model", "data", "reward")
+"""Keys whose fingerprint is a digest of what they name (shown as ``content differs``)."""
+
+_WHOLE_FILE = 64 << 20
+_BLOCK = 1 << 20
+_BLOCKS = 16
+
+
+def directory_identity(path: str | Path) -> str:
+    """A digest of a model directory's weight, config and tokenizer files (see module doc);
+    the string itself when it is not a local directory."""
+    path = Path(path)
+    if not path.is_dir():
+        return str(path)
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if not file.is_file() or file.suffix not in (".safetensors", ".bin", ".json", ".pt",
+                                                     ".model", ".txt"):
+            continue
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with file.open("rb") as handle:
+            if size <= _WHOLE_FILE:
+                digest.update(handle.read())
+                continue
+            for i in range(_BLOCKS):
+                handle.seek((size - _BLOCK) * i // (_BLOCKS - 1))
+                digest.update(handle.read(_BLOCK))
+    return digest.hexdigest()[:32]
+
+
+def items_identity(items: list) -> str:
+    """A digest of every training row's tokens and numbers (not where it was read from)."""
+    digest = hashlib.sha256()
+    for item in items:
+        fields = (dataclasses.asdict(item) if dataclasses.is_dataclass(item)
+                  else {"item": repr(item)})
+        fields.pop("source", None)
+        fields.pop("row", None)
+        digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
+def _reward_identity(spec: str | None) -> str | None:
+    if not spec:
+        return spec
+    if Path(spec).is_dir():
+        return directory_identity(spec)
+    target, _, name = spec.rpartition(":")
+    if target.endswith(".py") and Path(target).is_file():
+        return f"{hashlib.sha256(Path(target).read_bytes()).hexdigest()[:32]}:{name}"
+    return spec
+
+
+def run_fingerprint(config: Any, train_items: list) -> dict[str, Any]:
+    """``{key: value}`` of everything that determines the run (see the module docstring)."""
+    values = {k: v for k, v in config_to_dict(config).items() if k not in MAY_CHANGE}
+    values.pop("split", None)  # covered by the rows' digest
+    values["model"] = directory_identity(config.model)
+    if getattr(config, "ref_model", None):
+        values["ref_model"] = directory_identity(config.ref_model)
+    values["data"] = items_identity(train_items)
+    if "reward" in values:
+        values["reward"] = _reward_identity(values["reward"])
+    return json.loads(json.dumps(values, default=str))  # as trainer_state.json holds it
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def check_same_run(checkpoint: Path, recorded: dict[str, Any] | None,
+                   current: dict[str, Any]) -> None:
+    """Refuse to resume ``checkpoint`` when the run differs from the one that wrote it."""
+    if recorded is None:
+        return
+    differing = []
+    for key in sorted(set(recorded) | set(current)):
+        if key in MAY_CHANGE or recorded.get(key) == current.get(key):
+            continue
+        if key in _CONTENT_KEYS and key in recorded and key in current:
+            differing.append(f"{key} (content differs)")
+        else:
+            differing.append(f"{key} {_shown(recorded.get(key))} → {_shown(current.get(key))}")
+    if differing:
+        raise DpokitError(
+            f"resume: this is not the run that wrote {checkpoint}: {'; '.join(differing)}. "
+            f"Resume with the checkpoint's values (its config.yaml), or start a new run in "
+            f"another --output-dir (keys that may change on resume: "
+            f"{', '.join(sorted(MAY_CHANGE))})")
+
+
+def check_length(checkpoint: Path, state: dict, config: Any, total_steps: int) -> None:
+    """A different ``max_steps``/``num_epochs``: allowed only where the schedule does not
+    depend on the total, and never shorter than the steps already taken."""
+    recorded = state.get("total_steps", total_steps)
+    if recorded == total_steps:
+        return
+    step = state["global_step"]
+    if total_steps < step:
+        raise DpokitError(f"resume: {checkpoint} is at step {step}, past this run's "
+                          f"{total_steps} steps (max_steps / num_epochs)")
+    fixed = config.lr_scheduler == "constant" and (config.warmup_steps > 0
+                                                   or config.warmup_ratio == 0)
+    if not fixed:
+        raise DpokitError(
+            f"resume: {checkpoint} was written by a run of {recorded} steps, this one has "
+            f"{total_steps} (max_steps / num_epochs); with lr_scheduler {config.lr_scheduler}"
+            + (" and warmup_ratio" if config.lr_scheduler == "constant" else "")
+            + " the learning rate at each step depends on the total, so it would jump. Resume "
+              "with the checkpoint's length, or use lr_scheduler constant with warmup_steps")

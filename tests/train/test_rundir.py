@@ -1,0 +1,321 @@
+"""Run directories and resume (issue 12): a finished run is never replaced silently, a
+directory in use is locked, checkpoints carry checksums (``--resume auto`` falls back past a
+corrupt one), and a resume must be the same run. Every refusal is checked for its exit status,
+its one line naming the path/key, and for leaving everything written before unchanged."""
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dpokit.errors import DpokitError
+from dpokit.train.loop import train
+from dpokit.train.rundir import LOCK_NAME, RunLock
+from tests.helpers import run_cli, write_jsonl
+from tests.train.test_trainer import config
+
+
+def tree_digest(root):
+    """{relative path: sha256} of every file under ``root`` except the lock file."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK_NAME}
+
+
+def cli_args(workdir, out, *extra):
+    return ["train", "--model", str(workdir / "llama"), "--data", str(workdir / "prefs.jsonl"),
+            "--output-dir", str(out), "--batch-size", "4", "--max-length", "64",
+            "--logging-steps", "1", "--lr-scheduler", "constant", "--learning-rate", "1e-3",
+            "--beta", "0.5", *extra]
+
+
+def one_error(code, err):
+    """The single ``dpokit: error`` line of a refused run (exit 2, no traceback)."""
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "dpokit: error" in line]
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished(workdir, tmp_path_factory):
+    """A finished 2-step run without checkpoints (save_steps longer than the run)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(config(workdir, str(out), max_steps=2, save_steps=500), progress=False)
+    return out
+
+
+# ------------------------------------------------------------------------ finished runs
+
+
+def test_a_fresh_run_never_replaces_a_finished_run(workdir, finished, capsys):
+    before = tree_digest(finished)
+    code, _, err = run_cli(capsys, *cli_args(workdir, finished, "--max-steps", "1"))
+    line = one_error(code, err)
+    assert str(finished) in line and "final" in line and "metrics.jsonl" in line
+    assert "--overwrite" in line and "--output-dir" in line
+    assert "--resume auto" not in line  # nothing to resume: not offered
+    assert tree_digest(finished) == before  # config.yaml included
+
+
+def test_resume_auto_without_a_checkpoint_does_not_replace_final(workdir, finished, capsys):
+    before = tree_digest(finished)
+    code, _, err = run_cli(capsys, *cli_args(workdir, finished, "--max-steps", "1",
+                                             "--resume", "auto"))
+    assert "holds an earlier run" in one_error(code, err)
+    assert tree_digest(finished) == before
+
+
+def test_overwrite_replaces_the_earlier_run(workdir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(config(workdir, str(out), max_steps=2, save_steps=1, save_total_limit=None),
+          progress=False)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    code, _, err = run_cli(capsys, *cli_args(workdir, out, "--max-steps", "1", "--overwrite"))
+    assert code == 0, err[-2000:]
+    assert "overwrite: removed" in err
+    assert [m["step"] for m in json.loads("[" + ",".join(
+        (out / "metrics.jsonl").read_text().splitlines()) + "]")] == [1]
+    assert not list(out.glob("checkpoint-*"))  # the earlier run's checkpoints are gone
+    assert (out / "final" / "config.json").is_file()
+
+
+def test_overwrite_with_resume_is_refused(workdir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, *cli_args(workdir, tmp_path / "r", "--overwrite",
+                                             "--resume", "auto"))
+    assert "overwrite" in one_error(code, err) and not (tmp_path / "r").exists()
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(workdir, tmp_path, capsys):
+    target = tmp_path / "taken.txt"
+    target.write_text("mine")
+    code, _, err = run_cli(capsys, *cli_args(workdir, target, "--max-steps", "1"))
+    assert str(target) in one_error(code, err) and "is a file" in err
+    assert target.read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------- the lock
+
+
+HOLD = """
+import fcntl, json, os, sys, time
+handle = open(sys.argv[1], "a+")
+fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+handle.truncate(0); handle.write(json.dumps({"pid": os.getpid(), "host": "h", "started": "t"}))
+handle.flush(); print("held", flush=True); time.sleep(60)
+"""
+
+
+def test_a_directory_in_use_by_another_process_is_refused(workdir, finished, tmp_path, capsys):
+    """A second process holds the lock (as a running dpokit would): the run is refused, naming
+    the holder's pid, and nothing in the directory changes; once the holder dies (kill -9) its
+    lock is free and the stale file is taken over."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out / LOCK_NAME)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = run_cli(capsys, *cli_args(workdir, out, "--max-steps", "1"))
+        line = one_error(code, err)
+        assert "in use by another run" in line and f"pid {holder.pid}" in line
+        assert tree_digest(out) == {}
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = run_cli(capsys, *cli_args(workdir, out, "--max-steps", "1"))
+    assert code == 0, err[-2000:]
+    assert "stale lock" in err and f"pid {holder.pid}" in err
+    assert (out / LOCK_NAME).read_text() == ""  # released (emptied) at the end
+
+
+def test_the_lock_is_released_after_an_error(workdir, tmp_path):
+    out = tmp_path / "bad"
+    with pytest.raises(DpokitError):
+        train(config(workdir, str(out), data=str(tmp_path / "missing.jsonl")), progress=False)
+    with RunLock.acquire(out) as lock:  # free again: an in-process retry is not locked out
+        assert lock.handle is not None
+
+
+def test_two_runs_at_once_one_is_refused(workdir, tmp_path):
+    """Two real `dpokit train` processes on one directory: while the first trains, the second
+    exits 2 with the lock message and writes nothing; the first (then stopped by SIGTERM, 143)
+    logged each of its steps once."""
+    import signal
+
+    out = tmp_path / "both"
+    args = [sys.executable, "-m", "dpokit", *cli_args(workdir, out, "--max-steps", "100000",
+                                                      "--save-steps", "100000")]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+        time.sleep(0.1)
+    before = len((out / "metrics.jsonl").read_text().splitlines())
+    second = subprocess.run(args, capture_output=True, text=True, check=False)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+    assert (first.returncode, second.returncode) == (143, 2), second.stderr[-2000:]
+    assert "in use by another run" in second.stderr and f"pid {first.pid}" in second.stderr
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) > before and steps == list(range(1, len(steps) + 1))
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+@pytest.fixture()
+def three_checkpoints(workdir, tmp_path):
+    """An interrupted-looking run: checkpoints 2, 4 and 6 of a 6-step run, final/ removed."""
+    import shutil
+
+    out = tmp_path / "ckpt"
+    train(config(workdir, str(out), max_steps=6, save_steps=2, save_total_limit=None),
+          progress=False)
+    shutil.rmtree(out / "final")
+    return out
+
+
+def test_checkpoints_carry_checksums_of_every_file(three_checkpoints):
+    path = three_checkpoints / "checkpoint-6"
+    sums = json.loads((path / "checksums.json").read_text())
+    files = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    assert set(sums) == files - {"checksums.json"}
+    for name, entry in sums.items():
+        data = (path / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_resume_auto_falls_back_past_a_corrupt_checkpoint(workdir, three_checkpoints, capsys):
+    """checkpoint-6 truncated, checkpoint-4 with one byte flipped (same size): resume auto
+    skips both with a warning naming them and why, and resumes from checkpoint-2."""
+    out = three_checkpoints
+    _truncate(out / "checkpoint-6" / "trainable.safetensors")
+    optimizer = out / "checkpoint-4" / "optimizer.pt"
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    optimizer.write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, *cli_args(workdir, out, "--max-steps", "6", "--save-steps",
+                                             "2", "--save-total-limit", "null", "--resume",
+                                             "auto"))
+    assert code == 0, err[-2000:]
+    skipped = next(line for line in err.splitlines() if "resume auto: skipped" in line)
+    assert "checkpoint-6 (trainable.safetensors has" in skipped
+    assert "checkpoint-4 (optimizer.pt does not match its checksum)" in skipped
+    assert "resuming from checkpoint-2" in skipped
+    assert "resumed from" in err and "at step 2" in err
+
+
+def test_resume_of_a_corrupt_checkpoint_names_the_file(workdir, three_checkpoints, capsys):
+    out = three_checkpoints
+    _truncate(out / "checkpoint-6" / "trainer_state.json")
+    before = tree_digest(out)
+    code, _, err = run_cli(capsys, *cli_args(workdir, out, "--max-steps", "6", "--resume",
+                                             str(out / "checkpoint-6")))
+    line = one_error(code, err)
+    assert "checkpoint-6" in line and "trainer_state.json" in line
+    assert tree_digest(out) == before
+
+
+def test_resume_auto_with_no_valid_checkpoint_lists_each(workdir, three_checkpoints, capsys):
+    out = three_checkpoints
+    for step in (2, 4, 6):
+        (out / f"checkpoint-{step}" / "scheduler.pt").unlink()
+    before = tree_digest(out)
+    code, _, err = run_cli(capsys, *cli_args(workdir, out, "--max-steps", "6", "--resume",
+                                             "auto"))
+    line = one_error(code, err)
+    assert all(f"checkpoint-{s} (scheduler.pt is missing)" in line for s in (2, 4, 6))
+    assert tree_digest(out) == before
+
+
+def test_an_unverified_old_checkpoint_with_a_bad_file_names_it(workdir, three_checkpoints,
+                                                                capsys):
+    """A checkpoint without checksums.json (an older dpokit) is read unverified; a truncated
+    optimizer.pt is then one line naming the file, not a traceback."""
+    out = three_checkpoints
+    (out / "checkpoint-6" / "checksums.json").unlink()
+    _truncate(out / "checkpoint-6" / "optimizer.pt")
+    code, _, err = run_cli(capsys, *cli_args(workdir, out, "--max-steps", "6", "--resume",
+                                             "auto"))
+    line = one_error(code, err)
+    assert "not verified" in err
+    assert "cannot read" in line and str(out / "checkpoint-6" / "optimizer.pt") in line
+
+
+# ----------------------------------------------------------------------- the same run
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--learning-rate", "2e-3"], "learning_rate 0.001 → 0.002"),
+    (["--beta", "0.3"], "beta 0.5 → 0.3"),
+    (["--max-length", "48"], "max_length 64 → 48"),
+    (["--seed", "1"], "seed 42 → 1"),
+])
+def test_resume_with_a_different_setting_lists_the_key(workdir, three_checkpoints, capsys,
+                                                       flags, expected):
+    out = three_checkpoints
+    before = tree_digest(out)
+    code, _, err = run_cli(capsys, *cli_args(workdir, out, "--max-steps", "6", "--resume",
+                                             "auto", *flags))
+    line = one_error(code, err)
+    assert "not the run that wrote" in line and expected in line, line
+    assert tree_digest(out) == before  # config.yaml too: written only once a run is accepted
+
+
+def test_resume_with_other_data_or_another_model_is_refused(workdir, three_checkpoints,
+                                                           tmp_path, capsys):
+    """The same shape is not enough: one changed row, or a model of the same config with other
+    weights, is named; a copy of the data under another name resumes."""
+    from dpokit.fixtures import tiny_causal_lm
+
+    out = three_checkpoints
+    rows = [json.loads(line) for line in (workdir / "prefs.jsonl").read_text().splitlines()]
+    copy = write_jsonl(tmp_path / "copy.jsonl", rows)
+    rows[5]["chosen"] = " yes good answers"
+    changed = write_jsonl(tmp_path / "changed.jsonl", rows)
+    other = tmp_path / "other-llama"
+    tiny_causal_lm("llama", vocab_size=len(__import__("transformers").AutoTokenizer
+                                           .from_pretrained(workdir / "llama")),
+                   seed=8).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (workdir / "llama" / name).is_file():
+            (other / name).write_bytes((workdir / "llama" / name).read_bytes())
+    before = tree_digest(out)
+    base = cli_args(workdir, out, "--max-steps", "6", "--resume", "auto")
+    code, _, err = run_cli(capsys, *base, "--data", str(changed))
+    assert "data (content differs)" in one_error(code, err)
+    code, _, err = run_cli(capsys, *base, "--model", str(other))
+    assert "model (content differs)" in one_error(code, err)
+    assert tree_digest(out) == before
+    code, _, err = run_cli(capsys, *base, "--data", str(copy), "--logging-steps", "2")
+    assert code == 0, err[-2000:]  # same rows elsewhere; logging_steps may change
+
+
+def test_a_longer_run_is_refused_where_the_schedule_would_jump(workdir, three_checkpoints,
+                                                               capsys):
+    out = three_checkpoints
+    code, _, err = run_cli(capsys, *cli_args(workdir, out, "--max-steps", "8", "--resume",
+                                             "auto"))
+    assert code == 0, err[-2000:]  # constant schedule: extending is well defined
+    lrs = [m["learning_rate"] for m in map(json.loads,
+                                           (out / "metrics.jsonl").read_text().splitlines())]
+    assert len(lrs) == 8 and len(set(lrs)) == 1
+
+
+def test_a_linear_schedule_may_not_change_length(workdir, tmp_path, capsys):
+    out = tmp_path / "linear"
+    train(config(workdir, str(out), max_steps=4, save_steps=2, lr_scheduler="linear"),
+          progress=False)
+    before = tree_digest(out)
+    flags = ["--lr-scheduler", "linear", "--resume", str(out / "checkpoint-2")]
+    code, _, err = run_cli(capsys, *cli_args(workdir, out, "--max-steps", "8", *flags))
+    line = one_error(code, err)
+    assert "4 steps" in line and "8" in line and "would jump" in line
+    assert tree_digest(out) == before
