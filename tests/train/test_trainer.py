@@ -264,7 +264,7 @@ def test_a_fresh_run_refuses_a_directory_with_checkpoints(workdir):
     from dpokit.errors import DpokitError
 
     train(config(workdir, "taken", max_steps=2, save_steps=2), progress=False)
-    with pytest.raises(DpokitError, match="holds an earlier run .*resume it with --resume auto"):
+    with pytest.raises(DpokitError, match=r"holds an earlier run .*resume it with --resume auto"):
         train(config(workdir, "taken", max_steps=2, save_steps=2), progress=False)
 
 

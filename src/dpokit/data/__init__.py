@@ -6,8 +6,10 @@
     batch = collate_padded([pairs[i] for i in idx], pad_token_id=tokenizer.pad_token_id)
     # or collate_packed(...) for the padding-free layout
 
-Every user error (missing field, wrong type, empty completion, unknown role, undecodable text) is a
-:class:`~dpokit.errors.DpokitError` naming the file, the row and the field.
+Every user error (missing field, wrong type, empty completion, unknown role, undecodable text, a
+renamed column absent, a column named twice, a null among filled values, several splits and no
+``split``, a row over ``max_row_chars``) is a :class:`~dpokit.errors.DpokitError` naming the
+file, the row and the field.
 """
 
 from dpokit.data.batching import epoch_batches, micro_batches, shard_for_rank

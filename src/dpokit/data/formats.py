@@ -8,17 +8,24 @@ Accepted per row (column names mappable with :class:`ColumnMap`):
 - implicit prompt: only ``chosen``/``rejected``, two full conversations (or texts) sharing a
   prefix, which is split off as the prompt;
 
-plus optional numeric ``weight`` (scales the pair's loss), ``margin`` (the offset m of the
-losses that read one, e.g. ``odpo``; ignored, with a warning, by the others) and ``label_prob``
-(p = P(chosen ≻ rejected) ∈ [0, 1], the soft label of ``sigmoid_soft``) columns.
+plus optional numeric ``weight`` (finite, ≥ 0; scales the pair's loss), ``margin`` (the offset m
+of the losses that read one, e.g. ``odpo``; ignored, with a warning, by the others) and
+``label_prob`` (p = P(chosen ≻ rejected) ∈ [0, 1], the soft label of ``sigmoid_soft``) columns.
+
+Checked over the whole dataset, so nothing is misread without a word: a column renamed from its
+default must exist (a misspelt ``prompt_column`` is an error, not implicit-prompt rows); an
+optional column some rows fill must not be null (or missing, or an empty CSV cell) in others;
+a row longer than ``max_row_chars`` is refused before it reaches the tokenizer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +49,27 @@ class ColumnMap:
     weight: str = "weight"
     margin: str = "margin"
     label_prob: str = "label_prob"
+
+    @property
+    def by_key(self) -> dict[str, str]:
+        """Config key (``prompt_column``, …) → column name."""
+        return {f"{f.name}_column": getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def required(self) -> dict[str, str]:
+        """Config key → name of each column the data must have: chosen and rejected, and every
+        other column renamed from its default. A default name may be absent — no ``prompt`` is
+        the implicit-prompt format, no ``weight`` weighs every pair 1 — but a name the user
+        changed is one they mean (``prompt_column: promt`` must not read as "no prompts")."""
+        defaults = ColumnMap().by_key
+        return {key: name for key, name in self.by_key.items()
+                if key in ("chosen_column", "rejected_column") or name != defaults[key]}
+
+    @property
+    def optional(self) -> dict[str, str]:
+        """Config key → name of the columns a row may leave out (prompt and the numeric ones)."""
+        return {key: name for key, name in self.by_key.items()
+                if key not in ("chosen_column", "rejected_column")}
 
 
 @dataclass(frozen=True)
@@ -108,9 +136,17 @@ def _is_messages(value: Any) -> bool:
         isinstance(value, dict) and "role" in value)
 
 
+_NUMERIC = ("weight_column", "margin_column", "label_prob_column")
+
+
+def _is_null(value: Any, numeric: bool) -> bool:
+    """No value: null (missing), or, for a number, an empty CSV cell."""
+    return value is None or (numeric and isinstance(value, str) and not value.strip())
+
+
 def _number(row: RawRow, field: str) -> float | None:
     value = row.fields.get(field)
-    if value is None or value == "":
+    if _is_null(value, numeric=True):
         return None
     if isinstance(value, bool):
         raise _fail(row, field, f"expected a number, got {value!r}")
@@ -187,7 +223,10 @@ def parse_example(row: RawRow, columns: ColumnMap = ColumnMap()) -> PreferenceEx
     label_prob = _number(row, columns.label_prob)
     if label_prob is not None and not 0.0 <= label_prob <= 1.0:
         raise _fail(row, columns.label_prob, f"expected a probability in [0, 1], got {label_prob}")
-    return PreferenceExample(prompt, chosen, rejected, weight=_number(row, columns.weight),
+    weight = _number(row, columns.weight)
+    if weight is not None and weight < 0:
+        raise _fail(row, columns.weight, f"expected a weight ≥ 0, got {weight}")
+    return PreferenceExample(prompt, chosen, rejected, weight=weight,
                              margin=_number(row, columns.margin), source=row.source, row=row.row,
                              template_kwargs=_template_kwargs(row) if conversational else None,
                              label_prob=label_prob)
@@ -213,9 +252,79 @@ def _template_kwargs(row: RawRow) -> dict[str, Any] | None:
     return kwargs or None
 
 
-def parse_examples(rows: Sequence[RawRow],
-                   columns: ColumnMap = ColumnMap()) -> list[PreferenceExample]:
-    """Validate every row; warn once with the count of rows whose chosen equals rejected."""
+def _data_name(rows: Sequence[RawRow]) -> str:
+    """The file the rows came from, or the folder holding their shards."""
+    sources = list(dict.fromkeys(r.source for r in rows))
+    if len(sources) == 1:
+        return sources[0]
+    return f"{os.path.commonpath(sources) or '.'} ({len(sources)} files)"
+
+
+def check_columns(rows: Sequence[RawRow], required: Mapping[str, str]) -> None:
+    """Every ``config key → column`` of ``required`` is a column of some row, or a
+    ``DpokitError`` naming the column, its key and the columns present."""
+    present = dict.fromkeys(name for row in rows for name in row.fields)
+    for key, name in required.items():
+        if name not in present:
+            raise DpokitError(f"{_data_name(rows)}: no column {name!r} ({key}); columns: "
+                              f"{', '.join(sorted(present)) or '(none)'}")
+
+
+def check_filled(rows: Sequence[RawRow], optional: Mapping[str, str]) -> None:
+    """An optional column that some rows fill is filled in every row: a null (missing, or an
+    empty CSV cell for a number) there would silently mean "no prompt" or "weight 1"."""
+    for key, name in optional.items():
+        numeric = key in _NUMERIC
+        filled = next((r for r in rows if not _is_null(r.fields.get(name), numeric)), None)
+        if filled is None:
+            continue
+        empty = next((r for r in rows if _is_null(r.fields.get(name), numeric)), None)
+        if empty is not None:
+            count = sum(_is_null(r.fields.get(name), numeric) for r in rows)
+            raise _fail(empty, name, f"null or missing, while other rows fill this column "
+                                     f"(e.g. {filled.where}); {count} of {len(rows)} rows lack "
+                                     f"it: give every row a value, or none")
+
+
+def _chars(value: Any) -> int:
+    """Characters of the text in a field (every role and content, for a conversation)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_chars(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_chars(v) for v in value.values())
+    return 0
+
+
+def check_row_chars(rows: Sequence[RawRow], names: Sequence[str], limit: int | None) -> None:
+    """No row holds more than ``limit`` characters in the columns ``names`` (the text that is
+    tokenised), or a ``DpokitError`` naming the row and its longest column; checked before
+    tokenising, whose memory and time grow with the text, not with ``max_length``."""
+    if limit is None:
+        return
+    for row in rows:
+        lengths = {name: _chars(row.fields.get(name)) for name in names}
+        total = sum(lengths.values())
+        if total > limit:
+            longest = max(lengths, key=lengths.__getitem__)
+            raise _fail(row, longest, f"{lengths[longest]:,} characters ({total:,} in the row), "
+                                      f"over max_row_chars={limit:,}; shorten the row, or raise "
+                                      f"max_row_chars (null: no limit)")
+
+
+def parse_examples(rows: Sequence[RawRow], columns: ColumnMap = ColumnMap(), *,
+                   max_row_chars: int | None = None) -> list[PreferenceExample]:
+    """Validate every row (and the columns across rows, see the module docstring); warn once
+    with the count of rows whose chosen equals rejected."""
+    check_row_chars(rows, [columns.prompt, columns.chosen, columns.rejected, "tools"],
+                    max_row_chars)
+    check_columns(rows, columns.required)
+    check_filled(rows, columns.optional)
+    if rows and all(r.fields.get(columns.prompt) is None for r in rows):
+        log.info("%s: no %r column (prompt_column): implicit-prompt rows, the prompt is the "
+                 "leading text or messages chosen and rejected share", _data_name(rows),
+                 columns.prompt)
     examples = [parse_example(row, columns) for row in rows]
     formats = {e.conversational for e in examples}
     if len(formats) > 1:

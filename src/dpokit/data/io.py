@@ -6,6 +6,11 @@ by ``datasets``), a Hugging Face dataset saved with ``save_to_disk`` (a ``Datase
 ``DatasetDict``, whose ``split`` is chosen), and a directory of such shards (read in name order;
 with ``split``, only shards whose name or folder starts with it). Every row keeps its file and
 1-based row number (the line number for JSON Lines) so errors can point at it.
+
+Nothing is read by guess: data holding several splits (a ``DatasetDict``, a JSON object of split
+lists, shards named ``train-*``/``test-*`` or in ``train/``/``test/`` folders) needs ``split``;
+a duplicated column name (CSV header, JSON key, Parquet/Arrow field) is an error, not "the last
+one wins". What was read is logged (``dpokit.data``, info).
 """
 
 from __future__ import annotations
@@ -13,12 +18,20 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dpokit.errors import DpokitError
+
+log = logging.getLogger("dpokit.data")
+
+SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
+"""Names that mark a shard as one split's (``train-00000.parquet``, ``test/0.jsonl``)."""
+_SPLIT_PREFIX = re.compile(rf"^({'|'.join(SPLIT_NAMES)})(?=[-_.]|$)")
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,39 @@ def _decode_error(path: Path, data: bytes, error: UnicodeDecodeError) -> DpokitE
                        f"{data[error.start]:#04x} at offset {error.start})")
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` that refuses an object naming a key twice (``json`` keeps the last)."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return record
+
+
+def _duplicate_error(where: str, key: str) -> DpokitError:
+    return DpokitError(f"{where}: key {key!r} appears twice in one object (JSON would keep the "
+                       f"last silently); rename or remove one")
+
+
+def _check_unique_columns(path: Path, names: list[str], what: str) -> None:
+    seen: dict[str, int] = {}
+    for number, name in enumerate(names, start=1):
+        if name in seen:
+            raise DpokitError(f"{path}: column {name!r} appears twice in the {what} (columns "
+                              f"{seen[name]} and {number}); rename or remove one")
+        seen[name] = number
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -60,10 +106,12 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
         except UnicodeDecodeError as error:
             raise DpokitError(f"{path}, row {number}: undecodable text (not UTF-8)") from error
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as error:
             raise DpokitError(f"{path}, row {number}: not valid JSON ({error.msg} at column "
                               f"{error.colno})") from None
+        except _DuplicateKey as error:
+            raise _duplicate_error(f"{path}, row {number}", error.key) from None
         if not isinstance(record, dict):
             raise DpokitError(f"{path}, row {number}: expected a JSON object, got "
                               f"{type(record).__name__}")
@@ -73,13 +121,21 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
 def _read_json(path: Path, split: str | None) -> Iterator[RawRow]:
     data = _read_bytes(path)
     try:
-        document = json.loads(data.decode("utf-8-sig"))
+        document = json.loads(data.decode("utf-8-sig"), object_pairs_hook=_unique_keys)
     except UnicodeDecodeError as error:
         raise _decode_error(path, data, error) from None
     except json.JSONDecodeError as error:
         raise DpokitError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    except _DuplicateKey as error:
+        raise _duplicate_error(str(path), error.key) from None
     if isinstance(document, dict):
+        splits = sorted(k for k, v in document.items() if isinstance(v, list))
+        if split is None and len(splits) > 1:
+            raise DpokitError(f"{path}: an object holding several splits ({', '.join(splits)}); "
+                              f"set split to choose one")
         key = split or ("train" if "train" in document else None)
+        if split is None and key is not None:
+            log.info("%s: reading its only split, %r", path, key)
         if key is None or key not in document:
             raise DpokitError(f"{path}: expected a list of objects, or an object with a "
                               f"{split or 'train'!r} list (keys found: {sorted(document)})")
@@ -114,6 +170,7 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
         raise _decode_error(path, data, error) from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
+        _check_unique_columns(path, [k.strip() for k in reader.fieldnames or []], "header")
         for number, record in enumerate(reader, start=1):
             fields = {k.strip(): _maybe_json(v) if isinstance(v, str) else v
                       for k, v in record.items() if k is not None}
@@ -127,9 +184,10 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
     import pyarrow.parquet as pq
 
     try:
+        _check_unique_columns(path, pq.read_schema(path).names, "schema")
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as error:
-        raise DpokitError(f"cannot read {path} as Parquet: {error}") from None
+        raise DpokitError(f"cannot read {path} as Parquet: {_one_line(error)}") from None
     for number, record in enumerate(table.to_pylist(), start=1):
         yield RawRow(str(path), number, record)
 
@@ -141,7 +199,8 @@ def _read_arrow(path: Path) -> Iterator[RawRow]:
         with pa.memory_map(str(path)) as source:
             table = pa.ipc.open_stream(source).read_all()
     except (OSError, pa.ArrowException) as error:
-        raise DpokitError(f"cannot read {path} as an Arrow stream: {error}") from None
+        raise DpokitError(f"cannot read {path} as an Arrow stream: {_one_line(error)}") from None
+    _check_unique_columns(path, table.column_names, "schema")
     for number, record in enumerate(table.to_pylist(), start=1):
         yield RawRow(str(path), number, record)
 
@@ -171,23 +230,42 @@ def _read_saved_dataset(path: Path, split: str | None) -> Iterator[RawRow]:
         raise DpokitError(f"cannot load the saved dataset {path}: {error}") from None
     if isinstance(loaded, datasets.DatasetDict):
         names = sorted(loaded)
-        default = "train" if "train" in loaded else (names[0] if len(names) == 1 else None)
-        chosen = split or default
+        if split is None and len(names) != 1:
+            raise DpokitError(f"{path}: a saved DatasetDict with splits {', '.join(names)}; set "
+                              f"split to choose one")
+        chosen = split or names[0]
         if chosen not in loaded:
-            raise DpokitError(f"{path}: no split {split or 'train'!r} (splits: {', '.join(names)});"
-                              f" choose one with split")
+            raise DpokitError(f"{path}: no split {chosen!r} (splits: {', '.join(names)}); "
+                              f"choose one with split")
         loaded = loaded[chosen]
         source = f"{path}[{chosen}]"
+        log.info("%s: reading split %r (%d rows)%s", path, chosen, len(loaded),
+                 "" if split else ", its only split")
     else:
         source = str(path)
+        if split is not None:
+            log.warning("%s: a saved Dataset without splits; split=%r is ignored", path, split)
     for number, record in enumerate(loaded, start=1):
         yield RawRow(source, number, dict(record))
+
+
+def _shard_split(path: Path, shard: Path) -> str | None:
+    """The split a shard belongs to by its folder (``test/…``) or name (``train-00000…``)."""
+    parts = shard.relative_to(path).parts
+    folder = next((part for part in parts[:-1] if part in SPLIT_NAMES), None)
+    match = _SPLIT_PREFIX.match(shard.name)
+    return folder or (match.group(1) if match else None)
 
 
 def _shards(path: Path, split: str | None) -> list[Path]:
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _READERS
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    if split is not None:
+    if split is None:
+        splits = sorted({s for p in files if (s := _shard_split(path, p)) is not None})
+        if len(splits) > 1:
+            raise DpokitError(f"{path}: shards of several splits ({', '.join(splits)}); set "
+                              f"split to choose one")
+    else:
         files = [p for p in files if p.name.startswith(split) or
                  any(part == split for part in p.relative_to(path).parts[:-1])]
     if not files:
@@ -197,6 +275,10 @@ def _shards(path: Path, split: str | None) -> list[Path]:
     suffixes = {p.suffix for p in files}
     if len(suffixes) > 1:
         raise DpokitError(f"{path}: shards of mixed formats ({', '.join(sorted(suffixes))})")
+    names = [str(p.relative_to(path)) for p in files]
+    log.info("%s: reading %d shard%s%s (%s%s)", path, len(files), "s" * (len(files) > 1),
+             f" of split {split!r}" if split else "", ", ".join(names[:5]),
+             f", … {names[-1]}" if len(names) > 5 else "")
     return files
 
 
@@ -216,6 +298,8 @@ def iter_rows(path: str | Path, *, split: str | None = None) -> Iterator[RawRow]
     if reader is None:
         raise DpokitError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; expected "
                           f"{', '.join(SUPPORTED_SUFFIXES)}, a saved dataset or a directory")
+    if split is not None and reader is not _read_json:
+        log.warning("%s: one file of rows without splits; split=%r is ignored", path, split)
     yield from reader(path, split)
 
 

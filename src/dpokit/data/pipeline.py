@@ -16,10 +16,12 @@ log = logging.getLogger("dpokit.data")
 def load_preference_pairs(path: str | Path, tokenizer: Any, *,
                           settings: TokenizeSettings = TokenizeSettings(),
                           columns: ColumnMap = ColumnMap(), split: str | None = None,
-                          progress: bool = False) -> list[TokenizedPair]:
-    """Rows of ``path`` (any format of :mod:`dpokit.data.io`) as tokenized preference pairs."""
+                          progress: bool | None = None) -> list[TokenizedPair]:
+    """Rows of ``path`` (any format of :mod:`dpokit.data.io`) as tokenized preference pairs;
+    rows over ``settings.max_row_chars`` are refused before tokenising. ``progress``: see
+    :func:`dpokit.data.tokenize.tokenize_examples`."""
     rows = load_rows(path, split=split)
-    examples = parse_examples(rows, columns)
+    examples = parse_examples(rows, columns, max_row_chars=settings.max_row_chars)
     pairs = tokenize_examples(examples, tokenizer, settings, progress=progress)
     log.info("%s: %d rows, %d pairs after tokenisation", path, len(rows), len(pairs))
     return pairs

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpokit.data.formats import Messages, _is_messages, _messages
+from dpokit.data.formats import Messages, _is_messages, _messages, check_columns, check_row_chars
 from dpokit.data.io import RawRow, load_rows
 from dpokit.data.tokenize import TokenizeSettings, _ids, encode_chat, render_plain
 from dpokit.errors import DpokitError
@@ -65,6 +65,10 @@ def load_prompts(path: str | Path, tokenizer: Any, *,
     rows = load_rows(path, split=split)
     if not rows:
         raise DpokitError(f"{path}: no rows")
+    # A renamed column must exist; a missing default one is named row by row below.
+    if prompt_column != "prompt":
+        check_columns(rows, {"prompt_column": prompt_column})
+    check_row_chars(rows, [prompt_column], settings.max_row_chars)
     prompts = []
     for row in rows:
         prompt = _prompt(row, prompt_column)

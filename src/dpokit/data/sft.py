@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpokit.data.formats import _is_messages, _messages
+from dpokit.data.formats import _is_messages, _messages, check_columns, check_row_chars
 from dpokit.data.io import RawRow, load_rows
 from dpokit.data.tokenize import (
     TokenizeSettings,
@@ -23,6 +23,7 @@ from dpokit.data.tokenize import (
     _truncate,
     common_prefix_length,
     encode_chat,
+    progress_bar,
     render_plain,
 )
 from dpokit.errors import DpokitError
@@ -73,11 +74,13 @@ def _parse(row: RawRow, prompt_column: str, completion_column: str,
     return _Example(prompt, completion, row.where)
 
 
-def tokenize_sft(examples: Sequence[_Example], tokenizer: Any,
-                 settings: TokenizeSettings) -> list[tuple[list[int], list[int]]]:
+def tokenize_sft(examples: Sequence[_Example], tokenizer: Any, settings: TokenizeSettings, *,
+                 progress: bool | None = None) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) per example, before truncation."""
+    log.info("tokenising %d SFT rows", len(examples))
     out = []
-    for example in examples:
+    for example in progress_bar(examples, total=len(examples), progress=progress,
+                                desc="tokenising"):
         conversational = isinstance(example.completion, list)
         if conversational and settings.text_mode != "plain":
             if not getattr(tokenizer, "chat_template", None):
@@ -102,13 +105,22 @@ def load_sft_sequences(path: str | Path, tokenizer: Any, *,
                        settings: TokenizeSettings = TokenizeSettings(),
                        prompt_column: str = "prompt", completion_column: str = "completion",
                        messages_column: str = "messages",
-                       split: str | None = None) -> list[SFTSequence]:
-    """Read, validate, tokenise and truncate SFT data; rows left empty are dropped and counted."""
+                       split: str | None = None,
+                       progress: bool | None = None) -> list[SFTSequence]:
+    """Read, validate, tokenise and truncate SFT data; rows left empty are dropped and counted.
+    A column renamed from its default must exist; rows over ``settings.max_row_chars`` are
+    refused before tokenising."""
     rows = load_rows(path, split=split)
+    named = {"prompt_column": prompt_column, "completion_column": completion_column,
+             "messages_column": messages_column}
+    defaults = {"prompt_column": "prompt", "completion_column": "completion",
+                "messages_column": "messages"}
+    check_columns(rows, {key: name for key, name in named.items() if name != defaults[key]})
+    check_row_chars(rows, list(named.values()), settings.max_row_chars)
     examples = [_parse(r, prompt_column, completion_column, messages_column) for r in rows]
     sequences, dropped = [], 0
-    for row, (prompt_ids, completion_ids) in zip(rows, tokenize_sft(examples, tokenizer, settings),
-                                                 strict=True):
+    tokenized = tokenize_sft(examples, tokenizer, settings, progress=progress)
+    for row, (prompt_ids, completion_ids) in zip(rows, tokenized, strict=True):
         if not prompt_ids:  # nothing predicts the first token: it becomes the context
             prompt_ids, completion_ids = completion_ids[:1], completion_ids[1:]
         if settings.max_prompt_length is not None:

@@ -9,12 +9,17 @@ diverge. (When a merge across the prompt/completion boundary or the template sho
 this is logged once with an example.) Then truncation: the prompt to ``max_prompt_length`` (from
 the left by default, keeping its end), the completions to ``max_length`` minus the prompt (from the
 right by default); a pair left with an empty completion is dropped and counted in the log.
+
+Rows over ``max_row_chars`` characters are refused before this (:func:`dpokit.data.formats.
+check_row_chars`): tokenising a 50 MB row takes minutes and gigabytes, only to be truncated.
+A long tokenisation shows a progress bar on a terminal (:func:`progress_bar`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -28,7 +33,8 @@ log = logging.getLogger("dpokit.data")
 
 @dataclass(frozen=True)
 class TokenizeSettings:
-    """How examples become tokens; every field changes the tokens, so all of them key caches."""
+    """How examples become tokens; every field but ``max_row_chars`` (which only refuses rows)
+    changes the tokens."""
 
     max_length: int | None = 1024
     """Longest prompt + completion, in tokens (None: no limit)."""
@@ -42,9 +48,12 @@ class TokenizeSettings:
     """``auto``: chat template for conversational rows, plain text otherwise; ``chat`` requires
     conversational rows; ``plain`` renders conversations as ``role: content`` lines (for base
     models)."""
+    max_row_chars: int | None = 1_000_000
+    """Longest row in characters (prompt + completions, summed), refused before tokenising
+    (None: no limit). 1M characters is ~250k tokens, past any context a pair is trained at."""
 
     def __post_init__(self) -> None:
-        for name in ("max_length", "max_prompt_length"):
+        for name in ("max_length", "max_prompt_length", "max_row_chars"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise DpokitError(f"{name} must be ≥ 1 or None, got {value}")
@@ -130,6 +139,21 @@ def _chat_ids(tokenizer: Any, example: PreferenceExample) -> tuple[list[int], li
     return prompt, chosen, rejected
 
 
+def progress_bar(items: Iterable, *, total: int, progress: bool | None, desc: str) -> Iterable:
+    """``items`` with a tqdm bar on stderr. ``progress=None`` (the default of the loaders): on a
+    terminal, on rank 0 of torchrun, and only once the work has taken 2 s."""
+    if progress is None:
+        disable = None if os.environ.get("RANK", "0") == "0" else True  # None: tqdm's TTY test
+    else:
+        disable = not progress
+    return tqdm(items, total=total, disable=disable, desc=desc, unit="row", leave=False,
+                delay=0.0 if progress else 2.0)
+
+
+_CHUNK = 1024
+"""Rows per batched tokenizer call on plain text (the progress bar's step)."""
+
+
 def _truncate(ids: list[int], limit: int, side: str) -> list[int]:
     if len(ids) <= limit:
         return ids
@@ -138,8 +162,9 @@ def _truncate(ids: list[int], limit: int, side: str) -> list[int]:
 
 def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer: Any,
                       settings: TokenizeSettings = TokenizeSettings(), *,
-                      progress: bool = False) -> list[TokenizedPair]:
-    """Tokenise, split at the shared prompt, truncate; drop (and count) pairs left empty."""
+                      progress: bool | None = None) -> list[TokenizedPair]:
+    """Tokenise, split at the shared prompt, truncate; drop (and count) pairs left empty.
+    ``progress``: a bar on stderr (None: on a terminal, for a tokenisation longer than 2 s)."""
     if not examples:
         return []
     conversational = examples[0].conversational
@@ -155,13 +180,19 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer: Any,
     if not use_chat and not eos:
         raise DpokitError("the tokenizer has no eos_token; plain-text completions end with EOS")
 
+    log.info("tokenising %d rows (%s)", len(examples), "chat template" if use_chat else "text")
     if use_chat:
-        triples = [_chat_ids(tokenizer, e) for e in tqdm(
-            examples, disable=not progress, desc="tokenizing", unit="row", leave=False)]
+        triples = [_chat_ids(tokenizer, e) for e in progress_bar(
+            examples, total=len(examples), progress=progress, desc="tokenising")]
     else:
-        texts = [_texts(e, eos) for e in examples]
-        columns = [tokenizer([t[i] for t in texts])["input_ids"] for i in range(3)]
-        triples = list(zip(*columns, strict=True))
+        triples = []
+        bar = progress_bar(None, total=len(examples), progress=progress, desc="tokenising")
+        for start in range(0, len(examples), _CHUNK):
+            texts = [_texts(e, eos) for e in examples[start:start + _CHUNK]]
+            columns = [tokenizer([t[i] for t in texts])["input_ids"] for i in range(3)]
+            triples.extend(zip(*columns, strict=True))
+            bar.update(len(texts))
+        bar.close()
 
     pairs: list[TokenizedPair] = []
     merged = dropped = 0

@@ -77,12 +77,19 @@ class DataConfig(Config):
     """Which rows, how they are tokenised, and how many go into one batch."""
 
     data: str = field(help="Data: JSONL/JSON/CSV/Parquet file, saved dataset or directory.")
-    split: str | None = field(None, help="Split of the data (saved DatasetDict/shards).")
-    prompt_column: str = field("prompt", help="Column holding the prompt.")
+    split: str | None = field(
+        None, help="Split of the data (saved DatasetDict, JSON object or shards); required "
+                   "when the data holds several.")
+    prompt_column: str = field(
+        "prompt", help="Column holding the prompt (renamed: it must exist; 'prompt' absent: "
+                       "implicit prompts).")
     max_length: int | None = field(1024, help="Longest prompt + completion in tokens.")
     max_prompt_length: int | None = field(None, help="Longest prompt in tokens (left-truncated).")
     text_mode: Literal["auto", "chat", "plain"] = field(
         "auto", help="Chat template for conversational rows, or plain 'role: content' text.")
+    max_row_chars: int | None = field(
+        1_000_000, help="Longest row in characters (its text columns summed), refused before "
+                        "tokenising (null: no limit).")
     batch_size: int = field(8, help="Examples per micro-batch on each device.")
     padding_free: bool = field(False, help="Pack sequences into one row (no padding).")
 
@@ -91,7 +98,7 @@ class DataConfig(Config):
         super().validate()
         if self.batch_size < 1:
             raise DpokitError(f"batch_size must be ≥ 1, got {self.batch_size}")
-        for key in ("max_length", "max_prompt_length"):
+        for key in ("max_length", "max_prompt_length", "max_row_chars"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise DpokitError(f"{key} must be ≥ 1 or null, got {value}")
@@ -102,7 +109,7 @@ class DataConfig(Config):
         """The settings that turn rows into tokens (:class:`dpokit.data.TokenizeSettings`)."""
         return TokenizeSettings(max_length=self.max_length,
                                 max_prompt_length=self.max_prompt_length,
-                                text_mode=self.text_mode)
+                                text_mode=self.text_mode, max_row_chars=self.max_row_chars)
 
 
 @dataclass(kw_only=True)

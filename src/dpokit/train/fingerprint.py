@@ -27,7 +27,7 @@ from dpokit.errors import DpokitError
 MAY_CHANGE = frozenset({
     "output_dir", "resume", "overwrite", "device", "logging_steps", "save_steps",
     "save_total_limit", "eval_data", "eval_split", "eval_steps", "eval_generate",
-    "max_nonfinite_steps", "max_steps", "num_epochs"})
+    "max_nonfinite_steps", "max_row_chars", "max_steps", "num_epochs"})
 """Keys a resumed run may set differently (bookkeeping, evaluation, where it runs, its length)."""
 
 _CONTENT_KEYS = ("model", "ref_model", "data", "reward")
