@@ -67,7 +67,7 @@ MODEL_KINDS = ("llama", "qwen2", "gpt2")
 
 def tiny_config(kind: str = "llama", *, vocab_size: int = 512, hidden_size: int = 32,
                 num_layers: int = 2, num_heads: int = 4, intermediate_size: int | None = None,
-                max_positions: int = 512, pad_token_id: int = 0, bos_token_id: int = 1,
+                max_positions: int = 1024, pad_token_id: int = 0, bos_token_id: int = 1,
                 eos_token_id: int = 2):
     """A ``transformers`` config of a small decoder of the given family."""
     from transformers import AutoConfig

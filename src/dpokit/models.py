@@ -38,6 +38,29 @@ def _model_dir(path: str | Path, what: str) -> Path:
     return directory
 
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+"""Where a model's config states how many positions it has (Llama/Qwen, GPT-2, others)."""
+
+
+def position_limit(path: str | Path, *, what: str = "model") -> tuple[int, str] | None:
+    """``(positions, key)`` from the ``config.json`` of a model directory — read without loading
+    any weights — or None when it states none."""
+    import json
+
+    directory = _model_dir(path, what)
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DpokitError(f"cannot read {directory / 'config.json'}: "
+                          f"{getattr(error, 'strerror', None) or error}") from None
+    sources = [config, config.get("text_config") or {}]
+    for source in sources:
+        for key in POSITION_KEYS:
+            if isinstance(source.get(key), int) and source[key] > 0:
+                return source[key], key
+    return None
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer saved in ``path``; a missing pad token falls back to EOS."""
     from transformers import AutoTokenizer

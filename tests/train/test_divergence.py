@@ -100,12 +100,15 @@ def test_a_model_with_nan_weights_is_refused_on_load(workdir, tmp_path, capsys):
 def test_a_corrupt_reference_cache_entry_is_rebuilt(workdir, tmp_path):
     """Garbage bytes in the cached reference table: detected, removed, recomputed — the run's
     loss equals the clean run's."""
-    first = train(config(workdir, "cache-a", max_steps=1), progress=False)
-    (entry,) = (first.parent.parent / ".dpokit_cache").glob("*.safetensors")
+    cache = workdir / ".dpokit_cache"
+    before = set(cache.glob("*.safetensors"))
+    first = train(config(workdir, "cache-a", max_steps=1, seed=11), progress=False)
+    (entry,) = set(cache.glob("*.safetensors")) - before  # this run's (rows of seed 11)
     loss = _strict_lines(first.parent / "metrics.jsonl")[0]["loss"]
     for garbage in (b"\x00garbage" * 10, entry.read_bytes()[:40]):
         entry.write_bytes(garbage)
-        again = train(config(workdir, f"cache-b{len(garbage)}", max_steps=1), progress=False)
+        again = train(config(workdir, f"cache-b{len(garbage)}", max_steps=1, seed=11),
+                      progress=False)
         assert _strict_lines(again.parent / "metrics.jsonl")[0]["loss"] == pytest.approx(
             loss, abs=1e-7)
         assert load_file(str(entry))["ref_logps"].shape[1] == 2  # rebuilt in place

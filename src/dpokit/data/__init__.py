@@ -12,7 +12,7 @@ renamed column absent, a column named twice, a null among filled values, several
 file, the row and the field.
 """
 
-from dpokit.data.batching import epoch_batches, micro_batches, shard_for_rank
+from dpokit.data.batching import epoch_batches, micro_batches, rows_used, shard_for_rank
 from dpokit.data.collate import (
     PairBatch,
     collate_packed,
@@ -46,6 +46,7 @@ __all__ = [
     "pad_sequences",
     "parse_example",
     "parse_examples",
+    "rows_used",
     "shard_for_rank",
     "tokenize_examples",
 ]

@@ -29,6 +29,15 @@ def epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int,
     return batches
 
 
+def rows_used(num_examples: int, batch_size: int, *, seed: int, total_steps: int) -> list[int]:
+    """The example indices the first ``total_steps`` global batches of :func:`epoch_batches`
+    touch, sorted: every row once the run lasts an epoch, else the first epoch's batches."""
+    batches = epoch_batches(num_examples, batch_size, seed=seed, epoch=0)
+    if total_steps >= len(batches):
+        return list(range(num_examples))
+    return sorted(i for batch in batches[:total_steps] for i in batch)
+
+
 def shard_for_rank(batch: list[int], rank: int, world_size: int) -> list[int]:
     """This rank's contiguous share of a global batch (sizes differ by at most one)."""
     if not 0 <= rank < world_size:

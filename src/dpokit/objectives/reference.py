@@ -68,7 +68,10 @@ class Reference:
         if self.mode == "none":
             return None
         if self.mode == "precomputed":
-            rows = self.table[batch.extras["indices"].cpu()].to(batch.input_ids.device)
+            rows = self.table[batch.extras["indices"].cpu()]
+            if not bool(torch.isfinite(rows).all()):  # a row the reference pass skipped
+                raise RuntimeError("a precomputed reference row was never computed")
+            rows = rows.to(batch.input_ids.device)
             return rows[:, 0], rows[:, 1]
         model = unwrap_model(self.model) if self.mode == "model" else self.model
         adapters_off = (model.disable_adapter() if self.mode == "adapters"
@@ -120,10 +123,13 @@ def cache_key(weights_hash: str, pairs: Sequence[TokenizedPair], settings: dict)
 def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair], *,
                             batch_size: int, pad_token_id: int, layout: str,
                             device: torch.device, rank: int = 0, world_size: int = 1,
-                            progress: bool = False) -> Tensor:
-    """``(N, 2)`` reference log-probs of every pair; ranks split the work, then all-reduce."""
+                            progress: bool = False,
+                            rows: Sequence[int] | None = None) -> Tensor:
+    """``(N, 2)`` reference log-probs of the pairs at ``rows`` (None: every pair; the others are
+    NaN, never read); ranks split the work, then all-reduce."""
     table = torch.zeros(len(pairs), 2, dtype=torch.float32)
-    indices = list(range(rank, len(pairs), world_size))
+    rows = list(range(len(pairs))) if rows is None else list(rows)
+    indices = rows[rank::world_size]
     bar = tqdm(total=len(indices), unit="pair", desc="reference log-probs", disable=not progress)
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
@@ -140,19 +146,24 @@ def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair]
         table = table.to(device)
         dist.all_reduce(table)  # each row was filled by exactly one rank
         table = table.cpu()
+    if len(rows) < len(pairs):
+        unused = torch.ones(len(pairs), dtype=torch.bool)
+        unused[rows] = False
+        table[unused] = float("nan")
     return table
 
 
-def read_table(cache_file: Path, rows: int) -> Tensor | None:
+def read_table(cache_file: Path, rows: int, used: Sequence[int] | None = None) -> Tensor | None:
     """The cached ``(rows, 2)`` reference table, or None when there is none yet — or when the
-    entry is unreadable, of the wrong shape or not finite: then it is removed (with a warning
-    naming it) so that it is rebuilt."""
+    entry is unreadable, of the wrong shape or not finite at the ``used`` rows (None: all):
+    then it is removed (with a warning naming it) so that it is rebuilt."""
     if not cache_file.is_file():
         return None
     try:
         table = load_file(str(cache_file))["ref_logps"]
-        problem = (None if tuple(table.shape) == (rows, 2) and bool(torch.isfinite(table).all())
-                   else f"shape {tuple(table.shape)} or non-finite values")
+        ok = tuple(table.shape) == (rows, 2) and bool(torch.isfinite(
+            table if used is None else table[list(used)]).all())
+        problem = None if ok else f"shape {tuple(table.shape)} or non-finite values"
     except Exception as error:  # a truncated or foreign file: safetensors raises its own types
         problem = f"{type(error).__name__}: {error}"
     if problem is None:

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dpokit.atomic import replace, temporary_sibling
+from dpokit.atomic import discard, os_error_cause, replace, temporary_sibling
 from dpokit.errors import DpokitError
 
 log = logging.getLogger("dpokit.train")
@@ -54,11 +54,39 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module,
 
     Called on every rank. ``sharded`` (FSDP) writes model and optimizer with
     ``torch.distributed.checkpoint`` — each rank its own shard — instead of one file from rank 0;
-    every rank stores its own random generator state.
+    every rank stores its own random generator state. An OS error while writing (a full disk, a
+    read-only directory) removes the temporary directory and is one :class:`DpokitError` naming
+    the checkpoint, the cause and the newest checkpoint still intact.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{step}"
     tmp = temporary_sibling(final, shared=True)  # one name on every rank
+    try:
+        _write_checkpoint(tmp, model=model, optimizer=optimizer, scheduler=scheduler,
+                          trainer_state=trainer_state, rng=rng, ref_model=ref_model,
+                          sharded=sharded, rank=rank, barrier=barrier)
+        if rank == 0:
+            write_checksums(tmp)
+            replace(tmp, final)
+    except BaseException as error:
+        if rank == 0:
+            discard(tmp)
+        cause = os_error_cause(error)
+        if cause is None:
+            raise
+        raise _save_error(output_dir, final, cause) from None
+    if rank == 0 and save_total_limit is not None:
+        for old in list_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def _write_checkpoint(tmp: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      scheduler: Any, trainer_state: dict, rng: dict,
+                      ref_model: nn.Module | None, sharded: bool, rank: int,
+                      barrier: Callable[[], None]) -> None:
+    """Every file of a checkpoint into the (fresh) directory ``tmp``; rank 0 creates it."""
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -71,25 +99,37 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module,
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state},
                  checkpoint_id=str(tmp / "sharded"))
-    torch.save(rng, tmp / f"rng_{rank}.pt")
+    _torch_save(rng, tmp / f"rng_{rank}.pt")
     if rank == 0:
         if not sharded:
             save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         if ref_model is not None:
             save_file(_all_state(ref_model), str(tmp / "reference.safetensors"))
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2),
                                                 encoding="utf-8")
     barrier()
-    if rank == 0:
-        write_checksums(tmp)
-        replace(tmp, final)
-        if save_total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file handle: a failed write then surfaces as the
+    ``OSError`` (``No space left on device``), where a path gives an opaque C++ message."""
+    with path.open("wb") as handle:
+        torch.save(obj, handle)
+
+
+def _save_error(output_dir: Path, final: Path, cause: str) -> DpokitError:
+    """``cannot write checkpoint PATH: CAUSE; the previous checkpoint checkpoint-M is intact``."""
+    try:
+        intact = list_checkpoints(output_dir)
+    except OSError:
+        intact = []
+    if intact:
+        kept = f"; the previous checkpoint {intact[-1].name} is intact"
+    else:
+        kept = "; no earlier checkpoint was saved"
+    return DpokitError(f"cannot write checkpoint {final}: {cause}{kept}")
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

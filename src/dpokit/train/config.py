@@ -111,6 +111,9 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
             raise DpokitError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise DpokitError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.merge_lora and not self.lora:
+            raise DpokitError("merge_lora merges LoRA adapters into the model; set lora: true "
+                              "too, or drop merge_lora")
         if self.overwrite and self.resume:
             raise DpokitError("overwrite deletes the run that resume would continue; set one "
                               "of them")

@@ -36,7 +36,7 @@ from dpokit.runtime import rng_state, setup_runtime, shutdown_runtime
 from dpokit.train.checkpoint import list_checkpoints, save_checkpoint
 from dpokit.train.config import DPOConfig, SFTConfig, TrainConfig
 from dpokit.train.rundir import claim
-from dpokit.train.setup import Run, setup_run
+from dpokit.train.setup import Run, preflight, setup_run
 
 log = logging.getLogger("dpokit.train")
 
@@ -67,6 +67,7 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
     runtime = setup_runtime(config.device, config.dtype)
     run, lock = None, None
     try:
+        preflight(config, runtime)
         lock = claim(config.output_dir, runtime)  # a second run on this directory is refused
         run = setup_run(config, runtime, progress=progress)
         with _stop_on_signal() as stop:  # from the first step: a signal in setup stops it

@@ -10,6 +10,8 @@ when resuming — the checkpoint's weights, optimizer, schedule, RNG and unlogge
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import logging
 import math
 import time
@@ -21,9 +23,15 @@ import torch
 from torch import nn
 
 from dpokit.config import write_config
+from dpokit.data import rows_used
 from dpokit.errors import DpokitError
 from dpokit.logps import unwrap_model
-from dpokit.models import load_causal_lm, load_tokenizer, nonfinite_parameter
+from dpokit.models import (
+    load_causal_lm,
+    load_tokenizer,
+    nonfinite_parameter,
+    position_limit,
+)
 from dpokit.objectives import MetricSums, Objective, Reference
 from dpokit.objectives.reference import (
     cache_key,
@@ -124,6 +132,7 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     checkpoint), the data, a resume of a different run — is checked before any weights load,
     and ``config.yaml`` is written only once the run is accepted."""
     output_dir = Path(config.output_dir)
+    limits = _position_limits(config)
     checkpoint = _decide_on_main(runtime, config)
     seed_everything(config.seed)
 
@@ -132,9 +141,11 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     train_items = objective.load(config.data, config.split)
     eval_items = objective.load(config.eval_data, config.eval_split) if config.eval_data else []
     items = train_items + eval_items
+    _check_positions(items, limits, config.max_new_tokens)
     global_batch = config.batch_size * config.gradient_accumulation_steps * runtime.world_size
     steps_per_epoch = math.ceil(len(train_items) / global_batch)
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
+    used = rows_used(len(train_items), global_batch, seed=config.seed, total_steps=total_steps)
     fingerprint = run_fingerprint(config, train_items)
     if checkpoint is not None:
         check_resumable(checkpoint, config, runtime, fingerprint, steps_per_epoch, total_steps)
@@ -147,7 +158,8 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     adapters = objective.needs_reference and config.lora and config.ref_model is None
     if objective.needs_reference and not adapters:
         objective.reference = setup_reference(config, runtime, items, tokenizer.pad_token_id,
-                                              progress=progress)
+                                              progress=progress, rows=used,
+                                              train_rows=len(train_items))
     model = load_causal_lm(config.model, dtype="float32", device=runtime.device,
                            trust_remote_code=config.trust_remote_code)
     enable_recompute(model, recompute_mode(config, model, objective, train_items))
@@ -156,7 +168,8 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     model.train()
     if adapters:
         objective.reference = setup_reference(config, runtime, items, tokenizer.pad_token_id,
-                                              progress=progress, policy=model)
+                                              progress=progress, policy=model, rows=used,
+                                              train_rows=len(train_items))
 
     policy = wrap(objective.policy(model), config, runtime)  # FSDP shards: optimizer after
     optimizer = build_optimizer(model, config, runtime)
@@ -175,6 +188,62 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
                              step=run.step, progress=progress)
     run.window_start = time.perf_counter()
     return run
+
+
+def preflight(config: TrainConfig, runtime: Runtime) -> None:
+    """What can refuse the run before anything is written, even the run directory: flags the
+    process layout contradicts, and ``max_length`` against the models' positions."""
+    if config.fsdp and not runtime.distributed:
+        raise DpokitError("fsdp shards the model over the processes of torchrun; this is one "
+                          "process — run it under torchrun --nproc-per-node N, or drop fsdp")
+    _position_limits(config)
+
+
+def _position_limits(config: TrainConfig) -> list[tuple[int, str, str]]:
+    """``(positions, config key, model dir)`` of the policy and the reference model, checked
+    against ``max_length`` before any data or weights load."""
+    limits = []
+    for what, path in (("model", config.model), ("ref_model", getattr(config, "ref_model", None))):
+        found = position_limit(path, what=what) if path else None
+        if found is None:
+            continue
+        positions, key = found
+        if config.max_length is not None and config.max_length > positions:
+            raise DpokitError(f"max_length {config.max_length} is longer than {what} {path} "
+                              f"has positions ({key} = {positions} in its config.json); set "
+                              f"max_length ≤ {positions}")
+        limits.append((positions, key, str(path)))
+    return limits
+
+
+def _positions_needed(item: Any, max_new_tokens: int) -> int:
+    """The longest sequence one example puts through the model: a pair's prompt and longer
+    completion, an SFT prompt and completion, an online prompt and ``max_new_tokens``."""
+    prompt = len(item.prompt_ids)
+    if hasattr(item, "chosen_ids"):
+        return prompt + max(len(item.chosen_ids), len(item.rejected_ids))
+    if hasattr(item, "completion_ids"):
+        return prompt + len(item.completion_ids)
+    return prompt + max_new_tokens
+
+
+def _check_positions(items: list, limits: list[tuple[int, str, str]],
+                     max_new_tokens: int) -> None:
+    """No example may be longer than a model's positions (Llama would run past them silently,
+    GPT-2 fail with an IndexError): one line naming the row."""
+    if not limits or not items:
+        return
+    positions, key, path = min(limits)
+    needed = [_positions_needed(item, max_new_tokens) for item in items]
+    longest = max(range(len(items)), key=needed.__getitem__)
+    if needed[longest] > positions:
+        item = items[longest]
+        online = not hasattr(item, "chosen_ids") and not hasattr(item, "completion_ids")
+        what = "its prompt and max_new_tokens" if online else "it"
+        raise DpokitError(f"{item.source}, row {item.row}: {needed[longest]} tokens ({what}), "
+                          f"longer than {path} has positions ({key} = {positions}); set "
+                          f"max_length (or max_prompt_length) ≤ {positions}"
+                          + (" with max_new_tokens" if online else ""))
 
 
 def _decide_on_main(runtime: Runtime, config: TrainConfig) -> Path | None:
@@ -277,9 +346,12 @@ def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
 
 
 def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: int, *,
-                    progress: bool, policy: nn.Module | None = None) -> Reference:
+                    progress: bool, policy: nn.Module | None = None,
+                    rows: list[int] | None = None, train_rows: int = 0) -> Reference:
     """π_ref for a DPO config: the policy with adapters off (LoRA, ``policy`` given), or a
     model of its own — by default run once over ``items`` into a cached table and freed.
+    ``rows``: the training rows (of the first ``train_rows`` items) the run uses, when not all
+    of them (a short ``max_steps``); the evaluation items after them are always computed.
 
     The cache lives beside the run directory (``../.dpokit_cache``), keyed by the reference
     weights, every token id and the settings that change the numbers.
@@ -303,18 +375,27 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
     settings = {"ld_alpha": config.ld_alpha, "dtype": config.dtype,
                 "layout": config.layout, "chunk_size": config.chunk_size,
                 "unpadded": config.unpadded, "mode": reference.mode}
+    used = None if rows is None else [*rows, *range(train_rows, len(items))]
+    if used is not None and len(used) < len(items):
+        settings["rows"] = hashlib.sha256(json.dumps(used).encode()).hexdigest()[:16]
+        log.info("reference pass over the %d of %d examples this run uses", len(used), len(items))
+    else:
+        used = None
     key = cache_key(hash_directory(ref_dir), items, settings)
     cache_file = Path(config.output_dir).resolve().parent / ".dpokit_cache" / f"{key}.safetensors"
 
-    table = read_table(cache_file, len(items))
+    table = read_table(cache_file, len(items), used)
     cached = table is not None
     if table is None:
         table = compute_reference_table(
             reference, items, batch_size=2 * config.batch_size,
             pad_token_id=pad_token_id, layout=config.layout, device=runtime.device,
-            rank=runtime.rank, world_size=runtime.world_size, progress=progress and runtime.is_main)
-        if not bool(torch.isfinite(table).all()):
-            row = int((~torch.isfinite(table)).any(-1).nonzero()[0])
+            rank=runtime.rank, world_size=runtime.world_size, progress=progress and runtime.is_main,
+            rows=used)
+        computed = table if used is None else table[used]
+        if not bool(torch.isfinite(computed).all()):
+            bad = int((~torch.isfinite(computed)).any(-1).nonzero()[0])
+            row = bad if used is None else used[bad]
             raise DpokitError(f"reference log-probs are not finite (example {row + 1} of "
                               f"{len(items)}); the reference model {ref_dir} is broken")
         if runtime.is_main:
