@@ -107,6 +107,12 @@ def _from_pretrained(auto_class: Any, path: str | Path, *, what: str, kind: str,
     except (OSError, ValueError, KeyError) as error:
         raise DpokitError(f"cannot load a {kind} from {directory}: "
                           f"{str(error).splitlines()[0]}") from None
+    except Exception as error:
+        if type(error).__name__ != "SafetensorError":  # a truncated or garbled weights file
+            raise
+        files = ", ".join(sorted(p.name for p in directory.glob("*.safetensors")))
+        raise DpokitError(f"cannot load a {kind} from {directory}: its weights ({files}) are "
+                          f"corrupt: {str(error).splitlines()[0]}") from None
     bad = nonfinite_parameter(model)
     if bad is not None:
         raise DpokitError(f"{directory}: weight {bad} holds NaN or inf values; the {what} is "

@@ -168,3 +168,19 @@ def test_reference_table_rows_not_used_are_never_read(workdir, tmp_path):
     batch.extras["indices"] = torch.tensor([1, 2])
     with pytest.raises(RuntimeError, match="never computed"):
         precomputed.logps(batch)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad header"])
+def test_a_corrupt_model_file_is_one_line_naming_it(workdir, tmp_path, capsys, damage):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(workdir / "llama", model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated"
+                        else b"\xff" * 8 + data[8:])
+    code, _, err = run_cli(capsys, *cli_args(workdir, tmp_path / "run", "--max-steps", "1"),
+                           "--model", str(model))
+    line = one_error(code, err)
+    assert str(model) in line and "model.safetensors" in line and "corrupt" in line
