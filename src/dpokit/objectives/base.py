@@ -120,8 +120,9 @@ class Objective(ABC):
         """Keys of :attr:`Output.sums`, including ``loss`` and ``count``."""
 
     @abstractmethod
-    def load(self, path: str, split: str | None) -> list:
-        """The tokenised examples of a data file (errors name the file, row and field)."""
+    def load(self, path: str, split: str | None, *, progress: bool | None = None) -> list:
+        """The tokenised examples of a data file (errors name the file, row and field);
+        ``progress``: a tokenisation bar (None: on a terminal, past 2 s; False: never)."""
 
     @abstractmethod
     def tokens(self, item: Any) -> int:

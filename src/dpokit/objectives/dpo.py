@@ -78,12 +78,14 @@ class DPOObjective(Objective):
         """TRL's reward/log-prob metrics, ``count`` and ``loss`` (log-probs only if scoring)."""
         return (*METRIC_KEYS, "loss") if self.with_loss else _LOGPS_KEYS
 
-    def load(self, path: str, split: str | None) -> list[TokenizedPair]:
+    def load(self, path: str, split: str | None, *,
+             progress: bool | None = None) -> list[TokenizedPair]:
         """Preference pairs of ``path`` with this config's columns and tokenisation; a loss that
         reads margins or soft labels needs one on every row (the first row without is named)."""
         pairs = load_preference_pairs(path, self.tokenizer,
                                       settings=self.config.tokenize_settings,
-                                      columns=self.config.columns, split=split)
+                                      columns=self.config.columns, split=split,
+                                      progress=progress)
         losses = ", ".join(self.config.loss_type)
         for needed, attr, key in ((self.margins, "margin", "margin_column"),
                                   (self.label_probs, "label_prob", "label_prob_column")):

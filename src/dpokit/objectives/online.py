@@ -63,8 +63,9 @@ class OnlineDPOObjective(DPOObjective):
         """The DPO keys and the generation statistics."""
         return (*super().metric_keys, *_GENERATION_KEYS, "kl_k3_sum", "kl_samples")
 
-    def load(self, path: str, split: str | None) -> list[Prompt]:
-        """The prompts of ``path`` (other columns are ignored)."""
+    def load(self, path: str, split: str | None, *,
+             progress: bool | None = None) -> list[Prompt]:
+        """The prompts of ``path`` (other columns are ignored; prompts tokenise fast: no bar)."""
         return load_prompts(path, self.tokenizer, settings=self.config.tokenize_settings,
                             prompt_column=self.config.prompt_column, split=split)
 

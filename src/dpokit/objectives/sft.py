@@ -34,13 +34,15 @@ class SFTObjective(Objective):
         """See the class docstring."""
         self.config, self.tokenizer = config, tokenizer
 
-    def load(self, path: str, split: str | None) -> list[SFTSequence]:
+    def load(self, path: str, split: str | None, *,
+             progress: bool | None = None) -> list[SFTSequence]:
         """Prompt/completion or conversation rows, tokenised and truncated."""
         c = self.config
         return load_sft_sequences(path, self.tokenizer, settings=c.tokenize_settings,
                                   prompt_column=c.prompt_column,
                                   completion_column=c.completion_column,
-                                  messages_column=c.messages_column, split=split)
+                                  messages_column=c.messages_column, split=split,
+                                  progress=progress)
 
     def tokens(self, item: SFTSequence) -> int:
         """Prompt and completion tokens."""

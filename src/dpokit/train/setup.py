@@ -138,8 +138,10 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
 
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     objective = config.objective(tokenizer)
-    train_items = objective.load(config.data, config.split)
-    eval_items = objective.load(config.eval_data, config.eval_split) if config.eval_data else []
+    bar = None if progress else False  # a tokenisation bar on a terminal, unless quiet
+    train_items = objective.load(config.data, config.split, progress=bar)
+    eval_items = (objective.load(config.eval_data, config.eval_split, progress=bar)
+                  if config.eval_data else [])
     items = train_items + eval_items
     _check_positions(items, limits, config.max_new_tokens)
     global_batch = config.batch_size * config.gradient_accumulation_steps * runtime.world_size
