@@ -10,17 +10,30 @@ several ranks of one run fill together (``.<name>.tmp``). On an exception the te
 removed and the target is left as it was; on success ``os.replace`` puts it in place in one step
 (an existing directory target is renamed aside first — POSIX cannot rename over a non-empty
 directory — and removed once the new one is in place).
+
+An OS error while writing — a full disk, a read-only directory, a file where a directory should
+be — is a :class:`~dpokit.errors.DpokitError` ``cannot write PATH: CAUSE`` naming the target (not
+the hidden temporary). Libraries that write into the temporary report the same errors in their
+own types (safetensors and tokenizers as ``... (os error 28)``, ``torch.save`` to a file handle
+as a ``RuntimeError`` raised while handling the ``OSError``); :func:`os_error_cause` reads them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from dpokit.errors import DpokitError
+
+_RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")
+"""How Rust's ``std::io::Error`` ends its message (safetensors, tokenizers)."""
 
 
 def temporary_sibling(path: str | Path, *, shared: bool = False) -> Path:
@@ -30,6 +43,26 @@ def temporary_sibling(path: str | Path, *, shared: bool = False) -> Path:
     return path.with_name(f".{path.name}{suffix}.tmp")
 
 
+def os_error_cause(error: BaseException) -> str | None:
+    """The OS's reason (``"No space left on device"``) when ``error`` is a failed file operation,
+    or None for anything else — a :class:`DpokitError`, a programming error — which the caller
+    lets through unchanged.
+
+    Recognised: an ``OSError``; a ``RuntimeError`` raised while handling one (``torch.save`` to a
+    file handle); an exception whose message ends like Rust's I/O errors, ``(os error N)``
+    (``safetensors.SafetensorError``, the tokenizers' plain ``Exception``)."""
+    if isinstance(error, DpokitError) or not isinstance(error, Exception):
+        return None
+    if isinstance(error, OSError):
+        return error.strerror or str(error) or type(error).__name__
+    if isinstance(error, RuntimeError) and isinstance(error.__context__, OSError):
+        return os_error_cause(error.__context__)
+    match = _RUST_IO_ERROR.search(str(error))
+    if match:
+        return os.strerror(int(match.group(1)))
+    return None
+
+
 def _remove(path: Path) -> None:
     """Delete a file or a directory tree if it exists."""
     if path.is_dir() and not path.is_symlink():
@@ -37,6 +70,12 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def discard(path: Path) -> None:
+    """:func:`_remove` that never raises: cleaning up after a failure must not hide it."""
+    with contextlib.suppress(OSError):
+        _remove(path)
 
 
 def replace(tmp: Path, path: Path) -> None:
@@ -54,7 +93,45 @@ def replace(tmp: Path, path: Path) -> None:
     except BaseException:
         os.replace(aside, path)
         raise
-    _remove(aside)
+    discard(aside)
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is not a directory (a file stands
+    where a directory should be), else None."""
+    for parent in path.parents:
+        with contextlib.suppress(OSError):
+            if parent.exists():
+                return None if parent.is_dir() else parent
+    return None
+
+
+def check_writable(path: str | Path, what: str = "output") -> None:
+    """Refuse early, before any work, a ``path`` that :func:`atomic_path` could not write: it is
+    a directory, a file stands where one of its directories should be, or the nearest existing
+    directory is not writable (checked with ``os.access``, so a full disk is only found when
+    writing)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DpokitError(f"{what} {path} is a directory; name a file")
+    blocker = _blocking_file(path)
+    if blocker is not None:
+        raise DpokitError(f"cannot write {path}: {blocker} is a file, not a directory")
+    parent = next((p for p in path.parents if p.is_dir()), None)
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise DpokitError(f"cannot write {path}: {os.strerror(errno.EACCES)} ({parent} is not "
+                          f"writable)")
+
+
+def _write_error(path: Path, tmp: Path, error: BaseException, cause: str) -> DpokitError:
+    """``cannot write PATH: CAUSE``; a file the error names besides the temporary is added."""
+    blocker = _blocking_file(path)
+    if blocker is not None:
+        return DpokitError(f"cannot write {path}: {blocker} is a file, not a directory")
+    filename = getattr(error, "filename", None)
+    if filename and not str(filename).startswith((str(tmp), str(path))):
+        cause = f"{cause} ({filename})"
+    return DpokitError(f"cannot write {path}: {cause}")
 
 
 @contextlib.contextmanager
@@ -63,20 +140,25 @@ def atomic_path(path: str | Path, *, directory: bool = False,
     """Yield a temporary sibling of ``path`` to write; rename it over ``path`` on success.
 
     ``directory`` creates the temporary as an empty directory (a stale one is cleared first).
-    The parent directory of ``path`` is created if missing.
+    The parent directory of ``path`` is created if missing. An OS error creating, writing (in
+    the body too) or renaming is ``DpokitError("cannot write PATH: CAUSE")``; any other
+    exception propagates unchanged. Either way the temporary is removed.
     """
     path = Path(path)
     tmp = temporary_sibling(path, shared=shared)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove(tmp)
-    if directory:
-        tmp.mkdir()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)
+        if directory:
+            tmp.mkdir()
         yield tmp
         replace(tmp, path)
-    finally:
-        if tmp.exists():
-            _remove(tmp)
+    except BaseException as error:
+        discard(tmp)
+        cause = os_error_cause(error)
+        if cause is None:
+            raise
+        raise _write_error(path, tmp, error, cause) from None
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -119,10 +119,13 @@ class EvalConfig(PreferenceConfig, DataConfig, ModelConfig):
 def run_eval(config: EvalConfig, *, progress: bool = True) -> Evaluation:
     """Load the policy (and reference), read the pairs, :func:`evaluate`, write per-example
     (one process, or every rank of ``torchrun``: rank 0 writes)."""
+    from dpokit.atomic import check_writable
     from dpokit.runtime import setup_runtime, shutdown_runtime
 
     if not Path(config.data).exists():
         raise DpokitError(f"data not found: {config.data}")
+    if config.per_example is not None:  # refused now, not after the whole evaluation
+        check_writable(config.per_example, "per_example")
     runtime = setup_runtime(config.device, config.dtype)
     try:
         return _run_eval(config, runtime, progress=progress)
@@ -154,11 +157,7 @@ def _run_eval(config: EvalConfig, runtime: Runtime, *, progress: bool) -> Evalua
                       runtime=runtime, per_example=config.per_example is not None,
                       progress=progress and runtime.is_main)
     if config.per_example is not None and runtime.is_main:
-        try:
-            write_jsonl(config.per_example, result.per_example)
-        except OSError as error:
-            raise DpokitError(f"cannot write {config.per_example}: "
-                              f"{error.strerror or error}") from None
+        write_jsonl(config.per_example, result.per_example)  # OS errors: one line naming it
     return result
 
 
@@ -202,7 +201,7 @@ class GenerateConfig(SamplingConfig):
 
 def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """Generate and write ``config.output`` atomically; returns the records written."""
-    from dpokit.atomic import write_jsonl
+    from dpokit.atomic import check_writable, write_jsonl
     from dpokit.data import TokenizeSettings
     from dpokit.data.prompts import load_prompts
     from dpokit.generation import completion_records, generate_completions
@@ -211,6 +210,7 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
 
     if not Path(config.data).exists():
         raise DpokitError(f"data not found: {config.data}")
+    check_writable(config.output)  # refused now, not after generating everything
     runtime = setup_runtime(config.device, config.dtype)
     try:
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
@@ -233,10 +233,7 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
                                   device=runtime.device)
             for record, value in zip(records, values, strict=True):
                 record["reward"] = value
-        try:
-            write_jsonl(config.output, records)
-        except OSError as error:
-            raise DpokitError(f"cannot write {config.output}: {error.strerror or error}") from None
+        write_jsonl(config.output, records)  # OS errors: one line naming it
         return records
     finally:
         shutdown_runtime(runtime)

@@ -55,6 +55,11 @@ class Runtime:
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
         return reduced
 
+    def all_ok(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (one all-reduce; a barrier that carries a flag)."""
+        failed = torch.tensor(float(not ok), dtype=torch.float64)
+        return self.all_reduce_sum(failed).item() == 0
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -8,12 +8,14 @@
 
 Commands live in :mod:`~dpokit.cli.training` (train, sft, eval, demo, bench) and
 :mod:`~dpokit.cli.lecture` (optimal, partition, figures); their flags come from config
-dataclasses (:mod:`~dpokit.cli.options`). User errors (:class:`~dpokit.errors.DpokitError` and bad
-flags) print one line on stderr and exit with status 2.
+dataclasses (:mod:`~dpokit.cli.options`). User errors (:class:`~dpokit.errors.DpokitError`, bad
+flags, and any OS error no command turned into one) print one line on stderr and exit with
+status 2; other exceptions are bugs and stay tracebacks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
@@ -51,25 +53,45 @@ def _configure_logging() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def _say(line: str, *, stream_name: str = "stderr") -> None:
+    """Print one line on ``sys.stderr`` (or stdout); a closed or failing stream is ignored, so
+    reporting an error never raises one of its own."""
+    stream = getattr(sys, stream_name, None)
+    if stream is None:
+        return
+    with contextlib.suppress(OSError, ValueError):  # closed, full, broken pipe
+        print(line, file=stream, flush=True)
+
+
+def _os_error_line(error: OSError) -> str:
+    """``PATH: cause`` of an OS error (the path when it has one)."""
+    cause = error.strerror or str(error) or type(error).__name__
+    names = [str(name) for name in (error.filename, error.filename2) if name is not None]
+    return f"{' → '.join(names)}: {cause}" if names else cause
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dpokit`` script and ``python -m dpokit``."""
     _configure_logging()
     try:
         app.main(args=argv, prog_name="dpokit", standalone_mode=False)
     except DpokitError as error:
-        print(f"dpokit: error: {error}", file=sys.stderr)
+        _say(f"dpokit: error: {error}")
         sys.exit(2)
     except click.exceptions.NoArgsIsHelpError as error:
-        print(error.format_message())
+        _say(error.format_message(), stream_name="stdout")
         sys.exit(0)
     except click.UsageError as error:
         hint = f" (see 'dpokit {error.ctx.info_name} --help')" if error.ctx else ""
         if error.ctx and error.ctx.info_name == "dpokit":
             hint = " (see 'dpokit --help')"
-        print(f"dpokit: error: {error.format_message()}{hint}", file=sys.stderr)
+        _say(f"dpokit: error: {error.format_message()}{hint}")
         sys.exit(2)
     except click.exceptions.Exit as exit_:
         sys.exit(exit_.exit_code)
     except click.Abort:
-        print("dpokit: aborted", file=sys.stderr)
+        _say("dpokit: aborted")
         sys.exit(130)
+    except OSError as error:  # the last safety net: a file the user named, not a bug
+        _say(f"dpokit: error: {_os_error_line(error)}")
+        sys.exit(2)

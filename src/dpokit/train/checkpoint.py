@@ -49,32 +49,46 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict,
                     rng: dict, ref_model: nn.Module | None = None,
                     save_total_limit: int | None = None, sharded: bool = False, rank: int = 0,
-                    barrier: Callable[[], None] = lambda: None) -> Path:
+                    barrier: Callable[[], None] = lambda: None,
+                    agree: Callable[[bool], bool] = lambda ok: ok) -> Path:
     """Write ``checkpoint-STEP`` atomically and prune old ones; returns its path.
 
     Called on every rank. ``sharded`` (FSDP) writes model and optimizer with
     ``torch.distributed.checkpoint`` — each rank its own shard — instead of one file from rank 0;
-    every rank stores its own random generator state. An OS error while writing (a full disk, a
-    read-only directory) removes the temporary directory and is one :class:`DpokitError` naming
-    the checkpoint, the cause and the newest checkpoint still intact.
+    every rank stores its own random generator state. The stages (a fresh temporary directory,
+    the files, checksums and the rename) are separated by ``agree(ok)`` — True when every rank
+    is ok — so a rank that fails stops them all instead of leaving them waiting. An OS error
+    while writing (a full disk, a read-only directory) removes the temporary directory and is
+    one :class:`DpokitError` naming the checkpoint, the cause and the newest checkpoint intact.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{step}"
     tmp = temporary_sibling(final, shared=True)  # one name on every rank
-    try:
-        _write_checkpoint(tmp, model=model, optimizer=optimizer, scheduler=scheduler,
-                          trainer_state=trainer_state, rng=rng, ref_model=ref_model,
-                          sharded=sharded, rank=rank, barrier=barrier)
-        if rank == 0:
-            write_checksums(tmp)
-            replace(tmp, final)
-    except BaseException as error:
+
+    def stage(action: Callable[[], Any]) -> None:
+        """``action()``, then agree with every rank that it worked; else clean up and raise."""
+        failure = None
+        try:
+            action()
+        except BaseException as error:
+            failure = error
+        if agree(failure is None):
+            return
         if rank == 0:
             discard(tmp)
-        cause = os_error_cause(error)
+        if failure is None:
+            raise DpokitError(f"cannot write checkpoint {final}: another rank failed (its "
+                              f"message is above)")
+        cause = os_error_cause(failure)
         if cause is None:
-            raise
+            raise failure
         raise _save_error(output_dir, final, cause) from None
+
+    stage(lambda: rank == 0 and _fresh_directory(tmp))
+    stage(lambda: _write_files(tmp, model=model, optimizer=optimizer, scheduler=scheduler,
+                               trainer_state=trainer_state, rng=rng, ref_model=ref_model,
+                               sharded=sharded, rank=rank))
+    stage(lambda: rank == 0 and _seal(tmp, final))
     if rank == 0 and save_total_limit is not None:
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -82,16 +96,22 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module,
     return final
 
 
-def _write_checkpoint(tmp: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                      scheduler: Any, trainer_state: dict, rng: dict,
-                      ref_model: nn.Module | None, sharded: bool, rank: int,
-                      barrier: Callable[[], None]) -> None:
-    """Every file of a checkpoint into the (fresh) directory ``tmp``; rank 0 creates it."""
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    barrier()
+def _fresh_directory(tmp: Path) -> None:
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+
+def _seal(tmp: Path, final: Path) -> None:
+    """Checksums of every file, then the rename into place."""
+    write_checksums(tmp)
+    replace(tmp, final)
+
+
+def _write_files(tmp: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, trainer_state: dict, rng: dict,
+                 ref_model: nn.Module | None, sharded: bool, rank: int) -> None:
+    """Every file of a checkpoint into the fresh directory ``tmp`` (this rank's share)."""
     if sharded:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -109,7 +129,6 @@ def _write_checkpoint(tmp: Path, *, model: nn.Module, optimizer: torch.optim.Opt
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2),
                                                 encoding="utf-8")
-    barrier()
 
 
 def _torch_save(obj: Any, path: Path) -> None:

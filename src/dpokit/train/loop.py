@@ -255,7 +255,7 @@ def save(run: Run) -> None:
                     optimizer=run.optimizer, scheduler=run.scheduler, trainer_state=state,
                     rng=rng_state(), ref_model=run.objective.moving_weights,
                     save_total_limit=run.config.save_total_limit, sharded=run.sharded,
-                    rank=runtime.rank, barrier=runtime.barrier)
+                    rank=runtime.rank, barrier=runtime.barrier, agree=runtime.all_ok)
 
 
 def finish(run: Run) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.atomic import write_text
+from dpokit.errors import DpokitError
 
 
 class MetricsLog:
@@ -34,8 +35,7 @@ class MetricsLog:
         """Append ``record`` (it has a ``step``) to ``metrics.jsonl`` and TensorBoard."""
         if not self.enabled:
             return
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
+        _append(self.path, [json.dumps(finite_json(record), allow_nan=False)])
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float):
@@ -46,9 +46,8 @@ class MetricsLog:
         """Append generated samples to ``samples.jsonl`` and TensorBoard (as a text table)."""
         if not self.enabled:
             return
-        with (self.path.parent / "samples.jsonl").open("a", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps({"step": step, **record}) + "\n")
+        _append(self.path.parent / "samples.jsonl",
+                [json.dumps({"step": step, **record}) for record in records])
         if self.writer is not None:
             scored = any("reward" in r for r in records)
             rows = "\n".join(f"| {json.dumps(r['prompt'])} | {json.dumps(r['completion'])} |"
@@ -62,6 +61,16 @@ class MetricsLog:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _append(path: Path, lines: list[str]) -> None:
+    """Append JSON lines to ``path``; an OS error (a full disk) is one line naming the file (a
+    line cut short is dropped when the run resumes, see :func:`truncate_metrics`)."""
+    try:
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+    except OSError as error:
+        raise DpokitError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def finite_json(record: dict[str, Any]) -> dict[str, Any]:

@@ -82,11 +82,16 @@ class RunLock:
         if previous:
             log.warning("%s: taking over the stale lock of a run that ended without releasing "
                         "it (%s)", output_dir, _describe(previous))
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": datetime.datetime.now().isoformat(timespec="seconds")}))
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "started": datetime.datetime.now().isoformat(
+                                         timespec="seconds")}))
+            handle.flush()
+        except OSError as error:
+            handle.close()
+            raise _os_error(path, "write", error) from None
         return cls(path, handle)
 
     def release(self) -> None:
