@@ -172,6 +172,9 @@ class GenerateConfig(SamplingConfig):
     split: str | None = field_(None, help="Split of the data (saved DatasetDict/shards).")
     prompt_column: str = field_("prompt", help="Column holding the prompt (text or messages).")
     max_prompt_length: int | None = field_(None, help="Longest prompt in tokens (keeps the end).")
+    max_row_chars: int | None = field_(
+        1_000_000, help="Longest prompt in characters, refused before tokenising (null: no "
+                        "limit).")
     text_mode: Literal["auto", "chat", "plain"] = field_(
         "auto", help="Chat template for conversational prompts, or plain 'role: content' text.")
     num_generations: int = field_(1, help="Completions per prompt.")
@@ -214,12 +217,13 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
     runtime = setup_runtime(config.device, config.dtype)
     try:
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-        model = load_causal_lm(config.model, dtype="float32", device=runtime.device,
-                               trust_remote_code=config.trust_remote_code)
         settings = TokenizeSettings(max_length=None, max_prompt_length=config.max_prompt_length,
-                                    text_mode=config.text_mode)
+                                    text_mode=config.text_mode,
+                                    max_row_chars=config.max_row_chars)
         prompts = load_prompts(config.data, tokenizer, settings=settings,
                                prompt_column=config.prompt_column, split=config.split)
+        model = load_causal_lm(config.model, dtype="float32", device=runtime.device,
+                               trust_remote_code=config.trust_remote_code)
         with runtime.autocast():
             completions = generate_completions(
                 model, tokenizer, prompts, num_generations=config.num_generations,
