@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from dpokit.config import Config, field
 from dpokit.errors import DpokitError, check_beta
 from dpokit.lecture.outcomes import parse_assignment, parse_outcome
-from dpokit.lecture.partition import GPT2_VOCAB_SIZE
+from dpokit.lecture.partition import (
+    GPT2_VOCAB_SIZE,
+    check_growth,
+    check_monte_carlo,
+    check_space,
+)
 
 
 def _check_betas(betas: list[float]) -> None:
@@ -87,7 +92,11 @@ class PartitionConfig(Config):
     json: bool = field(False, help="Print JSON instead of tables.")
 
     def validate(self) -> None:
-        """Sizes ≥ 1, β > 0, every sample size ≥ 2, a given rate > 0."""
+        """Sizes ≥ 1, β > 0, every sample size ≥ 2, a given rate > 0; then the sizes the
+        command can do (:mod:`dpokit.lecture.partition`'s limits), before anything is built:
+        growth-table counts below 10^300, the space ≤ 2^24 sequences, and the space and each
+        Monte-Carlo batch within 2 GiB. (The β range needs the space's rewards: it is checked
+        when the space is built.)"""
         super().validate()
         for key in ("vocab_size", "max_length", "space_vocab", "space_length", "repeats"):
             if getattr(self, key) < 1:
@@ -98,6 +107,9 @@ class PartitionConfig(Config):
         if any(n < 2 for n in self.samples):
             raise DpokitError(f"samples must all be ≥ 2, got {self.samples}")
         _check_rate(self.rate)
+        check_growth(self.vocab_size, self.max_length, self.rate)
+        check_space(self.space_vocab, self.space_length)
+        check_monte_carlo(self.space_vocab, self.space_length, self.samples, self.repeats)
 
 
 @dataclass(kw_only=True)

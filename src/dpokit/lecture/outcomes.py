@@ -1,7 +1,9 @@
 """Small discrete outcome tables: the lecture's worked example, user tables, and their π*.
 
 An outcome table lists, for one prompt x, each completion y with π_ref(y|x) and r(x,y). Solving it
-for a β gives π*, log Z, J(π*) = β log Z and KL(π* ‖ π_ref) exactly (float64).
+for a β gives π*, log Z, J(π*) = β log Z and KL(π* ‖ π_ref) in float64, to relative 1e-9
+(:func:`dpokit.theory.optimal.solve_optimal`), or refuses a β outside the range where float64
+can.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dpokit.errors import DpokitError, check_beta
-from dpokit.theory import kl_divergence, log_partition, optimal_policy, rl_objective
-from dpokit.theory.optimal import expected_reward
+from dpokit.errors import DpokitError
+from dpokit.theory.optimal import MAX_ABS_REWARD, solve_optimal
 
 if TYPE_CHECKING:
     from dpokit.lecture.config import OptimalConfig
@@ -48,7 +49,10 @@ PROB_TOLERANCE = 1e-6
 
 def validate_outcomes(outcomes: Sequence[Outcome], *, source: str = "outcomes",
                       normalize: bool = False) -> tuple[Outcome, ...]:
-    """Check a table: ≥ 1 outcome, unique non-empty names, finite rewards, π_ref ≥ 0 summing to 1.
+    """Check a table: ≥ 1 outcome, unique non-empty names, π_ref ≥ 0 summing to 1, finite rewards.
+
+    Rewards and probabilities must also lie within ±1e300 (``MAX_ABS_REWARD``), the range the
+    float64 solver takes (differences of two rewards stay finite).
 
     With ``normalize`` the probabilities are rescaled to sum to 1 instead of being required to
     (within ``PROB_TOLERANCE``). Raises :class:`DpokitError` naming ``source`` and the outcome.
@@ -62,12 +66,14 @@ def validate_outcomes(outcomes: Sequence[Outcome], *, source: str = "outcomes",
         if outcome.name in seen:
             raise DpokitError(f"{source}: outcome {outcome.name!r} is listed twice")
         seen.add(outcome.name)
-        if not (math.isfinite(outcome.ref_prob) and outcome.ref_prob >= 0):
+        if not (math.isfinite(outcome.ref_prob) and 0 <= outcome.ref_prob <= MAX_ABS_REWARD):
             raise DpokitError(f"{source}: outcome {outcome.name!r} has ref_prob "
-                              f"{outcome.ref_prob!r}; probabilities must be finite and ≥ 0")
-        if not math.isfinite(outcome.reward):
+                              f"{outcome.ref_prob!r}; probabilities must be finite and ≥ 0 "
+                              f"(and ≤ {MAX_ABS_REWARD:g})")
+        if not (math.isfinite(outcome.reward) and abs(outcome.reward) <= MAX_ABS_REWARD):
             raise DpokitError(f"{source}: outcome {outcome.name!r} has reward "
-                              f"{outcome.reward!r}; rewards must be finite")
+                              f"{outcome.reward!r}; rewards must be finite with "
+                              f"|r| ≤ {MAX_ABS_REWARD:g}")
     total = math.fsum(o.ref_prob for o in outcomes)
     if total <= 0:
         raise DpokitError(f"{source}: the reference probabilities are all 0")
@@ -81,10 +87,14 @@ def validate_outcomes(outcomes: Sequence[Outcome], *, source: str = "outcomes",
 
 
 def _number(text: str, where: str, field: str) -> float:
+    """``text`` as a finite float, or a :class:`DpokitError` naming ``where`` and ``field``."""
     try:
-        return float(text)
+        value = float(text)
     except (TypeError, ValueError):
         raise DpokitError(f"{where}, field {field!r}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise DpokitError(f"{where}, field {field!r}: {text!r} is not a finite number")
+    return value
 
 
 def parse_outcome(spec: str) -> Outcome:
@@ -109,11 +119,14 @@ def parse_assignment(spec: str, key: str) -> tuple[str, float]:
 def read_outcomes_csv(path: str | Path) -> list[Outcome]:
     """Read a CSV with a header and columns ``name`` (or ``outcome``), ``ref_prob``, ``reward``.
 
-    Errors name the file, the row (1 = first data row, line 2 of the file) and the field.
+    The file is UTF-8, with or without a byte-order mark (``utf-8-sig``: spreadsheet programs
+    write one, and it would otherwise stick to the first column's name). Errors name the file,
+    the row (1 = first data row, line 2 of the file) and the field; a value that is not a
+    finite number is one of them.
     """
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             fields = [f.strip() for f in (reader.fieldnames or [])]
             rows = list(reader)
@@ -208,17 +221,22 @@ class OptimalSolution:
 
 
 def solve(outcomes: Sequence[Outcome], beta: float) -> OptimalSolution:
-    """Compute π* = π_ref·exp(r/β)/Z for a validated table, in float64."""
-    beta = check_beta(beta)
-    ref_logps = torch.tensor([o.ref_prob for o in outcomes], dtype=torch.float64).log()
-    rewards = torch.tensor([o.reward for o in outcomes], dtype=torch.float64)
-    optimal_logps = optimal_policy(ref_logps, rewards, beta)
+    """π* = π_ref·exp(r/β)/Z of a validated table in float64, by
+    :func:`dpokit.theory.optimal.solve_optimal`: every value to relative 1e-9 (see its
+    docstring for the two cancellation exceptions), π_ref normalised by its sum.
+
+    Raises :class:`DpokitError` naming the range of β (``--beta``) this table allows when β is
+    outside it: below |r_max|/1e308, log Z = r_max/β + O(1) overflows float64; above
+    σ_ref(r)·1e150, KL(π*‖π_ref) ≈ Var_ref(r)/(2β²) underflows.
+    """
+    exact = solve_optimal(torch.tensor([o.ref_prob for o in outcomes], dtype=torch.float64),
+                          torch.tensor([o.reward for o in outcomes], dtype=torch.float64), beta)
     return OptimalSolution(
-        beta=beta,
+        beta=float(beta),
         outcomes=tuple(outcomes),
-        optimal_probs=tuple(optimal_logps.exp().tolist()),
-        log_partition=float(log_partition(ref_logps, rewards, beta)),
-        objective=float(rl_objective(optimal_logps, ref_logps, rewards, beta)),
-        expected_reward=float(expected_reward(optimal_logps, rewards)),
-        kl_optimal_ref=float(kl_divergence(optimal_logps, ref_logps)),
+        optimal_probs=tuple(exact.optimal_logps.exp().tolist()),
+        log_partition=float(exact.log_partition),
+        objective=float(exact.objective),
+        expected_reward=float(exact.expected_reward),
+        kl_optimal_ref=float(exact.kl_optimal_ref),
     )

@@ -7,10 +7,18 @@ Used by ``dpokit partition`` and the V^T figure. Two studies:
 2. Estimation: on a small built-in space (a bigram π_ref over V tokens, T positions, a
    token-additive reward) the exact log Z — by enumeration and by the Markov recursion — beside
    unbiased Monte-Carlo estimates at several sample sizes and β, repeated to show the error.
+
+Sizes it cannot do are refused before anything is allocated, each in one line naming the setting,
+the size it would need and the limit (:func:`check_growth`, :func:`check_space`,
+:func:`check_monte_carlo`, :func:`check_space_betas`): counts in the growth table stay below
+10^300 (float64 holds them and their times), the built-in space and each Monte-Carlo batch fit in
+:data:`MAX_STUDY_BYTES`, the space has at most ``DEFAULT_MAX_SEQUENCES`` sequences to enumerate,
+and β keeps r/β finite and log Z accurate.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -18,7 +26,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from dpokit.errors import DpokitError
+from dpokit.format import format_count
 from dpokit.theory import (
+    DEFAULT_MAX_SEQUENCES,
     count_sequences,
     enumerate_log_partition,
     estimate_log_partition,
@@ -29,8 +40,102 @@ from dpokit.theory import (
     random_markov_reference,
     token_additive_reward,
 )
+from dpokit.theory.enumerate import format_power_of_ten, log10_count_sequences
 
 GPT2_VOCAB_SIZE = 50257
+
+MAX_STUDY_BYTES = 2 * 2**30
+"""Memory limit (2 GiB) for the built-in space and for each Monte-Carlo batch of
+``repeats × n`` samples, estimated by :func:`space_bytes` and :func:`monte_carlo_bytes`."""
+
+MAX_GROWTH_LENGTH = 1000
+"""Most rows (lengths T) in the growth table."""
+
+MAX_LOG10_COUNT = 300.0
+"""Counts and times of the growth table stay below 10^300, inside float64 (max ≈ 1.8e308)."""
+
+MAX_BETA_PER_REWARD = 1e5
+"""``dpokit partition`` takes β ≤ 1e5·max|r(y)|: log Z → E_ref[r]/β as β grows, and the
+float64 rounding of π_ref (sums to 1 within ~1e-16, absolute) would pass 1e-9 of it."""
+
+
+def check_growth(vocab_size: int, max_length: int, rate: float | None = None) -> None:
+    """Refuse a growth table whose counts, or times at ``rate``, would pass 10^300.
+
+    Raises :class:`DpokitError` naming ``max_length`` (``--max-length``), the count it would
+    need and the largest ``max_length`` this ``vocab_size`` allows (or ``rate``).
+    """
+    if max_length > MAX_GROWTH_LENGTH:
+        raise DpokitError(f"max_length = {max_length:,} (--max-length) would print "
+                          f"{max_length:,} rows; the limit is {MAX_GROWTH_LENGTH:,}")
+    needed = log10_count_sequences(vocab_size, max_length, all_lengths=True)
+    if needed > MAX_LOG10_COUNT:
+        allowed = 0
+        while (allowed < max_length and log10_count_sequences(
+                vocab_size, allowed + 1, all_lengths=True) <= MAX_LOG10_COUNT):
+            allowed += 1
+        limit = (f"max_length ≤ {allowed} for vocab_size = {vocab_size:,}" if allowed else
+                 f"vocab_size ≤ 10^{MAX_LOG10_COUNT:g}")
+        raise DpokitError(
+            f"max_length = {max_length:,} (--max-length) needs Σ_(t≤T) V^t ≈ "
+            f"{format_power_of_ten(needed)} terms for V = {vocab_size:,}; the growth table keeps "
+            f"counts and times in float64 up to 1e+{MAX_LOG10_COUNT:g}: {limit}")
+    if rate is not None and needed - math.log10(rate) > MAX_LOG10_COUNT:
+        raise DpokitError(
+            f"rate = {rate:g} (--rate) makes the enumeration time of {format_power_of_ten(needed)} "
+            f"sequences ≈ {format_power_of_ten(needed - math.log10(rate))} s, past float64's range "
+            f"(limit 1e+{MAX_LOG10_COUNT:g} s); give a rate ≥ "
+            f"{10 ** (needed - MAX_LOG10_COUNT):.3g}")
+
+
+def space_bytes(vocab_size: int, length: int) -> int:
+    """Estimated peak bytes of building and enumerating the built-in space: ~8 float64 V×V
+    matrices (the random reference, its transitions, the recursion) and 4 int64 copies of one
+    batch of 4,096 sequences of length T."""
+    return 8 * 8 * vocab_size**2 + 4 * 8 * min(4096, vocab_size**min(length, 64)) * length
+
+
+def monte_carlo_bytes(vocab_size: int, length: int, num_samples: int, repeats: int) -> int:
+    """Estimated peak bytes of one Monte-Carlo batch of ``repeats × num_samples`` sequences:
+    per sample, two int64 copies of its T tokens (the columns and their concatenation), the
+    (V,) transition row it is drawn from and the sampler's working copy, and four float64
+    scalars (reward, weight, its square, the mean)."""
+    return repeats * num_samples * 8 * (2 * length + 2 * vocab_size + 4)
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.3g} GiB"
+
+
+def check_space(vocab_size: int, length: int) -> None:
+    """Refuse a built-in space with more than ``DEFAULT_MAX_SEQUENCES`` sequences to enumerate
+    or over :data:`MAX_STUDY_BYTES`, naming ``space_vocab``/``space_length``."""
+    where = f"space_vocab = {vocab_size:,}, space_length = {length:,} (--space-vocab, " \
+            f"--space-length)"
+    log10_count = log10_count_sequences(vocab_size, length)
+    if log10_count > 30 or vocab_size**length > DEFAULT_MAX_SEQUENCES:
+        raise DpokitError(
+            f"{where}: V^T ≈ {format_power_of_ten(log10_count)} sequences to enumerate for "
+            f"the exact log Z; the limit is {format_count(DEFAULT_MAX_SEQUENCES)} (2^24)")
+    needed = space_bytes(vocab_size, length)
+    if needed > MAX_STUDY_BYTES:
+        raise DpokitError(f"{where}: the space needs about {_gib(needed)} of memory; the limit "
+                          f"is {_gib(MAX_STUDY_BYTES)}")
+
+
+def check_monte_carlo(vocab_size: int, length: int, sample_sizes: Sequence[int],
+                      repeats: int) -> None:
+    """Refuse Monte-Carlo batches over :data:`MAX_STUDY_BYTES`, naming ``samples`` and
+    ``repeats``, the memory the largest would need, and the largest n that fits."""
+    largest = max(sample_sizes)
+    needed = monte_carlo_bytes(vocab_size, length, largest, repeats)
+    if needed > MAX_STUDY_BYTES:
+        fits = MAX_STUDY_BYTES // monte_carlo_bytes(vocab_size, length, 1, 1)
+        raise DpokitError(
+            f"samples = {largest:,} (--samples) with repeats = {repeats:,} (--repeats) draws "
+            f"{repeats * largest:,} sequences at once, about {_gib(needed)} of memory; the "
+            f"limit is {_gib(MAX_STUDY_BYTES)}, i.e. samples × repeats ≤ {fits:,} for this "
+            f"space")
 
 
 def measure_scoring_rate(*, vocab_size: int = 64, length: int = 4, batch_size: int = 16384,
@@ -67,7 +172,8 @@ class GrowthRow:
 
 
 def growth_table(vocab_size: int, max_length: int, rate: float) -> list[GrowthRow]:
-    """One row per T = 1..max_length."""
+    """One row per T = 1..max_length; refused by :func:`check_growth` past 10^300 terms."""
+    check_growth(vocab_size, max_length, rate)
     rows = []
     for length in range(1, max_length + 1):
         exactly = count_sequences(vocab_size, length)
@@ -95,11 +201,37 @@ def builtin_space(vocab_size: int = 6, length: int = 5, *, seed: int = 0) -> Bui
     """The space of ``dpokit partition``: V = 6, T = 5 (7,776 sequences) by default.
 
     Token rewards are i.i.d. standard normal per token (seeded), summed over positions.
+    Refused by :func:`check_space` when too large.
     """
+    check_space(vocab_size, length)
     log_init, log_trans = random_markov_reference(vocab_size, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     token_rewards = torch.randn(vocab_size, generator=generator, dtype=torch.float64)
     return BuiltinSpace(vocab_size, length, log_init, log_trans, token_rewards)
+
+
+def space_beta_range(space: BuiltinSpace) -> tuple[float, float]:
+    """The β ``dpokit partition`` takes for ``space``: [R/1e308, 1e5·R], R = max_y |r(y)| =
+    Σ_t max_v |r(v)| (a bound on |r| of every sequence).
+
+    Below, r/β overflows float64; above, log Z → E_ref[r]/β is swamped by float64's ~1e-16
+    rounding of π_ref (measured: relative error 3e-10 at β = 1e6 for the default space, 2e-8
+    at 1e8).
+    """
+    bound = space.length * float(space.token_rewards.abs().max())
+    return bound / 1e308, MAX_BETA_PER_REWARD * max(bound, 1e-300)
+
+
+def check_space_betas(space: BuiltinSpace, betas: Sequence[float]) -> None:
+    """Refuse a β outside :func:`space_beta_range`, naming ``beta`` (``--beta``) and the range."""
+    low, high = space_beta_range(space)
+    for beta in betas:
+        if not low <= beta <= high:
+            why = ("r/β overflows float64" if beta < low else
+                   "log Z → E_ref[r]/β and float64's ~1e-16 rounding of π_ref passes 1e-9 of it")
+            raise DpokitError(f"beta = {beta:g} (--beta) is outside [{low:.3g}, {high:.3g}], the "
+                              f"range for the built-in space (max |r(y)| = "
+                              f"{high / MAX_BETA_PER_REWARD:.4g}): {why}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +267,7 @@ class ExactPartition:
 
 def exact_partitions(space: BuiltinSpace, betas: Sequence[float]) -> list[ExactPartition]:
     """log Z by enumerating all V^T sequences and by the O(T·V²) recursion, per β."""
+    check_space_betas(space, betas)
     scorer = markov_scorer(space.log_init, space.log_trans, space.token_rewards)
     results = []
     for beta in betas:
@@ -149,7 +282,13 @@ def exact_partitions(space: BuiltinSpace, betas: Sequence[float]) -> list[ExactP
 def monte_carlo_study(space: BuiltinSpace, betas: Sequence[float], sample_sizes: Sequence[int],
                       *, repeats: int = 20, seed: int = 0,
                       confidence: float = 0.95) -> list[EstimateRow]:
-    """Estimate log Z ``repeats`` times at each (β, n) from fresh π_ref samples."""
+    """Estimate log Z ``repeats`` times at each (β, n) from fresh π_ref samples.
+
+    Refused (:func:`check_monte_carlo`, :func:`check_space_betas`) before sampling when a batch
+    of ``repeats × n`` samples would not fit in :data:`MAX_STUDY_BYTES` or a β is out of range.
+    """
+    check_space_betas(space, betas)
+    check_monte_carlo(space.vocab_size, space.length, sample_sizes, repeats)
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for beta in betas:

@@ -39,6 +39,26 @@ def count_sequences(vocab_size: int, length: int, *, all_lengths: bool = False) 
     return vocab_size**length
 
 
+def log10_count_sequences(vocab_size: int, length: int, *, all_lengths: bool = False) -> float:
+    """log10 of V^T, or of Σ_{t=1..T} V^t = V (V^T − 1)/(V − 1), without forming the count."""
+    if vocab_size < 1 or length < 1:
+        raise DpokitError(f"vocab_size and length must be ≥ 1, got V={vocab_size}, T={length}")
+    if vocab_size == 1:
+        return math.log10(length) if all_lengths else 0.0
+    log10_v = math.log10(vocab_size)
+    if not all_lengths:
+        return length * log10_v
+    # Σ_t V^t = V^T · (1 − V^−T) / (1 − 1/V)
+    return (length * log10_v + math.log10(-math.expm1(-length * math.log(vocab_size)))
+            - math.log10(-math.expm1(-math.log(vocab_size))))
+
+
+def format_power_of_ten(log10_value: float) -> str:
+    """``7.53e+300``-style text for 10^log10_value, also far past float64's range."""
+    exponent = math.floor(log10_value)
+    return f"{10 ** (log10_value - exponent):.3g}e{exponent:+03d}"
+
+
 def iter_sequences(vocab_size: int, length: int, *, batch_size: int = 4096,
                    device: torch.device | str | None = None) -> Iterator[Tensor]:
     """Every sequence of exactly ``length`` tokens, in lexicographic order.
@@ -74,14 +94,24 @@ def check_enumeration_budget(scorer: Scorer, vocab_size: int, length: int, *,
     """Return the number of sequences, or raise :class:`BudgetExceededError` if over budget.
 
     When the count exceeds ``max_sequences`` or a time limit is set, the scorer is timed on one
-    batch of the longest sequences to estimate the total time, which the message states.
+    batch of the longest sequences to estimate the total time, which the message states. A space
+    of 2^63 sequences or more (beyond int64 indexing) is refused from its log-space size alone.
     """
+    space = f"Σ_(t=1..{length}) {vocab_size}^t" if all_lengths else f"{vocab_size}^{length}"
+    log10_count = log10_count_sequences(vocab_size, length, all_lengths=all_lengths)
+    if log10_count >= 63 * math.log10(2):
+        # Checked in log space first: the exact count may be a huge integer, and iter_sequences
+        # could not index it anyway.
+        raise BudgetExceededError(
+            f"exact log Z needs {space} ≈ {format_power_of_ten(log10_count)} sequences, more "
+            f"than int64 can index (2^63 ≈ 9.2e18); use markov_log_partition (bigram "
+            f"reference, additive reward) or estimate_log_partition (Monte Carlo)")
     count = count_sequences(vocab_size, length, all_lengths=all_lengths)
     over_count = max_sequences is not None and count > max_sequences
     if not over_count and max_seconds is None:
         return count
-    # Time one batch of the longest sequences end to end: build, score, reduce.
-    probe_size = min(batch_size, vocab_size**length, 2**20)
+    # Time one batch of the longest sequences end to end: build, score, reduce (≤ 32 MB).
+    probe_size = max(1, min(batch_size, vocab_size**length, 2**20, 2**22 // length))
     start = time.perf_counter()
     probe = next(iter_sequences(vocab_size, length, batch_size=probe_size))
     ref_logps, rewards = scorer(probe)
@@ -89,8 +119,6 @@ def check_enumeration_budget(scorer: Scorer, vocab_size: int, length: int, *,
     rate = probe_size / max(time.perf_counter() - start, 1e-9)
     estimate = count / rate
     if over_count or (max_seconds is not None and estimate > max_seconds):
-        space = (f"Σ_(t=1..{length}) {vocab_size}^t" if all_lengths
-                 else f"{vocab_size}^{length}")
         limits = []
         if max_sequences is not None:
             limits.append(f"max_sequences={format_count(max_sequences)}")

@@ -44,14 +44,19 @@ def estimate_log_partition(rewards: Tensor, beta: float, *,
                            confidence: float = 0.95) -> PartitionEstimate:
     """Estimate log Z from rewards of samples y_i ~ π_ref(·|x).
 
-    The weights w_i = exp(r_i/β) are computed as exp(r_i/β − m) with m = max_i r_i/β, so they lie
-    in (0, 1] and nothing overflows; m is added back in log space. The interval is
+    The weights w_i = exp(r_i/β) are computed as exp((r_i − r_max)/β), r_max = max_i r_i, so
+    they lie in (0, 1], nothing overflows, and (r_i − r_max)/β stays exact enough even when r_i/β
+    itself would overflow; m = r_max/β is added back in log space. The interval is
     Ẑ ± z·s/√n (s the sample standard deviation of w, z the normal quantile), mapped to log space.
 
     Args:
         rewards: ``(..., n)`` rewards of n ≥ 2 independent samples from π_ref.
         beta: β > 0.
         confidence: two-sided confidence level of the interval, in (0, 1).
+
+    Raises:
+        DpokitError: a reward that is NaN or +inf (−inf is a weight of 0), or β so small that
+            r_max/β overflows float64 (log Ẑ is then not representable): β ≥ |r_max|/1e308.
     """
     beta = check_beta(beta)
     if not 0.0 < confidence < 1.0:
@@ -59,9 +64,19 @@ def estimate_log_partition(rewards: Tensor, beta: float, *,
     n = rewards.shape[-1]
     if n < 2:
         raise DpokitError(f"estimate_log_partition needs at least 2 samples, got {n}")
-    scaled = rewards.double() / beta
-    shift = scaled.amax(dim=-1, keepdim=True)
-    weights = torch.exp(scaled - shift)  # in (0, 1]: guarded by the shift
+    rewards64 = rewards.double()
+    bad = torch.isnan(rewards64) | (rewards64 == math.inf)
+    if bad.any():
+        raise DpokitError(f"estimate_log_partition: rewards must be finite or −inf (weight 0), "
+                          f"got {float(rewards64[bad][0])}")
+    r_max = rewards64.amax(dim=-1, keepdim=True)
+    r_max = torch.where(torch.isfinite(r_max), r_max, torch.zeros_like(r_max))  # all −inf: Ẑ = 0
+    shift = r_max / beta
+    if not torch.isfinite(shift).all():
+        largest = float(r_max.abs().max())
+        raise DpokitError(f"beta = {beta:g} is below {largest / 1e308:.3g}, the range where "
+                          f"r_max/β and log Ẑ are finite in float64 (max |r| = {largest:g})")
+    weights = torch.exp((rewards64 - r_max) / beta)  # in [0, 1]: guarded by the shift
     mean = weights.mean(dim=-1)
     std_error = weights.std(dim=-1) / math.sqrt(n)
     z = float(torch.special.ndtri(torch.tensor(0.5 + confidence / 2, dtype=torch.float64)))
