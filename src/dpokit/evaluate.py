@@ -136,12 +136,16 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> Evaluation:
 def _run_eval(config: EvalConfig, runtime: Runtime, *, progress: bool) -> Evaluation:
     """:func:`run_eval` once the runtime is up."""
     from dpokit.atomic import write_jsonl
-    from dpokit.models import load_causal_lm, load_tokenizer
+    from dpokit.models import check_positions, load_causal_lm, load_tokenizer, position_limits
     from dpokit.objectives import DPOObjective, Reference
 
+    limits = position_limits(config)  # the data and the models' positions before any weights
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    objective = DPOObjective(config, tokenizer, Reference("none"), score_only=True)
+    pairs = objective.load(config.data, config.split)
+    check_positions(pairs, limits, 0)
     model = load_causal_lm(config.model, dtype="float32", device=runtime.device,
                            trust_remote_code=config.trust_remote_code)
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     reference = Reference("none")
     if config.ref_model is not None and config.needs_reference:
         ref_model = load_causal_lm(config.ref_model, dtype="float32", device=runtime.device,
@@ -150,8 +154,7 @@ def _run_eval(config: EvalConfig, runtime: Runtime, *, progress: bool) -> Evalua
         reference = Reference("model", model=ref_model, chunk_size=config.chunk_size,
                               ld_alpha=config.ld_alpha, autocast=runtime.autocast,
                               unpadded=config.unpadded)
-    objective = DPOObjective(config, tokenizer, reference, score_only=True)
-    pairs = objective.load(config.data, config.split)
+    objective.reference = reference
     model.eval()
     result = evaluate(objective, objective.policy(model), pairs, batch_size=config.batch_size,
                       runtime=runtime, per_example=config.per_example is not None,

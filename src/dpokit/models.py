@@ -61,6 +61,53 @@ def position_limit(path: str | Path, *, what: str = "model") -> tuple[int, str] 
     return None
 
 
+def position_limits(config: Any) -> list[tuple[int, str, str]]:
+    """``(positions, config key, model dir)`` of a config's ``model`` and ``ref_model`` (read
+    from their ``config.json``), after checking ``max_length`` against them."""
+    limits = []
+    for what, path in (("model", config.model), ("ref_model", getattr(config, "ref_model", None))):
+        found = position_limit(path, what=what) if path else None
+        if found is None:
+            continue
+        positions, key = found
+        if config.max_length is not None and config.max_length > positions:
+            raise DpokitError(f"max_length {config.max_length} is longer than {what} {path} "
+                              f"has positions ({key} = {positions} in its config.json); set "
+                              f"max_length ≤ {positions}")
+        limits.append((positions, key, str(path)))
+    return limits
+
+
+def positions_needed(item: Any, max_new_tokens: int) -> int:
+    """The longest sequence one example puts through the model: a pair's prompt and longer
+    completion, an SFT prompt and completion, an online prompt and ``max_new_tokens``."""
+    prompt = len(item.prompt_ids)
+    if hasattr(item, "chosen_ids"):
+        return prompt + max(len(item.chosen_ids), len(item.rejected_ids))
+    if hasattr(item, "completion_ids"):
+        return prompt + len(item.completion_ids)
+    return prompt + max_new_tokens
+
+
+def check_positions(items: list, limits: list[tuple[int, str, str]],
+                     max_new_tokens: int) -> None:
+    """No example may be longer than a model's positions (Llama would run past them silently,
+    GPT-2 fail with an IndexError): one line naming the row."""
+    if not limits or not items:
+        return
+    positions, key, path = min(limits)
+    needed = [positions_needed(item, max_new_tokens) for item in items]
+    longest = max(range(len(items)), key=needed.__getitem__)
+    if needed[longest] > positions:
+        item = items[longest]
+        online = not hasattr(item, "chosen_ids") and not hasattr(item, "completion_ids")
+        what = "its prompt and max_new_tokens" if online else "it"
+        raise DpokitError(f"{item.source}, row {item.row}: {needed[longest]} tokens ({what}), "
+                          f"longer than {path} has positions ({key} = {positions}); set "
+                          f"max_length (or max_prompt_length) ≤ {positions}"
+                          + (" with max_new_tokens" if online else ""))
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer saved in ``path``; a missing pad token falls back to EOS."""
     from transformers import AutoTokenizer

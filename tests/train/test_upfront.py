@@ -184,3 +184,15 @@ def test_a_corrupt_model_file_is_one_line_naming_it(workdir, tmp_path, capsys, d
                            "--model", str(model))
     line = one_error(code, err)
     assert str(model) in line and "model.safetensors" in line and "corrupt" in line
+
+
+def test_eval_checks_positions_before_loading(workdir, short_models, capsys, monkeypatch):
+    import dpokit.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the check")
+
+    monkeypatch.setattr(dpokit.models, "load_causal_lm", refuse)
+    code, _, err = run_cli(capsys, "eval", "--model", str(short_models / "gpt2"), "--data",
+                           str(workdir / "prefs.jsonl"), "--max-length", "64")
+    assert "n_positions = 32" in one_error(code, err)

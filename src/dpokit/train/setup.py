@@ -27,10 +27,11 @@ from dpokit.data import rows_used
 from dpokit.errors import DpokitError
 from dpokit.logps import unwrap_model
 from dpokit.models import (
+    check_positions,
     load_causal_lm,
     load_tokenizer,
     nonfinite_parameter,
-    position_limit,
+    position_limits,
 )
 from dpokit.objectives import MetricSums, Objective, Reference
 from dpokit.objectives.reference import (
@@ -132,7 +133,7 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     checkpoint), the data, a resume of a different run — is checked before any weights load,
     and ``config.yaml`` is written only once the run is accepted."""
     output_dir = Path(config.output_dir)
-    limits = _position_limits(config)
+    limits = position_limits(config)
     checkpoint = _decide_on_main(runtime, config)
     seed_everything(config.seed)
 
@@ -143,7 +144,7 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     eval_items = (objective.load(config.eval_data, config.eval_split, progress=bar)
                   if config.eval_data else [])
     items = train_items + eval_items
-    _check_positions(items, limits, config.max_new_tokens)
+    check_positions(items, limits, config.max_new_tokens)
     global_batch = config.batch_size * config.gradient_accumulation_steps * runtime.world_size
     steps_per_epoch = math.ceil(len(train_items) / global_batch)
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
@@ -198,54 +199,7 @@ def preflight(config: TrainConfig, runtime: Runtime) -> None:
     if config.fsdp and not runtime.distributed:
         raise DpokitError("fsdp shards the model over the processes of torchrun; this is one "
                           "process — run it under torchrun --nproc-per-node N, or drop fsdp")
-    _position_limits(config)
-
-
-def _position_limits(config: TrainConfig) -> list[tuple[int, str, str]]:
-    """``(positions, config key, model dir)`` of the policy and the reference model, checked
-    against ``max_length`` before any data or weights load."""
-    limits = []
-    for what, path in (("model", config.model), ("ref_model", getattr(config, "ref_model", None))):
-        found = position_limit(path, what=what) if path else None
-        if found is None:
-            continue
-        positions, key = found
-        if config.max_length is not None and config.max_length > positions:
-            raise DpokitError(f"max_length {config.max_length} is longer than {what} {path} "
-                              f"has positions ({key} = {positions} in its config.json); set "
-                              f"max_length ≤ {positions}")
-        limits.append((positions, key, str(path)))
-    return limits
-
-
-def _positions_needed(item: Any, max_new_tokens: int) -> int:
-    """The longest sequence one example puts through the model: a pair's prompt and longer
-    completion, an SFT prompt and completion, an online prompt and ``max_new_tokens``."""
-    prompt = len(item.prompt_ids)
-    if hasattr(item, "chosen_ids"):
-        return prompt + max(len(item.chosen_ids), len(item.rejected_ids))
-    if hasattr(item, "completion_ids"):
-        return prompt + len(item.completion_ids)
-    return prompt + max_new_tokens
-
-
-def _check_positions(items: list, limits: list[tuple[int, str, str]],
-                     max_new_tokens: int) -> None:
-    """No example may be longer than a model's positions (Llama would run past them silently,
-    GPT-2 fail with an IndexError): one line naming the row."""
-    if not limits or not items:
-        return
-    positions, key, path = min(limits)
-    needed = [_positions_needed(item, max_new_tokens) for item in items]
-    longest = max(range(len(items)), key=needed.__getitem__)
-    if needed[longest] > positions:
-        item = items[longest]
-        online = not hasattr(item, "chosen_ids") and not hasattr(item, "completion_ids")
-        what = "its prompt and max_new_tokens" if online else "it"
-        raise DpokitError(f"{item.source}, row {item.row}: {needed[longest]} tokens ({what}), "
-                          f"longer than {path} has positions ({key} = {positions}); set "
-                          f"max_length (or max_prompt_length) ≤ {positions}"
-                          + (" with max_new_tokens" if online else ""))
+    position_limits(config)
 
 
 def _decide_on_main(runtime: Runtime, config: TrainConfig) -> Path | None:
