@@ -196,11 +196,16 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def config_yaml(config: Any) -> str:
+    """The resolved config as YAML text (what ``config.yaml`` holds)."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
 def write_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (through a temporary file and a rename)."""
     from dpokit.atomic import write_text
 
-    write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    write_text(path, config_yaml(config))
 
 
 def field_help(cls: type) -> list[tuple[str, str, Any, str]]:

@@ -347,3 +347,115 @@ def test_refusals_under_torchrun_stop_every_rank(workdir, tmp_path):
         assert refused.returncode != 0 and expected in refused.stderr, refused.stderr[-3000:]
         assert refused.stderr.count(other_rank) >= (1 if other_rank != expected else 2)
         assert tree_digest(out) == before
+
+
+# ------------------------------------------------------------- review follow-ups
+
+
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(workdir, three_checkpoints,
+                                                                   capsys):
+    """checkpoint-6 corrupt, resume auto from checkpoint-4 with save_total_limit 1: the saves
+    of the resumed run are what is kept (not the corrupt later one), checkpoint-6 is set aside
+    as checkpoint-6.discarded, and a second resume auto continues from the new checkpoint."""
+    out = three_checkpoints
+    _truncate(out / "checkpoint-6" / "optimizer.pt")
+    code, _, err = run_cli(capsys, *cli_args(workdir, out, "--max-steps", "6", "--save-steps",
+                                             "1", "--save-total-limit", "1", "--resume",
+                                             "auto"))
+    assert code == 0, err[-2000:]
+    assert "set aside the later checkpoint-6.discarded" in err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6",
+                                                                 "checkpoint-6.discarded"]
+    assert (out / "checkpoint-6" / "config.yaml").is_file()  # the resumed run's own save
+    from dpokit.train.checkpoint import checkpoint_problem
+
+    assert checkpoint_problem(out / "checkpoint-6") is None
+
+
+def test_checkpoints_hold_the_runs_config(three_checkpoints):
+    assert ((three_checkpoints / "checkpoint-2" / "config.yaml").read_text()
+            == (three_checkpoints / "config.yaml").read_text())
+
+
+def test_resume_auto_after_a_death_before_the_first_checkpoint_starts_afresh(workdir, tmp_path,
+                                                                            capsys):
+    """A requeued job (resume auto) whose first attempt died before save_steps: only
+    metrics.jsonl is there — redone from step 1, with a warning (no way out would exist:
+    overwrite and resume exclude each other)."""
+    out = tmp_path / "died"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n')
+    code, _, err = run_cli(capsys, *cli_args(workdir, out, "--max-steps", "2", "--resume",
+                                             "auto"))
+    assert code == 0, err[-2000:]
+    assert "starting afresh" in err
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_resuming_into_another_directory_holding_a_run_is_refused(workdir, three_checkpoints,
+                                                                  finished, capsys):
+    before = tree_digest(finished)
+    code, _, err = run_cli(capsys, *cli_args(workdir, finished, "--max-steps", "6", "--resume",
+                                             str(three_checkpoints / "checkpoint-4")))
+    assert "holds an earlier run" in one_error(code, err)
+    assert tree_digest(finished) == before
+
+
+@pytest.mark.parametrize("flags", [["--gradient-checkpointing"], ["--temperature", "0.5"],
+                                   ["--precompute-ref-logps"], ["--chunk-size", "7"],
+                                   ["--no-shared-prompt"]])
+def test_settings_that_keep_the_numbers_may_change_on_resume(workdir, three_checkpoints, capsys,
+                                                            flags):
+    code, _, err = run_cli(capsys, *cli_args(workdir, three_checkpoints, "--max-steps", "6",
+                                             "--resume", str(three_checkpoints / "checkpoint-4"),
+                                             *flags))
+    assert code == 0, err[-2000:]
+
+
+def test_malformed_checksums_are_a_problem_not_a_traceback(three_checkpoints):
+    from dpokit.train.checkpoint import checkpoint_problem
+
+    path = three_checkpoints / "checkpoint-2"
+    for content in ("[]", '{"optimizer.pt": 3}', '{"optimizer.pt": {"bytes": "x"}}'):
+        (path / "checksums.json").write_text(content)
+        assert checkpoint_problem(path) == "checksums.json is malformed"
+
+
+def test_verification_is_shared_between_ranks(three_checkpoints):
+    """Each of 3 ranks checks every third file; together they cover every file once, and the
+    one holding the altered file reports it."""
+    from dpokit.train.checkpoint import checkpoint_problem
+
+    path = three_checkpoints / "checkpoint-2"
+    names = sorted(json.loads((path / "checksums.json").read_text()))
+    altered = names[4]
+    data = bytearray((path / altered).read_bytes())
+    data[0] ^= 0xFF
+    (path / altered).write_bytes(bytes(data))
+    problems = [checkpoint_problem(path, rank, 3) for rank in range(3)]
+    assert problems[4 % 3] == f"{altered} does not match its checksum"
+    assert [p for i, p in enumerate(problems) if i != 4 % 3] == [None, None]
+
+
+def test_overwrite_removes_only_what_the_refusal_names(workdir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(config(workdir, str(out), max_steps=1, save_steps=1), progress=False)
+    (out / "checkpoint-best").mkdir()
+    (out / "checkpoint-best" / "mine.txt").write_text("keep")
+    code, _, err = run_cli(capsys, *cli_args(workdir, out, "--max-steps", "1", "--overwrite"))
+    assert code == 0, err[-2000:]
+    assert (out / "checkpoint-best" / "mine.txt").read_text() == "keep"
+
+
+def test_a_filesystem_without_locks_runs_with_a_warning(workdir, tmp_path, capsys, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    code, _, err = run_cli(capsys, *cli_args(workdir, tmp_path / "run", "--max-steps", "1"))
+    assert code == 0, err[-2000:]
+    assert "does not support file locks" in err and "No locks available" in err

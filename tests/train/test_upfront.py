@@ -196,3 +196,14 @@ def test_eval_checks_positions_before_loading(workdir, short_models, capsys, mon
     code, _, err = run_cli(capsys, "eval", "--model", str(short_models / "gpt2"), "--data",
                            str(workdir / "prefs.jsonl"), "--max-length", "64")
     assert "n_positions = 32" in one_error(code, err)
+
+
+@pytest.mark.parametrize(("n", "batch", "start", "steps"), [(48, 8, 2, 4), (50, 8, 5, 9),
+                                                            (50, 8, 6, 8), (50, 8, 0, 14)])
+def test_rows_used_from_a_resume_step(n, batch, start, steps):
+    per_epoch = -(-n // batch)
+    drawn = set()
+    for step in range(start, steps):
+        epoch, index = divmod(step, per_epoch)
+        drawn.update(epoch_batches(n, batch, seed=5, epoch=epoch)[index])
+    assert rows_used(n, batch, seed=5, total_steps=steps, start_step=start) == sorted(drawn)

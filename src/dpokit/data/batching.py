@@ -29,13 +29,21 @@ def epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int,
     return batches
 
 
-def rows_used(num_examples: int, batch_size: int, *, seed: int, total_steps: int) -> list[int]:
-    """The example indices the first ``total_steps`` global batches of :func:`epoch_batches`
-    touch, sorted: every row once the run lasts an epoch, else the first epoch's batches."""
-    batches = epoch_batches(num_examples, batch_size, seed=seed, epoch=0)
-    if total_steps >= len(batches):
+def rows_used(num_examples: int, batch_size: int, *, seed: int, total_steps: int,
+              start_step: int = 0) -> list[int]:
+    """The example indices the global batches of steps ``start_step`` to ``total_steps`` of
+    :func:`epoch_batches` touch, sorted (every row once those steps span an epoch)."""
+    per_epoch = -(-num_examples // batch_size)
+    if total_steps - start_step >= per_epoch:
         return list(range(num_examples))
-    return sorted(i for batch in batches[:total_steps] for i in batch)
+    used: set[int] = set()
+    for epoch in range(start_step // per_epoch, (total_steps - 1) // per_epoch + 1):
+        batches = epoch_batches(num_examples, batch_size, seed=seed, epoch=epoch)
+        first = max(start_step - epoch * per_epoch, 0)
+        last = min(total_steps - epoch * per_epoch, per_epoch)
+        for batch in batches[first:last]:
+            used.update(batch)
+    return sorted(used)
 
 
 def shard_for_rank(batch: list[int], rank: int, world_size: int) -> list[int]:

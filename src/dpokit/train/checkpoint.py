@@ -50,16 +50,19 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module,
                     rng: dict, ref_model: nn.Module | None = None,
                     save_total_limit: int | None = None, sharded: bool = False, rank: int = 0,
                     barrier: Callable[[], None] = lambda: None,
-                    agree: Callable[[bool], bool] = lambda ok: ok) -> Path:
+                    agree: Callable[[bool], bool] = lambda ok: ok,
+                    files: dict[str, str] | None = None) -> Path:
     """Write ``checkpoint-STEP`` atomically and prune old ones; returns its path.
 
     Called on every rank. ``sharded`` (FSDP) writes model and optimizer with
     ``torch.distributed.checkpoint`` — each rank its own shard — instead of one file from rank 0;
-    every rank stores its own random generator state. The stages (a fresh temporary directory,
-    the files, checksums and the rename) are separated by ``agree(ok)`` — True when every rank
-    is ok — so a rank that fails stops them all instead of leaving them waiting. An OS error
-    while writing (a full disk, a read-only directory) removes the temporary directory and is
-    one :class:`DpokitError` naming the checkpoint, the cause and the newest checkpoint intact.
+    every rank stores its own random generator state; ``files`` are extra text files (name →
+    content, e.g. the run's ``config.yaml``) written by rank 0. The stages (a fresh temporary
+    directory, the files, checksums and the rename) are separated by ``agree(ok)`` — True when
+    every rank is ok — so a rank that fails stops them all instead of leaving them waiting. An
+    OS error while writing (a full disk, a read-only directory) removes the temporary directory
+    and is one :class:`DpokitError` naming the checkpoint, the cause and the newest checkpoint
+    intact.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{step}"
@@ -87,7 +90,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module,
     stage(lambda: rank == 0 and _fresh_directory(tmp))
     stage(lambda: _write_files(tmp, model=model, optimizer=optimizer, scheduler=scheduler,
                                trainer_state=trainer_state, rng=rng, ref_model=ref_model,
-                               sharded=sharded, rank=rank))
+                               sharded=sharded, rank=rank, files=files))
     stage(lambda: rank == 0 and _seal(tmp, final))
     if rank == 0 and save_total_limit is not None:
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
@@ -110,7 +113,8 @@ def _seal(tmp: Path, final: Path) -> None:
 
 def _write_files(tmp: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Any, trainer_state: dict, rng: dict,
-                 ref_model: nn.Module | None, sharded: bool, rank: int) -> None:
+                 ref_model: nn.Module | None, sharded: bool, rank: int,
+                 files: dict[str, str] | None = None) -> None:
     """Every file of a checkpoint into the fresh directory ``tmp`` (this rank's share)."""
     if sharded:
         import torch.distributed.checkpoint as dcp
@@ -129,6 +133,11 @@ def _write_files(tmp: Path, *, model: nn.Module, optimizer: torch.optim.Optimize
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2),
                                                 encoding="utf-8")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    elif sharded:  # each rank hashes its own shards (rank 0 hashes the rest when sealing)
+        own = [p for p in (tmp / "sharded").glob(f"__{rank}_*") if p.is_file()]
+        _write_rank_sums(tmp, rank, [tmp / f"rng_{rank}.pt", *own])
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -166,18 +175,40 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+_RANK_SUMS = ".sums-{rank}.json"
+"""The checksums one rank computed of the files it wrote (merged into ``checksums.json``)."""
+
+
+def _entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _write_rank_sums(directory: Path, rank: int, paths: list[Path]) -> None:
+    sums = {p.relative_to(directory).as_posix(): _entry(p) for p in paths}
+    (directory / _RANK_SUMS.format(rank=rank)).write_text(json.dumps(sums), encoding="utf-8")
+
+
 def write_checksums(directory: Path) -> None:
-    """``checksums.json``: ``{relative path: {"bytes": n, "sha256": hex}}`` of every file."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    sums = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size,
-                                                  "sha256": _sha256(p)} for p in files}
-    (directory / CHECKSUMS).write_text(json.dumps(sums, indent=1), encoding="utf-8")
+    """``checksums.json``: ``{relative path: {"bytes": n, "sha256": hex}}`` of every file —
+    the entries other ranks computed of their own files (FSDP shards: each rank hashes what it
+    wrote, so rank 0 does not read every shard), the rest hashed here."""
+    sums: dict[str, dict] = {}
+    for part in sorted(directory.glob(_RANK_SUMS.format(rank="*"))):
+        sums.update(json.loads(part.read_text(encoding="utf-8")))
+        part.unlink()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+        name = path.relative_to(directory).as_posix()
+        if name not in sums:
+            sums[name] = _entry(path)
+    (directory / CHECKSUMS).write_text(json.dumps(dict(sorted(sums.items())), indent=1),
+                                       encoding="utf-8")
 
 
-def checkpoint_problem(path: Path) -> str | None:
+def checkpoint_problem(path: Path, rank: int = 0, world_size: int = 1) -> str | None:
     """Why the checkpoint at ``path`` cannot be resumed (a file missing, truncated or altered),
-    or None when every file matches ``checksums.json``. A checkpoint of an older dpokit, without
-    checksums, is accepted with a warning."""
+    or None when its files match ``checksums.json``. With ``world_size`` > 1 this rank checks
+    every ``world_size``-th file from its ``rank`` (the ranks share the reading). A checkpoint
+    of an older dpokit, without checksums, is accepted with a warning."""
     try:
         json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -185,33 +216,52 @@ def checkpoint_problem(path: Path) -> str | None:
     try:
         sums = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        log.warning("%s has no %s (written by an older dpokit): its files are not verified",
-                    path, CHECKSUMS)
+        if rank == 0:
+            log.warning("%s has no %s (written by an older dpokit): its files are not verified",
+                        path, CHECKSUMS)
         return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         return f"{CHECKSUMS} unreadable ({getattr(error, 'strerror', None) or error})"
-    for name, expected in sums.items():
+    if not isinstance(sums, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("bytes"), int)
+            and isinstance(e.get("sha256"), str) for e in sums.values()):
+        return f"{CHECKSUMS} is malformed"
+    for name, expected in sorted(sums.items())[rank::world_size]:
         file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            return f"{name} has {size} bytes, {expected['bytes']} were written"
-        if _sha256(file) != expected["sha256"]:
-            return f"{name} does not match its checksum"
+        try:
+            if not file.is_file():
+                return f"{name} is missing"
+            size = file.stat().st_size
+            if size != expected["bytes"]:
+                return f"{name} has {size} bytes, {expected['bytes']} were written"
+            if _sha256(file) != expected["sha256"]:
+                return f"{name} does not match its checksum"
+        except OSError as error:
+            return f"{name} unreadable ({error.strerror or error})"
     return None
 
 
-def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+def resolve_resume(resume: str | None, output_dir: str | Path, *, rank: int = 0,
+                   world_size: int = 1,
+                   agree: Callable[[bool], bool] = lambda ok: ok) -> Path | None:
     """The checkpoint to resume from: a path, the newest valid one in ``output_dir`` for
-    ``auto`` (None if there is none at all), or None. Each is verified first."""
+    ``auto`` (None if there is none at all), or None. Each is verified first — under torchrun
+    by every rank together (``agree``: whether every rank found its share of the files
+    intact), so every rank returns the same answer."""
     if resume is None:
         return None
+
+    def verified(path: Path) -> str | None:
+        problem = checkpoint_problem(path, rank, world_size)
+        if agree(problem is None):
+            return None
+        return problem or "a file failed verification on another rank (its warning is above)"
+
     if resume == "auto":
         checkpoints = list_checkpoints(output_dir)
         skipped = []
         for path in reversed(checkpoints):
-            problem = checkpoint_problem(path)
+            problem = verified(path)
             if problem is None:
                 if skipped:
                     log.warning("resume auto: skipped %s; resuming from %s",
@@ -225,11 +275,29 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
         raise DpokitError(f"resume: {path} is not a dpokit checkpoint (no trainer_state.json)")
-    problem = checkpoint_problem(path)
+    problem = verified(path)
     if problem is not None:
         raise DpokitError(f"resume: {path} is corrupt: {problem}; resume from an earlier "
                           f"checkpoint")
     return path
+
+
+def set_aside_later(output_dir: Path, step: int) -> list[Path]:
+    """Rename the checkpoints of ``output_dir`` past ``step`` (a discarded future, or corrupt
+    ones resume skipped) to ``checkpoint-N.discarded``, so that ``save_total_limit`` prunes
+    the resumed run's own checkpoints and ``--resume auto`` never goes back to them."""
+    moved = []
+    for path in list_checkpoints(output_dir):
+        if int(path.name[len(PREFIX):]) > step:
+            target = path.with_name(f"{path.name}.discarded")
+            if target.exists():
+                shutil.rmtree(target)
+            path.rename(target)
+            moved.append(target)
+    if moved:
+        log.warning("resuming at step %d: set aside the later %s", step,
+                    ", ".join(p.name for p in moved))
+    return moved
 
 
 def read_trainer_state(path: Path) -> dict:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from dpokit.atomic import atomic_path
+from dpokit.config import config_yaml
 from dpokit.data import epoch_batches, micro_batches
 from dpokit.errors import DpokitError
 from dpokit.evaluate import evaluate
@@ -255,7 +256,8 @@ def save(run: Run) -> None:
                     optimizer=run.optimizer, scheduler=run.scheduler, trainer_state=state,
                     rng=rng_state(), ref_model=run.objective.moving_weights,
                     save_total_limit=run.config.save_total_limit, sharded=run.sharded,
-                    rank=runtime.rank, barrier=runtime.barrier, agree=runtime.all_ok)
+                    rank=runtime.rank, barrier=runtime.barrier, agree=runtime.all_ok,
+                    files={"config.yaml": config_yaml(run.config)})
 
 
 def finish(run: Run) -> Path:

@@ -74,9 +74,12 @@ class RunLock:
             handle.close()
             raise DpokitError(f"{output_dir} is in use by another run ({holder}); wait for it "
                               f"to end or choose another --output-dir") from None
-        except OSError as error:  # a filesystem without locks
+        except OSError as error:  # a filesystem without locks (some Lustre/FUSE mounts)
+            log.warning("%s: this filesystem does not support file locks (%s); running "
+                        "without the run-directory lock — make sure no other run uses %s",
+                        path, error.strerror or error, output_dir)
             handle.close()
-            raise _os_error(path, "lock", error) from None
+            return cls(path, None)
         handle.seek(0)
         previous = handle.read().strip()
         if previous:
@@ -135,13 +138,20 @@ def existing_run(output_dir: Path) -> list[str]:
     return found
 
 
-def check_fresh(output_dir: str | Path, *, overwrite: bool, resumable: bool) -> None:
+def check_fresh(output_dir: str | Path, *, overwrite: bool, resumable: bool,
+                redoable: bool = False) -> None:
     """Before a fresh run: refuse a directory holding another run's results, or with
     ``overwrite`` delete them (logged). ``resumable``: whether it holds a checkpoint (the way
-    out named in the message)."""
+    out named in the message). ``redoable`` (``resume: auto`` found no checkpoint): the
+    records of a run that died before its first checkpoint are redone, with a warning."""
     output_dir = Path(output_dir)
     found = existing_run(output_dir)
     if not found:
+        return
+    if redoable and not resumable and "final" not in found:
+        log.warning("resume auto: %s holds no checkpoint, only the records (%s) of a run that "
+                    "stopped before its first one; starting afresh", output_dir,
+                    ", ".join(found))
         return
     if not overwrite:
         shown = ", ".join(found[:4]) + (", …" if len(found) > 4 else "")
@@ -151,7 +161,8 @@ def check_fresh(output_dir: str | Path, *, overwrite: bool, resumable: bool) -> 
     from dpokit.train.checkpoint import PREFIX
 
     removed = [output_dir / name for name in CLEARED_BY_OVERWRITE if (output_dir / name).exists()]
-    removed += [p for p in output_dir.glob(f"{PREFIX}*") if p.is_dir()]
+    removed += [p for p in output_dir.glob(f"{PREFIX}*") if p.is_dir()
+                and p.name[len(PREFIX):].isdigit()]  # what the refusal names, nothing else
     for path in removed:
         try:
             if path.is_dir() and not path.is_symlink():
@@ -165,13 +176,13 @@ def check_fresh(output_dir: str | Path, *, overwrite: bool, resumable: bool) -> 
 
 
 def on_main(runtime: Any, decide: Callable[[], Any]) -> Any:
-    """``decide()`` on rank 0 only (None elsewhere); a :class:`DpokitError` there stops every
-    rank — rank 0 with its message, the others with a line pointing at it."""
+    """``decide()`` on rank 0 only (None elsewhere); an error there stops every rank — rank 0
+    with its own error, the others with a line pointing at it."""
     result, error = None, None
     if runtime.is_main:
         try:
             result = decide()
-        except DpokitError as caught:
+        except Exception as caught:  # any error: the other ranks must not wait for rank 0
             error = caught
     if runtime.distributed:
         failed = runtime.all_reduce_sum(torch.tensor(float(error is not None),
