@@ -116,14 +116,25 @@ class EvalConfig(PreferenceConfig, DataConfig, ModelConfig):
     json: bool = field_(False, help="Print the summary as JSON.")
 
 
+def check_data_exists(data: str) -> None:
+    """Refuse a data path that is neither a file/directory nor a cached dataset repository,
+    before the runtime (and any model) is set up."""
+    from dpokit.hub import locate
+
+    if not locate(data, repo_type="dataset").exists():
+        from dpokit.data.io import iter_rows
+
+        next(iter_rows(data), None)  # raises the reader's one-line message
+        raise DpokitError(f"data not found: {data}")
+
+
 def run_eval(config: EvalConfig, *, progress: bool = True) -> Evaluation:
     """Load the policy (and reference), read the pairs, :func:`evaluate`, write per-example
     (one process, or every rank of ``torchrun``: rank 0 writes)."""
     from dpokit.atomic import check_writable
     from dpokit.runtime import setup_runtime, shutdown_runtime
 
-    if not Path(config.data).exists():
-        raise DpokitError(f"data not found: {config.data}")
+    check_data_exists(config.data)
     if config.per_example is not None:  # refused now, not after the whole evaluation
         check_writable(config.per_example, "per_example")
     runtime = setup_runtime(config.device, config.dtype)
@@ -214,8 +225,7 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
     from dpokit.models import load_causal_lm, load_tokenizer
     from dpokit.runtime import setup_runtime, shutdown_runtime
 
-    if not Path(config.data).exists():
-        raise DpokitError(f"data not found: {config.data}")
+    check_data_exists(config.data)
     check_writable(config.output)  # refused now, not after generating everything
     runtime = setup_runtime(config.device, config.dtype)
     try:

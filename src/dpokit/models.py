@@ -1,8 +1,9 @@
-"""Load users' local Hugging Face causal LMs and tokenizers — never from a hub.
+"""Load users' Hugging Face causal LMs and tokenizers from disk — never from the network.
 
-``local_files_only`` is always on (no network at run time), ``trust_remote_code`` is off unless
-asked for, and a missing or malformed directory is a :class:`~dpokit.errors.DpokitError` with a
-one-line message.
+A model is a local directory, or a hub name (``Org/Name[@revision]``) already in the Hugging Face
+cache (:mod:`dpokit.hub`). ``local_files_only`` is always on (no network at run time),
+``trust_remote_code`` is off unless asked for, and a missing or malformed directory is a
+:class:`~dpokit.errors.DpokitError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from dpokit.errors import DpokitError
+from dpokit.hub import resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -27,10 +29,12 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def _model_dir(path: str | Path, what: str) -> Path:
-    directory = Path(path)
+    """The model directory ``path`` names: itself, or the cached snapshot of a hub name."""
+    directory = resolve(path, what=what, logger="dpokit.models")
     if not directory.exists():
         raise DpokitError(f"{what} directory not found: {directory} (dpokit loads local "
-                          f"directories only; download or save the model there first)")
+                          f"directories, or Org/Name models already in the Hugging Face cache; "
+                          f"download or save the model first)")
     if not directory.is_dir():
         raise DpokitError(f"{what} path is not a directory: {directory}")
     if not (directory / "config.json").is_file():
@@ -109,10 +113,11 @@ def check_positions(items: list, limits: list[tuple[int, str, str]],
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
-    """The tokenizer saved in ``path``; a missing pad token falls back to EOS."""
+    """The tokenizer saved in ``path`` (a directory, or a hub name's cached snapshot); a missing
+    pad token falls back to EOS."""
     from transformers import AutoTokenizer
 
-    directory = Path(path)
+    directory = resolve(path, what="model", logger="dpokit.models")  # a hub name: its snapshot
     if not directory.is_dir():
         raise DpokitError(f"tokenizer directory not found: {directory}")
     try:

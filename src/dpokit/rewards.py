@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.errors import DpokitError
+from dpokit.hub import parse_name
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -78,8 +79,9 @@ class RewardModel:
 
 def load_reward(spec: str) -> RewardFn:
     """The callable ``spec`` names (``pkg.module:fn`` or ``file.py:fn``), or a
-    :class:`RewardModel` for a directory."""
-    if Path(spec).is_dir():
+    :class:`RewardModel` for a directory or a hub name (``Org/Name[@revision]``, from the
+    Hugging Face cache: one without a ``:`` is never a function)."""
+    if Path(spec).is_dir() or parse_name(spec) is not None:
         return RewardModel(spec)
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:

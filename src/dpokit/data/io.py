@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.errors import DpokitError
+from dpokit.hub import resolve
 
 log = logging.getLogger("dpokit.data")
 
@@ -282,9 +283,19 @@ def _shards(path: Path, split: str | None) -> list[Path]:
     return files
 
 
+def _data_path(path: str | Path) -> Path:
+    """``path``, or the cached snapshot of a dataset repository named ``Org/name`` (a name
+    ending in a data file's suffix is a file, never a repository)."""
+    if Path(path).suffix.lower() in _READERS:
+        return Path(path)
+    return resolve(path, what="data", logger=log.name, repo_type="dataset",
+                   local="file or directory")
+
+
 def iter_rows(path: str | Path, *, split: str | None = None) -> Iterator[RawRow]:
-    """Yield the rows of a file, a saved dataset or a directory of shards, in order."""
-    path = Path(path)
+    """Yield the rows of a file, a saved dataset or a directory of shards (a dataset
+    repository's cached snapshot, for ``Org/name``), in order."""
+    path = _data_path(path)
     if not path.exists():
         raise DpokitError(f"data not found: {path}")
     if path.is_dir():

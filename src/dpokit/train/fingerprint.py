@@ -1,6 +1,7 @@
 """Resume = the same run: what a checkpoint records of the run that wrote it, and the check.
 
-The fingerprint is every config key (``config.yaml``'s) except those in :data:`MAY_CHANGE`, with
+The fingerprint is every config key (``config.yaml``'s) except those in :data:`MAY_CHANGE` (and,
+offline, :data:`SAMPLING_KEYS`), with
 the paths replaced by what they hold: ``model``, ``ref_model`` and a reward-model directory by a
 digest of their files (names, sizes, and their contents — whole for files up to 64 MiB, 16
 spread 1 MiB blocks beyond), a ``file.py:function`` reward by the file's SHA-256, and ``data``
@@ -23,12 +24,21 @@ from typing import Any
 
 from dpokit.config import config_to_dict
 from dpokit.errors import DpokitError
+from dpokit.hub import locate
 
 MAY_CHANGE = frozenset({
     "output_dir", "resume", "overwrite", "device", "logging_steps", "save_steps",
     "save_total_limit", "eval_data", "eval_split", "eval_steps", "eval_generate",
-    "max_nonfinite_steps", "max_row_chars", "max_steps", "num_epochs"})
-"""Keys a resumed run may set differently (bookkeeping, evaluation, where it runs, its length)."""
+    "max_nonfinite_steps", "max_row_chars", "max_steps", "num_epochs", "merge_lora",
+    # memory and layout: the same numbers within float32 rounding (tested equal)
+    "gradient_checkpointing", "selective_checkpointing", "chunk_size", "unpadded",
+    "shared_prompt", "padding_free", "precompute_ref_logps"})
+"""Keys a resumed run may set differently: bookkeeping, evaluation, where it runs, its length,
+what only the final save reads, and the memory/layout settings that compute the same numbers."""
+
+SAMPLING_KEYS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "reward"})
+"""What only ``eval_generate`` samples read — unless the run is online, where they make the
+training pairs (then they are part of the fingerprint)."""
 
 _CONTENT_KEYS = ("model", "ref_model", "data", "reward")
 """Keys whose fingerprint is a digest of what they name (shown as ``content differs``)."""
@@ -39,9 +49,10 @@ _BLOCKS = 16
 
 
 def directory_identity(path: str | Path) -> str:
-    """A digest of a model directory's weight, config and tokenizer files (see module doc);
-    the string itself when it is not a local directory."""
-    path = Path(path)
+    """A digest of a model directory's weight, config and tokenizer files (see module doc) —
+    for a hub name, its cached snapshot's, so the name and a copy of the snapshot agree; the
+    string itself when it is neither."""
+    path = locate(path)
     if not path.is_dir():
         return str(path)
     digest = hashlib.sha256()
@@ -74,9 +85,11 @@ def items_identity(items: list) -> str:
 
 
 def _reward_identity(spec: str | None) -> str | None:
+    from dpokit.hub import locate
+
     if not spec:
         return spec
-    if Path(spec).is_dir():
+    if locate(spec).is_dir():  # a reward-model directory, or its cached snapshot by name
         return directory_identity(spec)
     target, _, name = spec.rpartition(":")
     if target.endswith(".py") and Path(target).is_file():
@@ -86,7 +99,9 @@ def _reward_identity(spec: str | None) -> str | None:
 
 def run_fingerprint(config: Any, train_items: list) -> dict[str, Any]:
     """``{key: value}`` of everything that determines the run (see the module docstring)."""
-    values = {k: v for k, v in config_to_dict(config).items() if k not in MAY_CHANGE}
+    online = bool(getattr(config, "online", False))
+    values = {k: v for k, v in config_to_dict(config).items()
+              if k not in MAY_CHANGE and (online or k not in SAMPLING_KEYS)}
     values.pop("split", None)  # covered by the rows' digest
     values["model"] = directory_identity(config.model)
     if getattr(config, "ref_model", None):
@@ -107,8 +122,11 @@ def check_same_run(checkpoint: Path, recorded: dict[str, Any] | None,
     if recorded is None:
         return
     differing = []
+    online = bool(current.get("online"))
     for key in sorted(set(recorded) | set(current)):
-        if key in MAY_CHANGE or recorded.get(key) == current.get(key):
+        if key in MAY_CHANGE or (not online and key in SAMPLING_KEYS):
+            continue  # (older checkpoints recorded these)
+        if recorded.get(key) == current.get(key):
             continue
         if key in _CONTENT_KEYS and key in recorded and key in current:
             differing.append(f"{key} (content differs)")
@@ -119,7 +137,8 @@ def check_same_run(checkpoint: Path, recorded: dict[str, Any] | None,
             f"resume: this is not the run that wrote {checkpoint}: {'; '.join(differing)}. "
             f"Resume with the checkpoint's values (its config.yaml), or start a new run in "
             f"another --output-dir (keys that may change on resume: "
-            f"{', '.join(sorted(MAY_CHANGE))})")
+            f"{', '.join(sorted(MAY_CHANGE))}; offline also the sampling settings and reward "
+            f"of eval_generate)")
 
 
 def check_length(checkpoint: Path, state: dict, config: Any, total_steps: int) -> None:

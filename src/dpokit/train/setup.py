@@ -25,6 +25,7 @@ from torch import nn
 from dpokit.config import write_config
 from dpokit.data import rows_used
 from dpokit.errors import DpokitError
+from dpokit.hub import locate
 from dpokit.logps import unwrap_model
 from dpokit.models import (
     check_positions,
@@ -47,6 +48,7 @@ from dpokit.train.checkpoint import (
     load_checkpoint,
     read_trainer_state,
     resolve_resume,
+    set_aside_later,
 )
 from dpokit.train.config import TrainConfig
 from dpokit.train.fingerprint import check_length, check_same_run, run_fingerprint
@@ -134,7 +136,7 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     and ``config.yaml`` is written only once the run is accepted."""
     output_dir = Path(config.output_dir)
     limits = position_limits(config)
-    checkpoint = _decide_on_main(runtime, config)
+    checkpoint = _decide(runtime, config)
     seed_everything(config.seed)
 
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
@@ -151,10 +153,13 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     used = rows_used(len(train_items), global_batch, seed=config.seed, total_steps=total_steps)
     fingerprint = run_fingerprint(config, train_items)
     if checkpoint is not None:
-        check_resumable(checkpoint, config, runtime, fingerprint, steps_per_epoch, total_steps)
-    if runtime.is_main:
-        write_config(config, output_dir / "config.yaml")
-    runtime.barrier()
+        start = check_resumable(checkpoint, config, runtime, fingerprint, steps_per_epoch,
+                                total_steps)
+        used = rows_used(len(train_items), global_batch, seed=config.seed,
+                         total_steps=total_steps, start_step=start)
+        if checkpoint.resolve().parent == output_dir.resolve():
+            on_main(runtime, lambda: set_aside_later(output_dir, start))
+    on_main(runtime, lambda: write_config(config, output_dir / "config.yaml"))
 
     # A reference of its own is set up (and by default run and freed) before the policy loads;
     # with LoRA and no ref_model the reference is the policy with its adapters off.
@@ -202,37 +207,32 @@ def preflight(config: TrainConfig, runtime: Runtime) -> None:
     position_limits(config)
 
 
-def _decide_on_main(runtime: Runtime, config: TrainConfig) -> Path | None:
-    """:func:`_checkpoint_or_fresh` on rank 0 (which verifies the checkpoints), its answer
-    shared with every rank."""
-    checkpoint = on_main(runtime, lambda: _checkpoint_or_fresh(config))
-    if not runtime.distributed:
-        return checkpoint
-    step = -1.0 if checkpoint is None else float(checkpoint.name[len("checkpoint-"):])
-    step = int(runtime.all_reduce_sum(torch.tensor(
-        step if runtime.is_main else 0.0, dtype=torch.float64)).item())
-    if step < 0:
-        return None
-    return (Path(config.resume) if config.resume != "auto"
-            else Path(config.output_dir) / f"checkpoint-{step}")
-
-
-def _checkpoint_or_fresh(config: TrainConfig) -> Path | None:
-    """The verified checkpoint to resume, or None after making sure a fresh run may use the
-    directory (an earlier run in it is refused unless ``overwrite``)."""
+def _decide(runtime: Runtime, config: TrainConfig) -> Path | None:
+    """The verified checkpoint to resume (every rank verifies its share of the files, so all
+    agree), or None after rank 0 made sure a fresh run may use the directory."""
     output_dir = Path(config.output_dir)
-    checkpoint = resolve_resume(config.resume, output_dir)
-    if checkpoint is None:
-        check_fresh(output_dir, overwrite=config.overwrite,
-                    resumable=bool(list_checkpoints(output_dir)))
-        start_fresh(output_dir)
+    checkpoint = resolve_resume(config.resume, output_dir, rank=runtime.rank,
+                                world_size=runtime.world_size, agree=runtime.all_ok)
+
+    def directory() -> None:
+        if checkpoint is None:
+            check_fresh(output_dir, overwrite=config.overwrite,
+                        resumable=bool(list_checkpoints(output_dir)),
+                        redoable=config.resume == "auto")
+            start_fresh(output_dir)
+        elif checkpoint.resolve().parent != output_dir.resolve():
+            # resuming another directory's checkpoint into this one: it must be fresh
+            check_fresh(output_dir, overwrite=False, resumable=False)
+            start_fresh(output_dir)
+
+    on_main(runtime, directory)
     return checkpoint
 
 
 def check_resumable(checkpoint: Path, config: TrainConfig, runtime: Runtime, fingerprint: dict,
-                    steps_per_epoch: int, total_steps: int) -> None:
+                    steps_per_epoch: int, total_steps: int) -> int:
     """The checks a resume passes before any weights load: the same processes and batches,
-    the same run (fingerprint), a length the schedule allows."""
+    the same run (fingerprint), a length the schedule allows. Returns the checkpoint's step."""
     state = read_trainer_state(checkpoint)
     for key, value in (("world_size", runtime.world_size), ("steps_per_epoch", steps_per_epoch)):
         if state.get(key, value) != value:
@@ -241,6 +241,7 @@ def check_resumable(checkpoint: Path, config: TrainConfig, runtime: Runtime, fin
                               f"processes, batch_size and gradient_accumulation_steps")
     check_same_run(checkpoint, state.get("fingerprint"), fingerprint)
     check_length(checkpoint, state, config, total_steps)
+    return state["global_step"]
 
 
 def resume(run: Run, checkpoint: Path | None) -> None:
@@ -337,7 +338,7 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
         log.info("reference pass over the %d of %d examples this run uses", len(used), len(items))
     else:
         used = None
-    key = cache_key(hash_directory(ref_dir), items, settings)
+    key = cache_key(hash_directory(locate(ref_dir)), items, settings)
     cache_file = Path(config.output_dir).resolve().parent / ".dpokit_cache" / f"{key}.safetensors"
 
     table = read_table(cache_file, len(items), used)
