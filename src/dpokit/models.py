@@ -48,7 +48,7 @@ POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"
 
 def position_limit(path: str | Path, *, what: str = "model") -> tuple[int, str] | None:
     """``(positions, key)`` from the ``config.json`` of a model directory — read without loading
-    any weights — or None when it states none."""
+    any weights, extended by its ``rope_scaling`` — or None when it states none."""
     import json
 
     directory = _model_dir(path, what)
@@ -61,8 +61,21 @@ def position_limit(path: str | Path, *, what: str = "model") -> tuple[int, str] 
     for source in sources:
         for key in POSITION_KEYS:
             if isinstance(source.get(key), int) and source[key] > 0:
-                return source[key], key
+                return max(source[key], _scaled_positions(source)), key
     return None
+
+
+def _scaled_positions(config: dict) -> int:
+    """The context a ``rope_scaling`` entry extends to (original positions × factor, e.g.
+    Qwen's YaRN factor 4 over 32,768), or 0 without one."""
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if not isinstance(scaling, dict):
+        return 0
+    factor = scaling.get("factor")
+    original = scaling.get("original_max_position_embeddings")
+    if isinstance(factor, int | float) and isinstance(original, int) and factor > 1:
+        return int(original * factor)
+    return 0
 
 
 def position_limits(config: Any) -> list[tuple[int, str, str]]:

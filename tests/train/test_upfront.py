@@ -207,3 +207,19 @@ def test_rows_used_from_a_resume_step(n, batch, start, steps):
         epoch, index = divmod(step, per_epoch)
         drawn.update(epoch_batches(n, batch, seed=5, epoch=epoch)[index])
     assert rows_used(n, batch, seed=5, total_steps=steps, start_step=start) == sorted(drawn)
+
+
+def test_rope_scaling_extends_the_positions(tmp_path):
+    """Qwen2.5 with YaRN factor 4 keeps max_position_embeddings 32768 but takes 131072."""
+    from dpokit.models import position_limit
+
+    model = tmp_path / "m"
+    model.mkdir()
+    config = {"model_type": "qwen2", "max_position_embeddings": 32768,
+              "rope_scaling": {"type": "yarn", "factor": 4.0,
+                               "original_max_position_embeddings": 32768}}
+    (model / "config.json").write_text(json.dumps(config))
+    assert position_limit(model) == (131072, "max_position_embeddings")
+    config["rope_scaling"] = None
+    (model / "config.json").write_text(json.dumps(config))
+    assert position_limit(model) == (32768, "max_position_embeddings")
