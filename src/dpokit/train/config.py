@@ -13,6 +13,7 @@ says which objective it trains (:meth:`DPOConfig.objective`), so the loop never 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,7 +34,9 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
     learning_rate: float = field(1e-6, help="Peak learning rate of AdamW.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = field(
         "linear", help="Learning-rate schedule after warmup.")
-    warmup_steps: int = field(0, help="Linear warmup steps (overrides warmup_ratio when > 0).")
+    warmup_steps: float = field(
+        0, help="Linear warmup steps (overrides warmup_ratio when > 0); a value in (0, 1) is a "
+                "fraction of the total steps, as in transformers 5.")
     warmup_ratio: float = field(0.0, help="Warmup as a fraction of the total steps.")
     weight_decay: float = field(0.0, help="AdamW weight decay (not on biases and norms).")
     adam_beta1: float = field(0.9, help="AdamW β1.")
@@ -54,6 +57,11 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
                    "when that frees ≥ 64 MiB per micro-batch; off under gradient_checkpointing).")
     logging_steps: int = field(10, help="Log metrics every this many optimizer steps.")
     eval_steps: int | None = field(None, help="Evaluate every this many steps (null: at end).")
+    eval_strategy: Literal["steps", "epoch", "no"] = field(
+        "steps", help="When to evaluate eval_data: every eval_steps (null: at the end), at the "
+                      "end of each epoch, or never.")
+    per_device_eval_batch_size: int | None = field(
+        None, help="Evaluation examples per micro-batch on each device (null: batch_size).")
     eval_generate: int = field(
         0, help="At each evaluation, complete this many eval prompts with the policy (sampling "
                 "settings above) into samples.jsonl and TensorBoard text.")
@@ -63,6 +71,9 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
                    "-> list[float], or a local reward-model directory "
                    "(AutoModelForSequenceClassification, one output).")
     save_steps: int | None = field(500, help="Save a checkpoint every this many steps.")
+    save_strategy: Literal["steps", "epoch", "no"] = field(
+        "steps", help="When to checkpoint: every save_steps, at the end of each epoch, or never "
+                      "(final/ is always saved).")
     save_total_limit: int | None = field(2, help="Keep at most this many checkpoints.")
     resume: str | None = field(
         None, help="Checkpoint directory to resume from, or 'auto' (the newest valid one in "
@@ -107,6 +118,12 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
             raise DpokitError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise DpokitError("warmup_steps and weight_decay must be ≥ 0")
+        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
+            raise DpokitError(f"warmup_steps must be a whole number of steps, or a fraction in "
+                              f"(0, 1) of the total, got {self.warmup_steps}")
+        if self.per_device_eval_batch_size is not None and self.per_device_eval_batch_size < 1:
+            raise DpokitError(f"per_device_eval_batch_size must be ≥ 1 or null, "
+                              f"got {self.per_device_eval_batch_size}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise DpokitError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -131,6 +148,33 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
         """Whether anything reads ``reward``: the samples of ``eval_generate``."""
         return bool(self.eval_generate)
 
+    @property
+    def eval_batch_size(self) -> int:
+        """Examples per evaluation micro-batch: ``per_device_eval_batch_size`` or
+        ``batch_size``."""
+        return self.per_device_eval_batch_size or self.batch_size
+
+    def warmup(self, total_steps: int) -> int:
+        """Warmup steps: ``warmup_steps`` (a fraction in (0, 1) of ``total_steps``), else
+        ``warmup_ratio`` of them."""
+        if 0 < self.warmup_steps < 1:
+            return math.ceil(self.warmup_steps * total_steps)
+        return int(self.warmup_steps) or math.ceil(self.warmup_ratio * total_steps)
+
+    def evaluates_at(self, step: int, steps_per_epoch: int) -> bool:
+        """Whether training evaluates after ``step`` (the final evaluation aside)."""
+        if self.eval_strategy == "epoch":
+            return step % steps_per_epoch == 0
+        return self.eval_strategy == "steps" and bool(self.eval_steps) and (
+            step % self.eval_steps == 0)
+
+    def saves_at(self, step: int, steps_per_epoch: int) -> bool:
+        """Whether training checkpoints after ``step``."""
+        if self.save_strategy == "epoch":
+            return step % steps_per_epoch == 0
+        return self.save_strategy == "steps" and bool(self.save_steps) and (
+            step % self.save_steps == 0)
+
     def objective(self, tokenizer: Any):
         """The objective this config trains (its reference, if any, is set up by the trainer)."""
         raise NotImplementedError
@@ -143,6 +187,9 @@ class DPOConfig(PreferenceConfig, TrainConfig):
     precompute_ref_logps: bool | None = field(
         None, help="One reference pass before training, cached on disk beside the output "
                    "(null: on unless sync_ref_model).")
+    precompute_ref_batch_size: int | None = field(
+        None, help="Pairs per batch of the precomputed reference pass (null: 2 × batch_size; "
+                   "no gradients, so it can be larger).")
     sync_ref_model: bool = field(False, help="TR-DPO: move π_ref towards π_θ periodically.")
     ref_model_mixup_alpha: float = field(0.6, help="TR-DPO mixing α: ref ← α·θ + (1−α)·ref.")
     ref_model_sync_steps: int = field(512, help="TR-DPO: steps between reference updates.")
@@ -165,6 +212,9 @@ class DPOConfig(PreferenceConfig, TrainConfig):
         if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
             raise DpokitError(f"ref_model_mixup_alpha must be in (0, 1], "
                               f"got {self.ref_model_mixup_alpha}")
+        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
+            raise DpokitError(f"precompute_ref_batch_size must be ≥ 1 or null, "
+                              f"got {self.precompute_ref_batch_size}")
         if self.ref_model_sync_steps < 1:
             raise DpokitError(f"ref_model_sync_steps must be ≥ 1, got {self.ref_model_sync_steps}")
         if self.sync_ref_model and self.precompute_ref_logps is True:

@@ -28,11 +28,12 @@ from dpokit.hub import locate
 
 MAY_CHANGE = frozenset({
     "output_dir", "resume", "overwrite", "device", "logging_steps", "save_steps",
-    "save_total_limit", "eval_data", "eval_split", "eval_steps", "eval_generate",
+    "save_total_limit", "save_strategy", "eval_data", "eval_split", "eval_steps",
+    "eval_strategy", "per_device_eval_batch_size", "eval_generate",
     "max_nonfinite_steps", "max_row_chars", "max_steps", "num_epochs", "merge_lora",
     # memory and layout: the same numbers within float32 rounding (tested equal)
     "gradient_checkpointing", "selective_checkpointing", "chunk_size", "unpadded",
-    "shared_prompt", "padding_free", "precompute_ref_logps"})
+    "shared_prompt", "padding_free", "precompute_ref_logps", "precompute_ref_batch_size"})
 """Keys a resumed run may set differently: bookkeeping, evaluation, where it runs, its length,
 what only the final save reads, and the memory/layout settings that compute the same numbers."""
 
@@ -151,8 +152,8 @@ def check_length(checkpoint: Path, state: dict, config: Any, total_steps: int) -
     if total_steps < step:
         raise DpokitError(f"resume: {checkpoint} is at step {step}, past this run's "
                           f"{total_steps} steps (max_steps / num_epochs)")
-    fixed = config.lr_scheduler == "constant" and (config.warmup_steps > 0
-                                                   or config.warmup_ratio == 0)
+    fixed = config.lr_scheduler == "constant" and (config.warmup_steps >= 1 or (
+        config.warmup_steps == 0 and config.warmup_ratio == 0))
     if not fixed:
         raise DpokitError(
             f"resume: {checkpoint} was written by a run of {recorded} steps, this one has "

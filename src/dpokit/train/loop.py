@@ -166,9 +166,9 @@ def after_step(run: Run, probe: Probe | None, stopping: bool) -> None:
         log_window(run)
     if probe is not None and (step % probe.every == 0 or step == run.total_steps):
         run_probe(run, probe)
-    if config.eval_steps and run.eval_items and step % config.eval_steps == 0:
+    if run.eval_items and config.evaluates_at(step, run.steps_per_epoch):
         evaluate_run(run)
-    if (config.save_steps and step % config.save_steps == 0) or stopping:
+    if config.saves_at(step, run.steps_per_epoch) or stopping:
         save(run)
     run.metrics.bar.update(1)
 
@@ -193,7 +193,8 @@ def log_window(run: Run) -> None:
 
 def evaluate_run(run: Run) -> dict:
     """The objective over the evaluation data (no backward), logged as ``eval/…``."""
-    result = evaluate(run.objective, run.policy, run.eval_items, batch_size=run.config.batch_size,
+    result = evaluate(run.objective, run.policy, run.eval_items,
+                      batch_size=run.config.eval_batch_size,
                       runtime=run.runtime, offset=len(run.train_items), model=run.model,
                       step=run.step)
     record = {"step": run.step, **{f"eval/{k}": v for k, v in result.metrics.items()}}
@@ -264,7 +265,8 @@ def finish(run: Run) -> Path:
     """Final evaluation (unless the last step had one) and the final model, Hugging Face format
     loadable without dpokit; with LoRA the adapter (and, with ``merge_lora``, the merged model)."""
     config, runtime = run.config, run.runtime
-    if run.eval_items and (not config.eval_steps or run.step % config.eval_steps != 0):
+    if (run.eval_items and config.eval_strategy != "no"
+            and not config.evaluates_at(run.step, run.steps_per_epoch)):
         evaluate_run(run)
     state_dict = None
     if run.sharded:  # gather the full weights on every rank, save on rank 0

@@ -345,7 +345,7 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
     cached = table is not None
     if table is None:
         table = compute_reference_table(
-            reference, items, batch_size=2 * config.batch_size,
+            reference, items, batch_size=config.precompute_ref_batch_size or 2 * config.batch_size,
             pad_token_id=pad_token_id, layout=config.layout, device=runtime.device,
             rank=runtime.rank, world_size=runtime.world_size, progress=progress and runtime.is_main,
             rows=used)
@@ -405,7 +405,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total
     """Linear warmup, then constant, linear or cosine decay (``transformers.get_scheduler``)."""
     from transformers import get_scheduler
 
-    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+    warmup = config.warmup(total_steps)
     name = {"constant": "constant_with_warmup", "linear": "linear",
             "cosine": "cosine"}[config.lr_scheduler]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup,
