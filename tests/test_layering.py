@@ -10,7 +10,7 @@ import pytest
 SRC = Path(__file__).resolve().parent.parent / "src" / "dpokit"
 
 LAYERS = [
-    {"dpokit", "errors", "format", "atomic", "config", "hub"},  # no dpokit deps beyond these
+    {"dpokit", "errors", "format", "atomic", "config", "hub", "trl_config"},  # base
     {"theory"},  # exact math: standalone
     {"lecture"},  # the lecture's tables, study and figures, computed by theory
     {"data"},

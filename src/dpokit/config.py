@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from dpokit.errors import DpokitError
+from dpokit.trl_config import is_trl, read_trl
 
 C = TypeVar("C")
 _MISSING = dataclasses.MISSING
@@ -184,8 +185,12 @@ def load_config(cls: type[C], path: str | Path | None = None,
     values: dict[str, Any] = {}
     source = "config"
     if path is not None:
-        values.update({k.replace("-", "_"): v for k, v in read_yaml(path).items()})
+        document = read_yaml(path)
         source = str(path)
+        if is_trl(document):  # a TRL config, read with TRL's names and meanings
+            document = read_trl(document, source=source,
+                                known=[f.name for f in dataclasses.fields(cls)])
+        values.update({k.replace("-", "_"): v for k, v in document.items()})
     texts = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
     values.update(texts)
     return build_config(cls, values, source=source, from_text=tuple(texts))

@@ -20,7 +20,7 @@ import sys
 
 import click
 
-from dpokit.cli import lecture, training  # noqa: F401  (they register their commands)
+from dpokit.cli import configs, lecture, training  # noqa: F401  (they register commands)
 from dpokit.cli.app import app
 from dpokit.errors import DpokitError
 

@@ -1,0 +1,244 @@
+"""TRL 1.16 config files read as they are: ``trl dpo --config dpo.yaml`` → ``dpokit train --config
+dpo.yaml``.
+
+A file is *TRL-flavoured* when it uses a key that only TRL has (``model_name_or_path``,
+``per_device_train_batch_size``, ``use_peft``, …; :data:`TRL_ONLY`). Such a file is read with TRL's
+names and meanings — said once — and every TRL key is either honoured or refused with a one-line
+reason and what to use instead; nothing is dropped silently:
+
+- renamed keys (:data:`RENAMED`) map onto dpokit's field of the same meaning;
+- keys dpokit shares with TRL (``learning_rate``, ``beta``, ``loss_type``, …) pass through;
+- keys whose TRL value has another form are converted (``max_steps: -1`` → null, ``bf16: true``
+  → mixed precision, ``fsdp: "full_shard auto_wrap"`` → ``fsdp: true``, ``model_revision`` →
+  ``Org/Name@revision``, ``dataset_test_split`` with an ``eval_strategy`` → the evaluation data);
+- keys that only change speed or logging, at the values TRL users set (``dataset_num_proc``,
+  ``dataloader_num_workers``, ``optim: adamw_torch_fused``, ``report_to: none``, …) are accepted
+  and listed once as having no effect on the result;
+- everything else is refused at a value dpokit cannot honour (``deepspeed`` → "use fsdp: true
+  with torchrun", ``load_in_4bit: true``, ``dtype: bfloat16`` as the weights' load dtype, …).
+
+TRL's defaults that change the result are applied to a TRL-flavoured file when it does not set
+them (:data:`TRL_DEFAULTS`: 3 epochs, LoRA dropout 0.05, no evaluation unless ``eval_strategy``
+asks, every checkpoint kept). :func:`translate` is a pure function of the mapping; ``dpokit config
+convert`` prints its result as a native YAML with a comment per changed key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpokit.errors import DpokitError
+
+log = logging.getLogger("dpokit")
+
+RENAMED = {
+    "model_name_or_path": "model",
+    "dataset_name": "data",
+    "dataset_train_split": "split",
+    "per_device_train_batch_size": "batch_size",
+    "num_train_epochs": "num_epochs",
+    "lr_scheduler_type": "lr_scheduler",
+    "precompute_ref_log_probs": "precompute_ref_logps",
+    "use_peft": "lora",
+    "resume_from_checkpoint": "resume",
+    "overwrite_output_dir": "overwrite",
+    "use_cpu": "device",
+    "dataset_test_split": "eval_split",
+    "model_revision": "model",
+    "bf16": "dtype",
+    "fp16": "dtype",
+}
+"""TRL key → the dpokit key it sets."""
+
+NO_EFFECT = {
+    "dataset_num_proc": None, "dataloader_num_workers": None, "pad_to_multiple_of": None,
+    "ddp_find_unused_parameters": None, "average_tokens_across_devices": None,
+    "include_num_input_tokens_seen": None, "log_level": None, "disable_tqdm": None,
+    "remove_unused_columns": None, "do_train": None, "do_eval": None, "local_rank": None,
+    "label_names": None, "save_only_model": None, "run_name": None, "dataloader_pin_memory": None,
+    "logging_dir": None, "tf32": None, "seed_data": None, "data_seed": None,
+    "ignore_bias_buffers": None, "bnb_4bit_quant_type": None, "use_bnb_nested_quant": None,
+    "bnb_4bit_quant_storage": None, "lora_task_type": ("CAUSAL_LM",),
+    "optim": ("adamw_torch", "adamw_torch_fused"),
+    "logging_strategy": ("steps",), "report_to": ("none", "tensorboard", [], ["tensorboard"],
+                                                  ["none"]),
+    "gradient_checkpointing_kwargs": (None, {}, {"use_reentrant": False}),
+    "attn_implementation": (None, "sdpa", "eager"),
+}
+"""Keys accepted because they change only speed, logging or bookkeeping (None: any value;
+else the values accepted). ``report_to: tensorboard`` is honoured: dpokit writes TensorBoard
+events whenever it is installed."""
+
+DEFAULT_ONLY = {
+    "push_to_hub": (False,), "hub_model_id": (None,), "load_in_4bit": (False,),
+    "load_in_8bit": (False,), "use_rslora": (False,), "use_dora": (False,),
+    "lora_modules_to_save": (None,), "lora_target_parameters": (None,),
+    "model_init_kwargs": (None, {}), "ref_model_init_kwargs": (None, {}),
+    "router_aux_loss_coef": (None,), "activation_offloading": (False,), "pad_token": (None,),
+    "dataset_config": (None,), "dataset_streaming": (False,), "torch_compile": (False,),
+    "load_best_model_at_end": (False,), "metric_for_best_model": (None,),
+    "eval_on_start": (False,), "group_by_length": (False,), "dataloader_drop_last": (False,),
+    "full_determinism": (False,), "lr_scheduler_kwargs": (None, {}), "logging_first_step": (False,),
+    "bf16_full_eval": (False,), "fp16_full_eval": (False,), "deepspeed": (None,),
+    "truncation_mode": ("keep_start",), "generate_during_eval": (False,),
+    "use_logits_to_keep": (False,), "dtype": (None, "float32", "auto"),
+    "torch_dtype": (None, "float32", "auto"),
+}
+"""Keys accepted only at the value that asks for nothing dpokit lacks (TRL's default, usually)."""
+
+WHY = {
+    "deepspeed": "dpokit shards with PyTorch FSDP2: use fsdp: true with torchrun",
+    "push_to_hub": "dpokit never uploads: push final/ with `hf upload` after the run",
+    "hub_model_id": "dpokit never uploads: push final/ with `hf upload` after the run",
+    "load_in_4bit": "quantised (QLoRA) training is not supported; use use_peft without it",
+    "load_in_8bit": "quantised (QLoRA) training is not supported; use use_peft without it",
+    "use_rslora": "rank-stabilised LoRA is not supported yet",
+    "use_dora": "DoRA is not supported yet",
+    "dtype": "the weights' load dtype is float32 for now (mixed precision: bf16: true)",
+    "torch_dtype": "the weights' load dtype is float32 for now (mixed precision: bf16: true)",
+    "truncation_mode": "only keep_start (the completion's end is cut) is implemented; use "
+                       "max_prompt_length to cut the prompt's start",
+    "optim": "dpokit trains with AdamW (fused): optim adamw_torch or adamw_torch_fused",
+    "report_to": "trackers other than tensorboard are not supported yet",
+    "attn_implementation": "dpokit picks its attention kernel (SDPA); leave it null",
+    "generate_during_eval": "use eval_generate: N (samples written to samples.jsonl)",
+    "logging_strategy": "dpokit logs every logging_steps",
+    "lr_scheduler_type": "lr_scheduler is linear, cosine or constant",
+}
+"""Why a key (at that value) is refused, and what to use instead."""
+
+TRL_DEFAULTS = {"num_epochs": 3.0, "lora_dropout": 0.05, "save_total_limit": None,
+                "eval_strategy": "no"}
+"""TRL 1.16 defaults that change the result, applied to a TRL-flavoured file that sets none of
+the keys that mean them."""
+
+_SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant",
+               "constant_with_warmup": "constant"}
+
+TRL_ONLY = frozenset({*RENAMED, *NO_EFFECT, *DEFAULT_ONLY} - {"dtype"})
+"""Keys only TRL has: one of them makes a file TRL-flavoured (``dtype`` is in both)."""
+
+
+@dataclass
+class Translation:
+    """A TRL mapping read as dpokit keys, with a line per key saying what became of it."""
+
+    values: dict[str, Any]
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    """``(TRL key, what it became)`` for every key not passed through as it is."""
+    no_effect: list[str] = field(default_factory=list)
+
+
+def is_trl(keys: Iterable[str]) -> bool:
+    """Whether a mapping with these keys is a TRL config (uses a key only TRL has)."""
+    return any(key.replace("-", "_") in TRL_ONLY for key in keys)
+
+
+def _refuse(source: str, key: str, value: Any) -> DpokitError:
+    why = WHY.get(key, "dpokit has no equivalent")
+    return DpokitError(f"{source}: TRL key {key}: {value!r} is not supported ({why})")
+
+
+def translate(values: Mapping[str, Any], *, source: str = "config",
+              known: Iterable[str] | None = None) -> Translation:
+    """``values`` (a TRL-flavoured mapping) as dpokit keys; a key dpokit cannot honour is a
+    :class:`DpokitError` naming it, its value, why and what to use instead. ``known``: the
+    target config's fields (TRL's defaults are applied only to those)."""
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    out: dict[str, Any] = {}
+    result = Translation(out)
+    note = result.notes.append
+    for key, value in values.items():
+        if key in NO_EFFECT:
+            allowed = NO_EFFECT[key]
+            if allowed is not None and value not in allowed:
+                raise _refuse(source, key, value)
+            result.no_effect.append(key)
+            continue
+        if key in DEFAULT_ONLY:
+            if value not in DEFAULT_ONLY[key]:
+                raise _refuse(source, key, value)
+            note((key, f"{value!r}: the default, nothing to set"))
+            continue
+        if key in ("bf16", "fp16"):
+            if value:
+                if out.get("dtype") not in (None, "float32"):
+                    raise DpokitError(f"{source}: bf16 and fp16 are both set; choose one")
+                out["dtype"] = "bfloat16" if key == "bf16" else "float16"
+                note((key, f"dtype: {out['dtype']} (mixed precision)"))
+            else:
+                note((key, f"{value!r}: float32"))
+            continue
+        if key == "fsdp":
+            text = " ".join(value) if isinstance(value, list) else (value or "")
+            if isinstance(value, bool):
+                out["fsdp"] = value
+                note((key, f"fsdp: {str(value).lower()}"))
+                continue
+            if "offload" in text:
+                raise _refuse(source, key, value)
+            out["fsdp"] = bool(text.strip())
+            note((key, f"fsdp: {str(out['fsdp']).lower()} (FSDP2 fully_shard per decoder "
+                       f"layer, under torchrun)"))
+            continue
+        if key == "use_cpu":
+            if value:
+                out["device"] = "cpu"
+                note((key, "device: cpu"))
+            else:
+                note((key, f"{value!r}: the default (device auto)"))
+            continue
+        if key == "lr_scheduler_type":
+            if value not in _SCHEDULERS:
+                raise _refuse(source, key, value)
+            out["lr_scheduler"] = _SCHEDULERS[value]
+            note((key, f"lr_scheduler: {_SCHEDULERS[value]}"))
+            continue
+        if key == "max_steps" and value is not None and int(value) < 0:
+            out["max_steps"] = None
+            note((key, "-1: null (num_epochs decides)"))
+            continue
+        if key in ("eval_steps", "save_steps", "logging_steps") and isinstance(value, float) \
+                and 0 < value < 1:
+            raise DpokitError(f"{source}: TRL key {key}: {value} (a fraction of the run) is not "
+                              f"supported; give a number of steps")
+        if key in ("model_revision", "dataset_test_split"):
+            continue  # combined below
+        target = RENAMED.get(key, key)
+        out[target] = value
+        if target != key:
+            note((key, f"{target}: {value!r}"))
+    revision = values.get("model_revision")
+    if revision not in (None, "main") and out.get("model"):
+        out["model"] = f"{out['model']}@{revision}"
+        note(("model_revision", f"model: {out['model']}"))
+    elif "model_revision" in values:
+        note(("model_revision", f"{revision!r}: the default, nothing to set"))
+    if out.get("eval_strategy", "no") != "no" and out.get("data") and "eval_data" not in out:
+        out["eval_data"] = out["data"]
+        out["eval_split"] = values.get("dataset_test_split", "test")
+        note(("dataset_test_split", f"eval_data: {out['data']}, eval_split: "
+                                    f"{out['eval_split']}"))
+    elif "dataset_test_split" in values:
+        note(("dataset_test_split", "not read: TRL evaluates only when eval_strategy is not no"))
+    known = set(known) if known is not None else None
+    if isinstance(out.get("loss_type"), str):
+        out["loss_type"] = [out["loss_type"]]  # TRL takes one name or a list
+    for key, default in TRL_DEFAULTS.items():
+        if key not in out and (known is None or key in known):
+            out[key] = default
+            note((key, f"{default!r} (TRL's default; dpokit's own differs)"))
+    return result
+
+
+def read_trl(values: Mapping[str, Any], *, source: str,
+             known: Iterable[str] | None = None) -> dict[str, Any]:
+    """:func:`translate`, saying once that the file is read with TRL's meanings."""
+    result = translate(values, source=source, known=known)
+    log.warning("%s: read as a TRL config (TRL's key names, meanings and defaults)%s", source,
+                f"; no effect on the result: {', '.join(result.no_effect)}"
+                if result.no_effect else "")
+    return result.values
