@@ -6,7 +6,7 @@
 Because it is the same :meth:`~dpokit.objectives.Objective.forward` that training calls, it
 applies weights, margins, ld_alpha, WPO and every layout exactly as a training step does: on the
 initial model, ``dpokit eval``'s loss equals the loss training logs at step 1 when that step's
-batch is the whole data set (and the model has no dropout, which training applies). Sums and
+batch is the whole data set (training disables dropout by default, as TRL does). Sums and
 counts are reduced over batches (and ranks), then divided once.
 """
 

@@ -96,8 +96,10 @@ def _logit_transform(config) -> Callable[[Tensor], Tensor] | None:
 
 
 def _chunk_logps(hidden: Tensor, targets: Tensor, lm_head: nn.Module,
-                 transform: Callable[[Tensor], Tensor], wpo: bool) -> tuple[Tensor, Tensor]:
-    """log π(target | ·) for ``(n, H)`` hidden states, and the WPO term (zeros unless ``wpo``)."""
+                 transform: Callable[[Tensor], Tensor], wpo: bool,
+                 mean_logits: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """log π(target | ·) for ``(n, H)`` hidden states, the WPO term (zeros unless ``wpo``) and
+    the vocabulary-mean logit of each position (zeros unless ``mean_logits``), each ``(n,)``."""
     logits = transform(lm_head(hidden))
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     log_normaliser = torch.logsumexp(logits, dim=-1)
@@ -108,7 +110,10 @@ def _chunk_logps(hidden: Tensor, targets: Tensor, lm_head: nn.Module,
             wpo_terms = token_logps.detach() - torch.logsumexp(2 * log_probs, dim=-1)
     else:
         wpo_terms = torch.zeros_like(token_logps.detach())
-    return token_logps, wpo_terms
+    # (n,): a reduction over the chunk's logits already in memory, no (n, V) temporary
+    means = (logits.detach().mean(dim=-1) if mean_logits
+             else torch.zeros_like(token_logps.detach()))
+    return token_logps, wpo_terms, means
 
 
 def _hidden_states(model: nn.Module, batch: PairBatch, rows: Tensor, columns: Tensor, *,
@@ -152,12 +157,16 @@ class CompletionLogps:
     logps: Tensor
     tokens: Tensor
     wpo: Tensor | None = None
+    mean_logits: Tensor | None = None
+    """Σ over the completion tokens of the vocabulary-mean logit (1/V) Σ_v z_v at the position
+    predicting each (after the head's logit transforms; no gradient), when requested: TRL's
+    ``mean_logits``, which its ``logits/chosen`` and ``logits/rejected`` average per token."""
 
 
 def completion_logps(model: nn.Module, batch: PairBatch, *,
                      chunk_size: int = DEFAULT_CHUNK_SIZE, wpo: bool = False,
                      fused: bool = True, ld_alpha: float | None = None,
-                     unpadded: bool = True) -> CompletionLogps:
+                     unpadded: bool = True, mean_logits: bool = False) -> CompletionLogps:
     """Σ_t log π(y_t | x, y_<t) over the completion tokens of every sequence of ``batch``.
 
     Args:
@@ -175,6 +184,9 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
             ``dpokit.attention.UNPADDED_MODEL_TYPES`` are switched; others run padded whatever
             this says. The switch sets the model's attention implementation to
             ``dpokit_segment_sdpa``, which behaves as SDPA on every other call.
+        mean_logits: also return each sequence's sum over its completion tokens of the
+            vocabulary-mean logit (for the ``logits/chosen``/``logits/rejected`` metrics), taken
+            from the logits each chunk already holds.
 
     Returns:
         :class:`CompletionLogps` (float32, or float64 for a float64 model).
@@ -213,14 +225,15 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
             args = (hidden[start:start + chunk_size], targets[start:start + chunk_size])
             if torch.is_grad_enabled() and hidden.requires_grad:
                 pieces.append(checkpoint(_chunk_logps, *args, lm_head, transform, wpo,
-                                         use_reentrant=False))
+                                         mean_logits, use_reentrant=False))
             else:
-                pieces.append(_chunk_logps(*args, lm_head, transform, wpo))
+                pieces.append(_chunk_logps(*args, lm_head, transform, wpo, mean_logits))
         if pieces:
             token_logps = torch.cat([p[0] for p in pieces])
             wpo_terms = torch.cat([p[1] for p in pieces])
+            logit_means = torch.cat([p[2] for p in pieces])
         else:
-            token_logps = wpo_terms = hidden.new_zeros(0, dtype=torch.float32)
+            token_logps = wpo_terms = logit_means = hidden.new_zeros(0, dtype=torch.float32)
     else:
         logits = model(input_ids=batch.input_ids,
                        attention_mask=_mask(batch, next(base.parameters()).dtype),
@@ -231,6 +244,7 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         token_logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)
         with torch.no_grad():
             wpo_terms = token_logps.detach() - torch.logsumexp(2 * log_probs.detach(), dim=-1)
+            logit_means = logits.detach().mean(dim=-1)
 
     dtype = token_logps.dtype
     counts = torch.zeros(num_sequences, dtype=torch.long, device=targets.device)
@@ -256,7 +270,11 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         wpo_sums = torch.zeros(num_sequences, dtype=dtype, device=targets.device)
         wpo_sums.index_add_(0, owners, wpo_terms.to(dtype))
         wpo_means = wpo_sums / counts.clamp(min=1)
-    return CompletionLogps(sums, counts, wpo_means)
+    logit_sums = None
+    if mean_logits:
+        logit_sums = torch.zeros(num_sequences, dtype=dtype, device=targets.device)
+        logit_sums.index_add_(0, owners, logit_means.to(dtype))
+    return CompletionLogps(sums, counts, wpo_means, logit_sums)
 
 
 def sequence_logps(model: nn.Module, batch: PairBatch, *, chunk_size: int = DEFAULT_CHUNK_SIZE,

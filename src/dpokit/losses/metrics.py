@@ -11,6 +11,18 @@ number of pairs; add those across micro-batches (:func:`add_metric_sums`) and ra
     rewards/margins     mean of chosen reward − rejected reward
     logps/chosen        mean of log π_θ(y_w|x) (summed over tokens)
     logps/rejected      mean of log π_θ(y_l|x)
+
+and, per completion token rather than per pair (:func:`logit_metrics`, :func:`logit_means`):
+
+    logits/chosen       mean over the chosen completions' tokens of the vocabulary-mean logit
+                        (1/V) Σ_v z_v at the position predicting the token
+    logits/rejected     the same over the rejected completions' tokens
+
+TRL 1.16 definition (trl/kernels/chunked_logprob.py:382, ``mean_logits = z_sum / vocab`` with
+``z_sum`` the sum of the transformed logits z over the vocabulary; trl/trainer/dpo_trainer.py:
+1554-1568, Σ of ``mean_logits`` over the completion tokens / their number, 0 without tokens).
+TRL logs the mean of its per-micro-batch values over a logging window; here the sums and token
+counts of the whole window are divided once (the same when micro-batches hold equal tokens).
 """
 
 from __future__ import annotations
@@ -52,6 +64,42 @@ def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor,
     }
     sums["count"] = torch.tensor(float(chosen.numel()), dtype=torch.float64, device=chosen.device)
     return sums
+
+
+LOGIT_METRIC_NAMES = ("logits/chosen", "logits/rejected")
+LOGIT_METRIC_KEYS = (*LOGIT_METRIC_NAMES, "tokens/chosen", "tokens/rejected")
+"""Keys of :func:`logit_metrics`'s sums: the two logit sums and their token counts."""
+
+
+def logit_metrics(chosen_mean_logits: Tensor, rejected_mean_logits: Tensor,
+                  chosen_tokens: Tensor, rejected_tokens: Tensor) -> dict[str, Tensor]:
+    """Sums over the batch for :data:`LOGIT_METRIC_NAMES`, and the completion tokens they span.
+
+    Args:
+        chosen_mean_logits: ``(B,)`` per chosen completion, Σ over its tokens of the
+            vocabulary-mean logit (``CompletionLogps.mean_logits``).
+        rejected_mean_logits: ``(B,)`` the same for the rejected completions.
+        chosen_tokens: ``(B,)`` completion tokens of each chosen completion.
+        rejected_tokens: ``(B,)``.
+
+    Returns:
+        ``{key: 0-dim float64 tensor}`` for every key of :data:`LOGIT_METRIC_KEYS`, detached.
+    """
+    return {"logits/chosen": chosen_mean_logits.detach().double().sum(),
+            "logits/rejected": rejected_mean_logits.detach().double().sum(),
+            "tokens/chosen": chosen_tokens.detach().double().sum(),
+            "tokens/rejected": rejected_tokens.detach().double().sum()}
+
+
+def logit_means(sums: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """``logits/chosen`` and ``logits/rejected``: each logit sum over its token count (0.0 when
+    there are no tokens, as TRL)."""
+    means = {}
+    for name, tokens in zip(LOGIT_METRIC_NAMES, ("tokens/chosen", "tokens/rejected"),
+                            strict=True):
+        count = float(sums[tokens])
+        means[name] = float(sums[name]) / count if count else 0.0
+    return means
 
 
 def add_metric_sums(*parts: Mapping[str, Tensor]) -> dict[str, Tensor]:

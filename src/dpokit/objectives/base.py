@@ -10,12 +10,14 @@ objective it runs. Evaluation is ``forward`` without backward.
 ``forward`` returns SUMS over the examples of a micro-batch (never means): the loop backpropagates
 ``loss_sum × world_size / |global batch|`` and adds the metric sums into a :class:`MetricSums`,
 which is reduced over ranks and divided once — so micro-batching and ranks never change a number.
+The one sum that outlives a logging window is ``num_tokens`` (:data:`CUMULATIVE_KEYS`): the input
+tokens trained on since the start of the run, which a resumed run continues.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,34 +41,74 @@ class Output:
     reports (``dpokit eval --per-example``)."""
 
 
+NUM_TOKENS = "num_tokens"
+"""TRL's ``num_tokens``: input tokens (prompt and completion of every sequence, no padding)
+trained on so far. Counted by ``forward`` in training mode only, as TRL counts it."""
+CUMULATIVE_KEYS = frozenset({NUM_TOKENS})
+"""Sums that run over the whole run instead of a logging window (:meth:`MetricSums.zero_` keeps
+them; checkpoints carry them)."""
+
+
 class MetricSums:
-    """Running float64 sums of an objective's metrics, in a fixed key order for ``all_reduce``."""
+    """Running float64 sums of an objective's metrics, in a fixed key order for ``all_reduce``.
+
+    Keys of :data:`CUMULATIVE_KEYS` are not reset by :meth:`zero_`: each :meth:`reduce` moves
+    the ranks' new counts into :attr:`totals`, which is the same on every rank, so a checkpoint
+    written by rank 0 restores the whole run's count on every rank."""
 
     def __init__(self, keys: Sequence[str]):
         """Zero sums for ``keys``."""
         self.keys = tuple(keys)
         self.values = torch.zeros(len(self.keys), dtype=torch.float64)
+        """This rank's sums since the last :meth:`zero_` (cumulative keys: since the last
+        :meth:`reduce`)."""
+        self.cumulative = torch.tensor([k in CUMULATIVE_KEYS for k in self.keys])
+        self.totals = torch.zeros(len(self.keys), dtype=torch.float64)
+        """Cumulative keys: their sums over every rank, up to the last :meth:`reduce`."""
 
     def add(self, sums: Mapping[str, Tensor]) -> None:
         """Add one micro-batch's sums (keys as :attr:`keys`)."""
         self.values += torch.stack([sums[k].detach().double().cpu() for k in self.keys])
 
     def reduce(self, all_reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, float]:
-        """``{key: sum over every rank}`` (``all_reduce_sum`` is ``Runtime.all_reduce_sum``)."""
-        return dict(zip(self.keys, all_reduce_sum(self.values).cpu().tolist(), strict=True))
+        """``{key: sum over every rank}`` (``all_reduce_sum`` is ``Runtime.all_reduce_sum``);
+        cumulative keys: over every rank since the start of the run."""
+        reduced = all_reduce_sum(self.values).cpu().clone()
+        self.totals += torch.where(self.cumulative, reduced, 0.0)
+        self.values[self.cumulative] = 0.0  # counted into totals, on every rank alike
+        reduced[self.cumulative] = self.totals[self.cumulative]
+        return dict(zip(self.keys, reduced.tolist(), strict=True))
 
     def zero_(self) -> None:
-        """Start a new window."""
-        self.values.zero_()
+        """Start a new window (cumulative keys go on counting)."""
+        self.values[~self.cumulative] = 0.0
 
-    def state_dict(self) -> dict[str, float]:
-        """The unlogged sums, for a checkpoint (a resumed run logs the same numbers)."""
-        return dict(zip(self.keys, self.values.tolist(), strict=True))
+    def state_dict(self, all_reduce_sum: Callable[[Tensor], Tensor] | None = None
+                   ) -> dict[str, float]:
+        """The unlogged sums — over every rank with ``all_reduce_sum`` (a collective: every
+        rank calls it) — and the cumulative totals (``"<key>:total"``), for a checkpoint: a
+        resumed run logs the same numbers."""
+        values = self.values if all_reduce_sum is None else all_reduce_sum(self.values).cpu()
+        state = dict(zip(self.keys, values.tolist(), strict=True))
+        state.update({f"{key}:total": float(self.totals[i]) for i, key in enumerate(self.keys)
+                      if key in CUMULATIVE_KEYS})
+        return state
 
-    def load_state_dict(self, state: Mapping[str, float] | Sequence[float]) -> None:
-        """Restore :meth:`state_dict` (or the positional list older checkpoints hold)."""
-        values = [state[k] for k in self.keys] if isinstance(state, Mapping) else list(state)
+    def load_state_dict(self, state: Mapping[str, float] | Sequence[float], *,
+                        holds_sums: bool = True) -> None:
+        """Restore :meth:`state_dict` (or the positional list older checkpoints hold; keys an
+        older checkpoint lacks start at 0). The unlogged sums are every rank's together, so
+        only one rank takes them (``holds_sums``; the others start at 0), and the next
+        :meth:`reduce` gives the same numbers as the run that saved them."""
+        if isinstance(state, Mapping):
+            values = [state.get(k, 0.0) for k in self.keys]
+            totals = [state.get(f"{k}:total", 0.0) for k in self.keys]
+        else:
+            values, totals = list(state), [0.0] * len(self.keys)
+        if not holds_sums:
+            values = [0.0] * len(self.keys)
         self.values = torch.tensor(values, dtype=torch.float64)
+        self.totals = torch.tensor(totals, dtype=torch.float64)
 
 
 class LogpsModule(nn.Module):
@@ -75,30 +117,49 @@ class LogpsModule(nn.Module):
     Wrapping this (not the bare LM) in DDP or FSDP makes every log-prob computation go through
     the wrapper's ``forward``, so gradient synchronisation and parameter gathering happen even
     though :func:`~dpokit.logps.completion_logps` calls the decoder and the LM head separately.
-    ``forward(batch)`` returns ``(logps, tokens, wpo)``, each ``(num_sequences,)``; ``wpo`` is
-    zeros unless the WPO statistic was asked for.
+    ``forward(batch)`` returns ``(logps, tokens, wpo, mean_logits)``, each ``(num_sequences,)``;
+    ``wpo`` and ``mean_logits`` are zeros unless asked for.
     """
 
     def __init__(self, model: nn.Module, *, chunk_size: int, ld_alpha: float | None = None,
-                 wpo: bool = False, unpadded: bool = True):
+                 wpo: bool = False, unpadded: bool = True, mean_logits: bool = False):
         """Wrap ``model`` with the options of :func:`~dpokit.logps.completion_logps`."""
         super().__init__()
         self.model = model
         self.chunk_size, self.ld_alpha, self.wpo = chunk_size, ld_alpha, wpo
-        self.unpadded = unpadded
+        self.unpadded, self.mean_logits = unpadded, mean_logits
 
-    def forward(self, batch: PairBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logps, tokens, wpo)`` of every sequence of ``batch``."""
+    def forward(self, batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(logps, tokens, wpo, mean_logits)`` of every sequence of ``batch``."""
         out = completion_logps(self.model, batch, chunk_size=self.chunk_size, wpo=self.wpo,
-                               unpadded=self.unpadded,
+                               unpadded=self.unpadded, mean_logits=self.mean_logits,
                                ld_alpha=self.ld_alpha if batch.num_pairs else None)
         wpo = out.wpo if out.wpo is not None else torch.zeros_like(out.logps)
-        return out.logps, out.tokens, wpo
+        means = (out.mean_logits if out.mean_logits is not None
+                 else torch.zeros_like(out.logps.detach()))
+        return out.logps, out.tokens, wpo, means
 
 
 def count(batch_size: int, like: Tensor) -> Tensor:
     """The 0-dim float64 ``count`` sum of a micro-batch of ``batch_size`` examples."""
     return torch.tensor(float(batch_size), dtype=torch.float64, device=like.device)
+
+
+def num_tokens(policy: nn.Module, batch: PairBatch, like: Tensor) -> Tensor:
+    """The 0-dim float64 :data:`NUM_TOKENS` sum of a micro-batch: its input tokens
+    (``batch.extras["input_tokens"]``, set by ``collate``) while ``policy`` trains, 0 in
+    evaluation — TRL 1.16 counts ``attention_mask.sum()`` only ``if mode == "train"``
+    (trl/trainer/dpo_trainer.py:1549-1551)."""
+    if not policy.training:
+        return torch.zeros((), dtype=torch.float64, device=like.device)
+    return batch.extras["input_tokens"].to(like.device).double().sum()
+
+
+def input_tokens(lengths: Iterable[int]) -> Tensor:
+    """``batch.extras["input_tokens"]``: per example, the tokens of its sequences as TRL's
+    collators lay them out (prompt and completion of each; a pair's prompt twice, whatever
+    dpokit's layout), so ``num_tokens`` does not depend on the layout."""
+    return torch.tensor(list(lengths), dtype=torch.long)
 
 
 class Objective(ABC):

@@ -7,7 +7,9 @@ Per pair i, with summed completion log-probs of the policy and the reference:
 w_i the row's ``weight`` column (1 without one); margins m_i (the ``margin`` column) and soft
 labels p_i (the ``label_prob`` column) reach the losses that read them (``odpo``,
 ``sigmoid_soft``); LD-DPO (``ld_alpha``) and WPO (``use_weighting``) act on
-the log-probs. ``forward`` returns Σ_i L_i and the metric sums of :mod:`dpokit.losses.metrics`.
+the log-probs. ``forward`` returns Σ_i L_i and the metric sums of :mod:`dpokit.losses.metrics`:
+TRL 1.16's ``rewards/*``, ``logps/*`` and ``logits/*``, and ``num_tokens`` (input tokens trained
+on since the start, 2|x| + |y_w| + |y_l| per pair; training records only).
 
 Without a reference for a loss that needs one (``dpokit eval`` with no ``--ref-model``) the
 objective only scores: it reports log-probs, no loss.
@@ -33,7 +35,16 @@ from dpokit.losses import (
     needs_margins,
     preference_metrics,
 )
-from dpokit.objectives.base import LogpsModule, Objective, Output, count
+from dpokit.losses.metrics import LOGIT_METRIC_KEYS, logit_means, logit_metrics
+from dpokit.objectives.base import (
+    NUM_TOKENS,
+    LogpsModule,
+    Objective,
+    Output,
+    count,
+    input_tokens,
+    num_tokens,
+)
 from dpokit.objectives.reference import Reference
 
 log = logging.getLogger("dpokit.objectives")
@@ -75,8 +86,11 @@ class DPOObjective(Objective):
 
     @property
     def metric_keys(self) -> tuple[str, ...]:
-        """TRL's reward/log-prob metrics, ``count`` and ``loss`` (log-probs only if scoring)."""
-        return (*METRIC_KEYS, "loss") if self.with_loss else _LOGPS_KEYS
+        """TRL's reward/log-prob/logit metrics, ``count``, ``num_tokens`` and ``loss``
+        (log-probs only if scoring)."""
+        if not self.with_loss:
+            return _LOGPS_KEYS
+        return (*METRIC_KEYS, *LOGIT_METRIC_KEYS, NUM_TOKENS, "loss")
 
     def load(self, path: str, split: str | None, *,
              progress: bool | None = None) -> list[TokenizedPair]:
@@ -110,17 +124,20 @@ class DPOObjective(Objective):
         """Pairs in the config's layout; ``extras["indices"]`` finds precomputed π_ref rows."""
         batch = collate_pairs(items, self.config.layout, pad_token_id=self.tokenizer.pad_token_id)
         batch.extras["indices"] = torch.tensor(list(indices), dtype=torch.long)
+        batch.extras["input_tokens"] = input_tokens(
+            2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in items)
         return batch
 
     def policy(self, model: nn.Module) -> LogpsModule:
-        """Log-probs with LD-DPO's α and, for WPO, the per-sequence statistic."""
+        """Log-probs with LD-DPO's α, for WPO the per-sequence statistic, and the mean logits
+        of ``logits/*``."""
         c = self.config
         return LogpsModule(model, chunk_size=c.chunk_size, ld_alpha=c.ld_alpha,
-                           wpo=c.use_weighting, unpadded=c.unpadded)
+                           wpo=c.use_weighting, unpadded=c.unpadded, mean_logits=True)
 
     def forward(self, policy: nn.Module, batch: PairBatch) -> Output:
         """Σ_i w_i L_i over the B pairs of ``batch``, metric sums, per-pair values."""
-        logps, tokens, wpo = policy(batch)
+        logps, tokens, wpo, mean_logits = policy(batch)
         b = batch.num_pairs
         chosen, rejected = logps[:b], logps[b:]
         examples = {"chosen_logps": chosen.detach(), "rejected_logps": rejected.detach(),
@@ -148,6 +165,8 @@ class DPOObjective(Objective):
             losses = losses * batch.weights.to(losses)
         loss_sum = losses.sum()
         sums = preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+        sums.update(logit_metrics(mean_logits[:b], mean_logits[b:], tokens[:b], tokens[b:]))
+        sums[NUM_TOKENS] = num_tokens(policy, batch, chosen)
         sums["loss"] = loss_sum.detach().double()
         if ref is not None:
             examples.update(ref_chosen_logps=ref[0], ref_rejected_logps=ref[1])
@@ -161,7 +180,10 @@ class DPOObjective(Objective):
         if not self.with_loss:
             return {"logps/chosen": sums["logps/chosen"] / n,
                     "logps/rejected": sums["logps/rejected"] / n}
-        return {"loss": sums["loss"] / n, **metric_means(sums)}
+        means = {"loss": sums["loss"] / n, **metric_means(sums), **logit_means(sums)}
+        if sums[NUM_TOKENS]:  # 0 in evaluation: TRL's eval_num_tokens repeats the training count
+            means[NUM_TOKENS] = sums[NUM_TOKENS]
+        return means
 
     def postfix(self, record: Mapping[str, float]) -> dict[str, str]:
         """Preference accuracy and pairs/s."""

@@ -3,7 +3,9 @@
     L_i = −(1/|y_i|) Σ_t log π_θ(y_i,t | x_i, y_i,<t)        (mean over examples of L_i)
 
 The loop divides Σ_i L_i by the number of examples once, so every example weighs the same
-whatever its length; ``nll_per_token`` (logged) is Σ_i |y_i| L_i / Σ_i |y_i|.
+whatever its length; ``nll_per_token`` (logged) is Σ_i |y_i| L_i / Σ_i |y_i|, and
+``num_tokens`` the input tokens (prompt and completion) trained on since the start, as TRL's
+SFTTrainer logs it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from torch import nn
 from dpokit.data import PairBatch
 from dpokit.data.collate import pack_sequences, pad_sequences
 from dpokit.data.sft import SFTSequence, load_sft_sequences
-from dpokit.objectives.base import LogpsModule, Objective, Output, count
+from dpokit.objectives.base import (
+    NUM_TOKENS,
+    LogpsModule,
+    Objective,
+    Output,
+    count,
+    input_tokens,
+    num_tokens,
+)
 
 
 class SFTObjective(Objective):
@@ -28,7 +38,7 @@ class SFTObjective(Objective):
     """
 
     unit = "examples"
-    metric_keys = ("nll_tokens", "tokens", "count", "loss")
+    metric_keys = ("nll_tokens", "tokens", "count", NUM_TOKENS, "loss")
 
     def __init__(self, config: Any, tokenizer: Any):
         """See the class docstring."""
@@ -54,6 +64,7 @@ class SFTObjective(Objective):
         batch = (pack_sequences(sequences) if self.config.padding_free
                  else pad_sequences(sequences, pad_token_id=self.tokenizer.pad_token_id))
         batch.extras["indices"] = torch.tensor(list(indices), dtype=torch.long)
+        batch.extras["input_tokens"] = input_tokens(len(ids) for ids, _ in sequences)
         return batch
 
     def policy(self, model: nn.Module) -> LogpsModule:
@@ -63,15 +74,20 @@ class SFTObjective(Objective):
 
     def forward(self, policy: nn.Module, batch: PairBatch) -> Output:
         """Σ_i L_i, the NLL and token sums, per-example NLL."""
-        logps, tokens, _ = policy(batch)
+        logps, tokens, _, _ = policy(batch)
         nll = -logps / tokens.clamp(min=1).to(logps.dtype)
         loss_sum = nll.sum()
         sums = {"nll_tokens": (-logps.detach()).double().sum(), "tokens": tokens.double().sum(),
-                "count": count(len(nll), nll), "loss": loss_sum.detach().double()}
+                "count": count(len(nll), nll), NUM_TOKENS: num_tokens(policy, batch, nll),
+                "loss": loss_sum.detach().double()}
         return Output(loss_sum, sums, {"logps": logps.detach(), "tokens": tokens,
                                         "loss": nll.detach()})
 
     def means(self, sums: Mapping[str, float]) -> dict[str, float]:
-        """``loss`` (mean per-example NLL per token) and ``nll_per_token``."""
-        return {"loss": sums["loss"] / sums["count"],
-                "nll_per_token": sums["nll_tokens"] / max(sums["tokens"], 1.0)}
+        """``loss`` (mean per-example NLL per token), ``nll_per_token`` and, in training,
+        ``num_tokens``."""
+        means = {"loss": sums["loss"] / sums["count"],
+                 "nll_per_token": sums["nll_tokens"] / max(sums["tokens"], 1.0)}
+        if sums[NUM_TOKENS]:  # 0 in evaluation
+            means[NUM_TOKENS] = sums[NUM_TOKENS]
+        return means

@@ -49,6 +49,9 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
     num_epochs: float = field(1.0, help="Passes over the training data (fractions allowed).")
     max_steps: int | None = field(None, help="Stop after this many optimizer steps.")
     seed: int = field(42, help="Seed of data order, initialisation and dropout.")
+    disable_dropout: bool = field(
+        True, help="Train the policy without dropout: every nn.Dropout (LoRA's lora_dropout "
+                   "too) and attention-dropout probability set to 0, as TRL's DPOConfig does.")
     gradient_checkpointing: bool = field(
         False, help="Recompute each decoder layer in backward (least memory, ~1/3 more time).")
     selective_checkpointing: bool | None = field(
@@ -85,8 +88,10 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
     lora_r: int = field(16, help="LoRA rank.")
     lora_alpha: float = field(32.0, help="LoRA scaling numerator.")
     lora_dropout: float = field(0.0, help="Dropout on the LoRA path.")
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["all-linear"], help="Modules to adapt ('all-linear' or names).")
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["all-linear"],
+        help="Modules to adapt ('all-linear' or names; null: peft's default for the model "
+             "family, as TRL's null).")
     merge_lora: bool = field(False, help="Also save the final model with adapters merged.")
     fsdp: bool = field(False, help="Shard the model with FSDP2 (fully_shard) under torchrun.")
 

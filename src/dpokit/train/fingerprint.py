@@ -127,8 +127,8 @@ def check_same_run(checkpoint: Path, recorded: dict[str, Any] | None,
     for key in sorted(set(recorded) | set(current)):
         if key in MAY_CHANGE or (not online and key in SAMPLING_KEYS):
             continue  # (older checkpoints recorded these)
-        if recorded.get(key) == current.get(key):
-            continue
+        if recorded.get(key) == current.get(key) or key not in recorded:
+            continue  # (a key the checkpoint predates keeps its default meaning)
         if key in _CONTENT_KEYS and key in recorded and key in current:
             differing.append(f"{key} (content differs)")
         else:

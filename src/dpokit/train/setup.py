@@ -173,6 +173,7 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     enable_recompute(model, recompute_mode(config, model, objective, train_items))
     if config.lora:
         model = add_lora(model, config)
+    disable_dropout(model, config)
     model.train()
     if adapters:
         objective.reference = setup_reference(config, runtime, items, tokenizer.pad_token_id,
@@ -260,7 +261,7 @@ def resume(run: Run, checkpoint: Path | None) -> None:
         raise DpokitError(f"resume: {checkpoint} holds non-finite weights (parameter {bad}); "
                           f"it is corrupt — resume from an earlier checkpoint")
     if state.get("metric_window") is not None:
-        run.window.load_state_dict(state["metric_window"])
+        run.window.load_state_dict(state["metric_window"], holds_sums=runtime.is_main)
     set_rng_state(rng)
     if state.get("grad_scaler") and run.scaler.is_enabled():
         run.scaler.load_state_dict(state["grad_scaler"])
@@ -286,6 +287,28 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
         log.info("selective recomputation %s (auto: it frees ~%.0f MiB per micro-batch)",
                  "on" if selective else "off", freed / 2**20)
     return "selective" if selective else "none"
+
+
+def disable_dropout(model: nn.Module, config: TrainConfig) -> None:
+    """With ``disable_dropout``, every dropout of the policy (LoRA's included) gets p = 0, so a
+    training forward equals an eval-mode one.
+
+    TRL 1.16's ``disable_dropout_in_model`` (trl/trainer/utils.py:194-197), applied by
+    DPOTrainer after PEFT wrapping (trl/trainer/dpo_trainer.py:664, 932-935), sets ``p = 0`` on
+    every ``nn.Dropout`` — peft's ``lora_dropout`` modules included. Beyond it, float dropout
+    attributes are zeroed too (Llama and Qwen attention read ``self.attention_dropout``, a float,
+    which TRL leaves active). The reference needs nothing: it always runs in eval mode."""
+    if not config.disable_dropout:
+        return
+    if config.lora and config.lora_dropout:
+        log.warning("lora_dropout %s is off under disable_dropout (as in TRL); set "
+                    "disable_dropout: false to train with it", config.lora_dropout)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
