@@ -459,3 +459,45 @@ def test_a_filesystem_without_locks_runs_with_a_warning(workdir, tmp_path, capsy
     code, _, err = run_cli(capsys, *cli_args(workdir, tmp_path / "run", "--max-steps", "1"))
     assert code == 0, err[-2000:]
     assert "does not support file locks" in err and "No locks available" in err
+
+
+def test_ddp_resume_mid_window_logs_the_uninterrupted_numbers(workdir, tmp_path):
+    """2 gloo ranks, one log line at step 40 (a window over the whole run): stopped by SIGTERM
+    after a few steps (checkpoint mid-window) and resumed, the step-40 record equals the
+    uninterrupted run's — the checkpoint holds the window summed over both ranks, restored on
+    one (it held rank 0's sums, restored on every rank)."""
+    import os
+    import signal
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+                "--nproc-per-node", "2", "-m", "dpokit"]
+
+    def args(out, *extra):
+        return [*torchrun, *cli_args(workdir, out, "--batch-size", "2", "--device", "cpu",
+                                     "--max-steps", "40", "--logging-steps", "100",
+                                     "--save-steps", "1"), *extra]
+
+    whole = subprocess.run(args(tmp_path / "whole"), capture_output=True, text=True, env=env,
+                           check=False, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "cut"
+    first = subprocess.Popen(args(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint-3").is_dir():
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    stopped = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if
+                  p.name.split("-")[1].isdigit())
+    assert 3 <= stopped < 40, err[-2000:]
+    resumed = subprocess.run(args(out, "--resume", "auto"), capture_output=True, text=True,
+                             env=env, check=False, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (a,), (b,) = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+                  for d in (tmp_path / "whole", out))
+    assert a["step"] == b["step"] == 40
+    for key in ("loss", "rewards/accuracies", "num_tokens"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6), key

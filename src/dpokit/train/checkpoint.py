@@ -1,10 +1,21 @@
 """Checkpoints that survive crashes: ``output_dir/checkpoint-STEP/``.
 
-Each holds the trainable parameters (``trainable.safetensors``), the optimizer and scheduler
-states, the random generator states, the trainer state (step and data position, as JSON) and,
-for TR-DPO, the moving reference weights. It is written into a hidden temporary directory and
-renamed into place, so a crash mid-save leaves no partial checkpoint; ``save_total_limit`` prunes
-the oldest. Everything is read back with ``safetensors`` or ``torch.load(weights_only=True)``.
+Each holds the trainable parameters, the optimizer and scheduler states, the random generator
+states, the trainer state (step and data position, as JSON) and, for TR-DPO, the moving reference
+weights. Without FSDP it is also a Hugging Face model directory, each weight stored once:
+
+    AutoModelForCausalLM.from_pretrained("out/checkpoint-500")         # a full fine-tune
+    PeftModel.from_pretrained(base_model, "out/checkpoint-500")         # LoRA
+
+A full fine-tune's parameters are in ``trainable.safetensors`` (by their ``named_parameters``
+names, which are the state-dict keys), named by ``model.safetensors.index.json`` as the model's
+one shard beside ``config.json``; LoRA's are PEFT's ``adapter_model.safetensors``, mapped back to
+the parameters on resume (:func:`_adapter_names`). The tokenizer's files are there too. With FSDP
+the weights are ``torch.distributed.checkpoint`` shards (``sharded/``), for resuming only.
+
+A checkpoint is written into a hidden temporary directory and renamed into place, so a crash
+mid-save leaves no partial checkpoint; ``save_total_limit`` prunes the oldest. Everything is read
+back with ``safetensors`` or ``torch.load(weights_only=True)``.
 
 ``checksums.json`` holds the size and SHA-256 of every other file; resuming verifies them, and
 ``--resume auto`` skips a checkpoint that fails (a truncated or altered file, one missing) for the
@@ -17,6 +28,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +44,15 @@ log = logging.getLogger("dpokit.train")
 
 PREFIX = "checkpoint-"
 CHECKSUMS = "checksums.json"
+TRAINABLE = "trainable.safetensors"
+"""The trainable parameters by name: a full fine-tune's (and every checkpoint's before the
+Hugging Face layout, LoRA's included)."""
+FROZEN = "frozen.safetensors"
+"""Tensors of a full fine-tune that do not train (frozen parameters, persistent buffers)."""
+INDEX = "model.safetensors.index.json"
+"""``transformers``' shard index: which file holds each tensor of the model."""
+ADAPTER = "adapter_model.safetensors"
+"""PEFT's adapter weights (keys without the adapter name: ``lora_A.weight``)."""
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -51,18 +72,19 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module,
                     save_total_limit: int | None = None, sharded: bool = False, rank: int = 0,
                     barrier: Callable[[], None] = lambda: None,
                     agree: Callable[[bool], bool] = lambda ok: ok,
-                    files: dict[str, str] | None = None) -> Path:
+                    files: dict[str, str] | None = None, tokenizer: Any = None) -> Path:
     """Write ``checkpoint-STEP`` atomically and prune old ones; returns its path.
 
     Called on every rank. ``sharded`` (FSDP) writes model and optimizer with
-    ``torch.distributed.checkpoint`` — each rank its own shard — instead of one file from rank 0;
-    every rank stores its own random generator state; ``files`` are extra text files (name →
-    content, e.g. the run's ``config.yaml``) written by rank 0. The stages (a fresh temporary
-    directory, the files, checksums and the rename) are separated by ``agree(ok)`` — True when
-    every rank is ok — so a rank that fails stops them all instead of leaving them waiting. An
-    OS error while writing (a full disk, a read-only directory) removes the temporary directory
-    and is one :class:`DpokitError` naming the checkpoint, the cause and the newest checkpoint
-    intact.
+    ``torch.distributed.checkpoint`` — each rank its own shard — instead of one file from rank 0
+    (which otherwise writes the weights as a Hugging Face model directory, with ``tokenizer``'s
+    files: :func:`_write_model`); every rank stores its own random generator state; ``files``
+    are extra text files (name → content, e.g. the run's ``config.yaml``) written by rank 0.
+    The stages (a fresh temporary directory, the files, checksums and the rename) are separated
+    by ``agree(ok)`` — True when every rank is ok — so a rank that fails stops them all instead
+    of leaving them waiting. An OS error while writing (a full disk, a read-only directory)
+    removes the temporary directory and is one :class:`DpokitError` naming the checkpoint, the
+    cause and the newest checkpoint intact.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{step}"
@@ -90,7 +112,8 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module,
     stage(lambda: rank == 0 and _fresh_directory(tmp))
     stage(lambda: _write_files(tmp, model=model, optimizer=optimizer, scheduler=scheduler,
                                trainer_state=trainer_state, rng=rng, ref_model=ref_model,
-                               sharded=sharded, rank=rank, files=files))
+                               sharded=sharded, rank=rank, files=files,
+                               tokenizer=tokenizer))
     stage(lambda: rank == 0 and _seal(tmp, final))
     if rank == 0 and save_total_limit is not None:
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
@@ -114,7 +137,7 @@ def _seal(tmp: Path, final: Path) -> None:
 def _write_files(tmp: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Any, trainer_state: dict, rng: dict,
                  ref_model: nn.Module | None, sharded: bool, rank: int,
-                 files: dict[str, str] | None = None) -> None:
+                 files: dict[str, str] | None = None, tokenizer: Any = None) -> None:
     """Every file of a checkpoint into the fresh directory ``tmp`` (this rank's share)."""
     if sharded:
         import torch.distributed.checkpoint as dcp
@@ -126,7 +149,7 @@ def _write_files(tmp: Path, *, model: nn.Module, optimizer: torch.optim.Optimize
     _torch_save(rng, tmp / f"rng_{rank}.pt")
     if rank == 0:
         if not sharded:
-            save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+            _write_model(tmp, model, tokenizer)
             _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         if ref_model is not None:
             save_file(_all_state(ref_model), str(tmp / "reference.safetensors"))
@@ -138,6 +161,86 @@ def _write_files(tmp: Path, *, model: nn.Module, optimizer: torch.optim.Optimize
     elif sharded:  # each rank hashes its own shards (rank 0 hashes the rest when sealing)
         own = [p for p in (tmp / "sharded").glob(f"__{rank}_*") if p.is_file()]
         _write_rank_sums(tmp, rank, [tmp / f"rng_{rank}.pt", *own])
+
+
+def _write_model(tmp: Path, model: nn.Module, tokenizer: Any) -> None:
+    """The trainable parameters as a Hugging Face model directory, each weight stored once:
+
+    - a PEFT model: its ``save_pretrained`` (``adapter_config.json``, ``adapter_model.safetensors``
+      — what resume reads back, :func:`_adapter_names`);
+    - a ``transformers`` model: ``trainable.safetensors`` (what resume reads) and, naming it as
+      the model's shard, ``config.json`` and ``model.safetensors.index.json``
+      (:func:`_write_index`);
+    - any other module: ``trainable.safetensors`` alone;
+
+    and the tokenizer's files, when given."""
+    if _is_peft(model):
+        model.save_pretrained(tmp)
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        if not trainable <= set(_adapter_names(model).values()):  # PEFT left some out:
+            save_file(_trainable_state(model), str(tmp / TRAINABLE))  # resume reads these
+    else:
+        state = _trainable_state(model)
+        save_file(state, str(tmp / TRAINABLE), metadata={"format": "pt"})  # as transformers
+        if _is_transformers(model):
+            _write_index(tmp, model, state)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
+def _write_index(tmp: Path, model: nn.Module, trained: dict[str, torch.Tensor]) -> None:
+    """``config.json``, ``generation_config.json`` (and custom model code) as ``save_pretrained``
+    writes them, and the shard index naming ``trainable.safetensors`` for the ``trained``
+    tensors: ``from_pretrained`` then loads the checkpoint without a second copy of them.
+
+    A tied weight (``lm_head`` = ``embed_tokens``) is one parameter, stored under its first name
+    and tied again by ``from_pretrained``. Whatever else the state dict holds (a frozen
+    parameter, a persistent buffer) goes to ``frozen.safetensors``, so the directory is the
+    whole model."""
+    if getattr(model, "_auto_class", None) is not None:  # remote code: copy it, as HF does
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(model, tmp, config=model.config)
+    model.config.save_pretrained(tmp)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+    stored = {p.data_ptr() for p in model.parameters() if p.requires_grad}
+    frozen = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in stored:
+            stored.add(tensor.data_ptr())
+            frozen[name] = tensor.detach().to("cpu").contiguous()
+    if frozen:
+        save_file(frozen, str(tmp / FROZEN), metadata={"format": "pt"})
+    weight_map = {**dict.fromkeys(trained, TRAINABLE), **dict.fromkeys(frozen, FROZEN)}
+    size = sum(t.numel() * t.element_size() for t in (*trained.values(), *frozen.values()))
+    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def _is_peft(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``peft.PeftModel`` (if peft was never imported, it is not one)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def _is_transformers(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``transformers.PreTrainedModel``."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _adapter_names(model: nn.Module) -> dict[str, str]:
+    """Each key of PEFT's adapter file (``…q_proj.lora_A.weight``) → the name of its parameter
+    in ``model`` (``…q_proj.lora_A.default.weight``). The keys are PEFT's own
+    (``get_peft_model_state_dict``, what ``save_pretrained`` writes), matched to parameters by
+    the tensor they hold, not by rewriting names."""
+    from peft import get_peft_model_state_dict
+
+    params = {p.data_ptr(): name for name, p in model.named_parameters()}
+    return {key: params[tensor.data_ptr()]
+            for key, tensor in get_peft_model_state_dict(model).items()
+            if tensor.data_ptr() in params}
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -359,9 +462,15 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
 
 
 def _load_trainable(path: Path, model: nn.Module) -> None:
-    """Copy ``trainable.safetensors`` into ``model``; a mismatch is a user error."""
-    state = _read(path, "trainable.safetensors",
-                  lambda: load_file(str(path / "trainable.safetensors")))
+    """Copy the checkpoint's trainable parameters into ``model``: ``trainable.safetensors``
+    where there is one (a full fine-tune; a LoRA checkpoint of an earlier dpokit), else PEFT's
+    adapter file with its keys mapped to the parameters. A mismatch is a user error."""
+    if _is_peft(model) and not (path / TRAINABLE).is_file():
+        names = _adapter_names(model)
+        adapter = _read(path, ADAPTER, lambda: load_file(str(path / ADAPTER)))
+        state = {names.get(key, key): tensor for key, tensor in adapter.items()}
+    else:
+        state = _read(path, TRAINABLE, lambda: load_file(str(path / TRAINABLE)))
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in state]
     unknown = [name for name in state if name not in params]

@@ -36,6 +36,7 @@ from dpokit.models import nonfinite_parameter
 from dpokit.runtime import rng_state, setup_runtime, shutdown_runtime
 from dpokit.train.checkpoint import list_checkpoints, save_checkpoint
 from dpokit.train.config import DPOConfig, SFTConfig, TrainConfig
+from dpokit.train.modelcard import cli_argv, model_card, read_records
 from dpokit.train.rundir import claim
 from dpokit.train.setup import Run, preflight, setup_run
 
@@ -249,7 +250,7 @@ def save(run: Run) -> None:
              "total_steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch,
              "world_size": runtime.world_size,
              "grad_scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-             "metric_window": run.window.state_dict(),
+             "metric_window": run.window.state_dict(runtime.all_reduce_sum),
              "skipped_steps": run.skipped_steps, "nonfinite_in_row": run.nonfinite_in_row,
              "fingerprint": run.fingerprint}
     check_finite_weights(run, f"step {run.step}: checkpoint not saved")
@@ -258,12 +259,13 @@ def save(run: Run) -> None:
                     rng=rng_state(), ref_model=run.objective.moving_weights,
                     save_total_limit=run.config.save_total_limit, sharded=run.sharded,
                     rank=runtime.rank, barrier=runtime.barrier, agree=runtime.all_ok,
-                    files={"config.yaml": config_yaml(run.config)})
+                    files={"config.yaml": config_yaml(run.config)}, tokenizer=run.tokenizer)
 
 
 def finish(run: Run) -> Path:
     """Final evaluation (unless the last step had one) and the final model, Hugging Face format
-    loadable without dpokit; with LoRA the adapter (and, with ``merge_lora``, the merged model)."""
+    loadable without dpokit; with LoRA the adapter (and, with ``merge_lora``, the merged model);
+    a model card ``README.md`` (:mod:`dpokit.train.modelcard`)."""
     config, runtime = run.config, run.runtime
     if (run.eval_items and config.eval_strategy != "no"
             and not config.evaluates_at(run.step, run.steps_per_epoch)):
@@ -284,8 +286,16 @@ def finish(run: Run) -> Path:
                 merged = run.model.merge_and_unload()
                 merged.save_pretrained(tmp / "merged")
                 run.tokenizer.save_pretrained(tmp / "merged")
+            (tmp / "README.md").write_text(run_model_card(run), encoding="utf-8")
     runtime.barrier()
     return final
+
+
+def run_model_card(run: Run) -> str:
+    """The model card of ``run``: its config, its ``metrics.jsonl`` records, the steps taken,
+    the processes it ran on, and the command line when it was started by the dpokit CLI."""
+    return model_card(run.config, read_records(run.output_dir), run.step,
+                      argv=cli_argv(), world_size=run.runtime.world_size)
 
 
 def check_finite_weights(run: Run, what: str) -> None:
