@@ -4,6 +4,11 @@ A model is a local directory, or a hub name (``Org/Name[@revision]``) already in
 cache (:mod:`dpokit.hub`). ``local_files_only`` is always on (no network at run time),
 ``trust_remote_code`` is off unless asked for, and a missing or malformed directory is a
 :class:`~dpokit.errors.DpokitError` with a one-line message.
+
+A model may also be a PEFT adapter directory (``adapter_config.json`` and the adapter's
+weights, e.g. the ``final/`` of a LoRA run): its base is the ``base_model_name_or_path`` it
+names, found the same way. :func:`load_causal_lm` gives base + adapter merged (to evaluate or
+generate), :func:`load_adapter` the adapter on a loaded base, trainable or not.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 import torch
 
 from dpokit.errors import DpokitError
-from dpokit.hub import resolve
+from dpokit.hub import locate, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -42,16 +47,75 @@ def _model_dir(path: str | Path, what: str) -> Path:
     return directory
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+"""A directory with one of these holds a whole model, even beside an ``adapter_config.json``."""
+
+
+def _adapter_config(directory: Path) -> dict | None:
+    """``adapter_config.json`` of a PEFT adapter directory (one without full weights; a
+    ``config.json`` beside it may be there or not), or None for any other path."""
+    import json
+
+    file = directory / ADAPTER_CONFIG
+    if not file.is_file() or any((directory / name).is_file() for name in FULL_WEIGHTS):
+        return None
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DpokitError(f"cannot read {file}: "
+                          f"{getattr(error, 'strerror', None) or error}") from None
+    if not isinstance(settings, dict):
+        raise DpokitError(f"{file} is not a JSON object")
+    return settings
+
+
+def read_adapter_config(path: str | Path) -> dict | None:
+    """The ``adapter_config.json`` of ``path`` when it is a PEFT adapter directory (or a hub
+    name's cached snapshot of one), else None — for configs, so nothing is logged or refused
+    for a path that does not exist."""
+    return _adapter_config(locate(path))
+
+
+def adapter_base(path: str | Path, *, what: str = "model") -> Path | None:
+    """The base model directory of the PEFT adapter ``path`` names, or None when ``path`` is no
+    adapter. The base is its ``base_model_name_or_path`` — a directory (relative ones from
+    where dpokit runs, as the training run that wrote it and PEFT read it) or a cached hub
+    name; one that does not resolve to a model directory is a one-line error naming both."""
+    directory = resolve(path, what=what, logger="dpokit.models")
+    settings = _adapter_config(directory)
+    if settings is None:
+        return None
+    base = settings.get("base_model_name_or_path")
+    fix = (f"set base_model_name_or_path in {directory / ADAPTER_CONFIG} to the base model's "
+           f"directory or a cached Org/Name")
+    if not isinstance(base, str) or not base:
+        raise DpokitError(f"{what} {directory} is a PEFT adapter that names no base model; {fix}")
+    try:
+        return _model_dir(base, "base model")
+    except DpokitError as error:
+        raise DpokitError(f"{what} {directory} is a PEFT adapter on base model {base}, which "
+                          f"cannot be used ({error}); {fix}") from None
+
+
+def config_dir(path: str | Path, *, what: str = "model") -> Path:
+    """The directory whose ``config.json`` describes the model ``path`` names: the model's, or
+    for a PEFT adapter its base's."""
+    return adapter_base(path, what=what) or _model_dir(path, what)
+
+
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
 """Where a model's config states how many positions it has (Llama/Qwen, GPT-2, others)."""
 
 
 def position_limit(path: str | Path, *, what: str = "model") -> tuple[int, str] | None:
-    """``(positions, key)`` from the ``config.json`` of a model directory — read without loading
-    any weights, extended by its ``rope_scaling`` — or None when it states none."""
+    """``(positions, key)`` from the ``config.json`` of a model directory (an adapter's base) —
+    read without loading any weights, extended by its ``rope_scaling`` — or None when it states
+    none."""
     import json
 
-    directory = _model_dir(path, what)
+    directory = config_dir(path, what=what)
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -126,11 +190,13 @@ def check_positions(items: list, limits: list[tuple[int, str, str]],
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
-    """The tokenizer saved in ``path`` (a directory, or a hub name's cached snapshot); a missing
-    pad token falls back to EOS."""
+    """The tokenizer saved in ``path`` (a directory, or a hub name's cached snapshot; a PEFT
+    adapter saved without one: its base's); a missing pad token falls back to EOS."""
     from transformers import AutoTokenizer
 
     directory = resolve(path, what="model", logger="dpokit.models")  # a hub name: its snapshot
+    if directory.is_dir() and not (directory / "tokenizer_config.json").is_file():
+        directory = adapter_base(directory) or directory
     if not directory.is_dir():
         raise DpokitError(f"tokenizer directory not found: {directory}")
     try:
@@ -187,11 +253,37 @@ def _from_pretrained(auto_class: Any, path: str | Path, *, what: str, kind: str,
 
 def load_causal_lm(path: str | Path, *, dtype: str = "float32", device: str | torch.device = "cpu",
                    trust_remote_code: bool = False, what: str = "model") -> Any:
-    """``AutoModelForCausalLM`` from a local directory, in ``dtype`` on ``device``, eval mode."""
+    """``AutoModelForCausalLM`` from a local directory, in ``dtype`` on ``device``, eval mode; a
+    PEFT adapter directory gives its base with the adapter merged in (a plain model)."""
     from transformers import AutoModelForCausalLM
 
-    return _from_pretrained(AutoModelForCausalLM, path, what=what, kind="causal LM", dtype=dtype,
-                            device=device, trust_remote_code=trust_remote_code)
+    base = adapter_base(path, what=what)
+    model = _from_pretrained(AutoModelForCausalLM, base or path, what=what, kind="causal LM",
+                             dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if base is None:
+        return model
+    return load_adapter(model, path, what=what).merge_and_unload().eval()
+
+
+def load_adapter(model: Any, path: str | Path, *, trainable: bool = False,
+                 what: str = "model") -> Any:
+    """``peft.PeftModel.from_pretrained(model, path)``: the adapter saved in ``path`` (its own
+    rank, scaling and target modules) on the loaded base ``model``, its weights checked finite;
+    with ``trainable`` only the adapter's parameters require gradients."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    directory = resolve(path, what=what, logger="dpokit.models")
+    try:
+        peft_model = PeftModel.from_pretrained(model, directory, is_trainable=trainable,
+                                               torch_device=str(model.device))
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise DpokitError(f"cannot load the PEFT adapter in {directory} onto its base: "
+                          f"{str(error).splitlines()[0]}") from None
+    for name, tensor in get_peft_model_state_dict(peft_model).items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise DpokitError(f"{directory}: adapter weight {name} holds NaN or inf values; the "
+                              f"adapter is corrupt or came from a diverged run")
+    return peft_model if trainable else peft_model.eval()
 
 
 def load_reward_model(path: str | Path, *, dtype: str = "float32",

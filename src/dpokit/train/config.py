@@ -13,6 +13,7 @@ says which objective it trains (:meth:`DPOConfig.objective`), so the loop never 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -98,6 +99,7 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
     def validate(self) -> None:
         """Reject impossible values with a message naming the key."""
         super().validate()
+        self._continue_adapter()
         if not 0 <= self.seed < 2**32:
             raise DpokitError(f"seed must be in [0, 2^32), got {self.seed}")
         if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):
@@ -147,6 +149,37 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
         if self.eval_generate and self.fsdp:
             raise DpokitError("eval_generate is not supported with fsdp (generation would need "
                               "the sharded weights gathered); use DDP or dpokit generate")
+
+    def _continue_adapter(self) -> None:
+        """A PEFT LoRA adapter as ``model`` (an SFT LoRA run's ``final/``) trains on: ``lora``
+        is on and the ``lora_*`` keys take the adapter's values, so the resolved ``config.yaml``
+        records what trains; a key set to another value than the adapter's is refused."""
+        from dpokit.models import read_adapter_config
+
+        adapter = read_adapter_config(self.model)
+        if adapter is None:
+            return
+        if adapter.get("peft_type") != "LORA":
+            raise DpokitError(f"model {self.model} is a {adapter.get('peft_type')} adapter; "
+                              f"dpokit trains LoRA adapters only")
+        targets = adapter.get("target_modules")
+        theirs = {"lora_r": adapter.get("r", 8),
+                  "lora_alpha": float(adapter.get("lora_alpha", 8)),
+                  "lora_dropout": float(adapter.get("lora_dropout") or 0.0),
+                  "lora_target_modules": None if targets is None else sorted(
+                      [targets] if isinstance(targets, str) else targets)}
+        defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(self) if f.name in theirs}
+        for key, value in theirs.items():
+            ours = getattr(self, key)
+            same = (sorted(ours) == value if key == "lora_target_modules" and ours and value
+                    else ours == value)
+            if ours != defaults[key] and not same:
+                raise DpokitError(f"model {self.model} is a LoRA adapter ({key} {value}), which "
+                                  f"training continues as it is; drop {key} {ours}, or pass its "
+                                  f"base as model to train a new adapter")
+            setattr(self, key, value)
+        self.lora = True
 
     @property
     def reads_reward(self) -> bool:
@@ -213,6 +246,8 @@ class DPOConfig(PreferenceConfig, TrainConfig):
 
     def validate(self) -> None:
         """The loss's checks, the trainer's, and the reference options' combinations."""
+        from dpokit.models import read_adapter_config
+
         super().validate()
         if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
             raise DpokitError(f"ref_model_mixup_alpha must be in (0, 1], "
@@ -231,6 +266,10 @@ class DPOConfig(PreferenceConfig, TrainConfig):
         if self.online:
             self._validate_online()
 
+        if self.sync_ref_model and read_adapter_config(self.model) is not None:
+            raise DpokitError(f"sync_ref_model is not supported with a PEFT adapter as model "
+                              f"({self.model}); its reference is the base with that adapter "
+                              f"merged, frozen")
         if self.sync_ref_model and self.lora:
             raise DpokitError("sync_ref_model needs a separate reference model; with lora the "
                               "reference is the base model with adapters disabled")

@@ -57,6 +57,11 @@ def directory_identity(path: str | Path) -> str:
     if not path.is_dir():
         return str(path)
     digest = hashlib.sha256()
+    from dpokit.models import adapter_base
+
+    base = adapter_base(path)
+    if base is not None:  # a PEFT adapter: the base it trains on is part of it
+        digest.update(directory_identity(base).encode())
     for file in sorted(path.iterdir()):
         if not file.is_file() or file.suffix not in (".safetensors", ".bin", ".json", ".pt",
                                                      ".model", ".txt"):

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dpokit.errors import DpokitError
 from dpokit.train.config import DPOConfig, SFTConfig, TrainConfig
 
 TRAIN_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
@@ -40,10 +41,12 @@ def model_card(config: TrainConfig, records: Sequence[dict[str, Any]], steps: in
     version = version or dpokit_version()
     preference = isinstance(config, DPOConfig)
     tags = ["dpokit", "dpo" if preference else "sft", *(["lora"] if config.lora else [])]
+    base = _base_model(config.model)
     data = ModelCardData(library_name="peft" if config.lora else "transformers",
-                         base_model=config.model, pipeline_tag="text-generation", tags=tags)
+                         base_model=base, pipeline_tag="text-generation", tags=tags)
     split = f" (split `{config.split}`)" if config.split else ""
-    rows = [("Base model", f"`{config.model}`"), ("Data", f"`{config.data}`{split}"),
+    started = "" if base == config.model else f" (started from the adapter `{config.model}`)"
+    rows = [("Base model", f"`{base}`{started}"), ("Data", f"`{config.data}`{split}"),
             ("Objective", _objective(config)), ("Training", _regime(config)),
             ("Steps", str(steps)), ("Weights", _weights(config)), ("dpokit", version)]
     lines = [f"---\n{data.to_yaml()}\n---", "",
@@ -74,6 +77,8 @@ def _objective(config: TrainConfig) -> str:
                      f"{config.ref_model_sync_steps} steps)")
     elif config.ref_model:
         reference = f"reference `{config.ref_model}`"
+    elif _base_model(config.model) != config.model:
+        reference = f"reference: `{config.model}` (base + that adapter, frozen)"
     else:
         reference = ("reference: the base model" + (" (adapters off)" if config.lora else ""))
     return f"DPO family: loss_type {losses}, β = {config.beta}, {reference}"
@@ -183,3 +188,14 @@ def read_records(output_dir: str | Path) -> list[dict[str, Any]]:
         if isinstance(record, dict) and "step" in record:
             records.append(record)
     return records
+
+
+def _base_model(model: str) -> str:
+    """The base model of ``model``: itself, or the base a PEFT adapter directory names."""
+    from dpokit.models import adapter_base
+
+    try:
+        base = adapter_base(model)
+    except DpokitError:  # the card names the model as given
+        return model
+    return model if base is None else str(base)

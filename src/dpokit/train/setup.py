@@ -28,7 +28,9 @@ from dpokit.errors import DpokitError
 from dpokit.hub import locate
 from dpokit.logps import unwrap_model
 from dpokit.models import (
+    adapter_base,
     check_positions,
+    load_adapter,
     load_causal_lm,
     load_tokenizer,
     nonfinite_parameter,
@@ -162,16 +164,21 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     on_main(runtime, lambda: write_config(config, output_dir / "config.yaml"))
 
     # A reference of its own is set up (and by default run and freed) before the policy loads;
-    # with LoRA and no ref_model the reference is the policy with its adapters off.
-    adapters = objective.needs_reference and config.lora and config.ref_model is None
+    # with LoRA and no ref_model the reference is the policy with its adapters off — but not
+    # when the model is an adapter: adapters off would be its base, not the model it starts from.
+    base = adapter_base(config.model)
+    adapters = (objective.needs_reference and config.lora and config.ref_model is None
+                and base is None)
     if objective.needs_reference and not adapters:
         objective.reference = setup_reference(config, runtime, items, tokenizer.pad_token_id,
                                               progress=progress, rows=used,
                                               train_rows=len(train_items))
-    model = load_causal_lm(config.model, dtype="float32", device=runtime.device,
+    model = load_causal_lm(base or config.model, dtype="float32", device=runtime.device,
                            trust_remote_code=config.trust_remote_code)
     enable_recompute(model, recompute_mode(config, model, objective, train_items))
-    if config.lora:
+    if base is not None:  # the adapter trains on, with its own r, alpha and targets
+        model = load_adapter(model, config.model, trainable=True)
+    elif config.lora:
         model = add_lora(model, config)
     disable_dropout(model, config)
     model.train()
@@ -329,7 +336,8 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
                     progress: bool, policy: nn.Module | None = None,
                     rows: list[int] | None = None, train_rows: int = 0) -> Reference:
     """π_ref for a DPO config: the policy with adapters off (LoRA, ``policy`` given), or a
-    model of its own — by default run once over ``items`` into a cached table and freed.
+    model of its own (a PEFT adapter: its base with it merged) — by default run once over
+    ``items`` into a cached table and freed.
     ``rows``: the training rows (of the first ``train_rows`` items) the run uses, when not all
     of them (a short ``max_steps``); the evaluation items after them are always computed.
 
@@ -361,7 +369,9 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
         log.info("reference pass over the %d of %d examples this run uses", len(used), len(items))
     else:
         used = None
-    key = cache_key(hash_directory(locate(ref_dir)), items, settings)
+    base = adapter_base(ref_dir)  # a PEFT adapter: the weights are its and its base's
+    weights = hash_directory(locate(ref_dir)) + (f"+{hash_directory(base)}" if base else "")
+    key = cache_key(weights, items, settings)
     cache_file = Path(config.output_dir).resolve().parent / ".dpokit_cache" / f"{key}.safetensors"
 
     table = read_table(cache_file, len(items), used)
