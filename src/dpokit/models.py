@@ -248,6 +248,9 @@ def _from_pretrained(auto_class: Any, path: str | Path, *, what: str, kind: str,
     if bad is not None:
         raise DpokitError(f"{directory}: weight {bad} holds NaN or inf values; the {what} is "
                           f"corrupt or came from a diverged run")
+    if Path(path).exists():  # a local path: absolute, so adapters trained on it name their
+        model.name_or_path = str(Path(path).resolve())  # base from any directory (peft reads
+        model.config._name_or_path = model.name_or_path  # the former, transformers the latter)
     return model.to(device).eval()
 
 

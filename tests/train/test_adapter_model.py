@@ -224,3 +224,18 @@ def test_the_fingerprint_covers_the_adapters_base(workdir, sft_final, tmp_path):
     before = directory_identity(adapter)
     tiny_causal_lm("llama", vocab_size=512, seed=99).save_pretrained(base)
     assert directory_identity(adapter) != before
+
+
+def test_an_adapter_trained_on_a_relative_path_names_its_base_absolutely(workdir, tmp_path,
+                                                                         monkeypatch):
+    """`dpokit sft --model llama --lora` run from the model's parent: the adapter records the
+    base's absolute path, so it works as --model from any directory."""
+    from dpokit.models import adapter_base
+
+    monkeypatch.chdir(workdir)
+    final = train(config(workdir, str(tmp_path / "rel"), cls=SFTConfig, lora=True, lora_r=4,
+                         max_steps=1, model="llama"), progress=False)
+    recorded = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str((workdir / "llama").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert adapter_base(final) == (workdir / "llama").resolve()
