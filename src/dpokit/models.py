@@ -53,19 +53,25 @@ FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 """A directory with one of these holds a whole model, even beside an ``adapter_config.json``."""
 
 
+def _read_json(file: Path) -> Any:
+    """A JSON file's content; unreadable or invalid is one line naming it."""
+    import json
+
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DpokitError(f"cannot read {file}: "
+                          f"{getattr(error, 'strerror', None) or error}") from None
+
+
 def _adapter_config(directory: Path) -> dict | None:
     """``adapter_config.json`` of a PEFT adapter directory (one without full weights; a
     ``config.json`` beside it may be there or not), or None for any other path."""
-    import json
 
     file = directory / ADAPTER_CONFIG
     if not file.is_file() or any((directory / name).is_file() for name in FULL_WEIGHTS):
         return None
-    try:
-        settings = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DpokitError(f"cannot read {file}: "
-                          f"{getattr(error, 'strerror', None) or error}") from None
+    settings = _read_json(file)
     if not isinstance(settings, dict):
         raise DpokitError(f"{file} is not a JSON object")
     return settings
@@ -113,14 +119,8 @@ def position_limit(path: str | Path, *, what: str = "model") -> tuple[int, str] 
     """``(positions, key)`` from the ``config.json`` of a model directory (an adapter's base) —
     read without loading any weights, extended by its ``rope_scaling`` — or None when it states
     none."""
-    import json
 
-    directory = config_dir(path, what=what)
-    try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DpokitError(f"cannot read {directory / 'config.json'}: "
-                          f"{getattr(error, 'strerror', None) or error}") from None
+    config = _read_json(config_dir(path, what=what) / "config.json")
     sources = [config, config.get("text_config") or {}]
     for source in sources:
         for key in POSITION_KEYS:

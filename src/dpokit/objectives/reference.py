@@ -99,9 +99,17 @@ class Reference:
 
 
 def hash_directory(path: str | Path) -> str:
-    """SHA-256 of a model directory's weight and config files (names and contents)."""
+    """SHA-256 of a model directory's weight and config files (names and contents) — a hub
+    name's cached snapshot; for a PEFT adapter, its base's files too (the weights are both)."""
+    from dpokit.hub import locate
+    from dpokit.models import adapter_base
+
     digest = hashlib.sha256()
-    for file in sorted(Path(path).iterdir()):
+    path = locate(path)
+    base = adapter_base(path)
+    if base is not None:
+        digest.update(hash_directory(base).encode())
+    for file in sorted(path.iterdir()):
         if file.is_file() and file.suffix in (".safetensors", ".bin", ".json", ".pt"):
             digest.update(file.name.encode())
             with file.open("rb") as handle:

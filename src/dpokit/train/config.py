@@ -113,7 +113,8 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
                     "max_nonfinite_steps"):
             if getattr(self, key) < 1:
                 raise DpokitError(f"{key} must be ≥ 1, got {getattr(self, key)}")
-        for key in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):
+        for key in ("max_steps", "eval_steps", "save_steps", "save_total_limit",
+                    "per_device_eval_batch_size"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise DpokitError(f"{key} must be ≥ 1 or null, got {value}")
@@ -128,9 +129,6 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
         if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
             raise DpokitError(f"warmup_steps must be a whole number of steps, or a fraction in "
                               f"(0, 1) of the total, got {self.warmup_steps}")
-        if self.per_device_eval_batch_size is not None and self.per_device_eval_batch_size < 1:
-            raise DpokitError(f"per_device_eval_batch_size must be ≥ 1 or null, "
-                              f"got {self.per_device_eval_batch_size}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise DpokitError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
         if not 0.0 <= self.lora_dropout < 1.0:

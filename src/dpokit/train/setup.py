@@ -25,7 +25,6 @@ from torch import nn
 from dpokit.config import write_config
 from dpokit.data import rows_used
 from dpokit.errors import DpokitError
-from dpokit.hub import locate
 from dpokit.logps import unwrap_model
 from dpokit.models import (
     adapter_base,
@@ -152,15 +151,15 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     global_batch = config.batch_size * config.gradient_accumulation_steps * runtime.world_size
     steps_per_epoch = math.ceil(len(train_items) / global_batch)
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
-    used = rows_used(len(train_items), global_batch, seed=config.seed, total_steps=total_steps)
     fingerprint = run_fingerprint(config, train_items)
+    start = 0
     if checkpoint is not None:
         start = check_resumable(checkpoint, config, runtime, fingerprint, steps_per_epoch,
                                 total_steps)
-        used = rows_used(len(train_items), global_batch, seed=config.seed,
-                         total_steps=total_steps, start_step=start)
         if checkpoint.resolve().parent == output_dir.resolve():
             on_main(runtime, lambda: set_aside_later(output_dir, start))
+    used = rows_used(len(train_items), global_batch, seed=config.seed, total_steps=total_steps,
+                     start_step=start)  # the rows of the steps still to come
     on_main(runtime, lambda: write_config(config, output_dir / "config.yaml"))
 
     # A reference of its own is set up (and by default run and freed) before the policy loads;
@@ -369,9 +368,7 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
         log.info("reference pass over the %d of %d examples this run uses", len(used), len(items))
     else:
         used = None
-    base = adapter_base(ref_dir)  # a PEFT adapter: the weights are its and its base's
-    weights = hash_directory(locate(ref_dir)) + (f"+{hash_directory(base)}" if base else "")
-    key = cache_key(weights, items, settings)
+    key = cache_key(hash_directory(ref_dir), items, settings)
     cache_file = Path(config.output_dir).resolve().parent / ".dpokit_cache" / f"{key}.safetensors"
 
     table = read_table(cache_file, len(items), used)
