@@ -52,7 +52,8 @@ def tiny_flags(workdir, tmp_path, cls) -> list[str]:
     eval_data.write_text("".join(data.read_text().splitlines(keepends=True)[:3]))
     return ["--model", str(workdir / "qwen2"), "--data", str(data), "--eval-data",
             str(eval_data), "--output-dir", str(tmp_path / "run"), "--max-steps", "2",
-            "--logging-steps", "1", "--dtype", "float32", "--device", "cpu", "--batch-size", "2"]
+            "--logging-steps", "1", "--dtype", "float32", "--no-bf16", "--device", "cpu",
+            "--batch-size", "2"]
 
 
 def check_run(run_dir: Path, name: str, *also_overridden: str) -> dict:
@@ -67,7 +68,7 @@ def check_run(run_dir: Path, name: str, *also_overridden: str) -> dict:
     assert (run_dir / "final").is_dir()
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     overridden = {"model", "data", "eval_data", "output_dir", "max_steps", "logging_steps",
-                  "dtype", "device", "batch_size", *also_overridden}
+                  "dtype", "bf16", "device", "batch_size", *also_overridden}
     example = load_config(config_class(name), EXAMPLES / name)
     for key, value in dataclasses.asdict(example).items():
         if key not in overridden:

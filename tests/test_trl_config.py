@@ -78,17 +78,25 @@ def test_the_yaml_of_every_key_builds_a_dpokit_config(tmp_path, workdir):
     assert (config.lora_dropout, config.save_total_limit, config.eval_strategy) == (
         0.05, None, "no")
     assert config.precompute_ref_logps is False and config.dtype == "float32"
+    assert config.bf16 is True and config.fp16 is False  # TRL's bf16 default: autocast
 
 
 def test_a_dpokit_config_is_not_trl():
     assert not is_trl({"model": "m", "data": "d", "batch_size": 2, "dtype": "bfloat16"})
     assert is_trl({"model_name_or_path": "m"})
-    assert "dtype" not in TRL_ONLY  # in both: the file's other keys decide its flavour
+    for key in ("dtype", "bf16", "fp16"):  # in both, one meaning: the other keys decide
+        assert key not in TRL_ONLY
 
 
 @pytest.mark.parametrize(("values", "expected"), [
-    ({"bf16": True}, {"dtype": "bfloat16"}),
-    ({"fp16": True}, {"dtype": "float16"}),
+    ({"bf16": True}, {"bf16": True}),
+    ({"fp16": True}, {"fp16": True, "bf16": "unset"}),  # TRL: bf16 defaults to not fp16
+    ({}, {"bf16": True, "dtype": "unset"}),  # load float32, compute bf16, as TRL
+    ({"bf16": None, "dtype": None}, {"bf16": True, "dtype": "unset"}),
+    ({"bf16": False}, {"bf16": False}),
+    ({"dtype": "bfloat16"}, {"dtype": "bfloat16"}),
+    ({"dtype": "auto"}, {"dtype": "auto"}),
+    ({"torch_dtype": "float16"}, {"dtype": "float16"}),
     ({"max_steps": -1}, {"max_steps": None}),
     ({"max_steps": 7}, {"max_steps": 7}),
     ({"fsdp": "full_shard auto_wrap"}, {"fsdp": True}),
@@ -99,19 +107,24 @@ def test_a_dpokit_config_is_not_trl():
      {"eval_data": "d", "eval_split": "dev"}),
     ({"use_cpu": True}, {"device": "cpu"}),
     ({"loss_type": "ipo"}, {"loss_type": ["ipo"]}),
+    ({"report_to": "wandb"}, {"report_to": ["wandb"]}),
+    ({"report_to": "none"}, {"report_to": ["none"]}),
+    ({"report_to": []}, {"report_to": ["none"]}),
+    ({"report_to": ["tensorboard", "trackio"]}, {"report_to": ["tensorboard", "trackio"]}),
+    ({"run_name": "exp-1", "project": "p"}, {"run_name": "exp-1", "project": "p"}),
     ({"resume_from_checkpoint": "out/checkpoint-4"}, {"resume": "out/checkpoint-4"}),
 ])
 def test_keys_converted_to_their_dpokit_meaning(values, expected):
     out = translate({"use_peft": False, **values}).values
     for key, value in expected.items():
-        assert out[key] == value, (key, out)
+        assert out.get(key, "unset") == value, (key, out)
 
 
 @pytest.mark.parametrize(("key", "value", "says"), [
     ("deepspeed", "ds.json", "use fsdp: true with torchrun"),
     ("load_in_4bit", True, "QLoRA"),
-    ("dtype", "bfloat16", "mixed precision: bf16: true"),
-    ("report_to", "wandb", "not supported yet"),
+    ("report_to", "mlflow", "tensorboard, wandb and trackio"),
+    ("trackio_space_id", "me/space", "locally"),
     ("truncation_mode", "keep_end", "max_prompt_length"),
     ("optim", "sgd", "AdamW"),
     ("push_to_hub", True, "hf upload"),

@@ -25,7 +25,13 @@ from dpokit.config import field as field_
 from dpokit.data import micro_batches
 from dpokit.errors import DpokitError
 from dpokit.objectives import MetricSums, Objective
-from dpokit.objectives.config import DataConfig, ModelConfig, PreferenceConfig, SamplingConfig
+from dpokit.objectives.config import (
+    DataConfig,
+    ModelConfig,
+    PrecisionConfig,
+    PreferenceConfig,
+    SamplingConfig,
+)
 from dpokit.runtime import Runtime
 
 
@@ -137,7 +143,7 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> Evaluation:
     check_data_exists(config.data)
     if config.per_example is not None:  # refused now, not after the whole evaluation
         check_writable(config.per_example, "per_example")
-    runtime = setup_runtime(config.device, config.dtype)
+    runtime = setup_runtime(config.device, config.compute_dtype)
     try:
         return _run_eval(config, runtime, progress=progress)
     finally:
@@ -155,11 +161,11 @@ def _run_eval(config: EvalConfig, runtime: Runtime, *, progress: bool) -> Evalua
     objective = DPOObjective(config, tokenizer, Reference("none"), score_only=True)
     pairs = objective.load(config.data, config.split)
     check_positions(pairs, limits, 0)
-    model = load_causal_lm(config.model, dtype="float32", device=runtime.device,
+    model = load_causal_lm(config.model, dtype=config.dtype, device=runtime.device,
                            trust_remote_code=config.trust_remote_code)
     reference = Reference("none")
     if config.ref_model is not None and config.needs_reference:
-        ref_model = load_causal_lm(config.ref_model, dtype="float32", device=runtime.device,
+        ref_model = load_causal_lm(config.ref_model, dtype=config.dtype, device=runtime.device,
                                    trust_remote_code=config.trust_remote_code,
                                    what="reference model")
         reference = Reference("model", model=ref_model, chunk_size=config.chunk_size,
@@ -176,7 +182,7 @@ def _run_eval(config: EvalConfig, runtime: Runtime, *, progress: bool) -> Evalua
 
 
 @dataclass(kw_only=True)
-class GenerateConfig(SamplingConfig):
+class GenerateConfig(SamplingConfig, PrecisionConfig):
     """``dpokit generate``: completions of a data file's prompts from a local model."""
 
     model: str = field_(help="A local Hugging Face causal LM directory.")
@@ -197,8 +203,6 @@ class GenerateConfig(SamplingConfig):
                    "path/file.py:function (TRL's signature) or a reward-model directory.")
     seed: int = field_(0, help="Seed of the sampling (same seed, same completions).")
     batch_size: int = field_(64, help="Sequences generated together.")
-    dtype: Literal["float32", "bfloat16", "float16"] = field_(
-        "float32", help="Compute precision: bfloat16/float16 autocast where the device has it.")
     device: str = field_("auto", help="auto, cpu, cuda.")
     trust_remote_code: bool = field_(False, help="Allow model code shipped in the directory.")
 
@@ -227,7 +231,7 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
 
     check_data_exists(config.data)
     check_writable(config.output)  # refused now, not after generating everything
-    runtime = setup_runtime(config.device, config.dtype)
+    runtime = setup_runtime(config.device, config.compute_dtype)
     try:
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         settings = TokenizeSettings(max_length=None, max_prompt_length=config.max_prompt_length,
@@ -235,7 +239,7 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
                                     max_row_chars=config.max_row_chars)
         prompts = load_prompts(config.data, tokenizer, settings=settings,
                                prompt_column=config.prompt_column, split=config.split)
-        model = load_causal_lm(config.model, dtype="float32", device=runtime.device,
+        model = load_causal_lm(config.model, dtype=config.dtype, device=runtime.device,
                                trust_remote_code=config.trust_remote_code)
         with runtime.autocast():
             completions = generate_completions(

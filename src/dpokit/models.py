@@ -223,6 +223,20 @@ def nonfinite_parameter(model: Any) -> str | None:
     return None
 
 
+def weights_dtype(path: str | Path, dtype: str, *, what: str = "model") -> str:
+    """The load dtype ``dtype`` means for the model ``path`` names: ``dtype`` itself, or for
+    ``auto`` the dtype its ``config.json`` (an adapter's base's) names — ``dtype`` (transformers
+    5) or ``torch_dtype`` — and float32 when it names none of float32, bfloat16, float16."""
+    if dtype != "auto":
+        return dtype
+    config = _read_json(config_dir(path, what=what) / "config.json")
+    for source in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if source.get(key) in ("float32", "bfloat16", "float16"):
+                return source[key]
+    return "float32"
+
+
 def _from_pretrained(auto_class: Any, path: str | Path, *, what: str, kind: str, dtype: str,
                      device: str | torch.device, trust_remote_code: bool) -> Any:
     """``auto_class.from_pretrained`` of a local directory (no network), one-line errors, its
@@ -232,7 +246,8 @@ def _from_pretrained(auto_class: Any, path: str | Path, *, what: str, kind: str,
     directory = _model_dir(path, what)
     hf_logging.disable_progress_bar()
     try:
-        model = auto_class.from_pretrained(directory, dtype=resolve_dtype(dtype),
+        model = auto_class.from_pretrained(directory,
+                                           dtype=resolve_dtype(weights_dtype(directory, dtype)),
                                            local_files_only=True,
                                            trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
@@ -256,8 +271,9 @@ def _from_pretrained(auto_class: Any, path: str | Path, *, what: str, kind: str,
 
 def load_causal_lm(path: str | Path, *, dtype: str = "float32", device: str | torch.device = "cpu",
                    trust_remote_code: bool = False, what: str = "model") -> Any:
-    """``AutoModelForCausalLM`` from a local directory, in ``dtype`` on ``device``, eval mode; a
-    PEFT adapter directory gives its base with the adapter merged in (a plain model)."""
+    """``AutoModelForCausalLM`` from a local directory, in ``dtype`` (a name, or ``auto``:
+    :func:`weights_dtype`) on ``device``, eval mode; a PEFT adapter directory gives its base
+    with the adapter merged in (a plain model)."""
     from transformers import AutoModelForCausalLM
 
     base = adapter_base(path, what=what)

@@ -8,19 +8,21 @@ reason and what to use instead; nothing is dropped silently:
 
 - renamed keys (:data:`RENAMED`) map onto dpokit's field of the same meaning;
 - keys dpokit shares with TRL (``learning_rate``, ``beta``, ``loss_type``, …) pass through;
-- keys whose TRL value has another form are converted (``max_steps: -1`` → null, ``bf16: true``
-  → mixed precision, ``fsdp: "full_shard auto_wrap"`` → ``fsdp: true``, ``model_revision`` →
-  ``Org/Name@revision``, ``dataset_test_split`` with an ``eval_strategy`` → the evaluation data);
+- keys whose TRL value has another form are converted (``max_steps: -1`` → null,
+  ``fsdp: "full_shard auto_wrap"`` → ``fsdp: true``, ``model_revision`` → ``Org/Name@revision``,
+  ``report_to: wandb`` → a list, ``dataset_test_split`` with an ``eval_strategy`` → the
+  evaluation data);
 - keys that only change speed or logging, at the values TRL users set (``dataset_num_proc``,
-  ``dataloader_num_workers``, ``optim: adamw_torch_fused``, ``report_to: none``, …) are accepted
-  and listed once as having no effect on the result;
+  ``dataloader_num_workers``, ``optim: adamw_torch_fused``, …) are accepted and listed once
+  as having no effect on the result;
 - everything else is refused at a value dpokit cannot honour (``deepspeed`` → "use fsdp: true
-  with torchrun", ``load_in_4bit: true``, ``dtype: bfloat16`` as the weights' load dtype, …).
+  with torchrun", ``load_in_4bit: true``, …).
 
 TRL's defaults that change the result are applied to a TRL-flavoured file when it does not set
 them (:data:`TRL_DEFAULTS`: 3 epochs, LoRA dropout 0.05, no evaluation unless ``eval_strategy``
-asks, every checkpoint kept). :func:`translate` is a pure function of the mapping; ``dpokit config
-convert`` prints its result as a native YAML with a comment per changed key.
+asks, every checkpoint kept, bfloat16 autocast unless ``fp16``). :func:`translate` is a pure
+function of the mapping; ``dpokit config convert`` prints its result as a native YAML with a
+comment per changed key.
 """
 
 from __future__ import annotations
@@ -48,8 +50,7 @@ RENAMED = {
     "use_cpu": "device",
     "dataset_test_split": "eval_split",
     "model_revision": "model",
-    "bf16": "dtype",
-    "fp16": "dtype",
+    "torch_dtype": "dtype",
 }
 """TRL key → the dpokit key it sets."""
 
@@ -58,19 +59,17 @@ NO_EFFECT = {
     "ddp_find_unused_parameters": None, "average_tokens_across_devices": None,
     "include_num_input_tokens_seen": None, "log_level": None, "disable_tqdm": None,
     "remove_unused_columns": None, "do_train": None, "do_eval": None, "local_rank": None,
-    "label_names": None, "save_only_model": None, "run_name": None, "dataloader_pin_memory": None,
+    "label_names": None, "save_only_model": None, "dataloader_pin_memory": None,
     "logging_dir": None, "tf32": None, "seed_data": None, "data_seed": None,
     "ignore_bias_buffers": None, "bnb_4bit_quant_type": None, "use_bnb_nested_quant": None,
     "bnb_4bit_quant_storage": None, "lora_task_type": ("CAUSAL_LM",),
     "optim": ("adamw_torch", "adamw_torch_fused"),
-    "logging_strategy": ("steps",), "report_to": ("none", "tensorboard", [], ["tensorboard"],
-                                                  ["none"]),
+    "logging_strategy": ("steps",),
     "gradient_checkpointing_kwargs": (None, {}, {"use_reentrant": False}),
     "attn_implementation": (None, "sdpa", "eager"),
 }
 """Keys accepted because they change only speed, logging or bookkeeping (None: any value;
-else the values accepted). ``report_to: tensorboard`` is honoured: dpokit writes TensorBoard
-events whenever it is installed."""
+else the values accepted)."""
 
 DEFAULT_ONLY = {
     "push_to_hub": (False,), "hub_model_id": (None,), "load_in_4bit": (False,),
@@ -84,8 +83,7 @@ DEFAULT_ONLY = {
     "full_determinism": (False,), "lr_scheduler_kwargs": (None, {}), "logging_first_step": (False,),
     "bf16_full_eval": (False,), "fp16_full_eval": (False,), "deepspeed": (None,),
     "truncation_mode": ("keep_start",), "generate_during_eval": (False,),
-    "use_logits_to_keep": (False,), "dtype": (None, "float32", "auto"),
-    "torch_dtype": (None, "float32", "auto"),
+    "use_logits_to_keep": (False,), "trackio_space_id": (None,), "trackio_bucket_id": (None,),
 }
 """Keys accepted only at the value that asks for nothing dpokit lacks (TRL's default, usually)."""
 
@@ -97,12 +95,12 @@ WHY = {
     "load_in_8bit": "quantised (QLoRA) training is not supported; use use_peft without it",
     "use_rslora": "rank-stabilised LoRA is not supported yet",
     "use_dora": "DoRA is not supported yet",
-    "dtype": "the weights' load dtype is float32 for now (mixed precision: bf16: true)",
-    "torch_dtype": "the weights' load dtype is float32 for now (mixed precision: bf16: true)",
     "truncation_mode": "only keep_start (the completion's end is cut) is implemented; use "
                        "max_prompt_length to cut the prompt's start",
     "optim": "dpokit trains with AdamW (fused): optim adamw_torch or adamw_torch_fused",
-    "report_to": "trackers other than tensorboard are not supported yet",
+    "report_to": "dpokit reports to tensorboard, wandb and trackio (or all, none)",
+    "trackio_space_id": "dpokit logs trackio locally (TRACKIO_DIR); a Space is not supported",
+    "trackio_bucket_id": "dpokit logs trackio locally (TRACKIO_DIR); a Space is not supported",
     "attn_implementation": "dpokit picks its attention kernel (SDPA); leave it null",
     "generate_during_eval": "use eval_generate: N (samples written to samples.jsonl)",
     "logging_strategy": "dpokit logs every logging_steps",
@@ -111,15 +109,18 @@ WHY = {
 """Why a key (at that value) is refused, and what to use instead."""
 
 TRL_DEFAULTS = {"num_epochs": 3.0, "lora_dropout": 0.05, "save_total_limit": None,
-                "eval_strategy": "no"}
+                "eval_strategy": "no", "bf16": True}
 """TRL 1.16 defaults that change the result, applied to a TRL-flavoured file that sets none of
-the keys that mean them."""
+the keys that mean them (``bf16``: unless ``fp16`` is set, as DPOConfig's ``__post_init__``)."""
+
+REPORT_TO = ("tensorboard", "wandb", "trackio", "all", "none")
 
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant",
                "constant_with_warmup": "constant"}
 
-TRL_ONLY = frozenset({*RENAMED, *NO_EFFECT, *DEFAULT_ONLY} - {"dtype"})
-"""Keys only TRL has: one of them makes a file TRL-flavoured (``dtype`` is in both)."""
+TRL_ONLY = frozenset({*RENAMED, *NO_EFFECT, *DEFAULT_ONLY})
+"""Keys only TRL has: one of them makes a file TRL-flavoured (``dtype``, ``bf16`` and ``fp16``
+mean the same in both)."""
 
 
 @dataclass
@@ -163,15 +164,9 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
                 raise _refuse(source, key, value)
             note((key, f"{value!r}: the default, nothing to set"))
             continue
-        if key in ("bf16", "fp16"):
-            if value:
-                if out.get("dtype") not in (None, "float32"):
-                    raise DpokitError(f"{source}: bf16 and fp16 are both set; choose one")
-                out["dtype"] = "bfloat16" if key == "bf16" else "float16"
-                note((key, f"dtype: {out['dtype']} (mixed precision)"))
-            else:
-                note((key, f"{value!r}: float32"))
-            continue
+        if key in ("bf16", "fp16", "dtype", "torch_dtype") and value is None:
+            note((key, "null: TRL's default"))
+            continue  # bf16/fp16: TRL's default below; dtype: float32 (DPOTrainer's default)
         if key == "fsdp":
             text = " ".join(value) if isinstance(value, list) else (value or "")
             if isinstance(value, bool):
@@ -190,6 +185,14 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
                 note((key, "device: cpu"))
             else:
                 note((key, f"{value!r}: the default (device auto)"))
+            continue
+        if key == "report_to":
+            names = [value] if isinstance(value, str) else list(value or ["none"])
+            if any(name not in REPORT_TO for name in names):
+                raise _refuse(source, key, value)
+            out["report_to"] = names
+            if names != value:
+                note((key, f"report_to: {names}"))
             continue
         if key == "lr_scheduler_type":
             if value not in _SCHEDULERS:
@@ -228,6 +231,8 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
     if isinstance(out.get("loss_type"), str):
         out["loss_type"] = [out["loss_type"]]  # TRL takes one name or a list
     for key, default in TRL_DEFAULTS.items():
+        if key == "bf16" and out.get("fp16"):
+            continue
         if key not in out and (known is None or key in known):
             out[key] = default
             note((key, f"{default!r} (TRL's default; dpokit's own differs)"))

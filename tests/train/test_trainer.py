@@ -193,7 +193,7 @@ def test_save_total_limit_keeps_the_newest_checkpoints(workdir):
 
 def test_bfloat16_autocast_trains_close_to_float32(workdir):
     fp32 = read_metrics(train(config(workdir, "fp32", max_steps=3), progress=False).parent)
-    bf16 = read_metrics(train(config(workdir, "bf16", max_steps=3, dtype="bfloat16"),
+    bf16 = read_metrics(train(config(workdir, "bf16", max_steps=3, bf16=True),
                          progress=False).parent)
     assert all(math.isfinite(m["loss"]) for m in bf16)
     assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], abs=0.05)

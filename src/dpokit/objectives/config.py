@@ -47,14 +47,40 @@ def check_finite(config: object) -> None:
             raise DpokitError(f"{f.name} must hold finite numbers, got {value}")
 
 
+LoadDtype = Literal["float32", "bfloat16", "float16", "auto"]
+
+
 @dataclass(kw_only=True)
-class ModelConfig(Config):
+class PrecisionConfig(Config):
+    """What the weights are stored in, and what the forward computes in — two keys, as in
+    transformers/TRL: ``dtype`` is the load dtype of the weights (a full fine-tune in bfloat16
+    trains bfloat16 weights), ``bf16``/``fp16`` the mixed precision (autocast) around them."""
+
+    dtype: LoadDtype = field(
+        "float32", help="Load dtype of the weights (policy, reference, LoRA base; a "
+                        "full fine-tune trains them in it); auto: the dtype the model's "
+                        "config.json names. Mixed precision is bf16/fp16.")
+    bf16: bool = field(False, help="Mixed precision: compute in bfloat16 autocast.")
+    fp16: bool = field(
+        False, help="Mixed precision: float16 autocast with loss scaling (a GPU).")
+
+    @property
+    def compute_dtype(self) -> str:
+        """The autocast dtype: bfloat16, float16 or float32 (none)."""
+        return "bfloat16" if self.bf16 else "float16" if self.fp16 else "float32"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bf16 and self.fp16:
+            raise DpokitError("bf16 and fp16 are both set; choose one")
+
+
+@dataclass(kw_only=True)
+class ModelConfig(PrecisionConfig):
     """The model and how its log-probabilities are computed."""
 
     model: str = field(
         help="The policy (in training, the initial one): a local Hugging Face causal LM dir.")
-    dtype: Literal["float32", "bfloat16", "float16"] = field(
-        "float32", help="Compute precision: bfloat16/float16 autocast where the device has it.")
     device: str = field("auto", help="auto, cpu, cuda (torchrun: one GPU per process).")
     chunk_size: int = field(1024, help="Completion positions per LM-head chunk.")
     unpadded: bool = field(

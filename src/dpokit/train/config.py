@@ -60,6 +60,14 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
                    "in backward: ~40% less activation memory for a few % of time (null: on "
                    "when that frees ≥ 64 MiB per micro-batch; off under gradient_checkpointing).")
     logging_steps: int = field(10, help="Log metrics every this many optimizer steps.")
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "all", "none"]] | None = field(
+        None, help="Trackers besides metrics.jsonl: tensorboard, wandb, trackio (extras), all "
+                   "(every installed one) or none (null: TensorBoard when installed).")
+    run_name: str | None = field(
+        None, help="The run's name in W&B/trackio (null: the output_dir's name).")
+    project: str = field(
+        "dpokit", help="W&B project (WANDB_PROJECT wins, as in transformers) and trackio "
+                       "project.")
     eval_steps: int | None = field(None, help="Evaluate every this many steps (null: at end).")
     eval_strategy: Literal["steps", "epoch", "no"] = field(
         "steps", help="When to evaluate eval_data: every eval_steps (null: at the end), at the "
@@ -106,9 +114,9 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
             raise DpokitError("adam_beta1 and adam_beta2 must be in [0, 1)")
         if not self.adam_epsilon > 0 or not self.lora_alpha > 0:
             raise DpokitError("adam_epsilon and lora_alpha must be > 0")
-        if self.fsdp and self.dtype == "float16":
-            raise DpokitError("fsdp with float16 is not supported (loss scaling is not sharded); "
-                              "use bfloat16")
+        if self.fsdp and self.fp16:
+            raise DpokitError("fsdp with fp16 is not supported (loss scaling is not sharded); "
+                              "use bf16")
         for key in ("gradient_accumulation_steps", "logging_steps", "lora_r",
                     "max_nonfinite_steps"):
             if getattr(self, key) < 1:

@@ -27,7 +27,8 @@ from dpokit.errors import DpokitError
 from dpokit.hub import locate
 
 MAY_CHANGE = frozenset({
-    "output_dir", "resume", "overwrite", "device", "logging_steps", "save_steps",
+    "output_dir", "resume", "overwrite", "device", "logging_steps", "report_to", "run_name",
+    "project", "save_steps",
     "save_total_limit", "save_strategy", "eval_data", "eval_split", "eval_steps",
     "eval_strategy", "per_device_eval_batch_size", "eval_generate",
     "max_nonfinite_steps", "max_row_chars", "max_steps", "num_epochs", "merge_lora",
@@ -127,6 +128,10 @@ def check_same_run(checkpoint: Path, recorded: dict[str, Any] | None,
     """Refuse to resume ``checkpoint`` when the run differs from the one that wrote it."""
     if recorded is None:
         return
+    if "bf16" not in recorded and "dtype" in recorded:  # written when dtype was the autocast
+        old = recorded["dtype"]
+        recorded = {**recorded, "dtype": "float32", "bf16": old == "bfloat16",
+                    "fp16": old == "float16"}
     differing = []
     online = bool(current.get("online"))
     for key in sorted(set(recorded) | set(current)):

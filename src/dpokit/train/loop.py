@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
     checkpoint written when SIGINT/SIGTERM stopped the run early."""
     global last_stop_signal
     last_stop_signal = None
-    runtime = setup_runtime(config.device, config.dtype)
+    runtime = setup_runtime(config.device, config.compute_dtype)
     run, lock = None, None
     try:
         preflight(config, runtime)
@@ -88,7 +89,7 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
         return finish(run)
     finally:
         if run is not None and run.metrics is not None:
-            run.metrics.close()
+            run.metrics.close(failed=sys.exc_info()[0] is not None)
         if lock is not None:
             lock.release()
         shutdown_runtime(runtime)

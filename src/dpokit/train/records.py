@@ -1,9 +1,10 @@
-"""Where a run's numbers go: ``metrics.jsonl`` (one JSON record per line), TensorBoard (when
-installed) and the progress bar. Only rank 0 writes; other ranks get a log that does nothing.
+"""Where a run's numbers go: ``metrics.jsonl`` (one JSON record per line), the trackers of
+``report_to`` (:mod:`dpokit.train.trackers`) and the progress bar. Only rank 0 writes; other
+ranks get a log that does nothing.
 
 Training records carry ``step``, ``epoch``, ``loss``, ``learning_rate``, ``grad_norm``, the
 objective's metric means and its throughput; evaluation records ``eval/…`` keys; probes
-``probe/…`` keys. In TensorBoard a key without a ``/`` is filed under ``train/``.
+``probe/…`` keys. In a tracker a key without a ``/`` is filed under ``train/``.
 """
 
 from __future__ import annotations
@@ -18,29 +19,28 @@ from dpokit.errors import DpokitError
 
 
 class MetricsLog:
-    """Append-only metric records of one run directory, mirrored to TensorBoard."""
+    """Append-only metric records of one run directory, mirrored to the trackers."""
 
     def __init__(self, output_dir: Path, *, enabled: bool, total_steps: int, step: int,
-                 progress: bool):
-        """Rank 0 (``enabled``) writes; the bar starts at ``step`` of ``total_steps``."""
+                 progress: bool, trackers: list | None = None):
+        """Rank 0 (``enabled``) writes, and reports to ``trackers``
+        (:func:`dpokit.train.trackers.start_trackers`); the bar starts at ``step`` of
+        ``total_steps``."""
         from tqdm.auto import tqdm
 
         self.path = output_dir / "metrics.jsonl"
         self.enabled = enabled
-        self.writer = _tensorboard(output_dir) if enabled else None
+        self.trackers = trackers or []
         self.bar = tqdm(total=total_steps, initial=step, unit="step", desc="training",
                         disable=not (enabled and progress))
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append ``record`` (it has a ``step``) to ``metrics.jsonl`` and TensorBoard."""
+        """Append ``record`` (it has a ``step``) to ``metrics.jsonl`` and the trackers."""
         if not self.enabled:
             return
         _append(self.path, [json.dumps(finite_json(record), allow_nan=False)])
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float):
-                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value,
-                                           record["step"])
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def write_samples(self, step: int, records: list[dict[str, Any]]) -> None:
         """Append generated samples to ``samples.jsonl`` and TensorBoard (as a text table)."""
@@ -48,19 +48,15 @@ class MetricsLog:
             return
         _append(self.path.parent / "samples.jsonl",
                 [json.dumps({"step": step, **record}) for record in records])
-        if self.writer is not None:
-            scored = any("reward" in r for r in records)
-            rows = "\n".join(f"| {json.dumps(r['prompt'])} | {json.dumps(r['completion'])} |"
-                             + (f" {r['reward']:.4g} |" if scored else "") for r in records)
-            header = ("| prompt | completion | reward |\n|---|---|---|" if scored
-                      else "| prompt | completion |\n|---|---|")
-            self.writer.add_text("eval/samples", f"{header}\n{rows}", step)
+        for tracker in self.trackers:
+            tracker.samples(step, records)
 
-    def close(self) -> None:
-        """Close the progress bar and flush TensorBoard."""
+    def close(self, failed: bool = False) -> None:
+        """Close the progress bar and the trackers (``failed``: the run stopped on an error)."""
         self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close(failed)
 
 
 def _append(path: Path, lines: list[str]) -> None:
@@ -109,12 +105,3 @@ def _truncate(path: Path, step: int) -> None:
 
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if keep(line)]
     write_text(path, "".join(line + "\n" for line in lines))
-
-
-def _tensorboard(output_dir: Path):
-    """A TensorBoard writer, or None when tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(output_dir / "tensorboard"))

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpokit.config import write_config
+from dpokit.config import config_to_dict, write_config
 from dpokit.data import rows_used
 from dpokit.errors import DpokitError
 from dpokit.logps import unwrap_model
@@ -34,6 +34,7 @@ from dpokit.models import (
     load_tokenizer,
     nonfinite_parameter,
     position_limits,
+    weights_dtype,
 )
 from dpokit.objectives import MetricSums, Objective, Reference
 from dpokit.objectives.reference import (
@@ -61,6 +62,7 @@ from dpokit.train.recompute import (
 )
 from dpokit.train.records import MetricsLog, start_fresh, truncate_metrics
 from dpokit.train.rundir import check_fresh, on_main
+from dpokit.train.trackers import resolve_report_to, start_trackers
 
 log = logging.getLogger("dpokit.train")
 
@@ -172,7 +174,7 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
         objective.reference = setup_reference(config, runtime, items, tokenizer.pad_token_id,
                                               progress=progress, rows=used,
                                               train_rows=len(train_items))
-    model = load_causal_lm(base or config.model, dtype="float32", device=runtime.device,
+    model = load_causal_lm(base or config.model, dtype=config.dtype, device=runtime.device,
                            trust_remote_code=config.trust_remote_code)
     enable_recompute(model, recompute_mode(config, model, objective, train_items))
     if base is not None:  # the adapter trains on, with its own r, alpha and targets
@@ -199,8 +201,12 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
               global_batch=global_batch, window=MetricSums(objective.metric_keys),
               sample_reward=_sample_reward(config, objective), fingerprint=fingerprint)
     resume(run, checkpoint)
+    trackers = start_trackers(
+        resolve_report_to(config.report_to), output_dir, config=config_to_dict(config),
+        run_name=config.run_name or output_dir.resolve().name,
+        project=config.project) if runtime.is_main else []
     run.metrics = MetricsLog(output_dir, enabled=runtime.is_main, total_steps=total_steps,
-                             step=run.step, progress=progress)
+                             step=run.step, progress=progress, trackers=trackers)
     run.window_start = time.perf_counter()
     return run
 
@@ -212,6 +218,26 @@ def preflight(config: TrainConfig, runtime: Runtime) -> None:
         raise DpokitError("fsdp shards the model over the processes of torchrun; this is one "
                           "process — run it under torchrun --nproc-per-node N, or drop fsdp")
     position_limits(config)
+    check_precision(config)
+    resolve_report_to(config.report_to)  # a tracker that is not installed
+
+
+def check_precision(config: TrainConfig) -> None:
+    """A full fine-tune in float16 weights is refused (its AdamW updates underflow, and loss
+    scaling cannot unscale float16 gradients); in bfloat16 weights it is TRL's meaning of
+    ``dtype: bfloat16``, said once with the float32-master alternative."""
+    if config.lora or adapter_base(config.model) is not None:
+        return  # the trained weights are the adapter's: float32 (peft upcasts them)
+    dtype = weights_dtype(config.model, config.dtype)
+    if dtype == "float16":
+        raise DpokitError(f"dtype {config.dtype} loads {config.model} in float16 and a full "
+                          f"fine-tune would train float16 weights (updates underflow, loss "
+                          f"scaling cannot unscale them); use dtype: bfloat16, or dtype: float32 "
+                          f"with fp16: true, or lora: true")
+    if dtype == "bfloat16":
+        log.warning("dtype %s: the weights train in bfloat16 (as TRL with dtype: bfloat16); "
+                    "updates below bfloat16's resolution are lost — for float32 weights with "
+                    "bfloat16 compute use dtype: float32 with bf16: true", config.dtype)
 
 
 def _decide(runtime: Runtime, config: TrainConfig) -> Path | None:
@@ -288,7 +314,8 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
     if selective is None:
         lengths = [objective.tokens(item) for item in items]
         tokens = config.batch_size * sum(lengths) / max(1, len(lengths))
-        freed = freed_bytes(model.config, tokens, 4 if config.dtype == "float32" else 2)
+        size = 2 if config.compute_dtype != "float32" else next(model.parameters()).element_size()
+        freed = freed_bytes(model.config, tokens, size)
         selective = freed >= AUTO_MIN_FREED_BYTES
         log.info("selective recomputation %s (auto: it frees ~%.0f MiB per micro-batch)",
                  "on" if selective else "off", freed / 2**20)
@@ -350,7 +377,7 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
         ref_dir = config.model
     else:
         ref_dir = config.ref_model or config.model
-        ref_model = load_causal_lm(ref_dir, dtype="float32", device=runtime.device,
+        ref_model = load_causal_lm(ref_dir, dtype=config.dtype, device=runtime.device,
                                    trust_remote_code=config.trust_remote_code,
                                    what="reference model")
         ref_model.requires_grad_(False)
@@ -359,7 +386,8 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
                               sync_alpha=config.ref_model_mixup_alpha, **common)
     if not config.precompute:
         return reference
-    settings = {"ld_alpha": config.ld_alpha, "dtype": config.dtype,
+    settings = {"ld_alpha": config.ld_alpha, "dtype": weights_dtype(ref_dir, config.dtype),
+                "autocast": runtime.dtype,
                 "layout": config.layout, "chunk_size": config.chunk_size,
                 "unpadded": config.unpadded, "mode": reference.mode}
     used = None if rows is None else [*rows, *range(train_rows, len(items))]

@@ -1,0 +1,161 @@
+"""The experiment trackers a run reports to (``report_to``): TensorBoard, Weights & Biases and
+trackio — each an optional install (``pip install 'dpokit[wandb]'``, ``'dpokit[trackio]'``).
+
+Every tracker gets what ``metrics.jsonl`` gets, at the same step: training keys (under
+``train/`` where they have no ``/``), ``eval/…`` and ``probe/…``; W&B and trackio also the run's
+config and, with ``eval_generate``, the samples as a table (TensorBoard: as text). Only rank 0
+reports. ``report_to`` null is TensorBoard when it is installed (what dpokit always did);
+``none`` is none, ``all`` every installed one, and a tracker named but not installed is refused
+before anything runs.
+
+W&B follows its environment as in transformers (``WANDB_MODE=offline`` logs locally,
+``WANDB_PROJECT`` beats ``project``, ``WANDB_ENTITY``, ``WANDB_DIR`` — without it the files go
+under the run directory); trackio logs locally under ``TRACKIO_DIR`` (default
+``$HF_HOME/trackio``), project ``project``. A resumed run reports into a new tracker run of the
+same name, from the checkpoint's step on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from dpokit.errors import DpokitError
+
+log = logging.getLogger("dpokit.train")
+
+TRACKERS = ("tensorboard", "wandb", "trackio")
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def resolve_report_to(report_to: list[str] | None) -> list[str]:
+    """The trackers ``report_to`` names, each installed (else a ``DpokitError`` saying how to
+    install it): null → TensorBoard if installed, ``all`` → every installed, ``none`` → none."""
+    if report_to is None:
+        return ["tensorboard"] if _installed("tensorboard") else []
+    names = list(dict.fromkeys(report_to))
+    if "none" in names:
+        if len(names) > 1:
+            raise DpokitError(f"report_to: none cannot be combined with {', '.join(names)}")
+        return []
+    if "all" in names:
+        return [name for name in TRACKERS if _installed(name)]
+    for name in names:
+        if not _installed(name):
+            raise DpokitError(f"report_to {name}: {name} is not installed; pip install "
+                              f"'dpokit[{name}]' (or leave {name} out of report_to)")
+    return names
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a record under their tracker names (no ``/``: ``train/``)."""
+    return {(key if "/" in key else f"train/{key}"): value for key, value in record.items()
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)}
+
+
+def _sample_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    scored = any("reward" in r for r in records)
+    columns = ["prompt", "completion", *(["reward"] if scored else [])]
+    return columns, [[str(r["prompt"]), r["completion"], *([r.get("reward")] if scored else [])]
+                     for r in records]
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+class TensorBoard:
+    def __init__(self, output_dir: Path, **_: Any):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in _scalars(record).items():
+            self.writer.add_scalar(key, value, record["step"])
+
+    def samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        columns, rows = _sample_rows(records)
+        text = "\n".join("| " + " | ".join(
+            f"{v:.4g}" if isinstance(v, float) else json.dumps(v) for v in row) + " |"
+            for row in rows)
+        header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+        self.writer.add_text("eval/samples", f"{header}\n{text}", step)
+
+    def close(self, failed: bool) -> None:
+        self.writer.close()
+
+
+class Wandb:
+    def __init__(self, output_dir: Path, *, run_name: str, project: str, config: dict):
+        import wandb
+
+        self.wandb = wandb
+        directory = None if os.environ.get("WANDB_DIR") else str(output_dir)
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", project),
+                                  name=run_name, config=config, dir=directory,
+                                  reinit="create_new")
+        except Exception as error:  # wandb's own errors: not logged in, no network, …
+            raise DpokitError(f"report_to wandb: cannot start a W&B run: {_first_line(error)} "
+                              f"(WANDB_MODE=offline logs locally)") from None
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log(_scalars(record), step=record["step"])
+
+    def samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        columns, rows = _sample_rows(records)
+        self.run.log({"eval/samples": self.wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def close(self, failed: bool) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+class Trackio:
+    def __init__(self, output_dir: Path, *, run_name: str, project: str, config: dict):
+        import trackio
+
+        self.trackio = trackio
+        try:
+            self.run = trackio.init(project=project, name=run_name, config=config, embed=False)
+        except Exception as error:
+            raise DpokitError(f"report_to trackio: cannot start a trackio run: "
+                              f"{_first_line(error)}") from None
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log(_scalars(record), step=record["step"])
+
+    def samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        columns, rows = _sample_rows(records)
+        self.run.log({"eval/samples": self.trackio.Table(columns=columns, data=rows)}, step=step)
+
+    def close(self, failed: bool) -> None:
+        self.run.finish()
+
+
+_CLASSES = {"tensorboard": TensorBoard, "wandb": Wandb, "trackio": Trackio}
+
+
+def start_trackers(names: list[str], output_dir: Path, *, run_name: str, project: str,
+                   config: dict) -> list[Any]:
+    """One started tracker per name (rank 0 only); one that cannot start is a
+    ``DpokitError``, after the ones started before it are closed."""
+    started: list[Any] = []
+    for name in names:
+        try:
+            started.append(_CLASSES[name](output_dir, run_name=run_name, project=project,
+                                          config=config))
+        except BaseException:
+            for tracker in started:
+                tracker.close(failed=True)
+            raise
+    if started:
+        log.info("reporting to %s as run %s", ", ".join(names), run_name)
+    return started
