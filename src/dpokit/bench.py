@@ -15,6 +15,7 @@ pairs from a cold start (data preparation and any reference pass included).
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import math
@@ -91,7 +92,14 @@ class BenchConfig(Config):
     device: Literal["cpu", "cuda"] = field(
         "cpu", help="cuda: the GPU benchmark (e.g. --models 0.5b --dtype bfloat16).")
     dtype: Literal["float32", "bfloat16", "float16"] = field(
-        "float32", help="Compute precision of both frameworks.")
+        "float32", help="Load dtype of both frameworks' weights (bfloat16: pure bf16).")
+    bf16: bool = field(False, help="bfloat16 autocast in both frameworks.")
+    fp16: bool = field(False, help="float16 autocast in both frameworks (a GPU).")
+
+    @property
+    def precision(self) -> dict[str, Any]:
+        """The dpokit keys of the benchmark's precision (TRL gets the same)."""
+        return {"dtype": self.dtype, "bf16": self.bf16, "fp16": self.fp16}
     json: str | None = field(None, help="Also write the rows as JSON here.")
 
     def validate(self) -> None:
@@ -165,6 +173,12 @@ def build_fixtures(root: str | Path, models: list[str], *, rows: int = 1024,
     return fixture
 
 
+def compute_dtype(precision: dict[str, Any]) -> str:
+    """What the matmuls of a run with ``precision`` (dtype, bf16, fp16) compute in."""
+    return ("bfloat16" if precision["bf16"] else "float16" if precision["fp16"]
+            else precision["dtype"])
+
+
 def matmul_peak_gflops(size: int | None = None, seconds: float = 1.0, *, device: str = "cpu",
                        dtype: str = "float32") -> float:
     """Measured matmul throughput of ``device`` in ``dtype`` (CPU: the benchmark's threads)."""
@@ -211,14 +225,15 @@ def timed_dpokit_run(fixture: Fixture, **settings: Any) -> list[float]:
 
 
 def _run_dpokit(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
-                epochs: float | None, device: str, dtype: str) -> list[float]:
+                epochs: float | None, device: str, precision: dict) -> list[float]:
     return timed_dpokit_run(
-        fixture, model=str(fixture.model(model)), data=str(data), device=device, dtype=dtype,
+        fixture, model=str(fixture.model(model)), data=str(data), device=device, **precision,
         batch_size=BATCH, learning_rate=LR, beta=BETA, max_length=MAX_LENGTH,
         max_steps=None if epochs else steps, num_epochs=epochs or 1.0, **SETTINGS[setting][0])
 
 
-def trl_inputs(fixture: Fixture, model: str, data: Path) -> tuple[Any, Any, Any, Any, list]:
+def trl_inputs(fixture: Fixture, model: str, data: Path,
+               dtype: str = "float32") -> tuple[Any, Any, Any, Any, list]:
     """What a TRL trainer of the benchmark takes: tokenizer, policy, dataset, a callback that
     stamps each step's end, and the list it stamps into."""
     import datasets
@@ -231,24 +246,25 @@ def trl_inputs(fixture: Fixture, model: str, data: Path) -> tuple[Any, Any, Any,
             stamps.append(time.perf_counter())
 
     tokenizer = AutoTokenizer.from_pretrained(fixture.model(model))
-    policy = AutoModelForCausalLM.from_pretrained(fixture.model(model))
+    policy = AutoModelForCausalLM.from_pretrained(fixture.model(model), dtype=dtype)
     dataset = datasets.load_dataset("json", data_files=str(data), split="train")
     return tokenizer, policy, dataset, Stamp(), stamps
 
 
 def _run_trl(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
-             epochs: float | None, device: str, dtype: str) -> list[float]:
+             epochs: float | None, device: str, precision: dict) -> list[float]:
     from trl import DPOConfig, DPOTrainer
 
-    tokenizer, policy, dataset, stamp, stamps = trl_inputs(fixture, model, data)
+    tokenizer, policy, dataset, stamp, stamps = trl_inputs(fixture, model, data,
+                                                           precision["dtype"])
     args = DPOConfig(output_dir=str(fixture.root / "runs" / f"trl-{model}-{setting}"),
                      per_device_train_batch_size=BATCH, learning_rate=LR, beta=BETA,
                      max_length=MAX_LENGTH, max_steps=-1 if epochs else steps,
                      num_train_epochs=epochs or 1.0, lr_scheduler_type="constant",
                      save_strategy="no", report_to=[], logging_steps=10**9,
                      use_cpu=device == "cpu",
-                     # TRL defaults to bf16 autocast; both run the benchmark's dtype
-                     bf16=dtype == "bfloat16", fp16=dtype == "float16",
+                     # TRL defaults to bf16 autocast; both run the benchmark's precision
+                     bf16=precision["bf16"], fp16=precision["fp16"],
                      dataloader_num_workers=0, **SETTINGS[setting][1])
     DPOTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer,
                callbacks=[stamp]).train()
@@ -256,30 +272,36 @@ def _run_trl(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
 
 
 def run_one(framework: str, fixture_dir: str, model: str, setting: str, steps: int,
-            end_to_end: bool, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
+            end_to_end: bool, device: str = "cpu",
+            precision: dict | None = None) -> dict[str, Any]:
     """One measurement in this process (``dpokit bench`` calls it in a fresh subprocess)."""
     import torch
 
+    precision = precision or {"dtype": "float32", "bf16": False, "fp16": False}
     started = time.perf_counter()
     torch.set_num_threads(THREADS)
+    # the baseline: the memory of the framework's imports, before any model or data
+    importlib.import_module("dpokit.train.loop" if framework == "dpokit" else "trl")
+    start_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     fixture = Fixture(Path(fixture_dir))
     if setting.startswith("online"):
         from dpokit import bench_online
 
         runner = bench_online.run_dpokit if framework == "dpokit" else bench_online.run_trl
         stamps = runner(fixture, model, steps, batch=BATCH, lr=LR, beta=BETA,
-                        max_length=MAX_LENGTH, device=device, dtype=dtype,
+                        max_length=MAX_LENGTH, device=device, precision=precision,
                         overrides=SETTINGS[setting][framework == "trl"])
     else:
         runner = _run_dpokit if framework == "dpokit" else _run_trl
         data = fixture.data_320 if end_to_end else fixture.data
         stamps = runner(fixture, model, setting, steps, data, 1.0 if end_to_end else None,
-                        device, dtype)
+                        device, precision)
     gaps = [b - a for a, b in itertools.pairwise(stamps)][2:] or [float("nan")]
     result = {"framework": framework, "model": model, "setting": setting,
               "seconds_per_step": statistics.median(gaps), "steps": len(stamps),
               "wall_seconds": time.perf_counter() - started,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "start_rss_mb": start_rss_mb}
     if device != "cpu":
         result["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -316,13 +338,17 @@ def _subprocess(args: list[str]) -> dict:
 
 def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], steps: int,
               repeats: int, frameworks: list[str], end_to_end: bool = True,
-              device: str = "cpu", dtype: str = "float32", report=print) -> list[dict]:
+              device: str = "cpu", precision: dict | None = None,
+              report=print) -> list[dict]:
     """Alternate frameworks, repeat, and return one summary row per (model, setting, framework).
 
-    ``device="cuda"`` with ``dtype="bfloat16"`` is the GPU benchmark (one GPU per process)."""
+    ``device="cuda"`` with ``dtype: bfloat16`` is the GPU benchmark (one GPU per process)."""
+    precision = precision or {"dtype": "float32", "bf16": False, "fp16": False}
+    dtype = compute_dtype(precision)
     fixture = build_fixtures(workdir, models)
     peak = matmul_peak_gflops(device=device, dtype=dtype)
-    where = ["--device", device, "--dtype", dtype]
+    where = ["--device", device, "--dtype", precision["dtype"],
+             *(["--bf16"] if precision["bf16"] else []), *(["--fp16"] if precision["fp16"] else [])]
     rows = []
     for model in models:
         params, tokens = _params(fixture, model), _tokens_per_pair(fixture, model)
@@ -345,7 +371,7 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
                            "params": params, "seconds_per_step": spp,
                            "pairs_per_second": BATCH / spp,
                            "peak_rss_mb": max(r["peak_rss_mb"] for r in good),
-                           "device": device, "dtype": dtype}
+                           "device": device, **precision}
                     rows.append(row)
                     report(_format_row(row))
                     continue
@@ -360,7 +386,8 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
                        "tokens_per_second": BATCH * tokens / spp,
                        "peak_fraction": flops / spp / (peak * 1e9),
                        "peak_rss_mb": max(r["peak_rss_mb"] for r in good),
-                       "matmul_peak_gflops": peak, "device": device, "dtype": dtype}
+                       "start_rss_mb": statistics.median(r["start_rss_mb"] for r in good),
+                       "matmul_peak_gflops": peak, "device": device, **precision}
                 if device != "cpu":
                     row["peak_device_mb"] = max(r["peak_device_mb"] for r in good)
                 if end_to_end:
@@ -390,7 +417,7 @@ def _format_row(row: dict) -> str:
 
 def main(argv: list[str]) -> None:
     """``python -m dpokit.bench run FRAMEWORK FIXTURE MODEL SETTING STEPS [--end-to-end]
-    [--device D] [--dtype T]``."""
+    [--device D] [--dtype T] [--bf16] [--fp16]``."""
     if argv[:1] == ["run"]:
         framework, fixture_dir, model, setting, steps = argv[1:6]
 
@@ -399,7 +426,8 @@ def main(argv: list[str]) -> None:
 
         result = run_one(framework, fixture_dir, model, setting, int(steps),
                          "--end-to-end" in argv, option("--device", "cpu"),
-                         option("--dtype", "float32"))
+                         {"dtype": option("--dtype", "float32"), "bf16": "--bf16" in argv,
+                          "fp16": "--fp16" in argv})
         print(json.dumps(result))
         return
     raise SystemExit("usage: python -m dpokit.bench run FRAMEWORK FIXTURE MODEL SETTING STEPS")

@@ -33,34 +33,36 @@ def prompts_file(fixture) -> Path:
 
 
 def run_dpokit(fixture, model: str, steps: int, *, batch: int, lr: float, beta: float,
-               max_length: int, device: str, dtype: str,
+               max_length: int, device: str, precision: dict,
                overrides: dict[str, Any]) -> list[float]:
     """Step-end timestamps of ``dpokit train --online`` (hard labels, sigmoid)."""
     from dpokit.bench import timed_dpokit_run
 
     return timed_dpokit_run(
         fixture, model=str(fixture.model(model)), data=str(prompts_file(fixture)),
-        device=device, dtype=dtype, online=True, reward="dpokit.bench_online:length_reward",
+        device=device, **precision, online=True, reward="dpokit.bench_online:length_reward",
         label="hard", loss_type=["sigmoid"], num_generations=2, max_new_tokens=MAX_NEW_TOKENS,
         temperature=TEMPERATURE, batch_size=batch, learning_rate=lr, beta=beta,
         max_length=max_length, max_steps=steps, **overrides)
 
 
 def run_trl(fixture, model: str, steps: int, *, batch: int, lr: float, beta: float,
-            max_length: int, device: str, dtype: str, overrides: dict[str, Any]) -> list[float]:
+            max_length: int, device: str, precision: dict,
+            overrides: dict[str, Any]) -> list[float]:
     """Step-end timestamps of TRL's ``OnlineDPOTrainer`` with the same settings."""
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
     from dpokit.bench import trl_inputs
 
-    tokenizer, policy, dataset, stamp, stamps = trl_inputs(fixture, model, prompts_file(fixture))
+    tokenizer, policy, dataset, stamp, stamps = trl_inputs(fixture, model, prompts_file(fixture),
+                                                           precision["dtype"])
     args = OnlineDPOConfig(
         output_dir=str(fixture.root / "runs" / f"trl-online-{model}"),
         per_device_train_batch_size=batch, learning_rate=lr, beta=beta, max_length=max_length,
         max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_k=0, top_p=1.0,
         max_steps=steps, lr_scheduler_type="constant", save_strategy="no", report_to=[],
-        logging_steps=10**9, use_cpu=device == "cpu", bf16=dtype == "bfloat16",
-        fp16=dtype == "float16", dataloader_num_workers=0, **overrides)
+        logging_steps=10**9, use_cpu=device == "cpu", bf16=precision["bf16"],
+        fp16=precision["fp16"], dataloader_num_workers=0, **overrides)
     OnlineDPOTrainer(model=policy, reward_funcs=length_reward, args=args,
                      train_dataset=dataset, processing_class=tokenizer,
                      callbacks=[stamp]).train()

@@ -82,7 +82,7 @@ DEFAULT_ONLY = {
     "eval_on_start": (False,), "group_by_length": (False,), "dataloader_drop_last": (False,),
     "full_determinism": (False,), "lr_scheduler_kwargs": (None, {}), "logging_first_step": (False,),
     "bf16_full_eval": (False,), "fp16_full_eval": (False,), "deepspeed": (None,),
-    "truncation_mode": ("keep_start",), "generate_during_eval": (False,),
+"generate_during_eval": (False,),
     "use_logits_to_keep": (False,), "trackio_space_id": (None,), "trackio_bucket_id": (None,),
 }
 """Keys accepted only at the value that asks for nothing dpokit lacks (TRL's default, usually)."""
@@ -95,8 +95,6 @@ WHY = {
     "load_in_8bit": "quantised (QLoRA) training is not supported; use use_peft without it",
     "use_rslora": "rank-stabilised LoRA is not supported yet",
     "use_dora": "DoRA is not supported yet",
-    "truncation_mode": "only keep_start (the completion's end is cut) is implemented; use "
-                       "max_prompt_length to cut the prompt's start",
     "optim": "dpokit trains with AdamW (fused): optim adamw_torch or adamw_torch_fused",
     "report_to": "dpokit reports to tensorboard, wandb and trackio (or all, none)",
     "trackio_space_id": "dpokit logs trackio locally (TRACKIO_DIR); a Space is not supported",

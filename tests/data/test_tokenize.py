@@ -3,9 +3,11 @@
 import logging
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dpokit.data import RawRow, TokenizeSettings, parse_examples, tokenize_examples
-from dpokit.data.tokenize import common_prefix_length
+from dpokit.data.tokenize import common_prefix_length, truncate_to_length
 from dpokit.errors import DpokitError
 
 
@@ -116,3 +118,64 @@ def test_common_prefix_length():
     assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2
     assert common_prefix_length([1, 2], [1, 2, 3]) == 2
     assert common_prefix_length([], [1]) == 0
+
+
+def trl_sequence(prompt, completion, limit, mode):
+    """TRL 1.16's DataCollatorForPreference truncation of one sequence (the oracle):
+    ``(prompt + completion)[:L]`` (keep_start) or ``[-L:]`` (keep_end), with its mask."""
+    ids, mask = prompt + completion, [0] * len(prompt) + [1] * len(completion)
+    cut = slice(None, limit) if mode == "keep_start" else slice(-limit, None)
+    return ids[cut], mask[cut]
+
+
+@settings(max_examples=300, deadline=None)
+@given(p=st.integers(1, 12), c=st.integers(1, 12), r=st.integers(1, 12), limit=st.integers(2, 16),
+       mode=st.sampled_from(["keep_start", "keep_end"]))
+def test_truncation_mode_against_trl_per_sequence(p, c, r, limit, mode):
+    """Both modes keep every sequence within max_length. keep_start equals TRL's per-sequence
+    cut whenever the prompt fits; keep_end equals it for the longer completion when that one
+    fits with a prompt token, keeps the shorter completion whole then, and gives it a suffix of
+    TRL's sequence (the shared prompt loses the same tokens for both). A completion of
+    max_length or more keeps one prompt token before its end (TRL: no prompt at all)."""
+    prompt, chosen, rejected = list(range(p)), list(range(100, 100 + c)), list(range(200, 200 + r))
+    kept_prompt, (kept_c, kept_r) = truncate_to_length(
+        prompt, [chosen, rejected], TokenizeSettings(max_length=limit, truncation_mode=mode))
+    for kept, whole in ((kept_c, chosen), (kept_r, rejected)):
+        assert len(kept_prompt) + len(kept) <= limit or not kept
+        ids, mask = trl_sequence(prompt, whole, limit, mode)
+        ours = kept_prompt + kept
+        if mode == "keep_start" and p < limit:
+            assert ours == ids and [0] * len(kept_prompt) + [1] * len(kept) == mask
+        if mode == "keep_end":
+            assert kept_prompt and kept_prompt == prompt[len(prompt) - len(kept_prompt):]
+            assert kept == whole[len(whole) - len(kept):]  # an end, never a middle
+            if max(c, r) < limit:
+                assert ours == ids[len(ids) - len(ours):]  # a suffix of TRL's
+                assert kept == whole
+                if len(whole) == max(c, r):
+                    assert ours == ids and [0] * len(kept_prompt) + [1] * len(kept) == mask
+
+
+def test_keep_end_through_the_tokenizer_and_sft(tokenizer, tmp_path):
+    """keep_end on real rows: the prompt's start goes, the completions stay; SFT (one
+    sequence) equals TRL's ``[-L:]`` exactly."""
+    import json
+
+    from dpokit.data.sft import load_sft_sequences
+
+    prompt = "the quick brown fox jumps over the lazy dog and the cat"
+    rows = examples({"prompt": prompt, "chosen": " sat on the mat", "rejected": " ran"})
+    (full,) = tokenize_examples(rows, tokenizer, TokenizeSettings(max_length=None))
+    limit = len(full.chosen_ids) + 3
+    (pair,) = tokenize_examples(rows, tokenizer, TokenizeSettings(max_length=limit,
+                                                                  truncation_mode="keep_end"))
+    assert pair.prompt_ids == full.prompt_ids[-3:]
+    assert (pair.chosen_ids, pair.rejected_ids) == (full.chosen_ids, full.rejected_ids)
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": prompt, "completion": " sat on the mat"}) + "\n")
+    (whole,) = load_sft_sequences(data, tokenizer, settings=TokenizeSettings(max_length=None))
+    (cut,) = load_sft_sequences(data, tokenizer, settings=TokenizeSettings(
+        max_length=limit, truncation_mode="keep_end"))
+    ids, mask = trl_sequence(whole.prompt_ids, whole.completion_ids, limit, "keep_end")
+    assert cut.prompt_ids + cut.completion_ids == ids
+    assert [0] * len(cut.prompt_ids) + [1] * len(cut.completion_ids) == mask

@@ -96,7 +96,7 @@ def _bench(config: BenchConfig) -> None:
     chosen = {"models": config.models, "settings": config.settings,
               "frameworks": config.frameworks}
     rows = benchmark(config.workdir, steps=config.steps, repeats=config.repeats,
-                     end_to_end=config.end_to_end, device=config.device, dtype=config.dtype,
+                     end_to_end=config.end_to_end, device=config.device, precision=config.precision,
                      report=lambda line: console.print(line, soft_wrap=True), **chosen)
     for model in config.models:
         for setting in config.settings:

@@ -21,6 +21,7 @@ from dpokit.data.tokenize import (
     TokenizeSettings,
     _ids,
     _truncate,
+    truncate_to_length,
     common_prefix_length,
     encode_chat,
     progress_bar,
@@ -126,9 +127,8 @@ def load_sft_sequences(path: str | Path, tokenizer: Any, *,
         if settings.max_prompt_length is not None:
             prompt_ids = _truncate(prompt_ids, settings.max_prompt_length,
                                    settings.prompt_truncation)
-        if settings.max_length is not None:
-            budget = max(settings.max_length - len(prompt_ids), 0)
-            completion_ids = _truncate(completion_ids, budget, settings.completion_truncation)
+        prompt_ids, (completion_ids,) = truncate_to_length(prompt_ids, [completion_ids],
+                                                           settings)
         if not completion_ids:
             dropped += 1
             continue

@@ -8,7 +8,8 @@ are identical for chosen and rejected, and each completion starts where the toke
 diverge. (When a merge across the prompt/completion boundary or the template shortens the prompt,
 this is logged once with an example.) Then truncation: the prompt to ``max_prompt_length`` (from
 the left by default, keeping its end), the completions to ``max_length`` minus the prompt (from the
-right by default); a pair left with an empty completion is dropped and counted in the log.
+right by default; ``truncation_mode: keep_end`` cuts the prompt's start instead,
+:func:`truncate_to_length`); a pair left with an empty completion is dropped and counted.
 
 Rows over ``max_row_chars`` characters are refused before this (:func:`dpokit.data.formats.
 check_row_chars`): tokenising a 50 MB row takes minutes and gigabytes, only to be truncated.
@@ -44,6 +45,11 @@ class TokenizeSettings:
     """``left`` drops the start of a long prompt (keeps the end next to the completion)."""
     completion_truncation: Literal["right", "left"] = "right"
     """``right`` drops the end of a long completion."""
+    truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
+    """What ``max_length`` keeps of a long sequence (TRL's key): ``keep_start`` the prompt and
+    the completions' starts (their ends cut, ``completion_truncation``); ``keep_end`` the
+    completions and the prompt's end (the prompt's start cut first, then a completion longer
+    than ``max_length`` loses its start)."""
     text_mode: Literal["auto", "chat", "plain"] = "auto"
     """``auto``: chat template for conversational rows, plain text otherwise; ``chat`` requires
     conversational rows; ``plain`` renders conversations as ``role: content`` lines (for base
@@ -63,6 +69,9 @@ class TokenizeSettings:
         if self.completion_truncation not in ("left", "right"):
             raise DpokitError(f"completion_truncation must be 'left' or 'right', "
                               f"got {self.completion_truncation!r}")
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise DpokitError(f"truncation_mode must be 'keep_start' or 'keep_end', "
+                              f"got {self.truncation_mode!r}")
         if self.text_mode not in ("auto", "chat", "plain"):
             raise DpokitError(f"text_mode must be 'auto', 'chat' or 'plain', "
                               f"got {self.text_mode!r}")
@@ -160,6 +169,32 @@ def _truncate(ids: list[int], limit: int, side: str) -> list[int]:
     return ids[len(ids) - limit:] if side == "left" else ids[:limit]
 
 
+def truncate_to_length(prompt_ids: list[int], completions: list[list[int]],
+                       settings: TokenizeSettings) -> tuple[list[int], list[list[int]]]:
+    """The prompt and completions of one example cut to ``max_length`` (prompt + each
+    completion), as ``settings.truncation_mode`` says.
+
+    ``keep_start``: the prompt is kept, each completion keeps its first ``L − p`` tokens (TRL's
+    default, per sequence). ``keep_end``: when ``p + max(c)`` > L the prompt keeps its last
+    ``L − max(c)`` tokens (at least one, so the first completion token has a predictor), and
+    each completion longer than what is left keeps its end. One prompt is shared by the pair,
+    so both sequences lose the same prompt tokens (TRL cuts each sequence on its own: its
+    shorter completion may keep up to ``|c − r|`` more prompt tokens)."""
+    limit = settings.max_length
+    if limit is None:
+        return prompt_ids, completions
+    if settings.truncation_mode == "keep_end":
+        longest = max(len(c) for c in completions)
+        if len(prompt_ids) + longest > limit:
+            keep = max(limit - longest, min(1, len(prompt_ids)))
+            prompt_ids = prompt_ids[len(prompt_ids) - keep:]
+        budget = max(limit - len(prompt_ids), 0)
+        return prompt_ids, [_truncate(c, budget, "left") for c in completions]
+    budget = max(limit - len(prompt_ids), 0)
+    return prompt_ids, [_truncate(c, budget, settings.completion_truncation)
+                        for c in completions]
+
+
 def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer: Any,
                       settings: TokenizeSettings = TokenizeSettings(), *,
                       progress: bool | None = None) -> list[TokenizedPair]:
@@ -212,10 +247,8 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer: Any,
         if settings.max_prompt_length is not None:
             prompt_ids = _truncate(prompt_ids, settings.max_prompt_length,
                                    settings.prompt_truncation)
-        if settings.max_length is not None:
-            budget = settings.max_length - len(prompt_ids)
-            chosen_ids = _truncate(chosen_ids, max(budget, 0), settings.completion_truncation)
-            rejected_ids = _truncate(rejected_ids, max(budget, 0), settings.completion_truncation)
+        prompt_ids, (chosen_ids, rejected_ids) = truncate_to_length(
+            prompt_ids, [chosen_ids, rejected_ids], settings)
         if not chosen_ids or not rejected_ids:
             dropped += 1
             continue

@@ -111,6 +111,9 @@ class DataConfig(Config):
                        "implicit prompts).")
     max_length: int | None = field(1024, help="Longest prompt + completion in tokens.")
     max_prompt_length: int | None = field(None, help="Longest prompt in tokens (left-truncated).")
+    truncation_mode: Literal["keep_start", "keep_end"] = field(
+        "keep_start", help="What max_length keeps: the prompt and the completions' starts "
+                           "(keep_start), or the completions and the prompt's end (keep_end).")
     text_mode: Literal["auto", "chat", "plain"] = field(
         "auto", help="Chat template for conversational rows, or plain 'role: content' text.")
     max_row_chars: int | None = field(
@@ -135,6 +138,7 @@ class DataConfig(Config):
         """The settings that turn rows into tokens (:class:`dpokit.data.TokenizeSettings`)."""
         return TokenizeSettings(max_length=self.max_length,
                                 max_prompt_length=self.max_prompt_length,
+                                truncation_mode=self.truncation_mode,
                                 text_mode=self.text_mode, max_row_chars=self.max_row_chars)
 
 
