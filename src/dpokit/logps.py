@@ -95,11 +95,22 @@ def _logit_transform(config) -> Callable[[Tensor], Tensor] | None:
     return transform
 
 
+def _token_stats(logits: Tensor, log_normaliser: Tensor, targets: Tensor) -> Tensor:
+    """``(n, 3)`` per position, without gradient: the vocabulary-mean logit (1/V) Σ_v z_v, the
+    entropy H = log Z − Σ_v softmax(z)_v z_v of the next-token distribution, and 1.0 where the
+    target is its argmax (TRL's ``mean_logits``, ``entropy`` and ``is_top1``)."""
+    with torch.no_grad():
+        logits, log_normaliser = logits.detach(), log_normaliser.detach()
+        expected = ((logits - log_normaliser[:, None]).exp() * logits).sum(dim=-1)
+        top1 = (logits.argmax(dim=-1) == targets).to(logits.dtype)
+        return torch.stack([logits.mean(dim=-1), log_normaliser - expected, top1], dim=-1)
+
+
 def _chunk_logps(hidden: Tensor, targets: Tensor, lm_head: nn.Module,
                  transform: Callable[[Tensor], Tensor], wpo: bool,
-                 mean_logits: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """log π(target | ·) for ``(n, H)`` hidden states, the WPO term (zeros unless ``wpo``) and
-    the vocabulary-mean logit of each position (zeros unless ``mean_logits``), each ``(n,)``."""
+                 token_stats: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """log π(target | ·) for ``(n, H)`` hidden states and the WPO term (zeros unless ``wpo``),
+    each ``(n,)``, and :func:`_token_stats` ``(n, 3)`` (zeros unless ``token_stats``)."""
     logits = transform(lm_head(hidden))
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     log_normaliser = torch.logsumexp(logits, dim=-1)
@@ -110,10 +121,9 @@ def _chunk_logps(hidden: Tensor, targets: Tensor, lm_head: nn.Module,
             wpo_terms = token_logps.detach() - torch.logsumexp(2 * log_probs, dim=-1)
     else:
         wpo_terms = torch.zeros_like(token_logps.detach())
-    # (n,): a reduction over the chunk's logits already in memory, no (n, V) temporary
-    means = (logits.detach().mean(dim=-1) if mean_logits
-             else torch.zeros_like(token_logps.detach()))
-    return token_logps, wpo_terms, means
+    stats = (_token_stats(logits, log_normaliser, targets) if token_stats
+             else token_logps.new_zeros(len(token_logps), 3))
+    return token_logps, wpo_terms, stats
 
 
 def _hidden_states(model: nn.Module, batch: PairBatch, rows: Tensor, columns: Tensor, *,
@@ -161,12 +171,17 @@ class CompletionLogps:
     """Σ over the completion tokens of the vocabulary-mean logit (1/V) Σ_v z_v at the position
     predicting each (after the head's logit transforms; no gradient), when requested: TRL's
     ``mean_logits``, which its ``logits/chosen`` and ``logits/rejected`` average per token."""
+    entropy: Tensor | None = None
+    """Σ over the completion tokens of the entropy of π(·|x, y_<t) (no gradient): TRL's
+    ``entropy`` metric averages it per token."""
+    top1: Tensor | None = None
+    """Completion tokens that are the argmax of π(·|x, y_<t): ``mean_token_accuracy``'s count."""
 
 
 def completion_logps(model: nn.Module, batch: PairBatch, *,
                      chunk_size: int = DEFAULT_CHUNK_SIZE, wpo: bool = False,
                      fused: bool = True, ld_alpha: float | None = None,
-                     unpadded: bool = True, mean_logits: bool = False) -> CompletionLogps:
+                     unpadded: bool = True, token_stats: bool = False) -> CompletionLogps:
     """Σ_t log π(y_t | x, y_<t) over the completion tokens of every sequence of ``batch``.
 
     Args:
@@ -184,9 +199,10 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
             ``dpokit.attention.UNPADDED_MODEL_TYPES`` are switched; others run padded whatever
             this says. The switch sets the model's attention implementation to
             ``dpokit_segment_sdpa``, which behaves as SDPA on every other call.
-        mean_logits: also return each sequence's sum over its completion tokens of the
-            vocabulary-mean logit (for the ``logits/chosen``/``logits/rejected`` metrics), taken
-            from the logits each chunk already holds.
+        token_stats: also return each sequence's sums over its completion tokens of the
+            vocabulary-mean logit, the next-token entropy and the argmax hits (the
+            ``logits/*``, ``entropy`` and ``mean_token_accuracy`` metrics), taken from the
+            logits each chunk already holds.
 
     Returns:
         :class:`CompletionLogps` (float32, or float64 for a float64 model).
@@ -225,15 +241,16 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
             args = (hidden[start:start + chunk_size], targets[start:start + chunk_size])
             if torch.is_grad_enabled() and hidden.requires_grad:
                 pieces.append(checkpoint(_chunk_logps, *args, lm_head, transform, wpo,
-                                         mean_logits, use_reentrant=False))
+                                         token_stats, use_reentrant=False))
             else:
-                pieces.append(_chunk_logps(*args, lm_head, transform, wpo, mean_logits))
+                pieces.append(_chunk_logps(*args, lm_head, transform, wpo, token_stats))
         if pieces:
             token_logps = torch.cat([p[0] for p in pieces])
             wpo_terms = torch.cat([p[1] for p in pieces])
-            logit_means = torch.cat([p[2] for p in pieces])
+            stats = torch.cat([p[2] for p in pieces])
         else:
-            token_logps = wpo_terms = logit_means = hidden.new_zeros(0, dtype=torch.float32)
+            token_logps = wpo_terms = hidden.new_zeros(0, dtype=torch.float32)
+            stats = hidden.new_zeros(0, 3, dtype=torch.float32)
     else:
         logits = model(input_ids=batch.input_ids,
                        attention_mask=_mask(batch, next(base.parameters()).dtype),
@@ -244,7 +261,7 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         token_logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)
         with torch.no_grad():
             wpo_terms = token_logps.detach() - torch.logsumexp(2 * log_probs.detach(), dim=-1)
-            logit_means = logits.detach().mean(dim=-1)
+        stats = _token_stats(logits, torch.logsumexp(logits.detach(), dim=-1), targets)
 
     dtype = token_logps.dtype
     counts = torch.zeros(num_sequences, dtype=torch.long, device=targets.device)
@@ -270,11 +287,11 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         wpo_sums = torch.zeros(num_sequences, dtype=dtype, device=targets.device)
         wpo_sums.index_add_(0, owners, wpo_terms.to(dtype))
         wpo_means = wpo_sums / counts.clamp(min=1)
-    logit_sums = None
-    if mean_logits:
-        logit_sums = torch.zeros(num_sequences, dtype=dtype, device=targets.device)
-        logit_sums.index_add_(0, owners, logit_means.to(dtype))
-    return CompletionLogps(sums, counts, wpo_means, logit_sums)
+    if not token_stats:
+        return CompletionLogps(sums, counts, wpo_means)
+    stat_sums = torch.zeros(num_sequences, 3, dtype=dtype, device=targets.device)
+    stat_sums.index_add_(0, owners, stats.to(dtype))
+    return CompletionLogps(sums, counts, wpo_means, *stat_sums.unbind(dim=-1))
 
 
 def sequence_logps(model: nn.Module, batch: PairBatch, *, chunk_size: int = DEFAULT_CHUNK_SIZE,

@@ -1,15 +1,16 @@
 """What a user comparing with TRL 1.16's DPOTrainer sees: no dropout by default
-(``disable_dropout``), and TRL's ``logits/chosen``, ``logits/rejected`` and ``num_tokens`` beside
-the ``rewards/*`` and ``logps/*`` metrics.
+(``disable_dropout``), and TRL's ``logits/chosen``, ``logits/rejected``, ``entropy``,
+``mean_token_accuracy`` and ``num_tokens`` beside the ``rewards/*`` and ``logps/*`` metrics.
 
 Oracles are independent of dpokit's batching and chunked head: float64 copies of the models run
 one unpadded sequence at a time with full logits (``tests.helpers.reference_token_logps`` and
-:func:`mean_logit_sum` here), on the first global batch ``epoch_batches(48, 4, seed=42,
+:func:`token_stat_sums` here), on the first global batch ``epoch_batches(48, 4, seed=42,
 epoch=0)[0]``. Step-1 metrics are computed before the first update, so they are the initial
 model's. Tolerance 1e-5 (float32 training against float64).
 """
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -29,14 +30,19 @@ from tests.train.test_trainer import config
 BETA = 0.5
 
 
-def mean_logit_sum(model, prompt_ids, completion_ids) -> float:
-    """Σ over the completion tokens of (1/V) Σ_v z_v at the position predicting each: float64,
-    one unpadded sequence, the model's own full logits (TRL's ``mean_logits``, summed)."""
+def token_stat_sums(model, prompt_ids, completion_ids) -> list[float]:
+    """Over the completion tokens, float64, one unpadded sequence, the model's own full logits:
+    Σ (1/V) Σ_v z_v (TRL's ``mean_logits``), Σ of the entropy −Σ_v p_v log p_v, and the count of
+    tokens that are the argmax (TRL's ``is_top1``)."""
     model64 = copy.deepcopy(model).double()
     ids = torch.tensor([prompt_ids + completion_ids])
     with torch.no_grad():
         logits = model64(input_ids=ids).logits[0, :-1]  # (L-1, V): position t predicts t+1
-    return float(logits[len(prompt_ids) - 1:].mean(-1).sum())
+    logits, targets = logits[len(prompt_ids) - 1:], ids[0, len(prompt_ids):]
+    log_p = logits.log_softmax(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return [float(logits.mean(-1).sum()), float(entropy.sum()),
+            float((logits.argmax(-1) == targets).sum())]
 
 
 def sequence_logp(model, prompt_ids, completion_ids) -> float:
@@ -78,27 +84,50 @@ def _step_1(cfg) -> dict:
     return read_metrics(train(cfg, progress=False).parent)[0]
 
 
-def test_mean_logits_match_a_float64_oracle_in_every_layout(tokenizer):
-    """``completion_logps(mean_logits=True)``: per sequence, the sum over its completion tokens
-    of the vocabulary-mean logit, in all four layouts, chunked (sizes 3 and 1024) and through
-    the model's own forward; against :func:`mean_logit_sum` to 1e-5."""
+def test_token_stats_match_a_float64_oracle_in_every_layout(tokenizer):
+    """``completion_logps(token_stats=True)``: per sequence, the sums over its completion tokens
+    of the vocabulary-mean logit and of the next-token entropy, and its argmax hits, in all
+    four layouts, chunked (sizes 3 and 1024) and through the model's own forward; against
+    :func:`token_stat_sums` to 1e-5 (the hits exactly)."""
     model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=1)
     rows = [{"prompt": "the cat", "chosen": " sat on the mat", "rejected": " no"},
             {"prompt": "why is the sun red?", "chosen": " dust", "rejected": " the sea is red"},
             {"prompt": "a bird", "chosen": " flew", "rejected": " sat on a tree today"}]
     pairs = tokenized_pairs(rows, tokenizer)
+    with torch.no_grad():  # a greedy continuation: every one of its tokens is an argmax hit
+        greedy = model.generate(torch.tensor([pairs[0].prompt_ids]), max_new_tokens=3,
+                                do_sample=False)[0, len(pairs[0].prompt_ids):].tolist()
+    pairs[0] = dataclasses.replace(pairs[0], chosen_ids=greedy + pairs[0].chosen_ids)
     expected = torch.tensor(
-        [mean_logit_sum(model, p.prompt_ids, p.chosen_ids) for p in pairs]
-        + [mean_logit_sum(model, p.prompt_ids, p.rejected_ids) for p in pairs],
+        [token_stat_sums(model, p.prompt_ids, p.chosen_ids) for p in pairs]
+        + [token_stat_sums(model, p.prompt_ids, p.rejected_ids) for p in pairs],
         dtype=torch.float64)
+    assert 0 < expected[:, 2].sum() < sum(len(p.chosen_ids) + len(p.rejected_ids)
+                                          for p in pairs)  # some hits, some misses
     for layout, collate in LAYOUTS.items():
         for chunk_size, fused in ((3, True), (1024, True), (1024, False)):
             with torch.no_grad():
                 out = completion_logps(model, collate(pairs), chunk_size=chunk_size,
-                                       fused=fused, mean_logits=True)
-            torch.testing.assert_close(out.mean_logits.double(), expected, rtol=0, atol=1e-5,
+                                       fused=fused, token_stats=True)
+            got = torch.stack([out.mean_logits, out.entropy, out.top1], dim=-1).double()
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5,
                                        msg=f"{layout}, chunk {chunk_size}, fused {fused}")
-    assert completion_logps(model, LAYOUTS["right"](pairs)).mean_logits is None  # not asked
+    out = completion_logps(model, LAYOUTS["right"](pairs))
+    assert out.mean_logits is None and out.entropy is None  # not asked
+
+
+def _token_expectations(model, batch) -> dict[str, float]:
+    """TRL's per-token metrics of a batch of pairs from :func:`token_stat_sums`: the mean logit
+    per chosen/rejected token, the entropy per completion token (both sides), the argmax hit
+    rate over the chosen tokens."""
+    chosen = torch.tensor([token_stat_sums(model, p.prompt_ids, p.chosen_ids) for p in batch])
+    rejected = torch.tensor([token_stat_sums(model, p.prompt_ids, p.rejected_ids)
+                             for p in batch])
+    n_c, n_r = sum(len(p.chosen_ids) for p in batch), sum(len(p.rejected_ids) for p in batch)
+    return {"logits/chosen": float(chosen[:, 0].sum()) / n_c,
+            "logits/rejected": float(rejected[:, 0].sum()) / n_r,
+            "entropy": float(chosen[:, 1].sum() + rejected[:, 1].sum()) / (n_c + n_r),
+            "mean_token_accuracy": float(chosen[:, 2].sum()) / n_c}
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -125,12 +154,7 @@ def test_dpo_step_1_without_dropout_is_the_eval_mode_forward(workdir, tokenizer,
     expected = {"loss": sum(math.log1p(math.exp(-BETA * x)) for x in h) / len(h),
                 "logps/chosen": sum(chosen) / len(batch),
                 "logps/rejected": sum(rejected) / len(batch),
-                "logits/chosen": (sum(mean_logit_sum(model, p.prompt_ids, p.chosen_ids)
-                                      for p in batch)
-                                  / sum(len(p.chosen_ids) for p in batch)),
-                "logits/rejected": (sum(mean_logit_sum(model, p.prompt_ids, p.rejected_ids)
-                                        for p in batch)
-                                    / sum(len(p.rejected_ids) for p in batch))}
+                **_token_expectations(model, batch)}
     record = _step_1(cfg)
     for key, value in expected.items():
         assert record[key] == pytest.approx(value, abs=1e-5), key
@@ -153,6 +177,11 @@ def test_sft_step_1_without_dropout_is_the_eval_mode_forward(workdir, tokenizer,
            for s in batch]
     record = _step_1(cfg)
     assert record["loss"] == pytest.approx(sum(nll) / len(nll), abs=1e-5)
+    stats = torch.tensor([token_stat_sums(model, s.prompt_ids, s.completion_ids) for s in batch])
+    tokens = sum(len(s.completion_ids) for s in batch)
+    assert record["entropy"] == pytest.approx(float(stats[:, 1].sum()) / tokens, abs=1e-5)
+    assert record["mean_token_accuracy"] == pytest.approx(float(stats[:, 2].sum()) / tokens,
+                                                          abs=1e-9)
     assert record["num_tokens"] == sum(len(s.prompt_ids) + len(s.completion_ids) for s in batch)
     with_dropout = _step_1(config(workdir, "unused", SFTConfig, disable_dropout=False,
                                   output_dir=str(tmp_path / "on"), **common))

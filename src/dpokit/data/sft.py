@@ -21,11 +21,11 @@ from dpokit.data.tokenize import (
     TokenizeSettings,
     _ids,
     _truncate,
-    truncate_to_length,
     common_prefix_length,
     encode_chat,
     progress_bar,
     render_plain,
+    truncate_to_length,
 )
 from dpokit.errors import DpokitError
 

@@ -21,8 +21,11 @@ and, per completion token rather than per pair (:func:`logit_metrics`, :func:`lo
 TRL 1.16 definition (trl/kernels/chunked_logprob.py:382, ``mean_logits = z_sum / vocab`` with
 ``z_sum`` the sum of the transformed logits z over the vocabulary; trl/trainer/dpo_trainer.py:
 1554-1568, Σ of ``mean_logits`` over the completion tokens / their number, 0 without tokens).
-TRL logs the mean of its per-micro-batch values over a logging window; here the sums and token
-counts of the whole window are divided once (the same when micro-batches hold equal tokens).
+and ``entropy`` (mean over every completion token of the next-token entropy) and
+``mean_token_accuracy`` (fraction of the chosen completions' tokens that are the policy's argmax;
+:func:`token_metrics`). TRL logs the mean of its per-micro-batch values over a logging window;
+here the sums and token counts of the whole window are divided once (the same when
+micro-batches hold equal tokens).
 """
 
 from __future__ import annotations
@@ -100,6 +103,37 @@ def logit_means(sums: Mapping[str, Tensor | float]) -> dict[str, float]:
         count = float(sums[tokens])
         means[name] = float(sums[name]) / count if count else 0.0
     return means
+
+
+TOKEN_METRIC_NAMES = ("entropy", "mean_token_accuracy")
+TOKEN_METRIC_KEYS = ("entropy", "top1/chosen")
+"""Keys of :func:`token_metrics`'s sums (their token counts are :data:`LOGIT_METRIC_KEYS`')."""
+
+
+def token_metrics(stats: Tensor, num_pairs: int) -> dict[str, Tensor]:
+    """Sums over the batch for TRL 1.16's ``entropy`` and ``mean_token_accuracy``.
+
+    Args:
+        stats: ``(2B, 3)`` per sequence (chosen first, then rejected), the sums over its
+            completion tokens of the mean logit, the next-token entropy and the argmax hits
+            (``LogpsModule``'s ``stats``).
+        num_pairs: B.
+
+    Returns:
+        ``{"entropy": Σ over every completion token, "top1/chosen": hits over the chosen
+        completions' tokens}``, 0-dim float64, detached. TRL: ``entropy`` averages over the
+        chosen and rejected completion tokens, ``mean_token_accuracy`` over the chosen ones
+        (trl/trainer/dpo_trainer.py:1536-1546, 1570-1579)."""
+    stats = stats.detach().double()
+    return {"entropy": stats[:, 1].sum(), "top1/chosen": stats[:num_pairs, 2].sum()}
+
+
+def token_means(sums: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """``entropy`` (per completion token) and ``mean_token_accuracy`` (per chosen completion
+    token) from :func:`token_metrics` and :func:`logit_metrics` sums (0.0 without tokens)."""
+    chosen, rejected = float(sums["tokens/chosen"]), float(sums["tokens/rejected"])
+    return {"entropy": float(sums["entropy"]) / (chosen + rejected) if chosen + rejected else 0.0,
+            "mean_token_accuracy": float(sums["top1/chosen"]) / chosen if chosen else 0.0}
 
 
 def add_metric_sums(*parts: Mapping[str, Tensor]) -> dict[str, Tensor]:

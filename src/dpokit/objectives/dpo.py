@@ -35,7 +35,14 @@ from dpokit.losses import (
     needs_margins,
     preference_metrics,
 )
-from dpokit.losses.metrics import LOGIT_METRIC_KEYS, logit_means, logit_metrics
+from dpokit.losses.metrics import (
+    LOGIT_METRIC_KEYS,
+    TOKEN_METRIC_KEYS,
+    logit_means,
+    logit_metrics,
+    token_means,
+    token_metrics,
+)
 from dpokit.objectives.base import (
     NUM_TOKENS,
     LogpsModule,
@@ -90,7 +97,7 @@ class DPOObjective(Objective):
         (log-probs only if scoring)."""
         if not self.with_loss:
             return _LOGPS_KEYS
-        return (*METRIC_KEYS, *LOGIT_METRIC_KEYS, NUM_TOKENS, "loss")
+        return (*METRIC_KEYS, *LOGIT_METRIC_KEYS, *TOKEN_METRIC_KEYS, NUM_TOKENS, "loss")
 
     def load(self, path: str, split: str | None, *,
              progress: bool | None = None) -> list[TokenizedPair]:
@@ -133,11 +140,11 @@ class DPOObjective(Objective):
         of ``logits/*``."""
         c = self.config
         return LogpsModule(model, chunk_size=c.chunk_size, ld_alpha=c.ld_alpha,
-                           wpo=c.use_weighting, unpadded=c.unpadded, mean_logits=True)
+                           wpo=c.use_weighting, unpadded=c.unpadded, token_stats=True)
 
     def forward(self, policy: nn.Module, batch: PairBatch) -> Output:
         """Σ_i w_i L_i over the B pairs of ``batch``, metric sums, per-pair values."""
-        logps, tokens, wpo, mean_logits = policy(batch)
+        logps, tokens, wpo, stats = policy(batch)
         b = batch.num_pairs
         chosen, rejected = logps[:b], logps[b:]
         examples = {"chosen_logps": chosen.detach(), "rejected_logps": rejected.detach(),
@@ -165,7 +172,8 @@ class DPOObjective(Objective):
             losses = losses * batch.weights.to(losses)
         loss_sum = losses.sum()
         sums = preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
-        sums.update(logit_metrics(mean_logits[:b], mean_logits[b:], tokens[:b], tokens[b:]))
+        sums.update(logit_metrics(stats[:b, 0], stats[b:, 0], tokens[:b], tokens[b:]))
+        sums.update(token_metrics(stats, b))
         sums[NUM_TOKENS] = num_tokens(policy, batch, chosen)
         sums["loss"] = loss_sum.detach().double()
         if ref is not None:
@@ -180,7 +188,8 @@ class DPOObjective(Objective):
         if not self.with_loss:
             return {"logps/chosen": sums["logps/chosen"] / n,
                     "logps/rejected": sums["logps/rejected"] / n}
-        means = {"loss": sums["loss"] / n, **metric_means(sums), **logit_means(sums)}
+        means = {"loss": sums["loss"] / n, **metric_means(sums), **logit_means(sums),
+                 **token_means(sums)}
         if sums[NUM_TOKENS]:  # 0 in evaluation: TRL's eval_num_tokens repeats the training count
             means[NUM_TOKENS] = sums[NUM_TOKENS]
         return means

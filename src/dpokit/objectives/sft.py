@@ -38,7 +38,7 @@ class SFTObjective(Objective):
     """
 
     unit = "examples"
-    metric_keys = ("nll_tokens", "tokens", "count", NUM_TOKENS, "loss")
+    metric_keys = ("nll_tokens", "tokens", "entropy", "top1", "count", NUM_TOKENS, "loss")
 
     def __init__(self, config: Any, tokenizer: Any):
         """See the class docstring."""
@@ -70,24 +70,30 @@ class SFTObjective(Objective):
     def policy(self, model: nn.Module) -> LogpsModule:
         """Completion log-probs of ``model``."""
         return LogpsModule(model, chunk_size=self.config.chunk_size,
-                           unpadded=self.config.unpadded)
+                           unpadded=self.config.unpadded, token_stats=True)
 
     def forward(self, policy: nn.Module, batch: PairBatch) -> Output:
         """Σ_i L_i, the NLL and token sums, per-example NLL."""
-        logps, tokens, _, _ = policy(batch)
+        logps, tokens, _, stats = policy(batch)
         nll = -logps / tokens.clamp(min=1).to(logps.dtype)
         loss_sum = nll.sum()
+        stats = stats.detach().double()
         sums = {"nll_tokens": (-logps.detach()).double().sum(), "tokens": tokens.double().sum(),
+                "entropy": stats[:, 1].sum(), "top1": stats[:, 2].sum(),
                 "count": count(len(nll), nll), NUM_TOKENS: num_tokens(policy, batch, nll),
                 "loss": loss_sum.detach().double()}
         return Output(loss_sum, sums, {"logps": logps.detach(), "tokens": tokens,
                                         "loss": nll.detach()})
 
     def means(self, sums: Mapping[str, float]) -> dict[str, float]:
-        """``loss`` (mean per-example NLL per token), ``nll_per_token`` and, in training,
+        """``loss`` (mean per-example NLL per token), ``nll_per_token``, TRL's ``entropy`` and
+        ``mean_token_accuracy`` (per completion token; 0 without tokens) and, in training,
         ``num_tokens``."""
+        tokens = sums["tokens"]
         means = {"loss": sums["loss"] / sums["count"],
-                 "nll_per_token": sums["nll_tokens"] / max(sums["tokens"], 1.0)}
+                 "nll_per_token": sums["nll_tokens"] / max(tokens, 1.0),
+                 "entropy": sums["entropy"] / tokens if tokens else 0.0,
+                 "mean_token_accuracy": sums["top1"] / tokens if tokens else 0.0}
         if sums[NUM_TOKENS]:  # 0 in evaluation
             means[NUM_TOKENS] = sums[NUM_TOKENS]
         return means
