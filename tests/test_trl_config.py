@@ -75,8 +75,8 @@ def test_the_yaml_of_every_key_builds_a_dpokit_config(tmp_path, workdir):
     config = load_config(DPOConfig, path)
     assert (config.model, config.batch_size, config.num_epochs, config.max_steps) == (
         str(workdir / "llama"), 8, 3.0, None)
-    assert (config.lora_dropout, config.save_total_limit, config.eval_strategy) == (
-        0.05, None, "no")
+    assert (config.lora, config.save_total_limit, config.eval_strategy) == (False, None, "no")
+    assert config.lora_dropout == 0.0  # lora_* are read only with use_peft, as in TRL
     assert config.precompute_ref_logps is False and config.dtype == "float32"
     assert config.bf16 is True and config.fp16 is False  # TRL's bf16 default: autocast
 

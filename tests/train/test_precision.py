@@ -188,3 +188,29 @@ def test_a_trl_file_loads_in_its_dtype(workdir, tmp_path, loads):
     assert (loaded.dtype, loaded.bf16, loaded.fp16) == ("bfloat16", True, False)
     train(loaded, progress=False)
     assert loads == [("model", torch.bfloat16)]
+
+
+def test_lora_keys_without_lora_are_refused_natively_and_dropped_from_trl(workdir, tmp_path):
+    """Native: ``lora_r`` without ``lora: true`` would silently train every weight — refused,
+    naming the key. A TRL file: TRL reads lora_* only with use_peft, so they are dropped with a
+    note (a full fine-tune, as TRL runs it)."""
+    import yaml
+
+    from dpokit.config import load_config
+    from dpokit.trl_config import translate
+
+    with pytest.raises(DpokitError, match=r"lora_r, lora_alpha set but lora is false"):
+        config(workdir, "p-lora-keys", lora_r=8, lora_alpha=16)
+    assert config(workdir, "p-lora-on", lora=True, lora_r=8).lora_r == 8
+    result = translate({"model_name_or_path": "m", "use_peft": False, "lora_r": 8})
+    assert not any(key.startswith("lora_") for key in result.values)
+    assert ("lora_r", "no effect without use_peft (as in TRL)") in result.notes
+    path = tmp_path / "trl.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": str(workdir / "llama"),
+                                    "dataset_name": "d", "lora_r": 8}))
+    loaded = load_config(DPOConfig, path)
+    assert not loaded.lora and loaded.lora_r == 16 and loaded.lora_dropout == 0.0
+    path.write_text(yaml.safe_dump({"model_name_or_path": str(workdir / "llama"),
+                                    "dataset_name": "d", "lora_r": 8, "use_peft": True}))
+    loaded = load_config(DPOConfig, path)
+    assert loaded.lora and loaded.lora_r == 8 and loaded.lora_dropout == 0.05  # TRL's default

@@ -108,6 +108,7 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
         """Reject impossible values with a message naming the key."""
         super().validate()
         self._continue_adapter()
+        self._lora_keys_need_lora()
         if not 0 <= self.seed < 2**32:
             raise DpokitError(f"seed must be in [0, 2^32), got {self.seed}")
         if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):
@@ -155,6 +156,18 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
         if self.eval_generate and self.fsdp:
             raise DpokitError("eval_generate is not supported with fsdp (generation would need "
                               "the sharded weights gathered); use DDP or dpokit generate")
+
+    def _lora_keys_need_lora(self) -> None:
+        """``lora_*`` set (to other than its default) without ``lora: true`` would silently
+        train every weight: refused, naming the keys."""
+        if self.lora:
+            return
+        defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(self) if f.name.startswith("lora_")}
+        changed = [key for key, default in defaults.items() if getattr(self, key) != default]
+        if changed:
+            raise DpokitError(f"{', '.join(changed)} set but lora is false: this would be a full "
+                              f"fine-tune; set lora: true, or drop {', '.join(changed)}")
 
     def _continue_adapter(self) -> None:
         """A PEFT LoRA adapter as ``model`` (an SFT LoRA run's ``final/``) trains on: ``lora``
