@@ -51,6 +51,7 @@ RENAMED = {
     "dataset_test_split": "eval_split",
     "model_revision": "model",
     "torch_dtype": "dtype",
+    "dataset_text_field": "text_column",
 }
 """TRL key → the dpokit key it sets."""
 
@@ -64,7 +65,7 @@ NO_EFFECT = {
     "ignore_bias_buffers": None, "bnb_4bit_quant_type": None, "use_bnb_nested_quant": None,
     "bnb_4bit_quant_storage": None, "lora_task_type": ("CAUSAL_LM",),
     "optim": ("adamw_torch", "adamw_torch_fused"),
-    "logging_strategy": ("steps",),
+    "logging_strategy": ("steps",), "packing_strategy": None, "shuffle_dataset": None,
     "gradient_checkpointing_kwargs": (None, {}, {"use_reentrant": False}),
     "attn_implementation": (None, "sdpa", "eager"),
 }
@@ -84,6 +85,8 @@ DEFAULT_ONLY = {
     "bf16_full_eval": (False,), "fp16_full_eval": (False,), "deepspeed": (None,),
 "generate_during_eval": (False,),
     "use_logits_to_keep": (False,), "trackio_space_id": (None,), "trackio_bucket_id": (None,),
+    "packing": (False,), "eval_packing": (None, False), "eos_token": (None,),
+    "chat_template_path": (None,), "dataset_kwargs": (None, {}),
 }
 """Keys accepted only at the value that asks for nothing dpokit lacks (TRL's default, usually)."""
 
@@ -102,12 +105,21 @@ WHY = {
     "attn_implementation": "dpokit picks its attention kernel (SDPA); leave it null",
     "generate_during_eval": "use eval_generate: N (samples written to samples.jsonl)",
     "logging_strategy": "dpokit logs every logging_steps",
+    "packing": "dpokit does not bin-pack rows into max_length blocks; padding_free: true runs "
+               "each batch without padding",
+    "eval_packing": "dpokit does not bin-pack rows into max_length blocks",
+    "eos_token": "dpokit appends the tokenizer's eos_token; set it in the tokenizer directory",
+    "chat_template_path": "dpokit uses the tokenizer's chat template; save the template into "
+                          "the tokenizer directory",
+    "dataset_kwargs": "dpokit always prepares the data itself",
     "lr_scheduler_type": "lr_scheduler is linear, cosine or constant",
 }
 """Why a key (at that value) is refused, and what to use instead."""
 
 TRL_DEFAULTS = {"num_epochs": 3.0, "lora_dropout": 0.05, "save_total_limit": None,
-                "eval_strategy": "no", "bf16": True}
+                "eval_strategy": "no", "bf16": True,
+                # SFTConfig's: the loss's token mean, and which tokens it covers
+                "loss_normalization": "token", "completion_only_loss": None}
 """TRL 1.16 defaults that change the result, applied to a TRL-flavoured file that sets none of
 the keys that mean them (``bf16``: unless ``fp16`` is set, as DPOConfig's ``__post_init__``)."""
 
@@ -147,6 +159,7 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
     :class:`DpokitError` naming it, its value, why and what to use instead. ``known``: the
     target config's fields (TRL's defaults are applied only to those)."""
     values = {k.replace("-", "_"): v for k, v in values.items()}
+    known = set(known) if known is not None else None
     out: dict[str, Any] = {}
     result = Translation(out)
     note = result.notes.append
@@ -183,6 +196,12 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
                 note((key, "device: cpu"))
             else:
                 note((key, f"{value!r}: the default (device auto)"))
+            continue
+        if key == "loss_type" and known is not None and "loss_type" not in known:  # SFT's
+            if value not in ("nll", "chunked_nll", ["nll"]):
+                raise DpokitError(f"{source}: TRL key loss_type: {value!r} is not supported "
+                                  f"(dpokit's SFT loss is the NLL, loss_type nll)")
+            note((key, f"{value!r}: the NLL, dpokit's SFT loss"))
             continue
         if key == "report_to":
             names = [value] if isinstance(value, str) else list(value or ["none"])
@@ -229,7 +248,6 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
         for key in [k for k in out if k.startswith("lora_")]:
             del out[key]
             note((key, "no effect without use_peft (as in TRL)"))
-    known = set(known) if known is not None else None
     if isinstance(out.get("loss_type"), str):
         out["loss_type"] = [out["loss_type"]]  # TRL takes one name or a list
     for key, default in TRL_DEFAULTS.items():

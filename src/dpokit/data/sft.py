@@ -1,10 +1,18 @@
 """Supervised fine-tuning data: rows → (prompt, completion) token sequences.
 
 Accepted rows: ``prompt`` + ``completion`` strings (EOS appended to the completion, as for
-preference data); ``prompt`` messages + ``completion`` message(s); or a whole ``messages``
-conversation whose last (assistant) message is the completion. The prompt tokens are the common
-prefix of the prompt alone and prompt + completion (the rule of :mod:`dpokit.data.tokenize`);
-SFT's loss is the NLL of the completion tokens only.
+preference data); ``prompt`` messages + ``completion`` message(s); a whole ``messages``
+conversation whose last (assistant) message is the completion; or a ``text`` string (language
+modelling, EOS appended: every token after the first is trained on). The prompt tokens are the
+common prefix of the prompt alone and prompt + completion (the rule of
+:mod:`dpokit.data.tokenize`); SFT's loss is the NLL of the completion tokens only.
+
+Which tokens are the completion follows TRL's SFTConfig keys: ``completion_only_loss`` True
+(dpokit's default) — the completion, for a conversation its last message; False — every token
+after the first (the prompt is trained on too); None — TRL's rule: the completion of
+prompt-completion rows, every token of ``messages`` and ``text`` rows. ``assistant_only_loss``
+trains a conversation's assistant message only, which must be its last and only one (several
+assistant turns are refused, naming the row: dpokit masks one span per row).
 """
 
 from __future__ import annotations
@@ -47,21 +55,36 @@ class _Example:
     prompt: Any
     completion: Any
     where: str
+    kind: str = "completion"
+    """``completion`` (prompt-completion rows), ``conversation`` (``messages``) or ``text``."""
 
 
 def _parse(row: RawRow, prompt_column: str, completion_column: str,
-           messages_column: str) -> _Example:
+           messages_column: str, text_column: str = "text", *,
+           assistant_only: bool = False) -> _Example:
     fields = row.fields
     if messages_column in fields and fields[messages_column] is not None:
         messages = _messages(row, messages_column, fields[messages_column], single_ok=False)
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             raise DpokitError(f"{row.where}, field {messages_column!r}: needs at least one "
                               f"prompt message followed by a final assistant message")
-        return _Example(messages[:-1], messages[-1:], row.where)
+        turns = sum(m["role"] == "assistant" for m in messages)
+        if assistant_only and turns > 1:
+            raise DpokitError(f"{row.where}, field {messages_column!r}: {turns} assistant "
+                              f"messages; assistant_only_loss trains one (the last) per row in "
+                              f"dpokit — split the conversation into one row per turn")
+        return _Example(messages[:-1], messages[-1:], row.where, "conversation")
+    if (text_column in fields and fields[text_column] is not None
+            and prompt_column not in fields and completion_column not in fields):
+        text = fields[text_column]
+        if not isinstance(text, str) or not text.strip():
+            raise DpokitError(f"{row.where}, field {text_column!r}: expected a non-empty string")
+        return _Example("", text, row.where, "text")
     for name in (prompt_column, completion_column):
         if name not in fields or fields[name] is None:
             raise DpokitError(f"{row.where}, field {name!r}: missing (an SFT row needs "
-                              f"{prompt_column}/{completion_column} or {messages_column})")
+                              f"{prompt_column}/{completion_column}, {messages_column} or "
+                              f"{text_column})")
     prompt, completion = fields[prompt_column], fields[completion_column]
     if _is_messages(completion) or _is_messages(prompt):
         return _Example(_messages(row, prompt_column, prompt, single_ok=False),
@@ -105,23 +128,33 @@ def tokenize_sft(examples: Sequence[_Example], tokenizer: Any, settings: Tokeniz
 def load_sft_sequences(path: str | Path, tokenizer: Any, *,
                        settings: TokenizeSettings = TokenizeSettings(),
                        prompt_column: str = "prompt", completion_column: str = "completion",
-                       messages_column: str = "messages",
+                       messages_column: str = "messages", text_column: str = "text",
+                       completion_only_loss: bool | None = True,
+                       assistant_only_loss: bool = False,
                        split: str | None = None,
                        progress: bool | None = None) -> list[SFTSequence]:
     """Read, validate, tokenise and truncate SFT data; rows left empty are dropped and counted.
     A column renamed from its default must exist; rows over ``settings.max_row_chars`` are
-    refused before tokenising."""
+    refused before tokenising. ``completion_only_loss``/``assistant_only_loss``: which tokens
+    are the completion (module docstring)."""
     rows = load_rows(path, split=split)
     named = {"prompt_column": prompt_column, "completion_column": completion_column,
-             "messages_column": messages_column}
+             "messages_column": messages_column, "text_column": text_column}
     defaults = {"prompt_column": "prompt", "completion_column": "completion",
-                "messages_column": "messages"}
+                "messages_column": "messages", "text_column": "text"}
     check_columns(rows, {key: name for key, name in named.items() if name != defaults[key]})
     check_row_chars(rows, list(named.values()), settings.max_row_chars)
-    examples = [_parse(r, prompt_column, completion_column, messages_column) for r in rows]
+    examples = [_parse(r, prompt_column, completion_column, messages_column, text_column,
+                       assistant_only=assistant_only_loss) for r in rows]
     sequences, dropped = [], 0
     tokenized = tokenize_sft(examples, tokenizer, settings, progress=progress)
-    for row, (prompt_ids, completion_ids) in zip(rows, tokenized, strict=True):
+    for example, row, (prompt_ids, completion_ids) in zip(examples, rows, tokenized,
+                                                          strict=True):
+        whole = completion_only_loss is False or (
+            completion_only_loss is None and example.kind != "completion"
+            and not assistant_only_loss)
+        if whole:  # every token after the first is trained on (TRL's language modelling)
+            prompt_ids, completion_ids = [], prompt_ids + completion_ids
         if not prompt_ids:  # nothing predicts the first token: it becomes the context
             prompt_ids, completion_ids = completion_ids[:1], completion_ids[1:]
         if settings.max_prompt_length is not None:

@@ -191,6 +191,11 @@ class Objective(ABC):
     def tokens(self, item: Any) -> int:
         """Tokens the model sees for one example (for memory estimates)."""
 
+    def units(self, items: Sequence[Any]) -> float:
+        """What the loss sums of a global batch of ``items`` are divided by (the loss is
+        their mean): the number of examples (SFT's ``loss_normalization: token``: tokens)."""
+        return float(len(items))
+
     def prepare(self, model: nn.Module, items: Sequence[Any], indices: Sequence[int],
                 step: int) -> Sequence[Any]:
         """The examples a micro-batch trains on (or is evaluated on), from the loaded ``items``

@@ -1,11 +1,14 @@
 """Supervised fine-tuning: the per-token NLL of each completion, prompt tokens masked.
 
-    L_i = −(1/|y_i|) Σ_t log π_θ(y_i,t | x_i, y_i,<t)        (mean over examples of L_i)
+    example (default):  L = (1/B) Σ_i −(1/|y_i|) Σ_t log π_θ(y_i,t | x_i, y_i,<t)
+    token (TRL's):      L = −(Σ_i Σ_t log π_θ(y_i,t | x_i, y_i,<t)) / Σ_i |y_i|
 
-The loop divides Σ_i L_i by the number of examples once, so every example weighs the same
-whatever its length; ``nll_per_token`` (logged) is Σ_i |y_i| L_i / Σ_i |y_i|, and
-``num_tokens`` the input tokens (prompt and completion) trained on since the start, as TRL's
-SFTTrainer logs it.
+over the B examples of a global batch (every micro-batch and rank): the loop divides the
+micro-batch sums by :meth:`SFTObjective.units` of the global batch — its examples, or its
+completion tokens — so with ``example`` every example weighs the same whatever its length, and
+with ``token`` every token does (TRL's SFTTrainer, which divides by ``num_items_in_batch``).
+``nll_per_token`` (logged) is the token mean either way, and ``num_tokens`` the input tokens
+(prompt and completion) trained on since the start, as TRL's SFTTrainer logs it.
 """
 
 from __future__ import annotations
@@ -51,8 +54,22 @@ class SFTObjective(Objective):
         return load_sft_sequences(path, self.tokenizer, settings=c.tokenize_settings,
                                   prompt_column=c.prompt_column,
                                   completion_column=c.completion_column,
-                                  messages_column=c.messages_column, split=split,
+                                  messages_column=c.messages_column,
+                                  text_column=c.text_column,
+                                  completion_only_loss=c.completion_only_loss,
+                                  assistant_only_loss=c.assistant_only_loss, split=split,
                                   progress=progress)
+
+    @property
+    def per_token(self) -> bool:
+        return self.config.loss_normalization == "token"
+
+    def units(self, items: Sequence[SFTSequence]) -> float:
+        """The examples, or (``loss_normalization: token``) the completion tokens, of a global
+        batch: what the loss sums are divided by."""
+        if self.per_token:
+            return float(sum(len(item.completion_ids) for item in items))
+        return float(len(items))
 
     def tokens(self, item: SFTSequence) -> int:
         """Prompt and completion tokens."""
@@ -76,7 +93,7 @@ class SFTObjective(Objective):
         """Σ_i L_i, the NLL and token sums, per-example NLL."""
         logps, tokens, _, stats = policy(batch)
         nll = -logps / tokens.clamp(min=1).to(logps.dtype)
-        loss_sum = nll.sum()
+        loss_sum = -logps.sum() if self.per_token else nll.sum()
         stats = stats.detach().double()
         sums = {"nll_tokens": (-logps.detach()).double().sum(), "tokens": tokens.double().sum(),
                 "entropy": stats[:, 1].sum(), "top1": stats[:, 2].sum(),
@@ -90,7 +107,8 @@ class SFTObjective(Objective):
         ``mean_token_accuracy`` (per completion token; 0 without tokens) and, in training,
         ``num_tokens``."""
         tokens = sums["tokens"]
-        means = {"loss": sums["loss"] / sums["count"],
+        loss = sums["loss"] / (max(tokens, 1.0) if self.per_token else sums["count"])
+        means = {"loss": loss,
                  "nll_per_token": sums["nll_tokens"] / max(tokens, 1.0),
                  "entropy": sums["entropy"] / tokens if tokens else 0.0,
                  "mean_token_accuracy": sums["top1"] / tokens if tokens else 0.0}

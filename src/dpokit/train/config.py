@@ -344,6 +344,19 @@ class SFTConfig(TrainConfig):
 
     completion_column: str = field("completion", help="Column holding the target completion.")
     messages_column: str = field("messages", help="Column holding a whole conversation.")
+    text_column: str = field(
+        "text", help="Column holding plain text (language modelling: every token after the "
+                     "first is trained on), TRL's dataset_text_field.")
+    completion_only_loss: bool | None = field(
+        True, help="Train on the completion only (a conversation's last message); false: "
+                   "every token; null: TRL's rule (completion of prompt-completion rows, every "
+                   "token of messages/text rows).")
+    assistant_only_loss: bool = field(
+        False, help="Train on a conversation's (single, final) assistant message only.")
+    loss_normalization: Literal["example", "token"] = field(
+        "example", help="example: mean over examples of each one's per-token NLL; token: the "
+                        "NLL summed over the global batch's completion tokens / their number "
+                        "(TRL's SFT loss).")
     learning_rate: float = field(2e-5, help="Peak learning rate of AdamW.")
 
     def objective(self, tokenizer: Any) -> SFTObjective:

@@ -105,7 +105,8 @@ def train_step(run: Run) -> None:
                                                 seed=config.seed, epoch=epoch)}
     global_indices = run.epoch_order[epoch][index]
     micro = micro_batches(global_indices, config.batch_size, runtime.rank, runtime.world_size)
-    scale = runtime.world_size / len(global_indices)
+    # the loss is the global batch's mean: DDP averages the ranks' gradients, hence × world
+    scale = runtime.world_size / objective.units([run.train_items[j] for j in global_indices])
     sums, loss = [], torch.zeros((), dtype=torch.float64, device=runtime.device)
     for i, (indices, weight) in enumerate(micro):
         items = objective.prepare(run.model, [run.train_items[j] for j in indices], indices,
