@@ -20,9 +20,9 @@ reason and what to use instead; nothing is dropped silently:
 
 TRL's defaults that change the result are applied to a TRL-flavoured file when it does not set
 them (:data:`TRL_DEFAULTS`: 3 epochs, LoRA dropout 0.05, no evaluation unless ``eval_strategy``
-asks, every checkpoint kept, bfloat16 autocast unless ``fp16``). :func:`translate` is a pure
-function of the mapping; ``dpokit config convert`` prints its result as a native YAML with a
-comment per changed key.
+asks, every checkpoint kept, bfloat16 autocast unless ``fp16``, the ``train`` split).
+:func:`translate` is a pure function of the mapping; ``dpokit config convert`` prints its result
+as a native YAML with a comment per changed key.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ WHY = {
 """Why a key (at that value) is refused, and what to use instead."""
 
 TRL_DEFAULTS = {"num_epochs": 3.0, "lora_dropout": 0.05, "save_total_limit": None,
-                "eval_strategy": "no", "bf16": True,
+                "eval_strategy": "no", "bf16": True, "split": "train",
                 # SFTConfig's: the loss's token mean, and which tokens it covers
                 "loss_normalization": "token", "completion_only_loss": None}
 """TRL 1.16 defaults that change the result, applied to a TRL-flavoured file that sets none of
