@@ -11,7 +11,9 @@ def test_bench_smoke(tmp_path, capsys):
                                 "--models", "tiny", "--settings", "default", "--steps", "5",
                                 "--repeats", "1", "--frameworks", "dpokit", "--json", str(out))
     assert code == 0, err
-    (row,) = json.loads(out.read_text())
+    help_row, row = json.loads(out.read_text())
+    assert help_row["setting"] == "cli_help" and 0 < help_row["wall_seconds"] < 60
+    assert "dpokit --help:" in stdout
     assert row["framework"] == "dpokit" and row["model"] == "tiny"
     assert row["seconds_per_step"] > 0 and row["pairs_per_second"] > 0
     assert 0 < row["peak_fraction"] < 1.5 and row["peak_rss_mb"] > 50
@@ -47,6 +49,6 @@ def test_bench_online_smoke(tmp_path, capsys):
                                 "--repeats", "1", "--frameworks", "dpokit", "--no-end-to-end",
                                 "--json", str(out))
     assert code == 0, err
-    (row,) = json.loads(out.read_text())
+    _, row = json.loads(out.read_text())
     assert row["setting"] == "online" and row["seconds_per_step"] > 0
     assert row["pairs_per_second"] > 0 and "online" in stdout

@@ -10,14 +10,14 @@ import pytest
 SRC = Path(__file__).resolve().parent.parent / "src" / "dpokit"
 
 LAYERS = [
-    {"dpokit", "errors", "format", "atomic", "config", "hub", "trl_config"},  # base
+    {"dpokit", "_lazy", "errors", "format", "atomic", "config", "hub", "trl_config"},  # base
     {"theory"},  # exact math: standalone
     {"lecture"},  # the lecture's tables, study and figures, computed by theory
     {"data"},
     {"attention", "logps", "models", "runtime", "fixtures", "generation", "rewards"},
     {"losses"},
     {"objectives"},
-    {"evaluate"},
+    {"evaluate", "eval_config"},
     {"train"},
     {"demo", "bench", "bench_online"},
     {"cli", "__main__"},

@@ -327,6 +327,18 @@ def _params(fixture: Fixture, model: str) -> int:
                    for key in handle.keys())  # noqa: SIM118
 
 
+def help_seconds(repeats: int = 5) -> float:
+    """Median wall time of ``dpokit --help`` in a fresh process (start-up: the interpreter, the
+    CLI's imports and the listing), over ``repeats`` runs."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "dpokit", "--help"], capture_output=True,
+                       check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def _subprocess(args: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, "-m", "dpokit.bench", *args], capture_output=True,
@@ -346,10 +358,13 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
     precision = precision or {"dtype": "float32", "bf16": False, "fp16": False}
     dtype = compute_dtype(precision)
     fixture = build_fixtures(workdir, models)
+    startup = help_seconds()
+    report(f"dpokit --help: {startup:.3f} s (median of 5 fresh processes)")
+    rows = [{"framework": "dpokit", "model": "-", "setting": "cli_help",
+             "wall_seconds": startup}]
     peak = matmul_peak_gflops(device=device, dtype=dtype)
     where = ["--device", device, "--dtype", precision["dtype"],
              *(["--bf16"] if precision["bf16"] else []), *(["--fp16"] if precision["fp16"] else [])]
-    rows = []
     for model in models:
         params, tokens = _params(fixture, model), _tokens_per_pair(fixture, model)
         for setting in settings:

@@ -14,24 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dpokit.config import field as field_
 from dpokit.data import micro_batches
 from dpokit.errors import DpokitError
+from dpokit.eval_config import EvalConfig, GenerateConfig
 from dpokit.objectives import MetricSums, Objective
-from dpokit.objectives.config import (
-    DataConfig,
-    ModelConfig,
-    PrecisionConfig,
-    PreferenceConfig,
-    SamplingConfig,
-)
 from dpokit.runtime import Runtime
 
 
@@ -111,17 +103,6 @@ def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, b
                       is_main=runtime.is_main)
 
 
-@dataclass(kw_only=True)
-class EvalConfig(PreferenceConfig, DataConfig, ModelConfig):
-    """``dpokit eval``: the same model, data and loss keys as ``dpokit train``."""
-
-    ref_model: str | None = field_(
-        None, help="Reference model directory; without it a loss that needs π_ref is not "
-                   "computed and only log-probs are reported.")
-    per_example: str | None = field_(None, help="Write one JSON line per pair to this file.")
-    json: bool = field_(False, help="Print the summary as JSON.")
-
-
 def check_data_exists(data: str) -> None:
     """Refuse a data path that is neither a file/directory nor a cached dataset repository,
     before the runtime (and any model) is set up."""
@@ -179,45 +160,6 @@ def _run_eval(config: EvalConfig, runtime: Runtime, *, progress: bool) -> Evalua
     if config.per_example is not None and runtime.is_main:
         write_jsonl(config.per_example, result.per_example)  # OS errors: one line naming it
     return result
-
-
-@dataclass(kw_only=True)
-class GenerateConfig(SamplingConfig, PrecisionConfig):
-    """``dpokit generate``: completions of a data file's prompts from a local model."""
-
-    model: str = field_(help="A local Hugging Face causal LM directory.")
-    data: str = field_(help="Prompts: any data file dpokit reads (its prompt column; other "
-                            "columns are ignored).")
-    output: str = field_("samples.jsonl", help="Where the completions go (one JSON line each).")
-    split: str | None = field_(None, help="Split of the data (saved DatasetDict/shards).")
-    prompt_column: str = field_("prompt", help="Column holding the prompt (text or messages).")
-    max_prompt_length: int | None = field_(None, help="Longest prompt in tokens (keeps the end).")
-    max_row_chars: int | None = field_(
-        1_000_000, help="Longest prompt in characters, refused before tokenising (null: no "
-                        "limit).")
-    text_mode: Literal["auto", "chat", "plain"] = field_(
-        "auto", help="Chat template for conversational prompts, or plain 'role: content' text.")
-    num_generations: int = field_(1, help="Completions per prompt.")
-    reward: str | None = field_(
-        None, help="Also score each completion (a 'reward' field): module:function, "
-                   "path/file.py:function (TRL's signature) or a reward-model directory.")
-    seed: int = field_(0, help="Seed of the sampling (same seed, same completions).")
-    batch_size: int = field_(64, help="Sequences generated together.")
-    device: str = field_("auto", help="auto, cpu, cuda.")
-    trust_remote_code: bool = field_(False, help="Allow model code shipped in the directory.")
-
-    def validate(self) -> None:
-        """Sampling settings, sizes and the output path."""
-        super().validate()
-        if self.num_generations < 1:
-            raise DpokitError(f"num_generations must be ≥ 1, got {self.num_generations}")
-        if self.batch_size < 1:
-            raise DpokitError(f"batch_size must be ≥ 1, got {self.batch_size}")
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise DpokitError(f"max_prompt_length must be ≥ 1 or null, got "
-                              f"{self.max_prompt_length}")
-        if Path(self.output).is_dir():
-            raise DpokitError(f"output {self.output} is a directory; name a file")
 
 
 def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[str, Any]]:

@@ -20,8 +20,7 @@ import sys
 
 import click
 
-from dpokit.cli import configs, lecture, training  # noqa: F401  (they register commands)
-from dpokit.cli.app import app
+from dpokit.cli.app import app  # lazy: a command's module is imported when it runs
 from dpokit.errors import DpokitError
 
 

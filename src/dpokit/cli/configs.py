@@ -7,12 +7,12 @@ from pathlib import Path
 import click
 import yaml
 
-from dpokit.cli.app import app
+from dpokit.cli.app import COMMANDS, app
 
 
-@app.group("config")
+@app.group("config", help=COMMANDS["config"][1])
 def config_group() -> None:
-    """Config files: convert a TRL DPO or SFT config to dpokit's keys."""
+    pass
 
 
 @config_group.command("convert")

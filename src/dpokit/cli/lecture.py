@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from dpokit.cli.app import app, console
+from dpokit.cli.app import COMMANDS, app, console
 from dpokit.cli.options import config_command
 from dpokit.format import format_count, format_duration
 from dpokit.lecture.config import FiguresConfig, OptimalConfig, PartitionConfig
@@ -160,13 +160,7 @@ def _figures(config: FiguresConfig) -> None:
     write_figures(config.out_dir, rate=config.rate, on_written=report)
 
 
-for _name, _cls, _run, _summary in (
-        ("optimal", OptimalConfig, _optimal,
-         "π* = π_ref·exp(r/β)/Z for a table of outcomes (default: the lecture's worked example)."
-         "\n\nPrints each outcome's π_ref, r and π*, with Z, J(π*) = β log Z and "
-         "KL(π* ‖ π_ref)."),
-        ("partition", PartitionConfig, _partition,
-         "Why Z is intractable: V^T growth, and exact log Z beside Monte-Carlo estimates."),
-        ("figures", FiguresConfig, _figures,
-         "Compute and draw the lecture's figures as PNGs.")):
-    app.add_command(config_command(_name, _cls, _run, summary=_summary))
+for _name, _cls, _run in (("optimal", OptimalConfig, _optimal),
+                          ("partition", PartitionConfig, _partition),
+                          ("figures", FiguresConfig, _figures)):
+    app.add_command(config_command(_name, _cls, _run, summary=COMMANDS[_name][1]))

@@ -12,20 +12,50 @@ renamed column absent, a column named twice, a null among filled values, several
 file, the row and the field.
 """
 
-from dpokit.data.batching import epoch_batches, micro_batches, rows_used, shard_for_rank
-from dpokit.data.collate import (
-    PairBatch,
-    collate_packed,
-    collate_padded,
-    collate_pairs,
-    collate_shared,
-    pack_sequences,
-    pad_sequences,
-)
-from dpokit.data.formats import ColumnMap, PreferenceExample, parse_example, parse_examples
-from dpokit.data.io import RawRow, load_rows
-from dpokit.data.pipeline import load_preference_pairs
-from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, tokenize_examples
+from typing import TYPE_CHECKING
+
+from dpokit._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the names, for readers and linters; imported on first use
+    from dpokit.data.batching import epoch_batches, micro_batches, rows_used, shard_for_rank
+    from dpokit.data.collate import (
+        PairBatch,
+        collate_packed,
+        collate_padded,
+        collate_pairs,
+        collate_shared,
+        pack_sequences,
+        pad_sequences,
+    )
+    from dpokit.data.formats import ColumnMap, PreferenceExample, parse_example, parse_examples
+    from dpokit.data.io import RawRow, load_rows
+    from dpokit.data.pipeline import load_preference_pairs
+    from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, tokenize_examples
+
+_EXPORTS = {
+    "epoch_batches": "batching",
+    "micro_batches": "batching",
+    "rows_used": "batching",
+    "shard_for_rank": "batching",
+    "PairBatch": "collate",
+    "collate_packed": "collate",
+    "collate_padded": "collate",
+    "collate_pairs": "collate",
+    "collate_shared": "collate",
+    "pack_sequences": "collate",
+    "pad_sequences": "collate",
+    "ColumnMap": "formats",
+    "PreferenceExample": "formats",
+    "parse_example": "formats",
+    "parse_examples": "formats",
+    "RawRow": "io",
+    "load_rows": "io",
+    "load_preference_pairs": "pipeline",
+    "TokenizedPair": "tokenize",
+    "TokenizeSettings": "tokenize",
+    "tokenize_examples": "tokenize",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "ColumnMap",

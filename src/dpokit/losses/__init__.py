@@ -30,32 +30,68 @@ these losses unchanged. Likewise the WPO statistics are computed from logits in
 :mod:`dpokit.logps` and passed in here.
 """
 
-from dpokit.losses.dpo import dpo_loss, rpo_nll, wpo_weights
-from dpokit.losses.metrics import (
-    METRIC_KEYS,
-    METRIC_NAMES,
-    add_metric_sums,
-    metric_means,
-    preference_metrics,
-)
-from dpokit.losses.registry import (
-    LOSSES,
-    HyperParameter,
-    LossSpec,
-    check_loss_options,
-    get_loss,
-    hyper_parameters,
-    is_batch_coupled,
-    loss_names,
-    needs_label_probs,
-    needs_lengths,
-    needs_margins,
-    needs_reference,
-    resolve_losses,
-    supports_f_divergence,
-    uses_label_smoothing,
-)
-from dpokit.losses.scores import F_DIVERGENCES, LossInputs, f_divergence_scores
+from typing import TYPE_CHECKING
+
+from dpokit._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the names, for readers and linters; imported on first use
+    from dpokit.losses.dpo import dpo_loss, rpo_nll, wpo_weights
+    from dpokit.losses.metrics import (
+        METRIC_KEYS,
+        METRIC_NAMES,
+        add_metric_sums,
+        metric_means,
+        preference_metrics,
+    )
+    from dpokit.losses.registry import (
+        F_DIVERGENCES,
+        LOSSES,
+        HyperParameter,
+        LossSpec,
+        check_loss_options,
+        get_loss,
+        hyper_parameters,
+        is_batch_coupled,
+        loss_names,
+        needs_label_probs,
+        needs_lengths,
+        needs_margins,
+        needs_reference,
+        resolve_losses,
+        supports_f_divergence,
+        uses_label_smoothing,
+    )
+    from dpokit.losses.scores import LossInputs, f_divergence_scores
+
+_EXPORTS = {
+    "dpo_loss": "dpo",
+    "rpo_nll": "dpo",
+    "wpo_weights": "dpo",
+    "METRIC_KEYS": "metrics",
+    "METRIC_NAMES": "metrics",
+    "add_metric_sums": "metrics",
+    "metric_means": "metrics",
+    "preference_metrics": "metrics",
+    "LOSSES": "registry",
+    "HyperParameter": "registry",
+    "LossSpec": "registry",
+    "check_loss_options": "registry",
+    "get_loss": "registry",
+    "hyper_parameters": "registry",
+    "is_batch_coupled": "registry",
+    "loss_names": "registry",
+    "needs_label_probs": "registry",
+    "needs_lengths": "registry",
+    "needs_margins": "registry",
+    "needs_reference": "registry",
+    "resolve_losses": "registry",
+    "supports_f_divergence": "registry",
+    "uses_label_smoothing": "registry",
+    "F_DIVERGENCES": "registry",
+    "LossInputs": "scores",
+    "f_divergence_scores": "scores",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "F_DIVERGENCES",

@@ -10,15 +10,59 @@ function in :mod:`dpokit.losses.variants`, one entry here and one oracle in the 
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from dpokit.errors import DpokitError
-from dpokit.losses import variants
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+"""TRL 1.x's ``f_divergence_type`` values (the scores are :mod:`dpokit.losses.scores`')."""
+
+
+def check_f_divergence(f_divergence_type: str, alpha_coef: float) -> None:
+    """Raise :class:`DpokitError` for an unknown f-divergence or a non-finite α."""
+    if f_divergence_type not in F_DIVERGENCES:
+        raise DpokitError(f"unknown f_divergence_type {f_divergence_type!r}; "
+                          f"known: {', '.join(F_DIVERGENCES)}")
+    if not math.isfinite(alpha_coef):
+        raise DpokitError(f"f_alpha_divergence_coef must be finite, got {alpha_coef!r}")
+
+
+def _is_tensor(value: object) -> bool:
+    """Whether ``value`` is a torch Tensor (none can be while torch is not imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+class _Variant:
+    """``dpokit.losses.variants.<name>``, imported on the first call: the registry's metadata
+    (names, needs, hyper-parameters) is read by configs and ``--help`` without torch."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @property
+    def function(self) -> Callable[..., Tensor]:
+        """The variant itself (importing torch)."""
+        return getattr(importlib.import_module("dpokit.losses.variants"), self.name)
+
+    @property
+    def __wrapped__(self) -> Callable[..., Tensor]:  # inspect.signature reads the variant's
+        return self.function
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"variants.{self.name}"
 
 
 @dataclass(frozen=True)
@@ -162,48 +206,49 @@ def _spec(name: str, fn: Callable[..., Tensor], doc: str, source: str, *,
 
 _TRL = "TRL 1.x DPOTrainer"
 _SPECS = (
-    _spec("sigmoid", variants.sigmoid, "DPO logistic loss; label_smoothing gives cDPO",
+    _spec("sigmoid", _Variant("sigmoid"), "DPO logistic loss; label_smoothing gives cDPO",
           f"arXiv:2305.18290; {_TRL} (ε as TRL 0.x)", f_divergence=True,
           hyper=(_LABEL_SMOOTHING,)),
-    _spec("hinge", variants.hinge, "SLiC hinge loss max(0, 1 − βΔ)",
+    _spec("hinge", _Variant("hinge"), "SLiC hinge loss max(0, 1 − βΔ)",
           f"arXiv:2305.10425; {_TRL}", f_divergence=True),
-    _spec("ipo", variants.ipo, "IPO squared loss on per-token averaged log-ratios",
+    _spec("ipo", _Variant("ipo"), "IPO squared loss on per-token averaged log-ratios",
           f"arXiv:2310.12036; {_TRL}", lengths=True, f_divergence=True),
-    _spec("exo_pair", variants.exo_pair, "EXO reverse-KL to the ε-smoothed label",
+    _spec("exo_pair", _Variant("exo_pair"), "EXO reverse-KL to the ε-smoothed label",
           f"arXiv:2402.00856; {_TRL}", f_divergence=True, hyper=(_EXO_LABEL_SMOOTHING,)),
-    _spec("nca_pair", variants.nca_pair, "NCA: absolute likelihoods of both completions",
+    _spec("nca_pair", _Variant("nca_pair"), "NCA: absolute likelihoods of both completions",
           f"arXiv:2402.05369; {_TRL}"),
-    _spec("robust", variants.robust, "Robust DPO, unbiased under label flips w.p. ε",
+    _spec("robust", _Variant("robust"), "Robust DPO, unbiased under label flips w.p. ε",
           f"arXiv:2403.00409; {_TRL}", f_divergence=True, hyper=(_LABEL_SMOOTHING,)),
-    _spec("bco_pair", variants.bco_pair, "BCO binary classifier on pairs, shift bco_delta",
+    _spec("bco_pair", _Variant("bco_pair"), "BCO binary classifier on pairs, shift bco_delta",
           f"arXiv:2404.04656; {_TRL} (δ as TRL 0.x)", hyper=(_BCO_DELTA,)),
-    _spec("sppo_hard", variants.sppo_hard, "SPPO with hard win probabilities",
+    _spec("sppo_hard", _Variant("sppo_hard"), "SPPO with hard win probabilities",
           f"arXiv:2405.00675; {_TRL}"),
-    _spec("aot", variants.aot, "AOT for paired data (sorted over the batch)",
+    _spec("aot", _Variant("aot"), "AOT for paired data (sorted over the batch)",
           f"arXiv:2406.05882; {_TRL}", coupled=True, hyper=(_LABEL_SMOOTHING,)),
-    _spec("aot_unpaired", variants.aot_unpaired, "AOT for unpaired data (sorted over the batch)",
+    _spec("aot_unpaired", _Variant("aot_unpaired"), "AOT for unpaired data (sorted over the batch)",
           f"arXiv:2406.05882; {_TRL}", coupled=True, hyper=(_LABEL_SMOOTHING,)),
-    _spec("apo_zero", variants.apo_zero, "APO-zero: raise chosen, lower rejected",
+    _spec("apo_zero", _Variant("apo_zero"), "APO-zero: raise chosen, lower rejected",
           f"arXiv:2408.06266; {_TRL}"),
-    _spec("apo_down", variants.apo_down, "APO-down: lower both, rejected more",
+    _spec("apo_down", _Variant("apo_down"), "APO-down: lower both, rejected more",
           f"arXiv:2408.06266; {_TRL}"),
-    _spec("discopop", variants.discopop, "DiscoPOP log-ratio modulated loss (discopop_tau)",
+    _spec("discopop", _Variant("discopop"), "DiscoPOP log-ratio modulated loss (discopop_tau)",
           f"arXiv:2406.08414; {_TRL}", f_divergence=True, hyper=(_DISCOPOP_TAU,)),
-    _spec("sft", variants.sft, "NLL of the chosen completions (batch token mean)",
+    _spec("sft", _Variant("sft"), "NLL of the chosen completions (batch token mean)",
           _TRL, reference=False, lengths=True, coupled=True, f_divergence=True),
-    _spec("sigmoid_norm", variants.sigmoid_norm, "DPO on per-token averaged log-ratios",
+    _spec("sigmoid_norm", _Variant("sigmoid_norm"), "DPO on per-token averaged log-ratios",
           f"arXiv:2405.14734 (normalisation); {_TRL}", lengths=True, f_divergence=True),
-    _spec("simpo", variants.simpo, "SimPO: reference-free, length-normalised, margin simpo_gamma",
+    _spec("simpo", _Variant("simpo"),
+          "SimPO: reference-free, length-normalised, margin simpo_gamma",
           "arXiv:2405.14734; TRL CPOTrainer loss_type='simpo'", reference=False, lengths=True,
           hyper=(_SIMPO_GAMMA, _LABEL_SMOOTHING)),
-    _spec("odpo", variants.odpo, "DPO with an offset α·m, m the data's margin (odpo_alpha)",
+    _spec("odpo", _Variant("odpo"), "DPO with an offset α·m, m the data's margin (odpo_alpha)",
           "arXiv:2402.10571 (offset taken from the data's margin column)", margins=True,
           f_divergence=True, hyper=(_ODPO_ALPHA,)),
-    _spec("sigmoid_soft", variants.sigmoid_soft,
+    _spec("sigmoid_soft", _Variant("sigmoid_soft"),
           "DPO on soft Bradley–Terry labels p (label_prob column); fixed point βh = logit p",
           "docs/theory.md §6 (cross-entropy to the data's preference probability)",
           label_probs=True, f_divergence=True),
-    _spec("dpop", variants.dpop, "DPO-Positive: DPO plus λ·max(0, −u_w) inside the sigmoid",
+    _spec("dpop", _Variant("dpop"), "DPO-Positive: DPO plus λ·max(0, −u_w) inside the sigmoid",
           "arXiv:2402.13228 (Smaug); keeps the chosen likelihood at or above π_ref's",
           hyper=(_DPOP_LAMBDA,)),
 )
@@ -270,15 +315,15 @@ def check_loss_options(loss_type: str | Sequence[str],
                           f"known: {', '.join(known)}")
     read = {name for spec in specs for name in spec.hyper_parameter_names}
     for key, value in options.items():
-        if key not in read and (isinstance(value, Tensor) or value != known[key].default):
+        if key not in read and (_is_tensor(value) or value != known[key].default):
             names = ", ".join(sorted({spec.name for spec in specs}))
-            shown = "a Tensor" if isinstance(value, Tensor) else repr(value)
+            shown = "a Tensor" if _is_tensor(value) else repr(value)
             raise DpokitError(f"{key}={shown} has no effect on loss_type {names}; "
                               f"set it to {known[key].default:g}")
     for spec in specs:
         for parameter in spec.hyper_parameters:
             value = options.get(parameter.name, parameter.default)
-            if not isinstance(value, Tensor):
+            if not _is_tensor(value):
                 parameter.check(value, spec.name)
             elif value.ndim != 0:
                 raise DpokitError(f"{parameter.name} must be a number or a 0-dim Tensor for "

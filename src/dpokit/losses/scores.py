@@ -24,9 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpokit.errors import DpokitError
-
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+from dpokit.losses.registry import F_DIVERGENCES, check_f_divergence  # noqa: F401 (re-export)
 
 
 @dataclass(frozen=True)
@@ -84,15 +82,6 @@ def _present(value: Tensor | None, name: str) -> Tensor:
 def exp_cap(dtype: torch.dtype) -> float:
     """Largest exponent allowed in a score: exp(cap)² stays finite in ``dtype``."""
     return 0.45 * math.log(torch.finfo(dtype).max)
-
-
-def check_f_divergence(f_divergence_type: str, alpha_coef: float) -> None:
-    """Raise :class:`DpokitError` for an unknown f-divergence or a non-finite α."""
-    if f_divergence_type not in F_DIVERGENCES:
-        raise DpokitError(f"unknown f_divergence_type {f_divergence_type!r}; "
-                          f"known: {', '.join(F_DIVERGENCES)}")
-    if not math.isfinite(alpha_coef):
-        raise DpokitError(f"f_alpha_divergence_coef must be finite, got {alpha_coef!r}")
 
 
 def f_divergence_scores(logratios: Tensor, f_divergence_type: str = "reverse_kl",

@@ -31,7 +31,7 @@ from dpokit.losses import (
     resolve_losses,
     supports_f_divergence,
 )
-from dpokit.losses.scores import check_f_divergence
+from dpokit.losses.registry import check_f_divergence
 
 FDivergence = Literal[F_DIVERGENCES]  # the names come from dpokit.losses, never copied
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dpokit.config import field
 from dpokit.errors import DpokitError
-from dpokit.objectives import DPOObjective, SFTObjective
 from dpokit.objectives.config import DataConfig, ModelConfig, PreferenceConfig, SamplingConfig
+
+if TYPE_CHECKING:  # (the objectives import torch: only when a run builds one)
+    from dpokit.objectives import DPOObjective, SFTObjective
 
 
 @dataclass(kw_only=True)
@@ -90,6 +92,10 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
     resume: str | None = field(
         None, help="Checkpoint directory to resume from, or 'auto' (the newest valid one in "
                    "output_dir; a fresh start when there is none).")
+    tokenized_cache: bool = field(
+        True, help="Keep the tokenised preference pairs in ../.dpokit_cache beside output_dir, "
+                   "keyed by the data's content, the tokenizer's files and the tokenisation "
+                   "settings: a second run over them starts without tokenising.")
     overwrite: bool = field(
         False, help="Delete an earlier run's final/, metrics, samples and checkpoints in "
                     "output_dir and start afresh (without it such a directory is refused).")
@@ -335,6 +341,8 @@ class DPOConfig(PreferenceConfig, TrainConfig):
             from dpokit.objectives.online import OnlineDPOObjective
 
             return OnlineDPOObjective(self, tokenizer)
+        from dpokit.objectives import DPOObjective
+
         return DPOObjective(self, tokenizer)
 
 
@@ -361,4 +369,6 @@ class SFTConfig(TrainConfig):
 
     def objective(self, tokenizer: Any) -> SFTObjective:
         """:class:`~dpokit.objectives.SFTObjective`."""
+        from dpokit.objectives import SFTObjective
+
         return SFTObjective(self, tokenizer)

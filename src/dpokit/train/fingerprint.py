@@ -27,8 +27,8 @@ from dpokit.errors import DpokitError
 from dpokit.hub import locate
 
 MAY_CHANGE = frozenset({
-    "output_dir", "resume", "overwrite", "device", "logging_steps", "report_to", "run_name",
-    "project", "save_steps",
+    "output_dir", "resume", "overwrite", "tokenized_cache", "device", "logging_steps",
+    "report_to", "run_name", "project", "save_steps",
     "save_total_limit", "save_strategy", "eval_data", "eval_split", "eval_steps",
     "eval_strategy", "per_device_eval_batch_size", "eval_generate",
     "max_nonfinite_steps", "max_row_chars", "max_steps", "num_epochs", "merge_lora",

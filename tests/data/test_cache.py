@@ -1,0 +1,135 @@
+"""The tokenised-data cache (issue 14): a second load of the same data with the same tokenizer
+and settings reads the pairs back — equal to tokenising again — and any change to what the
+pairs depend on is a new key; a broken entry is rebuilt, never read."""
+
+import json
+import logging
+import shutil
+
+import pytest
+
+import dpokit.data.pipeline as pipeline
+from dpokit.data import ColumnMap, TokenizeSettings, load_preference_pairs
+from dpokit.models import load_tokenizer
+
+ROWS = [{"prompt": "the cat", "chosen": " sat on the mat", "rejected": " no", "weight": 2.0},
+        {"prompt": "why is the sun red?", "chosen": " dust", "rejected": " the sea is red",
+         "weight": 1.0},
+        {"prompt": "a bird", "chosen": " flew", "rejected": " sat on a tree today",
+         "weight": 0.25}]
+
+
+@pytest.fixture
+def setup(workdir, tmp_path, monkeypatch):
+    """A data file, a tokenizer loaded from its own directory (a copy, to edit), and a counter
+    of the tokenisations that really ran."""
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    model = tmp_path / "model"
+    shutil.copytree(workdir / "llama", model)
+    calls = []
+    original = pipeline.tokenize_examples
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "tokenize_examples", counting)
+    return data, model, calls
+
+
+def load(data, model, cache, **settings):
+    return load_preference_pairs(data, load_tokenizer(model),
+                                 settings=TokenizeSettings(**settings), cache_dir=cache)
+
+
+def test_a_second_load_reads_the_same_pairs_back(setup, tmp_path, caplog):
+    data, model, calls = setup
+    cache = tmp_path / "cache"
+    first = load(data, model, cache)
+    assert len(calls) == 1 and len(list(cache.glob("pairs-*.npz"))) == 1
+    with caplog.at_level(logging.INFO, logger="dpokit.data"):
+        second = load(data, model, cache)
+    assert len(calls) == 1  # nothing tokenised
+    assert second == first == load(data, model, None)  # every field, None weights included
+    assert [p.weight for p in second] == [2.0, 1.0, 0.25] and second[0].margin is None
+    assert "read from" in caplog.text
+
+
+@pytest.mark.parametrize("change", ["data", "tokenizer", "settings", "split", "columns"])
+def test_what_the_pairs_depend_on_is_in_the_key(setup, tmp_path, change):
+    """An edit of the data in place with the same size, of the tokenizer's chat template, a
+    tokenisation setting, the split or a column name: tokenised again, and the result is what a
+    fresh tokenisation gives."""
+    data, model, calls = setup
+    cache = tmp_path / "cache"
+    load(data, model, cache)
+    settings, columns, split = {}, ColumnMap(), None
+    if change == "data":
+        text = data.read_text()
+        data.write_text(text.replace("the cat", "the dog"))  # same size, new content
+        assert len(text) == len(data.read_text())
+    elif change == "tokenizer":
+        config = json.loads((model / "tokenizer_config.json").read_text())
+        config["chat_template"] = (config.get("chat_template") or "") + " "
+        (model / "tokenizer_config.json").write_text(json.dumps(config))
+    elif change == "settings":
+        settings = {"max_length": 6}
+    elif change == "split":
+        split = "train"
+    else:
+        columns = ColumnMap(chosen="rejected", rejected="chosen")  # swapped
+    got = load_preference_pairs(data, load_tokenizer(model), settings=TokenizeSettings(
+        **settings), columns=columns, split=split, cache_dir=cache)
+    assert len(calls) == 2
+    assert got == load_preference_pairs(data, load_tokenizer(model), settings=TokenizeSettings(
+        **settings), columns=columns, split=split)
+    assert len(list(cache.glob("pairs-*.npz"))) == 2
+
+
+def test_a_broken_entry_is_removed_and_rebuilt(setup, tmp_path, caplog):
+    data, model, calls = setup
+    cache = tmp_path / "cache"
+    first = load(data, model, cache)
+    (entry,) = cache.glob("pairs-*.npz")
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated
+    with caplog.at_level(logging.WARNING, logger="dpokit.data"):
+        again = load(data, model, cache)
+    assert again == first and len(calls) == 2
+    assert "unusable" in caplog.text and str(entry) in caplog.text
+    assert load(data, model, cache) == first and len(calls) == 2  # the rebuilt entry is read
+
+
+def test_a_tokenizer_without_a_directory_is_not_cached(setup, tmp_path, tokenizer):
+    data, _, calls = setup
+    cache = tmp_path / "cache"
+    assert not str(tokenizer.name_or_path)
+    for _ in range(2):
+        load_preference_pairs(data, tokenizer, cache_dir=cache)
+    assert len(calls) == 2
+    assert not cache.exists() or not list(cache.glob("*.npz"))
+
+
+def test_a_second_training_run_starts_from_the_cache(workdir, tmp_path, monkeypatch):
+    """Two runs of one config in sibling directories: the second tokenises nothing (its pairs
+    come from ../.dpokit_cache) and logs the same numbers."""
+    from dpokit.train.loop import train
+    from tests.helpers import read_metrics
+    from tests.train.test_trainer import config
+
+    calls = []
+    original = pipeline.tokenize_examples
+    monkeypatch.setattr(pipeline, "tokenize_examples",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    runs = []
+    for name in ("first", "second"):
+        runs.append(read_metrics(train(config(workdir, "unused", max_steps=2,
+                                              output_dir=str(tmp_path / name)),
+                                       progress=False).parent))
+    assert len(calls) == 1
+    assert runs[0] == [{**r, "pairs_per_second": runs[0][i]["pairs_per_second"]}
+                       for i, r in enumerate(runs[1])]
+    off = tmp_path / "off"
+    train(config(workdir, "unused", max_steps=1, output_dir=str(off), tokenized_cache=False),
+          progress=False)
+    assert len(calls) == 2
