@@ -179,3 +179,28 @@ def test_keep_end_through_the_tokenizer_and_sft(tokenizer, tmp_path):
     ids, mask = trl_sequence(whole.prompt_ids, whole.completion_ids, limit, "keep_end")
     assert cut.prompt_ids + cut.completion_ids == ids
     assert [0] * len(cut.prompt_ids) + [1] * len(cut.completion_ids) == mask
+
+
+def test_backend_ids_equal_the_tokenizers_and_a_disagreement_falls_back(tokenizer):
+    """``batch_ids`` reads the Rust backend directly only after it gave the tokenizer's own ids
+    on a first batch — texts with special-token strings, unicode, whitespace runs — and a backend
+    that disagrees is never used."""
+    from dpokit.data.tokenize import batch_ids
+
+    texts = ["hello world</s>", "<s> a  b\n\tc", "ünïcödé ☃ 文字", "", "x" * 300, " lead"]
+    direct = {}
+    assert batch_ids(tokenizer, texts, direct) == tokenizer(texts)["input_ids"]
+    assert direct == {"ok": True}
+    assert batch_ids(tokenizer, texts[::-1], direct) == tokenizer(texts[::-1])["input_ids"]
+
+    class Wrong:
+        backend_tokenizer = type("B", (), {"encode_batch": staticmethod(
+            lambda texts, add_special_tokens: [type("E", (), {"ids": [0]})() for _ in texts])})()
+
+        def __call__(self, texts):
+            return tokenizer(texts)
+
+    wrong, verdict = Wrong(), {}
+    assert batch_ids(wrong, texts, verdict) == tokenizer(texts)["input_ids"]
+    assert verdict == {"ok": False}
+    assert batch_ids(wrong, texts, verdict) == tokenizer(texts)["input_ids"]
