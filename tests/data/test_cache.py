@@ -47,7 +47,7 @@ def test_a_second_load_reads_the_same_pairs_back(setup, tmp_path, caplog):
     data, model, calls = setup
     cache = tmp_path / "cache"
     first = load(data, model, cache)
-    assert len(calls) == 1 and len(list(cache.glob("pairs-*.npz"))) == 1
+    assert len(calls) == 1 and len(list(cache.glob("*.npz"))) == 1
     with caplog.at_level(logging.INFO, logger="dpokit.data"):
         second = load(data, model, cache)
     assert len(calls) == 1  # nothing tokenised
@@ -84,14 +84,14 @@ def test_what_the_pairs_depend_on_is_in_the_key(setup, tmp_path, change):
     assert len(calls) == 2
     assert got == load_preference_pairs(data, load_tokenizer(model), settings=TokenizeSettings(
         **settings), columns=columns, split=split)
-    assert len(list(cache.glob("pairs-*.npz"))) == 2
+    assert len(list(cache.glob("*.npz"))) == 2
 
 
 def test_a_broken_entry_is_removed_and_rebuilt(setup, tmp_path, caplog):
     data, model, calls = setup
     cache = tmp_path / "cache"
     first = load(data, model, cache)
-    (entry,) = cache.glob("pairs-*.npz")
+    (entry,) = cache.glob("*.npz")
     entry.write_bytes(entry.read_bytes()[:100])  # truncated
     with caplog.at_level(logging.WARNING, logger="dpokit.data"):
         again = load(data, model, cache)
@@ -133,3 +133,23 @@ def test_a_second_training_run_starts_from_the_cache(workdir, tmp_path, monkeypa
     train(config(workdir, "unused", max_steps=1, output_dir=str(off), tokenized_cache=False),
           progress=False)
     assert len(calls) == 2
+
+
+def test_sft_sequences_are_cached_with_their_loss_span(workdir, tmp_path, monkeypatch):
+    """SFT data: the second load reads the sequences back; another completion_only_loss is
+    another key (it moves the prompt/completion boundary)."""
+    import dpokit.data.sft as sft
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}:", "completion": " yes " * (1 + i)})
+                            + "\n" for i in range(4)))
+    calls = []
+    original = sft.tokenize_sft
+    monkeypatch.setattr(sft, "tokenize_sft", lambda *a, **k: calls.append(1) or original(*a, **k))
+    tok, cache = load_tokenizer(workdir / "llama"), tmp_path / "cache"
+    first = sft.load_sft_sequences(data, tok, cache_dir=cache)
+    assert sft.load_sft_sequences(data, tok, cache_dir=cache) == first and len(calls) == 1
+    whole = sft.load_sft_sequences(data, tok, cache_dir=cache, completion_only_loss=False)
+    assert len(calls) == 2 and whole == sft.load_sft_sequences(data, tok,
+                                                               completion_only_loss=False)
+    assert whole != first

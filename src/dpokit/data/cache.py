@@ -1,12 +1,13 @@
-"""Tokenised preference pairs cached on disk: a second run over the same data, with the same
-tokenizer and tokenisation settings, reads its pairs back instead of reading, validating and
-tokenising the rows again (issue 14).
+"""Tokenised data cached on disk — preference pairs and SFT sequences: a second run over the same
+data, with the same tokenizer and tokenisation settings, reads them back instead of reading,
+validating and tokenising the rows again (issue 14).
 
 The key (:func:`pairs_key`) is a digest of everything the pairs depend on: the data's *content*
 (every file's bytes, so an edit in place is a new key whatever its size or time stamp), the
 split, the tokenizer's files (``tokenizer.json``, its config and chat template, vocabularies), the
 tokenisation settings (``max_row_chars`` included: a lower limit must refuse again), the column
-names, dpokit's version and this file's format. A tokenizer that is not a local directory gets
+names and whatever else chooses the tokens (SFT's loss span), the kind of item, dpokit's version
+and this file's format. A tokenizer that is not a local directory gets
 no key, and its pairs are not cached. An entry is one ``.npz`` file of flat token arrays and
 offsets (no pickles), written to a temporary file and renamed; an unreadable or inconsistent
 entry is removed with a warning and rebuilt, never read.
@@ -14,6 +15,7 @@ entry is removed with a warning and rebuilt, never read.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -30,8 +32,6 @@ from dpokit.data.tokenize import TokenizedPair
 log = logging.getLogger("dpokit.data")
 
 FORMAT = 1
-_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
-_NUMBERS = ("weight", "margin", "label_prob")
 _TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges",
                     "chat_template", "spiece", "sentencepiece")
 _CHUNK = 1 << 20
@@ -75,9 +75,9 @@ def tokenizer_digest(tokenizer: Any) -> str | None:
     return digest.hexdigest()
 
 
-def pairs_key(data: Path, split: str | None, tokenizer: Any, settings: Any,
-              columns: Any) -> str | None:
-    """The cache key of the pairs of ``data`` (module docstring), or None when the tokenizer has
+def items_key(data: Path, split: str | None, tokenizer: Any, settings: Any,
+              columns: Any, kind: str = "TokenizedPair") -> str | None:
+    """The cache key of the items of ``data`` (module docstring), or None when the tokenizer has
     no files to key on."""
     from dpokit import __version__
 
@@ -86,58 +86,77 @@ def pairs_key(data: Path, split: str | None, tokenizer: Any, settings: Any,
         return None
     parts = {"format": FORMAT, "dpokit": __version__, "data": content_digest(data),
              "split": split, "tokenizer": tokenizer_id, "settings": settings.to_dict(),
-             "columns": asdict(columns)}
+             "columns": asdict(columns) if dataclasses.is_dataclass(columns) else columns,
+             "kind": kind}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def save_pairs(file: Path, key: str, pairs: Sequence[TokenizedPair]) -> None:
-    """Write ``pairs`` to ``file`` atomically."""
+def _kinds(cls: type) -> dict[str, str]:
+    """Each field of an item dataclass: ``ids`` (a list of token ids), ``number`` (a float or
+    None), ``text`` (a str) or ``int``."""
+    kinds = {}
+    for f in dataclasses.fields(cls):
+        kind = str(f.type)
+        kinds[f.name] = ("ids" if kind.startswith("list") else "number" if "float" in kind
+                         else "text" if kind == "str" else "int")
+    return kinds
+
+
+def save_items(file: Path, key: str, items: Sequence[Any], cls: type) -> None:
+    """Write ``items`` (instances of the dataclass ``cls``: token-id lists, optional floats,
+    strings, ints) to ``file`` atomically, as flat arrays."""
     from dpokit.atomic import atomic_path
 
     arrays: dict[str, np.ndarray] = {"key": np.array(key)}
-    for name in _FIELDS:
-        ids = [getattr(p, name) for p in pairs]
-        arrays[f"{name}_offsets"] = np.cumsum([0, *map(len, ids)], dtype=np.int64)
-        arrays[name] = np.fromiter((t for seq in ids for t in seq), dtype=np.int64,
-                                   count=int(arrays[f"{name}_offsets"][-1]))
-    for name in _NUMBERS:
-        values = [getattr(p, name) for p in pairs]
-        arrays[f"{name}_set"] = np.array([v is not None for v in values], dtype=bool)
-        arrays[name] = np.array([0.0 if v is None else v for v in values], dtype=np.float64)
-    sources = sorted({p.source for p in pairs})
-    index = {source: i for i, source in enumerate(sources)}
-    arrays["sources"] = np.array(sources or [""])
-    arrays["source"] = np.array([index[p.source] for p in pairs], dtype=np.int64)
-    arrays["row"] = np.array([p.row for p in pairs], dtype=np.int64)
+    for name, kind in _kinds(cls).items():
+        values = [getattr(item, name) for item in items]
+        if kind == "ids":
+            arrays[f"{name}_offsets"] = np.cumsum([0, *map(len, values)], dtype=np.int64)
+            arrays[name] = np.fromiter((t for seq in values for t in seq), dtype=np.int64,
+                                       count=int(arrays[f"{name}_offsets"][-1]))
+        elif kind == "number":
+            arrays[f"{name}_set"] = np.array([v is not None for v in values], dtype=bool)
+            arrays[name] = np.array([0.0 if v is None else v for v in values], dtype=np.float64)
+        elif kind == "text":
+            table = sorted(set(values))
+            index = {text: i for i, text in enumerate(table)}
+            arrays[f"{name}_table"] = np.array(table or [""])
+            arrays[name] = np.array([index[v] for v in values], dtype=np.int64)
+        else:
+            arrays[name] = np.array(values, dtype=np.int64)
     with atomic_path(file) as tmp, tmp.open("wb") as handle:
         np.savez(handle, **arrays)
 
 
-def load_pairs(file: Path, key: str) -> list[TokenizedPair] | None:
-    """The pairs cached in ``file``, or None when there is no entry — or an unreadable or
+def load_items(file: Path, key: str, cls: type) -> list[Any] | None:
+    """The items cached in ``file``, or None when there is no entry — or an unreadable or
     inconsistent one, which is then removed (a warning names it) so that it is rebuilt."""
     if not file.is_file():
         return None
     try:
         with np.load(file, allow_pickle=False) as stored:
             if str(stored["key"]) != key:
-                raise ValueError(f"it holds the pairs of key {stored['key']}")
-            n = len(stored["row"])
-            ids = {}
-            for name in _FIELDS:
-                offsets, tokens = stored[f"{name}_offsets"], stored[name].tolist()
-                if len(offsets) != n + 1 or offsets[-1] != len(tokens):
-                    raise ValueError(f"{name}: offsets do not match the tokens")
-                bounds = offsets.tolist()
-                ids[name] = [tokens[a:b] for a, b in itertools.pairwise(bounds)]
-            numbers = {name: [v if s else None for v, s in zip(
-                stored[name].tolist(), stored[f"{name}_set"].tolist(), strict=True)]
-                for name in _NUMBERS}
-            sources = stored["sources"].tolist()
-            source, row = stored["source"].tolist(), stored["row"].tolist()
-        return [TokenizedPair(ids["prompt_ids"][i], ids["chosen_ids"][i], ids["rejected_ids"][i],
-                              numbers["weight"][i], numbers["margin"][i], sources[source[i]],
-                              row[i], numbers["label_prob"][i]) for i in range(n)]
+                raise ValueError(f"it holds the items of key {stored['key']}")
+            columns, n = {}, None
+            for name, kind in _kinds(cls).items():
+                if kind == "ids":
+                    offsets, tokens = stored[f"{name}_offsets"].tolist(), stored[name].tolist()
+                    if offsets[-1] != len(tokens) or (n is not None and len(offsets) != n + 1):
+                        raise ValueError(f"{name}: offsets do not match the tokens")
+                    column = [tokens[a:b] for a, b in itertools.pairwise(offsets)]
+                elif kind == "number":
+                    column = [v if known else None for v, known in zip(
+                        stored[name].tolist(), stored[f"{name}_set"].tolist(), strict=True)]
+                elif kind == "text":
+                    table = stored[f"{name}_table"].tolist()
+                    column = [table[i] for i in stored[name].tolist()]
+                else:
+                    column = stored[name].tolist()
+                if n is not None and len(column) != n:
+                    raise ValueError(f"{name}: {len(column)} values for {n} items")
+                n, columns[name] = len(column), column
+        return [cls(**{name: column[i] for name, column in columns.items()})
+                for i in range(n or 0)]
     except Exception as error:  # a truncated or foreign file: numpy and zipfile raise their own
         log.warning("tokenised-data cache entry %s is unusable (%s: %s); removed, tokenising "
                     "again", file, type(error).__name__, error)
@@ -145,23 +164,33 @@ def load_pairs(file: Path, key: str) -> list[TokenizedPair] | None:
         return None
 
 
+def cached_items(cache_dir: Path, data: Path, split: str | None, tokenizer: Any,
+                 settings: Any, columns: Any, cls: type,
+                 build: Callable[[], list[Any]]) -> list[Any]:
+    """The items (``cls``: :class:`TokenizedPair`, ``SFTSequence``) of ``data`` from
+    ``cache_dir`` when an entry of their key is there, else ``build()`` and store them (a failed
+    store only warns: the run has its data). ``columns``: whatever else chose the items (column
+    names, loss-span settings), as a dataclass or a dict."""
+    key = items_key(data, split, tokenizer, settings, columns, cls.__name__)
+    if key is None:
+        return build()
+    file = cache_dir / f"{cls.__name__.lower()}-{key}.npz"
+    items = load_items(file, key, cls)
+    if items is not None:
+        log.info("%s: %d tokenised examples read from %s (same data, tokenizer and settings as "
+                 "an earlier run)", data, len(items), file)
+        return items
+    items = build()
+    try:
+        save_items(file, key, items, cls)
+    except Exception as error:  # a full disk must not stop a run that has its data
+        log.warning("could not cache the tokenised data in %s: %s", file, error)
+    return items
+
+
 def cached_pairs(cache_dir: Path, data: Path, split: str | None, tokenizer: Any,
                  settings: Any, columns: Any,
                  build: Callable[[], list[TokenizedPair]]) -> list[TokenizedPair]:
-    """The pairs of ``data`` from ``cache_dir`` when an entry of their key is there, else
-    ``build()`` and store them (a failed store only warns: the run has its pairs)."""
-    key = pairs_key(data, split, tokenizer, settings, columns)
-    if key is None:
-        return build()
-    file = cache_dir / f"pairs-{key}.npz"
-    pairs = load_pairs(file, key)
-    if pairs is not None:
-        log.info("%s: %d tokenised pairs read from %s (same data, tokenizer and settings as an "
-                 "earlier run)", data, len(pairs), file)
-        return pairs
-    pairs = build()
-    try:
-        save_pairs(file, key, pairs)
-    except Exception as error:  # a full disk must not stop a run that has its data
-        log.warning("could not cache the tokenised pairs in %s: %s", file, error)
-    return pairs
+    """:func:`cached_items` of preference pairs."""
+    return cached_items(cache_dir, data, split, tokenizer, settings, columns, TokenizedPair,
+                        build)

@@ -132,11 +132,27 @@ def load_sft_sequences(path: str | Path, tokenizer: Any, *,
                        completion_only_loss: bool | None = True,
                        assistant_only_loss: bool = False,
                        split: str | None = None,
-                       progress: bool | None = None) -> list[SFTSequence]:
+                       progress: bool | None = None,
+                       cache_dir: Path | None = None) -> list[SFTSequence]:
     """Read, validate, tokenise and truncate SFT data; rows left empty are dropped and counted.
     A column renamed from its default must exist; rows over ``settings.max_row_chars`` are
     refused before tokenising. ``completion_only_loss``/``assistant_only_loss``: which tokens
-    are the completion (module docstring)."""
+    are the completion (module docstring). ``cache_dir``: read the sequences from (or store
+    them in) the tokenised-data cache there (:mod:`dpokit.data.cache`)."""
+    chosen = {"prompt_column": prompt_column, "completion_column": completion_column,
+              "messages_column": messages_column, "text_column": text_column,
+              "completion_only_loss": completion_only_loss,
+              "assistant_only_loss": assistant_only_loss}
+    if cache_dir is not None:
+        from dpokit.data.cache import cached_items
+        from dpokit.hub import locate
+
+        local = locate(path, repo_type="dataset")
+        if local.exists():
+            return cached_items(cache_dir, local, split, tokenizer, settings, chosen,
+                                SFTSequence, lambda: load_sft_sequences(
+                                    path, tokenizer, settings=settings, split=split,
+                                    progress=progress, **chosen))
     rows = load_rows(path, split=split)
     named = {"prompt_column": prompt_column, "completion_column": completion_column,
              "messages_column": messages_column, "text_column": text_column}
