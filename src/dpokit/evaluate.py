@@ -141,7 +141,7 @@ def _run_eval(config: EvalConfig, runtime: Runtime, *, progress: bool) -> Evalua
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     objective = DPOObjective(config, tokenizer, Reference("none"), score_only=True)
     pairs = objective.load(config.data, config.split)
-    check_positions(pairs, limits, 0)
+    check_positions(pairs, limits, 0, config.layout)
     model = load_causal_lm(config.model, dtype=config.dtype, device=runtime.device,
                            trust_remote_code=config.trust_remote_code)
     reference = Reference("none")

@@ -142,9 +142,16 @@ def _scaled_positions(config: dict) -> int:
     return 0
 
 
-def position_limits(config: Any) -> list[tuple[int, str, str]]:
-    """``(positions, config key, model dir)`` of a config's ``model`` and ``ref_model`` (read
-    from their ``config.json``), after checking ``max_length`` against them."""
+ROW_MASK_TYPES = frozenset({"gpt_neo"})
+"""Model types whose attention slices a causal-mask buffer of ``max_position_embeddings`` by the
+row's length, not by its position ids: a shared-prompt row p + c + r must fit in it (reproduced:
+GPT-Neo with 16 positions fails on a pair of 6 + 6 + 6 tokens, which fits by positions)."""
+
+
+def position_limits(config: Any) -> list[tuple[int, str, str, bool]]:
+    """``(positions, config key, model dir, whole row)`` of a config's ``model`` and
+    ``ref_model`` (read from their ``config.json``; ``whole row``: a :data:`ROW_MASK_TYPES`
+    model), after checking ``max_length`` against them."""
     limits = []
     for what, path in (("model", config.model), ("ref_model", getattr(config, "ref_model", None))):
         found = position_limit(path, what=what) if path else None
@@ -155,38 +162,48 @@ def position_limits(config: Any) -> list[tuple[int, str, str]]:
             raise DpokitError(f"max_length {config.max_length} is longer than {what} {path} "
                               f"has positions ({key} = {positions} in its config.json); set "
                               f"max_length ≤ {positions}")
-        limits.append((positions, key, str(path)))
+        model_type = _read_json(config_dir(path, what=what) / "config.json").get("model_type")
+        limits.append((positions, key, str(path), model_type in ROW_MASK_TYPES))
     return limits
 
 
-def positions_needed(item: Any, max_new_tokens: int) -> int:
+def positions_needed(item: Any, max_new_tokens: int, *, whole_row: bool = False) -> int:
     """The longest sequence one example puts through the model: a pair's prompt and longer
-    completion, an SFT prompt and completion, an online prompt and ``max_new_tokens``."""
+    completion (``whole_row``: the shared-prompt row, prompt and both completions), an SFT
+    prompt and completion, an online prompt and ``max_new_tokens``."""
     prompt = len(item.prompt_ids)
     if hasattr(item, "chosen_ids"):
+        if whole_row:
+            return prompt + len(item.chosen_ids) + len(item.rejected_ids)
         return prompt + max(len(item.chosen_ids), len(item.rejected_ids))
     if hasattr(item, "completion_ids"):
         return prompt + len(item.completion_ids)
     return prompt + max_new_tokens
 
 
-def check_positions(items: list, limits: list[tuple[int, str, str]],
-                     max_new_tokens: int) -> None:
+def check_positions(items: list, limits: list[tuple[int, str, str, bool]],
+                    max_new_tokens: int, layout: str = "padded") -> None:
     """No example may be longer than a model's positions (Llama would run past them silently,
-    GPT-2 fail with an IndexError): one line naming the row."""
+    GPT-2 fail with an IndexError): one line naming the row. In the shared-prompt ``layout`` a
+    :data:`ROW_MASK_TYPES` model needs the whole row (prompt and both completions) to fit."""
     if not limits or not items:
         return
-    positions, key, path = min(limits)
-    needed = [positions_needed(item, max_new_tokens) for item in items]
-    longest = max(range(len(items)), key=needed.__getitem__)
-    if needed[longest] > positions:
+    for positions, key, path, row_mask in sorted(limits):
+        whole = row_mask and layout == "shared"
+        needed = [positions_needed(item, max_new_tokens, whole_row=whole) for item in items]
+        longest = max(range(len(items)), key=needed.__getitem__)
+        if needed[longest] <= positions:
+            continue
         item = items[longest]
         online = not hasattr(item, "chosen_ids") and not hasattr(item, "completion_ids")
-        what = "its prompt and max_new_tokens" if online else "it"
+        what = ("its prompt and both completions: this model's attention mask spans the "
+                "shared-prompt row" if whole else
+                "its prompt and max_new_tokens" if online else "it")
+        fix = ("; or set shared_prompt: false (a row per completion)" if whole else "")
         raise DpokitError(f"{item.source}, row {item.row}: {needed[longest]} tokens ({what}), "
                           f"longer than {path} has positions ({key} = {positions}); set "
                           f"max_length (or max_prompt_length) ≤ {positions}"
-                          + (" with max_new_tokens" if online else ""))
+                          + (" with max_new_tokens" if online else "") + fix)
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:

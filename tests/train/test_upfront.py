@@ -223,3 +223,39 @@ def test_rope_scaling_extends_the_positions(tmp_path):
     config["rope_scaling"] = None
     (model / "config.json").write_text(json.dumps(config))
     assert position_limit(model) == (32768, "max_position_embeddings")
+
+
+def test_gpt_neo_needs_the_whole_shared_row_within_its_positions(workdir, tmp_path, capsys,
+                                                                  tokenizer):
+    """GPT-Neo slices a causal-mask buffer of max_position_embeddings by the row's length: a
+    pair that fits by positions (p + max(c, r)) but not as a shared-prompt row (p + c + r) is
+    refused up front with one line (it was a RuntimeError mid-forward), and trains with
+    shared_prompt: false."""
+    from transformers import AutoModelForCausalLM, GPTNeoConfig
+
+    from dpokit.data import collate_shared, load_preference_pairs
+    from dpokit.logps import completion_logps
+
+    neo = AutoModelForCausalLM.from_config(GPTNeoConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=24, hidden_size=32, num_layers=2,
+        num_heads=4, attention_types=[[["global", "local"], 1]], window_size=8,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    path = tmp_path / "neo"
+    neo.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    rows = [{"prompt": "the cat sat on", "chosen": " the mat and the red sea today",
+             "rejected": " a tree by the moon over there"}] * 4
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    tokenized = load_preference_pairs(data, tokenizer)[:1]
+    (pair,) = tokenized
+    p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+    assert p + max(c, r) <= 24 < p + c + r, (p, c, r)
+    with pytest.raises(RuntimeError):  # what the check prevents
+        completion_logps(neo.eval(), collate_shared(tokenized, pad_token_id=0))
+    args = ["train", "--model", str(path), "--data", str(data), "--max-length", "24",
+            "--batch-size", "2", "--max-steps", "1", "--output-dir", str(tmp_path / "out")]
+    code, _, err = run_cli(capsys, *args)
+    line = one_error(code, err)
+    assert f"{data}, row 1: {p + c + r} tokens" in line and "shared_prompt: false" in line
+    code, _, err = run_cli(capsys, *args, "--no-shared-prompt")
+    assert code == 0, err[-2000:]

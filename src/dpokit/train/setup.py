@@ -149,7 +149,7 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     eval_items = (objective.load(config.eval_data, config.eval_split, progress=bar)
                   if config.eval_data else [])
     items = train_items + eval_items
-    check_positions(items, limits, config.max_new_tokens)
+    check_positions(items, limits, config.max_new_tokens, getattr(config, "layout", "padded"))
     global_batch = config.batch_size * config.gradient_accumulation_steps * runtime.world_size
     steps_per_epoch = math.ceil(len(train_items) / global_batch)
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
