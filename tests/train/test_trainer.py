@@ -329,3 +329,33 @@ def test_eval_generate_writes_samples_and_a_resume_redraws_them(workdir):
     again = [json.loads(line) for line in
              (resumed.parent / "samples.jsonl").read_text().splitlines()]
     assert again == samples
+
+
+def test_changing_eval_data_does_not_redo_the_training_rows_reference(workdir, tmp_path):
+    """The training and the evaluation rows' reference tables are two cache entries: a run with
+    other eval_data computes only its evaluation entry (the training one is read, unchanged),
+    and both runs' training losses are equal."""
+    cache_dir = tmp_path / ".dpokit_cache"  # beside the run directories
+    rows = (workdir / "prefs.jsonl").read_text().splitlines(keepends=True)
+    evals = []
+    for i in range(2):
+        evals.append(tmp_path / f"eval{i}.jsonl")
+        evals[-1].write_text("".join(rows[i * 4:i * 4 + 4]))
+    common = {"max_steps": 2, "chunk_size": 517, "seed": 5}  # a key of its own
+
+    def tables():
+        return {p: p.stat().st_mtime_ns for p in cache_dir.glob("*.safetensors")}
+
+    before = {}
+    a = read_metrics(train(config(workdir, "unused", output_dir=str(tmp_path / "a"),
+                                  eval_data=str(evals[0]), **common), progress=False).parent)
+    first = {p: t for p, t in tables().items() if p not in before}
+    assert len(first) == 2  # training + evaluation
+    b = read_metrics(train(config(workdir, "unused", output_dir=str(tmp_path / "b"),
+                                  eval_data=str(evals[1]), **common), progress=False).parent)
+    second = {p: t for p, t in tables().items() if p not in before}
+    assert len(second) == 3 and all(second[p] == t for p, t in first.items())  # one new
+    train_a = [m["loss"] for m in a if "loss" in m]
+    assert train_a == [m["loss"] for m in b if "loss" in m]
+    assert [m["eval/loss"] for m in a if "eval/loss" in m] != [
+        m["eval/loss"] for m in b if "eval/loss" in m]

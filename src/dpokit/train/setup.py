@@ -390,34 +390,47 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
                 "autocast": runtime.dtype,
                 "layout": config.layout, "chunk_size": config.chunk_size,
                 "unpadded": config.unpadded, "mode": reference.mode}
-    used = None if rows is None else [*rows, *range(train_rows, len(items))]
-    if used is not None and len(used) < len(items):
-        settings["rows"] = hashlib.sha256(json.dumps(used).encode()).hexdigest()[:16]
-        log.info("reference pass over the %d of %d examples this run uses", len(used), len(items))
-    else:
-        used = None
-    key = cache_key(hash_directory(ref_dir), items, settings)
-    cache_file = Path(config.output_dir).resolve().parent / ".dpokit_cache" / f"{key}.safetensors"
-
-    table = read_table(cache_file, len(items), used)
-    cached = table is not None
-    if table is None:
-        table = compute_reference_table(
-            reference, items, batch_size=config.precompute_ref_batch_size or 2 * config.batch_size,
-            pad_token_id=pad_token_id, layout=config.layout, device=runtime.device,
-            rank=runtime.rank, world_size=runtime.world_size, progress=progress and runtime.is_main,
-            rows=used)
-        computed = table if used is None else table[used]
-        if not bool(torch.isfinite(computed).all()):
-            bad = int((~torch.isfinite(computed)).any(-1).nonzero()[0])
-            row = bad if used is None else used[bad]
-            raise DpokitError(f"reference log-probs are not finite (example {row + 1} of "
-                              f"{len(items)}); the reference model {ref_dir} is broken")
-        if runtime.is_main:
-            write_table(cache_file, table)
-    runtime.barrier()
-    log.info("reference log-probs %s %s", "loaded from" if cached else "computed into",
-             cache_file)
+    train_rows = train_rows or len(items)
+    cache_dir = Path(config.output_dir).resolve().parent / ".dpokit_cache"
+    hashed = hash_directory(ref_dir)
+    # the training rows and the evaluation rows are two entries: changing eval_data (or its
+    # split) does not recompute the training rows' pass
+    parts = [("training", items[:train_rows], rows), ("evaluation", items[train_rows:], None)]
+    tables = []
+    for what, part, used in parts:
+        if not part:
+            continue
+        part_settings = dict(settings)
+        if used is not None and len(used) < len(part):
+            part_settings["rows"] = hashlib.sha256(json.dumps(list(used)).encode()).hexdigest()[:16]
+            log.info("reference pass over the %d of %d %s examples this run uses", len(used),
+                     len(part), what)
+        else:
+            used = None
+        cache_file = cache_dir / f"{cache_key(hashed, part, part_settings)}.safetensors"
+        table = read_table(cache_file, len(part), used)
+        cached = table is not None
+        if table is None:
+            table = compute_reference_table(
+                reference, part,
+                batch_size=config.precompute_ref_batch_size or 2 * config.batch_size,
+                pad_token_id=pad_token_id, layout=config.layout, device=runtime.device,
+                rank=runtime.rank, world_size=runtime.world_size,
+                progress=progress and runtime.is_main, rows=used)
+            computed = table if used is None else table[list(used)]
+            if not bool(torch.isfinite(computed).all()):
+                bad = int((~torch.isfinite(computed)).any(-1).nonzero()[0])
+                row = bad if used is None else list(used)[bad]
+                raise DpokitError(f"reference log-probs are not finite ({what} example "
+                                  f"{row + 1} of {len(part)}); the reference model {ref_dir} "
+                                  f"is broken")
+            if runtime.is_main:
+                write_table(cache_file, table)
+        runtime.barrier()
+        log.info("reference log-probs of the %s examples %s %s", what,
+                 "loaded from" if cached else "computed into", cache_file)
+        tables.append(table)
+    table = torch.cat(tables)
     if reference.mode == "model":
         del reference.model  # never kept in memory during training
         gc.collect()
