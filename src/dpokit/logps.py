@@ -261,7 +261,8 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         token_logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)
         with torch.no_grad():
             wpo_terms = token_logps.detach() - torch.logsumexp(2 * log_probs.detach(), dim=-1)
-        stats = _token_stats(logits, torch.logsumexp(logits.detach(), dim=-1), targets)
+        stats = (_token_stats(logits, torch.logsumexp(logits.detach(), dim=-1), targets)
+                 if token_stats else token_logps.new_zeros(len(token_logps), 3))
 
     dtype = token_logps.dtype
     counts = torch.zeros(num_sequences, dtype=torch.long, device=targets.device)

@@ -244,15 +244,15 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
                                     f"{out['eval_split']}"))
     elif "dataset_test_split" in values:
         note(("dataset_test_split", "not read: TRL evaluates only when eval_strategy is not no"))
-    if not values.get("use_peft"):  # TRL reads lora_* only with use_peft
+    peft = values.get("use_peft") or values.get("lora")
+    if not peft:  # TRL reads lora_* only with use_peft
         for key in [k for k in out if k.startswith("lora_")]:
             del out[key]
             note((key, "no effect without use_peft (as in TRL)"))
     if isinstance(out.get("loss_type"), str):
         out["loss_type"] = [out["loss_type"]]  # TRL takes one name or a list
     for key, default in TRL_DEFAULTS.items():
-        if (key == "bf16" and out.get("fp16")) or (key.startswith("lora_")
-                                                   and not values.get("use_peft")):
+        if (key == "bf16" and out.get("fp16")) or (key.startswith("lora_") and not peft):
             continue
         if key not in out and (known is None or key in known):
             out[key] = default

@@ -100,9 +100,14 @@ def test_a_broken_entry_is_removed_and_rebuilt(setup, tmp_path, caplog):
     assert load(data, model, cache) == first and len(calls) == 2  # the rebuilt entry is read
 
 
-def test_a_tokenizer_without_a_directory_is_not_cached(setup, tmp_path, tokenizer):
+def test_a_tokenizer_without_a_directory_is_not_cached(setup, tmp_path, tokenizer,
+                                                       monkeypatch):
+    """Not even when the working directory holds tokenizer-like files (``Path("")`` is the
+    working directory: it must not become the key)."""
     data, _, calls = setup
     cache = tmp_path / "cache"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vocab.json").write_text("{}")
     assert not str(tokenizer.name_or_path)
     for _ in range(2):
         load_preference_pairs(data, tokenizer, cache_dir=cache)
@@ -153,3 +158,14 @@ def test_sft_sequences_are_cached_with_their_loss_span(workdir, tmp_path, monkey
     assert len(calls) == 2 and whole == sft.load_sft_sequences(data, tok,
                                                                completion_only_loss=False)
     assert whole != first
+
+
+def test_a_tokenizer_changed_in_memory_is_another_key(setup, tmp_path):
+    """A chat template set after loading (not in the files) changes the key."""
+    from dpokit.data.cache import tokenizer_digest
+
+    _, model, _ = setup
+    tokenizer = load_tokenizer(model)
+    before = tokenizer_digest(tokenizer)
+    tokenizer.chat_template = "{{ messages }}"
+    assert tokenizer_digest(tokenizer) != before

@@ -120,3 +120,17 @@ def test_utf8_bom_is_accepted_in_json_and_jsonl(tmp_path):
     (tmp_path / "b.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS).encode())
     assert load_rows(tmp_path / "a.jsonl")[0].fields == ROWS[0]
     assert len(load_rows(tmp_path / "b.json")) == 2
+
+
+def test_shards_named_by_no_split_are_read_whole_for_any_split(tmp_path, caplog):
+    """A directory of shards without split names is one split (as load_dataset calls it
+    "train", TRL's default dataset_train_split): split=train reads it all, with a warning."""
+    import logging
+
+    shards = tmp_path / "plain"
+    shards.mkdir()
+    write_jsonl(shards / "part-0.jsonl", ROWS[:1])
+    write_jsonl(shards / "part-1.jsonl", ROWS[1:])
+    with caplog.at_level(logging.WARNING, logger="dpokit.data"):
+        assert [r.fields for r in load_rows(shards, split="train")] == ROWS
+    assert "shards without split names" in caplog.text

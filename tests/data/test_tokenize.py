@@ -136,7 +136,7 @@ def test_truncation_mode_against_trl_per_sequence(p, c, r, limit, mode):
     cut whenever the prompt fits; keep_end equals it for the longer completion when that one
     fits with a prompt token, keeps the shorter completion whole then, and gives it a suffix of
     TRL's sequence (the shared prompt loses the same tokens for both). A completion of
-    max_length or more keeps one prompt token before its end (TRL: no prompt at all)."""
+    max_length or more leaves no shared prompt: the pair is dropped (empty completions)."""
     prompt, chosen, rejected = list(range(p)), list(range(100, 100 + c)), list(range(200, 200 + r))
     kept_prompt, (kept_c, kept_r) = truncate_to_length(
         prompt, [chosen, rejected], TokenizeSettings(max_length=limit, truncation_mode=mode))
@@ -146,14 +146,14 @@ def test_truncation_mode_against_trl_per_sequence(p, c, r, limit, mode):
         ours = kept_prompt + kept
         if mode == "keep_start" and p < limit:
             assert ours == ids and [0] * len(kept_prompt) + [1] * len(kept) == mask
-        if mode == "keep_end":
+        if mode == "keep_end" and max(c, r) >= limit:
+            assert kept_c == kept_r == []  # no shared prompt fits: the pair is dropped
+        elif mode == "keep_end":
             assert kept_prompt and kept_prompt == prompt[len(prompt) - len(kept_prompt):]
-            assert kept == whole[len(whole) - len(kept):]  # an end, never a middle
-            if max(c, r) < limit:
-                assert ours == ids[len(ids) - len(ours):]  # a suffix of TRL's
-                assert kept == whole
-                if len(whole) == max(c, r):
-                    assert ours == ids and [0] * len(kept_prompt) + [1] * len(kept) == mask
+            assert kept == whole  # the completions are kept whole
+            assert ours == ids[len(ids) - len(ours):]  # a suffix of TRL's
+            if len(whole) == max(c, r):
+                assert ours == ids and [0] * len(kept_prompt) + [1] * len(kept) == mask
 
 
 def test_keep_end_through_the_tokenizer_and_sft(tokenizer, tmp_path):
@@ -179,6 +179,12 @@ def test_keep_end_through_the_tokenizer_and_sft(tokenizer, tmp_path):
     ids, mask = trl_sequence(whole.prompt_ids, whole.completion_ids, limit, "keep_end")
     assert cut.prompt_ids + cut.completion_ids == ids
     assert [0] * len(cut.prompt_ids) + [1] * len(cut.completion_ids) == mask
+    short = len(whole.completion_ids) - 2  # the completion alone is longer than max_length
+    (end,) = load_sft_sequences(data, tokenizer, settings=TokenizeSettings(
+        max_length=short, truncation_mode="keep_end"))
+    ids, mask = trl_sequence(whole.prompt_ids, whole.completion_ids, short, "keep_end")
+    assert end.prompt_ids + end.completion_ids == ids  # TRL's last L tokens
+    assert len(end.prompt_ids) == 1 and len(end.completion_ids) == sum(mask[1:])  # the scored
 
 
 def test_backend_ids_equal_the_tokenizers_and_a_disagreement_falls_back(tokenizer):

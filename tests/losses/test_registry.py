@@ -136,3 +136,12 @@ def test_check_loss_options_tensor_values():
         check_loss_options("bco_pair", {"bco_delta": torch.zeros(3)})
     with pytest.raises(DpokitError, match="bco_delta=a Tensor has no effect"):
         check_loss_options("sigmoid", {"bco_delta": torch.tensor(0.0)})
+
+
+def test_a_spec_survives_pickling_equal():
+    """The registry's lazily imported loss functions compare by name: a spec sent to another
+    process (pickled) equals the original, and calls the same function."""
+    import pickle
+
+    for spec in LOSSES.values():
+        assert pickle.loads(pickle.dumps(spec)) == spec

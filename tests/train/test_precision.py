@@ -214,3 +214,10 @@ def test_lora_keys_without_lora_are_refused_natively_and_dropped_from_trl(workdi
                                     "dataset_name": "d", "lora_r": 8, "use_peft": True}))
     loaded = load_config(DPOConfig, path)
     assert loaded.lora and loaded.lora_r == 8 and loaded.lora_dropout == 0.05  # TRL's default
+
+
+def test_a_trl_file_with_the_native_lora_key_keeps_its_lora_settings():
+    from dpokit.trl_config import translate
+
+    out = translate({"model_name_or_path": "m", "lora": True, "lora_r": 64}).values
+    assert out["lora"] is True and out["lora_r"] == 64

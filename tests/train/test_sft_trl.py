@@ -141,6 +141,9 @@ def test_which_tokens_are_trained_on(tokenizer, tmp_path):
     (assistant,) = load_sft_sequences(msgs, chat, completion_only_loss=None,
                                       assistant_only_loss=True)
     assert assistant == last and len(last.prompt_ids) > 1
+    # assistant_only_loss wins over completion_only_loss false, as TRL's assistant mask does
+    assert load_sft_sequences(msgs, chat, completion_only_loss=False,
+                              assistant_only_loss=True) == [last]
     assert every.prompt_ids + every.completion_ids == last.prompt_ids + last.completion_ids
     assert len(every.prompt_ids) == 1
 

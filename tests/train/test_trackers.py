@@ -181,3 +181,15 @@ def test_a_tracker_that_cannot_start_is_one_line_and_closes_the_others(workdir, 
     assert "cannot start a W&B run: api_key not configured" in lines[0]
     assert "WANDB_MODE=offline" in lines[0]
     assert closed == [True]
+
+
+def test_a_run_inside_an_except_block_is_not_marked_failed(workdir, offline_wandb):
+    """A caller's exception being handled (a retry after an error, a notebook) is not the
+    run's: a run that ends well finishes with exit code 0."""
+    try:
+        raise ValueError("the caller's")
+    except ValueError:
+        run_dir = train(config(workdir, "t-wandb-retry", max_steps=1, report_to=["wandb"]),
+                        progress=False).parent
+    exits = [r.exit for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "exit"]
+    assert [e.exit_code for e in exits] == [0]

@@ -2,15 +2,18 @@
 data, with the same tokenizer and tokenisation settings, reads them back instead of reading,
 validating and tokenising the rows again (issue 14).
 
-The key (:func:`pairs_key`) is a digest of everything the pairs depend on: the data's *content*
-(every file's bytes, so an edit in place is a new key whatever its size or time stamp), the
-split, the tokenizer's files (``tokenizer.json``, its config and chat template, vocabularies), the
+The key (:func:`items_key`) is a digest of everything the pairs depend on: the data's *content*
+(every file's bytes, so an edit in place is a new key whatever its size or time stamp), the split,
+the tokenizer's files (``tokenizer.json``, its config and chat template, vocabularies), the
 tokenisation settings (``max_row_chars`` included: a lower limit must refuse again), the column
-names and whatever else chooses the tokens (SFT's loss span), the kind of item, dpokit's version
-and this file's format. A tokenizer that is not a local directory gets
-no key, and its pairs are not cached. An entry is one ``.npz`` file of flat token arrays and
-offsets (no pickles), written to a temporary file and renamed; an unreadable or inconsistent
-entry is removed with a warning and rebuilt, never read.
+names and whatever else chooses the tokens (SFT's loss span), the kind of item, the path as given
+(the items name it in their messages), the source of dpokit's data modules and the versions of
+transformers, tokenizers and jinja2, dpokit's version and this file's format. The tokenizer's chat
+template, special tokens and size are read from the loaded tokenizer too (a change made in memory),
+and a template that renders today's date (``strftime_now``) keys on the date. A tokenizer that is
+not a local directory gets no key, and its pairs are not cached. An entry is one ``.npz`` file of
+flat token arrays and offsets (no pickles), written to a temporary file and renamed; an unreadable
+or inconsistent entry is removed with a warning and rebuilt, never read.
 """
 
 from __future__ import annotations
@@ -61,9 +64,10 @@ def content_digest(path: Path) -> str:
 def tokenizer_digest(tokenizer: Any) -> str | None:
     """A digest of the files that define ``tokenizer`` in its directory, or None when it was not
     loaded from a local directory (then nothing is cached)."""
-    directory = Path(str(getattr(tokenizer, "name_or_path", "")))
-    if not str(directory) or not directory.is_dir():
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    if not name or not Path(name).is_dir():
         return None
+    directory = Path(name)
     files = sorted(p for p in directory.iterdir()
                    if p.is_file() and p.name.startswith(_TOKENIZER_FILES))
     if not files:
@@ -72,6 +76,31 @@ def tokenizer_digest(tokenizer: Any) -> str | None:
     for file in files:
         digest.update(f"{file.name}\0".encode())
         _file_digest(file, digest)
+    # what may have changed in memory after loading: the template, the special tokens, the size
+    template = getattr(tokenizer, "chat_template", None)
+    digest.update(json.dumps([template, getattr(tokenizer, "special_tokens_map", {}),
+                              len(tokenizer)], sort_keys=True, default=str).encode())
+    if isinstance(template, str) and "strftime_now" in template:  # it renders today's date
+        import datetime
+
+        digest.update(datetime.date.today().isoformat().encode())
+    return digest.hexdigest()
+
+
+def code_digest() -> str:
+    """What else turns rows into tokens: dpokit's data modules (their source: an edited
+    checkout is a new key) and the versions of the libraries that render and tokenise."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    digest = hashlib.blake2b(digest_size=20)
+    for file in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(f"{file.name}\0".encode())
+        _file_digest(file, digest)
+    for package in ("transformers", "tokenizers", "jinja2"):
+        try:
+            digest.update(f"{package}={version(package)}\0".encode())
+        except PackageNotFoundError:
+            digest.update(f"{package}=none\0".encode())
     return digest.hexdigest()
 
 
@@ -84,7 +113,8 @@ def items_key(data: Path, split: str | None, tokenizer: Any, settings: Any,
     tokenizer_id = tokenizer_digest(tokenizer)
     if tokenizer_id is None:
         return None
-    parts = {"format": FORMAT, "dpokit": __version__, "data": content_digest(data),
+    parts = {"format": FORMAT, "dpokit": __version__, "code": code_digest(),
+             "path": str(data), "data": content_digest(data),
              "split": split, "tokenizer": tokenizer_id, "settings": settings.to_dict(),
              "columns": asdict(columns) if dataclasses.is_dataclass(columns) else columns,
              "kind": kind}

@@ -266,6 +266,11 @@ def _shards(path: Path, split: str | None) -> list[Path]:
         if len(splits) > 1:
             raise DpokitError(f"{path}: shards of several splits ({', '.join(splits)}); set "
                               f"split to choose one")
+    elif files and all(_shard_split(path, p) is None for p in files) and not any(
+            p.name.startswith(split) for p in files):
+        # shards named by no split are one split (as load_dataset calls them "train"): read
+        # whole, as a single file is
+        log.warning("%s: shards without split names; split=%r is ignored", path, split)
     else:
         files = [p for p in files if p.name.startswith(split) or
                  any(part == split for part in p.relative_to(path).parts[:-1])]

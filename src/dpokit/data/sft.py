@@ -11,8 +11,9 @@ Which tokens are the completion follows TRL's SFTConfig keys: ``completion_only_
 (dpokit's default) — the completion, for a conversation its last message; False — every token
 after the first (the prompt is trained on too); None — TRL's rule: the completion of
 prompt-completion rows, every token of ``messages`` and ``text`` rows. ``assistant_only_loss``
-trains a conversation's assistant message only, which must be its last and only one (several
-assistant turns are refused, naming the row: dpokit masks one span per row).
+trains a conversation's assistant message only (whatever ``completion_only_loss`` says, as TRL's
+assistant mask), which must be its last and only one (several assistant turns are refused,
+naming the row: dpokit masks one span per row).
 """
 
 from __future__ import annotations
@@ -166,9 +167,8 @@ def load_sft_sequences(path: str | Path, tokenizer: Any, *,
     tokenized = tokenize_sft(examples, tokenizer, settings, progress=progress)
     for example, row, (prompt_ids, completion_ids) in zip(examples, rows, tokenized,
                                                           strict=True):
-        whole = completion_only_loss is False or (
-            completion_only_loss is None and example.kind != "completion"
-            and not assistant_only_loss)
+        whole = not assistant_only_loss and (completion_only_loss is False or (
+            completion_only_loss is None and example.kind != "completion"))
         if whole:  # every token after the first is trained on (TRL's language modelling)
             prompt_ids, completion_ids = [], prompt_ids + completion_ids
         if not prompt_ids:  # nothing predicts the first token: it becomes the context

@@ -195,20 +195,25 @@ def truncate_to_length(prompt_ids: list[int], completions: list[list[int]],
 
     ``keep_start``: the prompt is kept, each completion keeps its first ``L − p`` tokens (TRL's
     default, per sequence). ``keep_end``: when ``p + max(c)`` > L the prompt keeps its last
-    ``L − max(c)`` tokens (at least one, so the first completion token has a predictor), and
-    each completion longer than what is left keeps its end. One prompt is shared by the pair,
-    so both sequences lose the same prompt tokens (TRL cuts each sequence on its own: its
-    shorter completion may keep up to ``|c − r|`` more prompt tokens)."""
+    ``L − max(c)`` tokens. One prompt is shared by the pair, so both sequences lose the same
+    prompt tokens (TRL cuts each sequence on its own: its shorter completion may keep up to
+    ``|c − r|`` more prompt tokens). A completion of L tokens or more leaves no prompt: one
+    sequence (SFT) keeps its last L tokens as TRL does, the first of them the context; a pair's
+    completions come back empty, so the pair is dropped (counted) rather than trained on a
+    context that never occurred."""
     limit = settings.max_length
     if limit is None:
         return prompt_ids, completions
     if settings.truncation_mode == "keep_end":
         longest = max(len(c) for c in completions)
+        if longest >= limit:
+            if len(completions) == 1:
+                whole = (prompt_ids + completions[0])[-limit:]
+                return whole[:1], [whole[1:]]
+            return prompt_ids, [[] for _ in completions]
         if len(prompt_ids) + longest > limit:
-            keep = max(limit - longest, min(1, len(prompt_ids)))
-            prompt_ids = prompt_ids[len(prompt_ids) - keep:]
-        budget = max(limit - len(prompt_ids), 0)
-        return prompt_ids, [_truncate(c, budget, "left") for c in completions]
+            prompt_ids = prompt_ids[len(prompt_ids) - (limit - longest):]
+        return prompt_ids, completions
     budget = max(limit - len(prompt_ids), 0)
     return prompt_ids, [_truncate(c, budget, settings.completion_truncation)
                         for c in completions]
@@ -241,10 +246,11 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer: Any,
     else:
         triples = []
         bar = progress_bar(None, total=len(examples), progress=progress, desc="tokenising")
-        direct: dict[str, bool] = {}
+        verdicts: list[dict[str, bool]] = [{}, {}, {}]  # checked on each column's first batch
         for start in range(0, len(examples), _CHUNK):
             texts = [_texts(e, eos) for e in examples[start:start + _CHUNK]]
-            columns = [batch_ids(tokenizer, [t[i] for t in texts], direct) for i in range(3)]
+            columns = [batch_ids(tokenizer, [t[i] for t in texts], verdicts[i])
+                       for i in range(3)]
             triples.extend(zip(*columns, strict=True))
             bar.update(len(texts))
         bar.close()
@@ -280,8 +286,10 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer: Any,
                     len(examples))
     if dropped:
         log.warning("dropped %d of %d rows whose completion is empty after truncation to "
-                    "max_length=%s, max_prompt_length=%s", dropped, len(examples),
-                    settings.max_length, settings.max_prompt_length)
+                    "max_length=%s, max_prompt_length=%s%s", dropped, len(examples),
+                    settings.max_length, settings.max_prompt_length,
+                    " (with keep_end: a completion of max_length tokens or more)"
+                    if settings.truncation_mode == "keep_end" else "")
     if not pairs:
         raise DpokitError(f"no rows left after truncation (all {len(examples)} had an empty "
                           f"completion); raise max_length or lower max_prompt_length")

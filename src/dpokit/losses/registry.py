@@ -64,6 +64,12 @@ class _Variant:
     def __repr__(self) -> str:
         return f"variants.{self.name}"
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Variant) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(("_Variant", self.name))
+
 
 @dataclass(frozen=True)
 class HyperParameter:

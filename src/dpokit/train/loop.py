@@ -18,7 +18,6 @@ import contextlib
 import logging
 import math
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -68,7 +67,7 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
     global last_stop_signal
     last_stop_signal = None
     runtime = setup_runtime(config.device, config.compute_dtype)
-    run, lock = None, None
+    run, lock, failed = None, None, False
     try:
         preflight(config, runtime)
         lock = claim(config.output_dir, runtime)  # a second run on this directory is refused
@@ -87,9 +86,12 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
                     return run.output_dir / f"checkpoint-{run.step}"
         run.metrics.bar.close()
         return finish(run)
+    except BaseException:
+        failed = True  # (not sys.exc_info() in finally: a caller's handled exception shows)
+        raise
     finally:
         if run is not None and run.metrics is not None:
-            run.metrics.close(failed=sys.exc_info()[0] is not None)
+            run.metrics.close(failed=failed)
         if lock is not None:
             lock.release()
         shutdown_runtime(runtime)

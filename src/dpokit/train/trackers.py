@@ -38,8 +38,16 @@ def _installed(name: str) -> bool:
 def resolve_report_to(report_to: list[str] | None) -> list[str]:
     """The trackers ``report_to`` names, each installed (else a ``DpokitError`` saying how to
     install it): null → TensorBoard if installed, ``all`` → every installed, ``none`` → none."""
-    if report_to is None:
-        return ["tensorboard"] if _installed("tensorboard") else []
+    if report_to is None:  # the default: TensorBoard when it imports, silently none else
+        if not _installed("tensorboard"):
+            return []
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError as error:
+            log.warning("tensorboard is installed but does not import (%s); no TensorBoard "
+                        "events", error)
+            return []
+        return ["tensorboard"]
     names = list(dict.fromkeys(report_to))
     if "none" in names:
         if len(names) > 1:
