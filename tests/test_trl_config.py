@@ -55,16 +55,22 @@ TRL_DEFAULTS = {
 }
 
 
+def assert_every_key_accounted_for(values, config_cls):
+    """``translate(values)`` for ``config_cls``: every result is one of its fields, and every
+    TRL key is passed on, converted (a note says into what) or listed as having no effect."""
+    result = translate(values, known=config_cls.__dataclass_fields__)
+    fields = set(config_cls.__dataclass_fields__)
+    noted = {key for key, _ in result.notes}
+    assert set(result.values) <= fields, set(result.values) - fields
+    for key in values:
+        assert key in result.values or key in noted or key in result.no_effect, key
+
+
 def test_every_common_trl_key_at_its_default_is_read():
     """A YAML of every key above at TRL's default: nothing raises, and every key is accounted
     for — passed to a DPOConfig field, converted (a note says into what) or listed as having
     no effect on the result. Nothing vanishes unmentioned."""
-    result = translate(TRL_DEFAULTS, known=DPOConfig.__dataclass_fields__)
-    fields = set(DPOConfig.__dataclass_fields__)
-    noted = {key for key, _ in result.notes}
-    assert set(result.values) <= fields, set(result.values) - fields
-    for key in TRL_DEFAULTS:
-        assert key in result.values or key in noted or key in result.no_effect, key
+    assert_every_key_accounted_for(TRL_DEFAULTS, DPOConfig)
 
 
 def test_the_yaml_of_every_key_builds_a_dpokit_config(tmp_path, workdir):

@@ -12,8 +12,8 @@ from dpokit.data.sft import load_sft_sequences
 from dpokit.errors import DpokitError
 from dpokit.train.config import SFTConfig
 from dpokit.train.loop import train
-from dpokit.trl_config import translate
 from tests.helpers import read_metrics, reference_token_logps, run_cli
+from tests.test_trl_config import assert_every_key_accounted_for
 from tests.train.test_trainer import config
 
 # TRL 1.16's SFTConfig-only fields at their defaults (read from trl 1.16's dataclass), with the
@@ -34,12 +34,7 @@ TRL_SFT_DEFAULTS = {
 
 
 def test_every_trl_sft_key_at_its_default_builds_an_sft_config(workdir, tmp_path):
-    result = translate(TRL_SFT_DEFAULTS, known=SFTConfig.__dataclass_fields__)
-    fields = set(SFTConfig.__dataclass_fields__)
-    noted = {key for key, _ in result.notes}
-    assert set(result.values) <= fields, set(result.values) - fields
-    for key in TRL_SFT_DEFAULTS:
-        assert key in result.values or key in noted or key in result.no_effect, key
+    assert_every_key_accounted_for(TRL_SFT_DEFAULTS, SFTConfig)
     path = tmp_path / "trl_sft.yaml"
     path.write_text(yaml.safe_dump({**TRL_SFT_DEFAULTS, "model_name_or_path": str(
         workdir / "llama"), "dataset_name": str(workdir / "sft.jsonl")}))

@@ -30,8 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from dpokit.data.tokenize import TokenizedPair
-
 log = logging.getLogger("dpokit.data")
 
 FORMAT = 1
@@ -194,13 +192,19 @@ def load_items(file: Path, key: str, cls: type) -> list[Any] | None:
         return None
 
 
-def cached_items(cache_dir: Path, data: Path, split: str | None, tokenizer: Any,
+def cached_items(cache_dir: Path, path: str | Path, split: str | None, tokenizer: Any,
                  settings: Any, columns: Any, cls: type,
                  build: Callable[[], list[Any]]) -> list[Any]:
-    """The items (``cls``: :class:`TokenizedPair`, ``SFTSequence``) of ``data`` from
-    ``cache_dir`` when an entry of their key is there, else ``build()`` and store them (a failed
-    store only warns: the run has its data). ``columns``: whatever else chose the items (column
-    names, loss-span settings), as a dataclass or a dict."""
+    """The items (``cls``: :class:`TokenizedPair`, ``SFTSequence``) of the data ``path`` names
+    (a file, a directory or a cached hub dataset) from ``cache_dir`` when an entry of their key
+    is there, else ``build()`` and store them (a failed store only warns: the run has its data;
+    data that is not there is ``build()``'s to refuse). ``columns``: whatever else chose the
+    items (column names, loss-span settings), as a dataclass or a dict."""
+    from dpokit.hub import locate
+
+    data = locate(path, repo_type="dataset")
+    if not data.exists():
+        return build()
     key = items_key(data, split, tokenizer, settings, columns, cls.__name__)
     if key is None:
         return build()
@@ -216,11 +220,3 @@ def cached_items(cache_dir: Path, data: Path, split: str | None, tokenizer: Any,
     except Exception as error:  # a full disk must not stop a run that has its data
         log.warning("could not cache the tokenised data in %s: %s", file, error)
     return items
-
-
-def cached_pairs(cache_dir: Path, data: Path, split: str | None, tokenizer: Any,
-                 settings: Any, columns: Any,
-                 build: Callable[[], list[TokenizedPair]]) -> list[TokenizedPair]:
-    """:func:`cached_items` of preference pairs."""
-    return cached_items(cache_dir, data, split, tokenizer, settings, columns, TokenizedPair,
-                        build)

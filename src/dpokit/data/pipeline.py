@@ -23,15 +23,12 @@ def load_preference_pairs(path: str | Path, tokenizer: Any, *,
     :func:`dpokit.data.tokenize.tokenize_examples`. ``cache_dir``: read the pairs from (or
     store them in) the tokenised-data cache there (:mod:`dpokit.data.cache`)."""
     if cache_dir is not None:
-        from dpokit.data.cache import cached_pairs
-        from dpokit.hub import locate
+        from dpokit.data.cache import cached_items
 
-        local = locate(path, repo_type="dataset")
-        if local.exists():
-            return cached_pairs(cache_dir, local, split, tokenizer, settings, columns,
-                                lambda: load_preference_pairs(path, tokenizer, settings=settings,
-                                                              columns=columns, split=split,
-                                                              progress=progress))
+        return cached_items(cache_dir, path, split, tokenizer, settings, columns, TokenizedPair,
+                            lambda: load_preference_pairs(path, tokenizer, settings=settings,
+                                                          columns=columns, split=split,
+                                                          progress=progress))
     rows = load_rows(path, split=split)
     examples = parse_examples(rows, columns, max_row_chars=settings.max_row_chars)
     pairs = tokenize_examples(examples, tokenizer, settings, progress=progress)

@@ -146,14 +146,10 @@ def load_sft_sequences(path: str | Path, tokenizer: Any, *,
               "assistant_only_loss": assistant_only_loss}
     if cache_dir is not None:
         from dpokit.data.cache import cached_items
-        from dpokit.hub import locate
 
-        local = locate(path, repo_type="dataset")
-        if local.exists():
-            return cached_items(cache_dir, local, split, tokenizer, settings, chosen,
-                                SFTSequence, lambda: load_sft_sequences(
-                                    path, tokenizer, settings=settings, split=split,
-                                    progress=progress, **chosen))
+        return cached_items(cache_dir, path, split, tokenizer, settings, chosen, SFTSequence,
+                            lambda: load_sft_sequences(path, tokenizer, settings=settings,
+                                                       split=split, progress=progress, **chosen))
     rows = load_rows(path, split=split)
     named = {"prompt_column": prompt_column, "completion_column": completion_column,
              "messages_column": messages_column, "text_column": text_column}

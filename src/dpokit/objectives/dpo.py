@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,13 +103,11 @@ class DPOObjective(Objective):
              progress: bool | None = None) -> list[TokenizedPair]:
         """Preference pairs of ``path`` with this config's columns and tokenisation; a loss that
         reads margins or soft labels needs one on every row (the first row without is named)."""
-        cache = None
-        if getattr(self.config, "tokenized_cache", False):  # training: beside the run dir
-            cache = Path(self.config.output_dir).resolve().parent / ".dpokit_cache"
         pairs = load_preference_pairs(path, self.tokenizer,
                                       settings=self.config.tokenize_settings,
                                       columns=self.config.columns, split=split,
-                                      progress=progress, cache_dir=cache)
+                                      progress=progress,  # cached in training only
+                                      cache_dir=getattr(self.config, "data_cache_dir", None))
         losses = ", ".join(self.config.loss_type)
         for needed, attr, key in ((self.margins, "margin", "margin_column"),
                                   (self.label_probs, "label_prob", "label_prob_column")):

@@ -14,7 +14,6 @@ with ``token`` every token does (TRL's SFTTrainer, which divides by ``num_items_
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,11 +51,8 @@ class SFTObjective(Objective):
              progress: bool | None = None) -> list[SFTSequence]:
         """Prompt/completion or conversation rows, tokenised and truncated."""
         c = self.config
-        cache = None
-        if getattr(c, "tokenized_cache", False):  # training: beside the run directory
-            cache = Path(c.output_dir).resolve().parent / ".dpokit_cache"
         return load_sft_sequences(path, self.tokenizer, settings=c.tokenize_settings,
-                                  cache_dir=cache,
+                                  cache_dir=getattr(c, "data_cache_dir", None),
                                   prompt_column=c.prompt_column,
                                   completion_column=c.completion_column,
                                   messages_column=c.messages_column,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from dpokit.config import field
@@ -93,9 +94,9 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
         None, help="Checkpoint directory to resume from, or 'auto' (the newest valid one in "
                    "output_dir; a fresh start when there is none).")
     tokenized_cache: bool = field(
-        True, help="Keep the tokenised preference pairs in ../.dpokit_cache beside output_dir, "
-                   "keyed by the data's content, the tokenizer's files and the tokenisation "
-                   "settings: a second run over them starts without tokenising.")
+        True, help="Keep the tokenised pairs or SFT sequences in ../.dpokit_cache beside "
+                   "output_dir, keyed by the data's content, the tokenizer's files and the "
+                   "tokenisation settings: a second run over them starts without tokenising.")
     overwrite: bool = field(
         False, help="Delete an earlier run's final/, metrics, samples and checkpoints in "
                     "output_dir and start afresh (without it such a directory is refused).")
@@ -210,6 +211,17 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
     def reads_reward(self) -> bool:
         """Whether anything reads ``reward``: the samples of ``eval_generate``."""
         return bool(self.eval_generate)
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where the reference tables and the tokenised data are cached: ``.dpokit_cache``
+        beside the run directory, shared by the runs next to it."""
+        return Path(self.output_dir).resolve().parent / ".dpokit_cache"
+
+    @property
+    def data_cache_dir(self) -> Path | None:
+        """:attr:`cache_dir` for the tokenised data, None with ``tokenized_cache: false``."""
+        return self.cache_dir if self.tokenized_cache else None
 
     @property
     def eval_batch_size(self) -> int:

@@ -391,7 +391,7 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
                 "layout": config.layout, "chunk_size": config.chunk_size,
                 "unpadded": config.unpadded, "mode": reference.mode}
     train_rows = train_rows or len(items)
-    cache_dir = Path(config.output_dir).resolve().parent / ".dpokit_cache"
+    cache_dir = config.cache_dir
     hashed = hash_directory(ref_dir)
     # the training rows and the evaluation rows are two entries: changing eval_data (or its
     # split) does not recompute the training rows' pass

@@ -101,11 +101,26 @@ class TensorBoard:
         self.writer.close()
 
 
-class Wandb:
+class _RunTracker:
+    """What W&B and trackio share: a ``run`` with ``log(values, step=)`` and a ``table`` type
+    (``wandb.Table`` / ``trackio.Table``) for the samples."""
+
+    run: Any
+    table: Any
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log(_scalars(record), step=record["step"])
+
+    def samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        columns, rows = _sample_rows(records)
+        self.run.log({"eval/samples": self.table(columns=columns, data=rows)}, step=step)
+
+
+class Wandb(_RunTracker):
     def __init__(self, output_dir: Path, *, run_name: str, project: str, config: dict):
         import wandb
 
-        self.wandb = wandb
+        self.table = wandb.Table
         directory = None if os.environ.get("WANDB_DIR") else str(output_dir)
         try:
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", project),
@@ -115,34 +130,20 @@ class Wandb:
             raise DpokitError(f"report_to wandb: cannot start a W&B run: {_first_line(error)} "
                               f"(WANDB_MODE=offline logs locally)") from None
 
-    def log(self, record: dict[str, Any]) -> None:
-        self.run.log(_scalars(record), step=record["step"])
-
-    def samples(self, step: int, records: list[dict[str, Any]]) -> None:
-        columns, rows = _sample_rows(records)
-        self.run.log({"eval/samples": self.wandb.Table(columns=columns, data=rows)}, step=step)
-
     def close(self, failed: bool) -> None:
         self.run.finish(exit_code=1 if failed else 0)
 
 
-class Trackio:
+class Trackio(_RunTracker):
     def __init__(self, output_dir: Path, *, run_name: str, project: str, config: dict):
         import trackio
 
-        self.trackio = trackio
+        self.table = trackio.Table
         try:
             self.run = trackio.init(project=project, name=run_name, config=config, embed=False)
         except Exception as error:
             raise DpokitError(f"report_to trackio: cannot start a trackio run: "
                               f"{_first_line(error)}") from None
-
-    def log(self, record: dict[str, Any]) -> None:
-        self.run.log(_scalars(record), step=record["step"])
-
-    def samples(self, step: int, records: list[dict[str, Any]]) -> None:
-        columns, rows = _sample_rows(records)
-        self.run.log({"eval/samples": self.trackio.Table(columns=columns, data=rows)}, step=step)
 
     def close(self, failed: bool) -> None:
         self.run.finish()
