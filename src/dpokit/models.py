@@ -120,7 +120,11 @@ def position_limit(path: str | Path, *, what: str = "model") -> tuple[int, str] 
     read without loading any weights, extended by its ``rope_scaling`` — or None when it states
     none."""
 
-    config = _read_json(config_dir(path, what=what) / "config.json")
+    return _positions(_read_json(config_dir(path, what=what) / "config.json"))
+
+
+def _positions(config: dict) -> tuple[int, str] | None:
+    """:func:`position_limit` of a read ``config.json``."""
     sources = [config, config.get("text_config") or {}]
     for source in sources:
         for key in POSITION_KEYS:
@@ -154,7 +158,8 @@ def position_limits(config: Any) -> list[tuple[int, str, str, bool]]:
     model), after checking ``max_length`` against them."""
     limits = []
     for what, path in (("model", config.model), ("ref_model", getattr(config, "ref_model", None))):
-        found = position_limit(path, what=what) if path else None
+        settings = _read_json(config_dir(path, what=what) / "config.json") if path else {}
+        found = _positions(settings)
         if found is None:
             continue
         positions, key = found
@@ -162,8 +167,7 @@ def position_limits(config: Any) -> list[tuple[int, str, str, bool]]:
             raise DpokitError(f"max_length {config.max_length} is longer than {what} {path} "
                               f"has positions ({key} = {positions} in its config.json); set "
                               f"max_length ≤ {positions}")
-        model_type = _read_json(config_dir(path, what=what) / "config.json").get("model_type")
-        limits.append((positions, key, str(path), model_type in ROW_MASK_TYPES))
+        limits.append((positions, key, str(path), settings.get("model_type") in ROW_MASK_TYPES))
     return limits
 
 
