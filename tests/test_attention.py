@@ -132,7 +132,7 @@ def test_flatten_segments(pairs):
     real = batch.sequence_ids.reshape(-1) >= 0
     assert torch.equal(flat.input_ids[0], batch.input_ids.reshape(-1)[real])
     assert (flat.flat_index[~real] == -1).all()
-    assert all(mask is None for mask in flat.segments.masks)
+    assert flat.segments.parts == tuple((n,) for n in lengths)  # causal, no masks
 
 
 def test_flatten_rejects_interleaved_sequences(pairs):
@@ -187,3 +187,49 @@ def test_families_outside_the_list_run_padded(tokenizer):
     assert model.config.model_type not in UNPADDED_MODEL_TYPES
     assert not enable_segment_attention(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_gpu_path_of_later_completions_equals_padded(pairs, tokenizer, model_type, monkeypatch):
+    """The GPU path of a shared-prompt row's later completion (the prompt's and its own keys side
+    by side, ``causal_lower_right``, key/value heads repeated for GQA) run on this CPU, where
+    the bias materialises: log-probs and gradients equal to the padded pass (float64)."""
+    import dpokit.attention as attention
+
+    monkeypatch.setattr(attention, "keys_side_by_side", lambda device: True)
+    used = []
+    real_sdpa = attention._sdpa
+
+    def recording(query, key, value, mask, **kwargs):
+        used.append(type(mask).__name__)
+        return real_sdpa(query, key, value, mask, **kwargs)
+
+    monkeypatch.setattr(attention, "_sdpa", recording)
+    model, _ = tiny_of_type(model_type, len(tokenizer))
+    model.train()
+    assert_same(model, LAYOUTS["shared"](pairs))
+    assert "CausalBias" in used and "Tensor" not in used  # no mask of its own anywhere
+
+
+def test_shared_rows_need_no_row_by_row_mask(pairs, tokenizer, monkeypatch):
+    """The unpadded decoder builds no (L, L) mask for a shared-prompt row: the prompt and the
+    chosen completion are one causal call, and the rejected completion's mask is |y_l| × (|x| +
+    |y_w| + |y_l|); the collated batch holds no mask at all."""
+    shapes = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, attn_mask=None, **kwargs):
+        shapes.append(None if attn_mask is None else tuple(attn_mask.shape))
+        return real_sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=5)
+    batch = LAYOUTS["shared"](pairs)
+    assert batch.attention_mask is None
+    with torch.no_grad():
+        completion_logps(model, batch)
+    layers = model.config.num_hidden_layers
+    per_layer = [shape for p in pairs for shape in (
+        None, (len(p.rejected_ids), len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)))]
+    expected = per_layer * layers
+    assert shapes == expected

@@ -356,14 +356,20 @@ def test_unreadable_data(workdir, tmp_path, capsys, monkeypatch):
     data.write_bytes((workdir / "prefs.jsonl").read_bytes())
     data.chmod(0o000)
     if os.access(data, os.R_OK):  # root reads anyway: fail the read as the kernel would
-        real_read = pathlib.Path.read_bytes
+        real_read, real_open = pathlib.Path.read_bytes, pathlib.Path.open
 
         def refusing_read(self):
             if self == data:
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
             return real_read(self)
 
+        def refusing_open(self, *args, **kwargs):  # JSON Lines are read as a stream
+            if self == data:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+            return real_open(self, *args, **kwargs)
+
         monkeypatch.setattr(pathlib.Path, "read_bytes", refusing_read)
+        monkeypatch.setattr(pathlib.Path, "open", refusing_open)
     argv = eval_args(workdir)
     argv[argv.index("--data") + 1] = str(data)
     try:

@@ -5,9 +5,19 @@ padding too — 12% of the tokens of the benchmark's shared-prompt batches, more
 lengths. :func:`flatten` turns a :class:`~dpokit.data.collate.PairBatch` into one row of its T
 real tokens, ``(1, T)`` ids and positions, so the linear layers see T rows; attention, the one
 place where tokens of different sequences must not meet, runs per *segment* — a row of a padded
-or shared-prompt batch, a sequence of a packed one — with the segment's own block mask (shared
-layout) or as plain causal attention (no mask, the fastest SDPA kernel). The result is exact:
-every hidden state equals the one of the padded pass.
+or shared-prompt batch, a sequence of a packed one — as plain causal attention (no mask, the
+fastest SDPA kernel). The result is exact: every hidden state equals the one of the padded pass.
+
+A shared-prompt row ``[x, y_1, …, y_m]`` needs no L × L block mask either: its first part
+``x + y_1`` is one causal call, and each later completion y_j attends to ``[x, y_j]`` with the
+causal mask aligned to the bottom right (its queries see all of x and y_j's earlier tokens). On
+a GPU that call takes x's and y_j's keys side by side with
+``torch.nn.attention.bias.causal_lower_right`` — the flash or memory-efficient kernel, no mask
+materialised; on a CPU it reads the keys ``[0, end of y_j)`` in place with a boolean mask of
+``|y_j| × (end of y_j)`` that hides the other completions (the CPU kernel takes a mask; no key is
+copied). The largest mask of a pair is |y_l| × (|x| + |y_w| + |y_l|) on a CPU, none on a GPU,
+against the (|x| + |y_w| + |y_l|)² of one masked call — at 8,192 tokens a pair, 268 MB of a float
+bias per pair and layer call saved.
 
 It plugs into ``transformers`` through its documented attention interface:
 :data:`SEGMENT_ATTENTION` is registered with ``AttentionInterface`` on first use and behaves as
@@ -24,10 +34,12 @@ the next in a flat row (LFM2, Granite-H), and models whose pattern lives only in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from dpokit.data.collate import PairBatch
 from dpokit.errors import DpokitError
@@ -49,13 +61,14 @@ class Segments:
 
     bounds: tuple[tuple[int, int], ...]
     """``(start, stop)`` of every segment along the T axis, in order, covering it."""
-    masks: tuple[Tensor | None, ...]
-    """Per segment a ``(n, n)`` boolean mask (True: may attend), or None for causal."""
-    biases: tuple[Tensor | None, ...]
-    """The same masks as ``(1, 1, n, n)`` additive biases (0 or the dtype's minimum), as the
-    padded pass gives them to SDPA; built once per batch, not per layer."""
+    parts: tuple[tuple[int, ...], ...]
+    """Per segment the lengths of its parts: ``(n,)`` for a causal sequence, ``(|x|, |y_1|, …,
+    |y_m|)`` for a shared-prompt row (:attr:`dpokit.data.collate.PairBatch.parts`)."""
     position_ids: Tensor
     """``(T,)``: the position of every token in its own sequence (for sliding windows)."""
+    masks: dict = field(default_factory=dict, compare=False, repr=False)
+    """The masks the attention calls build, kept for the batch's other layers (and their
+    recomputation in backward): one per (segment, part, window)."""
 
 
 @dataclass(frozen=True)
@@ -71,12 +84,12 @@ class FlatBatch:
     segments: Segments
 
 
-def flatten(batch: PairBatch, dtype: torch.dtype = torch.float32) -> FlatBatch:
+def flatten(batch: PairBatch) -> FlatBatch:
     """The real tokens of ``batch`` (``sequence_ids ≥ 0``), row-major, as one row.
 
     Segments: each row of a ``padded`` or ``shared`` batch, each sequence of a ``packed`` one. A
-    shared-prompt row (whose real tokens must be contiguous) keeps its block mask, as an
-    additive bias of ``dtype``; the others are causal.
+    shared-prompt row (whose real tokens must be contiguous, from column 0) keeps its parts
+    (prompt, completions); the others are causal.
     """
     real = batch.sequence_ids >= 0  # (rows, L)
     rows, length = real.shape
@@ -91,24 +104,20 @@ def flatten(batch: PairBatch, dtype: torch.dtype = torch.float32) -> FlatBatch:
         raise DpokitError("a sequence of the batch is split by another one; cannot flatten it")
     stops = counts.cumsum(0).tolist()
     bounds = tuple(zip([0, *stops[:-1]], stops, strict=True))
-    masks: list[Tensor | None] = []
     if batch.layout == "shared":
-        first = index[[start for start, _ in bounds]] % length  # first real column of each row
-        for row, (start, stop), column in zip(segment_keys.tolist(), bounds, first.tolist(),
-                                              strict=True):
-            n = stop - start
-            if not bool(real[row, column:column + n].all()):
+        parts = []
+        for row, (start, stop) in zip(segment_keys.tolist(), bounds, strict=True):
+            lengths = batch.parts[row]
+            if sum(lengths) != stop - start or not bool(real[row, :stop - start].all()):
                 raise DpokitError("the real tokens of a shared-prompt row are not contiguous")
-            masks.append(batch.attention_mask[row, 0, column:column + n, column:column + n])
+            parts.append(tuple(lengths))
     else:
-        masks = [None] * len(bounds)
+        parts = [(stop - start,) for start, stop in bounds]
     flat_index = torch.full((rows * length,), -1, dtype=torch.long, device=real.device)
     flat_index[index] = torch.arange(len(index), device=real.device)
     position_ids = batch.position_ids.reshape(-1)[index]
-    biases = tuple(None if mask is None else additive_mask(mask, dtype)[None, None]
-                   for mask in masks)
     return FlatBatch(batch.input_ids.reshape(-1)[index][None], position_ids[None], flat_index,
-                     Segments(bounds, tuple(masks), biases, position_ids))
+                     Segments(bounds, tuple(parts), position_ids))
 
 
 def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -119,17 +128,84 @@ def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(mask, zero, low)
 
 
-def _with_window(mask: Tensor | None, positions: Tensor, window: int | None) -> Tensor | None:
-    """The segment's mask with a sliding window: a query at position q sees keys at positions
-    k with q − k < ``window`` (``transformers``' convention), counted in its own sequence — in a
-    shared-prompt row the rejected completion's positions continue from the prompt."""
-    if window is None or len(positions) <= window:
-        return mask
-    distance = positions[:, None] - positions[None, :]
-    band = distance < window
-    if mask is None:  # causal segment: positions are 0..n-1
-        return band & (distance >= 0)
-    return mask & band
+def _window_band(query_positions: Tensor, key_positions: Tensor, window: int | None
+                 ) -> Tensor | None:
+    """``(n_q, n_k)`` True where a query at position q may see a key at position k under a
+    sliding window (q − k < ``window``, ``transformers``' convention, positions counted in each
+    token's own sequence), or None when no pair of them is that far apart."""
+    if window is None or int(query_positions.max() - key_positions.min()) < window:
+        return None
+    return query_positions[:, None] - key_positions[None, :] < window
+
+
+def _sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Any, *, causal: bool,
+          dropout: float, scaling: float | None, groups: int) -> Tensor:
+    """One SDPA call; GQA by ``enable_gqa`` where the kernel takes it (no mask, or a CPU mask),
+    else the key/value heads repeated (masked GPU kernels; the lower-right causal bias, whose
+    kernels take equal heads)."""
+    gqa = {}
+    if groups > 1:
+        if mask is None or (query.device.type == "cpu" and not isinstance(mask, CausalBias)):
+            gqa = {"enable_gqa": True}
+        else:
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+        is_causal=mask is None and causal and query.shape[2] > 1, **gqa)
+
+
+def _memo(masks: dict, key: tuple, build: Any) -> Any:
+    if key not in masks:
+        masks[key] = build()
+    return masks[key]
+
+
+def _causal_part(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, window: int | None,
+                 causal: bool, masks: dict, key: tuple, **sdpa: Any) -> Tensor:
+    """Causal attention of a run of tokens over themselves (a sequence; a row's prompt and first
+    completion), with the window's band where it bites (built once per batch: ``masks``)."""
+    def build() -> Tensor | None:
+        band = _window_band(positions, positions, window) if causal else None
+        return None if band is None else band & torch.ones_like(band).tril()
+
+    band = _memo(masks, (*key, window), build) if window is not None else None
+    return _sdpa(q, k, v, band, causal=causal, **sdpa)
+
+
+def keys_side_by_side(device: torch.device) -> bool:
+    """Whether a later completion's attention takes the prompt's and its own keys side by side
+    with the lower-right causal bias (GPUs: a flash/memory-efficient kernel, no mask) rather
+    than the keys in place with a boolean mask (CPUs, whose kernel materialises the bias
+    anyway). Both are exact; tests switch the GPU path on for a CPU."""
+    return device.type != "cpu"
+
+
+def _later_completion(query: Tensor, key: Tensor, value: Tensor, prompt: int, start: int,
+                      stop: int, positions: Tensor, window: int | None, masks: dict,
+                      memo_key: tuple, **sdpa: Any) -> Tensor:
+    """Completion ``[start, stop)`` of a shared-prompt row (not its first) attending to the
+    prompt ``[0, prompt)`` and to its own earlier tokens — the bottom-right-aligned causal mask
+    over the keys ``[x, y_j]``. GPU without a window: those keys side by side, the lower-right
+    causal bias (no mask materialised). Otherwise the keys ``[0, stop)`` in place and a boolean
+    ``(stop − start, stop)`` mask hiding the other completions (and what the window hides)."""
+    n = stop - start
+    q = query[:, :, start:stop]
+    if window is None and keys_side_by_side(query.device):
+        k = torch.cat([key[:, :, :prompt], key[:, :, start:stop]], dim=2)
+        v = torch.cat([value[:, :, :prompt], value[:, :, start:stop]], dim=2)
+        return _sdpa(q, k, v, causal_lower_right(n, prompt + n), causal=False, **sdpa)
+
+    def build() -> Tensor:
+        columns = torch.arange(stop, device=query.device)
+        rows = torch.arange(start, stop, device=query.device)
+        mask = (columns[None, :] < prompt) | ((columns[None, :] >= start)
+                                              & (columns[None, :] <= rows[:, None]))
+        band = _window_band(positions[start:stop], positions[:stop], window)
+        return mask if band is None else mask & band
+
+    mask = _memo(masks, (*memo_key, window), build)
+    return _sdpa(q, key[:, :, :stop], value[:, :, :stop], mask, causal=False, **sdpa)
 
 
 _UNSUPPORTED = ("position_bias", "s_aux", "softcap")
@@ -163,30 +239,28 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     window = kwargs.get("sliding_window")
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    groups = getattr(module, "num_key_value_groups", 1)
-    gqa = {}
-    if groups > 1:
-        masked = any(b is not None for b in dpokit_segments.biases) or (
-            window is not None
-            and max(stop - start for start, stop in dpokit_segments.bounds) > window)
-        if query.device.type == "cpu" or not masked:
-            gqa = {"enable_gqa": True}  # CPU kernels and mask-free GPU kernels support it
-        else:  # masked GPU kernels do not: repeat the key/value heads once for the whole row
-            key = key.repeat_interleave(groups, dim=1)
-            value = value.repeat_interleave(groups, dim=1)
-    lengths = [stop - start for start, stop in dpokit_segments.bounds]
+    sdpa = {"dropout": dropout, "scaling": scaling,
+            "groups": getattr(module, "num_key_value_groups", 1)}
+    segments = dpokit_segments
     outputs = []
-    for q, k, v, mask, bias, (start, stop) in zip(
-            query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2),
-            dpokit_segments.masks, dpokit_segments.biases, dpokit_segments.bounds, strict=True):
-        windowed = _with_window(mask, dpokit_segments.position_ids[start:stop], window)
-        if windowed is not mask:
-            bias = additive_mask(windowed, query.dtype)[None, None]
-        elif bias is not None and bias.dtype != query.dtype:
-            bias = bias.to(query.dtype)
-        outputs.append(torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=dropout, scale=scaling,
-            is_causal=bias is None and causal and stop - start > 1, **gqa))
+    masks = segments.masks
+    for index, ((start, stop), parts) in enumerate(zip(segments.bounds, segments.parts,
+                                                       strict=True)):
+        q, k, v = (t[:, :, start:stop] for t in (query, key, value))
+        positions = segments.position_ids[start:stop]
+        if len(parts) == 1:
+            outputs.append(_causal_part(q, k, v, positions, window, causal, masks, (index, 0),
+                                        **sdpa))
+            continue
+        prompt, first = parts[0], parts[0] + parts[1]
+        outputs.append(_causal_part(q[:, :, :first], k[:, :, :first], v[:, :, :first],
+                                    positions[:first], window, causal, masks, (index, 0),
+                                    **sdpa))
+        begin = first
+        for part, n in enumerate(parts[2:], start=2):
+            outputs.append(_later_completion(q, k, v, prompt, begin, begin + n, positions,
+                                             window, masks, (index, part), **sdpa))
+            begin += n
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

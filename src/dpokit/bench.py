@@ -101,6 +101,9 @@ class BenchConfig(Config):
         """The dpokit keys of the benchmark's precision (TRL gets the same)."""
         return {"dtype": self.dtype, "bf16": self.bf16, "fp16": self.fp16}
     json: str | None = field(None, help="Also write the rows as JSON here.")
+    context_lengths: list[int] | None = field(
+        None, help="Long contexts instead: per length L (e.g. 512,2048,4096,8192), the small "
+                   "model with L positions on pairs of ~L tokens (long prompts), batch 2.")
 
     def validate(self) -> None:
         """Known names, enough steps, TRL and CUDA present when asked for."""
@@ -132,6 +135,15 @@ class Fixture:
     @property
     def data(self) -> Path:
         return self.root / "prefs.jsonl"
+
+    @property
+    def shape(self) -> dict[str, int]:
+        """Batch size and max_length of this fixture's runs (a long-context fixture has its
+        own, in ``shape.json``)."""
+        file = self.root / "shape.json"
+        if file.is_file():
+            return json.loads(file.read_text())
+        return {"batch": BATCH, "max_length": MAX_LENGTH}
 
     @property
     def data_320(self) -> Path:
@@ -170,6 +182,55 @@ def build_fixtures(root: str | Path, models: list[str], *, rows: int = 1024,
                  for _ in range(rows)]
         fixture.data.write_text("\n".join(lines) + "\n", encoding="utf-8")
         fixture.data_320.write_text("\n".join(lines[:320]) + "\n", encoding="utf-8")
+    return fixture
+
+
+LONG_BATCH = 2
+"""Pairs per step of the long-context benchmark."""
+
+
+def build_long_fixture(root: str | Path, length: int, *, pairs: int, seed: int = 0) -> Fixture:
+    """The long-context fixture of ``length`` tokens under ``root/long-<length>``: the small
+    model with ``length`` positions (its weights: Llama's positions are rotary, no table),
+    ``pairs`` preference rows whose prompt fills the length but for two ~54-token completions
+    (as the short fixture's), ``shape.json`` with batch 2 and max_length = ``length``."""
+    from transformers import AutoTokenizer
+
+    from dpokit.fixtures import WORDS
+
+    base = build_fixtures(root, ["small"])
+    fixture = Fixture(Path(root) / f"long-{length}")
+    model = fixture.model("small")
+    if not (model / "config.json").is_file():
+        model.mkdir(parents=True, exist_ok=True)
+        for file in base.model("small").iterdir():
+            (model / file.name).write_bytes(file.read_bytes())
+        config = json.loads((model / "config.json").read_text())
+        config["max_position_embeddings"] = length
+        (model / "config.json").write_text(json.dumps(config, indent=2))
+    if not fixture.data.is_file():
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        rng = random.Random(seed)
+
+        def text(n: int) -> str:
+            return " ".join(rng.choice(WORDS) for _ in range(n))
+
+        per_word = len(tokenizer(text(2000))["input_ids"]) / 2000
+        lines = []
+        for _ in range(pairs):
+            chosen, rejected = " " + text(rng.randint(40, 66)) + ".", " " + text(
+                rng.randint(40, 66)) + "!"
+            room = length - 2 - max(len(tokenizer(c)["input_ids"]) for c in (chosen, rejected))
+            words = int(room / per_word * 0.97)
+            prompt = text(words) + "?"
+            while len(tokenizer(prompt + chosen)["input_ids"]) + 1 > length or len(
+                    tokenizer(prompt + rejected)["input_ids"]) + 1 > length:
+                words -= 10
+                prompt = text(words) + "?"
+            lines.append(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}))
+        fixture.data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (fixture.root / "shape.json").write_text(json.dumps(
+            {"batch": LONG_BATCH, "max_length": length}))
     return fixture
 
 
@@ -228,7 +289,8 @@ def _run_dpokit(fixture: Fixture, model: str, setting: str, steps: int, data: Pa
                 epochs: float | None, device: str, precision: dict) -> list[float]:
     return timed_dpokit_run(
         fixture, model=str(fixture.model(model)), data=str(data), device=device, **precision,
-        batch_size=BATCH, learning_rate=LR, beta=BETA, max_length=MAX_LENGTH,
+        batch_size=fixture.shape["batch"], learning_rate=LR, beta=BETA,
+        max_length=fixture.shape["max_length"],
         max_steps=None if epochs else steps, num_epochs=epochs or 1.0, **SETTINGS[setting][0])
 
 
@@ -258,8 +320,9 @@ def _run_trl(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
     tokenizer, policy, dataset, stamp, stamps = trl_inputs(fixture, model, data,
                                                            precision["dtype"])
     args = DPOConfig(output_dir=str(fixture.root / "runs" / f"trl-{model}-{setting}"),
-                     per_device_train_batch_size=BATCH, learning_rate=LR, beta=BETA,
-                     max_length=MAX_LENGTH, max_steps=-1 if epochs else steps,
+                     per_device_train_batch_size=fixture.shape["batch"], learning_rate=LR,
+                     beta=BETA, max_length=fixture.shape["max_length"],
+                     max_steps=-1 if epochs else steps,
                      num_train_epochs=epochs or 1.0, lr_scheduler_type="constant",
                      save_strategy="no", report_to=[], logging_steps=10**9,
                      use_cpu=device == "cpu",
@@ -311,10 +374,11 @@ def run_one(framework: str, fixture_dir: str, model: str, setting: str, steps: i
 
 
 def _tokens_per_pair(fixture: Fixture, model: str) -> float:
-    from dpokit.data import load_preference_pairs
+    from dpokit.data import TokenizeSettings, load_preference_pairs
     from dpokit.models import load_tokenizer
 
-    pairs = load_preference_pairs(fixture.data, load_tokenizer(fixture.model(model)))
+    pairs = load_preference_pairs(fixture.data, load_tokenizer(fixture.model(model)),
+                                  settings=TokenizeSettings(max_length=fixture.shape["max_length"]))
     return sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                for p in pairs) / len(pairs)
 
@@ -412,6 +476,50 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
                 rows.append(row)
                 report(_format_row(row))
     return rows
+
+
+def long_context_benchmark(workdir: str | Path, *, lengths: list[int], settings: list[str],
+                           steps: int, repeats: int, frameworks: list[str],
+                           report=print) -> list[dict]:
+    """s/step and peak RSS at each context length (:func:`build_long_fixture`: the small
+    model, batch 2, ``steps × 2`` pairs so that TRL's precomputed reference covers only the
+    rows trained on, as dpokit's does), frameworks alternating. A run that fails (TRL out of
+    memory, say) is a row with its error."""
+    rows = []
+    for length in lengths:
+        fixture = build_long_fixture(workdir, length, pairs=steps * LONG_BATCH)
+        tokens = _tokens_per_pair(fixture, "small")
+        for setting in settings:
+            results: dict[str, list[dict]] = {f: [] for f in frameworks}
+            for _ in range(repeats):
+                for framework in frameworks:
+                    results[framework].append(_subprocess(
+                        ["run", framework, str(fixture.root), "small", setting, str(steps)]))
+            for framework, runs in results.items():
+                good = [r for r in runs if "error" not in r]
+                row = {"framework": framework, "model": f"small@{length}", "setting": setting,
+                       "context_length": length, "tokens_per_pair": tokens}
+                if not good:
+                    row["error"] = runs[0]["error"]
+                else:
+                    spp = statistics.median(r["seconds_per_step"] for r in good)
+                    row.update(seconds_per_step=spp, pairs_per_second=LONG_BATCH / spp,
+                               tokens_per_second=LONG_BATCH * tokens / spp,
+                               peak_rss_mb=max(r["peak_rss_mb"] for r in good),
+                               start_rss_mb=statistics.median(r["start_rss_mb"] for r in good),
+                               wall_seconds=statistics.median(r["wall_seconds"] for r in good))
+                rows.append(row)
+                report(_format_long_row(row))
+    return rows
+
+
+def _format_long_row(row: dict) -> str:
+    head = (f"{row['framework']:7} {row['context_length']:>5} tokens "
+            f"(~{row['tokens_per_pair']:.0f}/pair) {row['setting']:20}")
+    if "error" in row:
+        return f"{head} error: {row['error']}"
+    return (f"{head} {row['seconds_per_step']:.2f} s/step  {row['peak_rss_mb']:.0f} MB  "
+            f"({row['wall_seconds']:.0f} s in all)")
 
 
 def _format_row(row: dict) -> str:

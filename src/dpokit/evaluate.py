@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dpokit.data import micro_batches
+from dpokit.data.batching import group_ids, unit_spans
 from dpokit.errors import DpokitError
 from dpokit.eval_config import EvalConfig, GenerateConfig
 from dpokit.objectives import MetricSums, Objective
@@ -71,8 +72,9 @@ def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, b
     policy.eval()
     sums = MetricSums(objective.metric_keys)
     records: list[dict[str, Any]] = []
+    groups = group_ids(items)  # a prompt's pairs evaluate together (k completions)
     batches = micro_batches(list(range(len(items))), batch_size, runtime.rank,
-                            runtime.world_size)
+                            runtime.world_size, groups if unit_spans(groups) else None)
     bar = tqdm(total=len(items), unit=objective.unit[:-1], desc="evaluating",
                disable=not progress)
     try:

@@ -135,7 +135,7 @@ def _hidden_states(model: nn.Module, batch: PairBatch, rows: Tensor, columns: Te
     decoder = base.get_decoder()
     dtype = next(base.parameters()).dtype
     if unpadded and enable_segment_attention(base):
-        flat = flatten(batch, dtype)
+        flat = flatten(batch)
         # A 4D mask makes transformers use it as given (no mask is built for the flat row);
         # segment attention ignores it and masks each segment itself.
         outputs = decoder(input_ids=flat.input_ids, position_ids=flat.position_ids,
@@ -152,7 +152,7 @@ def _hidden_states(model: nn.Module, batch: PairBatch, rows: Tensor, columns: Te
 def _mask(batch: PairBatch, dtype: torch.dtype) -> Tensor | None:
     """The batch's attention mask as the model takes it: a custom 4D boolean mask (shared
     layout) becomes additive, which eager and SDPA attention accept."""
-    mask = batch.attention_mask
+    mask = batch.dense_mask() if batch.layout == "shared" else batch.attention_mask
     return additive_mask(mask, dtype) if mask is not None and mask.dim() == 4 else mask
 
 
@@ -162,7 +162,8 @@ def _last_hidden(outputs) -> Tensor:
 
 @dataclass(frozen=True)
 class CompletionLogps:
-    """Per-sequence sums over completion tokens, each ``(num_sequences,)``."""
+    """Per-sequence sums over completion tokens, each ``(num_sequences,)`` — for pairs whose
+    group shares sequences (``batch.pair_index``), ``(2B,)`` as if each pair had its own."""
 
     logps: Tensor
     tokens: Tensor
@@ -269,8 +270,9 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
     counts.index_add_(0, owners, torch.ones_like(owners))
     weights = torch.ones_like(token_logps)
     if ld_alpha is not None:
-        if batch.num_pairs * 2 != num_sequences:
-            raise DpokitError("ld_alpha needs a batch of preference pairs")
+        if batch.num_pairs * 2 != num_sequences or batch.pair_index is not None:
+            raise DpokitError("ld_alpha needs a batch of preference pairs, each with sequences "
+                              "of its own (LD-DPO weighs a completion by its partner's length)")
         # 1-based position of each token within its completion; tokens of a sequence are
         # contiguous and in order in both layouts.
         index = torch.arange(len(owners), device=owners.device)
@@ -289,10 +291,22 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         wpo_sums.index_add_(0, owners, wpo_terms.to(dtype))
         wpo_means = wpo_sums / counts.clamp(min=1)
     if not token_stats:
-        return CompletionLogps(sums, counts, wpo_means)
+        return _per_pair(CompletionLogps(sums, counts, wpo_means), batch.pair_index)
     stat_sums = torch.zeros(num_sequences, 3, dtype=dtype, device=targets.device)
     stat_sums.index_add_(0, owners, stats.to(dtype))
-    return CompletionLogps(sums, counts, wpo_means, *stat_sums.unbind(dim=-1))
+    return _per_pair(CompletionLogps(sums, counts, wpo_means, *stat_sums.unbind(dim=-1)),
+                     batch.pair_index)
+
+
+def _per_pair(out: CompletionLogps, pair_index: Tensor | None) -> CompletionLogps:
+    """Per-sequence sums as the 2B sequences of B pairs (chosen b, rejected B + b) when pairs of
+    a group shared sequences (``pair_index``, ``(2, B)``): a shared completion's value is read by
+    every pair that holds it, and its gradient is the sum of theirs."""
+    if pair_index is None:
+        return out
+    index = pair_index.reshape(-1)
+    return CompletionLogps(*(None if value is None else value[index] for value in (
+        out.logps, out.tokens, out.wpo, out.mean_logits, out.entropy, out.top1)))
 
 
 def sequence_logps(model: nn.Module, batch: PairBatch, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -305,7 +319,8 @@ def sequence_logps(model: nn.Module, batch: PairBatch, *, chunk_size: int = DEFA
     Returns:
         :class:`PairLogps` with ``(B,)`` tensors (float32, or float64 for a float64 model).
     """
-    if batch.num_sequences != 2 * batch.num_pairs:
+    if not batch.num_pairs or (batch.pair_index is None
+                               and batch.num_sequences != 2 * batch.num_pairs):
         raise DpokitError("sequence_logps needs a batch of preference pairs (2B sequences)")
     out = completion_logps(model, batch, chunk_size=chunk_size, wpo=wpo, fused=fused,
                            ld_alpha=ld_alpha, unpadded=unpadded)

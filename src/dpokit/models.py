@@ -185,6 +185,25 @@ def positions_needed(item: Any, max_new_tokens: int, *, whole_row: bool = False)
     return prompt + max_new_tokens
 
 
+def _positions_needed_all(items: Any, max_new_tokens: int, *, whole_row: bool) -> Any:
+    """:func:`positions_needed` of every item (an int64 array); for an item store, from its
+    stored lengths (:mod:`dpokit.data.store`), without building the items."""
+    import numpy as np
+
+    from dpokit.data.store import ItemChain, ItemStore, lengths
+
+    if not isinstance(items, ItemStore | ItemChain):
+        return np.array([positions_needed(item, max_new_tokens, whole_row=whole_row)
+                         for item in items], dtype=np.int64)
+    prompt, sample = lengths(items, "prompt_ids"), items[0]
+    if hasattr(sample, "chosen_ids"):
+        chosen, rejected = lengths(items, "chosen_ids"), lengths(items, "rejected_ids")
+        return prompt + (chosen + rejected if whole_row else np.maximum(chosen, rejected))
+    if hasattr(sample, "completion_ids"):
+        return prompt + lengths(items, "completion_ids")
+    return prompt + max_new_tokens
+
+
 def check_positions(items: list, limits: list[tuple[int, str, str, bool]],
                     max_new_tokens: int, layout: str = "padded") -> None:
     """No example may be longer than a model's positions (Llama would run past them silently,
@@ -194,8 +213,8 @@ def check_positions(items: list, limits: list[tuple[int, str, str, bool]],
         return
     for positions, key, path, row_mask in sorted(limits):
         whole = row_mask and layout == "shared"
-        needed = [positions_needed(item, max_new_tokens, whole_row=whole) for item in items]
-        longest = max(range(len(items)), key=needed.__getitem__)
+        needed = _positions_needed_all(items, max_new_tokens, whole_row=whole)
+        longest = int(needed.argmax())  # the first of the longest, as max() picks
         if needed[longest] <= positions:
             continue
         item = items[longest]

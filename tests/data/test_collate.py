@@ -98,7 +98,8 @@ def test_shared_prompt_layout_by_hand():
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3]  # rejected restarts after x
     assert batch.sequence_ids[0].tolist() == [0, 0, 0, 0, 0, 2]
     assert batch.predictor[0].tolist() == [-1, -1, -1, 2, 3, 2]  # y_l[0] predicted from x's end
-    mask = batch.attention_mask[0, 0]
+    assert batch.attention_mask is None and batch.parts == ((3, 2, 1), (2, 1, 3))
+    mask = batch.dense_mask()[0, 0]
     assert mask[5].tolist() == [True, True, True, False, False, True]  # y_l sees x, not y_w
     assert mask[4].tolist() == [True, True, True, True, True, False]
     assert batch.input_ids[1].tolist() == [1, 12, 22, 31, 32, 33]

@@ -215,3 +215,34 @@ def test_config_validation_is_the_losses_own(loss, smoothing, accepted):
         with pytest.raises(DpokitError) as caught:
             build_config(DPOConfig, values)
         assert str(caught.value) == direct
+
+
+def test_fsdp_bf16_gathers_bfloat16_layers_over_float32_shards(workdir, tmp_path):
+    """``--fsdp --bf16`` on float32 weights: FSDP2's MixedPrecisionPolicy (bf16 compute, fp32
+    reduce), float32 master shards — the saved weights are float32 — and a finite run whose
+    step-1 rewards are bf16 rounding away from 0 (policy = reference at step 1)."""
+    from dpokit.config import load_config
+    from dpokit.train.config import DPOConfig
+    from dpokit.train.setup import fsdp_mixed_precision
+
+    def policy(**keys):
+        values = {"model": str(workdir / "llama"), "data": str(workdir / "prefs.jsonl"), **keys}
+        return fsdp_mixed_precision(load_config(DPOConfig, None, values))
+
+    mixed = policy(bf16="true")
+    assert (mixed.param_dtype, mixed.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert policy() is None and policy(bf16="true", dtype="bfloat16") is None
+    assert policy(fp16="true") is None
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
+         "-m", "dpokit", "train", "--fsdp", "--bf16", "--device", "cpu", "--batch-size", "2",
+         "--model", str(workdir / "llama"), "--data", str(workdir / "prefs.jsonl"),
+         "--max-steps", "2", "--logging-steps", "1", "--save-steps", "null",
+         "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+        check=False, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = read_metrics(tmp_path / "out")[0]
+    assert abs(first["rewards/chosen"]) < 1e-2 and first["loss"] == pytest.approx(0.6931, abs=1e-2)
+    saved = load_file(str(tmp_path / "out" / "final" / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.table import Table
-
 from dpokit.cli.app import COMMANDS, app, console
 from dpokit.cli.options import config_command
-from dpokit.demo.run import DemoConfig
+from dpokit.demo.config import DemoConfig
 
 
 def _demo(config: DemoConfig) -> None:
     """``dpokit demo``: run it, print the summary table and where the report is."""
+    from rich.table import Table
+
     from dpokit.demo.run import run_demo
     from dpokit.demo.text import METHOD_COLUMNS, method_rows, verdict
 

@@ -3,7 +3,8 @@ intractable) and ``figures`` (every plot of the lecture, computed).
 
 Each one's flags are the fields of its config dataclass (:mod:`dpokit.lecture.config`), so
 ``--help`` shows every key with its type, default and help, and ``--config FILE.yaml`` takes the
-same keys.
+same keys. The computations (torch) and rich are imported when a command runs, not for its
+``--help``.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from dpokit.cli.app import COMMANDS, app, console
 from dpokit.cli.options import config_command
 from dpokit.format import format_count, format_duration
 from dpokit.lecture.config import FiguresConfig, OptimalConfig, PartitionConfig
-from dpokit.lecture.outcomes import OptimalSolution, outcome_table, solve
+
+if TYPE_CHECKING:
+    from dpokit.lecture.outcomes import OptimalSolution
 
 # ----------------------------------------------------------------------------------- optimal
 
@@ -30,6 +32,8 @@ def _exp_text(x: float) -> str:
 
 def _optimal(config: OptimalConfig) -> None:
     """``dpokit optimal``: π* of the table at each β, as tables (one β or a sweep) or JSON."""
+    from dpokit.lecture.outcomes import outcome_table, solve
+
     outcomes, prompt = outcome_table(config)
     solutions = [solve(outcomes, beta) for beta in config.betas]
     if config.json:
@@ -45,6 +49,8 @@ def _optimal(config: OptimalConfig) -> None:
 
 def _print_solution(s: OptimalSolution, title: str) -> None:
     """One β: each outcome's π_ref, r, exp(r/β), π*, then Z, KL(π*‖π_ref) and J(π*)."""
+    from rich.table import Table
+
     table = Table(title=f"Optimal policy π* at β = {s.beta:g} — {title}")
     for name in ("outcome y", "π_ref(y|x)", "r(x,y)", "exp(r/β)", "π*(y|x)"):
         table.add_column(name, justify="left" if name == "outcome y" else "right",
@@ -63,6 +69,8 @@ def _print_solution(s: OptimalSolution, title: str) -> None:
 
 def _print_sweep(solutions: list[OptimalSolution], title: str) -> None:
     """One row per outcome (π_ref, r, then π* at each β), then the per-β summaries."""
+    from rich.table import Table
+
     table = Table(title=f"β sweep of π*(y|x) = π_ref·exp(r/β)/Z — {title}")
     table.add_column("outcome y", overflow="fold")
     table.add_column("π_ref", justify="right", overflow="fold")
@@ -86,6 +94,8 @@ def _print_sweep(solutions: list[OptimalSolution], title: str) -> None:
 
 def _partition(config: PartitionConfig) -> None:
     """``dpokit partition``: V^T growth, exact log Z two ways, Monte-Carlo estimates."""
+    from rich.table import Table
+
     from dpokit.lecture.partition import (
         builtin_space,
         exact_partitions,

@@ -35,10 +35,18 @@ def _train(config) -> None:
 
 def _bench(config: BenchConfig) -> None:
     """``dpokit bench``: run the benchmark, print dpokit/TRL ratios, write the rows."""
-    from dpokit.bench import benchmark
+    from dpokit.bench import benchmark, long_context_benchmark
 
     chosen = {"models": config.models, "settings": config.settings,
               "frameworks": config.frameworks}
+    if config.context_lengths:
+        rows = long_context_benchmark(
+            config.workdir, lengths=config.context_lengths, settings=config.settings,
+            steps=config.steps, repeats=config.repeats, frameworks=config.frameworks,
+            report=lambda line: console.print(line, soft_wrap=True))
+        _long_ratios(rows)
+        _write_rows(config, rows)
+        return
     rows = benchmark(config.workdir, steps=config.steps, repeats=config.repeats,
                      end_to_end=config.end_to_end, device=config.device, precision=config.precision,
                      report=lambda line: console.print(line, soft_wrap=True), **chosen)
@@ -49,6 +57,29 @@ def _bench(config: BenchConfig) -> None:
             if len(pair) == 2:
                 ratio = pair["dpokit"]["pairs_per_second"] / pair["trl"]["pairs_per_second"]
                 console.print(f"{model}/{setting}: dpokit/TRL pairs/s = {ratio:.2f}×")
+    _write_rows(config, rows)
+
+
+def _long_ratios(rows: list[dict]) -> None:
+    """Per context length, dpokit's default against each TRL setting: speed and memory."""
+    for length in dict.fromkeys(r["context_length"] for r in rows):
+        ours = next((r for r in rows if r["context_length"] == length
+                     and r["framework"] == "dpokit" and r["setting"] == "default"
+                     and "error" not in r), None)
+        for theirs in (r for r in rows if r["context_length"] == length
+                       and r["framework"] == "trl"):
+            if ours is None:
+                continue
+            if "error" in theirs:
+                console.print(f"{length}: TRL {theirs['setting']} failed: {theirs['error']}")
+                continue
+            speed = theirs["seconds_per_step"] / ours["seconds_per_step"]
+            memory = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
+            console.print(f"{length}: dpokit default {speed:.2f}× faster than TRL "
+                          f"{theirs['setting']}, {memory:.2f}× its peak RSS")
+
+
+def _write_rows(config: BenchConfig, rows: list[dict]) -> None:
     if config.json is not None:
         from dpokit.atomic import write_text
 

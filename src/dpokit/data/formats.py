@@ -49,11 +49,20 @@ class ColumnMap:
     weight: str = "weight"
     margin: str = "margin"
     label_prob: str = "label_prob"
+    completions: str = "completions"
+    """k scored completions of one prompt in one row (:mod:`dpokit.data.groups`)."""
+    scores: str = "scores"
+    completion: str = "completion"
+    """One scored completion per row, rows of one prompt forming its group."""
+    score: str = "score"
+    pairs_from_scores: str = "best_vs_worst"
+    """Which pairs k scored completions give (:data:`dpokit.data.groups.PAIR_SELECTIONS`)."""
 
     @property
     def by_key(self) -> dict[str, str]:
         """Config key (``prompt_column``, …) → column name."""
-        return {f"{f.name}_column": getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f"{f.name}_column": getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "pairs_from_scores"}
 
     @property
     def required(self) -> dict[str, str]:
@@ -69,7 +78,7 @@ class ColumnMap:
     def optional(self) -> dict[str, str]:
         """Config key → name of the columns a row may leave out (prompt and the numeric ones)."""
         return {key: name for key, name in self.by_key.items()
-                if key not in ("chosen_column", "rejected_column")}
+                if key in ("prompt_column", *_NUMERIC)}
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,9 @@ class PreferenceExample:
     """Extra ``apply_chat_template`` arguments (``tools``, ``chat_template_kwargs``)."""
     label_prob: float | None = None
     """P(chosen ≻ rejected): a soft preference label (annotator agreement, or σ of a score gap)."""
+    group: int = -1
+    """The pairs of one prompt's k scored completions share a group (:mod:`dpokit.data.groups`);
+    −1: a pair row of its own."""
 
     @property
     def conversational(self) -> bool:
@@ -316,7 +328,13 @@ def check_row_chars(rows: Sequence[RawRow], names: Sequence[str], limit: int | N
 def parse_examples(rows: Sequence[RawRow], columns: ColumnMap = ColumnMap(), *,
                    max_row_chars: int | None = None) -> list[PreferenceExample]:
     """Validate every row (and the columns across rows, see the module docstring); warn once
-    with the count of rows whose chosen equals rejected."""
+    with the count of rows whose chosen equals rejected. Rows of k scored completions become
+    the pairs ``columns.pairs_from_scores`` chooses (:mod:`dpokit.data.groups`)."""
+    from dpokit.data.groups import data_shape, grouped_examples
+
+    shape = data_shape(rows, columns)
+    if shape != "pairs":
+        return _checked(grouped_examples(rows, columns, shape, max_row_chars=max_row_chars))
     check_row_chars(rows, [columns.prompt, columns.chosen, columns.rejected, "tools"],
                     max_row_chars)
     check_columns(rows, columns.required)
@@ -325,7 +343,11 @@ def parse_examples(rows: Sequence[RawRow], columns: ColumnMap = ColumnMap(), *,
         log.info("%s: no %r column (prompt_column): implicit-prompt rows, the prompt is the "
                  "leading text or messages chosen and rejected share", _data_name(rows),
                  columns.prompt)
-    examples = [parse_example(row, columns) for row in rows]
+    return _checked([parse_example(row, columns) for row in rows])
+
+
+def _checked(examples: list[PreferenceExample]) -> list[PreferenceExample]:
+    """``examples``, one kind (chat or text) throughout, warning of identical completions."""
     formats = {e.conversational for e in examples}
     if len(formats) > 1:
         first = next(e for e in examples if e.conversational != examples[0].conversational)

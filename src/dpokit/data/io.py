@@ -5,7 +5,9 @@ under a split name such as ``"train"``), CSV, Parquet, Arrow stream files (``.ar
 by ``datasets``), a Hugging Face dataset saved with ``save_to_disk`` (a ``Dataset`` or a
 ``DatasetDict``, whose ``split`` is chosen), and a directory of such shards (read in name order;
 with ``split``, only shards whose name or folder starts with it). Every row keeps its file and
-1-based row number (the line number for JSON Lines) so errors can point at it.
+1-based row number (the line number for JSON Lines) so errors can point at it. Rows are read as
+they are needed (:func:`iter_rows`, :func:`iter_row_chunks`): JSON Lines and CSV line by line,
+Parquet and Arrow by record batch; only a JSON document is read whole.
 
 Nothing is read by guess: data holding several splits (a ``DatasetDict``, a JSON object of split
 lists, shards named ``train-*``/``test-*`` or in ``train/``/``test/`` folders) needs ``split``;
@@ -97,9 +99,26 @@ def _read_bytes(path: Path) -> bytes:
         raise DpokitError(f"cannot read {path}: {error.strerror or error}") from None
 
 
+def _open(path: Path) -> io.BufferedReader:
+    try:
+        return path.open("rb")
+    except OSError as error:
+        raise DpokitError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    """The lines of ``path`` split at ``\\n`` (as ``bytes.split``, the last one unterminated),
+    read as they are needed."""
+    with _open(path) as handle:
+        try:
+            for raw_line in handle:
+                yield raw_line[:-1] if raw_line.endswith(b"\n") else raw_line
+        except OSError as error:
+            raise DpokitError(f"cannot read {path}: {error.strerror or error}") from None
+
+
 def _read_jsonl(path: Path) -> Iterator[RawRow]:
-    data = _read_bytes(path)
-    for number, raw_line in enumerate(data.split(b"\n"), start=1):
+    for number, raw_line in enumerate(_lines(path), start=1):
         if not raw_line.strip():
             continue
         try:
@@ -164,20 +183,33 @@ def _maybe_json(value: str) -> Any:
 
 
 def _read_csv(path: Path) -> Iterator[RawRow]:
-    data = _read_bytes(path)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise _decode_error(path, data, error) from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    handle = _open(path)
+    # decoded as it is read; the lines are those of the whole text (newline="")
+    text = io.TextIOWrapper(handle, encoding="utf-8-sig", newline="")
+    reader = csv.DictReader(text)
     try:
         _check_unique_columns(path, [k.strip() for k in reader.fieldnames or []], "header")
         for number, record in enumerate(reader, start=1):
             fields = {k.strip(): _maybe_json(v) if isinstance(v, str) else v
                       for k, v in record.items() if k is not None}
             yield RawRow(str(path), number, fields)
+    except UnicodeDecodeError:  # where in the file: the whole of it, as read at once
+        data = _read_bytes(path)
+        try:
+            data.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise _decode_error(path, data, error) from None
+        raise
     except csv.Error as error:
         raise DpokitError(f"{path}, line {reader.line_num}: malformed CSV ({error})") from None
+    except OSError as error:
+        raise DpokitError(f"cannot read {path}: {error.strerror or error}") from None
+    finally:
+        text.close()
+
+
+_BATCH_ROWS = 4096
+"""Rows per record batch read from Parquet and Arrow files."""
 
 
 def _read_parquet(path: Path) -> Iterator[RawRow]:
@@ -186,11 +218,14 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
 
     try:
         _check_unique_columns(path, pq.read_schema(path).names, "schema")
-        table = pq.read_table(path)
+        file = pq.ParquetFile(path)
+        number = 0
+        for batch in file.iter_batches(batch_size=_BATCH_ROWS):
+            for record in batch.to_pylist():
+                number += 1
+                yield RawRow(str(path), number, record)
     except (OSError, pa.ArrowException) as error:
         raise DpokitError(f"cannot read {path} as Parquet: {_one_line(error)}") from None
-    for number, record in enumerate(table.to_pylist(), start=1):
-        yield RawRow(str(path), number, record)
 
 
 def _read_arrow(path: Path) -> Iterator[RawRow]:
@@ -198,12 +233,15 @@ def _read_arrow(path: Path) -> Iterator[RawRow]:
 
     try:
         with pa.memory_map(str(path)) as source:
-            table = pa.ipc.open_stream(source).read_all()
+            stream = pa.ipc.open_stream(source)
+            _check_unique_columns(path, stream.schema.names, "schema")
+            number = 0
+            for batch in stream:
+                for record in batch.to_pylist():
+                    number += 1
+                    yield RawRow(str(path), number, record)
     except (OSError, pa.ArrowException) as error:
         raise DpokitError(f"cannot read {path} as an Arrow stream: {_one_line(error)}") from None
-    _check_unique_columns(path, table.column_names, "schema")
-    for number, record in enumerate(table.to_pylist(), start=1):
-        yield RawRow(str(path), number, record)
 
 
 _READERS: dict[str, Callable[[Path, str | None], Iterator[RawRow]]] = {
@@ -246,8 +284,12 @@ def _read_saved_dataset(path: Path, split: str | None) -> Iterator[RawRow]:
         source = str(path)
         if split is not None:
             log.warning("%s: a saved Dataset without splits; split=%r is ignored", path, split)
-    for number, record in enumerate(loaded, start=1):
-        yield RawRow(source, number, dict(record))
+    number = 0
+    for batch in loaded.iter(batch_size=_BATCH_ROWS):  # columns of up to _BATCH_ROWS rows
+        names = list(batch)
+        for values in zip(*(batch[name] for name in names), strict=True):
+            number += 1
+            yield RawRow(source, number, dict(zip(names, values, strict=True)))
 
 
 def _shard_split(path: Path, shard: Path) -> str | None:
@@ -317,6 +359,37 @@ def iter_rows(path: str | Path, *, split: str | None = None) -> Iterator[RawRow]
     if split is not None and reader is not _read_json:
         log.warning("%s: one file of rows without splits; split=%r is ignored", path, split)
     yield from reader(path, split)
+
+
+def _size(value: Any) -> int:
+    """Characters of the text in a value (strings inside lists and objects too)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list | tuple):
+        return sum(map(_size, value))
+    if isinstance(value, dict):
+        return sum(map(_size, value.values()))
+    return 0
+
+
+def iter_row_chunks(path: str | Path, *, split: str | None = None, rows: int = 8192,
+                    chars: int | None = None) -> Iterator[list[RawRow]]:
+    """The rows of :func:`iter_rows` in lists of ``rows`` — fewer once they hold ``chars``
+    characters of text (long rows: a chunk's memory stays bounded), the last one shorter —
+    read as they are needed: JSON Lines and CSV line by line, Parquet and Arrow by record
+    batch, a saved dataset by batch of its memory-mapped table (a JSON document is read
+    whole)."""
+    chunk: list[RawRow] = []
+    size = 0
+    for row in iter_rows(path, split=split):
+        chunk.append(row)
+        if chars is not None:
+            size += _size(row.fields)
+        if len(chunk) == rows or (chars is not None and size >= chars):
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def load_rows(path: str | Path, *, split: str | None = None) -> list[RawRow]:

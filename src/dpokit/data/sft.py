@@ -14,6 +14,10 @@ prompt-completion rows, every token of ``messages`` and ``text`` rows. ``assista
 trains a conversation's assistant message only (whatever ``completion_only_loss`` says, as TRL's
 assistant mask), which must be its last and only one (several assistant turns are refused,
 naming the row: dpokit masks one span per row).
+
+:func:`load_sft_sequences` prepares the rows chunk by chunk into an item store
+(:mod:`dpokit.data.prepare`, :mod:`dpokit.data.store`), with the checks and counts of the whole
+data.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from dpokit.data.formats import _is_messages, _messages, check_columns, check_row_chars
-from dpokit.data.io import RawRow, load_rows
+from dpokit.data.io import RawRow
+from dpokit.data.prepare import ChunkResult, Recipe, Summary, prepare_items, take
+from dpokit.data.store import chunk_arrays
 from dpokit.data.tokenize import (
     TokenizeSettings,
     _ids,
@@ -126,41 +132,13 @@ def tokenize_sft(examples: Sequence[_Example], tokenizer: Any, settings: Tokeniz
     return out
 
 
-def load_sft_sequences(path: str | Path, tokenizer: Any, *,
-                       settings: TokenizeSettings = TokenizeSettings(),
-                       prompt_column: str = "prompt", completion_column: str = "completion",
-                       messages_column: str = "messages", text_column: str = "text",
-                       completion_only_loss: bool | None = True,
-                       assistant_only_loss: bool = False,
-                       split: str | None = None,
-                       progress: bool | None = None,
-                       cache_dir: Path | None = None) -> list[SFTSequence]:
-    """Read, validate, tokenise and truncate SFT data; rows left empty are dropped and counted.
-    A column renamed from its default must exist; rows over ``settings.max_row_chars`` are
-    refused before tokenising. ``completion_only_loss``/``assistant_only_loss``: which tokens
-    are the completion (module docstring). ``cache_dir``: read the sequences from (or store
-    them in) the tokenised-data cache there (:mod:`dpokit.data.cache`)."""
-    chosen = {"prompt_column": prompt_column, "completion_column": completion_column,
-              "messages_column": messages_column, "text_column": text_column,
-              "completion_only_loss": completion_only_loss,
-              "assistant_only_loss": assistant_only_loss}
-    if cache_dir is not None:
-        from dpokit.data.cache import cached_items
-
-        return cached_items(cache_dir, path, split, tokenizer, settings, chosen, SFTSequence,
-                            lambda: load_sft_sequences(path, tokenizer, settings=settings,
-                                                       split=split, progress=progress, **chosen))
-    rows = load_rows(path, split=split)
-    named = {"prompt_column": prompt_column, "completion_column": completion_column,
-             "messages_column": messages_column, "text_column": text_column}
-    defaults = {"prompt_column": "prompt", "completion_column": "completion",
-                "messages_column": "messages", "text_column": "text"}
-    check_columns(rows, {key: name for key, name in named.items() if name != defaults[key]})
-    check_row_chars(rows, list(named.values()), settings.max_row_chars)
-    examples = [_parse(r, prompt_column, completion_column, messages_column, text_column,
-                       assistant_only=assistant_only_loss) for r in rows]
+def sft_sequences(examples: Sequence[_Example], rows: Sequence[RawRow],
+                  tokenized: Sequence[tuple[list[int], list[int]]], settings: TokenizeSettings,
+                  *, completion_only_loss: bool | None, assistant_only_loss: bool
+                  ) -> tuple[list[SFTSequence], int]:
+    """The sequences of tokenised examples: the loss span chosen, truncated; and how many
+    were left without completion tokens (dropped)."""
     sequences, dropped = [], 0
-    tokenized = tokenize_sft(examples, tokenizer, settings, progress=progress)
     for example, row, (prompt_ids, completion_ids) in zip(examples, rows, tokenized,
                                                           strict=True):
         whole = not assistant_only_loss and (completion_only_loss is False or (
@@ -178,9 +156,129 @@ def load_sft_sequences(path: str | Path, tokenizer: Any, *,
             dropped += 1
             continue
         sequences.append(SFTSequence(prompt_ids, completion_ids, row.source, row.row))
-    if dropped:
-        log.warning("dropped %d of %d SFT rows left without completion (or prompt) tokens after "
-                    "truncation", dropped, len(rows))
-    if not sequences:
-        raise DpokitError(f"{path}: no SFT rows left after truncation")
-    return sequences
+    return sequences, dropped
+
+
+_DEFAULT_COLUMNS = {"prompt_column": "prompt", "completion_column": "completion",
+                    "messages_column": "messages", "text_column": "text"}
+# The order of the checks over the whole data.
+COLUMNS, ROW_CHARS, PARSE, TOKENIZE = 2, 3, 5, 7
+
+
+@dataclass(frozen=True)
+class SFTRecipe(Recipe):
+    """A chunk of SFT rows → :class:`SFTSequence` arrays (:mod:`dpokit.data.prepare`)."""
+
+    settings: TokenizeSettings
+    named: tuple[tuple[str, str], ...]
+    """``(config key, column)`` of the prompt, completion, messages and text columns."""
+    completion_only_loss: bool | None
+    assistant_only_loss: bool
+    item_cls: ClassVar[type] = SFTSequence
+    global_stage: ClassVar[int] = COLUMNS
+
+    def process(self, rows: list[RawRow], tokenizer: Any, stop: int,
+                records: list[tuple[int, str, tuple]], first: RawRow) -> ChunkResult:
+        named = dict(self.named)
+        result = ChunkResult(len(rows), stats={
+            "sources": list(dict.fromkeys(r.source for r in rows)),
+            "columns": list(dict.fromkeys(n for r in rows for n in r.fields))})
+        try:
+            check_row_chars(rows, list(named.values()), self.settings.max_row_chars)
+        except DpokitError as error:
+            return result.failed(ROW_CHARS, error)
+        if stop <= PARSE:
+            return result
+        try:
+            examples = [_parse(r, named["prompt_column"], named["completion_column"],
+                               named["messages_column"], named["text_column"],
+                               assistant_only=self.assistant_only_loss) for r in rows]
+        except DpokitError as error:
+            return result.failed(PARSE, error)
+        if stop <= TOKENIZE:
+            return result
+        try:
+            tokenized = tokenize_sft(examples, tokenizer, self.settings, progress=False)
+        except DpokitError as error:
+            return result.failed(TOKENIZE, error)
+        take(records, "tokenising %d SFT rows")
+        sequences, result.stats["dropped"] = sft_sequences(
+            examples, rows, tokenized, self.settings,
+            completion_only_loss=self.completion_only_loss,
+            assistant_only_loss=self.assistant_only_loss)
+        if sequences:
+            result.arrays, result.count = chunk_arrays(sequences, SFTSequence), len(sequences)
+        return result
+
+    def summary(self, path: str | Path) -> Summary:
+        return SFTSummary(self, str(path))
+
+
+class SFTSummary(Summary):
+    """The renamed columns' check and the dropped rows, over every chunk."""
+
+    def __init__(self, recipe: SFTRecipe, path: str):
+        self.recipe, self.path = recipe, path
+        self.rows = self.dropped = 0
+        self.sources: dict[str, None] = {}
+        self.columns: dict[str, None] = {}
+
+    def add(self, result: ChunkResult) -> list:
+        self.rows += result.rows
+        self.sources.update(dict.fromkeys(result.stats["sources"]))
+        self.columns.update(dict.fromkeys(result.stats["columns"]))
+        self.dropped += result.stats.get("dropped", 0)
+        return []
+
+    def check(self) -> None:
+        fields = dict.fromkeys(self.columns)  # one row per source stands for them all
+        stand_ins = [RawRow(s, 0, fields if i == 0 else {}) for i, s in enumerate(self.sources)]
+        check_columns(stand_ins, {key: name for key, name in self.recipe.named
+                                  if name != _DEFAULT_COLUMNS[key]})
+
+    def finish(self, count: int) -> None:
+        log.info("tokenising %d SFT rows", self.rows)
+        if self.dropped:
+            log.warning("dropped %d of %d SFT rows left without completion (or prompt) tokens "
+                        "after truncation", self.dropped, self.rows)
+        if not count:
+            raise DpokitError(f"{self.path}: no SFT rows left after truncation")
+
+
+def load_sft_sequences(path: str | Path, tokenizer: Any, *,
+                       settings: TokenizeSettings = TokenizeSettings(),
+                       prompt_column: str = "prompt", completion_column: str = "completion",
+                       messages_column: str = "messages", text_column: str = "text",
+                       completion_only_loss: bool | None = True,
+                       assistant_only_loss: bool = False,
+                       split: str | None = None,
+                       progress: bool | None = None,
+                       cache_dir: Path | None = None,
+                       dataset_num_proc: int | None = None,
+                       chunk_rows: int | None = None) -> Sequence[SFTSequence]:
+    """Read, validate, tokenise and truncate SFT data, chunk by chunk, into an item store (a
+    read-only sequence, :mod:`dpokit.data.store`); rows left empty are dropped and counted.
+    A column renamed from its default must exist; rows over ``settings.max_row_chars`` are
+    refused before tokenising. ``completion_only_loss``/``assistant_only_loss``: which tokens
+    are the completion (module docstring). ``cache_dir``: read the sequences from (or store
+    them in) the tokenised-data cache there (:mod:`dpokit.data.cache`), memory-mapped (without
+    it: from unnamed temporary files).
+    ``dataset_num_proc``, ``chunk_rows``: see :func:`dpokit.data.load_preference_pairs`."""
+    chosen = {"prompt_column": prompt_column, "completion_column": completion_column,
+              "messages_column": messages_column, "text_column": text_column,
+              "completion_only_loss": completion_only_loss,
+              "assistant_only_loss": assistant_only_loss}
+    recipe = SFTRecipe(settings, tuple((key, chosen[key]) for key in _DEFAULT_COLUMNS),
+                       completion_only_loss, assistant_only_loss)
+
+    def build(directory: Path | None, meta: dict[str, Any]) -> Sequence[SFTSequence]:
+        return prepare_items(path, split, tokenizer, recipe, directory=directory,
+                             progress=progress, num_proc=dataset_num_proc,
+                             chunk_rows=chunk_rows, meta=meta)
+
+    from dpokit.data.cache import cached_items, scratch_items
+
+    if cache_dir is not None:
+        return cached_items(cache_dir, path, split, tokenizer, settings, chosen, SFTSequence,
+                            build)
+    return scratch_items(build)

@@ -92,6 +92,10 @@ class TokenizedPair:
     source: str = ""
     row: int = 0
     label_prob: float | None = None
+    group: int = -1
+    """Pairs drawn from one prompt's k scored completions share a group id (≥ 0; the row's
+    index): they are batched together and each distinct completion is computed once
+    (:mod:`dpokit.data.groups`). −1: a pair of its own."""
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -280,7 +284,7 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer: Any,
             continue
         pairs.append(TokenizedPair(prompt_ids, chosen_ids, rejected_ids, example.weight,
                                    example.margin, example.source, example.row,
-                                   example.label_prob))
+                                   example.label_prob, example.group))
     if merged > 1:
         log.warning("%d of %d rows had their prompt shortened at the boundary", merged,
                     len(examples))

@@ -8,6 +8,10 @@ Each field is a YAML key and a flag (``space_vocab`` is ``--space-vocab``), with
 help; the old flag spellings (``-b``, ``--beta``, ``-o``, ``--outcome``, ``--reward``,
 ``--ref-prob``, ``--out``) are aliases. List fields take ``a,b``, a YAML list or the flag repeated.
 ``validate()`` rejects impossible values, naming the key, before anything is computed.
+
+Torch-free, so each command's ``--help`` imports neither torch nor matplotlib: the checks that
+need :mod:`dpokit.lecture.outcomes` or :mod:`dpokit.lecture.partition` (torch code) import them
+in ``validate()``, which the command runs before its function.
 """
 
 from __future__ import annotations
@@ -17,13 +21,9 @@ from dataclasses import dataclass
 
 from dpokit.config import Config, field
 from dpokit.errors import DpokitError, check_beta
-from dpokit.lecture.outcomes import parse_assignment, parse_outcome
-from dpokit.lecture.partition import (
-    GPT2_VOCAB_SIZE,
-    check_growth,
-    check_monte_carlo,
-    check_space,
-)
+
+GPT2_VOCAB_SIZE = 50257
+"""GPT-2's vocabulary size: the growth table's default V."""
 
 
 def _check_betas(betas: list[float]) -> None:
@@ -61,6 +61,8 @@ class OptimalConfig(Config):
 
     def validate(self) -> None:
         """β > 0, one source of outcomes, and well-formed outcome and override specs."""
+        from dpokit.lecture.outcomes import parse_assignment, parse_outcome
+
         super().validate()
         _check_betas(self.betas)
         if self.outcomes and self.csv is not None:
@@ -97,6 +99,8 @@ class PartitionConfig(Config):
         growth-table counts below 10^300, the space ≤ 2^24 sequences, and the space and each
         Monte-Carlo batch within 2 GiB. (The β range needs the space's rewards: it is checked
         when the space is built.)"""
+        from dpokit.lecture.partition import check_growth, check_monte_carlo, check_space
+
         super().validate()
         for key in ("vocab_size", "max_length", "space_vocab", "space_length", "repeats"):
             if getattr(self, key) < 1:

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from dpokit.errors import DpokitError
 from dpokit.format import format_count
+from dpokit.lecture.config import GPT2_VOCAB_SIZE  # noqa: F401 (re-export)
 from dpokit.theory import (
     DEFAULT_MAX_SEQUENCES,
     count_sequences,
@@ -41,8 +42,6 @@ from dpokit.theory import (
     token_additive_reward,
 )
 from dpokit.theory.enumerate import format_power_of_ten, log10_count_sequences
-
-GPT2_VOCAB_SIZE = 50257
 
 MAX_STUDY_BYTES = 2 * 2**30
 """Memory limit (2 GiB) for the built-in space and for each Monte-Carlo batch of

@@ -180,6 +180,16 @@ class _PreferenceConfig(Config):
     label_prob_column: str = field(
         "label_prob", help="Optional per-pair soft label column: P(chosen ≻ rejected) ∈ [0, 1], "
                            "read by sigmoid_soft.")
+    completions_column: str = field(
+        "completions", help="k scored completions of a prompt in one row: a list of texts or "
+                            "conversations (or of objects with their score).")
+    scores_column: str = field("scores", help="The scores of completions_column, one each.")
+    completion_column: str = field(
+        "completion", help="One scored completion per row (rows of one prompt form a group).")
+    score_column: str = field("score", help="The score of completion_column's completion.")
+    pairs_from_scores: Literal["best_vs_worst", "best_vs_each", "all"] = field(
+        "best_vs_worst", help="Pairs of k scored completions: the best against the worst, "
+                              "against each lower one, or every pair of different scores.")
     ref_model: str | None = field(None, help="Reference model directory (default: the policy).")
     beta: float = field(0.1, help="β > 0: strength of the KL penalty towards π_ref.")
     loss_type: list[str] = field(
@@ -233,7 +243,10 @@ class _PreferenceConfig(Config):
         """The user's column names of a pair."""
         return ColumnMap(prompt=self.prompt_column, chosen=self.chosen_column,
                          rejected=self.rejected_column, weight=self.weight_column,
-                         margin=self.margin_column, label_prob=self.label_prob_column)
+                         margin=self.margin_column, label_prob=self.label_prob_column,
+                         completions=self.completions_column, scores=self.scores_column,
+                         completion=self.completion_column, score=self.score_column,
+                         pairs_from_scores=self.pairs_from_scores)
 
     def hyper_parameters(self) -> dict[str, float]:
         """The registry's loss hyper-parameters as set in this config (``label_smoothing``, …)."""

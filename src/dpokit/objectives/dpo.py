@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -100,25 +101,30 @@ class DPOObjective(Objective):
         return (*METRIC_KEYS, *LOGIT_METRIC_KEYS, *TOKEN_METRIC_KEYS, NUM_TOKENS, "loss")
 
     def load(self, path: str, split: str | None, *,
-             progress: bool | None = None) -> list[TokenizedPair]:
+             progress: bool | None = None) -> Sequence[TokenizedPair]:
         """Preference pairs of ``path`` with this config's columns and tokenisation; a loss that
         reads margins or soft labels needs one on every row (the first row without is named)."""
+        from dpokit.data.store import present
+
         pairs = load_preference_pairs(path, self.tokenizer,
                                       settings=self.config.tokenize_settings,
                                       columns=self.config.columns, split=split,
                                       progress=progress,  # cached in training only
-                                      cache_dir=getattr(self.config, "data_cache_dir", None))
+                                      cache_dir=getattr(self.config, "data_cache_dir", None),
+                                      dataset_num_proc=getattr(self.config, "dataset_num_proc",
+                                                               None))
         losses = ", ".join(self.config.loss_type)
         for needed, attr, key in ((self.margins, "margin", "margin_column"),
                                   (self.label_probs, "label_prob", "label_prob_column")):
             column = getattr(self.config, key)
+            given = present(pairs, attr)  # a column of the store: no pair is built
             if needed:
-                missing = next((p for p in pairs if getattr(p, attr) is None), None)
-                if missing is not None:
+                if not given.all():
+                    missing = pairs[int(given.argmin())]  # the first without
                     raise DpokitError(f"{missing.source}, row {missing.row}: loss_type {losses} "
                                       f"needs a per-pair {attr}, and the row has no {column!r} "
                                       f"(set {key})")
-            elif any(getattr(p, attr) is not None for p in pairs):
+            elif given.any():
                 log.warning("%s has a %s column (%s) but loss_type %s reads none; it is "
                             "ignored", path, attr, column, losses)
         return pairs
@@ -129,7 +135,11 @@ class DPOObjective(Objective):
         return prompt_rows * len(item.prompt_ids) + len(item.chosen_ids) + len(item.rejected_ids)
 
     def collate(self, items: Sequence[TokenizedPair], indices: Sequence[int]) -> PairBatch:
-        """Pairs in the config's layout; ``extras["indices"]`` finds precomputed π_ref rows."""
+        """Pairs in the config's layout (a group's pairs sharing their prompt and completions,
+        except under LD-DPO, whose weights depend on the partner); ``extras["indices"]`` finds
+        precomputed π_ref rows."""
+        if self.config.ld_alpha is not None:
+            items = [replace(p, group=-1) if p.group >= 0 else p for p in items]
         batch = collate_pairs(items, self.config.layout, pad_token_id=self.tokenizer.pad_token_id)
         batch.extras["indices"] = torch.tensor(list(indices), dtype=torch.long)
         batch.extras["input_tokens"] = input_tokens(

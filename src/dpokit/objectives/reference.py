@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -119,11 +120,15 @@ def hash_directory(path: str | Path) -> str:
 
 
 def cache_key(weights_hash: str, pairs: Sequence[TokenizedPair], settings: dict) -> str:
-    """Key of a reference log-prob cache: weights, every token id, and the settings."""
+    """Key of a reference log-prob cache: weights, every token id (the content digest of every
+    pair's prompt, chosen and rejected ids, with their lengths: :mod:`dpokit.data.store`, read
+    from an item store rather than recomputed), and the settings."""
+    from dpokit.data.store import content_digest
+
     digest = hashlib.sha256(weights_hash.encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for pair in pairs:
-        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+    digest.update(content_digest(pairs, fields=("prompt_ids", "chosen_ids",
+                                                "rejected_ids")).encode())
     return digest.hexdigest()[:32]
 
 
@@ -134,14 +139,22 @@ def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair]
                             progress: bool = False,
                             rows: Sequence[int] | None = None) -> Tensor:
     """``(N, 2)`` reference log-probs of the pairs at ``rows`` (None: every pair; the others are
-    NaN, never read); ranks split the work, then all-reduce."""
+    NaN, never read); ranks split the work, then all-reduce. The pairs of one prompt's k
+    completions go through together (``batch_size`` then counts prompts), as in training."""
+    from dpokit.data.batching import group_ids, unit_spans, units_of
+
     table = torch.zeros(len(pairs), 2, dtype=torch.float32)
     rows = list(range(len(pairs))) if rows is None else list(rows)
-    indices = rows[rank::world_size]
-    bar = tqdm(total=len(indices), unit="pair", desc="reference log-probs", disable=not progress)
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
+    groups = group_ids(pairs)
+    mine = units_of(rows, groups if unit_spans(groups) else None)[rank::world_size]
+    chunks = [[i for unit in mine[a:a + batch_size] for i in unit]
+              for a in range(0, len(mine), batch_size)]
+    bar = tqdm(total=sum(map(len, mine)), unit="pair", desc="reference log-probs",
+               disable=not progress)
+    for chunk in chunks:
         items = [pairs[i] for i in chunk]
+        if reference.ld_alpha is not None:  # LD-DPO weighs a completion by its partner
+            items = [replace(p, group=-1) if p.group >= 0 else p for p in items]
         batch = collate_pairs(items, layout, pad_token_id=pad_token_id).to(device)
         chosen, rejected = reference.logps(batch)
         table[chunk, 0] = chosen.float().cpu()

@@ -5,9 +5,11 @@ offline, :data:`SAMPLING_KEYS`), with
 the paths replaced by what they hold: ``model``, ``ref_model`` and a reward-model directory by a
 digest of their files (names, sizes, and their contents — whole for files up to 64 MiB, 16
 spread 1 MiB blocks beyond), a ``file.py:function`` reward by the file's SHA-256, and ``data``
-(with its ``split``) by a digest of the token ids of every training row, so another file with
+(with its ``split``) by a digest of the token ids and numbers of every training row
+(:func:`items_identity`, read from the item store rather than recomputed), so another file with
 the same rows resumes and the same file tokenised differently does not. Resuming with any other
-value is an error listing the differing keys.
+value is an error listing the differing keys; a checkpoint of an older dpokit, whose ``data``
+digest is :func:`legacy_items_identity`'s, is compared with that one.
 
 ``max_steps`` and ``num_epochs`` change the run's length: allowed when the learning rate at a
 step does not depend on it (``lr_scheduler: constant`` with warmup in absolute ``warmup_steps``
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ MAY_CHANGE = frozenset({
     "save_total_limit", "save_strategy", "eval_data", "eval_split", "eval_steps",
     "eval_strategy", "per_device_eval_batch_size", "eval_generate",
     "max_nonfinite_steps", "max_row_chars", "max_steps", "num_epochs", "merge_lora",
+    "dataset_num_proc",  # how many processes tokenise: the same tokens
     # memory and layout: the same numbers within float32 rounding (tested equal)
     "gradient_checkpointing", "selective_checkpointing", "chunk_size", "unpadded",
     "shared_prompt", "padding_free", "precompute_ref_logps", "precompute_ref_batch_size"})
@@ -79,8 +83,28 @@ def directory_identity(path: str | Path) -> str:
     return digest.hexdigest()[:32]
 
 
-def items_identity(items: list) -> str:
-    """A digest of every training row's tokens and numbers (not where it was read from)."""
+ITEMS_DIGEST = "items-v2:"
+"""The prefix of :func:`items_identity`'s digests; a checkpoint's ``data`` without it was
+written by an older dpokit (:func:`legacy_items_identity`)."""
+
+
+def items_identity(items: Sequence[Any]) -> str:
+    """A digest of every training row's tokens and numbers (not where it was read from): the
+    content digest of :mod:`dpokit.data.store` — a list or a store of the same items give the
+    same one, and a whole store's is read from the store (O(1)). Items of a class the store
+    cannot hold fall back to :func:`legacy_items_identity`."""
+    from dpokit.data.store import ItemChain, ItemStore, content_digest, storable
+
+    if isinstance(items, ItemStore | ItemChain) or (
+            len(items) and dataclasses.is_dataclass(items[0]) and storable(type(items[0]))):
+        return ITEMS_DIGEST + content_digest(items, exclude=("source", "row"))[:32]
+    return legacy_items_identity(items)
+
+
+def legacy_items_identity(items: Sequence[Any]) -> str:
+    """The digest checkpoints recorded before :data:`ITEMS_DIGEST` (and items the store cannot
+    hold still get): every item's fields but ``source``/``row`` as JSON, one after another (a
+    Python pass over every item)."""
     digest = hashlib.sha256()
     for item in items:
         fields = (dataclasses.asdict(item) if dataclasses.is_dataclass(item)
@@ -104,7 +128,7 @@ def _reward_identity(spec: str | None) -> str | None:
     return spec
 
 
-def run_fingerprint(config: Any, train_items: list) -> dict[str, Any]:
+def run_fingerprint(config: Any, train_items: Sequence[Any]) -> dict[str, Any]:
     """``{key: value}`` of everything that determines the run (see the module docstring)."""
     online = bool(getattr(config, "online", False))
     values = {k: v for k, v in config_to_dict(config).items()

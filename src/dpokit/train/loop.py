@@ -104,9 +104,11 @@ def train_step(run: Run) -> None:
     epoch, index = divmod(run.step, run.steps_per_epoch)
     if epoch not in run.epoch_order:
         run.epoch_order = {epoch: epoch_batches(len(run.train_items), run.global_batch,
-                                                seed=config.seed, epoch=epoch)}
+                                                seed=config.seed, epoch=epoch,
+                                                spans=run.train_spans)}
     global_indices = run.epoch_order[epoch][index]
-    micro = micro_batches(global_indices, config.batch_size, runtime.rank, runtime.world_size)
+    micro = micro_batches(global_indices, config.batch_size, runtime.rank, runtime.world_size,
+                          run.train_groups)
     # the loss is the global batch's mean: DDP averages the ranks' gradients, hence × world
     scale = runtime.world_size / objective.units([run.train_items[j] for j in global_indices])
     sums, loss = [], torch.zeros((), dtype=torch.float64, device=runtime.device)

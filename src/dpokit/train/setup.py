@@ -24,6 +24,7 @@ from torch import nn
 
 from dpokit.config import config_to_dict, write_config
 from dpokit.data import rows_used
+from dpokit.data.batching import group_ids, num_units, unit_spans
 from dpokit.errors import DpokitError
 from dpokit.logps import unwrap_model
 from dpokit.models import (
@@ -53,7 +54,13 @@ from dpokit.train.checkpoint import (
     set_aside_later,
 )
 from dpokit.train.config import TrainConfig
-from dpokit.train.fingerprint import check_length, check_same_run, run_fingerprint
+from dpokit.train.fingerprint import (
+    ITEMS_DIGEST,
+    check_length,
+    check_same_run,
+    legacy_items_identity,
+    run_fingerprint,
+)
 from dpokit.train.recompute import (
     AUTO_MIN_FREED_BYTES,
     enable_recompute,
@@ -114,6 +121,10 @@ class Run:
     window_start: float = field(default_factory=time.perf_counter)
     epoch_order: dict[int, list[list[int]]] = field(default_factory=dict)
     """The global batches of the current epoch."""
+    train_groups: Any = None
+    """:func:`dpokit.data.batching.group_ids` of the training data, None without groups."""
+    train_spans: Any = None
+    """Its batching units (:func:`dpokit.data.batching.unit_spans`), None without groups."""
 
     @property
     def output_dir(self) -> Path:
@@ -151,17 +162,19 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     items = train_items + eval_items
     check_positions(items, limits, config.max_new_tokens, getattr(config, "layout", "padded"))
     global_batch = config.batch_size * config.gradient_accumulation_steps * runtime.world_size
-    steps_per_epoch = math.ceil(len(train_items) / global_batch)
+    groups = group_ids(train_items)  # k completions per prompt: a prompt's pairs batch together
+    spans = unit_spans(groups)
+    steps_per_epoch = math.ceil(num_units(len(train_items), spans) / global_batch)
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
     fingerprint = run_fingerprint(config, train_items)
     start = 0
     if checkpoint is not None:
         start = check_resumable(checkpoint, config, runtime, fingerprint, steps_per_epoch,
-                                total_steps)
+                                total_steps, items=train_items)
         if checkpoint.resolve().parent == output_dir.resolve():
             on_main(runtime, lambda: set_aside_later(output_dir, start))
     used = rows_used(len(train_items), global_batch, seed=config.seed, total_steps=total_steps,
-                     start_step=start)  # the rows of the steps still to come
+                     start_step=start, spans=spans)  # the rows of the steps still to come
     on_main(runtime, lambda: write_config(config, output_dir / "config.yaml"))
 
     # A reference of its own is set up (and by default run and freed) before the policy loads;
@@ -198,6 +211,7 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
               scaler=torch.amp.GradScaler(runtime.device.type,
                                           enabled=runtime.dtype == "float16"),
               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+              train_groups=None if spans is None else groups, train_spans=spans,
               global_batch=global_batch, window=MetricSums(objective.metric_keys),
               sample_reward=_sample_reward(config, objective), fingerprint=fingerprint)
     resume(run, checkpoint)
@@ -263,10 +277,14 @@ def _decide(runtime: Runtime, config: TrainConfig) -> Path | None:
 
 
 def check_resumable(checkpoint: Path, config: TrainConfig, runtime: Runtime, fingerprint: dict,
-                    steps_per_epoch: int, total_steps: int) -> int:
+                    steps_per_epoch: int, total_steps: int, *, items: Any = None) -> int:
     """The checks a resume passes before any weights load: the same processes and batches,
-    the same run (fingerprint), a length the schedule allows. Returns the checkpoint's step."""
+    the same run (fingerprint), a length the schedule allows. Returns the checkpoint's step.
+    ``items``: the training items, for a checkpoint whose data digest is an older dpokit's."""
     state = read_trainer_state(checkpoint)
+    recorded = state.get("fingerprint") or {}
+    if items is not None and not str(recorded.get("data", ITEMS_DIGEST)).startswith(ITEMS_DIGEST):
+        fingerprint = {**fingerprint, "data": legacy_items_identity(items)}
     for key, value in (("world_size", runtime.world_size), ("steps_per_epoch", steps_per_epoch)):
         if state.get(key, value) != value:
             raise DpokitError(f"resume: {checkpoint} was written with {key}={state[key]}, "
@@ -312,14 +330,39 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
     if selective is None and not supports_recompute(model):
         selective = False
     if selective is None:
-        lengths = [objective.tokens(item) for item in items]
-        tokens = config.batch_size * sum(lengths) / max(1, len(lengths))
+        tokens = config.batch_size * total_tokens(objective, items) / max(1, len(items))
         size = 2 if config.compute_dtype != "float32" else next(model.parameters()).element_size()
         freed = freed_bytes(model.config, tokens, size)
         selective = freed >= AUTO_MIN_FREED_BYTES
         log.info("selective recomputation %s (auto: it frees ~%.0f MiB per micro-batch)",
                  "on" if selective else "off", freed / 2**20)
     return "selective" if selective else "none"
+
+
+def total_tokens(objective: Objective, items: Any) -> int:
+    """Σ ``objective.tokens(item)`` over ``items``; for an item store, from its stored lengths
+    without building the items: ``tokens`` is affine in the lengths of the token-id fields (a
+    pair's prompt once or twice and its completions; an SFT prompt and completion), so its
+    coefficients are read off items whose fields hold 0 or 1 token, and checked on the first,
+    last and longest items (any other ``tokens`` is summed item by item)."""
+    import dataclasses
+
+    from dpokit.data.store import ItemChain, ItemStore, field_kinds, lengths
+
+    if not isinstance(items, ItemStore | ItemChain) or not len(items):
+        return sum(objective.tokens(item) for item in items)
+    names = [n for n, kind in field_kinds(type(items[0])).items() if kind == "ids"]
+    empty = dataclasses.replace(items[0], **{n: [] for n in names})
+    try:
+        base = objective.tokens(empty)
+        predicted = base + sum((objective.tokens(dataclasses.replace(empty, **{n: [0]})) - base)
+                               * lengths(items, n) for n in names)
+    except Exception:  # a tokens() that needs real items
+        return sum(objective.tokens(item) for item in items)
+    for i in {0, len(items) - 1, int(predicted.argmax())}:
+        if objective.tokens(items[i]) != predicted[i]:
+            return sum(objective.tokens(item) for item in items)
+    return int(predicted.sum())
 
 
 def disable_dropout(model: nn.Module, config: TrainConfig) -> None:
@@ -437,6 +480,21 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
     return Reference("precomputed", table=table, **common)
 
 
+def fsdp_mixed_precision(config: TrainConfig) -> Any:
+    """FSDP2's ``MixedPrecisionPolicy`` for ``bf16: true`` on float32 weights: the shards stay
+    float32 (the optimizer's master weights), each layer is all-gathered and computed in
+    bfloat16 — half the gather traffic and memory of autocast around float32 shards — and
+    gradients are reduce-scattered in float32 (PyTorch's FSDP2 docs, ``fully_shard(mp_policy=
+    MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))``). None
+    otherwise: float32 runs, weights loaded in bf16 (already half), and fp16 (its GradScaler
+    unscales float32 gradients under autocast)."""
+    if not (config.bf16 and config.dtype == "float32"):
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
 def wrap(module: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.Module:
     """DDP (or FSDP2 with ``fsdp``) under torchrun; the bare module in one process."""
     if not runtime.distributed:
@@ -444,10 +502,12 @@ def wrap(module: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.Module:
     if config.fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        policy = fsdp_mixed_precision(config)
+        extra = {} if policy is None else {"mp_policy": policy}
         decoder = unwrap_model(module.model).get_decoder()
         for layer in getattr(decoder, "layers", getattr(decoder, "h", [])):
-            fully_shard(layer)
-        fully_shard(module)
+            fully_shard(layer, **extra)
+        fully_shard(module, **extra)
         return module
     from torch.nn.parallel import DistributedDataParallel
 
