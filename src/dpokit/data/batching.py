@@ -28,8 +28,8 @@ def group_ids(items: Sequence[Any]) -> np.ndarray:
     if column is not None:
         try:
             return np.asarray(column("group"), dtype=np.int64)
-        except (KeyError, ValueError):
-            pass
+        except (KeyError, ValueError):  # a store of items without groups (SFT sequences)
+            return np.full(len(items), -1, dtype=np.int64)
     return np.fromiter((getattr(item, "group", -1) for item in items), dtype=np.int64,
                        count=len(items))
 

@@ -119,6 +119,8 @@ class DataConfig(Config):
     max_row_chars: int | None = field(
         1_000_000, help="Longest row in characters (its text columns summed), refused before "
                         "tokenising (null: no limit).")
+    dataset_num_proc: int | None = field(
+        None, help="Processes that tokenise the data (null: this one); the same tokens.")
     batch_size: int = field(8, help="Examples per micro-batch on each device.")
     padding_free: bool = field(False, help="Pack sequences into one row (no padding).")
 

@@ -59,7 +59,8 @@ class SFTObjective(Objective):
                                   text_column=c.text_column,
                                   completion_only_loss=c.completion_only_loss,
                                   assistant_only_loss=c.assistant_only_loss, split=split,
-                                  progress=progress)
+                                  progress=progress,
+                                  dataset_num_proc=getattr(c, "dataset_num_proc", None))
 
     @property
     def per_token(self) -> bool:
