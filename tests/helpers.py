@@ -1,8 +1,14 @@
 """Helpers shared by the test modules: the in-process CLI, data files, the float64 log-prob
 oracle and the four pair layouts. (Fixtures shared across modules live in conftest.py.)"""
 
+import contextlib
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -64,3 +70,53 @@ def reference_token_logps(model, prompt_ids, completion_ids):
     wpo = token_logps - torch.logsumexp(2 * log_probs, dim=-1)
     start = len(prompt_ids) - 1
     return token_logps[start:], wpo[start:]
+
+
+def torchrun(*argv, timeout=300, env=None):
+    """``torchrun --standalone --nproc-per-node 2 ARGV`` (one thread per process): the finished
+    process (``returncode``, ``stdout``, ``stderr``). A run still going after ``timeout`` s
+    fails the test with every process's Python stack — its group gets SIGABRT, which
+    ``PYTHONFAULTHANDLER`` turns into a traceback dump — instead of a bare timeout that leaves
+    the workers running."""
+    import pytest
+
+    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+               "--nproc-per-node", "2", *map(str, argv)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+        hung = False
+    except subprocess.TimeoutExpired:
+        hung = True
+    if hung:  # the workers first (torchrun starts them in sessions of their own), then all
+        family = _descendants(process.pid)
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        try:
+            out, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            for pid in [process.pid, *family]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            out, err = process.communicate()
+        pytest.fail(f"torchrun still running after {timeout} s; its stacks:\n{err[-12000:]}",
+                    pytrace=False)
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def _descendants(pid):
+    """Every process below ``pid`` (from /proc), children first."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found.extend(children)
+        todo.extend(children)
+    return found[::-1]

@@ -3,11 +3,8 @@ command itself runs 2 steps on a tiny model (in-process, or under torchrun with 
 
 import dataclasses
 import math
-import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ import yaml
 
 from dpokit.config import load_config
 from dpokit.train.config import DPOConfig, SFTConfig
-from tests.helpers import read_metrics, run_cli
+from tests.helpers import read_metrics, run_cli, torchrun
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 # The command each file opens with (STYLE 9) — and the command the tests below run.
@@ -133,11 +130,6 @@ def test_torchrun_example_trains_two_steps_on_two_cpu_ranks(workdir, tmp_path,
     name = "dpo_torchrun.yaml"
     argv = header_argv(name)
     assert argv[:3] == ["torchrun", "--nproc-per-node", "4"]
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    command = [torchrun, "--standalone", "--nproc-per-node", "2", *argv[3:],
-               *tiny_flags(workdir, tmp_path, config_class(name)), *switch]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False,
-                          timeout=300)
+    done = torchrun(*argv[3:], *tiny_flags(workdir, tmp_path, config_class(name)), *switch)
     assert done.returncode == 0, done.stderr[-3000:]
     assert check_run(tmp_path / "run", name, "fsdp")["fsdp"] is bool(switch)

@@ -51,7 +51,7 @@ TRL_DEFAULTS = {
     "eval_on_start": False, "data_seed": None, "full_determinism": False,
     "dataloader_drop_last": False, "bf16_full_eval": False, "use_cpu": False, "local_rank": -1,
     "log_level": "passive", "disable_tqdm": None, "include_num_input_tokens_seen": "no",
-    "average_tokens_across_devices": True,
+    "average_tokens_across_devices": True, "ddp_timeout": 1800,
 }
 
 
@@ -120,6 +120,7 @@ def test_a_dpokit_config_is_not_trl():
     ({"report_to": ["tensorboard", "trackio"]}, {"report_to": ["tensorboard", "trackio"]}),
     ({"run_name": "exp-1", "project": "p"}, {"run_name": "exp-1", "project": "p"}),
     ({"resume_from_checkpoint": "out/checkpoint-4"}, {"resume": "out/checkpoint-4"}),
+    ({"ddp_timeout": 7200}, {"ddp_timeout": 7200}),
 ])
 def test_keys_converted_to_their_dpokit_meaning(values, expected):
     out = translate({"use_peft": False, **values}).values

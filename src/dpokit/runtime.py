@@ -12,6 +12,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -65,8 +66,11 @@ class Runtime:
             dist.barrier()
 
 
-def setup_runtime(device: str = "auto", dtype: str = "float32") -> Runtime:
-    """Read ``torchrun``'s environment, start the process group, pick the device."""
+def setup_runtime(device: str = "auto", dtype: str = "float32", *,
+                  timeout_s: float = 1800.0) -> Runtime:
+    """Read ``torchrun``'s environment, start the process group, pick the device.
+    ``timeout_s``: how long a collective waits for the other ranks before it raises (a rank
+    that hangs stops the run instead of holding every other rank forever)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -85,8 +89,8 @@ def setup_runtime(device: str = "auto", dtype: str = "float32") -> Runtime:
         dtype = "float32"
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=torch_device
-                                if torch_device.type == "cuda" else None)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=torch_device if torch_device.type == "cuda" else None)
     return Runtime(rank, world_size, local_rank, torch_device, dtype)
 
 

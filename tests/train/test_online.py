@@ -4,7 +4,7 @@ exactly, and refuses what it cannot do with one line."""
 import pytest
 
 from dpokit.train.loop import train
-from tests.helpers import read_metrics, run_cli, write_jsonl
+from tests.helpers import read_metrics, run_cli, torchrun, write_jsonl
 from tests.train.test_trainer import config
 
 REWARD = '''
@@ -99,21 +99,13 @@ def test_online_under_torchrun_two_processes(workdir, reward_file, tmp_path):
     (generation between collectives does not desynchronise DDP), logs every step with
     generation statistics in range, and saves its final model. (Not asserted: equality with
     one process — generation is seeded per micro-batch, so the samples differ.)"""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
     out = tmp_path / "ddp"
-    argv = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "dpokit", "train",
-            "--online", "--model", str(workdir / "llama"), "--data", str(workdir / "sft.jsonl"),
-            "--reward", f"{reward_file}:short", "--loss-type", "sigmoid_soft",
-            "--batch-size", "4", "--max-steps", "2", "--logging-steps", "1",
-            "--max-new-tokens", "4", "--save-steps", "null", "--device", "cpu",
-            "--output-dir", str(out)]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = torchrun("-m", "dpokit", "train",
+                    "--online", "--model", workdir / "llama", "--data", workdir / "sft.jsonl",
+                    "--reward", f"{reward_file}:short", "--loss-type", "sigmoid_soft",
+                    "--batch-size", "4", "--max-steps", "2", "--logging-steps", "1",
+                    "--max-new-tokens", "4", "--save-steps", "null", "--device", "cpu",
+                    "--ddp-timeout", "120", "--output-dir", out)
     assert done.returncode == 0, done.stderr[-3000:]
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2]

@@ -14,7 +14,7 @@ import pytest
 from dpokit.errors import DpokitError
 from dpokit.train.loop import train
 from dpokit.train.rundir import LOCK_NAME, RunLock
-from tests.helpers import run_cli, write_jsonl
+from tests.helpers import run_cli, torchrun, write_jsonl
 from tests.train.test_trainer import config
 
 
@@ -325,25 +325,18 @@ def test_refusals_under_torchrun_stop_every_rank(workdir, tmp_path):
     """Two gloo processes: the directory and resume checks run on rank 0 and stop both ranks
     (no rank left waiting in a collective): a fresh run into a run directory, and a resume
     with another learning rate, each exit non-zero with rank 0's line, nothing changed."""
-    import os
-    from pathlib import Path
 
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
-                "--nproc-per-node", "2", "-m", "dpokit"]
     base = cli_args(workdir, out, "--batch-size", "2", "--device", "cpu", "--max-steps", "2",
                     "--save-steps", "2")
-    first = subprocess.run([*torchrun, *base], capture_output=True, text=True, env=env,
-                           check=False, timeout=300)
+    first = torchrun("-m", "dpokit", *base)
     assert first.returncode == 0, first.stderr[-3000:]
     before = tree_digest(out)
     for extra, expected, other_rank in (
             ([], "holds an earlier run", "rank 0 refused the run"),  # decided on rank 0
             (["--resume", "auto", "--learning-rate", "2e-3"], "learning_rate 0.001 → 0.002",
              "learning_rate 0.001 → 0.002")):  # checked on every rank alike
-        refused = subprocess.run([*torchrun, *base, *extra], capture_output=True, text=True,
-                                 env=env, check=False, timeout=300)
+        refused = torchrun("-m", "dpokit", *base, *extra)
         assert refused.returncode != 0 and expected in refused.stderr, refused.stderr[-3000:]
         assert refused.stderr.count(other_rank) >= (1 if other_rank != expected else 2)
         assert tree_digest(out) == before

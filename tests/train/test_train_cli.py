@@ -6,13 +6,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import read_metrics
+from tests.helpers import read_metrics, torchrun
 from tests.helpers import run_cli as run
 
 DPOKIT = [sys.executable, "-m", "dpokit"]
@@ -120,11 +119,8 @@ def test_two_processes_match_one(workdir, tmp_path):
                              str(tmp_path / "one")], capture_output=True, text=True, env=env,
                             check=False)
     assert single.returncode == 0, single.stderr
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    double = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "dpokit",
-                             "train", *common, "--batch-size", "2", "--device", "cpu",
-                             "--output-dir", str(tmp_path / "two")],
-                            capture_output=True, text=True, env=env, check=False, timeout=300)
+    double = torchrun("-m", "dpokit", "train", *common, "--batch-size", "2", "--device", "cpu",
+                      "--output-dir", tmp_path / "two")
     assert double.returncode == 0, double.stderr[-3000:]
     for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"), strict=True):
         key = "loss" if "loss" in a else "eval/loss"  # the last line is the evaluation
@@ -143,21 +139,24 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(workdir, tmp_path):
               "--logging-steps", "1", "--learning-rate", "1e-3", "--beta", "0.5",
               "--lr-scheduler", "constant", "--save-steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
-                "--nproc-per-node", "2", "-m", "dpokit", "train", "--fsdp", "--device", "cpu",
-                "--batch-size", "2", *common]
+    sharded = ["-m", "dpokit", "train", "--fsdp", "--device", "cpu", "--batch-size", "2",
+               *common]
 
-    def launch(command, out, steps, *extra):
-        done = subprocess.run([*command, "--output-dir", str(tmp_path / out), "--max-steps",
-                               str(steps), *extra], capture_output=True, text=True, env=env,
-                              check=False, timeout=300)
+    def launch(out, steps, *extra):
+        tail = ["--output-dir", str(tmp_path / out), "--max-steps", str(steps), *extra]
+        if out == "single":
+            done = subprocess.run([*DPOKIT, "train", "--batch-size", "4", *common, *tail],
+                                  capture_output=True, text=True, env=env, check=False,
+                                  timeout=300)
+        else:
+            done = torchrun(*sharded, *tail)
         assert done.returncode == 0, done.stderr[-3000:]
 
-    launch([*DPOKIT, "train", "--batch-size", "4", *common], "single", 4)
-    launch(torchrun, "fsdp", 4)
-    launch(torchrun, "fsdp-resumed", 2)
+    launch("single", 4)
+    launch("fsdp", 4)
+    launch("fsdp-resumed", 2)
     assert (tmp_path / "fsdp-resumed" / "checkpoint-2" / "sharded").is_dir()
-    launch(torchrun, "fsdp-resumed", 4, "--resume", "auto")
+    launch("fsdp-resumed", 4, "--resume", "auto")
     single, fsdp, resumed = (read_metrics(tmp_path / name)
                              for name in ("single", "fsdp", "fsdp-resumed"))
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
@@ -233,14 +232,11 @@ def test_fsdp_bf16_gathers_bfloat16_layers_over_float32_shards(workdir, tmp_path
     assert (mixed.param_dtype, mixed.reduce_dtype) == (torch.bfloat16, torch.float32)
     assert policy() is None and policy(bf16="true", dtype="bfloat16") is None
     assert policy(fp16="true") is None
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
-         "-m", "dpokit", "train", "--fsdp", "--bf16", "--device", "cpu", "--batch-size", "2",
-         "--model", str(workdir / "llama"), "--data", str(workdir / "prefs.jsonl"),
-         "--max-steps", "2", "--logging-steps", "1", "--save-steps", "null",
-         "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env,
-        check=False, timeout=300)
+    done = torchrun("-m", "dpokit", "train", "--fsdp", "--bf16", "--device", "cpu",
+                    "--batch-size", "2", "--model", workdir / "llama",
+                    "--data", workdir / "prefs.jsonl", "--max-steps", "2",
+                    "--logging-steps", "1", "--save-steps", "null",
+                    "--output-dir", tmp_path / "out")
     assert done.returncode == 0, done.stderr[-3000:]
     first = read_metrics(tmp_path / "out")[0]
     assert abs(first["rewards/chosen"]) < 1e-2 and first["loss"] == pytest.approx(0.6931, abs=1e-2)

@@ -110,6 +110,9 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
              "family, as TRL's null).")
     merge_lora: bool = field(False, help="Also save the final model with adapters merged.")
     fsdp: bool = field(False, help="Shard the model with FSDP2 (fully_shard) under torchrun.")
+    ddp_timeout: int = field(
+        1800, help="Seconds a rank waits in a collective under torchrun before the run stops "
+                   "with an error naming it (as transformers' ddp_timeout).")
 
     def validate(self) -> None:
         """Reject impossible values with a message naming the key."""
@@ -126,7 +129,7 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
             raise DpokitError("fsdp with fp16 is not supported (loss scaling is not sharded); "
                               "use bf16")
         for key in ("gradient_accumulation_steps", "logging_steps", "lora_r",
-                    "max_nonfinite_steps"):
+                    "max_nonfinite_steps", "ddp_timeout"):
             if getattr(self, key) < 1:
                 raise DpokitError(f"{key} must be ≥ 1, got {getattr(self, key)}")
         for key in ("max_steps", "eval_steps", "save_steps", "save_total_limit",

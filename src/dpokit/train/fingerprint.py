@@ -35,7 +35,7 @@ MAY_CHANGE = frozenset({
     "save_total_limit", "save_strategy", "eval_data", "eval_split", "eval_steps",
     "eval_strategy", "per_device_eval_batch_size", "eval_generate",
     "max_nonfinite_steps", "max_row_chars", "max_steps", "num_epochs", "merge_lora",
-    "dataset_num_proc",  # how many processes tokenise: the same tokens
+    "dataset_num_proc", "ddp_timeout",  # how many processes tokenise: the same tokens
     # memory and layout: the same numbers within float32 rounding (tested equal)
     "gradient_checkpointing", "selective_checkpointing", "chunk_size", "unpadded",
     "shared_prompt", "padding_free", "precompute_ref_logps", "precompute_ref_batch_size"})

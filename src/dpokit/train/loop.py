@@ -66,7 +66,7 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
     checkpoint written when SIGINT/SIGTERM stopped the run early."""
     global last_stop_signal
     last_stop_signal = None
-    runtime = setup_runtime(config.device, config.compute_dtype)
+    runtime = setup_runtime(config.device, config.compute_dtype, timeout_s=config.ddp_timeout)
     run, lock, failed = None, None, False
     try:
         preflight(config, runtime)
