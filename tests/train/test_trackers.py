@@ -17,15 +17,34 @@ from tests.helpers import read_metrics, run_cli
 from tests.train.test_trainer import config
 
 
-def wandb_records(run_dir):
-    """The protobuf records of the offline run under ``run_dir/wandb`` — read by hand from
-    its LevelDB-style log (7-byte file header ``:W&B``, 32 KiB blocks of chunks with a 7-byte
-    ``crc, length, type`` header; type 1 whole, 2/3/4 first/middle/last), the format W&B's
-    ``wandb sync`` reads."""
+def wandb_records(run_dir, wait_s=60.0):
+    """The protobuf records of the offline run under ``run_dir/wandb``, once its ``exit``
+    record is written (W&B's service process writes the log after ``finish`` returns — on a
+    loaded machine a little later: wait up to ``wait_s``, then read what there is)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = _wandb_log(run_dir)
+        done = any(r.WhichOneof("record_type") == "exit" for r in records)
+        if done or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def _wandb_log(run_dir):
+    """The records of the offline log, read by hand from its LevelDB-style format (7-byte file
+    header ``:W&B``, 32 KiB blocks of chunks with a 7-byte ``crc, length, type`` header; type
+    1 whole, 2/3/4 first/middle/last), the format W&B's ``wandb sync`` reads."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    paths = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    if not paths:
+        return []
+    (path,) = paths
     data, block = path.read_bytes(), 32768
+    if len(data) < 7:
+        return []
     assert data[:4] == b":W&B"
     pos, chunks, pending = 7, [], b""
     while pos + 7 <= len(data):
@@ -37,6 +56,8 @@ def wandb_records(run_dir):
         if length == 0 and kind == 0:  # the rest of the block is padding
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         if kind in (1, 2):
             pending = chunk
