@@ -33,7 +33,7 @@ from dpokit.data.formats import (
 )
 from dpokit.data.groups import data_shape
 from dpokit.data.io import RawRow
-from dpokit.data.prepare import ChunkResult, Recipe, Summary, prepare_items, take
+from dpokit.data.prepare import ChunkResult, Recipe, Summary, load_items, take
 from dpokit.data.store import chunk_arrays
 from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, tokenize_examples
 from dpokit.errors import DpokitError
@@ -65,19 +65,9 @@ def load_preference_pairs(path: str | Path, tokenizer: Any, *,
     are memory-mapped from unnamed temporary files (:func:`~dpokit.data.cache.scratch_items`).
     ``dataset_num_proc``: tokenise in that many worker processes (the same pairs).
     ``chunk_rows``: rows per chunk (:data:`dpokit.data.prepare.CHUNK_ROWS`)."""
-    recipe = PairRecipe(columns, settings)
-
-    def build(directory: Path | None, meta: dict[str, Any]) -> Sequence[TokenizedPair]:
-        return prepare_items(path, split, tokenizer, recipe, directory=directory,
-                             progress=progress, num_proc=dataset_num_proc,
-                             chunk_rows=chunk_rows, meta=meta)
-
-    from dpokit.data.cache import cached_items, scratch_items
-
-    if cache_dir is not None:
-        return cached_items(cache_dir, path, split, tokenizer, settings, columns, TokenizedPair,
-                            build)
-    return scratch_items(build)
+    return load_items(path, split, tokenizer, PairRecipe(columns, settings), settings=settings,
+                      key_columns=columns, cache_dir=cache_dir, progress=progress,
+                      num_proc=dataset_num_proc, chunk_rows=chunk_rows)
 
 
 def _scan(rows: list[RawRow], columns: ColumnMap) -> dict[str, Any]:

@@ -240,6 +240,26 @@ def _prepend(first: list[list[RawRow]], rest: Iterator[list[RawRow]]) -> Iterato
 # --------------------------------------------------------------------------------- the driver
 
 
+def load_items(path: str | Path, split: str | None, tokenizer: Any, recipe: Recipe, *,
+               settings: Any, key_columns: Any, cache_dir: Path | None,
+               progress: bool | None = None, num_proc: int | None = None,
+               chunk_rows: int | None = None) -> ItemStore:
+    """:func:`prepare_items` through the tokenised-data cache in ``cache_dir`` (keyed by the
+    data, the tokenizer, ``settings`` and ``key_columns``), or into unnamed temporary files
+    without one — memory-mapped either way (:mod:`dpokit.data.cache`)."""
+    from dpokit.data.cache import cached_items, scratch_items
+
+    def build(directory: Path | None, meta: dict[str, Any]) -> ItemStore:
+        return prepare_items(path, split, tokenizer, recipe, directory=directory,
+                             progress=progress, num_proc=num_proc, chunk_rows=chunk_rows,
+                             meta=meta)
+
+    if cache_dir is not None:
+        return cached_items(cache_dir, path, split, tokenizer, settings, key_columns,
+                            recipe.item_cls, build)
+    return scratch_items(build)
+
+
 def prepare_items(path: str | Path, split: str | None, tokenizer: Any, recipe: Recipe, *,
                   directory: Path | None, progress: bool | None = None,
                   num_proc: int | None = None, chunk_rows: int | None = None,

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from dpokit.data.formats import _is_messages, _messages, check_columns, check_row_chars
 from dpokit.data.io import RawRow
-from dpokit.data.prepare import ChunkResult, Recipe, Summary, prepare_items, take
+from dpokit.data.prepare import ChunkResult, Recipe, Summary, load_items, take
 from dpokit.data.store import chunk_arrays
 from dpokit.data.tokenize import (
     TokenizeSettings,
@@ -271,14 +271,6 @@ def load_sft_sequences(path: str | Path, tokenizer: Any, *,
     recipe = SFTRecipe(settings, tuple((key, chosen[key]) for key in _DEFAULT_COLUMNS),
                        completion_only_loss, assistant_only_loss)
 
-    def build(directory: Path | None, meta: dict[str, Any]) -> Sequence[SFTSequence]:
-        return prepare_items(path, split, tokenizer, recipe, directory=directory,
-                             progress=progress, num_proc=dataset_num_proc,
-                             chunk_rows=chunk_rows, meta=meta)
-
-    from dpokit.data.cache import cached_items, scratch_items
-
-    if cache_dir is not None:
-        return cached_items(cache_dir, path, split, tokenizer, settings, chosen, SFTSequence,
-                            build)
-    return scratch_items(build)
+    return load_items(path, split, tokenizer, recipe, settings=settings, key_columns=chosen,
+                      cache_dir=cache_dir, progress=progress, num_proc=dataset_num_proc,
+                      chunk_rows=chunk_rows)

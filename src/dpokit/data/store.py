@@ -162,7 +162,7 @@ def content_digest(items: Sequence[Any], cls: type | None = None, *,
     """A digest of the values of ``fields`` (default: every field but ``exclude``) of every item,
     in order — the same for a list, an :class:`ItemStore`, a slice of one or a chain of them
     (module docstring). O(1) for a whole store: its digests were computed when it was written."""
-    if isinstance(items, ItemStore | ItemChain):
+    if isinstance(items, _Items):
         return items.digest(fields=fields, exclude=exclude)
     if cls is None:
         cls = type(items[0]) if len(items) else None
@@ -338,7 +338,33 @@ def open_store(directory: Path, cls: type, *, key: str | None = None) -> ItemSto
 # ----------------------------------------------------------------------------------- reading
 
 
-class ItemStore(Sequence):
+class _Items(Sequence):
+    """What stores and chains share: equal to any sequence of equal items (unhashable, as a
+    list), and ``+`` with any sequence chains without copying."""
+
+    def _chained(self) -> list[Sequence[Any]]:
+        """The parts ``+`` puts in a chain."""
+        return [self]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __add__(self, other: Any) -> Sequence[Any]:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return ItemChain([*self._chained(), other]).simplified()
+
+    def __radd__(self, other: Any) -> Sequence[Any]:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return ItemChain([other, *self._chained()]).simplified()
+
+
+class ItemStore(_Items):
     """A read-only sequence of ``cls`` items held as flat arrays (module docstring): ``store[i]``
     builds one item, a slice is a view over the same arrays, ``+`` chains (:class:`ItemChain`).
     Equal to any sequence of equal items."""
@@ -390,23 +416,6 @@ class ItemStore(Sequence):
     def __iter__(self) -> Iterator[Any]:
         for i in range(self._count):
             yield self._item(i if self.rows is None else int(self.rows[i]))
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __add__(self, other: Any) -> Sequence[Any]:
-        if not isinstance(other, Sequence):
-            return NotImplemented
-        return ItemChain([self, other]).simplified()
-
-    def __radd__(self, other: Any) -> Sequence[Any]:
-        if not isinstance(other, Sequence):
-            return NotImplemented
-        return ItemChain([other, self]).simplified()
 
     # --- vectorised columns
 
@@ -473,7 +482,7 @@ class ItemStore(Sequence):
         return _combine({n: d.hexdigest() for n, d in running.items()}, names)
 
 
-class ItemChain(Sequence):
+class ItemChain(_Items):
     """Sequences one after another (``store + eval_pairs``), without copying; a slice that
     falls inside one part is that part's own slice."""
 
@@ -513,18 +522,8 @@ class ItemChain(Sequence):
         for part in self.parts:
             yield from part
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __add__(self, other: Any) -> Sequence[Any]:
-        return ItemChain([*self.parts, other]).simplified()
-
-    def __radd__(self, other: Any) -> Sequence[Any]:
-        return ItemChain([other, *self.parts]).simplified()
+    def _chained(self) -> list[Sequence[Any]]:
+        return list(self.parts)
 
     def lengths(self, name: str) -> np.ndarray:
         return np.concatenate([lengths(p, name) for p in self.parts] or [np.zeros(0, int)])
@@ -546,7 +545,7 @@ class ItemChain(Sequence):
 
 def lengths(items: Sequence[Any], name: str) -> np.ndarray:
     """Tokens of the ids field ``name`` of every item of a list, store or chain (int64)."""
-    if isinstance(items, ItemStore | ItemChain):
+    if isinstance(items, _Items):
         return items.lengths(name)
     return np.fromiter((len(getattr(item, name)) for item in items), dtype=_INT_DTYPE,
                        count=len(items))
@@ -554,7 +553,7 @@ def lengths(items: Sequence[Any], name: str) -> np.ndarray:
 
 def present(items: Sequence[Any], name: str) -> np.ndarray:
     """Whether each item's ``name`` is not None."""
-    if isinstance(items, ItemStore | ItemChain):
+    if isinstance(items, _Items):
         return items.present(name)
     return np.fromiter((getattr(item, name) is not None for item in items), dtype=bool,
                        count=len(items))
@@ -562,7 +561,7 @@ def present(items: Sequence[Any], name: str) -> np.ndarray:
 
 def column(items: Sequence[Any], name: str) -> np.ndarray:
     """The values of a number field (NaN where None) or another scalar field of every item."""
-    if isinstance(items, ItemStore | ItemChain):
+    if isinstance(items, _Items):
         return items.column(name)
     values = [getattr(item, name) for item in items]
     if values and all(isinstance(v, float | None) for v in values):
