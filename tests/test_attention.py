@@ -33,6 +33,17 @@ def pairs(tokenizer):
     return tokenized_pairs(ROWS, tokenizer)
 
 
+@pytest.fixture(params=["one call", "per segment"])
+def cpu_path(request, monkeypatch):
+    """Both CPU paths of the unpadded attention: a batch's segments as one masked call (short
+    rows), or a call per segment without an L × L mask (the path long rows take)."""
+    import dpokit.attention as attention
+
+    if request.param == "per segment":
+        monkeypatch.setattr(attention, "ONE_CALL_BUDGET", 0)
+    return request.param
+
+
 def logps_and_grads(model, batch, *, unpadded):
     model.zero_grad()
     out = completion_logps(model, batch, chunk_size=8, unpadded=unpadded)
@@ -51,7 +62,7 @@ def assert_same(model, batch):
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_unpadded_equals_padded(pairs, tokenizer, kind, layout):
+def test_unpadded_equals_padded(pairs, tokenizer, kind, layout, cpu_path):
     model = tiny_causal_lm(kind, vocab_size=len(tokenizer), seed=5, dtype=torch.float64)
     assert_same(model, LAYOUTS[layout](pairs))
     assert model.config._attn_implementation == SEGMENT_ATTENTION
@@ -73,7 +84,7 @@ def test_decoder_sees_only_real_tokens(pairs, tokenizer):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_sliding_window_counts_positions_in_each_sequence(pairs, tokenizer, layout):
+def test_sliding_window_counts_positions_in_each_sequence(pairs, tokenizer, layout, cpu_path):
     """Qwen2 with a 3-token window on every layer: the padded oracle (right padding, one row
     per sequence) gets the window from transformers' own mask."""
     def qwen2(**window):
@@ -165,7 +176,7 @@ def tiny_of_type(model_type, vocab_size, *, window=None):
 
 
 @pytest.mark.parametrize("model_type", sorted(UNPADDED_MODEL_TYPES))
-def test_every_switched_family_equals_its_padded_pass(pairs, tokenizer, model_type):
+def test_every_switched_family_equals_its_padded_pass(pairs, tokenizer, model_type, cpu_path):
     """The allowlist is checked, not assumed: right-padded transformers pass as the oracle,
     with a 3-token sliding window where the family has one."""
     for window in (None, 3):
@@ -212,9 +223,13 @@ def test_gpu_path_of_later_completions_equals_padded(pairs, tokenizer, model_typ
 
 
 def test_shared_rows_need_no_row_by_row_mask(pairs, tokenizer, monkeypatch):
-    """The unpadded decoder builds no (L, L) mask for a shared-prompt row: the prompt and the
-    chosen completion are one causal call, and the rejected completion's mask is |y_l| × (|x| +
-    |y_w| + |y_l|); the collated batch holds no mask at all."""
+    """Past ONE_CALL_BUDGET (long rows) the unpadded decoder builds no (L, L) mask for a
+    shared-prompt row: the prompt and the chosen completion are one causal call, and the
+    rejected completion's mask is |y_l| × (|x| + |y_w| + |y_l|). Below it (short rows, on a CPU)
+    the batch is one call per layer with one (rows, 1, L_max, L_max) mask. The collated batch
+    holds no mask at all."""
+    import dpokit.attention as attention
+
     shapes = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -226,10 +241,27 @@ def test_shared_rows_need_no_row_by_row_mask(pairs, tokenizer, monkeypatch):
     model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=5)
     batch = LAYOUTS["shared"](pairs)
     assert batch.attention_mask is None
+    layers = model.config.num_hidden_layers
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
     with torch.no_grad():
         completion_logps(model, batch)
-    layers = model.config.num_hidden_layers
-    per_layer = [shape for p in pairs for shape in (
-        None, (len(p.rejected_ids), len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)))]
-    expected = per_layer * layers
-    assert shapes == expected
+    assert shapes == [(len(pairs), 1, max(lengths), max(lengths))] * layers
+    shapes.clear()
+    monkeypatch.setattr(attention, "ONE_CALL_BUDGET", len(pairs) * max(lengths) ** 2 - 1)
+    with torch.no_grad():
+        completion_logps(model, LAYOUTS["shared"](pairs))
+    per_layer = [shape for p, n in zip(pairs, lengths, strict=True)
+                 for shape in (None, (len(p.rejected_ids), n))]
+    assert shapes == per_layer * layers
+
+
+def test_one_call_is_not_taken_for_uneven_segments(tokenizer):
+    """Segments padded to over 4× their own area (one long row among short ones) run a call
+    each: the single call would spend most of its work on padding."""
+    from dpokit.attention import Segments, _one_call_plan
+
+    even = Segments(((0, 10), (10, 20)), ((10,), (4, 3, 3)), torch.arange(20))
+    assert _one_call_plan(even, None) is not None
+    uneven = Segments(((0, 64), *((64 + i, 65 + i) for i in range(20))),
+                      ((64,), *((1,),) * 20), torch.arange(84))
+    assert _one_call_plan(uneven, None) is None

@@ -121,6 +121,7 @@ def test_a_dpokit_config_is_not_trl():
     ({"run_name": "exp-1", "project": "p"}, {"run_name": "exp-1", "project": "p"}),
     ({"resume_from_checkpoint": "out/checkpoint-4"}, {"resume": "out/checkpoint-4"}),
     ({"ddp_timeout": 7200}, {"ddp_timeout": 7200}),
+    ({"dataset_num_proc": 4}, {"dataset_num_proc": 4}),  # tokenises in 4 processes
 ])
 def test_keys_converted_to_their_dpokit_meaning(values, expected):
     out = translate({"use_peft": False, **values}).values

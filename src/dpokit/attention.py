@@ -208,6 +208,69 @@ def _later_completion(query: Tensor, key: Tensor, value: Tensor, prompt: int, st
     return _sdpa(q, key[:, :, :stop], value[:, :, :stop], mask, causal=False, **sdpa)
 
 
+ONE_CALL_BUDGET = 1 << 23
+"""Largest ``segments × L_max²`` (elements of a boolean mask, 8 MiB) for which a CPU batch's
+segments run as one SDPA call (:func:`_one_call_plan`)."""
+
+
+@dataclass(frozen=True)
+class OneCall:
+    """A batch's segments as one padded ``(S, heads, L_max, d)`` SDPA call."""
+
+    index: Tensor
+    """``(S, L_max)`` int64: the column in T of each padded token (0 on padding)."""
+    back: Tensor
+    """``(T,)`` int64: each real token's place in the ``S · L_max`` padded tokens."""
+    mask: Tensor
+    """``(S, 1, L_max, L_max)`` bool, True where a query may see a key."""
+
+
+def _one_call_plan(segments: Segments, window: int | None) -> OneCall | None:
+    """One masked call for every segment of a batch, when that is cheap (CPU): many short rows
+    are dominated by the cost of a call each (two for a shared-prompt row), not by their
+    arithmetic. Query i of a segment sees key j ≤ i of the same part or of the prompt (part 0)
+    — causal for a sequence, the shared-prompt pattern for a row ``[x, y_1, …, y_m]`` — and
+    within ``window`` positions. None when the padded mask would exceed
+    :data:`ONE_CALL_BUDGET` elements or pad the segments to over 4× their own area (then each
+    segment is its own call, without an L × L mask for shared rows)."""
+    lengths = [stop - start for start, stop in segments.bounds]
+    longest, count = max(lengths), len(lengths)
+    area = count * longest * longest
+    if area > ONE_CALL_BUDGET or area > 4 * sum(n * n for n in lengths):
+        return None
+    device = segments.position_ids.device
+    offsets = torch.arange(longest, device=device)
+    starts = torch.tensor([start for start, _ in segments.bounds], device=device)
+    sizes = torch.tensor(lengths, device=device)
+    real = offsets[None, :] < sizes[:, None]  # (S, L_max)
+    index = torch.where(real, starts[:, None] + offsets[None, :], 0)
+    part = torch.zeros(count, longest, dtype=torch.long, device=device)
+    for s, parts in enumerate(segments.parts):
+        bounds = torch.tensor(parts, device=device).cumsum(0)
+        part[s] = torch.bucketize(offsets, bounds, right=True)
+    same = (part[:, :, None] == part[:, None, :]) | (part[:, None, :] == 0)
+    mask = same & torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+    mask &= real[:, :, None] & real[:, None, :]
+    if window is not None:
+        positions = segments.position_ids[index]
+        mask &= positions[:, :, None] - positions[:, None, :] < window
+    mask[:, :, 0] |= ~real  # a padded query sees one key (its output is dropped): no NaN
+    back = (torch.arange(count, device=device)[:, None] * longest + offsets[None, :])[real]
+    return OneCall(index, back, mask[:, None])
+
+
+def _one_call(query: Tensor, key: Tensor, value: Tensor, plan: OneCall, **sdpa: Any) -> Tensor:
+    """:func:`segment_attention`'s result through the single call of ``plan``:
+    ``(1, T, heads, d)``."""
+    def padded(t: Tensor) -> Tensor:  # (1, h, T, d) → (S, h, L_max, d)
+        return t[0][:, plan.index].transpose(0, 1)
+
+    out = _sdpa(padded(query), padded(key), padded(value), plan.mask, causal=False, **sdpa)
+    heads, d = out.shape[1], out.shape[3]
+    flat = out.transpose(1, 2).reshape(-1, heads, d)  # (S · L_max, h, d)
+    return flat[plan.back][None]
+
+
 _UNSUPPORTED = ("position_bias", "s_aux", "softcap")
 """Attention extras some models pass (T5-style biases, sinks, soft caps) that the segment
 path does not reproduce."""
@@ -242,8 +305,12 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     sdpa = {"dropout": dropout, "scaling": scaling,
             "groups": getattr(module, "num_key_value_groups", 1)}
     segments = dpokit_segments
-    outputs = []
     masks = segments.masks
+    if causal and not keys_side_by_side(query.device):
+        plan = _memo(masks, ("one call", window), lambda: _one_call_plan(segments, window))
+        if plan is not None:
+            return _one_call(query, key, value, plan, **sdpa), None
+    outputs = []
     for index, ((start, stop), parts) in enumerate(zip(segments.bounds, segments.parts,
                                                        strict=True)):
         q, k, v = (t[:, :, start:stop] for t in (query, key, value))

@@ -412,6 +412,17 @@ def _subprocess(args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _alternating_runs(frameworks: list[str], repeats: int, args: list[str]
+                      ) -> dict[str, list[dict]]:
+    """``repeats`` rounds of one fresh ``run`` process per framework, in turn (so that a slow
+    spell of the machine falls on every framework): each framework's results."""
+    results: dict[str, list[dict]] = {f: [] for f in frameworks}
+    for _ in range(repeats):
+        for framework in frameworks:
+            results[framework].append(_subprocess(["run", framework, *args]))
+    return results
+
+
 def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], steps: int,
               repeats: int, frameworks: list[str], end_to_end: bool = True,
               device: str = "cpu", precision: dict | None = None,
@@ -432,12 +443,8 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
     for model in models:
         params, tokens = _params(fixture, model), _tokens_per_pair(fixture, model)
         for setting in settings:
-            results: dict[str, list[dict]] = {f: [] for f in frameworks}
-            for _ in range(repeats):
-                for framework in frameworks:
-                    results[framework].append(_subprocess(
-                        ["run", framework, str(fixture.root), model, setting, str(steps),
-                         *where]))
+            results = _alternating_runs(frameworks, repeats,
+                                        [str(fixture.root), model, setting, str(steps), *where])
             for framework, runs in results.items():
                 good = [r for r in runs if "error" not in r]
                 if not good:
@@ -490,11 +497,8 @@ def long_context_benchmark(workdir: str | Path, *, lengths: list[int], settings:
         fixture = build_long_fixture(workdir, length, pairs=steps * LONG_BATCH)
         tokens = _tokens_per_pair(fixture, "small")
         for setting in settings:
-            results: dict[str, list[dict]] = {f: [] for f in frameworks}
-            for _ in range(repeats):
-                for framework in frameworks:
-                    results[framework].append(_subprocess(
-                        ["run", framework, str(fixture.root), "small", setting, str(steps)]))
+            results = _alternating_runs(frameworks, repeats,
+                                        [str(fixture.root), "small", setting, str(steps)])
             for framework, runs in results.items():
                 good = [r for r in runs if "error" not in r]
                 row = {"framework": framework, "model": f"small@{length}", "setting": setting,

@@ -193,15 +193,45 @@ def _positions_needed_all(items: Any, max_new_tokens: int, *, whole_row: bool) -
     from dpokit.data.store import ItemChain, ItemStore, lengths
 
     if not isinstance(items, ItemStore | ItemChain):
-        return np.array([positions_needed(item, max_new_tokens, whole_row=whole_row)
-                         for item in items], dtype=np.int64)
+        needed = np.array([positions_needed(item, max_new_tokens, whole_row=whole_row)
+                           for item in items], dtype=np.int64)
+        return _group_rows_needed(items, needed) if whole_row and len(items) else needed
     prompt, sample = lengths(items, "prompt_ids"), items[0]
     if hasattr(sample, "chosen_ids"):
         chosen, rejected = lengths(items, "chosen_ids"), lengths(items, "rejected_ids")
-        return prompt + (chosen + rejected if whole_row else np.maximum(chosen, rejected))
+        if whole_row:
+            return _group_rows_needed(items, prompt + chosen + rejected)
+        return prompt + np.maximum(chosen, rejected)
     if hasattr(sample, "completion_ids"):
         return prompt + lengths(items, "completion_ids")
     return prompt + max_new_tokens
+
+
+def _group_rows_needed(items: Any, needed: Any) -> Any:
+    """``needed`` with each pair of a group (k completions of one prompt) given its group's
+    shared-prompt row, prompt + every distinct completion of the group once."""
+    import numpy as np
+
+    from dpokit.data.batching import group_ids
+
+    if not hasattr(items[0], "chosen_ids"):
+        return needed
+    groups = group_ids(items)
+    members = np.flatnonzero(groups >= 0)
+    if not len(members):
+        return needed
+    rows: dict[tuple, tuple[int, set]] = {}
+    for j in members.tolist():
+        item = items[j]
+        prompt, seen = rows.setdefault((int(groups[j]), tuple(item.prompt_ids)),
+                                       (len(item.prompt_ids), set()))
+        seen.update((tuple(item.chosen_ids), tuple(item.rejected_ids)))
+    needed = np.array(needed, dtype=np.int64)
+    for j in members.tolist():
+        item = items[j]
+        prompt, seen = rows[(int(groups[j]), tuple(item.prompt_ids))]
+        needed[j] = prompt + sum(len(c) for c in seen)
+    return needed
 
 
 def check_positions(items: list, limits: list[tuple[int, str, str, bool]],
@@ -219,7 +249,9 @@ def check_positions(items: list, limits: list[tuple[int, str, str, bool]],
             continue
         item = items[longest]
         online = not hasattr(item, "chosen_ids") and not hasattr(item, "completion_ids")
-        what = ("its prompt and both completions: this model's attention mask spans the "
+        grouped = getattr(item, "group", -1) >= 0
+        completions = "every completion of its group" if grouped else "both completions"
+        what = (f"its prompt and {completions}: this model's attention mask spans the "
                 "shared-prompt row" if whole else
                 "its prompt and max_new_tokens" if online else "it")
         fix = ("; or set shared_prompt: false (a row per completion)" if whole else "")

@@ -12,8 +12,8 @@ reason and what to use instead; nothing is dropped silently:
   ``fsdp: "full_shard auto_wrap"`` → ``fsdp: true``, ``model_revision`` → ``Org/Name@revision``,
   ``report_to: wandb`` → a list, ``dataset_test_split`` with an ``eval_strategy`` → the
   evaluation data);
-- keys that only change speed or logging, at the values TRL users set (``dataset_num_proc``,
-  ``dataloader_num_workers``, ``optim: adamw_torch_fused``, …) are accepted and listed once
+- keys that only change speed or logging, at the values TRL users set
+  (``dataloader_num_workers``, ``optim: adamw_torch_fused``, …) are accepted and listed once
   as having no effect on the result;
 - everything else is refused at a value dpokit cannot honour (``deepspeed`` → "use fsdp: true
   with torchrun", ``load_in_4bit: true``, …).
@@ -56,7 +56,7 @@ RENAMED = {
 """TRL key → the dpokit key it sets."""
 
 NO_EFFECT = {
-    "dataset_num_proc": None, "dataloader_num_workers": None, "pad_to_multiple_of": None,
+    "dataloader_num_workers": None, "pad_to_multiple_of": None,
     "ddp_find_unused_parameters": None, "average_tokens_across_devices": None,
     "include_num_input_tokens_seen": None, "log_level": None, "disable_tqdm": None,
     "remove_unused_columns": None, "do_train": None, "do_eval": None, "local_rank": None,

@@ -210,3 +210,29 @@ def test_backend_ids_equal_the_tokenizers_and_a_disagreement_falls_back(tokenize
     assert batch_ids(wrong, texts, verdict) == tokenizer(texts)["input_ids"]
     assert verdict == {"ok": False}
     assert batch_ids(wrong, texts, verdict) == tokenizer(texts)["input_ids"]
+
+
+def test_the_backend_is_checked_once_per_tokenizer_not_per_chunk(tokenizer):
+    """A large file is tokenised chunk by chunk: the backend-vs-tokenizer comparison (a second,
+    plain encoding of the batch) runs on the first chunk's three columns only, and every chunk
+    still gets the tokenizer's own ids."""
+    import copy
+
+    plain_calls = []
+
+    class Counting(type(tokenizer)):
+        def __call__(self, texts, *args, **kwargs):
+            plain_calls.append(len(texts))
+            return super().__call__(texts, *args, **kwargs)
+
+    counting = copy.deepcopy(tokenizer)
+    counting.__class__ = Counting
+    rows = [{"prompt": f"the cat {i}", "chosen": " sat.", "rejected": " ran away"}
+            for i in range(6)]
+    first = tokenize_examples(examples(*rows[:3]), counting)
+    assert plain_calls == [3, 3, 3]  # prompt, chosen, rejected columns of the first chunk
+    second = tokenize_examples(examples(*rows[3:]), counting)
+    assert plain_calls == [3, 3, 3]
+    ids = [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in first + second]
+    assert ids == [(p.prompt_ids, p.chosen_ids, p.rejected_ids)
+                   for p in tokenize_examples(examples(*rows), tokenizer)]

@@ -259,3 +259,46 @@ def test_gpt_neo_needs_the_whole_shared_row_within_its_positions(workdir, tmp_pa
     assert f"{data}, row 1: {p + c + r} tokens" in line and "shared_prompt: false" in line
     code, _, err = run_cli(capsys, *args, "--no-shared-prompt")
     assert code == 0, err[-2000:]
+
+
+def test_gpt_neo_needs_a_groups_whole_row_within_its_positions(workdir, tmp_path, capsys,
+                                                               tokenizer):
+    """k completions of one prompt share one row [x, y_1, …, y_k]: with every pair fitting
+    GPT-Neo's positions as a row of its own (p + c + r) but not the group's row
+    (p + Σ_j |y_j|), the run is refused up front naming the row (the forward would fail
+    mid-run), and trains with shared_prompt: false."""
+    from transformers import AutoModelForCausalLM, GPTNeoConfig
+
+    from dpokit.data import ColumnMap, collate_shared, load_preference_pairs
+    from dpokit.logps import completion_logps
+
+    neo = AutoModelForCausalLM.from_config(GPTNeoConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=24, hidden_size=32, num_layers=2,
+        num_heads=4, attention_types=[[["global", "local"], 1]], window_size=8,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    path = tmp_path / "neo"
+    neo.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    rows = [{"prompt": "the cat sat", "completions": [" the mat and the red sea",
+                                                       " a tree by the moon over",
+                                                       " the red moon over"],
+             "scores": [3, 2, 1]}] * 2
+    data = write_jsonl(tmp_path / "groups.jsonl", rows)
+    pairs = load_preference_pairs(data, tokenizer, columns=ColumnMap(pairs_from_scores="all"))
+    group = [pair for pair in pairs if pair.group == pairs[0].group]
+    assert len(group) == 3
+    p = len(group[0].prompt_ids)
+    distinct = {tuple(ids) for pair in group for ids in (pair.chosen_ids, pair.rejected_ids)}
+    whole = p + sum(map(len, distinct))
+    assert max(p + len(x.chosen_ids) + len(x.rejected_ids) for x in group) <= 24 < whole
+    with pytest.raises(RuntimeError):  # what the check prevents
+        completion_logps(neo.eval(), collate_shared(group, pad_token_id=0))
+    args = ["train", "--model", str(path), "--data", str(data), "--pairs-from-scores", "all",
+            "--max-length", "24", "--batch-size", "1", "--max-steps", "1",
+            "--output-dir", str(tmp_path / "out")]
+    code, _, err = run_cli(capsys, *args)
+    line = one_error(code, err)
+    assert f"{data}, row 1: {whole} tokens (its prompt and every completion of its group" in line
+    assert "shared_prompt: false" in line
+    code, _, err = run_cli(capsys, *args, "--no-shared-prompt")
+    assert code == 0, err[-2000:]

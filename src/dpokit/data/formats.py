@@ -109,41 +109,41 @@ class PreferenceExample:
         return f"{self.source}, row {self.row}"
 
 
-def _fail(row: RawRow, field: str, problem: str) -> DpokitError:
+def fail(row: RawRow, field: str, problem: str) -> DpokitError:
     return DpokitError(f"{row.where}, field {field!r}: {problem}")
 
 
-def _check_text(row: RawRow, field: str, text: str) -> str:
+def check_text(row: RawRow, field: str, text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise _fail(row, field, "undecodable text (invalid Unicode)") from None
+        raise fail(row, field, "undecodable text (invalid Unicode)") from None
     return text
 
 
-def _messages(row: RawRow, field: str, value: Any, *, single_ok: bool) -> Messages:
+def as_messages(row: RawRow, field: str, value: Any, *, single_ok: bool) -> Messages:
     """A list of ``{role, content}`` dicts with known roles and string contents."""
     if single_ok and isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise _fail(row, field, "expected a non-empty list of {role, content} messages")
+        raise fail(row, field, "expected a non-empty list of {role, content} messages")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise _fail(row, field, f"message {i} must be an object with 'role' and 'content'")
+            raise fail(row, field, f"message {i} must be an object with 'role' and 'content'")
         role, content = message["role"], message["content"]
         if role not in ROLES:
-            raise _fail(row, field, f"message {i} has unknown role {role!r} "
+            raise fail(row, field, f"message {i} has unknown role {role!r} "
                                     f"(expected one of {', '.join(sorted(ROLES))})")
         if not isinstance(content, str):
-            raise _fail(row, field, f"message {i} content must be a string, "
+            raise fail(row, field, f"message {i} content must be a string, "
                                     f"got {type(content).__name__}")
         extra = {k: v for k, v in message.items() if k not in ("role", "content")}
-        messages.append({"role": role, "content": _check_text(row, field, content), **extra})
+        messages.append({"role": role, "content": check_text(row, field, content), **extra})
     return messages
 
 
-def _is_messages(value: Any) -> bool:
+def is_messages(value: Any) -> bool:
     return (isinstance(value, list) and bool(value) and isinstance(value[0], dict)) or (
         isinstance(value, dict) and "role" in value)
 
@@ -156,18 +156,18 @@ def _is_null(value: Any, numeric: bool) -> bool:
     return value is None or (numeric and isinstance(value, str) and not value.strip())
 
 
-def _number(row: RawRow, field: str) -> float | None:
+def get_number(row: RawRow, field: str) -> float | None:
     value = row.fields.get(field)
     if _is_null(value, numeric=True):
         return None
     if isinstance(value, bool):
-        raise _fail(row, field, f"expected a number, got {value!r}")
+        raise fail(row, field, f"expected a number, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise _fail(row, field, f"expected a number, got {value!r}") from None
+        raise fail(row, field, f"expected a number, got {value!r}") from None
     if not math.isfinite(number):
-        raise _fail(row, field, f"expected a finite number, got {value!r}")
+        raise fail(row, field, f"expected a finite number, got {value!r}")
     return number
 
 
@@ -179,7 +179,7 @@ def _split_implicit(row: RawRow, columns: ColumnMap, chosen: Any, rejected: Any)
                and chosen[shared] == rejected[shared]):
             shared += 1
         if shared == 0:
-            raise _fail(row, columns.prompt, "missing, and chosen/rejected share no leading "
+            raise fail(row, columns.prompt, "missing, and chosen/rejected share no leading "
                                              "messages to take it from")
     else:
         shared = 0
@@ -189,7 +189,7 @@ def _split_implicit(row: RawRow, columns: ColumnMap, chosen: Any, rejected: Any)
             shared -= 1
     if shared >= min(len(chosen), len(rejected)):
         relation = "identical" if chosen == rejected else "one is a prefix of the other"
-        raise _fail(row, columns.chosen, f"no prompt column, and chosen/rejected are {relation}: "
+        raise fail(row, columns.chosen, f"no prompt column, and chosen/rejected are {relation}: "
                                          f"splitting off their shared prefix as the prompt "
                                          f"leaves an empty completion")
     return chosen[:shared], chosen[shared:], rejected[shared:]
@@ -200,46 +200,46 @@ def parse_example(row: RawRow, columns: ColumnMap = ColumnMap()) -> PreferenceEx
     fields = row.fields
     for name in (columns.chosen, columns.rejected):
         if name not in fields or fields[name] is None:
-            raise _fail(row, name, f"missing (columns present: {', '.join(sorted(fields))})")
+            raise fail(row, name, f"missing (columns present: {', '.join(sorted(fields))})")
     chosen, rejected = fields[columns.chosen], fields[columns.rejected]
     prompt = fields.get(columns.prompt)
-    conversational = _is_messages(chosen) or _is_messages(rejected)
+    conversational = is_messages(chosen) or is_messages(rejected)
 
     if conversational:
-        chosen = _messages(row, columns.chosen, chosen, single_ok=True)
-        rejected = _messages(row, columns.rejected, rejected, single_ok=True)
-        if prompt is None or (isinstance(prompt, str) and not _is_messages(prompt)):
+        chosen = as_messages(row, columns.chosen, chosen, single_ok=True)
+        rejected = as_messages(row, columns.rejected, rejected, single_ok=True)
+        if prompt is None or (isinstance(prompt, str) and not is_messages(prompt)):
             if prompt is not None:
                 log.warning("%s: a text prompt beside conversational chosen/rejected is ignored; "
                             "the prompt is their shared leading messages", row.where)
             prompt, chosen, rejected = _split_implicit(row, columns, chosen, rejected)
         else:
-            prompt = _messages(row, columns.prompt, prompt, single_ok=False)
+            prompt = as_messages(row, columns.prompt, prompt, single_ok=False)
     else:
         for name, value in ((columns.chosen, chosen), (columns.rejected, rejected)):
             if not isinstance(value, str):
-                raise _fail(row, name, f"expected a string or a list of messages, "
+                raise fail(row, name, f"expected a string or a list of messages, "
                                        f"got {type(value).__name__}")
-            _check_text(row, name, value)
+            check_text(row, name, value)
         if prompt is None:
             prompt, chosen, rejected = _split_implicit(row, columns, chosen, rejected)
         elif not isinstance(prompt, str):
-            raise _fail(row, columns.prompt, f"expected a string (the completions are text), "
+            raise fail(row, columns.prompt, f"expected a string (the completions are text), "
                                              f"got {type(prompt).__name__}")
-        _check_text(row, columns.prompt, prompt)
+        check_text(row, columns.prompt, prompt)
 
     for name, value in ((columns.chosen, chosen), (columns.rejected, rejected)):
         if not value or (isinstance(value, str) and not value.strip()) or (
                 isinstance(value, list) and not any(m["content"].strip() for m in value)):
-            raise _fail(row, name, "empty completion")
-    label_prob = _number(row, columns.label_prob)
+            raise fail(row, name, "empty completion")
+    label_prob = get_number(row, columns.label_prob)
     if label_prob is not None and not 0.0 <= label_prob <= 1.0:
-        raise _fail(row, columns.label_prob, f"expected a probability in [0, 1], got {label_prob}")
-    weight = _number(row, columns.weight)
+        raise fail(row, columns.label_prob, f"expected a probability in [0, 1], got {label_prob}")
+    weight = get_number(row, columns.weight)
     if weight is not None and weight < 0:
-        raise _fail(row, columns.weight, f"expected a weight ≥ 0, got {weight}")
+        raise fail(row, columns.weight, f"expected a weight ≥ 0, got {weight}")
     return PreferenceExample(prompt, chosen, rejected, weight=weight,
-                             margin=_number(row, columns.margin), source=row.source, row=row.row,
+                             margin=get_number(row, columns.margin), source=row.source, row=row.row,
                              template_kwargs=_template_kwargs(row) if conversational else None,
                              label_prob=label_prob)
 
@@ -253,13 +253,13 @@ def _template_kwargs(row: RawRow) -> dict[str, Any] | None:
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError:
-            raise _fail(row, "tools", "not valid JSON") from None
+            raise fail(row, "tools", "not valid JSON") from None
     if tools is not None:
         kwargs["tools"] = tools
     extra = row.fields.get("chat_template_kwargs")
     if extra is not None:
         if not isinstance(extra, dict):
-            raise _fail(row, "chat_template_kwargs", "expected an object")
+            raise fail(row, "chat_template_kwargs", "expected an object")
         kwargs.update(extra)
     return kwargs or None
 
@@ -293,19 +293,19 @@ def check_filled(rows: Sequence[RawRow], optional: Mapping[str, str]) -> None:
         empty = next((r for r in rows if _is_null(r.fields.get(name), numeric)), None)
         if empty is not None:
             count = sum(_is_null(r.fields.get(name), numeric) for r in rows)
-            raise _fail(empty, name, f"null or missing, while other rows fill this column "
+            raise fail(empty, name, f"null or missing, while other rows fill this column "
                                      f"(e.g. {filled.where}); {count} of {len(rows)} rows lack "
                                      f"it: give every row a value, or none")
 
 
-def _chars(value: Any) -> int:
+def text_chars(value: Any) -> int:
     """Characters of the text in a field (every role and content, for a conversation)."""
     if isinstance(value, str):
         return len(value)
     if isinstance(value, list):
-        return sum(_chars(v) for v in value)
+        return sum(text_chars(v) for v in value)
     if isinstance(value, dict):
-        return sum(_chars(v) for v in value.values())
+        return sum(text_chars(v) for v in value.values())
     return 0
 
 
@@ -316,11 +316,11 @@ def check_row_chars(rows: Sequence[RawRow], names: Sequence[str], limit: int | N
     if limit is None:
         return
     for row in rows:
-        lengths = {name: _chars(row.fields.get(name)) for name in names}
+        lengths = {name: text_chars(row.fields.get(name)) for name in names}
         total = sum(lengths.values())
         if total > limit:
             longest = max(lengths, key=lengths.__getitem__)
-            raise _fail(row, longest, f"{lengths[longest]:,} characters ({total:,} in the row), "
+            raise fail(row, longest, f"{lengths[longest]:,} characters ({total:,} in the row), "
                                       f"over max_row_chars={limit:,}; shorten the row, or raise "
                                       f"max_row_chars (null: no limit)")
 

@@ -32,12 +32,14 @@ from typing import Any
 from dpokit.data.formats import (
     ColumnMap,
     PreferenceExample,
-    _chars,
-    _fail,
-    _is_messages,
-    _number,
+    as_messages,
     check_filled,
+    check_text,
+    fail,
+    get_number,
+    is_messages,
     parse_example,
+    text_chars,
 )
 from dpokit.data.io import RawRow
 from dpokit.errors import DpokitError
@@ -107,30 +109,28 @@ def data_shape(rows: Sequence[RawRow], columns: ColumnMap) -> str:
 def _completion(row: RawRow, field: str, value: Any, conversational: bool) -> Any:
     """One completion of a group: a non-empty text, or a conversation (one assistant message
     or a list of messages), as the prompt's kind demands."""
-    from dpokit.data.formats import _check_text, _messages
-
-    if _is_messages(value):
+    if is_messages(value):
         if not conversational:
-            raise _fail(row, field, "a conversation beside a text prompt; give the prompt as "
+            raise fail(row, field, "a conversation beside a text prompt; give the prompt as "
                                     "messages too, or the completions as text")
-        messages = _messages(row, field, value, single_ok=True)
+        messages = as_messages(row, field, value, single_ok=True)
         if not any(m["content"].strip() for m in messages):
-            raise _fail(row, field, "empty completion")
+            raise fail(row, field, "empty completion")
         return messages
     if not isinstance(value, str):
-        raise _fail(row, field, f"expected a string or a list of messages, got "
+        raise fail(row, field, f"expected a string or a list of messages, got "
                                 f"{type(value).__name__}")
     if conversational:
-        raise _fail(row, field, "a text completion beside a conversational prompt")
+        raise fail(row, field, "a text completion beside a conversational prompt")
     if not value.strip():
-        raise _fail(row, field, "empty completion")
-    return _check_text(row, field, value)
+        raise fail(row, field, "empty completion")
+    return check_text(row, field, value)
 
 
 def _score(row: RawRow, field: str, value: Any) -> float:
-    number = _number(RawRow(row.source, row.row, {field: value}), field)
+    number = get_number(RawRow(row.source, row.row, {field: value}), field)
     if number is None:
-        raise _fail(row, field, "missing score")
+        raise fail(row, field, "missing score")
     return number
 
 
@@ -143,23 +143,23 @@ def _listed(row: RawRow, columns: ColumnMap, conversational: bool
         try:
             items = json.loads(items)
         except json.JSONDecodeError:
-            raise _fail(row, name, "not a list (nor JSON of one)") from None
+            raise fail(row, name, "not a list (nor JSON of one)") from None
     if not isinstance(items, list) or len(items) < 2:
-        raise _fail(row, name, "expected a list of at least 2 completions")
+        raise fail(row, name, "expected a list of at least 2 completions")
     completions, scores = [], []
     listed_scores = row.fields.get(columns.scores)
     if isinstance(listed_scores, str):
         try:
             listed_scores = json.loads(listed_scores)
         except json.JSONDecodeError:
-            raise _fail(row, columns.scores, "not a list of numbers (nor JSON of one)") from None
+            raise fail(row, columns.scores, "not a list of numbers (nor JSON of one)") from None
     for j, item in enumerate(items):
         where = f"{name}[{j}]"
         score = None
         if isinstance(item, dict) and "role" not in item:
             text_key = next((k for k in TEXT_KEYS if k in item), None)
             if text_key is None:
-                raise _fail(row, where, f"an object without a completion (one of "
+                raise fail(row, where, f"an object without a completion (one of "
                                         f"{', '.join(TEXT_KEYS)})")
             score_key = next((k for k in SCORE_KEYS if k in item), None)
             if score_key is not None:
@@ -169,28 +169,27 @@ def _listed(row: RawRow, columns: ColumnMap, conversational: bool
         scores.append(score)
     if listed_scores is not None:
         if not isinstance(listed_scores, list) or len(listed_scores) != len(items):
-            raise _fail(row, columns.scores, f"expected a list of {len(items)} numbers, one per "
+            raise fail(row, columns.scores, f"expected a list of {len(items)} numbers, one per "
                                              f"completion")
         scores = [_score(row, f"{columns.scores}[{j}]", s) for j, s in enumerate(listed_scores)]
     elif any(s is None for s in scores):
         j = scores.index(None)
-        raise _fail(row, f"{name}[{j}]", f"no score: give a {columns.scores!r} list or a "
+        raise fail(row, f"{name}[{j}]", f"no score: give a {columns.scores!r} list or a "
                                          f"score ({', '.join(SCORE_KEYS)}) in each object")
     return completions, scores
 
 
 def _prompt(row: RawRow, columns: ColumnMap) -> Any:
-    from dpokit.data.formats import _check_text, _messages
-
+    """The group's prompt: a non-empty text or a conversation."""
     prompt = row.fields.get(columns.prompt)
     if prompt is None:
-        raise _fail(row, columns.prompt, "missing: k completions per prompt need the prompt")
-    if _is_messages(prompt):
-        return _messages(row, columns.prompt, prompt, single_ok=False)
+        raise fail(row, columns.prompt, "missing: k completions per prompt need the prompt")
+    if is_messages(prompt):
+        return as_messages(row, columns.prompt, prompt, single_ok=False)
     if not isinstance(prompt, str):
-        raise _fail(row, columns.prompt, f"expected a string or a list of messages, got "
+        raise fail(row, columns.prompt, f"expected a string or a list of messages, got "
                                          f"{type(prompt).__name__}")
-    return _check_text(row, columns.prompt, prompt)
+    return check_text(row, columns.prompt, prompt)
 
 
 def grouped_examples(rows: Sequence[RawRow], columns: ColumnMap, shape: str, *,
@@ -262,8 +261,8 @@ def grouped_examples(rows: Sequence[RawRow], columns: ColumnMap, shape: str, *,
 def _check_chars(row: RawRow, names: Sequence[str], limit: int | None) -> None:
     if limit is None:
         return
-    total = sum(_chars(row.fields.get(name)) for name in names)
+    total = sum(text_chars(row.fields.get(name)) for name in names)
     if total > limit:
-        raise _fail(row, names[-1], f"{total:,} characters in the row, over max_row_chars="
+        raise fail(row, names[-1], f"{total:,} characters in the row, over max_row_chars="
                                     f"{limit:,}; shorten the row, or raise max_row_chars "
                                     f"(null: no limit)")

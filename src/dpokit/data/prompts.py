@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpokit.data.formats import Messages, _is_messages, _messages, check_columns, check_row_chars
+from dpokit.data.formats import Messages, as_messages, check_columns, check_row_chars, is_messages
 from dpokit.data.io import RawRow, load_rows
 from dpokit.data.tokenize import TokenizeSettings, _ids, encode_chat, render_plain
 from dpokit.errors import DpokitError
@@ -33,8 +33,8 @@ def _prompt(row: RawRow, column: str) -> str | Messages:
     value = row.fields.get(column)
     if value is None:
         raise DpokitError(f"{row.where}, field {column!r}: missing (generation needs a prompt)")
-    if _is_messages(value):
-        return _messages(row, column, value, single_ok=False)
+    if is_messages(value):
+        return as_messages(row, column, value, single_ok=False)
     if not isinstance(value, str) or not value.strip():
         raise DpokitError(f"{row.where}, field {column!r}: expected a non-empty string or a "
                           f"list of messages, got {value!r}")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from dpokit.data.formats import _is_messages, _messages, check_columns, check_row_chars
+from dpokit.data.formats import as_messages, check_columns, check_row_chars, is_messages
 from dpokit.data.io import RawRow
 from dpokit.data.prepare import ChunkResult, Recipe, Summary, load_items, take
 from dpokit.data.store import chunk_arrays
@@ -71,7 +71,7 @@ def _parse(row: RawRow, prompt_column: str, completion_column: str,
            assistant_only: bool = False) -> _Example:
     fields = row.fields
     if messages_column in fields and fields[messages_column] is not None:
-        messages = _messages(row, messages_column, fields[messages_column], single_ok=False)
+        messages = as_messages(row, messages_column, fields[messages_column], single_ok=False)
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             raise DpokitError(f"{row.where}, field {messages_column!r}: needs at least one "
                               f"prompt message followed by a final assistant message")
@@ -93,9 +93,9 @@ def _parse(row: RawRow, prompt_column: str, completion_column: str,
                               f"{prompt_column}/{completion_column}, {messages_column} or "
                               f"{text_column})")
     prompt, completion = fields[prompt_column], fields[completion_column]
-    if _is_messages(completion) or _is_messages(prompt):
-        return _Example(_messages(row, prompt_column, prompt, single_ok=False),
-                        _messages(row, completion_column, completion, single_ok=True), row.where)
+    if is_messages(completion) or is_messages(prompt):
+        return _Example(as_messages(row, prompt_column, prompt, single_ok=False),
+                        as_messages(row, completion_column, completion, single_ok=True), row.where)
     for name, value in ((prompt_column, prompt), (completion_column, completion)):
         if not isinstance(value, str):
             raise DpokitError(f"{row.where}, field {name!r}: expected a string, "

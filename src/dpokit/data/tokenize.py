@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -164,6 +165,18 @@ def progress_bar(items: Iterable, *, total: int, progress: bool | None, desc: st
 
 
 _CHUNK = 1024
+
+_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Per tokenizer object, :func:`batch_ids`' verdict for each text column (prompt, chosen,
+rejected): checked on the first batch the tokenizer encodes, not again for every chunk of a
+large file."""
+
+
+def _verdicts(tokenizer: Any) -> list[dict[str, bool]]:
+    try:
+        return _VERDICTS.setdefault(tokenizer, [{}, {}, {}])
+    except TypeError:  # not weakly referenceable: checked per call
+        return [{}, {}, {}]
 """Rows per batched tokenizer call on plain text (the progress bar's step)."""
 
 
@@ -250,7 +263,7 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer: Any,
     else:
         triples = []
         bar = progress_bar(None, total=len(examples), progress=progress, desc="tokenising")
-        verdicts: list[dict[str, bool]] = [{}, {}, {}]  # checked on each column's first batch
+        verdicts = _verdicts(tokenizer)  # checked on each column's first batch
         for start in range(0, len(examples), _CHUNK):
             texts = [_texts(e, eos) for e in examples[start:start + _CHUNK]]
             columns = [batch_ids(tokenizer, [t[i] for t in texts], verdicts[i])
