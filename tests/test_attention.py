@@ -257,7 +257,8 @@ def test_shared_rows_need_no_row_by_row_mask(pairs, tokenizer, monkeypatch):
 
 def test_one_call_is_not_taken_for_uneven_segments(tokenizer):
     """Segments padded to over 4× their own area (one long row among short ones) run a call
-    each: the single call would spend most of its work on padding."""
+    each: the single call would spend most of its work on padding; so does a segment past
+    ONE_CALL_MAX_LENGTH tokens."""
     from dpokit.attention import Segments, _one_call_plan
 
     even = Segments(((0, 10), (10, 20)), ((10,), (4, 3, 3)), torch.arange(20))
@@ -265,3 +266,5 @@ def test_one_call_is_not_taken_for_uneven_segments(tokenizer):
     uneven = Segments(((0, 64), *((64 + i, 65 + i) for i in range(20))),
                       ((64,), *((1,),) * 20), torch.arange(84))
     assert _one_call_plan(uneven, None) is None
+    long = Segments(((0, 513),), ((513,),), torch.arange(513))  # past ONE_CALL_MAX_LENGTH
+    assert _one_call_plan(long, None) is None

@@ -19,6 +19,11 @@ copied). The largest mask of a pair is |y_l| × (|x| + |y_w| + |y_l|) on a CPU, 
 against the (|x| + |y_w| + |y_l|)² of one masked call — at 8,192 tokens a pair, 268 MB of a float
 bias per pair and layer call saved.
 
+On a CPU, where a call's fixed cost dominates short rows, a batch whose padded boolean mask is
+small (:data:`ONE_CALL_BUDGET`, at most 4× the segments' own area, no segment over
+:data:`ONE_CALL_MAX_LENGTH` tokens) runs all its segments as one masked call per layer instead
+(:func:`_one_call_plan`); long rows take the per-segment path.
+
 It plugs into ``transformers`` through its documented attention interface:
 :data:`SEGMENT_ATTENTION` is registered with ``AttentionInterface`` on first use and behaves as
 SDPA unless called with the ``dpokit_segments`` keyword, which the decoder forwards to every
@@ -212,6 +217,10 @@ ONE_CALL_BUDGET = 1 << 23
 """Largest ``segments × L_max²`` (elements of a boolean mask, 8 MiB) for which a CPU batch's
 segments run as one SDPA call (:func:`_one_call_plan`)."""
 
+ONE_CALL_MAX_LENGTH = 512
+"""Longest segment for the one-call path: past it a masked call's attention (every key block,
+where a causal call skips the upper triangle) costs more than the calls it saves."""
+
 
 @dataclass(frozen=True)
 class OneCall:
@@ -230,13 +239,15 @@ def _one_call_plan(segments: Segments, window: int | None) -> OneCall | None:
     are dominated by the cost of a call each (two for a shared-prompt row), not by their
     arithmetic. Query i of a segment sees key j ≤ i of the same part or of the prompt (part 0)
     — causal for a sequence, the shared-prompt pattern for a row ``[x, y_1, …, y_m]`` — and
-    within ``window`` positions. None when the padded mask would exceed
-    :data:`ONE_CALL_BUDGET` elements or pad the segments to over 4× their own area (then each
-    segment is its own call, without an L × L mask for shared rows)."""
+    within ``window`` positions. None for a segment longer than :data:`ONE_CALL_MAX_LENGTH`,
+    a padded mask over :data:`ONE_CALL_BUDGET` elements, or one padding the segments to over
+    4× their own area (then each segment is its own call, without an L × L mask for shared
+    rows)."""
     lengths = [stop - start for start, stop in segments.bounds]
     longest, count = max(lengths), len(lengths)
     area = count * longest * longest
-    if area > ONE_CALL_BUDGET or area > 4 * sum(n * n for n in lengths):
+    if (longest > ONE_CALL_MAX_LENGTH or area > ONE_CALL_BUDGET
+            or area > 4 * sum(n * n for n in lengths)):
         return None
     device = segments.position_ids.device
     offsets = torch.arange(longest, device=device)
