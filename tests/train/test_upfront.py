@@ -225,24 +225,30 @@ def test_rope_scaling_extends_the_positions(tmp_path):
     assert position_limit(model) == (32768, "max_position_embeddings")
 
 
+def tiny_gpt_neo(tokenizer, path):
+    """A 2-layer GPT-Neo of 24 positions (global + local attention) saved with ``tokenizer`` at
+    ``path``: (model, path)."""
+    from transformers import AutoModelForCausalLM, GPTNeoConfig
+
+    neo = AutoModelForCausalLM.from_config(GPTNeoConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=24, hidden_size=32, num_layers=2,
+        num_heads=4, attention_types=[[["global", "local"], 1]], window_size=8,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    neo.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return neo, path
+
+
 def test_gpt_neo_needs_the_whole_shared_row_within_its_positions(workdir, tmp_path, capsys,
                                                                   tokenizer):
     """GPT-Neo slices a causal-mask buffer of max_position_embeddings by the row's length: a
     pair that fits by positions (p + max(c, r)) but not as a shared-prompt row (p + c + r) is
     refused up front with one line (it was a RuntimeError mid-forward), and trains with
     shared_prompt: false."""
-    from transformers import AutoModelForCausalLM, GPTNeoConfig
-
     from dpokit.data import collate_shared, load_preference_pairs
     from dpokit.logps import completion_logps
 
-    neo = AutoModelForCausalLM.from_config(GPTNeoConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=24, hidden_size=32, num_layers=2,
-        num_heads=4, attention_types=[[["global", "local"], 1]], window_size=8,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    path = tmp_path / "neo"
-    neo.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    neo, path = tiny_gpt_neo(tokenizer, tmp_path / "neo")
     rows = [{"prompt": "the cat sat on", "chosen": " the mat and the red sea today",
              "rejected": " a tree by the moon over there"}] * 4
     data = write_jsonl(tmp_path / "prefs.jsonl", rows)
@@ -267,18 +273,10 @@ def test_gpt_neo_needs_a_groups_whole_row_within_its_positions(workdir, tmp_path
     GPT-Neo's positions as a row of its own (p + c + r) but not the group's row
     (p + Σ_j |y_j|), the run is refused up front naming the row (the forward would fail
     mid-run), and trains with shared_prompt: false."""
-    from transformers import AutoModelForCausalLM, GPTNeoConfig
-
     from dpokit.data import ColumnMap, collate_shared, load_preference_pairs
     from dpokit.logps import completion_logps
 
-    neo = AutoModelForCausalLM.from_config(GPTNeoConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=24, hidden_size=32, num_layers=2,
-        num_heads=4, attention_types=[[["global", "local"], 1]], window_size=8,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    path = tmp_path / "neo"
-    neo.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    neo, path = tiny_gpt_neo(tokenizer, tmp_path / "neo")
     rows = [{"prompt": "the cat sat", "completions": [" the mat and the red sea",
                                                        " a tree by the moon over",
                                                        " the red moon over"],
