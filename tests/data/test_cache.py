@@ -20,22 +20,14 @@ ROWS = [{"prompt": "the cat", "chosen": " sat on the mat", "rejected": " no", "w
 
 
 @pytest.fixture
-def setup(workdir, tmp_path, monkeypatch):
+def setup(workdir, tmp_path, counted):
     """A data file, a tokenizer loaded from its own directory (a copy, to edit), and a counter
     of the tokenisations that really ran."""
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     model = tmp_path / "model"
     shutil.copytree(workdir / "llama", model)
-    calls = []
-    original = pipeline.tokenize_examples
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "tokenize_examples", counting)
-    return data, model, calls
+    return data, model, counted
 
 
 def entries(cache):

@@ -412,19 +412,6 @@ def entries(cache):
 
 
 @pytest.fixture
-def counted(monkeypatch):
-    calls = []
-    original = pipeline.tokenize_examples
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "tokenize_examples", counting)
-    return calls
-
-
-@pytest.fixture
 def model_dir(workdir):
     return workdir / "llama"
 
