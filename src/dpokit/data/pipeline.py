@@ -34,7 +34,6 @@ from dpokit.data.formats import (
 from dpokit.data.groups import data_shape
 from dpokit.data.io import RawRow
 from dpokit.data.prepare import ChunkResult, Recipe, Summary, load_items, take
-from dpokit.data.store import chunk_arrays
 from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, tokenize_examples
 from dpokit.errors import DpokitError
 
@@ -151,9 +150,7 @@ class PairRecipe(Recipe):
         result.stats.update(
             dropped=(dropped[0][2][0], dropped[0]) if dropped else (0, None),
             merged=merged[0][2][0] if merged else len(example), merge_example=example[:1])
-        if pairs:
-            result.arrays, result.count = chunk_arrays(pairs, TokenizedPair), len(pairs)
-        return result
+        return result.holding(pairs, TokenizedPair)
 
     def summary(self, path: str | Path) -> Summary:
         return PairSummary(self, str(path))

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from dpokit.data.io import RawRow, iter_row_chunks
-from dpokit.data.store import ItemStore, StoreWriter
+from dpokit.data.store import ItemStore, StoreWriter, chunk_arrays
 from dpokit.data.tokenize import progress_bar
 from dpokit.errors import DpokitError
 
@@ -68,6 +68,12 @@ class ChunkResult:
 
     def failed(self, stage: int, error: DpokitError) -> ChunkResult:
         self.stage, self.error = stage, error
+        return self
+
+    def holding(self, items: list[Any], cls: type) -> ChunkResult:
+        """This result with ``items`` (of ``cls``) as its arrays, when there are any."""
+        if items:
+            self.arrays, self.count = chunk_arrays(items, cls), len(items)
         return self
 
 

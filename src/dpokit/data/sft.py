@@ -31,7 +31,6 @@ from typing import Any, ClassVar
 from dpokit.data.formats import as_messages, check_columns, check_row_chars, is_messages
 from dpokit.data.io import RawRow
 from dpokit.data.prepare import ChunkResult, Recipe, Summary, load_items, take
-from dpokit.data.store import chunk_arrays
 from dpokit.data.tokenize import (
     TokenizeSettings,
     _ids,
@@ -206,9 +205,7 @@ class SFTRecipe(Recipe):
             examples, rows, tokenized, self.settings,
             completion_only_loss=self.completion_only_loss,
             assistant_only_loss=self.assistant_only_loss)
-        if sequences:
-            result.arrays, result.count = chunk_arrays(sequences, SFTSequence), len(sequences)
-        return result
+        return result.holding(sequences, SFTSequence)
 
     def summary(self, path: str | Path) -> Summary:
         return SFTSummary(self, str(path))
