@@ -4,7 +4,9 @@ Oracle: the same model run the way transformers runs a padded batch (its own mas
 float64; tolerance 1e-10 on log-prob sums and parameter gradients.
 """
 
+import collections
 import copy
+import itertools
 
 import pytest
 import torch
@@ -226,8 +228,8 @@ def test_shared_rows_need_no_row_by_row_mask(pairs, tokenizer, monkeypatch):
     """Past ONE_CALL_BUDGET (long rows) the unpadded decoder builds no (L, L) mask for a
     shared-prompt row: the prompt and the chosen completion are one causal call, and the
     rejected completion's mask is |y_l| × (|x| + |y_w| + |y_l|). Below it (short rows, on a CPU)
-    the batch is one call per layer with one (rows, 1, L_max, L_max) mask. The collated batch
-    holds no mask at all."""
+    each layer makes one call per padded length (bucket_length), with one (rows, 1, L, L) mask
+    each. The collated batch holds no mask at all."""
     import dpokit.attention as attention
 
     shapes = []
@@ -243,11 +245,12 @@ def test_shared_rows_need_no_row_by_row_mask(pairs, tokenizer, monkeypatch):
     assert batch.attention_mask is None
     layers = model.config.num_hidden_layers
     lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    buckets = collections.Counter(attention.bucket_length(n) for n in lengths)
     with torch.no_grad():
         completion_logps(model, batch)
-    assert shapes == [(len(pairs), 1, max(lengths), max(lengths))] * layers
+    assert shapes == [(count, 1, b, b) for b, count in sorted(buckets.items())] * layers
     shapes.clear()
-    monkeypatch.setattr(attention, "ONE_CALL_BUDGET", len(pairs) * max(lengths) ** 2 - 1)
+    monkeypatch.setattr(attention, "ONE_CALL_BUDGET", min(buckets) ** 2 - 1)
     with torch.no_grad():
         completion_logps(model, LAYOUTS["shared"](pairs))
     per_layer = [shape for p, n in zip(pairs, lengths, strict=True)
@@ -255,16 +258,47 @@ def test_shared_rows_need_no_row_by_row_mask(pairs, tokenizer, monkeypatch):
     assert shapes == per_layer * layers
 
 
-def test_one_call_is_not_taken_for_uneven_segments(tokenizer):
-    """Segments padded to over 4× their own area (one long row among short ones) run a call
-    each: the single call would spend most of its work on padding; so does a segment past
-    ONE_CALL_MAX_LENGTH tokens."""
-    from dpokit.attention import Segments, _one_call_plan
+def test_segment_plan_buckets_segments_by_their_own_length():
+    """Short segments go into padded calls by bucket_length (≤ 12.5% padding, at least 16), so
+    one long row among short ones pads only itself; a segment past ONE_CALL_MAX_LENGTH runs on
+    its own; a bucket over ONE_CALL_BUDGET is split; ``back`` puts every token where the
+    calls' flattened outputs (then the single segments') hold it."""
+    from dpokit.attention import ONE_CALL_BUDGET, Segments, _segment_plan, bucket_length
 
-    even = Segments(((0, 10), (10, 20)), ((10,), (4, 3, 3)), torch.arange(20))
-    assert _one_call_plan(even, None) is not None
-    uneven = Segments(((0, 64), *((64 + i, 65 + i) for i in range(20))),
-                      ((64,), *((1,),) * 20), torch.arange(84))
-    assert _one_call_plan(uneven, None) is None
-    long = Segments(((0, 513),), ((513,),), torch.arange(513))  # past ONE_CALL_MAX_LENGTH
-    assert _one_call_plan(long, None) is None
+    assert [bucket_length(n) for n in (1, 16, 17, 100, 129, 151, 300, 512)] == \
+        [16, 16, 32, 112, 160, 160, 320, 512]
+    lengths = [64, *[1] * 20, 600, 70]
+    stops = list(itertools.accumulate(lengths))
+    bounds = tuple(zip([0, *stops[:-1]], stops, strict=True))
+    parts = tuple((n,) if n != 70 else (30, 20, 20) for n in lengths)
+    plan = _segment_plan(Segments(bounds, parts, torch.arange(stops[-1])), None)
+    assert [tuple(c.mask.shape) for c in plan.calls] == [(20, 1, 16, 16), (1, 1, 64, 64),
+                                                         (1, 1, 80, 80)]
+    assert plan.single == (21,)
+    flat = torch.cat([*(c.index.reshape(-1) for c in plan.calls), torch.arange(*bounds[21])])
+    torch.testing.assert_close(flat[plan.back], torch.arange(stops[-1]), rtol=0, atol=0)
+    shared = plan.calls[2].mask[0, 0]  # x = 30 tokens, y_1 and y_2 20 each
+    assert bool(shared[55, 10]) and not bool(shared[55, 40]) and bool(shared[55, 52])
+    many = Segments(tuple((i * 512, (i + 1) * 512) for i in range(40)), ((512,),) * 40,
+                    torch.arange(40 * 512))
+    calls = _segment_plan(many, None).calls
+    assert [c.mask.shape[0] for c in calls] == [ONE_CALL_BUDGET // 512**2, 8]
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("layout", ["shared", "padded"])
+def test_a_rows_log_probs_do_not_depend_on_its_batch(tokenizer, kind, layout):
+    """A pair's log-probs alone equal, to the bit, those it gets beside longer pairs: the CPU
+    kernel's rounding depends on the padded length, which is the row's own (bucket_length). A
+    cached reference table then does not depend on the batches it was computed in."""
+    from dpokit.data.collate import collate_pairs
+
+    rows = [*ROWS, {"prompt": "a much longer prompt about the moon and the sea " * 3,
+                    "chosen": " yes, that is a good long answer", "rejected": " no"}]
+    pairs = tokenized_pairs(rows, tokenizer)
+    model = tiny_causal_lm(kind, vocab_size=len(tokenizer), seed=7)
+    with torch.no_grad():
+        together = completion_logps(model, collate_pairs(pairs, layout, pad_token_id=0)).logps
+        for i, pair in enumerate(pairs):
+            alone = completion_logps(model, collate_pairs([pair], layout, pad_token_id=0)).logps
+            assert torch.equal(alone, together[[i, i + len(pairs)]]), i

@@ -19,10 +19,13 @@ copied). The largest mask of a pair is |y_l| × (|x| + |y_w| + |y_l|) on a CPU, 
 against the (|x| + |y_w| + |y_l|)² of one masked call — at 8,192 tokens a pair, 268 MB of a float
 bias per pair and layer call saved.
 
-On a CPU, where a call's fixed cost dominates short rows, a batch whose padded boolean mask is
-small (:data:`ONE_CALL_BUDGET`, at most 4× the segments' own area, no segment over
-:data:`ONE_CALL_MAX_LENGTH` tokens) runs all its segments as one masked call per layer instead
-(:func:`_one_call_plan`); long rows take the per-segment path.
+On a CPU, where a call's fixed cost dominates short rows, the segments of at most
+:data:`ONE_CALL_MAX_LENGTH` tokens run as a few masked calls per layer instead, grouped by
+their padded length (:func:`bucket_length`, ≤ 12.5% padding a side; :func:`_segment_plan`);
+longer ones take the per-segment path. The padded length is a function of the segment alone,
+so a row's numbers do not depend on the other rows of its batch (the CPU kernel's float
+rounding depends on the padded length: padding every row to the batch's longest would make a
+cached reference log-prob depend on the batch it was computed in).
 
 It plugs into ``transformers`` through its documented attention interface:
 :data:`SEGMENT_ATTENTION` is registered with ``AttentionInterface`` on first use and behaves as
@@ -214,72 +217,114 @@ def _later_completion(query: Tensor, key: Tensor, value: Tensor, prompt: int, st
 
 
 ONE_CALL_BUDGET = 1 << 23
-"""Largest ``segments × L_max²`` (elements of a boolean mask, 8 MiB) for which a CPU batch's
-segments run as one SDPA call (:func:`_one_call_plan`)."""
+"""Largest boolean mask (``segments × L² `` elements, 8 MiB) of one padded SDPA call of
+:func:`_segment_plan`; a bucket of more segments is split into several calls."""
 
 ONE_CALL_MAX_LENGTH = 512
-"""Longest segment for the one-call path: past it a masked call's attention (every key block,
+"""Longest segment for the padded calls: past it a masked call's attention (every key block,
 where a causal call skips the upper triangle) costs more than the calls it saves."""
 
 
+def bucket_length(n: int) -> int:
+    """The padded length of a segment of ``n`` tokens in :func:`_segment_plan`: ``n`` rounded up
+    to a multiple of 1/8 of the next power of two (at least 16), so padding costs ≤ 12.5% a side.
+    It depends on the segment alone: the CPU kernel's float rounding depends on the padded
+    length, so a segment's result does not depend on the other rows of its batch."""
+    step = max(16, (1 << max(0, n - 1).bit_length()) // 8)
+    return -(-n // step) * step
+
+
 @dataclass(frozen=True)
-class OneCall:
-    """A batch's segments as one padded ``(S, heads, L_max, d)`` SDPA call."""
+class PaddedCall:
+    """Segments of one bucket as one padded ``(S, heads, L, d)`` SDPA call."""
 
     index: Tensor
-    """``(S, L_max)`` int64: the column in T of each padded token (0 on padding)."""
-    back: Tensor
-    """``(T,)`` int64: each real token's place in the ``S · L_max`` padded tokens."""
+    """``(S, L)`` int64: the column in T of each padded token (0 on padding)."""
     mask: Tensor
-    """``(S, 1, L_max, L_max)`` bool, True where a query may see a key."""
+    """``(S, 1, L, L)`` bool, True where a query may see a key."""
 
 
-def _one_call_plan(segments: Segments, window: int | None) -> OneCall | None:
-    """One masked call for every segment of a batch, when that is cheap (CPU): many short rows
-    are dominated by the cost of a call each (two for a shared-prompt row), not by their
-    arithmetic. Query i of a segment sees key j ≤ i of the same part or of the prompt (part 0)
-    — causal for a sequence, the shared-prompt pattern for a row ``[x, y_1, …, y_m]`` — and
-    within ``window`` positions. None for a segment longer than :data:`ONE_CALL_MAX_LENGTH`,
-    a padded mask over :data:`ONE_CALL_BUDGET` elements, or one padding the segments to over
-    4× their own area (then each segment is its own call, without an L × L mask for shared
-    rows)."""
-    lengths = [stop - start for start, stop in segments.bounds]
-    longest, count = max(lengths), len(lengths)
-    area = count * longest * longest
-    if (longest > ONE_CALL_MAX_LENGTH or area > ONE_CALL_BUDGET
-            or area > 4 * sum(n * n for n in lengths)):
-        return None
+@dataclass(frozen=True)
+class SegmentPlan:
+    """How :func:`segment_attention` runs a batch's segments on a CPU: the short ones in padded
+    calls by :func:`bucket_length`, the others (:attr:`single`) a call or two each."""
+
+    calls: tuple[PaddedCall, ...]
+    single: tuple[int, ...]
+    """Indices of the segments that run on their own (the per-segment path)."""
+    back: Tensor
+    """``(T,)`` int64: each token's place in the calls' padded outputs, flattened and
+    concatenated, followed by the single segments' tokens in order."""
+
+
+def _padded_call(segments: Segments, members: list[int], length: int,
+                 window: int | None) -> PaddedCall:
+    """Query i of a segment sees key j ≤ i of the same part or of the prompt (part 0) — causal
+    for a sequence, the shared-prompt pattern for a row ``[x, y_1, …, y_m]`` — within
+    ``window`` positions; a padded query sees key 0 (its output is dropped: no NaN)."""
     device = segments.position_ids.device
-    offsets = torch.arange(longest, device=device)
-    starts = torch.tensor([start for start, _ in segments.bounds], device=device)
-    sizes = torch.tensor(lengths, device=device)
-    real = offsets[None, :] < sizes[:, None]  # (S, L_max)
+    offsets = torch.arange(length, device=device)
+    starts = torch.tensor([segments.bounds[s][0] for s in members], device=device)
+    sizes = torch.tensor([segments.bounds[s][1] - segments.bounds[s][0] for s in members],
+                         device=device)
+    real = offsets[None, :] < sizes[:, None]  # (S, L)
     index = torch.where(real, starts[:, None] + offsets[None, :], 0)
-    part = torch.zeros(count, longest, dtype=torch.long, device=device)
-    for s, parts in enumerate(segments.parts):
-        bounds = torch.tensor(parts, device=device).cumsum(0)
-        part[s] = torch.bucketize(offsets, bounds, right=True)
+    part = torch.stack([torch.bucketize(offsets, torch.tensor(segments.parts[s], device=device)
+                                        .cumsum(0), right=True) for s in members])
     same = (part[:, :, None] == part[:, None, :]) | (part[:, None, :] == 0)
-    mask = same & torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+    mask = same & torch.ones(length, length, dtype=torch.bool, device=device).tril()
     mask &= real[:, :, None] & real[:, None, :]
     if window is not None:
         positions = segments.position_ids[index]
         mask &= positions[:, :, None] - positions[:, None, :] < window
-    mask[:, :, 0] |= ~real  # a padded query sees one key (its output is dropped): no NaN
-    back = (torch.arange(count, device=device)[:, None] * longest + offsets[None, :])[real]
-    return OneCall(index, back, mask[:, None])
+    mask[:, :, 0] |= ~real
+    return PaddedCall(index, mask[:, None])
 
 
-def _one_call(query: Tensor, key: Tensor, value: Tensor, plan: OneCall, **sdpa: Any) -> Tensor:
-    """:func:`segment_attention`'s result through the single call of ``plan``:
-    ``(1, T, heads, d)``."""
-    def padded(t: Tensor) -> Tensor:  # (1, h, T, d) → (S, h, L_max, d)
-        return t[0][:, plan.index].transpose(0, 1)
+def _segment_plan(segments: Segments, window: int | None) -> SegmentPlan:
+    """Group the segments of at most :data:`ONE_CALL_MAX_LENGTH` tokens by
+    :func:`bucket_length` into padded masked calls (on a CPU, many short rows are dominated by
+    the fixed cost of a call each — two for a shared-prompt row — not by their arithmetic), at
+    most :data:`ONE_CALL_BUDGET` mask elements a call; longer segments run on their own."""
+    buckets: dict[int, list[int]] = {}
+    single = []
+    for s, (start, stop) in enumerate(segments.bounds):
+        n = stop - start
+        length = bucket_length(n)
+        if n > ONE_CALL_MAX_LENGTH or length * length > ONE_CALL_BUDGET:
+            single.append(s)
+        else:
+            buckets.setdefault(length, []).append(s)
+    device = segments.position_ids.device
+    calls = []
+    back = torch.empty(segments.bounds[-1][1] if segments.bounds else 0, dtype=torch.long,
+                       device=device)
+    offset = 0
+    for length, members in sorted(buckets.items()):
+        per_call = max(1, ONE_CALL_BUDGET // (length * length))
+        for a in range(0, len(members), per_call):
+            chunk = members[a:a + per_call]
+            calls.append(_padded_call(segments, chunk, length, window))
+            for slot, s in enumerate(chunk):
+                start, stop = segments.bounds[s]
+                first = offset + slot * length
+                back[start:stop] = torch.arange(first, first + stop - start, device=device)
+            offset += len(chunk) * length
+    for s in single:
+        start, stop = segments.bounds[s]
+        back[start:stop] = torch.arange(offset, offset + stop - start, device=device)
+        offset += stop - start
+    return SegmentPlan(tuple(calls), tuple(single), back)
 
-    out = _sdpa(padded(query), padded(key), padded(value), plan.mask, causal=False, **sdpa)
-    heads, d = out.shape[1], out.shape[3]
-    flat = out.transpose(1, 2).reshape(-1, heads, d)  # (S · L_max, h, d)
-    return flat[plan.back][None]
+
+def _padded_outputs(query: Tensor, key: Tensor, value: Tensor, call: PaddedCall,
+                    **sdpa: Any) -> Tensor:
+    """One padded call's result: ``(S · L, heads, d)``."""
+    def padded(t: Tensor) -> Tensor:  # (1, h, T, d) → (S, h, L, d)
+        return t[0][:, call.index].transpose(0, 1)
+
+    out = _sdpa(padded(query), padded(key), padded(value), call.mask, causal=False, **sdpa)
+    return out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[3])
 
 
 _UNSUPPORTED = ("position_bias", "s_aux", "softcap")
@@ -317,13 +362,14 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             "groups": getattr(module, "num_key_value_groups", 1)}
     segments = dpokit_segments
     masks = segments.masks
+    plan = None
+    order: Any = range(len(segments.bounds))
     if causal and not keys_side_by_side(query.device):
-        plan = _memo(masks, ("one call", window), lambda: _one_call_plan(segments, window))
-        if plan is not None:
-            return _one_call(query, key, value, plan, **sdpa), None
+        plan = _memo(masks, ("plan", window), lambda: _segment_plan(segments, window))
+        order = plan.single
     outputs = []
-    for index, ((start, stop), parts) in enumerate(zip(segments.bounds, segments.parts,
-                                                       strict=True)):
+    for index in order:
+        (start, stop), parts = segments.bounds[index], segments.parts[index]
         q, k, v = (t[:, :, start:stop] for t in (query, key, value))
         positions = segments.position_ids[start:stop]
         if len(parts) == 1:
@@ -339,7 +385,12 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             outputs.append(_later_completion(q, k, v, prompt, begin, begin + n, positions,
                                              window, masks, (index, part), **sdpa))
             begin += n
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    if plan is None:
+        return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    pieces = [_padded_outputs(query, key, value, call, **sdpa) for call in plan.calls]
+    pieces += [out[0].transpose(0, 1) for out in outputs]  # (n, h, d) each
+    flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return flat[plan.back][None], None
 
 
 def enable_segment_attention(model: nn.Module) -> bool:
