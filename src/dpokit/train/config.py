@@ -60,8 +60,9 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
         False, help="Recompute each decoder layer in backward (least memory, ~1/3 more time).")
     selective_checkpointing: bool | None = field(
         None, help="Keep matmul/attention outputs, recompute the element-wise ops between them "
-                   "in backward: ~40% less activation memory for a few % of time (null: on "
-                   "when that frees ≥ 64 MiB per micro-batch; off under gradient_checkpointing).")
+                   "in backward: ~40% less activation memory for ~5-12% more time (null: on "
+                   "when that frees ≥ 64 MiB per micro-batch and ≥ half the trained weights' "
+                   "state (weights, grads, AdamW moments); off under gradient_checkpointing).")
     logging_steps: int = field(10, help="Log metrics every this many optimizer steps.")
     report_to: list[Literal["tensorboard", "wandb", "trackio", "all", "none"]] | None = field(
         None, help="Trackers besides metrics.jsonl: tensorboard, wandb, trackio (extras), all "

@@ -62,10 +62,11 @@ from dpokit.train.fingerprint import (
     run_fingerprint,
 )
 from dpokit.train.recompute import (
-    AUTO_MIN_FREED_BYTES,
+    auto_selective,
     enable_recompute,
     freed_bytes,
     supports_recompute,
+    training_state_bytes,
 )
 from dpokit.train.records import MetricsLog, start_fresh, truncate_metrics
 from dpokit.train.rundir import check_fresh, on_main
@@ -333,9 +334,12 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
         tokens = config.batch_size * total_tokens(objective, items) / max(1, len(items))
         size = 2 if config.compute_dtype != "float32" else next(model.parameters()).element_size()
         freed = freed_bytes(model.config, tokens, size)
-        selective = freed >= AUTO_MIN_FREED_BYTES
-        log.info("selective recomputation %s (auto: it frees ~%.0f MiB per micro-batch)",
-                 "on" if selective else "off", freed / 2**20)
+        state = training_state_bytes(model, lora=bool(config.lora)
+                                     or adapter_base(config.model) is not None)
+        selective = auto_selective(freed, state)
+        log.info("selective recomputation %s (auto: it would free ~%.0f MiB per micro-batch; "
+                 "the trained weights' state is ~%.0f MiB)", "on" if selective else "off",
+                 freed / 2**20, state / 2**20)
     return "selective" if selective else "none"
 
 
