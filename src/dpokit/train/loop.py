@@ -15,6 +15,7 @@ config says; the loop only calls its methods.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import signal
@@ -94,6 +95,11 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
             run.metrics.close(failed=failed)
         if lock is not None:
             lock.release()
+        # The DDP wrapper's reducer holds the process group: free it (and every other object
+        # of the run) before the group is destroyed, not when this frame is released after
+        # it — CI saw a rank hang there, in the destructor, after its last step.
+        run = None
+        gc.collect()
         shutdown_runtime(runtime)
 
 
