@@ -190,7 +190,8 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
                                               train_rows=len(train_items))
     model = load_causal_lm(base or config.model, dtype=config.dtype, device=runtime.device,
                            trust_remote_code=config.trust_remote_code)
-    enable_recompute(model, recompute_mode(config, model, objective, train_items))
+    enable_recompute(model, recompute_mode(config, model, objective, train_items,
+                                           lora=config.lora or base is not None))
     if base is not None:  # the adapter trains on, with its own r, alpha and targets
         model = load_adapter(model, config.model, trainable=True)
     elif config.lora:
@@ -322,9 +323,10 @@ def resume(run: Run, checkpoint: Path | None) -> None:
 
 
 def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
-                   items: list) -> str:
+                   items: list, *, lora: bool) -> str:
     """``full``, ``selective`` or ``none``; a null ``selective_checkpointing`` decides from the
-    model's shape and the mean tokens of a micro-batch (:func:`freed_bytes`)."""
+    model's shape and the mean tokens of a micro-batch (:func:`freed_bytes`) against the trained
+    weights' state (none when ``lora``: LoRA or an adapter trains on)."""
     if config.gradient_checkpointing:
         return "full"
     selective = config.selective_checkpointing
@@ -334,8 +336,7 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
         tokens = config.batch_size * total_tokens(objective, items) / max(1, len(items))
         size = 2 if config.compute_dtype != "float32" else next(model.parameters()).element_size()
         freed = freed_bytes(model.config, tokens, size)
-        state = training_state_bytes(model, lora=bool(config.lora)
-                                     or adapter_base(config.model) is not None)
+        state = training_state_bytes(model, lora=lora)
         selective = auto_selective(freed, state)
         log.info("selective recomputation %s (auto: it would free ~%.0f MiB per micro-batch; "
                  "the trained weights' state is ~%.0f MiB)", "on" if selective else "off",
