@@ -99,7 +99,8 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
         # of the run) before the group is destroyed, not when this frame is released after
         # it — CI saw a rank hang there, in the destructor, after its last step.
         run = None
-        gc.collect()
+        if runtime.distributed:
+            gc.collect()
         shutdown_runtime(runtime)
 
 
