@@ -161,10 +161,8 @@ class PairSummary(Summary):
     every chunk."""
 
     def __init__(self, recipe: PairRecipe, path: str):
-        self.recipe, self.path = recipe, path
-        self.rows = self.examples = self.dropped = self.merged = 0
-        self.sources: dict[str, None] = {}
-        self.columns: dict[str, None] = {}
+        super().__init__(recipe, path)
+        self.examples = self.dropped = self.merged = 0
         self.filled: dict[str, list] = {key: [None, None, 0]
                                         for key in recipe.columns.optional}
         self.no_prompt = True
@@ -177,10 +175,8 @@ class PairSummary(Summary):
     def add(self, result: ChunkResult) -> list[tuple[int, DpokitError]]:
         stats, errors = result.stats, []
         scan = stats["scan"]
+        self.count(result, scan)
         self.whole = self.whole or stats.get("whole", False)
-        self.rows += result.rows
-        self.sources.update(dict.fromkeys(scan["sources"]))
-        self.columns.update(dict.fromkeys(scan["columns"]))
         self.no_prompt = self.no_prompt and scan["no_prompt"]
         for key, (filled, empty, count) in scan["filled"].items():
             seen = self.filled[key]
@@ -206,18 +202,11 @@ class PairSummary(Summary):
             self.merge_example = self.merge_example or stats["merge_example"]
         return errors
 
-    def _stand_ins(self) -> list[RawRow]:
-        """One row per source, the first holding every column: what ``check_columns`` and
-        ``_data_name`` read of the rows."""
-        sources = list(self.sources) or [self.path]
-        fields = dict.fromkeys(self.columns)
-        return [RawRow(s, 0, fields if i == 0 else {}) for i, s in enumerate(sources)]
-
     def check(self) -> None:
         if self.whole:
             return  # parse_examples checked the rows
         columns = self.recipe.columns
-        check_columns(self._stand_ins(), columns.required)
+        check_columns(self.stand_ins(), columns.required)
         for key, (filled, empty, count) in self.filled.items():
             if filled is not None and empty is not None:  # rows standing for all of them
                 check_filled([filled, empty, *[empty] * (count - 1),
@@ -225,7 +214,7 @@ class PairSummary(Summary):
         if self.no_prompt:
             log.info("%s: no %r column (prompt_column): implicit-prompt rows, the prompt is the "
                      "leading text or messages chosen and rejected share",
-                     _data_name(self._stand_ins()), columns.prompt)
+                     _data_name(self.stand_ins()), columns.prompt)
 
     def finish(self, count: int) -> None:
         settings = self.recipe.settings

@@ -78,16 +78,40 @@ class ChunkResult:
 
 
 class Summary(ABC):
-    """A recipe's view of every chunk so far (main process): the checks across chunks."""
+    """A recipe's view of every chunk so far (main process): the checks across chunks.
+
+    It counts the rows and gathers every chunk's sources and column names (``scan``, the
+    chunk's ``{"sources": [...], "columns": [...]}``): one stand-in row per source is what the
+    column checks read at the end (:meth:`stand_ins`).
+    """
 
     doomed: int = NO_ERROR
     """The stage of an error already certain (a column filled in one row, null in another):
     later chunks skip the work from that stage on."""
 
+    def __init__(self, recipe: Recipe, path: str | Path):
+        self.recipe, self.path = recipe, str(path)
+        self.rows = 0
+        self.sources: dict[str, None] = {}
+        self.columns: dict[str, None] = {}
+
+    def count(self, result: ChunkResult, scan: dict[str, Any]) -> None:
+        """Add one chunk's rows, sources and column names."""
+        self.rows += result.rows
+        self.sources.update(dict.fromkeys(scan["sources"]))
+        self.columns.update(dict.fromkeys(scan["columns"]))
+
+    def stand_ins(self) -> list[RawRow]:
+        """One row per source (the file's path when no row was read), the first holding every
+        column: what the column checks and the error messages read of the rows."""
+        sources = list(self.sources) or [self.path]
+        fields = dict.fromkeys(self.columns)
+        return [RawRow(s, 0, fields if i == 0 else {}) for i, s in enumerate(sources)]
+
     @abstractmethod
     def add(self, result: ChunkResult) -> list[tuple[int, DpokitError]]:
-        """Take one chunk's numbers (in chunk order); errors only the chunks together show
-        (mixed formats), as ``(stage, error)``."""
+        """Take one chunk's numbers (in chunk order, :meth:`count` first); errors only the
+        chunks together show (mixed formats), as ``(stage, error)``."""
 
     @abstractmethod
     def check(self) -> None:

@@ -215,22 +215,16 @@ class SFTSummary(Summary):
     """The renamed columns' check and the dropped rows, over every chunk."""
 
     def __init__(self, recipe: SFTRecipe, path: str):
-        self.recipe, self.path = recipe, path
-        self.rows = self.dropped = 0
-        self.sources: dict[str, None] = {}
-        self.columns: dict[str, None] = {}
+        super().__init__(recipe, path)
+        self.dropped = 0
 
     def add(self, result: ChunkResult) -> list:
-        self.rows += result.rows
-        self.sources.update(dict.fromkeys(result.stats["sources"]))
-        self.columns.update(dict.fromkeys(result.stats["columns"]))
+        self.count(result, result.stats)
         self.dropped += result.stats.get("dropped", 0)
         return []
 
     def check(self) -> None:
-        fields = dict.fromkeys(self.columns)  # one row per source stands for them all
-        stand_ins = [RawRow(s, 0, fields if i == 0 else {}) for i, s in enumerate(self.sources)]
-        check_columns(stand_ins, {key: name for key, name in self.recipe.named
+        check_columns(self.stand_ins(), {key: name for key, name in self.recipe.named
                                   if name != _DEFAULT_COLUMNS[key]})
 
     def finish(self, count: int) -> None:
