@@ -70,6 +70,28 @@ def test_unpadded_equals_padded(pairs, tokenizer, kind, layout, cpu_path):
     assert model.config._attn_implementation == SEGMENT_ATTENTION
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_batch_of_padded_calls_and_single_segments_equals_padded(pairs, tokenizer, kind,
+                                                                   layout, monkeypatch):
+    """With ONE_CALL_MAX_LENGTH between the batch's segment lengths, the short segments run in
+    padded calls and the others on their own in the same layer; log-probs and every gradient
+    (the padded calls' gather and the permutation back have hand-written backwards) equal the
+    padded pass's in float64."""
+    import dpokit.attention as attention
+
+    batch = LAYOUTS[layout](pairs)
+    lengths = sorted(b - a for a, b in attention.flatten(batch).segments.bounds)
+    monkeypatch.setattr(attention, "ONE_CALL_MAX_LENGTH", lengths[len(lengths) // 2 - 1])
+    plans = []
+    real_plan = attention._segment_plan
+    monkeypatch.setattr(attention, "_segment_plan",
+                        lambda *a: plans.append(real_plan(*a)) or plans[-1])
+    model = tiny_causal_lm(kind, vocab_size=len(tokenizer), seed=5, dtype=torch.float64)
+    assert_same(model, batch)
+    assert plans and all(p.calls and p.single and p.in_calls is not None for p in plans)
+
+
 def test_decoder_sees_only_real_tokens(pairs, tokenizer):
     model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=5)
     batch = LAYOUTS["shared"](pairs)
@@ -283,6 +305,35 @@ def test_segment_plan_buckets_segments_by_their_own_length():
                     torch.arange(40 * 512))
     calls = _segment_plan(many, None).calls
     assert [c.mask.shape[0] for c in calls] == [ONE_CALL_BUDGET // 512**2, 8]
+
+
+def test_padded_gather_and_permutation_backwards_equal_autograds():
+    """The gather into the padded calls and the permutation back have hand-written backwards
+    (a gather, an index_copy_) for autograd's serial accumulating scatter: given gradients that
+    are zero on the padding slots (what SDPA gives them), every token's gradient is the same to
+    the bit — the tokens of single segments get zero from the gather (here the last padded slot
+    is a real token's, so they must not read it)."""
+    from dpokit.attention import Segments, _Permute, _segment_plan, _TakePadded
+
+    lengths = [9, 600, 32]  # 32 fills its bucket (the last call) exactly; 600 runs on its own
+    stops = list(itertools.accumulate(lengths))
+    bounds = tuple(zip([0, *stops[:-1]], stops, strict=True))
+    plan = _segment_plan(Segments(bounds, tuple((n,) for n in lengths), torch.arange(stops[-1])),
+                         None)
+    assert plan.single == (1,) and plan.calls[-1].index.shape == (1, 32)
+    source = torch.randn(3, stops[-1], 4, dtype=torch.float64, requires_grad=True)
+    real = torch.zeros(len(plan.gather), dtype=torch.bool)
+    real[plan.back[plan.back < len(plan.gather)]] = True
+    upstream = torch.randn(3, len(plan.gather), 4, dtype=torch.float64) * real[None, :, None]
+    mine = torch.autograd.grad(_TakePadded.apply(source, plan.gather, plan.take, plan.in_calls),
+                               source, upstream)[0]
+    theirs = torch.autograd.grad(source[:, plan.gather], source, upstream)[0]
+    assert torch.equal(mine, theirs)
+    assert not mine[:, bounds[1][0]:bounds[1][1]].any()
+    flat = torch.randn(len(plan.gather) + 600, 2, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(stops[-1], 2, dtype=torch.float64)
+    mine = torch.autograd.grad(_Permute.apply(flat, plan.back), flat, upstream)[0]
+    assert torch.equal(mine, torch.autograd.grad(flat[plan.back], flat, upstream)[0])
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
