@@ -67,8 +67,16 @@ def test_float64_model_is_exact(pairs, tokenizer, layout):
                                rtol=0, atol=1e-10)
 
 
-def test_lm_head_runs_only_on_completion_positions_in_chunks(pairs, tokenizer):
-    """The head sees ≤ chunk_size rows per call, and only the positions that are scored."""
+@pytest.mark.parametrize("recompute", [True, False])
+def test_lm_head_runs_only_on_completion_positions_in_chunks(pairs, tokenizer, recompute,
+                                                             monkeypatch):
+    """The head sees ≤ chunk_size rows per call, and only the positions that are scored; it
+    runs again in backward when the batch's logits pass KEEP_LOGITS_BYTES (0 here), not when
+    they fit (this tiny vocabulary)."""
+    import dpokit.logps
+
+    if recompute:
+        monkeypatch.setattr(dpokit.logps, "KEEP_LOGITS_BYTES", 0)
     model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=3)
     seen = []
     handle = model.get_output_embeddings().register_forward_hook(
@@ -79,12 +87,17 @@ def test_lm_head_runs_only_on_completion_positions_in_chunks(pairs, tokenizer):
     handle.remove()
     scored = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     assert max(seen) <= 6
-    assert sum(seen) == 2 * scored  # forward once + recompute once, nothing else
+    assert sum(seen) == (2 if recompute else 1) * scored  # forward (+ recompute), nothing else
     assert scored < batch.input_ids.numel() / 2
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradients_match_the_full_logits_path(pairs, tokenizer, layout):
+def test_gradients_match_the_full_logits_path(pairs, tokenizer, layout, recompute, monkeypatch):
+    import dpokit.logps
+
+    if recompute:
+        monkeypatch.setattr(dpokit.logps, "KEEP_LOGITS_BYTES", 0)
     model = tiny_causal_lm("qwen2", vocab_size=len(tokenizer), seed=4)
     batch = collate(pairs, layout)
     grads = []

@@ -35,6 +35,12 @@ log = logging.getLogger("dpokit.logps")
 
 DEFAULT_CHUNK_SIZE = 1024
 
+KEEP_LOGITS_BYTES = 64 << 20
+"""Largest float32 logits of a batch's completion tokens (all chunks together) kept for the
+backward pass; past it each LM-head chunk is recomputed in backward instead (a 128 k-token
+vocabulary passes it at 128 tokens). Below it the recomputation costs an LM-head matmul per
+chunk and saves next to nothing (the benchmark's small model: 7 MB)."""
+
 
 @dataclass(frozen=True)
 class PairLogps:
@@ -237,10 +243,13 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         # (N, H): only the positions that predict a completion token
         hidden = _hidden_states(model, batch, rows, columns, unpadded=unpadded)
         lm_head = base.get_output_embeddings()
+        vocab = getattr(lm_head, "out_features", None)
+        recompute = (torch.is_grad_enabled() and hidden.requires_grad
+                     and (vocab is None or len(targets) * vocab * 4 > KEEP_LOGITS_BYTES))
         pieces = []
         for start in range(0, len(targets), chunk_size):
             args = (hidden[start:start + chunk_size], targets[start:start + chunk_size])
-            if torch.is_grad_enabled() and hidden.requires_grad:
+            if recompute:
                 pieces.append(checkpoint(_chunk_logps, *args, lm_head, transform, wpo,
                                          token_stats, use_reentrant=False))
             else:
