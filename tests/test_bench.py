@@ -18,7 +18,7 @@ def test_bench_smoke(tmp_path, capsys):
     assert row["seconds_per_step"] > 0 and row["pairs_per_second"] > 0
     assert 0 < row["peak_fraction"] < 1.5 and row["peak_rss_mb"] > 50
     assert 100 < row["tokens_per_pair"] < 250  # prompts ~41 + two completions ~54
-    assert row["end_to_end_seconds"] > 0
+    assert row["end_to_end_seconds"] > 0 and row["end_to_end_runs"] == [row["end_to_end_seconds"]]
     assert "dpokit  tiny" in stdout
 
 
