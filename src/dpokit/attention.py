@@ -319,14 +319,11 @@ def _segment_plan(segments: Segments, window: int | None) -> SegmentPlan:
                 back[start:stop] = torch.arange(first, first + stop - start, device=device)
             offset += len(chunk) * length
     padded = offset
-    in_calls = None
-    if single:
-        in_calls = torch.ones(len(back), dtype=torch.bool, device=device)
     for s in single:
         start, stop = segments.bounds[s]
         back[start:stop] = torch.arange(offset, offset + stop - start, device=device)
-        in_calls[start:stop] = False
         offset += stop - start
+    in_calls = back < padded if single else None
     gather = (torch.cat([call.index.flatten() for call in calls]) if calls
               else back.new_zeros(0))
     return SegmentPlan(tuple(calls), tuple(single), back, gather,

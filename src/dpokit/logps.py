@@ -36,10 +36,10 @@ log = logging.getLogger("dpokit.logps")
 DEFAULT_CHUNK_SIZE = 1024
 
 KEEP_LOGITS_BYTES = 64 << 20
-"""Largest float32 logits of a batch's completion tokens (all chunks together) kept for the
-backward pass; past it each LM-head chunk is recomputed in backward instead (a 128 k-token
-vocabulary passes it at 128 tokens). Below it the recomputation costs an LM-head matmul per
-chunk and saves next to nothing (the benchmark's small model: 7 MB)."""
+"""Largest logits of a batch's completion tokens (all chunks together; float32, or the model's
+wider dtype) kept for the backward pass; past it each LM-head chunk is recomputed in backward
+instead (a 128 k-token vocabulary passes it at 128 tokens). Below it the recomputation costs an
+LM-head matmul per chunk and saves next to nothing (the benchmark's small model: 7 MB)."""
 
 
 @dataclass(frozen=True)
@@ -244,8 +244,9 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         hidden = _hidden_states(model, batch, rows, columns, unpadded=unpadded)
         lm_head = base.get_output_embeddings()
         vocab = getattr(lm_head, "out_features", None)
+        itemsize = torch.promote_types(hidden.dtype, torch.float32).itemsize  # _chunk_logps'
         recompute = (torch.is_grad_enabled() and hidden.requires_grad
-                     and (vocab is None or len(targets) * vocab * 4 > KEEP_LOGITS_BYTES))
+                     and (vocab is None or len(targets) * vocab * itemsize > KEEP_LOGITS_BYTES))
         pieces = []
         for start in range(0, len(targets), chunk_size):
             args = (hidden[start:start + chunk_size], targets[start:start + chunk_size])
