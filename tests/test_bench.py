@@ -52,3 +52,22 @@ def test_bench_online_smoke(tmp_path, capsys):
     _, row = json.loads(out.read_text())
     assert row["setting"] == "online" and row["seconds_per_step"] > 0
     assert row["pairs_per_second"] > 0 and "online" in stdout
+
+
+def test_a_run_past_its_memory_limit_is_named_out_of_memory():
+    """The bench's address-space cap turns an allocation past it into a one-line row error
+    (not the kernel's OOM killer taking the machine): a child asking for 2 GB under 1.5 GB."""
+    import subprocess
+    import sys
+
+    from dpokit.bench import _limit_memory, _run_error
+
+    code = "import torch; torch.ones(2**20); torch.empty(2**31, dtype=torch.uint8)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          preexec_fn=_limit_memory(1.5), check=False)
+    assert done.returncode != 0
+    assert _run_error(done.stderr, done.returncode, 1.5) == (
+        "out of memory past the 1.5 GB limit of a run; it asked for 2.0 GB more")
+    free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          preexec_fn=_limit_memory(None), check=False)
+    assert free.returncode == 0, free.stderr  # no cap: the same 2 GB is fine

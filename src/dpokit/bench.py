@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import statistics
 import subprocess
@@ -105,6 +106,10 @@ class BenchConfig(Config):
     context_lengths: list[int] | None = field(
         None, help="Long contexts instead: per length L (e.g. 512,2048,4096,8192), the small "
                    "model with L positions on pairs of ~L tokens (long prompts), batch 2.")
+    memory_limit_gb: float | None = field(
+        None, help="CPU runs: each run's address-space limit in GB (RLIMIT_AS); a run that "
+                   "needs more is a row 'out of memory' instead of the kernel's OOM killer "
+                   "taking the machine. Default: 90% of the machine's memory.")
 
     def validate(self) -> None:
         """Known names, enough steps, TRL and CUDA present when asked for."""
@@ -122,6 +127,8 @@ class BenchConfig(Config):
                               "--frameworks dpokit")
         if self.steps < 4 or self.repeats < 1:
             raise DpokitError("steps must be ≥ 4 and repeats ≥ 1")
+        if self.memory_limit_gb is not None and self.memory_limit_gb <= 0:
+            raise DpokitError("memory_limit_gb must be > 0")
         if self.device == "cuda":
             import torch
 
@@ -404,8 +411,41 @@ def help_seconds(repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def _subprocess(args: list[str]) -> dict:
-    """One ``python -m dpokit.bench ARGS`` in a fresh process. An end-to-end run gets an empty
+def machine_memory_gb() -> float:
+    """The machine's physical memory in GB (2³⁰ bytes)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def _limit_memory(limit_gb: float | None):
+    """A ``preexec_fn`` capping the child's address space at ``limit_gb`` (None: no cap)."""
+    if limit_gb is None:
+        return None
+    limit = int(limit_gb * 2**30)
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return cap
+
+
+def _run_error(stderr: str, returncode: int, limit_gb: float | None) -> str:
+    """One line for a run that failed: out of memory (the address-space cap or the kernel's
+    OOM killer) named as such, otherwise the last line of its stderr."""
+    lines = stderr.strip().splitlines()
+    if "can't allocate memory" in stderr or "out of memory" in stderr.lower():
+        asked = re.search(r"allocate (\d+) bytes", stderr)
+        more = f"; it asked for {int(asked[1]) / 2**30:.1f} GB more" if asked else ""
+        cap = f" past the {limit_gb:.1f} GB limit of a run" if limit_gb else ""
+        return f"out of memory{cap}{more}"
+    if returncode == -9:
+        return "killed (SIGKILL: the kernel's OOM killer, most likely)"
+    return lines[-1] if lines else f"exit status {returncode}"
+
+
+def _subprocess(args: list[str], memory_limit_gb: float | None = None) -> dict:
+    """One ``python -m dpokit.bench ARGS`` in a fresh process, its address space capped at
+    ``memory_limit_gb`` (CPU runs only: CUDA reserves far more address space than it uses).
+    An end-to-end run gets an empty
     ``datasets`` cache of its own: TRL keeps its tokenised data *and* its precomputed
     reference log-probs there (keyed by the data and the weights), so a second TRL run would
     skip both — as dpokit's would with its ``.dpokit_cache``, which every run here gets fresh."""
@@ -416,32 +456,36 @@ def _subprocess(args: list[str]) -> dict:
     cache = tempfile.mkdtemp(prefix="hf-datasets-") if "--end-to-end" in args else None
     if cache:
         env["HF_DATASETS_CACHE"] = cache
+    on_gpu = "--device" in args and args[args.index("--device") + 1] != "cpu"
+    limit = None if on_gpu else memory_limit_gb
     try:
         done = subprocess.run([sys.executable, "-m", "dpokit.bench", *args],
-                              capture_output=True, text=True, env=env, check=False)
+                              capture_output=True, text=True, env=env, check=False,
+                              preexec_fn=_limit_memory(limit))
     finally:
         if cache:
             shutil.rmtree(cache, ignore_errors=True)
     if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "?"}
+        return {"error": _run_error(done.stderr, done.returncode, limit)}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _alternating_runs(frameworks: list[str], repeats: int, args: list[str]
-                      ) -> dict[str, list[dict]]:
+def _alternating_runs(frameworks: list[str], repeats: int, args: list[str],
+                      memory_limit_gb: float | None = None) -> dict[str, list[dict]]:
     """``repeats`` rounds of one fresh ``run`` process per framework, in turn (so that a slow
     spell of the machine falls on every framework): each framework's results."""
     results: dict[str, list[dict]] = {f: [] for f in frameworks}
     for _ in range(repeats):
         for framework in frameworks:
-            results[framework].append(_subprocess(["run", framework, *args]))
+            results[framework].append(_subprocess(["run", framework, *args],
+                                                  memory_limit_gb))
     return results
 
 
 def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], steps: int,
               repeats: int, frameworks: list[str], end_to_end: bool = True,
               device: str = "cpu", precision: dict | None = None,
-              report=print) -> list[dict]:
+              memory_limit_gb: float | None = None, report=print) -> list[dict]:
     """Alternate frameworks, repeat, and return one summary row per (model, setting, framework).
 
     ``device="cuda"`` with ``dtype: bfloat16`` is the GPU benchmark (one GPU per process)."""
@@ -459,11 +503,13 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
         params, tokens = _params(fixture, model), _tokens_per_pair(fixture, model)
         for setting in settings:
             results = _alternating_runs(frameworks, repeats,
-                                        [str(fixture.root), model, setting, str(steps), *where])
+                                        [str(fixture.root), model, setting, str(steps), *where],
+                                        memory_limit_gb)
             # one cold epoch each, frameworks alternating too (a single run swung ±30% on a
             # shared machine): the median of ``repeats``
             e2e_runs = (_alternating_runs(frameworks, repeats, [
-                str(fixture.root), model, setting, str(steps), "--end-to-end", *where])
+                str(fixture.root), model, setting, str(steps), "--end-to-end", *where],
+                memory_limit_gb)
                 if end_to_end and not setting.startswith("online") else {})
             for framework, runs in results.items():
                 good = [r for r in runs if "error" not in r]
@@ -507,7 +553,7 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
 
 def long_context_benchmark(workdir: str | Path, *, lengths: list[int], settings: list[str],
                            steps: int, repeats: int, frameworks: list[str],
-                           report=print) -> list[dict]:
+                           memory_limit_gb: float | None = None, report=print) -> list[dict]:
     """s/step and peak RSS at each context length (:func:`build_long_fixture`: the small
     model, batch 2, ``steps × 2`` pairs so that TRL's precomputed reference covers only the
     rows trained on, as dpokit's does), frameworks alternating. A run that fails (TRL out of
@@ -518,7 +564,8 @@ def long_context_benchmark(workdir: str | Path, *, lengths: list[int], settings:
         tokens = _tokens_per_pair(fixture, "small")
         for setting in settings:
             results = _alternating_runs(frameworks, repeats,
-                                        [str(fixture.root), "small", setting, str(steps)])
+                                        [str(fixture.root), "small", setting, str(steps)],
+                                        memory_limit_gb)
             for framework, runs in results.items():
                 good = [r for r in runs if "error" not in r]
                 row = {"framework": framework, "model": f"small@{length}", "setting": setting,

@@ -35,20 +35,22 @@ def _train(config) -> None:
 
 def _bench(config: BenchConfig) -> None:
     """``dpokit bench``: run the benchmark, print dpokit/TRL ratios, write the rows."""
-    from dpokit.bench import benchmark, long_context_benchmark
+    from dpokit.bench import benchmark, long_context_benchmark, machine_memory_gb
 
+    limit = config.memory_limit_gb or 0.9 * machine_memory_gb()
     chosen = {"models": config.models, "settings": config.settings,
               "frameworks": config.frameworks}
     if config.context_lengths:
         rows = long_context_benchmark(
             config.workdir, lengths=config.context_lengths, settings=config.settings,
             steps=config.steps, repeats=config.repeats, frameworks=config.frameworks,
-            report=lambda line: console.print(line, soft_wrap=True))
+            memory_limit_gb=limit, report=lambda line: console.print(line, soft_wrap=True))
         _long_ratios(rows)
         _write_rows(config, rows)
         return
     rows = benchmark(config.workdir, steps=config.steps, repeats=config.repeats,
                      end_to_end=config.end_to_end, device=config.device, precision=config.precision,
+                     memory_limit_gb=limit,
                      report=lambda line: console.print(line, soft_wrap=True), **chosen)
     for model in config.models:
         for setting in config.settings:
