@@ -89,7 +89,7 @@ def test_a_batch_of_padded_calls_and_single_segments_equals_padded(pairs, tokeni
                         lambda *a: plans.append(real_plan(*a)) or plans[-1])
     model = tiny_causal_lm(kind, vocab_size=len(tokenizer), seed=5, dtype=torch.float64)
     assert_same(model, batch)
-    assert plans and all(p.calls and p.single and p.in_calls is not None for p in plans)
+    assert plans and all(p.calls and p.single and p.query_valid is not None for p in plans)
 
 
 def test_decoder_sees_only_real_tokens(pairs, tokenizer):
@@ -250,8 +250,9 @@ def test_shared_rows_need_no_row_by_row_mask(pairs, tokenizer, monkeypatch):
     """Past ONE_CALL_BUDGET (long rows) the unpadded decoder builds no (L, L) mask for a
     shared-prompt row: the prompt and the chosen completion are one causal call, and the
     rejected completion's mask is |y_l| × (|x| + |y_w| + |y_l|). Below it (short rows, on a CPU)
-    each layer makes one call per padded length (bucket_length), with one (rows, 1, L, L) mask
-    each. The collated batch holds no mask at all."""
+    each layer makes one unmasked causal call per padded length of ``[x, y_w]``
+    (bucket_length) and one masked call per padded (|y_l|, |x| + |y_l|), with a
+    (rows, 1, Lq, Lk) mask each. The collated batch holds no mask at all."""
     import dpokit.attention as attention
 
     shapes = []
@@ -267,12 +268,17 @@ def test_shared_rows_need_no_row_by_row_mask(pairs, tokenizer, monkeypatch):
     assert batch.attention_mask is None
     layers = model.config.num_hidden_layers
     lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
-    buckets = collections.Counter(attention.bucket_length(n) for n in lengths)
+    bucket = attention.bucket_length
+    causal = {bucket(len(p.prompt_ids) + len(p.chosen_ids)) for p in pairs}
+    later = collections.Counter((bucket(len(p.rejected_ids)),
+                                 bucket(len(p.prompt_ids) + len(p.rejected_ids))) for p in pairs)
     with torch.no_grad():
         completion_logps(model, batch)
-    assert shapes == [(count, 1, b, b) for b, count in sorted(buckets.items())] * layers
+    per_layer = [None] * len(causal) + [(count, 1, lq, lk)
+                                        for (lq, lk), count in sorted(later.items())]
+    assert shapes == per_layer * layers
     shapes.clear()
-    monkeypatch.setattr(attention, "ONE_CALL_BUDGET", min(buckets) ** 2 - 1)
+    monkeypatch.setattr(attention, "ONE_CALL_BUDGET", min(map(bucket, lengths)) ** 2 - 1)
     with torch.no_grad():
         completion_logps(model, LAYOUTS["shared"](pairs))
     per_layer = [shape for p, n in zip(pairs, lengths, strict=True)
@@ -294,43 +300,62 @@ def test_segment_plan_buckets_segments_by_their_own_length():
     bounds = tuple(zip([0, *stops[:-1]], stops, strict=True))
     parts = tuple((n,) if n != 70 else (30, 20, 20) for n in lengths)
     plan = _segment_plan(Segments(bounds, parts, torch.arange(stops[-1])), None)
-    assert [tuple(c.mask.shape) for c in plan.calls] == [(20, 1, 16, 16), (1, 1, 64, 64),
-                                                         (1, 1, 80, 80)]
+    # the 20 one-token sequences; the 64-token one with the shared row's [x, y_1] (50 → 64),
+    # both causal, unmasked; y_2's 20 queries (→ 32) over [x, y_2]'s 50 keys (→ 64), masked
+    assert [tuple(c.query_index.shape) for c in plan.calls] == [(20, 16), (2, 64), (1, 32)]
+    assert [c.key_index.shape[1] for c in plan.calls] == [16, 64, 64]
+    assert [None if c.mask is None else tuple(c.mask.shape) for c in plan.calls] == \
+        [None, None, (1, 1, 32, 64)]
     assert plan.single == (21,)
-    flat = torch.cat([*(c.index.reshape(-1) for c in plan.calls), torch.arange(*bounds[21])])
+    flat = torch.cat([*(c.query_index.reshape(-1) for c in plan.calls),
+                      torch.arange(*bounds[21])])
     torch.testing.assert_close(flat[plan.back], torch.arange(stops[-1]), rtol=0, atol=0)
-    shared = plan.calls[2].mask[0, 0]  # x = 30 tokens, y_1 and y_2 20 each
-    assert bool(shared[55, 10]) and not bool(shared[55, 40]) and bool(shared[55, 52])
+    start = bounds[22][0]  # x = 30 tokens, y_1 and y_2 20 each
+    later = plan.calls[2]
+    assert torch.equal(later.query_index[0, :20], torch.arange(start + 50, start + 70))
+    assert torch.equal(later.key_index[0, :50], torch.cat([torch.arange(start, start + 30),
+                                                           torch.arange(start + 50, start + 70)]))
+    mask = later.mask[0, 0]
+    assert bool(mask[5, 10]) and bool(mask[5, 35]) and not bool(mask[5, 36])
+    assert not mask[:20, 50:].any() and mask[20:, 0].all()  # padding: never seen; sees key 0
     many = Segments(tuple((i * 512, (i + 1) * 512) for i in range(40)), ((512,),) * 40,
                     torch.arange(40 * 512))
     calls = _segment_plan(many, None).calls
-    assert [c.mask.shape[0] for c in calls] == [ONE_CALL_BUDGET // 512**2, 8]
+    assert [c.query_index.shape[0] for c in calls] == [ONE_CALL_BUDGET // 512**2, 8]
 
 
 def test_padded_gather_and_permutation_backwards_equal_autograds():
-    """The gather into the padded calls and the permutation back have hand-written backwards
-    (a gather, an index_copy_) for autograd's serial accumulating scatter: given gradients that
-    are zero on the padding slots (what SDPA gives them), every token's gradient is the same to
-    the bit — the tokens of single segments get zero from the gather (here the last padded slot
-    is a real token's, so they must not read it)."""
+    """The gathers into the padded calls and the permutation back have hand-written backwards
+    (gathers summed over a token's slots, an index_copy_) for autograd's serial accumulating
+    scatter: given gradients that are zero on the padding slots (what SDPA gives them), every
+    token's gradient is the same to the bit — a prompt token is a key twice (its row's causal
+    piece and the rejected completion's), and the tokens of single segments get zero from the
+    gathers (here the last padded query slot is a real token's, so they must not read it)."""
     from dpokit.attention import Segments, _Permute, _segment_plan, _TakePadded
 
-    lengths = [9, 600, 32]  # 32 fills its bucket (the last call) exactly; 600 runs on its own
+    lengths = [9, 600, 32, 24]  # 600 runs on its own; the last call is y_2's 16 queries
+    parts = ((9,), (600,), (32,), (5, 3, 16))  # (filling their bucket) over [x, y_2]
     stops = list(itertools.accumulate(lengths))
     bounds = tuple(zip([0, *stops[:-1]], stops, strict=True))
-    plan = _segment_plan(Segments(bounds, tuple((n,) for n in lengths), torch.arange(stops[-1])),
-                         None)
-    assert plan.single == (1,) and plan.calls[-1].index.shape == (1, 32)
-    source = torch.randn(3, stops[-1], 4, dtype=torch.float64, requires_grad=True)
-    real = torch.zeros(len(plan.gather), dtype=torch.bool)
-    real[plan.back[plan.back < len(plan.gather)]] = True
-    upstream = torch.randn(3, len(plan.gather), 4, dtype=torch.float64) * real[None, :, None]
-    mine = torch.autograd.grad(_TakePadded.apply(source, plan.gather, plan.take, plan.in_calls),
-                               source, upstream)[0]
-    theirs = torch.autograd.grad(source[:, plan.gather], source, upstream)[0]
-    assert torch.equal(mine, theirs)
-    assert not mine[:, bounds[1][0]:bounds[1][1]].any()
-    flat = torch.randn(len(plan.gather) + 600, 2, dtype=torch.float64, requires_grad=True)
+    plan = _segment_plan(Segments(bounds, parts, torch.arange(stops[-1])), None)
+    assert plan.single == (1,) and plan.key_take.shape[0] == 2
+    assert plan.calls[-1].query_index.shape == (1, 16)
+    assert plan.query_valid is not None and plan.key_valid is not None
+    real_queries = torch.zeros(len(plan.query_gather), dtype=torch.bool)
+    real_queries[plan.back[plan.back < len(plan.query_gather)]] = True
+    assert bool(real_queries[-1])  # the slot the single segments' tokens are clamped to
+    real_keys = torch.cat([c.real_keys.flatten() for c in plan.calls])
+    for gather, take, valid, real in (
+            (plan.query_gather, plan.query_take, plan.query_valid, real_queries),
+            (plan.key_gather, plan.key_take, plan.key_valid, real_keys)):
+        source = torch.randn(3, stops[-1], 4, dtype=torch.float64, requires_grad=True)
+        upstream = torch.randn(3, len(gather), 4, dtype=torch.float64) * real[None, :, None]
+        mine = torch.autograd.grad(_TakePadded.apply(source, gather, take, valid), source,
+                                   upstream)[0]
+        theirs = torch.autograd.grad(source[:, gather], source, upstream)[0]
+        assert torch.equal(mine, theirs)
+        assert not mine[:, bounds[1][0]:bounds[1][1]].any()
+    flat = torch.randn(len(plan.query_gather) + 600, 2, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(stops[-1], 2, dtype=torch.float64)
     mine = torch.autograd.grad(_Permute.apply(flat, plan.back), flat, upstream)[0]
     assert torch.equal(mine, torch.autograd.grad(flat[plan.back], flat, upstream)[0])

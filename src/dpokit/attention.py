@@ -19,10 +19,17 @@ copied). The largest mask of a pair is |y_l| × (|x| + |y_w| + |y_l|) on a CPU, 
 against the (|x| + |y_w| + |y_l|)² of one masked call — at 8,192 tokens a pair, 268 MB of a float
 bias per pair and layer call saved.
 
+On a GPU with FlexAttention (PyTorch ≥ 2.5) the whole flattened row is instead one
+block-sparse ``flex_attention`` call per layer, its block mask built once per batch from the
+segments (:mod:`dpokit.attention_flex`); the per-segment calls above remain for attention
+dropout, non-causal layers and older PyTorch.
+
 On a CPU, where a call's fixed cost dominates short rows, the segments of at most
-:data:`ONE_CALL_MAX_LENGTH` tokens run as a few masked calls per layer instead, grouped by
-their padded length (:func:`bucket_length`, ≤ 12.5% padding a side; :func:`_segment_plan`);
-longer ones take the per-segment path. The padded length is a function of the segment alone,
+:data:`ONE_CALL_MAX_LENGTH` tokens run as a few batched calls per layer instead: each is cut
+into pieces — a sequence, or a shared-prompt row's ``[x, y_1]``, as an unmasked causal piece;
+each later completion's queries over ``[x, y_j]`` as a masked one — grouped by their padded
+lengths (:func:`bucket_length`, ≤ 12.5% padding a side; :func:`_segment_plan`); longer
+segments take the per-segment path. The padded lengths are functions of the segment alone,
 so a row's numbers do not depend on the other rows of its batch (the CPU kernel's float
 rounding depends on the padded length: padding every row to the batch's longest would make a
 cached reference log-prob depend on the batch it was computed in).
@@ -49,6 +56,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
+from dpokit import attention_flex
 from dpokit.data.collate import PairBatch
 from dpokit.errors import DpokitError
 
@@ -217,8 +225,9 @@ def _later_completion(query: Tensor, key: Tensor, value: Tensor, prompt: int, st
 
 
 ONE_CALL_BUDGET = 1 << 23
-"""Largest boolean mask (``segments × L² `` elements, 8 MiB) of one padded SDPA call of
-:func:`_segment_plan`; a bucket of more segments is split into several calls."""
+"""Largest ``pieces × Lq × Lk`` (8 Mi elements: the boolean mask of a masked call) of one
+padded SDPA call of :func:`_segment_plan`; a bucket of more pieces is split into several
+calls. A segment whose own padded length squared passes it runs on its own."""
 
 ONE_CALL_MAX_LENGTH = 512
 """Longest segment for the padded calls: past it a masked call's attention (every key block,
@@ -236,124 +245,216 @@ def bucket_length(n: int) -> int:
 
 @dataclass(frozen=True)
 class PaddedCall:
-    """Segments of one bucket as one padded ``(S, heads, L, d)`` SDPA call."""
+    """Pieces of one bucket as one padded SDPA call: ``(S, heads, Lq, d)`` queries over
+    ``(S, heads, Lk, d)`` keys, each piece right-padded."""
 
-    index: Tensor
-    """``(S, L)`` int64: the column in T of each padded token (0 on padding)."""
-    mask: Tensor
-    """``(S, 1, L, L)`` bool, True where a query may see a key."""
+    query_index: Tensor
+    """``(S, Lq)`` int64: the column in T of each padded query (0 on padding)."""
+    key_index: Tensor
+    """``(S, Lk)`` int64: the column in T of each padded key (0 on padding); the same tensor as
+    :attr:`query_index` for a causal piece."""
+    real_keys: Tensor
+    """``(S, Lk)`` bool: which keys are a token's (not padding)."""
+    mask: Tensor | None
+    """``(S, 1, Lq, Lk)`` bool, True where a query may see a key; None for causal pieces
+    without a window: plain causal SDPA (a right-padded piece needs no mask — a real query
+    sees no key after it, so no padding — and the kernel skips the key blocks above the
+    diagonal)."""
 
 
 @dataclass(frozen=True)
 class SegmentPlan:
-    """How :func:`segment_attention` runs a batch's segments on a CPU: the short ones in padded
-    calls by :func:`bucket_length`, the others (:attr:`single`) a call or two each."""
+    """How :func:`segment_attention` runs a batch's segments on a CPU: the short ones as pieces
+    in padded calls (:func:`_segment_plan`), the others (:attr:`single`) a call or two each."""
 
     calls: tuple[PaddedCall, ...]
     single: tuple[int, ...]
     """Indices of the segments that run on their own (the per-segment path)."""
     back: Tensor
-    """``(T,)`` int64: each token's place in the calls' padded outputs, flattened and
+    """``(T,)`` int64: each token's place in the calls' padded query outputs, flattened and
     concatenated, followed by the single segments' tokens in order."""
-    gather: Tensor
-    """``(P,)`` int64: every call's :attr:`PaddedCall.index`, flattened and concatenated — the
-    column in T of each of the P padded tokens."""
-    take: Tensor
-    """``(T,)`` int64: :attr:`back` clamped into ``[0, P)`` (where a token's gradient is read
-    from the padded ``(h, P, d)`` gradient; a single segment's token reads a slot it zeroes)."""
-    in_calls: Tensor | None
-    """``(T,)`` bool, True for the tokens of the padded calls; None when that is every token."""
+    query_gather: Tensor
+    """``(Pq,)`` int64: every call's :attr:`PaddedCall.query_index`, flattened, concatenated."""
+    key_gather: Tensor
+    """``(Pk,)`` int64: every call's :attr:`PaddedCall.key_index`, flattened, concatenated."""
+    query_take: Tensor
+    """``(1, T)`` int64: each token's query slot in ``[0, Pq)`` (clamped for single segments'
+    tokens, which :attr:`query_valid` zeroes)."""
+    query_valid: Tensor | None
+    """``(1, T)`` bool, True for the tokens of the padded calls; None when that is all."""
+    key_take: Tensor
+    """``(R, T)`` int64: the r-th key slot of each token in ``[0, Pk)`` — a prompt token is a
+    key of its row's causal piece and of every later completion's piece (R: the most)."""
+    key_valid: Tensor | None
+    """``(R, T)`` bool: which of :attr:`key_take` are a token's slots; None when all are."""
 
 
-def _padded_call(segments: Segments, members: list[int], length: int,
+@dataclass(frozen=True)
+class _Piece:
+    """A run of queries of one segment and the keys they attend to, as column ranges in T:
+    ``queries`` ``[q0, q0 + nq)``; keys ``[k0, k0 + prompt)`` then ``[q0, q0 + nq)`` for a later
+    completion (``causal`` False), or the queries themselves (``causal``)."""
+
+    q0: int
+    nq: int
+    k0: int
+    prompt: int
+    causal: bool
+
+    @property
+    def nk(self) -> int:
+        return self.nq if self.causal else self.prompt + self.nq
+
+    def bucket(self) -> tuple:
+        return ((0, bucket_length(self.nq)) if self.causal
+                else (1, bucket_length(self.nq), bucket_length(self.nk)))
+
+
+def _pieces(segments: Segments, s: int) -> list[_Piece]:
+    """A plain sequence is one causal piece; a shared-prompt row ``[x, y_1, …, y_m]`` is the
+    causal piece ``[x, y_1]`` and, per later completion, y_j's queries over ``[x, y_j]``."""
+    (start, stop), parts = segments.bounds[s], segments.parts[s]
+    if len(parts) == 1:
+        return [_Piece(start, stop - start, start, 0, True)]
+    prompt = parts[0]
+    pieces = [_Piece(start, prompt + parts[1], start, 0, True)]
+    begin = start + prompt + parts[1]
+    for n in parts[2:]:
+        pieces.append(_Piece(begin, n, start, prompt, False))
+        begin += n
+    return pieces
+
+
+def _padded_call(segments: Segments, pieces: list[_Piece], lq: int, lk: int,
                  window: int | None) -> PaddedCall:
-    """Query i of a segment sees key j ≤ i of the same part or of the prompt (part 0) — causal
-    for a sequence, the shared-prompt pattern for a row ``[x, y_1, …, y_m]`` — within
-    ``window`` positions; a padded query sees key 0 (its output is dropped: no NaN)."""
+    """The pieces as one call: query i of a piece sees key j of it when j is a prompt key
+    or j's token is not after i's (within ``window`` positions); a padded query sees key 0 (its
+    output is dropped: no NaN)."""
     device = segments.position_ids.device
-    offsets = torch.arange(length, device=device)
-    starts = torch.tensor([segments.bounds[s][0] for s in members], device=device)
-    sizes = torch.tensor([segments.bounds[s][1] - segments.bounds[s][0] for s in members],
-                         device=device)
-    real = offsets[None, :] < sizes[:, None]  # (S, L)
-    index = torch.where(real, starts[:, None] + offsets[None, :], 0)
-    part = torch.stack([torch.bucketize(offsets, torch.tensor(segments.parts[s], device=device)
-                                        .cumsum(0), right=True) for s in members])
-    same = (part[:, :, None] == part[:, None, :]) | (part[:, None, :] == 0)
-    mask = same & torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    mask &= real[:, :, None] & real[:, None, :]
+    q_off = torch.arange(lq, device=device)
+    k_off = torch.arange(lk, device=device)
+    q0 = torch.tensor([p.q0 for p in pieces], device=device)[:, None]
+    nq = torch.tensor([p.nq for p in pieces], device=device)[:, None]
+    real_q = q_off[None, :] < nq  # (S, Lq)
+    query_index = torch.where(real_q, q0 + q_off[None, :], 0)
+    if pieces[0].causal:
+        key_index, prompt, real_k = query_index, torch.zeros_like(nq), real_q
+        if window is None:
+            return PaddedCall(query_index, key_index, real_k, None)
+    else:
+        k0 = torch.tensor([p.k0 for p in pieces], device=device)[:, None]
+        prompt = torch.tensor([p.prompt for p in pieces], device=device)[:, None]
+        own = k_off[None, :] - prompt  # (S, Lk): the key's offset in the completion
+        real_k = own < nq
+        key_index = torch.where(own < 0, k0 + k_off[None, :], torch.where(real_k, q0 + own, 0))
+    own = k_off[None, None, :] - prompt[:, :, None]  # (S, 1, Lk)
+    mask = (own < 0) | ((own <= q_off[None, :, None]) & (own < nq[:, :, None]))
+    mask = mask & real_q[:, :, None]  # (S, Lq, Lk)
     if window is not None:
-        positions = segments.position_ids[index]
-        mask &= positions[:, :, None] - positions[:, None, :] < window
-    mask[:, :, 0] |= ~real
-    return PaddedCall(index, mask[:, None])
+        positions = segments.position_ids
+        mask &= positions[query_index][:, :, None] - positions[key_index][:, None, :] < window
+    mask[:, :, 0] |= ~real_q
+    return PaddedCall(query_index, key_index, real_k, mask[:, None])
+
+
+def _slots(index: Tensor, real: Tensor, total: int) -> tuple[Tensor, Tensor | None]:
+    """``(R, T)`` slot of each token's r-th occurrence among the ``real`` entries of the
+    flattened padded ``index``, and which of them exist (None: all)."""
+    slots = real.nonzero().squeeze(1)
+    tokens = index[slots]
+    order = torch.argsort(tokens, stable=True)
+    tokens, slots = tokens[order], slots[order]
+    counts = torch.bincount(tokens, minlength=total)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(tokens), device=index.device) - first[tokens]
+    rows = int(counts.max()) if total else 1
+    take = torch.zeros(rows, total, dtype=torch.long, device=index.device)
+    valid = torch.zeros(rows, total, dtype=torch.bool, device=index.device)
+    take[rank, tokens] = slots
+    valid[rank, tokens] = True
+    return take, (None if bool(valid.all()) else valid)
 
 
 def _segment_plan(segments: Segments, window: int | None) -> SegmentPlan:
-    """Group the segments of at most :data:`ONE_CALL_MAX_LENGTH` tokens by
-    :func:`bucket_length` into padded masked calls (on a CPU, many short rows are dominated by
-    the fixed cost of a call each — two for a shared-prompt row — not by their arithmetic), at
-    most :data:`ONE_CALL_BUDGET` mask elements a call; longer segments run on their own."""
-    buckets: dict[int, list[int]] = {}
+    """Cut the segments of at most :data:`ONE_CALL_MAX_LENGTH` tokens into pieces
+    (:func:`_pieces`) and group those by their :func:`bucket_length` into padded calls (on a
+    CPU, many short rows are dominated by the fixed cost of a call each, not by their
+    arithmetic), at most :data:`ONE_CALL_BUDGET` ``Lq × Lk`` elements a call; longer segments
+    run on their own. A shared-prompt row's causal ``[x, y_1]`` needs no mask and its later
+    completions see only ``[x, y_j]``: about half the attention work of one masked call over
+    the whole row."""
+    buckets: dict[tuple, list[_Piece]] = {}
     single = []
     for s, (start, stop) in enumerate(segments.bounds):
         n = stop - start
-        length = bucket_length(n)
-        if n > ONE_CALL_MAX_LENGTH or length * length > ONE_CALL_BUDGET:
+        if n > ONE_CALL_MAX_LENGTH or bucket_length(n) ** 2 > ONE_CALL_BUDGET:
             single.append(s)
-        else:
-            buckets.setdefault(length, []).append(s)
+            continue
+        for piece in _pieces(segments, s):
+            buckets.setdefault(piece.bucket(), []).append(piece)
     device = segments.position_ids.device
+    total = segments.bounds[-1][1] if segments.bounds else 0
     calls = []
-    back = torch.empty(segments.bounds[-1][1] if segments.bounds else 0, dtype=torch.long,
-                       device=device)
+    back = torch.empty(total, dtype=torch.long, device=device)
     offset = 0
-    for length, members in sorted(buckets.items()):
-        per_call = max(1, ONE_CALL_BUDGET // (length * length))
+    for key in sorted(buckets):
+        lq, lk = key[1], key[-1]
+        members = buckets[key]
+        per_call = max(1, ONE_CALL_BUDGET // (lq * lk))
         for a in range(0, len(members), per_call):
             chunk = members[a:a + per_call]
-            calls.append(_padded_call(segments, chunk, length, window))
-            for slot, s in enumerate(chunk):
-                start, stop = segments.bounds[s]
-                first = offset + slot * length
-                back[start:stop] = torch.arange(first, first + stop - start, device=device)
-            offset += len(chunk) * length
+            calls.append(_padded_call(segments, chunk, lq, lk, window))
+            for slot, piece in enumerate(chunk):
+                first = offset + slot * lq
+                back[piece.q0:piece.q0 + piece.nq] = torch.arange(first, first + piece.nq,
+                                                                  device=device)
+            offset += len(chunk) * lq
     padded = offset
     for s in single:
         start, stop = segments.bounds[s]
         back[start:stop] = torch.arange(offset, offset + stop - start, device=device)
         offset += stop - start
-    in_calls = back < padded if single else None
-    gather = (torch.cat([call.index.flatten() for call in calls]) if calls
-              else back.new_zeros(0))
-    return SegmentPlan(tuple(calls), tuple(single), back, gather,
-                       back.clamp(max=max(padded - 1, 0)), in_calls)
+    empty = back.new_zeros(0)
+    query_gather = torch.cat([c.query_index.flatten() for c in calls]) if calls else empty
+    key_gather = torch.cat([c.key_index.flatten() for c in calls]) if calls else empty
+    real_keys = torch.cat([c.real_keys.flatten() for c in calls]) if calls else empty.bool()
+    key_take, key_valid = _slots(key_gather, real_keys, total)
+    query_valid = (back < padded)[None] if single else None
+    return SegmentPlan(tuple(calls), tuple(single), back, query_gather, key_gather,
+                       back.clamp(max=max(padded - 1, 0))[None], query_valid, key_take,
+                       key_valid)
+
 
 
 class _TakePadded(torch.autograd.Function):
-    """``source.index_select(1, gather)``: the padded tokens of every call, ``(h, T, d)`` →
-    ``(h, P, d)``.
+    """``source.index_select(1, gather)``: the padded queries (or keys) of every call,
+    ``(h, T, d)`` → ``(h, P, d)``.
 
-    Its backward reads each token's gradient at its one real slot (``take``) instead of the
-    accumulating scatter autograd runs for an index with repeats (the padding slots all read
-    token 0) — single-threaded on a CPU, 2.3 ms a layer against ~0.5 for this gather at the
-    benchmark's 1,232 tokens. Exact: a padding slot's gradient is exactly zero (a padded query's
-    output is dropped, a padded key is masked for every real query), so the scatter only adds
-    zeros; the tokens of single segments (``in_calls`` False) get zero here and their gradient
-    from their own slices."""
+    Its backward sums each token's gradient over its real slots (``take``: ``(R, T)``, the r-th
+    slot of each token, ``valid`` which exist) with R gathers, instead of the accumulating
+    scatter autograd runs for an index with repeats (the padding slots all read token 0) —
+    single-threaded on a CPU, 2.3 ms a layer against ~0.5 for this gather at the benchmark's
+    1,232 tokens. A query has one slot; a prompt token is a key of its row's causal piece and
+    of each later completion's. Exact: a padding slot's gradient is exactly zero (a padded
+    query's output is dropped, a padded key is masked or after every real query), so the
+    scatter only adds zeros there; the tokens of single segments get zero here and their
+    gradient from their own slices."""
 
     @staticmethod
     def forward(ctx: Any, source: Tensor, gather: Tensor, take: Tensor,
-                in_calls: Tensor | None) -> Tensor:
-        ctx.save_for_backward(take, in_calls)
+                valid: Tensor | None) -> Tensor:
+        ctx.save_for_backward(take, valid)
         return source.index_select(1, gather)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        take, in_calls = ctx.saved_tensors
-        out = grad.index_select(1, take)
-        if in_calls is not None:
-            out = out.masked_fill(~in_calls[None, :, None], 0)
+        take, valid = ctx.saved_tensors
+        out = None
+        for r in range(take.shape[0]):
+            part = grad.index_select(1, take[r])
+            if valid is not None:
+                part = part.masked_fill(~valid[r][None, :, None], 0)
+            out = part if out is None else out.add_(part)
         return out, None, None, None
 
 
@@ -378,17 +479,20 @@ class _Permute(torch.autograd.Function):
 
 def _padded_outputs(query: Tensor, key: Tensor, value: Tensor, plan: SegmentPlan,
                     **sdpa: Any) -> list[Tensor]:
-    """Every padded call's result, ``(S · L, heads, d)`` each."""
-    taken = [_TakePadded.apply(t[0], plan.gather, plan.take, plan.in_calls)
-             for t in (query, key, value)]  # (h, P, d) each
-    outputs, offset = [], 0
+    """Every padded call's result, ``(S · Lq, heads, d)`` each."""
+    queries = _TakePadded.apply(query[0], plan.query_gather, plan.query_take, plan.query_valid)
+    keys, values = (_TakePadded.apply(t[0], plan.key_gather, plan.key_take, plan.key_valid)
+                    for t in (key, value))  # (h, P, d) each
+    outputs, q_at, k_at = [], 0, 0
     for call in plan.calls:
-        rows, length = call.index.shape
-        q, k, v = (t[:, offset:offset + rows * length].unflatten(1, (rows, length))
-                   .transpose(0, 1) for t in taken)  # (S, h, L, d)
-        out = _sdpa(q, k, v, call.mask, causal=False, **sdpa)
+        rows, lq = call.query_index.shape
+        lk = call.key_index.shape[1]
+        q = queries[:, q_at:q_at + rows * lq].unflatten(1, (rows, lq)).transpose(0, 1)
+        k, v = (t[:, k_at:k_at + rows * lk].unflatten(1, (rows, lk)).transpose(0, 1)
+                for t in (keys, values))  # (S, h, L, d)
+        out = _sdpa(q, k, v, call.mask, causal=True, **sdpa)
         outputs.append(out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[3]))
-        offset += rows * length
+        q_at, k_at = q_at + rows * lq, k_at + rows * lk
     return outputs
 
 
@@ -427,6 +531,11 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             "groups": getattr(module, "num_key_value_groups", 1)}
     segments = dpokit_segments
     masks = segments.masks
+    if causal and not dropout and attention_flex.use_flex(query.device):
+        block_mask = _memo(masks, ("flex", window),
+                           lambda: attention_flex.segment_block_mask(segments, window))
+        return attention_flex.flex_segment_attention(query, key, value, block_mask,
+                                                     scaling=scaling, groups=sdpa["groups"]), None
     plan = None
     order: Any = range(len(segments.bounds))
     if causal and not keys_side_by_side(query.device):
