@@ -178,10 +178,11 @@ def test_flatten_rejects_interleaved_sequences(pairs):
         flatten(type(batch)(**{**batch.__dict__, "sequence_ids": ids}))
 
 
-def tiny_of_type(model_type, vocab_size, *, window=None):
-    """A 2-layer model of ``model_type`` from its config (float64, float32 for MoE kernels)."""
+def tiny_of_type(model_type, vocab_size, *, window=None, hidden=32):
+    """A 2-layer, 4-head model of ``model_type`` from its config (float64, float32 for MoE
+    kernels); head dimension ``hidden`` / 4."""
     if model_type == "gpt2":
-        config = AutoConfig.for_model("gpt2", vocab_size=vocab_size, n_embd=32, n_layer=2,
+        config = AutoConfig.for_model("gpt2", vocab_size=vocab_size, n_embd=hidden, n_layer=2,
                                       n_head=4, n_positions=256, pad_token_id=0)
     else:
         extra = {"num_local_experts": 2, "num_experts": 2, "num_experts_per_tok": 1,
@@ -190,7 +191,7 @@ def tiny_of_type(model_type, vocab_size, *, window=None):
         if window:
             extra.update(sliding_window=window, use_sliding_window=True, max_window_layers=0)
         config = AutoConfig.for_model(
-            model_type, vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+            model_type, vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256, pad_token_id=0, **extra)
     moe = "moe" in model_type or model_type == "mixtral"

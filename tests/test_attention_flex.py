@@ -88,7 +88,7 @@ def test_flex_forward_equals_padded(tokenizer, model_type, window, layout, monke
     (float64)."""
     import dpokit.attention as attention
 
-    monkeypatch.setattr(attention_flex, "use_flex", lambda device: True)
+    monkeypatch.setattr(attention_flex, "use_flex", lambda device, head_dim, dtype: True)
     calls = []
     real = attention_flex.flex_segment_attention
 
@@ -108,3 +108,16 @@ def test_flex_forward_equals_padded(tokenizer, model_type, window, layout, monke
         got = completion_logps(model, LAYOUTS[layout](pairs), chunk_size=8, unpadded=True).logps
     torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)
     assert len(calls) == model.config.num_hidden_layers and not sdpa
+
+
+def test_flex_only_where_its_cuda_kernel_runs():
+    """One FlexAttention call on CUDA for heads of ≥ 16 dimensions (``tl.dot``'s minimum; PyTorch
+    raises below it, checked on a GPU by tests/test_gpu.py) in float32/bf16/fp16; the
+    per-segment calls everywhere else."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert attention_flex.use_flex(cuda, 64, torch.bfloat16)
+    assert attention_flex.use_flex(cuda, 16, torch.float32)
+    assert attention_flex.use_flex(cuda, 80, torch.float16)  # not a power of 2: rounded inside
+    assert not attention_flex.use_flex(cuda, 8, torch.float32)
+    assert not attention_flex.use_flex(cuda, 64, torch.float64)
+    assert not attention_flex.use_flex(cpu, 64, torch.float32)

@@ -531,7 +531,8 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             "groups": getattr(module, "num_key_value_groups", 1)}
     segments = dpokit_segments
     masks = segments.masks
-    if causal and not dropout and attention_flex.use_flex(query.device):
+    if causal and not dropout and attention_flex.use_flex(query.device, query.shape[-1],
+                                                           query.dtype):
         block_mask = _memo(masks, ("flex", window),
                            lambda: attention_flex.segment_block_mask(segments, window))
         return attention_flex.flex_segment_attention(query, key, value, block_mask,

@@ -48,10 +48,20 @@ CHUNK_ELEMENTS = 1 << 24
 _compiled: dict[str, Any] = {}
 
 
-def use_flex(device: torch.device) -> bool:
+FLEX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes FlexAttention's Triton kernels compute in (a float64 model takes the per-segment
+calls)."""
+
+MIN_HEAD_DIM = 16
+"""The smallest head dimension FlexAttention's CUDA kernel takes (``tl.dot`` needs 16; below it
+PyTorch raises ``NotImplementedError``): smaller heads take the per-segment calls."""
+
+
+def use_flex(device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the segments run as one FlexAttention call per layer: on a CUDA device with a
-    PyTorch that has FlexAttention. (Tests switch it on for a CPU, forward only.)"""
-    if device.type != "cuda":
+    PyTorch that has FlexAttention, for heads of ≥ :data:`MIN_HEAD_DIM` dimensions in a dtype
+    of :data:`FLEX_DTYPES`. (Tests switch it on for a CPU, forward only.)"""
+    if device.type != "cuda" or head_dim < MIN_HEAD_DIM or dtype not in FLEX_DTYPES:
         return False
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
