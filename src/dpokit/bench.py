@@ -65,6 +65,8 @@ SETTINGS = {
     "default_no_recompute": ({"selective_checkpointing": False},
                              {"gradient_checkpointing": True}),
     "default_recompute": ({"selective_checkpointing": True}, {"gradient_checkpointing": True}),
+    "default_full_recompute": ({"gradient_checkpointing": True},
+                               {"gradient_checkpointing": True}),
     # On-policy DPO against TRL's experimental OnlineDPOTrainer (dpokit.bench_online). TRL's
     # default turns gradient checkpointing on, which also turns the KV cache of its generation
     # off; online_no_ckpt is its fastest setting.
