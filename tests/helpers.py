@@ -120,3 +120,17 @@ def _descendants(pid):
         found.extend(children)
         todo.extend(children)
     return found[::-1]
+
+
+def count_calls(monkeypatch, owner, name):
+    """Wrap ``owner.name`` (a module's function) for the test: a list that gains one entry per
+    call, the calls themselves passed through unchanged."""
+    calls = []
+    original = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls

@@ -15,7 +15,7 @@ from torch.nn.attention.flex_attention import create_block_mask, create_mask
 import dpokit.attention_flex as attention_flex
 from dpokit.attention import Segments
 from dpokit.logps import completion_logps
-from tests.helpers import LAYOUTS, tokenized_pairs
+from tests.helpers import LAYOUTS, count_calls, tokenized_pairs
 from tests.test_attention import ROWS, tiny_of_type
 
 
@@ -89,14 +89,7 @@ def test_flex_forward_equals_padded(tokenizer, model_type, window, layout, monke
     import dpokit.attention as attention
 
     monkeypatch.setattr(attention_flex, "use_flex", lambda device, head_dim, dtype: True)
-    calls = []
-    real = attention_flex.flex_segment_attention
-
-    def recording(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(attention_flex, "flex_segment_attention", recording)
+    calls = count_calls(monkeypatch, attention_flex, "flex_segment_attention")
     sdpa = []
     monkeypatch.setattr(attention, "_sdpa", lambda *a, **k: sdpa.append(1))
     model, tolerance = tiny_of_type(model_type, len(tokenizer), window=window)

@@ -30,7 +30,7 @@ from dpokit.config import load_config
 from dpokit.logps import completion_logps
 from dpokit.train.config import DPOConfig
 from dpokit.train.loop import train
-from tests.helpers import LAYOUTS, read_metrics, tokenized_pairs
+from tests.helpers import LAYOUTS, count_calls, read_metrics, tokenized_pairs
 from tests.test_attention import ROWS, tiny_of_type
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -68,14 +68,7 @@ def _check_against_the_cpu_padded_pass(tokenizer, model_type, window, layout, hi
     oracle, _ = tiny_of_type(model_type, len(tokenizer), window=window, hidden=hidden)
     model = copy.deepcopy(oracle).float().cuda()
     pairs = tokenized_pairs(ROWS, tokenizer)
-    calls = []
-    real = attention_flex.flex_segment_attention
-
-    def recording(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(attention_flex, "flex_segment_attention", recording)
+    calls = count_calls(monkeypatch, attention_flex, "flex_segment_attention")
     expected = completion_logps(oracle, LAYOUTS["right"](pairs), chunk_size=8,
                                 unpadded=False).logps
     _weighted_sum(expected).backward()

@@ -3,18 +3,11 @@
 import pytest
 
 import dpokit.data.pipeline as pipeline
+from tests.helpers import count_calls
 
 
 @pytest.fixture
 def counted(monkeypatch):
     """A list that gains one entry per ``tokenize_examples`` call the pipeline makes (the
     tokenisations that really ran, not read from a cache)."""
-    calls = []
-    original = pipeline.tokenize_examples
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "tokenize_examples", counting)
-    return calls
+    return count_calls(monkeypatch, pipeline, "tokenize_examples")
