@@ -11,10 +11,12 @@ import itertools
 import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dpokit.attention_flex as attention_flex
 from dpokit.attention import Segments
 from dpokit.logps import completion_logps
+from dpokit.train.recompute import selective_context
 from tests.helpers import LAYOUTS, count_calls, tokenized_pairs
 from tests.test_attention import ROWS, tiny_of_type
 
@@ -114,3 +116,47 @@ def test_flex_only_where_its_cuda_kernel_runs():
     assert not attention_flex.use_flex(cuda, 8, torch.float32)
     assert not attention_flex.use_flex(cuda, 64, torch.float64)
     assert not attention_flex.use_flex(cpu, 64, torch.float32)
+
+
+class _Plain(TorchDispatchMode):
+    """A dispatch mode torch.compile does not see through (as selective checkpointing's were
+    before PyTorch declared them ``ignore_compile_internals``)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _SeenThrough(_Plain):
+    @classmethod
+    def ignore_compile_internals(cls):
+        return True
+
+
+def test_compiles_here_sees_the_dispatch_modes():
+    assert attention_flex.compiles_here()
+    with _SeenThrough():
+        assert attention_flex.compiles_here()
+    with _Plain():
+        assert not attention_flex.compiles_here()
+    forward, _recompute = selective_context()  # this PyTorch's selective checkpointing
+    with forward:
+        assert attention_flex.compiles_here() == type(forward).ignore_compile_internals()
+
+
+def test_under_a_mode_compile_skips_the_segments_take_the_per_segment_calls(tokenizer,
+                                                                            monkeypatch):
+    """Where Dynamo would skip the compiled kernel (eager FlexAttention: dense T × T scores on a
+    GPU), the segments run as per-segment calls instead — equal to the padded pass."""
+    monkeypatch.setattr(attention_flex, "use_flex", lambda device, head_dim, dtype: True)
+    calls = count_calls(monkeypatch, attention_flex, "flex_segment_attention")
+    model, tolerance = tiny_of_type("llama", len(tokenizer))
+    padded = copy.deepcopy(model)
+    pairs = tokenized_pairs(ROWS, tokenizer)
+    with torch.no_grad():
+        expected = completion_logps(padded, LAYOUTS["right"](pairs), chunk_size=8,
+                                    unpadded=False).logps
+        with _Plain():
+            got = completion_logps(model, LAYOUTS["shared"](pairs), chunk_size=8,
+                                   unpadded=True).logps
+    torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)
+    assert not calls

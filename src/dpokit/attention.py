@@ -425,7 +425,6 @@ def _segment_plan(segments: Segments, window: int | None) -> SegmentPlan:
                        key_valid)
 
 
-
 class _TakePadded(torch.autograd.Function):
     """``source.index_select(1, gather)``: the padded queries (or keys) of every call,
     ``(h, T, d)`` → ``(h, P, d)``.
@@ -531,8 +530,9 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             "groups": getattr(module, "num_key_value_groups", 1)}
     segments = dpokit_segments
     masks = segments.masks
-    if causal and not dropout and attention_flex.use_flex(query.device, query.shape[-1],
-                                                           query.dtype):
+    if (causal and not dropout and attention_flex.use_flex(query.device, query.shape[-1],
+                                                            query.dtype)
+            and attention_flex.compiles_here()):
         block_mask = _memo(masks, ("flex", window),
                            lambda: attention_flex.segment_block_mask(segments, window))
         return attention_flex.flex_segment_attention(query, key, value, block_mask,

@@ -70,6 +70,28 @@ def use_flex(device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
     return True
 
 
+def compiles_here() -> bool:
+    """Whether ``torch.compile`` would compile a call made now: False under a dispatch mode it
+    does not see through — then Dynamo skips the frame and ``flex_attention`` runs eagerly,
+    which on a GPU materialises every ``T × T`` score. PyTorch's selective activation
+    checkpointing runs the layer under two such modes; recent PyTorch versions declare them
+    ``ignore_compile_internals`` (the compiled kernel runs under them; 2.13 does), older ones do
+    not, and then the segments take the per-segment calls instead (the same numbers, no dense
+    scores). The answer is the same in a layer's forward and in its recomputation, so both run
+    the same ops, as selective checkpointing requires."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    except ImportError:  # a PyTorch without it: nothing to see
+        return True
+    for mode in _get_current_dispatch_mode_stack():
+        if getattr(mode, "is_infra_mode", lambda: False)():
+            continue
+        if getattr(mode, "ignore_compile_internals", lambda: False)():
+            continue
+        return False
+    return True
+
+
 def token_labels(segments: Segments) -> tuple[Tensor, Tensor]:
     """``(segment, part)``, ``(T,)`` int32 each: every token's segment index and its part in it
     (0: a plain sequence, or a shared-prompt row's prompt; j: its j-th completion)."""
