@@ -19,19 +19,17 @@ by orders of magnitude more.
 """
 
 import copy
-import json
 import math
 
 import pytest
 import torch
 
 import dpokit.attention_flex as attention_flex
-from dpokit.config import load_config
 from dpokit.logps import completion_logps
-from dpokit.train.config import DPOConfig
 from dpokit.train.loop import train
 from tests.helpers import LAYOUTS, count_calls, read_metrics, tokenized_pairs
 from tests.test_attention import ROWS, tiny_of_type
+from tests.train.test_trainer import config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -40,9 +38,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def no_tf32():
     """float32 means float32 here: TF32 matmuls (10-bit mantissa) would hide nothing but fail
     the float32 tolerances."""
-    if not torch.cuda.is_available():
-        yield
-        return
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
@@ -150,13 +145,8 @@ def llama16(workdir, tokenizer):
 
 
 def _config(workdir, model, out, **overrides):
-    values = {"model": str(model), "data": str(workdir / "prefs.jsonl"),
-              "output_dir": str(workdir / out), "batch_size": 4, "learning_rate": 1e-3,
-              "logging_steps": 1, "save_steps": None, "max_steps": 3, "beta": 0.5,
-              "lr_scheduler": "constant", "max_length": 64}
-    values.update(overrides)
-    return load_config(DPOConfig, None, {k: v if isinstance(v, str) else json.dumps(v)
-                                         for k, v in values.items()})
+    """The trainer tests' configuration (tests/train/test_trainer.py), 3 steps of ``model``."""
+    return config(workdir, out, model=str(model), max_steps=3, **overrides)
 
 
 @pytest.mark.parametrize("recompute", [{}, {"selective_checkpointing": True},

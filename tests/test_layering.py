@@ -14,16 +14,8 @@ LAYERS = [
     {"theory"},  # exact math: standalone
     {"lecture"},  # the lecture's tables, study and figures, computed by theory
     {"data"},
-    {
-        "attention",
-        "attention_flex",
-        "logps",
-        "models",
-        "runtime",
-        "fixtures",
-        "generation",
-        "rewards",
-    },
+    {"attention", "attention_flex", "logps", "models", "runtime", "fixtures", "generation",
+     "rewards"},
     {"losses"},
     {"objectives"},
     {"evaluate", "eval_config"},
@@ -76,9 +68,8 @@ def test_imports_point_down(module, path):
             assert target in PURE[package], f"{module} imports {imported}"
 
 
-@pytest.mark.parametrize(
-    ("module", "path"), [(m, p) for m, p in MODULES if _package(m) in ("theory", "losses")]
-)
+@pytest.mark.parametrize(("module", "path"), [(m, p) for m, p in MODULES
+                                              if _package(m) in ("theory", "losses")])
 def test_math_imports_no_models(module, path):
     """theory/ and losses/ are tensor math: no transformers, peft or datasets."""
     heavy = {i.split(".")[0] for i in _imports(path)} & {"transformers", "peft", "datasets"}
