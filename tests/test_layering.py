@@ -14,8 +14,8 @@ LAYERS = [
     {"theory"},  # exact math: standalone
     {"lecture"},  # the lecture's tables, study and figures, computed by theory
     {"data"},
-    {"attention", "attention_flex", "logps", "models", "runtime", "fixtures", "generation",
-     "rewards"},
+    {"attention", "attention_flex", "logps", "memory", "models", "runtime", "fixtures",
+     "generation", "rewards"},
     {"losses"},
     {"objectives"},
     {"evaluate", "eval_config"},

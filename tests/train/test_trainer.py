@@ -183,6 +183,72 @@ def test_recomputation_changes_nothing_but_memory(workdir, recompute):
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
 
 
+def recompute_modes(monkeypatch):
+    """The modes the trainer passes to enable_recompute, one per run."""
+    import dpokit.train.setup as setup
+
+    modes = []
+    original = setup.enable_recompute
+    monkeypatch.setattr(setup, "enable_recompute",
+                        lambda model, mode: (modes.append(mode), original(model, mode))[1])
+    return modes
+
+
+@pytest.mark.parametrize(("available", "settings", "expected", "switched", "warned"), [
+    (None, {}, "none", False, False),  # unknown memory: the time rule's choice
+    (64 << 30, {}, "none", False, False),  # plenty
+    (0, {}, "full", True, True),  # nothing fits: the leanest, with a warning
+    (0, {"gradient_checkpointing": False}, "selective", True, True),  # whole layers refused
+    (0, {"gradient_checkpointing": False, "selective_checkpointing": False}, "none", False, True),
+    (0, {"selective_checkpointing": True, "gradient_checkpointing": False}, "selective", False,
+     True),
+    (0, {"gradient_checkpointing": True}, "full", False, False),  # asked for: no estimate
+])
+def test_automatic_recomputation_fits_the_memory(workdir, monkeypatch, caplog, available,
+                                                 settings, expected, switched, warned):
+    """A null gradient_checkpointing recomputes whole layers when the estimate would not fit in
+    80% of the memory available (dpokit.memory, faked here); the numbers are those of the plain
+    run (test_recomputation_changes_nothing_but_memory). The tiny model's time rule picks no
+    recomputation."""
+    import dpokit.memory
+
+    monkeypatch.setattr(dpokit.memory, "available_bytes", lambda device, **_: available)
+    modes = recompute_modes(monkeypatch)
+    name = "-".join(["fit", str(available), *(f"{k}={v}" for k, v in sorted(settings.items()))])
+    with caplog.at_level("INFO", logger="dpokit.train"):
+        train(config(workdir, name, max_steps=1, **settings), progress=False)
+    assert modes == [expected]
+    assert ("may not fit in memory" in caplog.text) == warned
+    assert (f"recomputation {expected} instead of none (auto, for memory" in caplog.text) \
+        == switched
+
+
+def test_fitting_recomputation_between_the_modes(workdir, monkeypatch, caplog):
+    """Memory for selective recomputation but not for none: selective, said in the log. The
+    estimates come from a first run (the trainer's own need(mode)); the second is given the
+    midpoint of none's and selective's."""
+    import dpokit.memory
+    import dpokit.train.setup as setup
+
+    needs = []
+    original = setup.fit_memory
+    monkeypatch.setattr(setup, "fit_memory",
+                        lambda preferred, allowed, need, available: (
+                            needs.append(need), original(preferred, allowed, need, available))[1])
+    monkeypatch.setattr(dpokit.memory, "available_bytes", lambda device, **_: 1 << 50)
+    train(config(workdir, "fit-probe", max_steps=1), progress=False)
+    need = needs[0]
+    assert need("none") > need("selective") > need("full") > 0
+    between = (need("none") + need("selective")) / 2 / 0.8
+    monkeypatch.setattr(dpokit.memory, "available_bytes", lambda device, **_: between)
+    modes = recompute_modes(monkeypatch)
+    with caplog.at_level("INFO", logger="dpokit.train"):
+        train(config(workdir, "fit-between", max_steps=1), progress=False)
+    assert modes == ["selective"]
+    assert "recomputation selective instead of none" in caplog.text
+    assert "may not fit" not in caplog.text
+
+
 def test_save_total_limit_keeps_the_newest_checkpoints(workdir):
     run_dir = train(config(workdir, "limit", max_steps=5, save_steps=1, save_total_limit=2),
                     progress=False).parent

@@ -56,8 +56,10 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
     disable_dropout: bool = field(
         True, help="Train the policy without dropout: every nn.Dropout (LoRA's lora_dropout "
                    "too) and attention-dropout probability set to 0, as TRL's DPOConfig does.")
-    gradient_checkpointing: bool = field(
-        False, help="Recompute each decoder layer in backward (least memory, ~1/3 more time).")
+    gradient_checkpointing: bool | None = field(
+        None, help="Recompute each decoder layer in backward (least memory, ~1/3 more time; "
+                   "null: only when the longest micro-batch's activations and the optimizer "
+                   "state would not fit in 80% of the device's available memory otherwise).")
     selective_checkpointing: bool | None = field(
         None, help="Keep matmul/attention outputs, recompute the element-wise ops between them "
                    "in backward: ~40% less activation memory for ~5-12% more time (null: on "

@@ -33,6 +33,7 @@ from dpokit.data import epoch_batches, micro_batches
 from dpokit.errors import DpokitError
 from dpokit.evaluate import evaluate
 from dpokit.logps import unwrap_model
+from dpokit.memory import is_out_of_memory
 from dpokit.models import nonfinite_parameter
 from dpokit.runtime import rng_state, setup_runtime, shutdown_runtime
 from dpokit.train.checkpoint import list_checkpoints, save_checkpoint
@@ -87,8 +88,15 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
                     return run.output_dir / f"checkpoint-{run.step}"
         run.metrics.bar.close()
         return finish(run)
-    except BaseException:
+    except BaseException as error:
         failed = True  # (not sys.exc_info() in finally: a caller's handled exception shows)
+        if isinstance(error, Exception) and is_out_of_memory(error):  # not in a step's work
+            where = "setup" if run is None else f"after step {run.step}"
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            raise DpokitError(
+                f"{where}: out of memory on {runtime.device} ({reason or type(error).__name__})"
+                f"; lower batch_size, per_device_eval_batch_size or max_length, or set "
+                f"gradient_checkpointing: true") from None
         raise
     finally:
         if run is not None and run.metrics is not None:
@@ -120,13 +128,18 @@ def train_step(run: Run) -> None:
     scale = runtime.world_size / objective.units([run.train_items[j] for j in global_indices])
     sums, loss = [], torch.zeros((), dtype=torch.float64, device=runtime.device)
     for i, (indices, weight) in enumerate(micro):
-        items = objective.prepare(run.model, [run.train_items[j] for j in indices], indices,
-                                  run.step)
-        batch = objective.collate(items, indices)
-        batch = batch.to(runtime.device)
-        with _no_sync(run.policy, i < len(micro) - 1), runtime.autocast():
-            out = objective.forward(run.policy, batch)
-        run.scaler.scale(out.loss_sum * (scale * weight)).backward()
+        raw = [run.train_items[j] for j in indices]
+        try:
+            items = objective.prepare(run.model, raw, indices, run.step)
+            batch = objective.collate(items, indices)
+            batch = batch.to(runtime.device)
+            with _no_sync(run.policy, i < len(micro) - 1), runtime.autocast():
+                out = objective.forward(run.policy, batch)
+            run.scaler.scale(out.loss_sum * (scale * weight)).backward()
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            raise _out_of_memory(run, raw) from None
         if weight:
             sums.append(out.sums)
             loss += out.loss_sum.detach().double()
@@ -141,6 +154,26 @@ def train_step(run: Run) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     objective.after_step(run.model, run.step)
+
+
+def _out_of_memory(run: Run, items: list) -> DpokitError:
+    """The one-line error of a micro-batch that did not fit: where, how big, what to change."""
+    tokens = [run.objective.tokens(item) for item in items]
+    longest = items[max(range(len(items)), key=tokens.__getitem__)]
+    where = (f"{longest.source}, row {longest.row}" if getattr(longest, "source", "")
+             else "one item")
+    advice = ["lower batch_size (raise gradient_accumulation_steps to keep the batch)",
+              "max_length"]
+    if run.recompute != "full":
+        advice.insert(0, "set gradient_checkpointing: true (whole layers recomputed, "
+                         "least activation memory)")
+    saved = list_checkpoints(run.output_dir)
+    last = f"the last checkpoint, {saved[-1]}, is intact" if saved else "no checkpoint saved"
+    return DpokitError(
+        f"step {run.step + 1}: out of memory on {run.runtime.device} in a micro-batch of "
+        f"{len(items)} {run.objective.unit}, {sum(tokens)} tokens (the longest, {where}, "
+        f"{max(tokens)}; recomputation {run.recompute}): " + ", or ".join(advice)
+        + f"; {last}")
 
 
 def _finite_step(run: Run, loss: torch.Tensor) -> bool:

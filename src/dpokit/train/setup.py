@@ -15,18 +15,21 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from dpokit.config import config_to_dict, write_config
 from dpokit.data import rows_used
-from dpokit.data.batching import group_ids, num_units, unit_spans
+from dpokit.data.batching import Spans, group_ids, num_units, unit_spans
 from dpokit.errors import DpokitError
 from dpokit.logps import unwrap_model
+from dpokit.memory import is_out_of_memory
 from dpokit.models import (
     adapter_base,
     check_positions,
@@ -62,9 +65,12 @@ from dpokit.train.fingerprint import (
     run_fingerprint,
 )
 from dpokit.train.recompute import (
+    MEMORY_SHARE,
     auto_selective,
     enable_recompute,
+    fit_memory,
     freed_bytes,
+    kept_bytes,
     supports_recompute,
     training_state_bytes,
 )
@@ -122,6 +128,8 @@ class Run:
     window_start: float = field(default_factory=time.perf_counter)
     epoch_order: dict[int, list[list[int]]] = field(default_factory=dict)
     """The global batches of the current epoch."""
+    recompute: str = "none"
+    """The activation recomputation of the run: none, selective or full (:func:`recompute_mode`)."""
     train_groups: Any = None
     """:func:`dpokit.data.batching.group_ids` of the training data, None without groups."""
     train_spans: Any = None
@@ -190,8 +198,9 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
                                               train_rows=len(train_items))
     model = load_causal_lm(base or config.model, dtype=config.dtype, device=runtime.device,
                            trust_remote_code=config.trust_remote_code)
-    enable_recompute(model, recompute_mode(config, model, objective, train_items,
-                                           lora=config.lora or base is not None))
+    recompute = recompute_mode(config, model, objective, train_items, runtime, spans=spans,
+                               lora=config.lora or base is not None)
+    enable_recompute(model, recompute)
     if base is not None:  # the adapter trains on, with its own r, alpha and targets
         model = load_adapter(model, config.model, trainable=True)
     elif config.lora:
@@ -215,7 +224,8 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               train_groups=None if spans is None else groups, train_spans=spans,
               global_batch=global_batch, window=MetricSums(objective.metric_keys),
-              sample_reward=_sample_reward(config, objective), fingerprint=fingerprint)
+              sample_reward=_sample_reward(config, objective), fingerprint=fingerprint,
+              recompute=recompute)
     resume(run, checkpoint)
     trackers = start_trackers(
         resolve_report_to(config.report_to), output_dir, config=config_to_dict(config),
@@ -323,39 +333,92 @@ def resume(run: Run, checkpoint: Path | None) -> None:
 
 
 def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
-                   items: list, *, lora: bool) -> str:
-    """``full``, ``selective`` or ``none``; a null ``selective_checkpointing`` decides from the
-    model's shape and the mean tokens of a micro-batch (:func:`freed_bytes`) against the trained
-    weights' state (none when ``lora``: LoRA or an adapter trains on)."""
+                   items: list, runtime: Runtime, *, spans: Spans | None = None,
+                   lora: bool) -> str:
+    """``full``, ``selective`` or ``none``, for a model already on its device.
+
+    A micro-batch is ``batch_size`` units: items, or a prompt's k-completion pairs (``spans``,
+    :func:`~dpokit.data.batching.unit_spans`). A null ``selective_checkpointing`` decides from
+    time: on when it frees enough activations of a mean micro-batch
+    (:func:`~dpokit.train.recompute.auto_selective`, against the trained weights' state; none
+    with ``lora``: LoRA or an adapter trains on). A null ``gradient_checkpointing`` then decides
+    from memory: the optimizer state still to allocate plus the activations of the longest
+    possible micro-batch (``batch_size`` × the most tokens of one unit) must fit in
+    :data:`~dpokit.train.recompute.MEMORY_SHARE` of the memory available on the device
+    (:func:`~dpokit.memory.available_bytes`), else it recomputes more — selective (unless turned
+    off), then whole layers (:func:`~dpokit.train.recompute.fit_memory`). The numbers are the
+    same in every mode; the log says what was chosen and why."""
     if config.gradient_checkpointing:
         return "full"
     selective = config.selective_checkpointing
-    if selective is None and not supports_recompute(model):
+    supported = supports_recompute(model)
+    if selective is None and not supported:
         selective = False
+    size = 2 if config.compute_dtype != "float32" else next(model.parameters()).element_size()
+    per_unit = np.asarray(item_tokens(objective, items), dtype=np.int64)
+    if spans is not None and len(per_unit):
+        per_unit = np.add.reduceat(per_unit, [start for start, _ in spans])
+    state = training_state_bytes(model, lora=lora)
     if selective is None:
-        tokens = config.batch_size * total_tokens(objective, items) / max(1, len(items))
-        size = 2 if config.compute_dtype != "float32" else next(model.parameters()).element_size()
+        tokens = config.batch_size * per_unit.sum() / max(1, len(per_unit))
         freed = freed_bytes(model.config, tokens, size)
-        state = training_state_bytes(model, lora=lora)
         selective = auto_selective(freed, state)
         log.info("selective recomputation %s (auto: it would free ~%.0f MiB per micro-batch; "
                  "the trained weights' state is ~%.0f MiB)", "on" if selective else "off",
                  freed / 2**20, state / 2**20)
-    return "selective" if selective else "none"
+    preferred = "selective" if selective else "none"
+    if not supported or not len(per_unit):
+        return preferred
+    from dpokit.memory import available_bytes, local_ranks
+
+    shards = runtime.world_size if config.fsdp else 1
+    available = available_bytes(runtime.device, local_ranks=local_ranks())
+    if available is not None and shards > 1:  # each rank's whole copy is sharded after this
+        available += state // 4 * (shards - 1) // shards
+    tokens = config.batch_size * int(per_unit.max())
+    to_come = state * 3 // 4 // shards  # gradients and two AdamW moments; the weights are in
+
+    def need(mode: str) -> float:
+        return to_come + kept_bytes(model.config, tokens, size, mode)
+
+    allowed = set() if config.gradient_checkpointing is False else {"full"}
+    if config.selective_checkpointing is not False:
+        allowed.add("selective")
+    mode = fit_memory(preferred, allowed, need, available)
+    if available is None:
+        return mode
+    where = (f"the longest micro-batch's activations (~{_gib(need(preferred) - to_come)}) and "
+             f"the optimizer state still to allocate (~{_gib(to_come)}) against "
+             f"{MEMORY_SHARE:.0%} of the {_gib(available)} available on {runtime.device}")
+    if mode != preferred:
+        log.warning("recomputation %s instead of %s (auto, for memory: %s; now ~%s; "
+                    "gradient_checkpointing: false keeps %s)", mode, preferred, where,
+                    _gib(need(mode)), preferred)
+    if need(mode) > MEMORY_SHARE * available:
+        log.warning("this run may not fit in memory (recomputation %s: ~%s needed, %s "
+                    "available on %s); lower batch_size (raise gradient_accumulation_steps to "
+                    "keep the batch) or max_length%s", mode, _gib(need(mode)),
+                    _gib(available), runtime.device,
+                    "" if mode == "full" else ", or set gradient_checkpointing: true")
+    return mode
 
 
-def total_tokens(objective: Objective, items: Any) -> int:
-    """Σ ``objective.tokens(item)`` over ``items``; for an item store, from its stored lengths
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def item_tokens(objective: Objective, items: Any) -> Sequence[int]:
+    """``objective.tokens(item)`` of every item; for an item store, from its stored lengths
     without building the items: ``tokens`` is affine in the lengths of the token-id fields (a
     pair's prompt once or twice and its completions; an SFT prompt and completion), so its
     coefficients are read off items whose fields hold 0 or 1 token, and checked on the first,
-    last and longest items (any other ``tokens`` is summed item by item)."""
+    last and longest items (any other ``tokens`` is counted item by item)."""
     import dataclasses
 
     from dpokit.data.store import ItemChain, ItemStore, field_kinds, lengths
 
     if not isinstance(items, ItemStore | ItemChain) or not len(items):
-        return sum(objective.tokens(item) for item in items)
+        return [objective.tokens(item) for item in items]
     names = [n for n, kind in field_kinds(type(items[0])).items() if kind == "ids"]
     empty = dataclasses.replace(items[0], **{n: [] for n in names})
     try:
@@ -363,11 +426,16 @@ def total_tokens(objective: Objective, items: Any) -> int:
         predicted = base + sum((objective.tokens(dataclasses.replace(empty, **{n: [0]})) - base)
                                * lengths(items, n) for n in names)
     except Exception:  # a tokens() that needs real items
-        return sum(objective.tokens(item) for item in items)
+        return [objective.tokens(item) for item in items]
     for i in {0, len(items) - 1, int(predicted.argmax())}:
         if objective.tokens(items[i]) != predicted[i]:
-            return sum(objective.tokens(item) for item in items)
-    return int(predicted.sum())
+            return [objective.tokens(item) for item in items]
+    return predicted
+
+
+def total_tokens(objective: Objective, items: Any) -> int:
+    """Σ ``objective.tokens(item)`` over ``items`` (:func:`item_tokens`)."""
+    return int(np.sum(item_tokens(objective, items)))
 
 
 def disable_dropout(model: nn.Module, config: TrainConfig) -> None:
@@ -459,12 +527,20 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
         table = read_table(cache_file, len(part), used)
         cached = table is not None
         if table is None:
-            table = compute_reference_table(
-                reference, part,
-                batch_size=config.precompute_ref_batch_size or 2 * config.batch_size,
-                pad_token_id=pad_token_id, layout=config.layout, device=runtime.device,
-                rank=runtime.rank, world_size=runtime.world_size,
-                progress=progress and runtime.is_main, rows=used)
+            batch_size = config.precompute_ref_batch_size or 2 * config.batch_size
+            try:
+                table = compute_reference_table(
+                    reference, part, batch_size=batch_size, pad_token_id=pad_token_id,
+                    layout=config.layout, device=runtime.device, rank=runtime.rank,
+                    world_size=runtime.world_size, progress=progress and runtime.is_main,
+                    rows=used)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                raise DpokitError(
+                    f"reference pass over the {what} examples: out of memory on "
+                    f"{runtime.device} with {batch_size} examples a batch; lower "
+                    f"precompute_ref_batch_size (now {batch_size})") from None
             computed = table if used is None else table[list(used)]
             if not bool(torch.isfinite(computed).all()):
                 bad = int((~torch.isfinite(computed)).any(-1).nonzero()[0])

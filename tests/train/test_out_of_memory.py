@@ -1,0 +1,119 @@
+"""Running out of memory (CUDA's torch.OutOfMemoryError, the CPU allocator's RuntimeError) is a
+one-line error naming the step, the micro-batch and what to change — exit 2, no traceback, the
+last checkpoint intact and resumable; any other error stays a traceback (a bug)."""
+
+import pytest
+import torch
+
+from dpokit.errors import DpokitError
+from dpokit.objectives.dpo import DPOObjective
+from dpokit.train.loop import train
+from tests.helpers import read_metrics, run_cli
+from tests.train.test_trainer import config
+
+CPU_MESSAGE = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+               "allocate memory: you tried to allocate 8589934592 bytes. Error code 12 (Cannot "
+               "allocate memory)")
+"""The CPU allocator's message, as PyTorch 2.13 raises it (tests/test_memory.py provokes the
+real one and checks it is recognised)."""
+
+
+def fail_on_call(monkeypatch, n, error, where="forward"):
+    """DPOObjective.forward raises ``error`` on its ``n``-th call (``where="backward"``: the
+    loss it returns raises it in backward)."""
+    calls = {"n": 0}
+    original = DPOObjective.forward
+
+    def forward(self, policy, batch):
+        out = original(self, policy, batch)
+        calls["n"] += 1
+        if calls["n"] != n:
+            return out
+        if where == "forward":
+            raise error
+
+        class Raise(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx, grad):
+                raise error
+
+        return type(out)(**{**vars(out), "loss_sum": Raise.apply(out.loss_sum)})
+
+    monkeypatch.setattr(DPOObjective, "forward", forward)
+
+
+def cli_args(workdir, out, *extra):
+    return ("train", "--model", str(workdir / "llama"), "--data", str(workdir / "prefs.jsonl"),
+            "--output-dir", str(out), "--batch-size", "4", "--logging-steps", "1",
+            "--max-length", "64", "--beta", "0.5", "--lr-scheduler", "constant",
+            "--max-steps", "4", "--save-steps", "1", *extra)
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_out_of_memory_in_a_step_is_one_line_and_resumable(workdir, tmp_path, capsys,
+                                                           monkeypatch, where):
+    out = tmp_path / "run"
+    fail_on_call(monkeypatch, 3, RuntimeError(CPU_MESSAGE), where)
+    code, _, err = run_cli(capsys, *cli_args(workdir, out))
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "dpokit: error" in line]
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1, err[-2000:]
+    line = lines[0]
+    assert "step 3: out of memory on cpu in a micro-batch of 4 pairs" in line
+    assert "prefs.jsonl, row " in line  # the longest row, named
+    assert "set gradient_checkpointing: true" in line and "lower batch_size" in line
+    assert "checkpoint-2" in line and "is intact" in line
+    assert not (out / "final").exists()
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, *cli_args(workdir, out, "--resume", "auto"))
+    assert code == 0, err[-2000:]
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2, 3, 4]
+
+
+def test_full_recomputation_is_not_advised_twice(workdir, monkeypatch):
+    fail_on_call(monkeypatch, 1, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate "
+                                                        "2.00 GiB"))
+    with pytest.raises(DpokitError, match=r"step 1: out of memory .*recomputation full\): "
+                                          r"lower batch_size.*no checkpoint saved") as error:
+        train(config(workdir, "oom-full", gradient_checkpointing=True), progress=False)
+    assert "gradient_checkpointing" not in str(error.value)
+
+
+def test_other_errors_stay_tracebacks(workdir, monkeypatch):
+    fail_on_call(monkeypatch, 1, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        train(config(workdir, "oom-other"), progress=False)
+
+
+def test_out_of_memory_in_the_reference_pass_names_its_batch_size(workdir, tmp_path,
+                                                                  monkeypatch):
+    """(The run directory is new, so is its reference cache: the pass runs.)"""
+    import dpokit.train.setup as setup
+
+    def compute(*args, **kwargs):
+        raise RuntimeError(CPU_MESSAGE)
+
+    monkeypatch.setattr(setup, "compute_reference_table", compute)
+    with pytest.raises(DpokitError, match=r"reference pass over the training examples: out of "
+                                          r"memory on cpu with 6 examples a batch; lower "
+                                          r"precompute_ref_batch_size \(now 6\)"):
+        train(config(workdir, "oom-ref", precompute_ref_batch_size=6,
+                     output_dir=str(tmp_path / "run")), progress=False)
+
+
+def test_out_of_memory_outside_a_step_is_one_line_too(workdir, monkeypatch):
+    """E.g. in an evaluation between steps: named by the step before it."""
+    import dpokit.train.loop as loop
+
+    def evaluate(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    with pytest.raises(DpokitError, match=r"after step 2: out of memory on cpu \(CUDA out of "
+                                          r"memory. Tried to allocate 1.00 GiB\); lower"):
+        train(config(workdir, "oom-eval", eval_steps=2, eval_data=str(workdir / "prefs.jsonl")),
+              progress=False)
