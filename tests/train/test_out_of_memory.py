@@ -117,3 +117,30 @@ def test_out_of_memory_outside_a_step_is_one_line_too(workdir, monkeypatch):
                                           r"memory. Tried to allocate 1.00 GiB\); lower"):
         train(config(workdir, "oom-eval", eval_steps=2, eval_data=str(workdir / "prefs.jsonl")),
               progress=False)
+
+
+@pytest.mark.parametrize(("error", "one_line"), [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB"), True),
+    (RuntimeError(CPU_MESSAGE), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+])
+def test_any_command_that_runs_out_of_memory_says_so_in_one_line(workdir, capsys, monkeypatch,
+                                                                 error, one_line):
+    """The CLI's last safety net (here `dpokit eval`): an allocation failure no command turned
+    into its own line is one line, exit 2; any other exception stays a traceback."""
+    import dpokit.evaluate
+
+    def run_eval(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(dpokit.evaluate, "run_eval", run_eval)
+    argv = ("eval", "--model", str(workdir / "llama"), "--data", str(workdir / "prefs.jsonl"))
+    if not one_line:
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            run_cli(capsys, *argv)
+        return
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"dpokit: error: out of memory ({str(error).splitlines()[0]}); lower the batch size "
+        f"(batch_size, per_device_eval_batch_size) or max_length"]

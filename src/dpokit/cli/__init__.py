@@ -9,8 +9,8 @@
 Commands live in :mod:`~dpokit.cli.training` (train, sft, eval, demo, bench) and
 :mod:`~dpokit.cli.lecture` (optimal, partition, figures); their flags come from config
 dataclasses (:mod:`~dpokit.cli.options`). User errors (:class:`~dpokit.errors.DpokitError`, bad
-flags, and any OS error no command turned into one) print one line on stderr and exit with
-status 2; other exceptions are bugs and stay tracebacks.
+flags, and any OS error or allocation failure no command turned into one) print one line on
+stderr and exit with status 2; other exceptions are bugs and stay tracebacks.
 """
 
 from __future__ import annotations
@@ -93,4 +93,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except OSError as error:  # the last safety net: a file the user named, not a bug
         _say(f"dpokit: error: {_os_error_line(error)}")
+        sys.exit(2)
+    except Exception as error:  # running out of memory is not a bug either
+        if "torch" not in sys.modules:  # (no torch, no allocator to run out of)
+            raise
+        from dpokit.memory import is_out_of_memory
+
+        if not is_out_of_memory(error):
+            raise
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        _say(f"dpokit: error: out of memory ({reason}); lower the batch size (batch_size, "
+             f"per_device_eval_batch_size) or max_length")
         sys.exit(2)
