@@ -44,15 +44,16 @@ SETTINGS = {
     # name: (dpokit overrides, TRL DPOConfig overrides). dpokit's defaults are the shared-prompt
     # layout, the unpadded decoder, selective recomputation and a cached reference; the other
     # settings pin them to isolate each effect. "No checkpointing" switches off selective
-    # recomputation too.
+    # recomputation too, and the automatic whole-layer recomputation when memory is short.
     "default": ({}, {"gradient_checkpointing": True}),
     "no_ckpt": ({"shared_prompt": False, "precompute_ref_logps": False,
-                 "selective_checkpointing": False}, {"gradient_checkpointing": False}),
+                 "selective_checkpointing": False, "gradient_checkpointing": False},
+                {"gradient_checkpointing": False}),
     "no_ckpt_precompute": ({"shared_prompt": False, "precompute_ref_logps": True,
-                            "selective_checkpointing": False},
+                            "selective_checkpointing": False, "gradient_checkpointing": False},
                            {"gradient_checkpointing": False, "precompute_ref_log_probs": True}),
     "padding_free": ({"padding_free": True, "precompute_ref_logps": False,
-                      "selective_checkpointing": False},
+                      "selective_checkpointing": False, "gradient_checkpointing": False},
                      {"gradient_checkpointing": False, "padding_free": True}),
     # dpokit's shared-prompt layout has no TRL counterpart: TRL runs its nearest setting.
     "shared_prompt": ({"shared_prompt": True, "precompute_ref_logps": False},
@@ -62,16 +63,20 @@ SETTINGS = {
                                   "precompute_ref_log_probs": True}),
     # dpokit-only ablations of the default (run with --frameworks dpokit): one switch each.
     "default_padded": ({"unpadded": False}, {"gradient_checkpointing": True}),
-    "default_no_recompute": ({"selective_checkpointing": False},
+    # (the recomputation ablations pin whole-layer recomputation off: one switch each even when
+    # memory is short)
+    "default_no_recompute": ({"selective_checkpointing": False, "gradient_checkpointing": False},
                              {"gradient_checkpointing": True}),
-    "default_recompute": ({"selective_checkpointing": True}, {"gradient_checkpointing": True}),
+    "default_recompute": ({"selective_checkpointing": True, "gradient_checkpointing": False},
+                          {"gradient_checkpointing": True}),
     "default_full_recompute": ({"gradient_checkpointing": True},
                                {"gradient_checkpointing": True}),
     # On-policy DPO against TRL's experimental OnlineDPOTrainer (dpokit.bench_online). TRL's
     # default turns gradient checkpointing on, which also turns the KV cache of its generation
     # off; online_no_ckpt is its fastest setting.
     "online": ({}, {}),
-    "online_no_ckpt": ({"selective_checkpointing": False}, {"gradient_checkpointing": False}),
+    "online_no_ckpt": ({"selective_checkpointing": False, "gradient_checkpointing": False},
+                       {"gradient_checkpointing": False}),
 }
 BATCH, MAX_LENGTH, LR, BETA, THREADS = 8, 256, 1e-6, 0.1, 2
 
