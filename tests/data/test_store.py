@@ -516,7 +516,7 @@ def test_training_on_a_store_computes_what_training_on_a_list_does(workdir, tmp_
     from dpokit.objectives.reference import cache_key
     from dpokit.train.fingerprint import run_fingerprint
     from dpokit.train.loop import train
-    from dpokit.train.setup import total_tokens
+    from dpokit.train.setup import item_tokens
     from tests.helpers import read_metrics
     from tests.train.test_trainer import config
 
@@ -545,7 +545,7 @@ def test_training_on_a_store_computes_what_training_on_a_list_does(workdir, tmp_
     assert cache_key("w", store, {"a": 1}) == cache_key("w", items, {"a": 1})
     for shared in (False, True):
         objective = DPOObjective(config(workdir, "unused", shared_prompt=shared), tokenizer)
-        assert total_tokens(objective, store) == sum(objective.tokens(p) for p in items)
+        assert list(item_tokens(objective, store)) == [objective.tokens(p) for p in items]
     longest = max(range(len(items)), key=lambda i: len(items[i].prompt_ids) + max(
         len(items[i].chosen_ids), len(items[i].rejected_ids)))
     limits = [(4, "max_position_embeddings", "m", False)]

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from dpokit import memory
 from dpokit.config import config_to_dict, write_config
 from dpokit.data import rows_used
 from dpokit.data.batching import Spans, group_ids, num_units, unit_spans
 from dpokit.errors import DpokitError
 from dpokit.logps import unwrap_model
-from dpokit.memory import is_out_of_memory
 from dpokit.models import (
     adapter_base,
     check_positions,
@@ -369,10 +369,8 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
     preferred = "selective" if selective else "none"
     if not supported or not len(per_unit):
         return preferred
-    from dpokit.memory import available_bytes, local_ranks
-
     shards = runtime.world_size if config.fsdp else 1
-    available = available_bytes(runtime.device, local_ranks=local_ranks())
+    available = memory.available_bytes(runtime.device, local_ranks=memory.local_ranks())
     if available is not None and shards > 1:  # each rank's whole copy is sharded after this
         available += state // 4 * (shards - 1) // shards
     tokens = config.batch_size * int(per_unit.max())
@@ -431,11 +429,6 @@ def item_tokens(objective: Objective, items: Any) -> Sequence[int]:
         if objective.tokens(items[i]) != predicted[i]:
             return [objective.tokens(item) for item in items]
     return predicted
-
-
-def total_tokens(objective: Objective, items: Any) -> int:
-    """Σ ``objective.tokens(item)`` over ``items`` (:func:`item_tokens`)."""
-    return int(np.sum(item_tokens(objective, items)))
 
 
 def disable_dropout(model: nn.Module, config: TrainConfig) -> None:
@@ -535,7 +528,7 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
                     world_size=runtime.world_size, progress=progress and runtime.is_main,
                     rows=used)
             except Exception as error:
-                if not is_out_of_memory(error):
+                if not memory.is_out_of_memory(error):
                     raise
                 raise DpokitError(
                     f"reference pass over the {what} examples: out of memory on "
