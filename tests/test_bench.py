@@ -68,6 +68,10 @@ def test_a_run_past_its_memory_limit_is_named_out_of_memory():
     assert done.returncode != 0
     assert _run_error(done.stderr, done.returncode, 1.5) == (
         "out of memory past the 1.5 GB limit of a run; it asked for 2.0 GB more")
+    dpokit_line = ("dpokit: error: step 3: out of memory on cpu (it asked for 2.00 GiB more) in "
+                   "a micro-batch of 2 pairs, …")  # the trainer's own line (no allocator text)
+    assert _run_error(dpokit_line, 2, 1.5) == (
+        "out of memory past the 1.5 GB limit of a run; it asked for 2.0 GB more")
     free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           preexec_fn=_limit_memory(None), check=False)
     assert free.returncode == 0, free.stderr  # no cap: the same 2 GB is fine

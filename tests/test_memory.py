@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit.memory import available_bytes, host_available_bytes, is_out_of_memory, local_ranks
+from dpokit.memory import (
+    available_bytes,
+    host_available_bytes,
+    is_out_of_memory,
+    local_ranks,
+    requested_bytes,
+    shortage,
+)
 
 
 def fake_root(tmp_path, meminfo=None, cgroup=None):
@@ -108,3 +115,16 @@ def test_local_ranks(monkeypatch):
     assert local_ranks() == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert local_ranks() == 4
+
+
+def test_the_failed_allocation_size_is_read_from_the_message():
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                       "8589934592 bytes. Error code 12 (Cannot allocate memory)")
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a "
+                                  "total capacity of 139.81 GiB of which 1.02 GiB is free.")
+    assert requested_bytes(cpu) == 8 << 30
+    assert requested_bytes(cuda) == 3 << 29
+    assert requested_bytes(torch.OutOfMemoryError("Tried to allocate 20.00 MiB")) == 20 << 20
+    assert requested_bytes(MemoryError()) is None
+    assert shortage(cuda) == " (it asked for 1.50 GiB more)"
+    assert shortage(MemoryError()) == ""

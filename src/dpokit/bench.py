@@ -440,8 +440,10 @@ def _run_error(stderr: str, returncode: int, limit_gb: float | None) -> str:
     OOM killer) named as such, otherwise the last line of its stderr."""
     lines = stderr.strip().splitlines()
     if "can't allocate memory" in stderr or "out of memory" in stderr.lower():
-        asked = re.search(r"allocate (\d+) bytes", stderr)
-        more = f"; it asked for {int(asked[1]) / 2**30:.1f} GB more" if asked else ""
+        asked = re.search(r"allocate (\d+) bytes", stderr)  # the allocator's own message
+        said = re.search(r"asked for ([\d.]+) GiB more", stderr)  # dpokit's one line
+        gb = int(asked[1]) / 2**30 if asked else float(said[1]) if said else None
+        more = f"; it asked for {gb:.1f} GB more" if gb is not None else ""
         cap = f" past the {limit_gb:.1f} GB limit of a run" if limit_gb else ""
         return f"out of memory{cap}{more}"
     if returncode == -9:

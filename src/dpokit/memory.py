@@ -15,6 +15,7 @@ traceback:
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -73,6 +74,26 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     return isinstance(error, RuntimeError) and any(
         mark in str(error) for mark in OUT_OF_MEMORY_MARKS)
+
+
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def requested_bytes(error: BaseException) -> int | None:
+    """The size of the allocation that failed, read from the message: the CPU allocator's "you
+    tried to allocate N bytes", CUDA's "Tried to allocate 2.00 GiB"; None when it does not say."""
+    text = str(error)
+    found = re.search(r"allocate (\d+) bytes", text)
+    if found:
+        return int(found[1])
+    found = re.search(r"Tried to allocate ([\d.]+) (B|KiB|MiB|GiB|TiB)", text)
+    return int(float(found[1]) * _UNITS[found[2]]) if found else None
+
+
+def shortage(error: BaseException) -> str:
+    """``" (it asked for 2.00 GiB more)"`` when the error says how much, else ``""``."""
+    asked = requested_bytes(error)
+    return "" if asked is None else f" (it asked for {asked / 2**30:.2f} GiB more)"
 
 
 def local_ranks() -> int:

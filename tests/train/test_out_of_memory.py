@@ -63,7 +63,8 @@ def test_out_of_memory_in_a_step_is_one_line_and_resumable(workdir, tmp_path, ca
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert len(lines) == 1, err[-2000:]
     line = lines[0]
-    assert "step 3: out of memory on cpu in a micro-batch of 4 pairs" in line
+    assert ("step 3: out of memory on cpu (it asked for 8.00 GiB more) in a micro-batch of 4 "
+            "pairs") in line
     assert "prefs.jsonl, row " in line  # the longest row, named
     assert "set gradient_checkpointing: true" in line and "lower batch_size" in line
     assert "checkpoint-2" in line and "is intact" in line
@@ -77,8 +78,9 @@ def test_out_of_memory_in_a_step_is_one_line_and_resumable(workdir, tmp_path, ca
 def test_full_recomputation_is_not_advised_twice(workdir, monkeypatch):
     fail_on_call(monkeypatch, 1, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate "
                                                         "2.00 GiB"))
-    with pytest.raises(DpokitError, match=r"step 1: out of memory .*recomputation full\): "
-                                          r"lower batch_size.*no checkpoint saved") as error:
+    pattern = (r"step 1: out of memory on cpu \(it asked for 2.00 GiB more\) .*recomputation "
+               r"full\): lower batch_size.*no checkpoint saved")
+    with pytest.raises(DpokitError, match=pattern) as error:
         train(config(workdir, "oom-full", gradient_checkpointing=True), progress=False)
     assert "gradient_checkpointing" not in str(error.value)
 
@@ -99,7 +101,8 @@ def test_out_of_memory_in_the_reference_pass_names_its_batch_size(workdir, tmp_p
 
     monkeypatch.setattr(setup, "compute_reference_table", compute)
     with pytest.raises(DpokitError, match=r"reference pass over the training examples: out of "
-                                          r"memory on cpu with 6 examples a batch; lower "
+                                          r"memory on cpu \(it asked for 8.00 GiB more\) with "
+                                          r"6 examples a batch; lower "
                                           r"precompute_ref_batch_size \(now 6\)"):
         train(config(workdir, "oom-ref", precompute_ref_batch_size=6,
                      output_dir=str(tmp_path / "run")), progress=False)

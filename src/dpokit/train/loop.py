@@ -33,7 +33,7 @@ from dpokit.data import epoch_batches, micro_batches
 from dpokit.errors import DpokitError
 from dpokit.evaluate import evaluate
 from dpokit.logps import unwrap_model
-from dpokit.memory import is_out_of_memory
+from dpokit.memory import is_out_of_memory, shortage
 from dpokit.models import nonfinite_parameter
 from dpokit.runtime import rng_state, setup_runtime, shutdown_runtime
 from dpokit.train.checkpoint import list_checkpoints, save_checkpoint
@@ -139,7 +139,7 @@ def train_step(run: Run) -> None:
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
-            raise _out_of_memory(run, raw) from None
+            raise _out_of_memory(run, raw, error) from None
         if weight:
             sums.append(out.sums)
             loss += out.loss_sum.detach().double()
@@ -156,7 +156,7 @@ def train_step(run: Run) -> None:
     objective.after_step(run.model, run.step)
 
 
-def _out_of_memory(run: Run, items: list) -> DpokitError:
+def _out_of_memory(run: Run, items: list, error: Exception) -> DpokitError:
     """The one-line error of a micro-batch that did not fit: where, how big, what to change."""
     tokens = [run.objective.tokens(item) for item in items]
     longest = items[max(range(len(items)), key=tokens.__getitem__)]
@@ -170,9 +170,9 @@ def _out_of_memory(run: Run, items: list) -> DpokitError:
     saved = list_checkpoints(run.output_dir)
     last = f"the last checkpoint, {saved[-1]}, is intact" if saved else "no checkpoint saved"
     return DpokitError(
-        f"step {run.step + 1}: out of memory on {run.runtime.device} in a micro-batch of "
-        f"{len(items)} {run.objective.unit}, {sum(tokens)} tokens (the longest, {where}, "
-        f"{max(tokens)}; recomputation {run.recompute}): " + ", or ".join(advice)
+        f"step {run.step + 1}: out of memory on {run.runtime.device}{shortage(error)} in a "
+        f"micro-batch of {len(items)} {run.objective.unit}, {sum(tokens)} tokens (the "
+        f"longest, {where}, {max(tokens)}; recomputation {run.recompute}): " + ", or ".join(advice)
         + f"; {last}")
 
 

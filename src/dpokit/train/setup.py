@@ -532,7 +532,8 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
                     raise
                 raise DpokitError(
                     f"reference pass over the {what} examples: out of memory on "
-                    f"{runtime.device} with {batch_size} examples a batch; lower "
+                    f"{runtime.device}{memory.shortage(error)} with {batch_size} examples a "
+                    f"batch; lower "
                     f"precompute_ref_batch_size (now {batch_size})") from None
             computed = table if used is None else table[list(used)]
             if not bool(torch.isfinite(computed).all()):
