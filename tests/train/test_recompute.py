@@ -22,6 +22,7 @@ from dpokit.train.recompute import (
     enable_recompute,
     fit_memory,
     freed_bytes,
+    lm_head_scratch_bytes,
     training_state_bytes,
 )
 from dpokit.train.recompute import kept_bytes as estimated_kept_bytes
@@ -103,6 +104,16 @@ def test_kept_bytes_by_hand():
     assert estimated_kept_bytes(config, 1000, 4, "none") == 1000 * 8 * 10_240 * 4
     assert estimated_kept_bytes(config, 1000, 4, "selective") == 1000 * 8 * 5_888 * 4
     assert estimated_kept_bytes(config, 1000, 4, "full") == 1000 * (8 * 512 + 10_240) * 4
+
+
+def test_lm_head_scratch_by_hand():
+    """3 float32 chunks of min(chunk_size, tokens) positions × the vocabulary."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("llama", vocab_size=152_064, hidden_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4)
+    assert lm_head_scratch_bytes(config, 5000, 1024) == 3 * 1024 * 152_064 * 4
+    assert lm_head_scratch_bytes(config, 100, 1024) == 3 * 100 * 152_064 * 4
 
 
 def test_fit_memory_takes_the_fastest_mode_that_fits():

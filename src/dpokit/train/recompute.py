@@ -137,6 +137,17 @@ def freed_bytes(model_config, tokens: float, bytes_per_value: int) -> float:
             - kept_bytes(model_config, tokens, bytes_per_value, "selective"))
 
 
+def lm_head_scratch_bytes(model_config, tokens: float, chunk_size: int) -> float:
+    """Peak scratch memory of the LM head, any recomputation mode: one chunk of ``chunk_size``
+    completion positions (at most ``tokens``) of float32 logits over the vocabulary V, about
+    three such tensors at once in its backward (logits, their softmax, the gradient):
+    3 · min(chunk_size, tokens) · V · 4 bytes — ~1.9 GB for a 152 k vocabulary at 1,024."""
+    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") \
+        else model_config
+    vocab = getattr(config, "vocab_size", 0) or 0
+    return 3 * min(chunk_size, tokens) * vocab * 4
+
+
 MEMORY_SHARE = 0.8
 """The share of the device's available memory a run's estimated optimizer state and
 activations may take before the automatic choice recomputes more (:func:`fit_memory`): the

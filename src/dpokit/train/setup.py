@@ -71,6 +71,7 @@ from dpokit.train.recompute import (
     fit_memory,
     freed_bytes,
     kept_bytes,
+    lm_head_scratch_bytes,
     supports_recompute,
     training_state_bytes,
 )
@@ -342,8 +343,9 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
     time: on when it frees enough activations of a mean micro-batch
     (:func:`~dpokit.train.recompute.auto_selective`, against the trained weights' state; none
     with ``lora``: LoRA or an adapter trains on). A null ``gradient_checkpointing`` then decides
-    from memory: the optimizer state still to allocate plus the activations of the longest
-    possible micro-batch (``batch_size`` × the most tokens of one unit) must fit in
+    from memory: the optimizer state still to allocate plus the activations and the LM head's
+    scratch of the longest possible micro-batch (``batch_size`` × the most tokens of one unit)
+    must fit in
     :data:`~dpokit.train.recompute.MEMORY_SHARE` of the memory available on the device
     (:func:`~dpokit.memory.available_bytes`), else it recomputes more — selective (unless turned
     off), then whole layers (:func:`~dpokit.train.recompute.fit_memory`). The numbers are the
@@ -376,8 +378,10 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
     tokens = config.batch_size * int(per_unit.max())
     to_come = state * 3 // 4 // shards  # gradients and two AdamW moments; the weights are in
 
+    scratch = lm_head_scratch_bytes(model.config, tokens, config.chunk_size)
+
     def need(mode: str) -> float:
-        return to_come + kept_bytes(model.config, tokens, size, mode)
+        return to_come + scratch + kept_bytes(model.config, tokens, size, mode)
 
     allowed = set() if config.gradient_checkpointing is False else {"full"}
     if config.selective_checkpointing is not False:
@@ -385,8 +389,9 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
     mode = fit_memory(preferred, allowed, need, available)
     if available is None:
         return mode
-    where = (f"the longest micro-batch's activations (~{_gib(need(preferred) - to_come)}) and "
-             f"the optimizer state still to allocate (~{_gib(to_come)}) against "
+    where = (f"the longest micro-batch's activations and LM-head scratch "
+             f"(~{_gib(need(preferred) - to_come)}) and the optimizer state still to allocate "
+             f"(~{_gib(to_come)}) against "
              f"{MEMORY_SHARE:.0%} of the {_gib(available)} available on {runtime.device}")
     if mode != preferred:
         log.warning("recomputation %s instead of %s (auto, for memory: %s; now ~%s; "
