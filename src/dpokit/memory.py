@@ -6,9 +6,11 @@ so the trainer can stop with one line that says what to change instead of an all
 traceback:
 
 - CUDA: the driver's free memory plus what PyTorch's caching allocator holds unused;
-- CPU (Linux): the least of ``MemAvailable`` (``/proc/meminfo``), the cgroup's limit minus its
-  usage (a container's ``memory.max``; v1's ``memory.limit_in_bytes``) and the address-space
-  limit (``RLIMIT_AS``) minus the process's virtual size; shared by the ranks on this host;
+- CPU (Linux): the host's share — the least of ``MemAvailable`` (``/proc/meminfo``) and the
+  headroom of this process's memory cgroup and each of its ancestors (limit minus usage, the
+  reclaimable file cache not counted as used; v2's ``memory.max``, v1's
+  ``memory.limit_in_bytes``), divided among the ranks on this host — and this process's own
+  address-space limit (``RLIMIT_AS``) minus its virtual size;
 - anything else (MPS, another OS): unknown (``None``).
 """
 
@@ -20,14 +22,23 @@ from pathlib import Path
 
 import torch
 
-_CGROUP_FILES = (("memory.max", "memory.current"),  # cgroup v2
-                 ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))  # v1
 _UNLIMITED = 1 << 60  # cgroup v1 writes a page-rounded 2⁶³ for "no limit"
+_CGROUPS = {"v2": ("", "memory.max", "memory.current", "inactive_file"),
+            "v1": ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+                   "total_inactive_file")}
+"""Per cgroup version: the mount under /sys/fs/cgroup, the limit, usage and ``memory.stat``'s
+reclaimable-file-cache key."""
 
-OUT_OF_MEMORY_MARKS = ("can't allocate memory", "out of memory", "not enough memory")
+OUT_OF_MEMORY_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
+                        MemoryError)
+"""CUDA's allocator error (``torch.OutOfMemoryError``; ``torch.cuda.`` before PyTorch 2.5) and
+Python's."""
+
+OUT_OF_MEMORY_MARKS = ("can't allocate memory", "out of memory", "not enough memory",
+                       "ALLOC_FAILED")
 """Messages of allocation failures that are not ``torch.OutOfMemoryError``: the CPU allocator's
 ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory: you tried to allocate …"), MPS's
-("MPS backend out of memory")."""
+("MPS backend out of memory"), cuBLAS's and cuDNN's (``CUBLAS_STATUS_ALLOC_FAILED``)."""
 
 
 def available_bytes(device: torch.device, *, local_ranks: int = 1) -> int | None:
@@ -37,40 +48,75 @@ def available_bytes(device: torch.device, *, local_ranks: int = 1) -> int | None
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(free + cached)
-    if device.type == "cpu":
-        host = host_available_bytes()
-        return None if host is None else host // max(1, local_ranks)
-    return None
+    if device.type != "cpu":
+        return None
+    host = host_available_bytes()
+    limits = [] if host is None else [host // max(1, local_ranks)]
+    own = address_space_headroom()
+    if own is not None:
+        limits.append(own)
+    return min(limits) if limits else None
 
 
 def host_available_bytes(root: Path = Path("/")) -> int | None:
-    """The host memory this process may still take (Linux; ``None`` elsewhere): the least of
-    ``MemAvailable``, the cgroup's headroom and the address-space limit's headroom. ``root``
-    stands for ``/`` (tests point it at a fake ``proc``/``sys`` tree)."""
+    """The host memory processes here may still take (Linux; ``None`` elsewhere): the least of
+    ``MemAvailable`` and the cgroup headroom (:func:`cgroup_headroom`). ``root`` stands for
+    ``/`` (tests point it at a fake ``proc``/``sys`` tree)."""
     limits = []
     meminfo = _read_fields(root / "proc" / "meminfo")
     if "MemAvailable" in meminfo:
         limits.append(meminfo["MemAvailable"] * 1024)  # kB
-    for limit_name, usage_name in _CGROUP_FILES:
-        limit = _read_int(root / "sys" / "fs" / "cgroup" / limit_name)
-        usage = _read_int(root / "sys" / "fs" / "cgroup" / usage_name)
-        if limit is not None and usage is not None and limit < _UNLIMITED:
-            limits.append(max(0, limit - usage))
-            break
-    if root == Path("/"):
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-        status = _read_fields(Path("/proc/self/status"))
-        if soft != resource.RLIM_INFINITY and "VmSize" in status:
-            limits.append(max(0, soft - status["VmSize"] * 1024))
+    cgroup = cgroup_headroom(root)
+    if cgroup is not None:
+        limits.append(cgroup)
     return min(limits) if limits else None
+
+
+def cgroup_headroom(root: Path = Path("/")) -> int | None:
+    """The least ``limit − (usage − reclaimable file cache)`` over this process's memory cgroup
+    (``/proc/self/cgroup``) and its ancestors up to the mount's root, v2 or v1; without
+    ``/proc/self/cgroup``, the mount's root alone. None when no level has a limit."""
+    try:
+        lines = (root / "proc" / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    paths = {}
+    for line in lines:
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        version = "v2" if controllers == "" else "v1" if "memory" in controllers.split(",") \
+            else None
+        if version is not None:
+            paths[version] = path.strip("/")
+    headrooms = []
+    for version, (mount, limit_name, usage_name, cache_key) in _CGROUPS.items():
+        base = root / "sys" / "fs" / "cgroup" / mount
+        path = Path(paths.get(version, ""))
+        for level in [path, *path.parents]:
+            directory = base / level
+            limit = _read_int(directory / limit_name)
+            usage = _read_int(directory / usage_name)
+            if limit is None or usage is None or limit >= _UNLIMITED:
+                continue
+            cache = _read_fields(directory / "memory.stat", separator=" ").get(cache_key, 0)
+            headrooms.append(max(0, limit - max(0, usage - cache)))
+    return min(headrooms) if headrooms else None
+
+
+def address_space_headroom() -> int | None:
+    """``RLIMIT_AS`` minus this process's virtual size (``VmSize``); None without a limit."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    status = _read_fields(Path("/proc/self/status"))
+    if soft == resource.RLIM_INFINITY or "VmSize" not in status:
+        return None
+    return max(0, soft - status["VmSize"] * 1024)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is an allocation failure (CUDA's ``torch.OutOfMemoryError``, the CPU
     allocator's or MPS's ``RuntimeError``)."""
-    if isinstance(error, torch.OutOfMemoryError | MemoryError):
+    if isinstance(error, OUT_OF_MEMORY_ERRORS):
         return True
     return isinstance(error, RuntimeError) and any(
         mark in str(error) for mark in OUT_OF_MEMORY_MARKS)
@@ -112,15 +158,16 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None  # "max": no limit
 
 
-def _read_fields(path: Path) -> dict[str, int]:
-    """``Key:   123 kB`` lines (``/proc/meminfo``, ``/proc/self/status``) as ``{key: 123}``."""
+def _read_fields(path: Path, separator: str = ":") -> dict[str, int]:
+    """``Key:   123 kB`` lines (``/proc/meminfo``, ``/proc/self/status``; ``separator=" "``:
+    ``memory.stat``'s ``key 123``) as ``{key: 123}``."""
     try:
         lines = path.read_text().splitlines()
     except OSError:
         return {}
     fields = {}
     for line in lines:
-        key, _, value = line.partition(":")
+        key, _, value = line.partition(separator)
         number = value.split()[0] if value.split() else ""
         if number.isdigit():
             fields[key.strip()] = int(number)

@@ -56,6 +56,14 @@ class Runtime:
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
         return reduced
 
+    def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The minimum of a tensor over ranks (on a copy); identity in one process."""
+        if not self.distributed:
+            return tensor
+        reduced = tensor.detach().clone().to(self.device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
+        return reduced
+
     def all_ok(self, ok: bool) -> bool:
         """Whether ``ok`` holds on every rank (one all-reduce; a barrier that carries a flag)."""
         failed = torch.tensor(float(not ok), dtype=torch.float64)

@@ -85,6 +85,45 @@ def test_full_recomputation_is_not_advised_twice(workdir, monkeypatch):
     assert "gradient_checkpointing" not in str(error.value)
 
 
+def test_no_recomputation_advice_for_a_model_that_cannot_recompute(workdir, monkeypatch):
+    import dpokit.train.loop as loop
+
+    monkeypatch.setattr(loop, "supports_recompute", lambda model: False)
+    fail_on_call(monkeypatch, 1, torch.OutOfMemoryError("CUDA out of memory."))
+    with pytest.raises(DpokitError, match=r"recomputation none\): lower batch_size") as error:
+        train(config(workdir, "oom-no-recompute"), progress=False)
+    assert "gradient_checkpointing" not in str(error.value)
+
+
+def test_out_of_memory_in_the_optimizer_step_names_adamw(workdir, monkeypatch):
+    """AdamW allocates its moments at the first step: the advice is about the trained weights,
+    not the activations."""
+    def step(self, optimizer, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+
+    monkeypatch.setattr(torch.amp.GradScaler, "step", step)
+    with pytest.raises(DpokitError) as error:
+        train(config(workdir, "oom-adamw"), progress=False)
+    message = str(error.value)
+    assert message.startswith("step 1: out of memory on cpu (it asked for 0.06 GiB more) in "
+                              "the optimizer step")
+    assert "lora: true" in message and "fsdp: true" in message
+    assert "gradient_checkpointing" not in message
+    assert "no checkpoint saved" in message
+
+
+def test_out_of_memory_while_loading_says_the_weights_may_not_fit(workdir, monkeypatch):
+    import dpokit.train.setup as setup
+
+    def load(*args, **kwargs):
+        raise RuntimeError(CPU_MESSAGE)
+
+    monkeypatch.setattr(setup, "load_causal_lm", load)
+    with pytest.raises(DpokitError, match=r"^setup: out of memory on cpu \(\[enforce fail.*\): "
+                                          r"the weights may not fit"):
+        train(config(workdir, "oom-load", precompute_ref_logps=False), progress=False)
+
+
 def test_other_errors_stay_tracebacks(workdir, monkeypatch):
     fail_on_call(monkeypatch, 1, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
@@ -117,7 +156,8 @@ def test_out_of_memory_outside_a_step_is_one_line_too(workdir, monkeypatch):
 
     monkeypatch.setattr(loop, "evaluate", evaluate)
     with pytest.raises(DpokitError, match=r"after step 2: out of memory on cpu \(CUDA out of "
-                                          r"memory. Tried to allocate 1.00 GiB\); lower"):
+                                          r"memory. Tried to allocate 1.00 GiB\); lower.*; "
+                                          r"no checkpoint saved$"):
         train(config(workdir, "oom-eval", eval_steps=2, eval_data=str(workdir / "prefs.jsonl")),
               progress=False)
 

@@ -174,7 +174,8 @@ def test_eval_data_is_evaluated(workdir):
 @pytest.mark.parametrize("recompute", ["full", "selective"])
 def test_recomputation_changes_nothing_but_memory(workdir, recompute):
     plain = read_metrics(train(config(workdir, f"{recompute}-off", max_steps=2,
-                                 selective_checkpointing=False), progress=False).parent)
+                                      selective_checkpointing=False,
+                                      gradient_checkpointing=False), progress=False).parent)
     checkpointed = read_metrics(train(config(
         workdir, f"{recompute}-on", max_steps=2, gradient_checkpointing=recompute == "full",
         selective_checkpointing=recompute == "selective"), progress=False).parent)
@@ -221,6 +222,22 @@ def test_automatic_recomputation_fits_the_memory(workdir, monkeypatch, caplog, a
     assert ("may not fit in memory" in caplog.text) == warned
     assert (f"recomputation {expected} instead of none (auto, for memory" in caplog.text) \
         == switched
+
+
+def test_micro_batch_tokens_by_hand():
+    """Items of 10, 50, 20, 30 tokens; groups (spans) [0, 1] and [2, 3] make units of 60 and 50.
+    Mean: batch × mean unit; largest: the batch's longest units together (unpadded) or batch ×
+    the longest (padded)."""
+    from dpokit.train.setup import micro_batch_tokens
+
+    items = [10, 50, 20, 30]
+    assert micro_batch_tokens(items, None, 2, padded=False) == (55.0, 80)
+    assert micro_batch_tokens(items, None, 2, padded=True) == (55.0, 100)
+    assert micro_batch_tokens(items, None, 9, padded=False) == (247.5, 110)  # all of them
+    assert micro_batch_tokens(items, [(0, 2), (2, 4)], 1, padded=False) == (55.0, 60)
+    assert micro_batch_tokens(items, [(0, 2), (2, 4)], 2, padded=True) == (110.0, 120)
+    assert micro_batch_tokens(items, [(0, 1), (1, 4)], 1, padded=False) == (55.0, 100)
+    assert micro_batch_tokens([], None, 4, padded=False) == (0.0, 0)
 
 
 def test_fitting_recomputation_between_the_modes(workdir, monkeypatch, caplog):

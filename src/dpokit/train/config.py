@@ -58,8 +58,9 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
                    "too) and attention-dropout probability set to 0, as TRL's DPOConfig does.")
     gradient_checkpointing: bool | None = field(
         None, help="Recompute each decoder layer in backward (least memory, ~1/3 more time; "
-                   "null: only when the longest micro-batch's activations and the optimizer "
-                   "state would not fit in 80% of the device's available memory otherwise).")
+                   "null: only when the longest micro-batch's activations, the LM head's "
+                   "scratch and the optimizer state would not fit in 80% of the device's "
+                   "available memory otherwise; the log says which mode was chosen).")
     selective_checkpointing: bool | None = field(
         None, help="Keep matmul/attention outputs, recompute the element-wise ops between them "
                    "in backward: ~40% less activation memory for ~5-12% more time (null: on "

@@ -39,6 +39,7 @@ from dpokit.runtime import rng_state, setup_runtime, shutdown_runtime
 from dpokit.train.checkpoint import list_checkpoints, save_checkpoint
 from dpokit.train.config import DPOConfig, SFTConfig, TrainConfig
 from dpokit.train.modelcard import cli_argv, model_card, read_records
+from dpokit.train.recompute import supports_recompute, training_state_bytes
 from dpokit.train.rundir import claim
 from dpokit.train.setup import Run, preflight, setup_run
 
@@ -91,12 +92,7 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
     except BaseException as error:
         failed = True  # (not sys.exc_info() in finally: a caller's handled exception shows)
         if isinstance(error, Exception) and is_out_of_memory(error):  # not in a step's work
-            where = "setup" if run is None else f"after step {run.step}"
-            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-            raise DpokitError(
-                f"{where}: out of memory on {runtime.device} ({reason or type(error).__name__})"
-                f"; lower batch_size, per_device_eval_batch_size or max_length, or set "
-                f"gradient_checkpointing: true") from None
+            raise _out_of_memory_between_steps(run, runtime, error) from None
         raise
     finally:
         if run is not None and run.metrics is not None:
@@ -143,12 +139,17 @@ def train_step(run: Run) -> None:
         if weight:
             sums.append(out.sums)
             loss += out.loss_sum.detach().double()
-    run.scaler.unscale_(run.optimizer)
-    run.grad_norm = _clip(run.model, config.max_grad_norm)
-    if _finite_step(run, loss):
-        run.scaler.step(run.optimizer)
-        for step_sums in sums:
-            run.window.add(step_sums)
+    try:
+        run.scaler.unscale_(run.optimizer)
+        run.grad_norm = _clip(run.model, config.max_grad_norm)
+        if _finite_step(run, loss):
+            run.scaler.step(run.optimizer)
+            for step_sums in sums:
+                run.window.add(step_sums)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        raise _optimizer_out_of_memory(run, error) from None
     run.scaler.update()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -164,16 +165,49 @@ def _out_of_memory(run: Run, items: list, error: Exception) -> DpokitError:
              else "one item")
     advice = ["lower batch_size (raise gradient_accumulation_steps to keep the batch)",
               "max_length"]
-    if run.recompute != "full":
+    if _can_recompute_more(run):
         advice.insert(0, "set gradient_checkpointing: true (whole layers recomputed, "
                          "least activation memory)")
-    saved = list_checkpoints(run.output_dir)
-    last = f"the last checkpoint, {saved[-1]}, is intact" if saved else "no checkpoint saved"
     return DpokitError(
         f"step {run.step + 1}: out of memory on {run.runtime.device}{shortage(error)} in a "
         f"micro-batch of {len(items)} {run.objective.unit}, {sum(tokens)} tokens (the "
         f"longest, {where}, {max(tokens)}; recomputation {run.recompute}): " + ", or ".join(advice)
-        + f"; {last}")
+        + f"; {_last_checkpoint(run)}")
+
+
+def _optimizer_out_of_memory(run: Run, error: Exception) -> DpokitError:
+    """The one-line error of an optimizer step that did not fit (AdamW's moments are allocated
+    at the first step)."""
+    moments = training_state_bytes(run.model, lora=False) / 2
+    return DpokitError(
+        f"step {run.step + 1}: out of memory on {run.runtime.device}{shortage(error)} in the "
+        f"optimizer step (AdamW's two moments of the trained weights: ~{moments / 2**30:.2f} "
+        f"GiB): train fewer weights (lora: true), shard them across GPUs (fsdp: true under "
+        f"torchrun) or train in bfloat16 (dtype: bfloat16); {_last_checkpoint(run)}")
+
+
+def _out_of_memory_between_steps(run: Run | None, runtime, error: Exception) -> DpokitError:
+    """The one-line error of running out of memory outside a step (setup, evaluation, …)."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    if run is None:
+        return DpokitError(
+            f"setup: out of memory on {runtime.device} ({reason}): the weights may not fit — "
+            f"load them in bfloat16 (dtype: bfloat16) or train adapters (lora: true)")
+    advice = "lower batch_size, per_device_eval_batch_size or max_length"
+    if _can_recompute_more(run):
+        advice += ", or set gradient_checkpointing: true"
+    return DpokitError(f"after step {run.step}: out of memory on {runtime.device} ({reason}); "
+                       f"{advice}; {_last_checkpoint(run)}")
+
+
+def _can_recompute_more(run: Run) -> bool:
+    """Whether ``gradient_checkpointing: true`` would keep less than this run does."""
+    return run.recompute != "full" and supports_recompute(run.model)
+
+
+def _last_checkpoint(run: Run) -> str:
+    saved = list_checkpoints(run.output_dir)
+    return f"the last checkpoint, {saved[-1]}, is intact" if saved else "no checkpoint saved"
 
 
 def _finite_step(run: Run, loss: torch.Tensor) -> bool:
@@ -196,13 +230,11 @@ def _finite_step(run: Run, loss: torch.Tensor) -> bool:
                     "row, %d in all)", step, float(loss), run.grad_norm, run.nonfinite_in_row,
                     run.skipped_steps)
     if run.nonfinite_in_row >= run.config.max_nonfinite_steps:
-        saved = list_checkpoints(run.output_dir)
-        last = f"the last checkpoint, {saved[-1]}, is intact" if saved else "no checkpoint saved"
         raise DpokitError(
             f"step {step}: the loss or gradient norm was not finite for {run.nonfinite_in_row} "
             f"steps in a row (loss {float(loss)}, grad_norm {run.grad_norm}): training diverged "
-            f"and stopped; {last}. Lower learning_rate, set max_grad_norm, or check the data "
-            f"and the reference")
+            f"and stopped; {_last_checkpoint(run)}. Lower learning_rate, set max_grad_norm, or "
+            f"check the data and the reference")
     return False
 
 

@@ -149,10 +149,10 @@ def lm_head_scratch_bytes(model_config, tokens: float, chunk_size: int) -> float
 
 
 MEMORY_SHARE = 0.8
-"""The share of the device's available memory a run's estimated optimizer state and
-activations may take before the automatic choice recomputes more (:func:`fit_memory`): the
-estimate leaves out the attention kernel's and the LM head's scratch and the allocator's
-fragmentation."""
+"""The share of the device's available memory a run's estimated optimizer state, activations
+and LM-head scratch may take before the automatic choice recomputes more (:func:`fit_memory`):
+the estimate leaves out the attention kernel's scratch, DDP's gradient buckets, the activation
+gradients of the layer in backward and the allocator's fragmentation."""
 
 MODES = ("none", "selective", "full")
 """Recomputation modes, most memory (and least time) first."""

@@ -357,46 +357,47 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
     if selective is None and not supported:
         selective = False
     size = 2 if config.compute_dtype != "float32" else next(model.parameters()).element_size()
-    per_unit = np.asarray(item_tokens(objective, items), dtype=np.int64)
-    if spans is not None and len(per_unit):
-        per_unit = np.add.reduceat(per_unit, [start for start, _ in spans])
+    padded = not (getattr(config, "unpadded", False) or getattr(config, "padding_free", False))
+    mean_tokens, largest_tokens = micro_batch_tokens(item_tokens(objective, items), spans,
+                                                     config.batch_size, padded=padded)
     state = training_state_bytes(model, lora=lora)
     if selective is None:
-        tokens = config.batch_size * per_unit.sum() / max(1, len(per_unit))
-        freed = freed_bytes(model.config, tokens, size)
+        freed = freed_bytes(model.config, mean_tokens, size)
         selective = auto_selective(freed, state)
         log.info("selective recomputation %s (auto: it would free ~%.0f MiB per micro-batch; "
                  "the trained weights' state is ~%.0f MiB)", "on" if selective else "off",
                  freed / 2**20, state / 2**20)
     preferred = "selective" if selective else "none"
-    if not supported or not len(per_unit):
+    if not supported or not largest_tokens:
         return preferred
     shards = runtime.world_size if config.fsdp else 1
     available = memory.available_bytes(runtime.device, local_ranks=memory.local_ranks())
+    if available is not None and runtime.distributed:  # every rank decides the same
+        available = int(runtime.all_reduce_min(torch.tensor(float(available),
+                                                            dtype=torch.float64)).item())
     if available is not None and shards > 1:  # each rank's whole copy is sharded after this
         available += state // 4 * (shards - 1) // shards
-    tokens = config.batch_size * int(per_unit.max())
     to_come = state * 3 // 4 // shards  # gradients and two AdamW moments; the weights are in
-
-    scratch = lm_head_scratch_bytes(model.config, tokens, config.chunk_size)
+    scratch = lm_head_scratch_bytes(model.config, largest_tokens, config.chunk_size)
 
     def need(mode: str) -> float:
-        return to_come + scratch + kept_bytes(model.config, tokens, size, mode)
+        return to_come + scratch + kept_bytes(model.config, largest_tokens, size, mode)
 
     allowed = set() if config.gradient_checkpointing is False else {"full"}
     if config.selective_checkpointing is not False:
         allowed.add("selective")
     mode = fit_memory(preferred, allowed, need, available)
-    if available is None:
+    if available is None or not runtime.is_main:
         return mode
     where = (f"the longest micro-batch's activations and LM-head scratch "
              f"(~{_gib(need(preferred) - to_come)}) and the optimizer state still to allocate "
              f"(~{_gib(to_come)}) against "
              f"{MEMORY_SHARE:.0%} of the {_gib(available)} available on {runtime.device}")
     if mode != preferred:
-        log.warning("recomputation %s instead of %s (auto, for memory: %s; now ~%s; "
-                    "gradient_checkpointing: false keeps %s)", mode, preferred, where,
-                    _gib(need(mode)), preferred)
+        keeps = ("gradient_checkpointing: false" if preferred == "selective" else
+                 "gradient_checkpointing: false with selective_checkpointing: false")
+        log.warning("recomputation %s instead of %s (auto, for memory: %s; now ~%s; %s keeps "
+                    "%s)", mode, preferred, where, _gib(need(mode)), keeps, preferred)
     if need(mode) > MEMORY_SHARE * available:
         log.warning("this run may not fit in memory (recomputation %s: ~%s needed, %s "
                     "available on %s); lower batch_size (raise gradient_accumulation_steps to "
@@ -404,6 +405,23 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
                     _gib(available), runtime.device,
                     "" if mode == "full" else ", or set gradient_checkpointing: true")
     return mode
+
+
+def micro_batch_tokens(per_item: Sequence[int], spans: Spans | None, batch_size: int, *,
+                       padded: bool) -> tuple[float, int]:
+    """(mean, largest possible) tokens of a micro-batch of ``batch_size`` units — items, or a
+    prompt's group of pairs (``spans``). The largest: the ``batch_size`` longest units together
+    in the unpadded layout; ``batch_size`` × the longest when every row is padded to it."""
+    per_unit = np.asarray(per_item, dtype=np.int64)
+    if spans is not None and len(per_unit):
+        per_unit = np.add.reduceat(per_unit, [start for start, _ in spans])
+    if not len(per_unit):
+        return 0.0, 0
+    mean = batch_size * float(per_unit.mean())
+    if padded:
+        return mean, batch_size * int(per_unit.max())
+    k = min(batch_size, len(per_unit))
+    return mean, int(np.partition(per_unit, len(per_unit) - k)[len(per_unit) - k:].sum())
 
 
 def _gib(n: float) -> str:
