@@ -8,6 +8,7 @@ with the GPU benchmark). Each compares the CUDA result with an independent CPU c
   dimensions — against transformers' right-padded pass in float64 on the CPU, every layout ×
   llama (GQA) / qwen2 with a 3-token window / gpt2;
 - a row's log-probs alone and beside longer rows (the block mask shifts with the row's offset);
+- the available memory and the out-of-memory error as dpokit.memory reads them;
 - three float32 training steps on the GPU against the same steps on the CPU (losses, gradient
   norms), and bf16 autocast against float32.
 
@@ -177,3 +178,24 @@ def test_cuda_bf16_autocast_trains_close_to_float32(workdir, llama16):
     assert all(math.isfinite(m["loss"]) for m in bf16)
     assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], abs=0.05)
     assert bf16[-1]["loss"] < bf16[0]["loss"]
+
+
+def test_cuda_available_memory_and_its_out_of_memory_error():
+    """dpokit.memory on a real GPU: the available bytes are at most the device's total and fall
+    by what we allocate (within 64 MiB: other processes, allocator rounding); an allocation of
+    twice the device's memory raises an error is_out_of_memory recognises, whose message says
+    how much it asked for (the trainer's one-line error reads it)."""
+    from dpokit.memory import available_bytes, is_out_of_memory, requested_bytes
+
+    device = torch.device("cuda")
+    total = torch.cuda.get_device_properties(device).total_memory
+    before = available_bytes(device)
+    assert 0 < before <= total
+    block = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    assert abs((before - available_bytes(device)) - (1 << 30)) < 64 << 20
+    del block
+    with pytest.raises(Exception) as error:  # the type is what is checked next
+        torch.empty(2 * total, dtype=torch.uint8, device=device)
+    assert is_out_of_memory(error.value), repr(error.value)
+    asked = requested_bytes(error.value)
+    assert asked is not None and abs(asked - 2 * total) < 0.01 * total, str(error.value)[:300]
