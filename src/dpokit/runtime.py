@@ -49,19 +49,18 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum a tensor over ranks (in place on a copy); identity in one process."""
-        if not self.distributed:
-            return tensor
-        reduced = tensor.detach().clone().to(self.device)
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-        return reduced
+        """Sum a tensor over ranks (on a copy); identity in one process."""
+        return self._all_reduce(tensor, "SUM")
 
     def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
         """The minimum of a tensor over ranks (on a copy); identity in one process."""
+        return self._all_reduce(tensor, "MIN")
+
+    def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         if not self.distributed:
             return tensor
         reduced = tensor.detach().clone().to(self.device)
-        dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
+        dist.all_reduce(reduced, op=getattr(dist.ReduceOp, op))
         return reduced
 
     def all_ok(self, ok: bool) -> bool:
