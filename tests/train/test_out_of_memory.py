@@ -2,6 +2,8 @@
 one-line error naming the step, the micro-batch and what to change — exit 2, no traceback, the
 last checkpoint intact and resumable; any other error stays a traceback (a bug)."""
 
+import json
+
 import pytest
 import torch
 
@@ -130,8 +132,48 @@ def test_other_errors_stay_tracebacks(workdir, monkeypatch):
         train(config(workdir, "oom-other"), progress=False)
 
 
-def test_out_of_memory_in_the_reference_pass_names_its_batch_size(workdir, tmp_path,
-                                                                  monkeypatch):
+def test_the_reference_pass_halves_a_batch_that_does_not_fit(workdir, caplog):
+    """A fake memory limit of 3 pairs a batch: the pass asked for 8 goes on at 4, then 2, and
+    its table equals the one computed at 2 pairs a batch from the start, bit for bit (a row's
+    log-probs do not depend on its batch); at 1 pair a batch too large it raises."""
+    from dpokit.models import load_causal_lm, load_tokenizer
+    from dpokit.objectives.reference import Reference, compute_reference_table
+    from tests.helpers import tokenized_pairs
+
+    tokenizer = load_tokenizer(workdir / "llama")
+    rows = [json.loads(x) for x in (workdir / "prefs.jsonl").read_text().splitlines()][:11]
+    pairs = tokenized_pairs(rows, tokenizer)
+    model = load_causal_lm(workdir / "llama")
+
+    sizes = []
+
+    class Limited(Reference):
+        limit = 3
+
+        def logps(self, batch):
+            pairs_here = batch.num_pairs
+            sizes.append(pairs_here)
+            if pairs_here > self.limit:
+                raise RuntimeError(CPU_MESSAGE)
+            return super().logps(batch)
+
+    common = {"pad_token_id": tokenizer.pad_token_id, "layout": "shared",
+              "device": torch.device("cpu")}
+    expected = compute_reference_table(Reference("model", model=model), pairs, batch_size=2,
+                                       **common)
+    limited = Limited("model", model=model)
+    with caplog.at_level("WARNING", logger="dpokit.train"):
+        table = compute_reference_table(limited, pairs, batch_size=8, **common)
+    assert torch.equal(table, expected)
+    assert sizes == [8, 4, 2, 2, 2, 2, 2, 1]  # 11 pairs: 2+2+2+2+2+1 after the halvings
+    assert caplog.text.count("going on at") == 2
+    limited.limit = 0
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        compute_reference_table(limited, pairs, batch_size=8, **common)
+
+
+def test_out_of_memory_at_one_example_in_the_reference_pass_is_one_line(workdir, tmp_path,
+                                                                       monkeypatch):
     """(The run directory is new, so is its reference cache: the pass runs.)"""
     import dpokit.train.setup as setup
 
@@ -140,9 +182,9 @@ def test_out_of_memory_in_the_reference_pass_names_its_batch_size(workdir, tmp_p
 
     monkeypatch.setattr(setup, "compute_reference_table", compute)
     with pytest.raises(DpokitError, match=r"reference pass over the training examples: out of "
-                                          r"memory on cpu \(it asked for 8.00 GiB more\) with "
-                                          r"6 examples a batch; lower "
-                                          r"precompute_ref_batch_size \(now 6\)"):
+                                          r"memory on cpu \(it asked for 8.00 GiB more\) even at "
+                                          r"one example a batch \(halved from "
+                                          r"precompute_ref_batch_size 6\).*lower max_length"):
         train(config(workdir, "oom-ref", precompute_ref_batch_size=6,
                      output_dir=str(tmp_path / "run")), progress=False)
 

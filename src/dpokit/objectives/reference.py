@@ -140,26 +140,46 @@ def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair]
                             rows: Sequence[int] | None = None) -> Tensor:
     """``(N, 2)`` reference log-probs of the pairs at ``rows`` (None: every pair; the others are
     NaN, never read); ranks split the work, then all-reduce. The pairs of one prompt's k
-    completions go through together (``batch_size`` then counts prompts), as in training."""
+    completions go through together (``batch_size`` then counts prompts), as in training.
+
+    A batch that runs out of memory is retried at half the size, and the rest of the pass goes
+    on at that size (logged): a row's log-probs do not depend on its batch (tested), so the
+    table is the same. Out of memory at one unit a batch is raised."""
     from dpokit.data.batching import group_ids, unit_spans, units_of
+    from dpokit.memory import is_out_of_memory
 
     table = torch.zeros(len(pairs), 2, dtype=torch.float32)
     rows = list(range(len(pairs))) if rows is None else list(rows)
     groups = group_ids(pairs)
     mine = units_of(rows, groups if unit_spans(groups) else None)[rank::world_size]
-    chunks = [[i for unit in mine[a:a + batch_size] for i in unit]
-              for a in range(0, len(mine), batch_size)]
     bar = tqdm(total=sum(map(len, mine)), unit="pair", desc="reference log-probs",
                disable=not progress)
-    for chunk in chunks:
+    position, size = 0, batch_size
+    while position < len(mine):
+        units = mine[position:position + size]
+        chunk = [i for unit in units for i in unit]
         items = [pairs[i] for i in chunk]
         if reference.ld_alpha is not None:  # LD-DPO weighs a completion by its partner
             items = [replace(p, group=-1) if p.group >= 0 else p for p in items]
-        batch = collate_pairs(items, layout, pad_token_id=pad_token_id).to(device)
-        chosen, rejected = reference.logps(batch)
-        table[chunk, 0] = chosen.float().cpu()
-        table[chunk, 1] = rejected.float().cpu()
-        bar.update(len(chunk))
+        try:
+            batch = collate_pairs(items, layout, pad_token_id=pad_token_id).to(device)
+            chosen, rejected = reference.logps(batch)
+        except Exception as error:
+            if len(units) == 1 or not is_out_of_memory(error):
+                raise
+            size = len(units) // 2
+        else:
+            table[chunk, 0] = chosen.float().cpu()
+            table[chunk, 1] = rejected.float().cpu()
+            bar.update(len(chunk))
+            position += len(units)
+            continue
+        batch = chosen = rejected = None  # (the failed batch's tensors, freed before retrying)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("reference log-probs: out of memory on %s at %d %s a batch; going on at %d "
+                    "(the same log-probs: a row's do not depend on its batch)", device,
+                    len(units), "prompts" if len(chunk) > len(units) else "pairs", size)
     bar.close()
     if world_size > 1:
         import torch.distributed as dist

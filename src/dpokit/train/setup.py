@@ -555,9 +555,10 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
                     raise
                 raise DpokitError(
                     f"reference pass over the {what} examples: out of memory on "
-                    f"{runtime.device}{memory.shortage(error)} with {batch_size} examples a "
-                    f"batch; lower "
-                    f"precompute_ref_batch_size (now {batch_size})") from None
+                    f"{runtime.device}{memory.shortage(error)} even at one example a batch "
+                    f"(halved from precompute_ref_batch_size {batch_size}): the reference "
+                    f"model with one example's activations does not fit — lower max_length, "
+                    f"or load the weights in bfloat16 (dtype: bfloat16)") from None
             computed = table if used is None else table[list(used)]
             if not bool(torch.isfinite(computed).all()):
                 bad = int((~torch.isfinite(computed)).any(-1).nonzero()[0])
