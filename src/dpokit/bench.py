@@ -476,7 +476,18 @@ def _subprocess(args: list[str], memory_limit_gb: float | None = None) -> dict:
             shutil.rmtree(cache, ignore_errors=True)
     if done.returncode != 0:
         return {"error": _run_error(done.stderr, done.returncode, limit)}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    switched = switched_mode(done.stderr)
+    if switched:  # the memory rule recomputed more than the setting's default: say so
+        result["recompute"] = switched
+    return result
+
+
+def switched_mode(log_text: str) -> str | None:
+    """The recomputation the trainer's memory rule switched to, read from its log (None: no
+    switch)."""
+    found = re.search(r"recomputation (\w+) instead of \w+ \(auto, for memory", log_text)
+    return found[1] if found else None
 
 
 def _alternating_runs(frameworks: list[str], repeats: int, args: list[str],
@@ -549,6 +560,7 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
                        "peak_rss_mb": max(r["peak_rss_mb"] for r in good),
                        "start_rss_mb": statistics.median(r["start_rss_mb"] for r in good),
                        "matmul_peak_gflops": peak, "device": device, **precision}
+                row.update(_recompute_switch(good))
                 if device != "cpu":
                     row["peak_device_mb"] = max(r["peak_device_mb"] for r in good)
                 if end_to_end:
@@ -588,9 +600,21 @@ def long_context_benchmark(workdir: str | Path, *, lengths: list[int], settings:
                                peak_rss_mb=max(r["peak_rss_mb"] for r in good),
                                start_rss_mb=statistics.median(r["start_rss_mb"] for r in good),
                                wall_seconds=statistics.median(r["wall_seconds"] for r in good))
+                    row.update(_recompute_switch(good))
                 rows.append(row)
                 report(_format_long_row(row))
     return rows
+
+
+def _recompute_switch(runs: list[dict]) -> dict:
+    """``{"recompute": mode}`` when the memory rule switched these runs to more recomputation
+    (read from their log), else ``{}``."""
+    modes = sorted({r["recompute"] for r in runs if "recompute" in r})
+    return {"recompute": ",".join(modes)} if modes else {}
+
+
+def _auto_note(row: dict) -> str:
+    return f"  (auto for memory: {row['recompute']} recomputation)" if "recompute" in row else ""
 
 
 def _format_long_row(row: dict) -> str:
@@ -599,7 +623,7 @@ def _format_long_row(row: dict) -> str:
     if "error" in row:
         return f"{head} error: {row['error']}"
     return (f"{head} {row['seconds_per_step']:.2f} s/step  {row['peak_rss_mb']:.0f} MB  "
-            f"({row['wall_seconds']:.0f} s in all)")
+            f"({row['wall_seconds']:.0f} s in all){_auto_note(row)}")
 
 
 def _format_row(row: dict) -> str:
@@ -615,7 +639,7 @@ def _format_row(row: dict) -> str:
             f"{row['tokens_per_second']:.0f} tok/s  {row['peak_fraction']:.0%} of peak  "
             f"{row['peak_rss_mb']:.0f} MB"
             + (f" (GPU {row['peak_device_mb']:.0f} MB)" if "peak_device_mb" in row else "")
-            + (f"  e2e {e2e:.1f} s" if e2e else ""))
+            + (f"  e2e {e2e:.1f} s" if e2e else "") + _auto_note(row))
 
 
 def main(argv: list[str]) -> None:

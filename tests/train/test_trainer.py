@@ -222,6 +222,9 @@ def test_automatic_recomputation_fits_the_memory(workdir, monkeypatch, caplog, a
     assert ("may not fit in memory" in caplog.text) == warned
     assert (f"recomputation {expected} instead of none (auto, for memory" in caplog.text) \
         == switched
+    from dpokit.bench import switched_mode  # the benchmark's row reads the same line
+
+    assert switched_mode(caplog.text) == (expected if switched else None)
 
 
 def test_micro_batch_tokens_by_hand():
