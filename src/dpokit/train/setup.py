@@ -611,7 +611,8 @@ def wrap(module: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids)
+    # gradients as views into DDP's all-reduce buckets: no second copy of every gradient
+    return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig,
