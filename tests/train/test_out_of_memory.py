@@ -11,7 +11,7 @@ from dpokit.errors import DpokitError
 from dpokit.objectives.dpo import DPOObjective
 from dpokit.train.loop import train
 from tests.helpers import read_metrics, run_cli
-from tests.train.test_trainer import config
+from tests.train.test_trainer import config, weights
 
 CPU_MESSAGE = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
                "allocate memory: you tried to allocate 8589934592 bytes. Error code 12 (Cannot "
@@ -20,9 +20,14 @@ CPU_MESSAGE = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocato
 real one and checks it is recognised)."""
 
 
-def fail_on_call(monkeypatch, n, error, where="forward"):
+def fail_on_call(monkeypatch, n, error, where="forward", split=False):
     """DPOObjective.forward raises ``error`` on its ``n``-th call (``where="backward"``: the
-    loss it returns raises it in backward)."""
+    loss it returns raises it in backward). Unless ``split``, the loop may not answer by
+    halving the micro-batches (test_smaller_micro_batches_… test that)."""
+    import dpokit.train.loop as loop
+
+    if not split:
+        monkeypatch.setattr(loop, "_can_split", lambda run: False)
     calls = {"n": 0}
     original = DPOObjective.forward
 
@@ -130,6 +135,67 @@ def test_other_errors_stay_tracebacks(workdir, monkeypatch):
     fail_on_call(monkeypatch, 1, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         train(config(workdir, "oom-other"), progress=False)
+
+
+def limit_pairs(monkeypatch, limit):
+    """DPOObjective.forward runs out of memory on a batch of more than ``limit`` pairs."""
+    original = DPOObjective.forward
+
+    def forward(self, policy, batch):
+        if batch.num_pairs > limit:
+            raise RuntimeError(CPU_MESSAGE)
+        return original(self, policy, batch)
+
+    monkeypatch.setattr(DPOObjective, "forward", forward)
+
+
+def test_smaller_micro_batches_give_the_same_steps(workdir, monkeypatch, caplog):
+    """A fake limit of 3 pairs a forward: batch_size 4 goes on at 2 (one warning, at step 1)
+    and trains as batch_size 2 × 2 accumulation steps does — losses and gradient norms equal,
+    weights within float32 rounding (an accumulated step equals the step on the union)."""
+    limit_pairs(monkeypatch, 3)
+    with caplog.at_level("WARNING", logger="dpokit.train"):
+        split = train(config(workdir, "oom-split", batch_size=4, max_steps=3), progress=False)
+    assert caplog.text.count("out of memory at 4 pairs a micro-batch; going on at 2") == 1
+    assert "step 1: out of memory" in caplog.text
+    plain = train(config(workdir, "oom-accumulated", batch_size=2,
+                         gradient_accumulation_steps=2, max_steps=3), progress=False)
+    a, b = read_metrics(split.parent), read_metrics(plain.parent)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+    for name, tensor in weights(split).items():
+        torch.testing.assert_close(tensor, weights(plain)[name], rtol=1e-5, atol=1e-7)
+
+
+def test_one_pair_that_does_not_fit_is_the_one_line_error(workdir, monkeypatch):
+    """Halving stops at one unit: 4 → 2 → 1, then the error names the micro-batch."""
+    limit_pairs(monkeypatch, 0)
+    with pytest.raises(DpokitError, match=r"^step 1: out of memory on cpu \(it asked for 8.00 "
+                                          r"GiB more\) in a micro-batch of 1 pairs"):
+        train(config(workdir, "oom-one", batch_size=4, max_steps=1), progress=False)
+
+
+def test_halving_only_where_it_gives_the_same_step(workdir):
+    """Not under torchrun (ranks must run the same forwards), not on-policy (generation draws
+    from the RNG), not with dropout, not at one unit."""
+    from types import SimpleNamespace
+
+    from dpokit.objectives.online import OnlineDPOObjective
+    from dpokit.train.loop import _can_split
+
+    def run(**changes):
+        values = {"micro_batch": 4, "runtime": SimpleNamespace(distributed=False),
+                  "config": SimpleNamespace(disable_dropout=True),
+                  "objective": DPOObjective.__new__(DPOObjective), **changes}
+        return SimpleNamespace(**values)
+
+    assert _can_split(run())
+    assert not _can_split(run(micro_batch=1))
+    assert not _can_split(run(runtime=SimpleNamespace(distributed=True)))
+    assert not _can_split(run(config=SimpleNamespace(disable_dropout=False)))
+    assert not _can_split(run(objective=OnlineDPOObjective.__new__(OnlineDPOObjective)))
 
 
 def test_the_reference_pass_halves_a_batch_that_does_not_fit(workdir, caplog):

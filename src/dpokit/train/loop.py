@@ -35,6 +35,7 @@ from dpokit.evaluate import evaluate
 from dpokit.logps import unwrap_model
 from dpokit.memory import is_out_of_memory, shortage
 from dpokit.models import nonfinite_parameter
+from dpokit.objectives import Objective
 from dpokit.runtime import rng_state, setup_runtime, shutdown_runtime
 from dpokit.train.checkpoint import list_checkpoints, save_checkpoint
 from dpokit.train.config import DPOConfig, SFTConfig, TrainConfig
@@ -118,27 +119,21 @@ def train_step(run: Run) -> None:
                                                 seed=config.seed, epoch=epoch,
                                                 spans=run.train_spans)}
     global_indices = run.epoch_order[epoch][index]
-    micro = micro_batches(global_indices, config.batch_size, runtime.rank, runtime.world_size,
-                          run.train_groups)
     # the loss is the global batch's mean: DDP averages the ranks' gradients, hence × world
     scale = runtime.world_size / objective.units([run.train_items[j] for j in global_indices])
-    sums, loss = [], torch.zeros((), dtype=torch.float64, device=runtime.device)
-    for i, (indices, weight) in enumerate(micro):
-        raw = [run.train_items[j] for j in indices]
+    while True:
         try:
-            items = objective.prepare(run.model, raw, indices, run.step)
-            batch = objective.collate(items, indices)
-            batch = batch.to(runtime.device)
-            with _no_sync(run.policy, i < len(micro) - 1), runtime.autocast():
-                out = objective.forward(run.policy, batch)
-            run.scaler.scale(out.loss_sum * (scale * weight)).backward()
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            raise _out_of_memory(run, raw, error) from None
-        if weight:
-            sums.append(out.sums)
-            loss += out.loss_sum.detach().double()
+            sums, loss = _accumulate(run, global_indices, scale)
+            break
+        except _SmallerMicroBatches as smaller:
+            size, units = smaller.args
+        # the failed attempt's partial gradients go; the step restarts at half the size
+        run.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("step %d: out of memory at %d %s a micro-batch; going on at %d (gradient "
+                    "accumulation: the same step)", run.step + 1, size, units, run.micro_batch)
     try:
         run.scaler.unscale_(run.optimizer)
         run.grad_norm = _clip(run.model, config.max_grad_norm)
@@ -155,6 +150,51 @@ def train_step(run: Run) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     objective.after_step(run.model, run.step)
+
+
+class _SmallerMicroBatches(Exception):
+    """A micro-batch ran out of memory where smaller ones give the same step (args: the size
+    that failed and its unit's name)."""
+
+
+def _accumulate(run: Run, global_indices: list[int], scale: float) -> tuple[list, torch.Tensor]:
+    """Forward + backward of this rank's micro-batches of ``run.micro_batch`` units of the
+    global batch (each loss sum × ``scale``): the micro-batches' metric sums and their loss
+    sum. Out of memory: :class:`_SmallerMicroBatches` with ``run.micro_batch`` halved where that
+    gives the same step (:func:`_can_split`), else the one-line error."""
+    objective, runtime = run.objective, run.runtime
+    micro = micro_batches(global_indices, run.micro_batch, runtime.rank, runtime.world_size,
+                          run.train_groups)
+    sums, loss = [], torch.zeros((), dtype=torch.float64, device=runtime.device)
+    for i, (indices, weight) in enumerate(micro):
+        raw = [run.train_items[j] for j in indices]
+        try:
+            items = objective.prepare(run.model, raw, indices, run.step)
+            batch = objective.collate(items, indices)
+            batch = batch.to(runtime.device)
+            with _no_sync(run.policy, i < len(micro) - 1), runtime.autocast():
+                out = objective.forward(run.policy, batch)
+            run.scaler.scale(out.loss_sum * (scale * weight)).backward()
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            if _can_split(run):
+                failed, run.micro_batch = run.micro_batch, run.micro_batch // 2
+                raise _SmallerMicroBatches(failed, objective.unit) from None
+            raise _out_of_memory(run, raw, error) from None
+        if weight:
+            sums.append(out.sums)
+            loss += out.loss_sum.detach().double()
+    return sums, loss
+
+
+def _can_split(run: Run) -> bool:
+    """Whether halving the micro-batches after running out of memory gives the same step: more
+    than one unit a micro-batch, one process (ranks would run different numbers of forwards:
+    FSDP's gathers and DDP's reductions must match), offline data (on-policy generation draws
+    from the RNG) and no dropout (its masks are drawn per forward)."""
+    return (run.micro_batch > 1 and not run.runtime.distributed and run.config.disable_dropout
+            and type(run.objective).prepare is Objective.prepare)
 
 
 def _out_of_memory(run: Run, items: list, error: Exception) -> DpokitError:

@@ -131,6 +131,9 @@ class Run:
     """The global batches of the current epoch."""
     recompute: str = "none"
     """The activation recomputation of the run: none, selective or full (:func:`recompute_mode`)."""
+    micro_batch: int = 1
+    """Units (examples, or k-completion groups) a micro-batch: ``batch_size``, halved by the loop
+    when one runs out of memory and smaller ones give the same step."""
     train_groups: Any = None
     """:func:`dpokit.data.batching.group_ids` of the training data, None without groups."""
     train_spans: Any = None
@@ -226,7 +229,7 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
               train_groups=None if spans is None else groups, train_spans=spans,
               global_batch=global_batch, window=MetricSums(objective.metric_keys),
               sample_reward=_sample_reward(config, objective), fingerprint=fingerprint,
-              recompute=recompute)
+              recompute=recompute, micro_batch=config.batch_size)
     resume(run, checkpoint)
     trackers = start_trackers(
         resolve_report_to(config.report_to), output_dir, config=config_to_dict(config),
