@@ -142,6 +142,22 @@ def shortage(error: BaseException) -> str:
     return "" if asked is None else f" (it asked for {asked / 2**30:.2f} GiB more)"
 
 
+def error_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (at most 200 characters; its type's name when it
+    has none), for a one-line report."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def release_cached(device: torch.device) -> None:
+    """Free what a failed allocation's attempt left behind: unreachable tensors (a cycle through
+    the failed frames) and, on CUDA, the caching allocator's unused blocks."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def local_ranks() -> int:
     """Processes of this run on this host (torchrun's ``LOCAL_WORLD_SIZE``; 1 without it)."""
     try:

@@ -97,11 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:  # running out of memory is not a bug either
         if "torch" not in sys.modules:  # (no torch, no allocator to run out of)
             raise
-        from dpokit.memory import is_out_of_memory
+        from dpokit.memory import error_line, is_out_of_memory
 
         if not is_out_of_memory(error):
             raise
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        _say(f"dpokit: error: out of memory ({reason}); lower the batch size (batch_size, "
-             f"per_device_eval_batch_size) or max_length")
+        _say(f"dpokit: error: out of memory ({error_line(error)}); lower the batch size "
+             f"(batch_size, per_device_eval_batch_size) or max_length")
         sys.exit(2)

@@ -146,7 +146,7 @@ def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair]
     on at that size (logged): a row's log-probs do not depend on its batch (tested), so the
     table is the same. Out of memory at one unit a batch is raised."""
     from dpokit.data.batching import group_ids, unit_spans, units_of
-    from dpokit.memory import is_out_of_memory
+    from dpokit.memory import is_out_of_memory, release_cached
 
     table = torch.zeros(len(pairs), 2, dtype=torch.float32)
     rows = list(range(len(pairs))) if rows is None else list(rows)
@@ -175,8 +175,7 @@ def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair]
             position += len(units)
             continue
         batch = chosen = rejected = None  # (the failed batch's tensors, freed before retrying)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_cached(device)
         log.warning("reference log-probs: out of memory on %s at %d %s a batch; going on at %d "
                     "(the same log-probs: a row's do not depend on its batch)", device,
                     len(units), "prompts" if len(chunk) > len(units) else "pairs", size)

@@ -33,7 +33,7 @@ from dpokit.data import epoch_batches, micro_batches
 from dpokit.errors import DpokitError
 from dpokit.evaluate import evaluate
 from dpokit.logps import unwrap_model
-from dpokit.memory import is_out_of_memory, shortage
+from dpokit.memory import error_line, is_out_of_memory, release_cached, shortage
 from dpokit.models import nonfinite_parameter
 from dpokit.objectives import Objective
 from dpokit.runtime import rng_state, setup_runtime, shutdown_runtime
@@ -129,9 +129,7 @@ def train_step(run: Run) -> None:
             size, units = smaller.args
         # the failed attempt's partial gradients go; the step restarts at half the size
         run.optimizer.zero_grad(set_to_none=True)
-        gc.collect()
-        if runtime.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_cached(runtime.device)
         log.warning("step %d: out of memory at %d %s a micro-batch; going on at %d (gradient "
                     "accumulation: the same step)", run.step + 1, size, units, run.micro_batch)
     try:
@@ -228,7 +226,7 @@ def _optimizer_out_of_memory(run: Run, error: Exception) -> DpokitError:
 
 def _out_of_memory_between_steps(run: Run | None, runtime, error: Exception) -> DpokitError:
     """The one-line error of running out of memory outside a step (setup, evaluation, …)."""
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    reason = error_line(error)
     if run is None:
         return DpokitError(
             f"setup: out of memory on {runtime.device} ({reason}): the weights may not fit — "

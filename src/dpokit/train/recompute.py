@@ -99,11 +99,16 @@ attention output and the MLP's four I-wide tensors; with selective recomputation
 matmul and attention outputs."""
 
 
+def _text_config(model_config):
+    """The language model's part of a ``transformers`` config (itself for a text-only model)."""
+    return model_config.get_text_config() if hasattr(model_config, "get_text_config") \
+        else model_config
+
+
 def _shape(model_config) -> tuple[int, int, int]:
     """(hidden size H, decoder layers, MLP width I) of a ``transformers`` config; models without
     an MLP width in their config count I = 4·H."""
-    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") \
-        else model_config
+    config = _text_config(model_config)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
     inner = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
@@ -142,17 +147,15 @@ def lm_head_scratch_bytes(model_config, tokens: float, chunk_size: int) -> float
     completion positions (at most ``tokens``) of float32 logits over the vocabulary V, about
     three such tensors at once in its backward (logits, their softmax, the gradient):
     3 · min(chunk_size, tokens) · V · 4 bytes — ~1.9 GB for a 152 k vocabulary at 1,024."""
-    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") \
-        else model_config
-    vocab = getattr(config, "vocab_size", 0) or 0
+    vocab = getattr(_text_config(model_config), "vocab_size", 0) or 0
     return 3 * min(chunk_size, tokens) * vocab * 4
 
 
 MEMORY_SHARE = 0.8
 """The share of the device's available memory a run's estimated optimizer state, activations
 and LM-head scratch may take before the automatic choice recomputes more (:func:`fit_memory`):
-the estimate leaves out the attention kernel's scratch, DDP's gradient buckets, the activation
-gradients of the layer in backward and the allocator's fragmentation."""
+the estimate leaves out the attention kernel's scratch, the activation gradients of the layer in
+backward and the allocator's fragmentation."""
 
 MODES = ("none", "selective", "full")
 """Recomputation modes, most memory (and least time) first."""

@@ -347,8 +347,7 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
     (:func:`~dpokit.train.recompute.auto_selective`, against the trained weights' state; none
     with ``lora``: LoRA or an adapter trains on). A null ``gradient_checkpointing`` then decides
     from memory: the optimizer state still to allocate plus the activations and the LM head's
-    scratch of the longest possible micro-batch (``batch_size`` × the most tokens of one unit)
-    must fit in
+    scratch of the longest possible micro-batch (:func:`micro_batch_tokens`) must fit in
     :data:`~dpokit.train.recompute.MEMORY_SHARE` of the memory available on the device
     (:func:`~dpokit.memory.available_bytes`), else it recomputes more — selective (unless turned
     off), then whole layers (:func:`~dpokit.train.recompute.fit_memory`). The numbers are the
