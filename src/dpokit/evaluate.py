@@ -12,6 +12,7 @@ counts are reduced over batches (and ranks), then divided once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +22,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dpokit.data import micro_batches
-from dpokit.data.batching import group_ids, unit_spans
+from dpokit.data.batching import group_ids, unit_spans, units_of
 from dpokit.errors import DpokitError
 from dpokit.eval_config import EvalConfig, GenerateConfig
+from dpokit.memory import is_out_of_memory, release_cached, shortage
 from dpokit.objectives import MetricSums, Objective
 from dpokit.runtime import Runtime
 
+log = logging.getLogger("dpokit.eval")
 
 @dataclass
 class Evaluation:
@@ -37,6 +40,14 @@ class Evaluation:
     per_example: list[dict[str, Any]] = field(default_factory=list)
     is_main: bool = True
     """Whether this process is rank 0 (the one that writes and prints under torchrun)."""
+    batch_size: int = 0
+    """The units a batch it ended at: the ``batch_size`` asked for, or less where a batch ran
+    out of memory and was halved (the next evaluation of a training run starts there)."""
+
+
+class EvaluationOutOfMemory(DpokitError):
+    """A batch of one unit (or one that could not be cut) ran out of memory: the one-line
+    reason, naming the batch; training adds its step and its last checkpoint."""
 
 
 def _records(items: Sequence[Any], examples: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -66,31 +77,53 @@ def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, b
     their positions, so a resumed run evaluates the same). Every rank runs the same number of
     batches, padding with zero-weight ones, so DDP and FSDP collectives stay in step.
     ``per_example`` keeps one record per item, in data order (gathered from every rank under
-    torchrun).
+    torchrun). In one process on offline data a batch that runs out of memory is halved and
+    the evaluation goes on at that size (the same sums: each example is scored on its own;
+    :attr:`Evaluation.batch_size` says where it ended); at one unit, or where the ranks or
+    generation would have to agree, it is :class:`EvaluationOutOfMemory`'s one line.
     """
     was_training = policy.training
     policy.eval()
     sums = MetricSums(objective.metric_keys)
     records: list[dict[str, Any]] = []
     groups = group_ids(items)  # a prompt's pairs evaluate together (k completions)
+    groups = groups if unit_spans(groups) else None
     batches = micro_batches(list(range(len(items))), batch_size, runtime.rank,
-                            runtime.world_size, groups if unit_spans(groups) else None)
+                            runtime.world_size, groups)
+    # one process, offline data: a batch that does not fit is halved, the sums are the same
+    can_split = not runtime.distributed and (model is None or objective.offline)
     bar = tqdm(total=len(items), unit=objective.unit[:-1], desc="evaluating",
                disable=not progress)
+    i = 0
     try:
-        for indices, weight in batches:
-            chunk = [items[i] for i in indices]
-            positions = [offset + i for i in indices]
-            if model is not None:
-                chunk = objective.prepare(model, chunk, positions, step)
-            batch = objective.collate(chunk, positions).to(runtime.device)
-            with runtime.autocast():
-                out = objective.forward(policy, batch)
+        while i < len(batches):
+            indices, weight = batches[i]
+            chunk = [items[j] for j in indices]
+            try:
+                out, chunk = _evaluate_batch(objective, policy, chunk, indices, offset=offset,
+                                             runtime=runtime, model=model, step=step)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                units = len(units_of(indices, groups))
+                if not can_split or units == 1:
+                    raise EvaluationOutOfMemory(
+                        f"evaluation: out of memory on {runtime.device}{shortage(error)} in a "
+                        f"batch of {objective.describe(chunk)}: lower per_device_eval_batch_size"
+                        f" or max_length") from None
+                batch_size = units // 2
+                release_cached(runtime.device)
+                log.warning("evaluation: out of memory at %d %s a batch; going on at %d (the "
+                            "same sums)", units, objective.unit, batch_size)
+                rest = [j for part, _ in batches[i:] for j in part]
+                batches[i:] = micro_batches(rest, batch_size, 0, 1, groups)
+                continue
             if weight:
                 sums.add(out.sums)
                 if per_example:
                     records += _records(chunk, out.examples)
                 bar.update(len(indices))
+            i += 1
     finally:
         bar.close()
         policy.train(was_training)
@@ -102,7 +135,19 @@ def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, b
         dist.all_gather_object(shares, records)
         records = [record for share in shares for record in share]
     return Evaluation(objective.means(reduced), int(reduced["count"]), records,
-                      is_main=runtime.is_main)
+                      is_main=runtime.is_main, batch_size=batch_size)
+
+
+def _evaluate_batch(objective: Objective, policy: nn.Module, chunk: list, indices: list[int], *,
+                    offset: int, runtime: Runtime, model: nn.Module | None, step: int):
+    """One batch's :class:`~dpokit.objectives.Output` and the examples it scored (on-policy:
+    the pairs generated for ``chunk``)."""
+    positions = [offset + j for j in indices]
+    if model is not None:
+        chunk = objective.prepare(model, chunk, positions, step)
+    batch = objective.collate(chunk, positions).to(runtime.device)
+    with runtime.autocast():
+        return objective.forward(policy, batch), chunk
 
 
 def check_data_exists(data: str) -> None:

@@ -295,3 +295,75 @@ def test_any_command_that_runs_out_of_memory_says_so_in_one_line(workdir, capsys
     assert err.strip().splitlines() == [
         f"dpokit: error: out of memory ({str(error).splitlines()[0]}); lower the batch size "
         f"(batch_size, per_device_eval_batch_size) or max_length"]
+
+
+def test_evaluation_halves_a_batch_that_does_not_fit(workdir, tmp_path, monkeypatch, caplog):
+    """``dpokit eval`` under a fake limit of 3 pairs a forward: batch 8 goes on at 4, then 2
+    (two warnings), and its metrics and per-example records equal an evaluation at 2 pairs a
+    batch from the start (each pair is scored on its own: float64 sums, 1e-12)."""
+    from dpokit.evaluate import EvalConfig, run_eval
+
+    def evaluation(batch_size, name):
+        return run_eval(EvalConfig(model=str(workdir / "llama"), ref_model=str(workdir / "llama"),
+                                   data=str(workdir / "prefs.jsonl"), max_length=64,
+                                   batch_size=batch_size, per_example=str(tmp_path / name)),
+                        progress=False)
+
+    expected = evaluation(2, "plain.jsonl")
+    limit_pairs(monkeypatch, 3)
+    with caplog.at_level("WARNING", logger="dpokit"):
+        halved = evaluation(8, "halved.jsonl")
+    assert caplog.text.count("evaluation: out of memory at") == 2
+    assert "at 8 pairs a batch; going on at 4" in caplog.text
+    assert "at 4 pairs a batch; going on at 2" in caplog.text
+    assert halved.batch_size == 2 and expected.batch_size == 2
+    assert halved.num_examples == expected.num_examples == 48
+    assert halved.metrics.keys() == expected.metrics.keys()
+    for key, value in expected.metrics.items():
+        assert halved.metrics[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+    assert halved.per_example == expected.per_example
+
+
+def test_evaluation_at_one_pair_that_does_not_fit_is_one_line(workdir, capsys, monkeypatch):
+    """Halving stops at one pair: `dpokit eval` ends with one line naming the batch's row."""
+    limit_pairs(monkeypatch, 0)
+    code, _, err = run_cli(capsys, "eval", "--model", str(workdir / "llama"), "--data",
+                           str(workdir / "prefs.jsonl"), "--batch-size", "4")
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "dpokit: error" in line]
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1, err[-2000:]
+    assert lines[0].startswith("dpokit: error: evaluation: out of memory on cpu (it asked for "
+                               "8.00 GiB more) in a batch of 1 pairs, ")
+    assert "prefs.jsonl, row 1, " in lines[0] and "lower per_device_eval_batch_size" in lines[0]
+
+
+def test_evaluation_in_training_goes_on_at_the_halved_size(workdir, monkeypatch, caplog):
+    """In training, the first evaluation halves once (eval batch 4 → 2 under a limit of 3
+    pairs) and the later ones start at 2; the logged eval metrics equal those of a run whose
+    eval batch is 2 from the start. At one pair the error names the step and the checkpoint."""
+    data = str(workdir / "prefs.jsonl")
+    common = {"batch_size": 2, "max_steps": 4, "eval_steps": 2, "eval_data": data,
+              "per_device_eval_batch_size": 4}
+    limit_pairs(monkeypatch, 3)
+    with caplog.at_level("WARNING", logger="dpokit"):
+        halved = train(config(workdir, "oom-eval-halved", **common), progress=False)
+    assert caplog.text.count("evaluation: out of memory at 4 pairs a batch; going on at 2") == 1
+    plain = train(config(workdir, "oom-eval-plain", **{**common,
+                                                       "per_device_eval_batch_size": 2}),
+                  progress=False)
+    evals = [[m for m in read_metrics(run.parent) if "eval/loss" in m] for run in (halved, plain)]
+    assert [m["step"] for m in evals[0]] == [m["step"] for m in evals[1]] == [2, 4]
+    for x, y in zip(*evals, strict=True):
+        assert x["eval/loss"] == pytest.approx(y["eval/loss"], rel=1e-9)
+    monkeypatch.undo()
+    original = DPOObjective.forward
+
+    def forward(self, policy, batch):  # evaluation runs without grad: there, nothing fits
+        if not torch.is_grad_enabled():
+            raise RuntimeError(CPU_MESSAGE)
+        return original(self, policy, batch)
+
+    monkeypatch.setattr(DPOObjective, "forward", forward)
+    with pytest.raises(DpokitError, match=r"^after step 2: evaluation: out of memory on cpu .* "
+                                          r"in a batch of 1 pairs, .*; no checkpoint saved$"):
+        train(config(workdir, "oom-eval-one", **common), progress=False)

@@ -196,6 +196,26 @@ class Objective(ABC):
         their mean): the number of examples (SFT's ``loss_normalization: token``: tokens)."""
         return float(len(items))
 
+    def describe(self, items: Sequence[Any], note: str = "") -> str:
+        """``items`` for an error line: how many, their tokens, and where the longest is —
+        ``4 pairs, 212 tokens (the longest, prefs.jsonl, row 7, 64)``; ``note`` goes inside the
+        parentheses after a semicolon."""
+        tokens = [self.tokens(item) for item in items]
+        if not tokens:
+            return f"0 {self.unit}"
+        longest = items[max(range(len(items)), key=tokens.__getitem__)]
+        where = (f"{longest.source}, row {longest.row}" if getattr(longest, "source", "")
+                 else "one item")
+        note = f"; {note}" if note else ""
+        return f"{len(items)} {self.unit}, {sum(tokens)} tokens (the longest, {where}, " \
+               f"{max(tokens)}{note})"
+
+    @property
+    def offline(self) -> bool:
+        """Whether :meth:`prepare` returns the loaded items as they are (no generation, no
+        random draws): a batch may then be cut into smaller ones with the same sums."""
+        return type(self).prepare is Objective.prepare
+
     def prepare(self, model: nn.Module, items: Sequence[Any], indices: Sequence[int],
                 step: int) -> Sequence[Any]:
         """The examples a micro-batch trains on (or is evaluated on), from the loaded ``items``

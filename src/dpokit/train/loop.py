@@ -31,11 +31,10 @@ from dpokit.atomic import atomic_path
 from dpokit.config import config_yaml
 from dpokit.data import epoch_batches, micro_batches
 from dpokit.errors import DpokitError
-from dpokit.evaluate import evaluate
+from dpokit.evaluate import EvaluationOutOfMemory, evaluate
 from dpokit.logps import unwrap_model
 from dpokit.memory import error_line, is_out_of_memory, release_cached, shortage
 from dpokit.models import nonfinite_parameter
-from dpokit.objectives import Objective
 from dpokit.runtime import rng_state, setup_runtime, shutdown_runtime
 from dpokit.train.checkpoint import list_checkpoints, save_checkpoint
 from dpokit.train.config import DPOConfig, SFTConfig, TrainConfig
@@ -192,15 +191,11 @@ def _can_split(run: Run) -> bool:
     FSDP's gathers and DDP's reductions must match), offline data (on-policy generation draws
     from the RNG) and no dropout (its masks are drawn per forward)."""
     return (run.micro_batch > 1 and not run.runtime.distributed and run.config.disable_dropout
-            and type(run.objective).prepare is Objective.prepare)
+            and run.objective.offline)
 
 
 def _out_of_memory(run: Run, items: list, error: Exception) -> DpokitError:
     """The one-line error of a micro-batch that did not fit: where, how big, what to change."""
-    tokens = [run.objective.tokens(item) for item in items]
-    longest = items[max(range(len(items)), key=tokens.__getitem__)]
-    where = (f"{longest.source}, row {longest.row}" if getattr(longest, "source", "")
-             else "one item")
     advice = ["lower batch_size (raise gradient_accumulation_steps to keep the batch)",
               "max_length"]
     if _can_recompute_more(run):
@@ -208,8 +203,8 @@ def _out_of_memory(run: Run, items: list, error: Exception) -> DpokitError:
                          "least activation memory)")
     return DpokitError(
         f"step {run.step + 1}: out of memory on {run.runtime.device}{shortage(error)} in a "
-        f"micro-batch of {len(items)} {run.objective.unit}, {sum(tokens)} tokens (the "
-        f"longest, {where}, {max(tokens)}; recomputation {run.recompute}): " + ", or ".join(advice)
+        f"micro-batch of {run.objective.describe(items, f'recomputation {run.recompute}')}: "
+        + ", or ".join(advice)
         + f"; {_last_checkpoint(run)}")
 
 
@@ -310,10 +305,14 @@ def log_window(run: Run) -> None:
 
 def evaluate_run(run: Run) -> dict:
     """The objective over the evaluation data (no backward), logged as ``eval/…``."""
-    result = evaluate(run.objective, run.policy, run.eval_items,
-                      batch_size=run.config.eval_batch_size,
-                      runtime=run.runtime, offset=len(run.train_items), model=run.model,
-                      step=run.step)
+    try:
+        result = evaluate(run.objective, run.policy, run.eval_items,
+                          batch_size=run.eval_batch or run.config.eval_batch_size,
+                          runtime=run.runtime, offset=len(run.train_items), model=run.model,
+                          step=run.step)
+    except EvaluationOutOfMemory as error:
+        raise DpokitError(f"after step {run.step}: {error}; {_last_checkpoint(run)}") from None
+    run.eval_batch = result.batch_size  # halved when a batch ran out of memory
     record = {"step": run.step, **{f"eval/{k}": v for k, v in result.metrics.items()}}
     run.metrics.write(record)
     if run.config.eval_generate and run.runtime.is_main:

@@ -134,6 +134,9 @@ class Run:
     micro_batch: int = 1
     """Units (examples, or k-completion groups) a micro-batch: ``batch_size``, halved by the loop
     when one runs out of memory and smaller ones give the same step."""
+    eval_batch: int = 0
+    """Units an evaluation batch: 0 until the first evaluation (then ``eval_batch_size``, or
+    less where one ran out of memory and was halved)."""
     train_groups: Any = None
     """:func:`dpokit.data.batching.group_ids` of the training data, None without groups."""
     train_spans: Any = None
