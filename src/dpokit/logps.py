@@ -75,7 +75,7 @@ _UNHANDLED_HEAD_SCALES = ("output_multiplier", "scale_width", "dim_model_base",
 model's own forward (full logits) is used instead of the chunked head."""
 
 
-def _logit_transform(config) -> Callable[[Tensor], Tensor] | None:
+def logit_transform(config) -> Callable[[Tensor], Tensor] | None:
     """Post-processing some models apply to their logits — Cohere's ``logit_scale``, Granite's
     ``logits_scaling``, Falcon-H1's ``lm_head_multiplier``, Gemma's final soft cap — or None when
     the head is one this module cannot reproduce."""
@@ -233,7 +233,7 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         targets = batch.input_ids[:, 1:][scored]
         owners = sequence_ids[:, 1:][scored]
     base = unwrap_model(model)
-    transform = _logit_transform(base.config)
+    transform = logit_transform(base.config)
     if fused and transform is None:
         log.warning("%s scales its logits in a way the chunked head does not reproduce; using "
                     "the model's full forward", type(base).__name__)

@@ -114,6 +114,8 @@ def test_lm_head_scratch_by_hand():
                                   num_hidden_layers=1, num_attention_heads=4)
     assert lm_head_scratch_bytes(config, 5000, 1024) == 3 * 1024 * 152_064 * 4
     assert lm_head_scratch_bytes(config, 100, 1024) == 3 * 100 * 152_064 * 4
+    config.width_multiplier = 2.0  # a head the chunked path does not reproduce: full logits
+    assert lm_head_scratch_bytes(config, 5000, 1024) == 3 * 5000 * 152_064 * 4
 
 
 def test_fit_memory_takes_the_fastest_mode_that_fits():

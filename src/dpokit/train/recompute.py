@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from dpokit.errors import DpokitError
+from dpokit.logps import logit_transform
 
 _aten = torch.ops.aten
 SAVED_OPS = frozenset(
@@ -146,9 +147,12 @@ def lm_head_scratch_bytes(model_config, tokens: float, chunk_size: int) -> float
     """Peak scratch memory of the LM head, any recomputation mode: one chunk of ``chunk_size``
     completion positions (at most ``tokens``) of float32 logits over the vocabulary V, about
     three such tensors at once in its backward (logits, their softmax, the gradient):
-    3 · min(chunk_size, tokens) · V · 4 bytes — ~1.9 GB for a 152 k vocabulary at 1,024."""
+    3 · min(chunk_size, tokens) · V · 4 bytes — ~1.9 GB for a 152 k vocabulary at 1,024. A head
+    the chunked path cannot reproduce (:func:`dpokit.logps.completion_logps` then runs the
+    model's own forward) holds the logits of every position: 3 · tokens · V · 4."""
     vocab = getattr(_text_config(model_config), "vocab_size", 0) or 0
-    return 3 * min(chunk_size, tokens) * vocab * 4
+    chunked = logit_transform(model_config) is not None
+    return 3 * (min(chunk_size, tokens) if chunked else tokens) * vocab * 4
 
 
 MEMORY_SHARE = 0.8
