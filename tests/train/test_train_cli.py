@@ -64,6 +64,40 @@ def test_flags_override_yaml_and_underscore_spelling_works(workdir, tmp_path, ca
     assert len(read_metrics(tmp_path / "run")) == 2
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    ([], True),                                           # the YAML's value
+    (["--gradient-checkpointing", "auto"], None),         # back to the automatic choice
+    (["--gradient-checkpointing", "null"], None),
+    (["--gradient-checkpointing", "--beta", "0.2"], True),  # alone: true
+    (["--gradient-checkpointing", "false"], False),
+    (["--no-gradient-checkpointing"], False),
+    (["--no_gradient_checkpointing", "--gradient-checkpointing", "false"], False),
+])
+def test_an_optional_boolean_flag_sets_true_false_or_auto(tmp_path, flags, expected):
+    """A YAML's ``gradient_checkpointing: true`` can be set back to null (auto) by a flag; a
+    string field whose value is "auto" (``resume``) is not touched."""
+    from click.testing import CliRunner
+
+    from dpokit.cli.options import config_command
+    from dpokit.train.config import DPOConfig
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model: m\ndata: d.jsonl\ngradient_checkpointing: true\n")
+    seen = []
+    command = config_command("train", DPOConfig, seen.append, summary="")
+    result = CliRunner().invoke(command, ["--config", str(cfg), "--resume", "auto", *flags])
+    assert result.exit_code == 0, result.output
+    assert seen[0].gradient_checkpointing is expected
+    assert seen[0].resume == "auto" and seen[0].selective_checkpointing is None
+
+
+def test_contradicting_optional_boolean_flags_are_refused(capsys):
+    code, out, err = run(capsys, "train", "--model", "m", "--data", "d.jsonl",
+                         "--gradient-checkpointing", "true", "--no-gradient-checkpointing")
+    assert code == 2 and out == ""
+    assert "--gradient-checkpointing true and --no-gradient-checkpointing contradict" in err
+
+
 def test_help_documents_every_field_with_its_default(capsys):
     from dpokit.config import field_help
     from dpokit.train.config import DPOConfig

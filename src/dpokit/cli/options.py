@@ -1,8 +1,9 @@
 """Commands whose flags are generated from a config dataclass (``dpokit.config``).
 
 Every field ``output_dir`` becomes ``--output-dir`` (``--output_dir`` too, plus any ``aliases`` of
-the field), with the field's help text, type and default; booleans are ``--x/--no-x`` (an unset
-optional one stays null); list fields take ``a,b``, a YAML list ``[a, b]`` or the flag repeated.
+the field), with the field's help text, type and default; booleans are ``--x/--no-x``; an optional
+(``bool | None``) one is also ``--x true|false|auto`` (auto: null, its automatic choice) and
+stays null unless given; list fields take ``a,b``, a YAML list ``[a, b]`` or the flag repeated.
 ``--config FILE`` reads the same keys from YAML; flags override it. The resolved config is
 validated before the command's function runs.
 """
@@ -18,6 +19,9 @@ from typing import Any
 import click
 
 from dpokit.config import field_help, load_config, split_list_text
+
+NO = "__no"
+"""The parameter-name suffix of an optional boolean's ``--no-x`` flag."""
 
 
 def _is_list(hint: Any) -> bool:
@@ -37,11 +41,21 @@ def _params(config_cls: type) -> list[click.Parameter]:
         key = flag[2:].replace("-", "_")
         aliases = list(fields[key].metadata.get("aliases", ()))
         shown = "required" if default == "(required)" else f"default: {default!r}"
-        if hints[key] in (bool, bool | None):
+        if hints[key] is bool:
             decls = [f"{flag}/--no-{flag[2:]}", *aliases, key]
             if "_" in key:
                 decls.insert(1, f"--{key}/--no_{key}")
             params.append(click.Option(decls, default=None, help=f"{text} [{shown}]"))
+            continue
+        if hints[key] == bool | None:  # --x (true), --x false, --x auto (null), --no-x
+            decls = [flag, *([f"--{key}"] if "_" in key else []), *aliases, key]
+            params.append(click.Option(
+                decls, is_flag=False, flag_value="true", default=None, metavar="[true|false|auto]",
+                type=click.Choice(["true", "false", "auto", "null"], case_sensitive=False),
+                help=f"{text} Alone: true; auto: null, the automatic choice. [{shown}]"))
+            no = [f"--no-{flag[2:]}", *([f"--no_{key}"] if "_" in key else [])]
+            params.append(click.Option([*no, key + NO], is_flag=True, default=False,
+                                       help=f"The same as {flag} false."))
             continue
         decls = [flag, *([f"--{key}"] if "_" in key else []), *aliases, key]
         metavar = kind.upper() if " " not in kind else "VALUE"
@@ -58,9 +72,19 @@ def config_command(name: str, config_cls: type, run: Callable[[Any], None], *,
     def callback(config_path: Path | None, **flags: Any) -> None:
         """Flags given (as text) over the YAML file, validated, then ``run``."""
         overrides = {}
+        optional = [k[:-len(NO)] for k in flags if k.endswith(NO)]  # the bool | None fields
+        for name in optional:
+            no = flags.pop(name + NO)
+            if no and flags[name] not in (None, "false"):
+                raise click.UsageError(f"--{name.replace('_', '-')} {flags[name]} and "
+                                       f"--no-{name.replace('_', '-')} contradict each other")
+            if no:
+                flags[name] = "false"
         for key, value in flags.items():
             if value is None or value == ():
                 continue
+            if key in optional and value == "auto":
+                value = "null"
             if isinstance(value, bool):
                 value = "true" if value else "false"
             elif isinstance(value, tuple):  # a list flag: each occurrence is one text value
