@@ -269,6 +269,73 @@ def test_fitting_recomputation_between_the_modes(workdir, monkeypatch, caplog):
     assert "may not fit" not in caplog.text
 
 
+def test_micro_batches_are_halved_up_front_when_nothing_else_fits(workdir, monkeypatch,
+                                                                   caplog):
+    """With no memory to spare even whole-layer recomputation does not fit: the micro-batch is
+    halved before the first step (4 → 2 → 1 pairs, said once) and the run trains exactly as
+    batch_size 1 × 4 accumulation steps does (losses 1e-6, weights float32 rounding); the
+    decision needs no out-of-memory error, so it holds under torchrun too (every rank decides
+    from the all-reduced minimum). With dropout on (its masks depend on the micro-batch) it only
+    warns, as on-policy data does (Objective.offline, tested with the loop's halving)."""
+    import dpokit.memory
+    from dpokit.objectives.dpo import DPOObjective
+
+    monkeypatch.setattr(dpokit.memory, "available_bytes", lambda device, **_: 0)
+    modes = recompute_modes(monkeypatch)
+    sizes, forward = [], DPOObjective.forward
+    monkeypatch.setattr(DPOObjective, "forward", lambda self, policy, batch: (
+        sizes.append(batch.num_pairs), forward(self, policy, batch))[1])
+    with caplog.at_level("INFO", logger="dpokit.train"):
+        halved = train(config(workdir, "plan-halved", batch_size=4, max_steps=3), progress=False)
+    assert modes == ["full"]
+    assert sizes == [1] * 12  # 3 steps of 4 forwards of one pair
+    assert caplog.text.count("micro-batches of 1 pairs instead of batch_size 4 (auto, for "
+                             "memory") == 1
+    assert "may not fit in memory (recomputation full, micro-batches of 1:" in caplog.text
+    monkeypatch.undo()
+    plain = train(config(workdir, "plan-accumulated", batch_size=1,
+                         gradient_accumulation_steps=4, max_steps=3,
+                         gradient_checkpointing=True), progress=False)
+    a, b = read_metrics(halved.parent), read_metrics(plain.parent)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+    for name, tensor in weights(halved).items():
+        torch.testing.assert_close(tensor, weights(plain)[name], rtol=1e-5, atol=1e-7)
+
+    monkeypatch.setattr(dpokit.memory, "available_bytes", lambda device, **_: 0)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dpokit.train"):
+        train(config(workdir, "plan-dropout", batch_size=4, max_steps=1,
+                     disable_dropout=False), progress=False)
+    assert "micro-batches of" not in caplog.text
+    assert "may not fit in memory (recomputation full:" in caplog.text
+
+
+def test_micro_batches_stay_whole_when_the_memory_is_there(workdir, monkeypatch, caplog):
+    """Memory for whole layers at batch 4 but not for none: recomputation switches, the
+    micro-batch stays 4 (the trainer's own estimate, as in the test above)."""
+    import dpokit.memory
+    import dpokit.train.setup as setup
+
+    needs = []
+    original = setup.fit_memory
+    monkeypatch.setattr(setup, "fit_memory",
+                        lambda preferred, allowed, need, available: (
+                            needs.append(need), original(preferred, allowed, need, available))[1])
+    monkeypatch.setattr(dpokit.memory, "available_bytes", lambda device, **_: 1 << 50)
+    train(config(workdir, "plan-probe", max_steps=1), progress=False)
+    need = needs[0]
+    just = (need("full") + need("selective")) / 2 / 0.8  # whole layers fit, selective not
+    monkeypatch.setattr(dpokit.memory, "available_bytes", lambda device, **_: just)
+    with caplog.at_level("INFO", logger="dpokit.train"):
+        run = train(config(workdir, "plan-whole", max_steps=1), progress=False)
+    assert "recomputation full instead of none" in caplog.text
+    assert "micro-batches of" not in caplog.text and "may not fit" not in caplog.text
+    assert read_metrics(run.parent)[0]["step"] == 1
+
+
 def test_save_total_limit_keeps_the_newest_checkpoints(workdir):
     run_dir = train(config(workdir, "limit", max_steps=5, save_steps=1, save_total_limit=2),
                     progress=False).parent

@@ -130,10 +130,11 @@ class Run:
     epoch_order: dict[int, list[list[int]]] = field(default_factory=dict)
     """The global batches of the current epoch."""
     recompute: str = "none"
-    """The activation recomputation of the run: none, selective or full (:func:`recompute_mode`)."""
+    """The activation recomputation of the run: none, selective or full (:func:`plan_memory`)."""
     micro_batch: int = 1
-    """Units (examples, or k-completion groups) a micro-batch: ``batch_size``, halved by the loop
-    when one runs out of memory and smaller ones give the same step."""
+    """Units (examples, or k-completion groups) a micro-batch: ``batch_size``, or less where the
+    memory plan (:func:`plan_memory`) or the loop (when one runs out of memory) halved it and
+    smaller ones give the same step."""
     eval_batch: int = 0
     """Units an evaluation batch: 0 until the first evaluation (then ``eval_batch_size``, or
     less where one ran out of memory and was halved)."""
@@ -205,8 +206,8 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
                                               train_rows=len(train_items))
     model = load_causal_lm(base or config.model, dtype=config.dtype, device=runtime.device,
                            trust_remote_code=config.trust_remote_code)
-    recompute = recompute_mode(config, model, objective, train_items, runtime, spans=spans,
-                               lora=config.lora or base is not None)
+    recompute, micro_batch = plan_memory(config, model, objective, train_items, runtime,
+                                         spans=spans, lora=config.lora or base is not None)
     enable_recompute(model, recompute)
     if base is not None:  # the adapter trains on, with its own r, alpha and targets
         model = load_adapter(model, config.model, trainable=True)
@@ -232,7 +233,7 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
               train_groups=None if spans is None else groups, train_spans=spans,
               global_batch=global_batch, window=MetricSums(objective.metric_keys),
               sample_reward=_sample_reward(config, objective), fingerprint=fingerprint,
-              recompute=recompute, micro_batch=config.batch_size)
+              recompute=recompute, micro_batch=micro_batch)
     resume(run, checkpoint)
     trackers = start_trackers(
         resolve_report_to(config.report_to), output_dir, config=config_to_dict(config),
@@ -339,10 +340,11 @@ def resume(run: Run, checkpoint: Path | None) -> None:
         log.warning("resumed from %s at step %d", checkpoint, run.step)
 
 
-def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
-                   items: list, runtime: Runtime, *, spans: Spans | None = None,
-                   lora: bool) -> str:
-    """``full``, ``selective`` or ``none``, for a model already on its device.
+def plan_memory(config: TrainConfig, model: nn.Module, objective: Objective,
+                items: list, runtime: Runtime, *, spans: Spans | None = None,
+                lora: bool) -> tuple[str, int]:
+    """The run's recomputation — ``full``, ``selective`` or ``none`` — and its micro-batch (units
+    a forward), for a model already on its device.
 
     A micro-batch is ``batch_size`` units: items, or a prompt's k-completion pairs (``spans``,
     :func:`~dpokit.data.batching.unit_spans`). A null ``selective_checkpointing`` decides from
@@ -353,18 +355,23 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
     scratch of the longest possible micro-batch (:func:`micro_batch_tokens`) must fit in
     :data:`~dpokit.train.recompute.MEMORY_SHARE` of the memory available on the device
     (:func:`~dpokit.memory.available_bytes`), else it recomputes more — selective (unless turned
-    off), then whole layers (:func:`~dpokit.train.recompute.fit_memory`). The numbers are the
-    same in every mode; the log says what was chosen and why."""
+    off), then whole layers (:func:`~dpokit.train.recompute.fit_memory`). When even the leanest
+    allowed mode would not fit, the micro-batch is halved until it does (or is one unit) where
+    gradient accumulation then gives the same step — offline data, no dropout
+    (:attr:`~dpokit.objectives.Objective.offline`); every rank decides from the same all-reduced
+    memory, so this holds under torchrun too. The numbers are the same in every mode and at
+    every micro-batch; the log says what was chosen and why."""
     if config.gradient_checkpointing:
-        return "full"
+        return "full", config.batch_size
     selective = config.selective_checkpointing
     supported = supports_recompute(model)
     if selective is None and not supported:
         selective = False
     size = 2 if config.compute_dtype != "float32" else next(model.parameters()).element_size()
     padded = not (getattr(config, "unpadded", False) or getattr(config, "padding_free", False))
-    mean_tokens, largest_tokens = micro_batch_tokens(item_tokens(objective, items), spans,
-                                                     config.batch_size, padded=padded)
+    per_item = item_tokens(objective, items)
+    mean_tokens, largest_tokens = micro_batch_tokens(per_item, spans, config.batch_size,
+                                                     padded=padded)
     state = training_state_bytes(model, lora=lora)
     if selective is None:
         freed = freed_bytes(model.config, mean_tokens, size)
@@ -374,7 +381,7 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
                  freed / 2**20, state / 2**20)
     preferred = "selective" if selective else "none"
     if not supported or not largest_tokens:
-        return preferred
+        return preferred, config.batch_size
     shards = runtime.world_size if config.fsdp else 1
     available = memory.available_bytes(runtime.device, local_ranks=memory.local_ranks())
     if available is not None and runtime.distributed:  # every rank decides the same
@@ -383,17 +390,25 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
     if available is not None and shards > 1:  # each rank's whole copy is sharded after this
         available += state // 4 * (shards - 1) // shards
     to_come = state * 3 // 4 // shards  # gradients and two AdamW moments; the weights are in
-    scratch = lm_head_scratch_bytes(model.config, largest_tokens, config.chunk_size)
 
-    def need(mode: str) -> float:
-        return to_come + scratch + kept_bytes(model.config, largest_tokens, size, mode)
+    def need(mode: str, tokens: int = largest_tokens) -> float:
+        scratch = lm_head_scratch_bytes(model.config, tokens, config.chunk_size)
+        return to_come + scratch + kept_bytes(model.config, tokens, size, mode)
 
     allowed = set() if config.gradient_checkpointing is False else {"full"}
     if config.selective_checkpointing is not False:
         allowed.add("selective")
     mode = fit_memory(preferred, allowed, need, available)
-    if available is None or not runtime.is_main:
-        return mode
+    if available is None:
+        return mode, config.batch_size
+    budget = MEMORY_SHARE * available
+    micro, tokens = config.batch_size, largest_tokens
+    splittable = config.disable_dropout and objective.offline
+    while need(mode, tokens) > budget and micro > 1 and splittable:
+        micro //= 2
+        tokens = micro_batch_tokens(per_item, spans, micro, padded=padded)[1]
+    if not runtime.is_main:
+        return mode, micro
     where = (f"the longest micro-batch's activations and LM-head scratch "
              f"(~{_gib(need(preferred) - to_come)}) and the optimizer state still to allocate "
              f"(~{_gib(to_come)}) against "
@@ -403,13 +418,19 @@ def recompute_mode(config: TrainConfig, model: nn.Module, objective: Objective,
                  "gradient_checkpointing: false with selective_checkpointing: false")
         log.warning("recomputation %s instead of %s (auto, for memory: %s; now ~%s; %s keeps "
                     "%s)", mode, preferred, where, _gib(need(mode)), keeps, preferred)
-    if need(mode) > MEMORY_SHARE * available:
-        log.warning("this run may not fit in memory (recomputation %s: ~%s needed, %s "
+    if micro < config.batch_size:
+        log.warning("micro-batches of %d %s instead of batch_size %d (auto, for memory: "
+                    "recomputation %s would need ~%s; now ~%s): gradient accumulation gives "
+                    "the same step", micro, objective.unit, config.batch_size, mode,
+                    _gib(need(mode)), _gib(need(mode, tokens)))
+    if need(mode, tokens) > budget:
+        log.warning("this run may not fit in memory (recomputation %s%s: ~%s needed, %s "
                     "available on %s); lower batch_size (raise gradient_accumulation_steps to "
-                    "keep the batch) or max_length%s", mode, _gib(need(mode)),
-                    _gib(available), runtime.device,
+                    "keep the batch) or max_length%s", mode,
+                    f", micro-batches of {micro}" if micro < config.batch_size else "",
+                    _gib(need(mode, tokens)), _gib(available), runtime.device,
                     "" if mode == "full" else ", or set gradient_checkpointing: true")
-    return mode
+    return mode, micro
 
 
 def micro_batch_tokens(per_item: Sequence[int], spans: Spans | None, batch_size: int, *,
