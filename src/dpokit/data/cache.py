@@ -4,7 +4,8 @@ validating and tokenising the rows again (issue 14).
 
 The key (:func:`items_key`) is a digest of everything the pairs depend on: the data's *content*
 (every file's bytes, so an edit in place is a new key whatever its size or time stamp), the split,
-the tokenizer's files (``tokenizer.json``, its config and chat template, vocabularies), the
+the tokenizer's files (every file of its directory but weights: ``tokenizer.json``, its
+config and chat template, vocabularies, a remote-code tokenizer's module), the
 tokenisation settings (``max_row_chars`` included: a lower limit must refuse again), the column
 names and whatever else chooses the tokens (SFT's loss span), the kind of item, the path as given
 (the items name it in their messages), the source of dpokit's data modules and the versions of
@@ -16,16 +17,21 @@ is a directory of flat arrays (:mod:`dpokit.data.store`: ``.npy`` files, no pick
 ``meta.json``), written chunk by chunk into a temporary sibling and renamed into place when
 complete, then read memory-mapped (a hit builds no Python object per item); an unreadable or
 inconsistent entry is removed with a warning and rebuilt, never read, and the temporary
-directory of a build whose process died is removed by a later build.
+directory of a build whose process died is removed by a later build. The data's digest is taken
+again after a build: data rewritten while it was read is refused in one line and nothing is
+cached. What a build says about the data (rows dropped, identical completions, shortened
+prompts, counts) is stored in the entry and said again by every run that reads it. Data whose
+digest cannot be taken (an unreadable file in its directory) is prepared without the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,8 +42,12 @@ log = logging.getLogger("dpokit.data")
 
 FORMAT = 2
 """2: a memory-mapped store directory (:mod:`dpokit.data.store`), SHA-256 keys."""
-_TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges",
-                    "chat_template", "spiece", "sentencepiece")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack",
+                    ".onnx", ".lock")
+"""Files of a tokenizer's directory the key leaves out: weights (a model directory's; they do
+not choose tokens and would cost a read of gigabytes) and locks. Everything else is in it —
+``tokenizer.json`` and its config, vocabularies (``*.tiktoken``, ``*.model``, ``vocab.*``,
+``merges.txt``), chat templates, and a remote-code tokenizer's ``tokenization_*.py``."""
 _CHUNK = 1 << 20
 
 
@@ -69,8 +79,8 @@ def tokenizer_digest(tokenizer: Any) -> str | None:
     if not name or not Path(name).is_dir():
         return None
     directory = Path(name)
-    files = sorted(p for p in directory.iterdir()
-                   if p.is_file() and p.name.startswith(_TOKENIZER_FILES))
+    files = sorted(p for p in directory.iterdir() if p.is_file()
+                   and not p.name.startswith(".") and not p.name.endswith(_WEIGHT_SUFFIXES))
     if not files:
         return None
     digest = hashlib.blake2b(digest_size=20)
@@ -106,16 +116,18 @@ def code_digest() -> str:
 
 
 def items_key(data: Path, split: str | None, tokenizer: Any, settings: Any,
-              columns: Any, kind: str = "TokenizedPair") -> str | None:
+              columns: Any, kind: str = "TokenizedPair", *,
+              data_digest: str | None = None) -> str | None:
     """The cache key of the items of ``data`` (module docstring), or None when the tokenizer has
-    no files to key on."""
+    no files to key on. ``data_digest``: :func:`content_digest` of ``data``, when the caller
+    has it."""
     from dpokit import __version__
 
     tokenizer_id = tokenizer_digest(tokenizer)
     if tokenizer_id is None:
         return None
     parts = {"format": FORMAT, "dpokit": __version__, "code": code_digest(),
-             "path": str(data), "data": content_digest(data),
+             "path": str(data), "data": data_digest or content_digest(data),
              "split": split, "tokenizer": tokenizer_id, "settings": settings.to_dict(),
              "columns": asdict(columns) if dataclasses.is_dataclass(columns) else columns,
              "kind": kind}
@@ -185,12 +197,21 @@ def cached_items(cache_dir: Path, path: str | Path, split: str | None, tokenizer
     data = locate(path, repo_type="dataset")
     if not data.exists():
         return scratch_items(build)
-    key = items_key(data, split, tokenizer, settings, columns, cls.__name__)
+    try:
+        digest = content_digest(data)
+        key = items_key(data, split, tokenizer, settings, columns, cls.__name__,
+                        data_digest=digest)
+    except OSError as error:  # e.g. an unreadable file the loader may never read: its call
+        log.warning("could not key the tokenised-data cache on %s (%s); preparing the data "
+                    "without the cache", getattr(error, "filename", None) or data,
+                    error.strerror or error)
+        return scratch_items(build)
     if key is None:
         return scratch_items(build)
     entry = cache_dir / f"{cls.__name__.lower()}-{key}"
     items = load_entry(entry, key, cls)
     if items is not None:
+        _replay(entry)
         log.info("%s: %d tokenised examples read from %s (same data, tokenizer and settings as "
                  "an earlier run)", data, len(items), entry)
         return items
@@ -200,7 +221,15 @@ def cached_items(cache_dir: Path, path: str | Path, split: str | None, tokenizer
         _stale_builds(cache_dir, cls)
         discard(tmp)
         tmp.mkdir()
-        build(tmp, {"key": key})
+        with _recorded() as messages:
+            build(tmp, {"key": key})
+        if content_digest(data) != digest:  # rewritten while it was read: the items may mix
+            from dpokit.errors import DpokitError
+
+            raise DpokitError(f"{data} changed while it was being tokenised (its content "
+                              f"differs from when this run read it first); nothing was cached "
+                              f"— run again once it is written")
+        (tmp / MESSAGES).write_text(json.dumps(messages), encoding="utf-8")
         replace(tmp, entry)
         return open_store(entry, cls, key=key)
     except OSError as error:  # a full disk must not stop a run that has its data
@@ -211,6 +240,41 @@ def cached_items(cache_dir: Path, path: str | Path, split: str | None, tokenizer
     except BaseException:
         discard(tmp)  # an error in the data, or an interruption: no entry, nothing left
         raise
+
+
+MESSAGES = "messages.json"
+"""An entry's file of what its build said about the data (dropped rows, identical completions,
+shortened prompts, counts), said again when a later run reads the entry."""
+
+
+@contextlib.contextmanager
+def _recorded() -> Iterator[list[tuple[int, str]]]:
+    """The ``dpokit.data`` log records (level ≥ INFO, as emitted) of the block, as ``(level,
+    message)``, for :data:`MESSAGES`."""
+    messages: list[tuple[int, str]] = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.INFO:
+                messages.append((record.levelno, record.getMessage()))
+
+    handler = Recorder()
+    log.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        log.removeHandler(handler)
+
+
+def _replay(entry: Path) -> None:
+    """Say again what the build of ``entry`` said about the data (an entry written before
+    :data:`MESSAGES` existed has none)."""
+    try:
+        messages = json.loads((entry / MESSAGES).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    for level, message in messages:
+        log.log(int(level), "%s", message)
 
 
 def scratch_items(build: Callable[[Path | None, dict[str, Any]], Sequence[Any]]
