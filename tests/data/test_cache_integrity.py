@@ -116,3 +116,32 @@ def test_a_remote_code_tokenizers_files_are_in_the_key(tmp_path):
     assert after_code != after_vocab
     (directory / "model.safetensors").write_bytes(b"weights")
     assert tokenizer_digest(Loaded()) == after_code
+
+
+def test_an_entry_another_process_completed_meanwhile_is_read_not_replaced(
+        workdir, tmp_path, monkeypatch, caplog):
+    """Every rank of a torchrun job prepares the same data at once: the entry a faster one
+    put in place while this one was building is read (not replaced, not tokenised again, no
+    warning), and it holds the same items."""
+    import shutil
+
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    tokenizer, cache, other = (load_tokenizer(workdir / "llama"), tmp_path / "cache",
+                               tmp_path / "other")
+    load_preference_pairs(data, tokenizer, cache_dir=other)  # the faster rank's entry
+    (entry,) = other.glob("tokenizedpair-*")
+    (entry / "marker").write_text("the faster rank's")
+    original = prepare.iter_row_chunks
+
+    def faster_rank_finishes(path, **kwargs):
+        shutil.copytree(entry, cache / entry.name)
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(prepare, "iter_row_chunks", faster_rank_finishes)
+    with caplog.at_level(logging.WARNING, logger="dpokit.data"):
+        items = load_preference_pairs(data, tokenizer, cache_dir=cache)
+    assert (cache / entry.name / "marker").exists()  # read, not replaced
+    assert [p.name for p in cache.iterdir()] == [entry.name]  # no temporary left
+    assert "could not cache" not in caplog.text
+    monkeypatch.undo()
+    assert list(items) == list(load_preference_pairs(data, tokenizer))

@@ -230,16 +230,29 @@ def cached_items(cache_dir: Path, path: str | Path, split: str | None, tokenizer
                               f"differs from when this run read it first); nothing was cached "
                               f"— run again once it is written")
         (tmp / MESSAGES).write_text(json.dumps(messages), encoding="utf-8")
+        if (items := _built_meanwhile(entry, key, cls)) is not None:
+            discard(tmp)
+            return items
         replace(tmp, entry)
         return open_store(entry, cls, key=key)
     except OSError as error:  # a full disk must not stop a run that has its data
         discard(tmp)
+        if (items := _built_meanwhile(entry, key, cls)) is not None:
+            return items
         log.warning("could not cache the tokenised data in %s: %s; preparing it without the "
                     "cache", entry, error.strerror or error)
         return scratch_items(build)
     except BaseException:
         discard(tmp)  # an error in the data, or an interruption: no entry, nothing left
         raise
+
+
+def _built_meanwhile(entry: Path, key: str, cls: type) -> ItemStore | None:
+    """The entry another process (another rank of the same run, most often) completed while
+    this one built the same key: read it rather than replace it or tokenise again."""
+    if not entry.exists():
+        return None
+    return load_entry(entry, key, cls)
 
 
 MESSAGES = "messages.json"
