@@ -1,6 +1,7 @@
 """dpokit.atomic: a target is replaced whole or not at all, and no temporary is left behind."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,41 @@ def test_a_stale_temporary_is_cleared(tmp_path):
         assert list(tmp.iterdir()) == []
         (tmp / "ok").write_text("1")
     assert _siblings(target) == ["final"] and (target / "ok").is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads fds' paths from /proc")
+def test_what_is_renamed_into_place_is_on_the_disk_first(tmp_path, monkeypatch):
+    """Every file and directory of a new target is fsync'ed before the rename that puts it in
+    place, and the parent directory after it (so a power loss cannot leave a renamed, empty
+    checkpoint): the order of os.fsync and os.replace calls, read back from /proc."""
+    events = []
+    fsync, rename = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("replace", str(dst)))
+        rename(src, dst)
+
+    target = tmp_path / "checkpoint-2"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    with atomic_path(target, directory=True) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"weights")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "state.json").write_text("{}")
+    monkeypatch.undo()
+    first_rename = next(i for i, (kind, _) in enumerate(events) if kind == "replace")
+    synced = {path for kind, path in events[:first_rename] if kind == "fsync"}
+    tmp_name = str(tmp)
+    assert {f"{tmp_name}/model.safetensors", f"{tmp_name}/sub/state.json", f"{tmp_name}/sub",
+            tmp_name} <= synced
+    renames = [path for kind, path in events if kind == "replace"]
+    assert renames[-1] == str(target)  # the old one aside, then the new one in place
+    assert events[-1] == ("fsync", str(tmp_path))  # the parent, after the rename
+    assert (target / "model.safetensors").read_bytes() == b"weights"
+    assert not (target / "old.txt").exists()

@@ -9,7 +9,9 @@ writing the same target never share one); ``shared=True`` drops the pid for a di
 several ranks of one run fill together (``.<name>.tmp``). On an exception the temporary is
 removed and the target is left as it was; on success ``os.replace`` puts it in place in one step
 (an existing directory target is renamed aside first — POSIX cannot rename over a non-empty
-directory — and removed once the new one is in place).
+directory — and removed once the new one is in place). What is renamed is flushed to the disk
+first and the parent directory after (``fsync``), so a power loss leaves the old target or the
+complete new one.
 
 An OS error while writing — a full disk, a read-only directory, a file where a directory should
 be — is a :class:`~dpokit.errors.DpokitError` ``cannot write PATH: CAUSE`` naming the target (not
@@ -78,12 +80,48 @@ def discard(path: Path) -> None:
         _remove(path)
 
 
+def _fsync(path: Path) -> None:
+    """Flush one file's or directory's data and metadata to the disk (``os.fsync``). Where the
+    system cannot sync a directory (Windows, some network file systems) that is let be."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) * path.is_dir()
+    try:
+        fd = os.open(path, flags)
+    except (IsADirectoryError, PermissionError):
+        return  # Windows opens no directory
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def sync_tree(path: Path) -> None:
+    """``fsync`` every file under ``path`` (or ``path`` itself), then its directories, deepest
+    first: what is renamed into place is on the disk before the rename is."""
+    if not path.is_dir():
+        _fsync(path)
+        return
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            file = Path(root) / name
+            if not file.is_symlink():
+                _fsync(file)
+        _fsync(Path(root))
+
+
 def replace(tmp: Path, path: Path) -> None:
-    """Move a finished temporary into place. An existing directory target is first renamed
-    aside (``.<name>.<pid>.old``), and deleted only once the new one is in place; if the rename
-    fails it is put back, so ``path`` is never lost."""
+    """Move a finished temporary into place, durably: its files are flushed to the disk first
+    (:func:`sync_tree`) and the parent directory after, so a power loss leaves the old target or
+    the complete new one — never a renamed, still empty one (a checkpoint that
+    ``save_total_limit`` would then count in place of an intact older one). An existing
+    directory target is first renamed aside (``.<name>.<pid>.old``), and deleted only once the
+    new one is in place; if the rename fails it is put back, so ``path`` is never lost."""
+    sync_tree(tmp)
     if not (tmp.is_dir() and path.is_dir()):
         os.replace(tmp, path)
+        _fsync(path.parent)
         return
     aside = path.with_name(f".{path.name}.{os.getpid()}.old")
     _remove(aside)
@@ -93,6 +131,7 @@ def replace(tmp: Path, path: Path) -> None:
     except BaseException:
         os.replace(aside, path)
         raise
+    _fsync(path.parent)
     discard(aside)
 
 
