@@ -91,7 +91,7 @@ def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, b
     batches = micro_batches(list(range(len(items))), batch_size, runtime.rank,
                             runtime.world_size, groups)
     # one process, offline data: a batch that does not fit is halved, the sums are the same
-    can_split = not runtime.distributed and (model is None or objective.offline)
+    can_split = not runtime.distributed and objective.splittable
     bar = tqdm(total=len(items), unit=objective.unit[:-1], desc="evaluating",
                disable=not progress)
     i = 0

@@ -185,17 +185,53 @@ def test_halving_only_where_it_gives_the_same_step(workdir):
     from dpokit.objectives.online import OnlineDPOObjective
     from dpokit.train.loop import _can_split
 
+    def objective(cls=DPOObjective, loss_type=("sigmoid",)):
+        made = cls.__new__(cls)
+        made.config = SimpleNamespace(loss_type=list(loss_type))
+        return made
+
     def run(**changes):
         values = {"micro_batch": 4, "runtime": SimpleNamespace(distributed=False),
                   "config": SimpleNamespace(disable_dropout=True),
-                  "objective": DPOObjective.__new__(DPOObjective), **changes}
+                  "objective": objective(), **changes}
         return SimpleNamespace(**values)
 
     assert _can_split(run())
+    assert _can_split(run(objective=objective(loss_type=("sigmoid", "ipo", "apo_zero"))))
     assert not _can_split(run(micro_batch=1))
     assert not _can_split(run(runtime=SimpleNamespace(distributed=True)))
     assert not _can_split(run(config=SimpleNamespace(disable_dropout=False)))
-    assert not _can_split(run(objective=OnlineDPOObjective.__new__(OnlineDPOObjective)))
+    assert not _can_split(run(objective=objective(OnlineDPOObjective)))
+    for coupled in (("sigmoid", "sft"), ("aot",), ("aot_unpaired",)):  # micro-batch terms
+        assert not _can_split(run(objective=objective(loss_type=coupled))), coupled
+
+
+def test_a_loss_that_couples_the_micro_batch_is_not_halved(workdir, tmp_path, monkeypatch):
+    """loss_type [sigmoid, sft]: the sft term is the micro-batch's token mean, so halving would
+    change the step — training and evaluation stop with the one-line error instead, and the
+    memory plan does not halve either (it warns)."""
+    import dpokit.memory
+    from dpokit.evaluate import EvalConfig, run_eval
+
+    limit_pairs(monkeypatch, 3)
+    with pytest.raises(DpokitError, match=r"^step 1: out of memory on cpu .* micro-batch of 4 "
+                                          r"pairs"):
+        train(config(workdir, "oom-coupled", batch_size=4, max_steps=1,
+                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]), progress=False)
+    with pytest.raises(DpokitError, match=r"^evaluation: out of memory on cpu .* batch of 4 "
+                                          r"pairs"):
+        run_eval(EvalConfig(model=str(workdir / "llama"), ref_model=str(workdir / "llama"),
+                            data=str(workdir / "prefs.jsonl"), max_length=64, batch_size=4,
+                            loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+                 progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(dpokit.memory, "available_bytes", lambda device, **_: 0)
+    sizes, forward = [], DPOObjective.forward
+    monkeypatch.setattr(DPOObjective, "forward", lambda self, policy, batch: (
+        sizes.append(batch.num_pairs), forward(self, policy, batch))[1])
+    train(config(workdir, "plan-coupled", batch_size=4, max_steps=1,
+                 loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]), progress=False)
+    assert sizes == [4]
 
 
 def test_the_reference_pass_halves_a_batch_that_does_not_fit(workdir, caplog):

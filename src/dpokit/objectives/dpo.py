@@ -30,6 +30,7 @@ from dpokit.errors import DpokitError
 from dpokit.losses import (
     METRIC_KEYS,
     dpo_loss,
+    is_batch_coupled,
     metric_means,
     needs_label_probs,
     needs_lengths,
@@ -85,6 +86,12 @@ class DPOObjective(Objective):
         self.lengths = needs_lengths(config.loss_type) or bool(config.rpo_alpha)
         self.margins = needs_margins(config.loss_type)
         self.label_probs = needs_label_probs(config.loss_type)
+
+    @property
+    def splittable(self) -> bool:
+        """Offline pairs and no loss term that couples the micro-batch (``aot`` sorts over it,
+        ``sft`` is its token mean: their values depend on which pairs share a forward)."""
+        return super().splittable and not is_batch_coupled(self.config.loss_type)
 
     @property
     def with_loss(self) -> bool:

@@ -189,9 +189,10 @@ def _can_split(run: Run) -> bool:
     """Whether halving the micro-batches after running out of memory gives the same step: more
     than one unit a micro-batch, one process (ranks would run different numbers of forwards:
     FSDP's gathers and DDP's reductions must match), offline data (on-policy generation draws
-    from the RNG) and no dropout (its masks are drawn per forward)."""
+    from the RNG) with a loss of per-example terms (:attr:`Objective.splittable`: not ``aot``
+    or ``sft``, which couple the micro-batch) and no dropout (its masks are drawn per forward)."""
     return (run.micro_batch > 1 and not run.runtime.distributed and run.config.disable_dropout
-            and run.objective.offline)
+            and run.objective.splittable)
 
 
 def _out_of_memory(run: Run, items: list, error: Exception) -> DpokitError:

@@ -357,10 +357,11 @@ def plan_memory(config: TrainConfig, model: nn.Module, objective: Objective,
     (:func:`~dpokit.memory.available_bytes`), else it recomputes more — selective (unless turned
     off), then whole layers (:func:`~dpokit.train.recompute.fit_memory`). When even the leanest
     allowed mode would not fit, the micro-batch is halved until it does (or is one unit) where
-    gradient accumulation then gives the same step — offline data, no dropout
-    (:attr:`~dpokit.objectives.Objective.offline`); every rank decides from the same all-reduced
-    memory, so this holds under torchrun too. The numbers are the same in every mode and at
-    every micro-batch; the log says what was chosen and why."""
+    gradient accumulation then gives the same step — offline data, no dropout, no loss that
+    couples the micro-batch (:attr:`~dpokit.objectives.Objective.splittable`); every rank
+    decides from the same all-reduced memory, so this holds under torchrun too. The numbers
+    are the same in every mode and at every micro-batch; the log says what was chosen and
+    why."""
     if config.gradient_checkpointing:
         return "full", config.batch_size
     selective = config.selective_checkpointing
@@ -403,7 +404,7 @@ def plan_memory(config: TrainConfig, model: nn.Module, objective: Objective,
         return mode, config.batch_size
     budget = MEMORY_SHARE * available
     micro, tokens = config.batch_size, largest_tokens
-    splittable = config.disable_dropout and objective.offline
+    splittable = config.disable_dropout and objective.splittable
     while need(mode, tokens) > budget and micro > 1 and splittable:
         micro //= 2
         tokens = micro_batch_tokens(per_item, spans, micro, padded=padded)[1]
