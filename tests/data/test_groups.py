@@ -70,9 +70,9 @@ def test_score_pairs_prefer_strictly_higher_scores(scores, selection):
 def test_rows_become_the_chosen_pairs():
     examples = parse_examples(rows(GROUP_ROWS), ColumnMap(pairs_from_scores="best_vs_each"))
     got = [(e.row, e.group, e.chosen, e.rejected) for e in examples]
-    assert got == [(1, 1, " yes", " on the mat."), (1, 1, " yes", " under a tree!"),
-                   (1, 1, " yes", " no"), (2, 2, " blue", " green sea"), (2, 2, " blue", " red"),
-                   (3, 3, " lazy dog", " quick brown fox.")]
+    assert got == [(1, 0, " yes", " on the mat."), (1, 0, " yes", " under a tree!"),
+                   (1, 0, " yes", " no"), (2, 1, " blue", " green sea"), (2, 1, " blue", " red"),
+                   (3, 2, " lazy dog", " quick brown fox.")]  # group: the prompt's ordinal
     worst = parse_examples(rows(GROUP_ROWS), ColumnMap())  # best_vs_worst: the default
     assert [(e.chosen, e.rejected) for e in worst] == [
         (" yes", " under a tree!"), (" blue", " green sea"), (" lazy dog", " quick brown fox.")]
@@ -86,7 +86,7 @@ def test_one_row_per_completion_groups_equal_prompts():
                                                               "score": 1}]
     examples = parse_examples(rows(data), ColumnMap())
     assert [(e.prompt, e.chosen, e.rejected, e.row, e.group) for e in examples] == [
-        ("p", " c", " a", 3, 1), ("q", " b", " d", 2, 2)]
+        ("p", " c", " a", 3, 0), ("q", " b", " d", 2, 1)]
 
 
 def test_conversational_groups():
@@ -215,7 +215,7 @@ def test_no_groups_batch_exactly_as_before():
 
 def test_group_ids_read_the_items(tokenizer):
     pairs = pairs_of(GROUP_ROWS, tokenizer, "best_vs_each")
-    assert group_ids(pairs).tolist() == [1, 1, 1, 2, 2, 3]
+    assert group_ids(pairs).tolist() == [0, 0, 0, 1, 1, 2]
 
 
 def test_training_on_groups_equals_the_pairs_one_by_one(tmp_path, tokenizer):

@@ -16,9 +16,11 @@ of different scores, k(k−1)/2 without ties). A prompt whose completions all sc
 no pair and is dropped (counted in one warning).
 
 Each pair becomes a :class:`~dpokit.data.formats.PreferenceExample` validated as a pair row is,
-with ``group`` = the row number of its prompt's first row: the pairs of one prompt are batched
-together and each distinct completion's log-probs are computed once, the prompt once for all of
-them (:func:`dpokit.data.collate.collate_shared`).
+with ``group`` = its prompt's ordinal among the data's prompts (unique across the shards of a
+directory, whose row numbers each start at 1) and the row's ``tools`` and
+``chat_template_kwargs`` for the chat template, as a pair row keeps them. The pairs of one
+prompt are batched together and each distinct completion's log-probs are computed once, the
+prompt once for all of them (:func:`dpokit.data.collate.collate_shared`).
 """
 
 from __future__ import annotations
@@ -212,7 +214,7 @@ def grouped_examples(rows: Sequence[RawRow], columns: ColumnMap, shape: str, *,
     groups: list[tuple[RawRow, Any, list[tuple[Any, float, RawRow]]]] = []
     if shape == "list":
         for row in rows:
-            _check_chars(row, [columns.prompt, columns.completions], max_row_chars)
+            _check_chars(row, ["tools", columns.prompt, columns.completions], max_row_chars)
             prompt = _prompt(row, columns)
             completions, scores = _listed(row, columns, isinstance(prompt, list))
             groups.append((row, prompt, [(c, s, row) for c, s in zip(completions, scores,
@@ -220,7 +222,7 @@ def grouped_examples(rows: Sequence[RawRow], columns: ColumnMap, shape: str, *,
     else:
         index: dict[str, int] = {}
         for row in rows:
-            _check_chars(row, [columns.prompt, columns.completion], max_row_chars)
+            _check_chars(row, ["tools", columns.prompt, columns.completion], max_row_chars)
             prompt = _prompt(row, columns)
             completion = _completion(row, columns.completion, row.fields[columns.completion],
                                      isinstance(prompt, list))
@@ -232,7 +234,7 @@ def grouped_examples(rows: Sequence[RawRow], columns: ColumnMap, shape: str, *,
             groups[index[key]][2].append((completion, score, row))
     examples: list[PreferenceExample] = []
     dropped = 0
-    for first, prompt, scored in groups:
+    for ordinal, (first, prompt, scored) in enumerate(groups):
         chosen_pairs = score_pairs([s for _, s, _ in scored], selection)
         if not chosen_pairs:
             dropped += 1
@@ -240,12 +242,13 @@ def grouped_examples(rows: Sequence[RawRow], columns: ColumnMap, shape: str, *,
         for i, j in chosen_pairs:
             (chosen, _, chosen_row), (rejected, _, _) = scored[i], scored[j]
             fields = {columns.prompt: prompt, columns.chosen: chosen, columns.rejected: rejected}
-            for name in (columns.weight, columns.margin, columns.label_prob):
+            for name in (columns.weight, columns.margin, columns.label_prob, "tools",
+                         "chat_template_kwargs"):
                 if first.fields.get(name) is not None:
                     fields[name] = first.fields[name]
             where = chosen_row if shape == "rows" else first
             example = parse_example(RawRow(where.source, where.row, fields), columns)
-            examples.append(replace(example, group=first.row))
+            examples.append(replace(example, group=ordinal))
     if dropped:
         log.warning("%d of %d prompts have no two completions of different scores: no pair, "
                     "dropped", dropped, len(groups))
