@@ -195,19 +195,19 @@ def _positions_needed_all(items: Any, max_new_tokens: int, *, whole_row: bool) -
     if not isinstance(items, ItemStore | ItemChain):
         needed = np.array([positions_needed(item, max_new_tokens, whole_row=whole_row)
                            for item in items], dtype=np.int64)
-        return _group_rows_needed(items, needed) if whole_row and len(items) else needed
+        return group_rows_needed(items, needed) if whole_row and len(items) else needed
     prompt, sample = lengths(items, "prompt_ids"), items[0]
     if hasattr(sample, "chosen_ids"):
         chosen, rejected = lengths(items, "chosen_ids"), lengths(items, "rejected_ids")
         if whole_row:
-            return _group_rows_needed(items, prompt + chosen + rejected)
+            return group_rows_needed(items, prompt + chosen + rejected)
         return prompt + np.maximum(chosen, rejected)
     if hasattr(sample, "completion_ids"):
         return prompt + lengths(items, "completion_ids")
     return prompt + max_new_tokens
 
 
-def _group_rows_needed(items: Any, needed: Any) -> Any:
+def group_rows_needed(items: Any, needed: Any) -> Any:
     """``needed`` with each pair of a group (k completions of one prompt) given its group's
     shared-prompt row, prompt + every distinct completion of the group once."""
     import numpy as np

@@ -241,6 +241,49 @@ def test_micro_batch_tokens_by_hand():
     assert micro_batch_tokens(items, [(0, 2), (2, 4)], 2, padded=True) == (110.0, 120)
     assert micro_batch_tokens(items, [(0, 1), (1, 4)], 1, padded=False) == (55.0, 100)
     assert micro_batch_tokens([], None, 4, padded=False) == (0.0, 0)
+    # whole rows: each item holds its group's shared row (60 for [0, 1], 50 for [2, 3])
+    rows = [60, 60, 50, 50]
+    assert micro_batch_tokens(rows, [(0, 2), (2, 4)], 1, padded=False,
+                              whole_rows=True) == (55.0, 60)
+    assert micro_batch_tokens(rows, [(0, 2), (2, 4)], 2, padded=False,
+                              whole_rows=True) == (110.0, 110)
+
+
+def test_the_memory_plan_counts_a_group_as_one_row(tmp_path, workdir, monkeypatch):
+    """k = 4 scored completions, all 6 pairs: the plan's largest micro-batch is the group's
+    shared row (prompt once, each of the 4 completions once), not the 6 pairs' prompts and
+    completions summed (6 prompts + 12 completions)."""
+    import dpokit.train.setup as setup
+
+    prompt = "why is the sky blue today"
+    completions = [" because of the air", " no", " blue light scatters more", " the sea"]
+    (tmp_path / "g.jsonl").write_text(json.dumps(
+        {"prompt": prompt, "completions": completions, "scores": [1, 2, 3, 4]}) + "\n")
+    seen = []
+    original = setup.micro_batch_tokens
+
+    def recording(per_item, spans, batch_size, **kwargs):
+        result = original(per_item, spans, batch_size, **kwargs)
+        seen.append(result)
+        return result
+
+    monkeypatch.setattr(setup, "micro_batch_tokens", recording)
+    run = train(config(workdir, "plan-group", data=str(tmp_path / "g.jsonl"), batch_size=1,
+                       max_steps=1, pairs_from_scores="all"), progress=False)
+    from dpokit.models import load_tokenizer
+
+    tokenizer = load_tokenizer(run)
+    from dpokit.data import load_preference_pairs
+    from dpokit.data.formats import ColumnMap
+
+    pairs = load_preference_pairs(tmp_path / "g.jsonl", tokenizer,
+                                  columns=ColumnMap(pairs_from_scores="all"))
+    assert len(pairs) == 6
+    distinct = {tuple(p.chosen_ids) for p in pairs} | {tuple(p.rejected_ids) for p in pairs}
+    assert len(distinct) == 4
+    row = len(pairs[0].prompt_ids) + sum(len(c) for c in distinct)
+    summed = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    assert seen[0] == (float(row), row) and row < summed / 2
 
 
 def test_fitting_recomputation_between_the_modes(workdir, monkeypatch, caplog):

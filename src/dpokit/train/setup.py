@@ -33,6 +33,7 @@ from dpokit.logps import unwrap_model
 from dpokit.models import (
     adapter_base,
     check_positions,
+    group_rows_needed,
     load_adapter,
     load_causal_lm,
     load_tokenizer,
@@ -371,8 +372,12 @@ def plan_memory(config: TrainConfig, model: nn.Module, objective: Objective,
     size = 2 if config.compute_dtype != "float32" else next(model.parameters()).element_size()
     padded = not (getattr(config, "unpadded", False) or getattr(config, "padding_free", False))
     per_item = item_tokens(objective, items)
+    whole_rows = (spans is not None and getattr(config, "layout", "padded") == "shared"
+                  and len(items) > 0 and hasattr(items[0], "chosen_ids"))
+    if whole_rows:  # a group is one row: its prompt once, each distinct completion once
+        per_item = group_rows_needed(items, np.asarray(per_item, dtype=np.int64))
     mean_tokens, largest_tokens = micro_batch_tokens(per_item, spans, config.batch_size,
-                                                     padded=padded)
+                                                     padded=padded, whole_rows=whole_rows)
     state = training_state_bytes(model, lora=lora)
     if selective is None:
         freed = freed_bytes(model.config, mean_tokens, size)
@@ -407,7 +412,8 @@ def plan_memory(config: TrainConfig, model: nn.Module, objective: Objective,
     splittable = config.disable_dropout and objective.splittable
     while need(mode, tokens) > budget and micro > 1 and splittable:
         micro //= 2
-        tokens = micro_batch_tokens(per_item, spans, micro, padded=padded)[1]
+        tokens = micro_batch_tokens(per_item, spans, micro, padded=padded,
+                                    whole_rows=whole_rows)[1]
     if not runtime.is_main:
         return mode, micro
     where = (f"the longest micro-batch's activations and LM-head scratch "
@@ -435,13 +441,17 @@ def plan_memory(config: TrainConfig, model: nn.Module, objective: Objective,
 
 
 def micro_batch_tokens(per_item: Sequence[int], spans: Spans | None, batch_size: int, *,
-                       padded: bool) -> tuple[float, int]:
+                       padded: bool, whole_rows: bool = False) -> tuple[float, int]:
     """(mean, largest possible) tokens of a micro-batch of ``batch_size`` units — items, or a
-    prompt's group of pairs (``spans``). The largest: the ``batch_size`` longest units together
-    in the unpadded layout; ``batch_size`` × the longest when every row is padded to it."""
+    prompt's group of pairs (``spans``). A unit's tokens are its items' sum, or with
+    ``whole_rows`` (each item's value is already its group's whole row,
+    :func:`~dpokit.models.group_rows_needed`) that row's. The largest: the ``batch_size``
+    longest units together in the unpadded layout; ``batch_size`` × the longest when every row
+    is padded to it."""
     per_unit = np.asarray(per_item, dtype=np.int64)
     if spans is not None and len(per_unit):
-        per_unit = np.add.reduceat(per_unit, [start for start, _ in spans])
+        starts = [start for start, _ in spans]
+        per_unit = (np.maximum if whole_rows else np.add).reduceat(per_unit, starts)
     if not len(per_unit):
         return 0.0, 0
     mean = batch_size * float(per_unit.mean())
