@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -150,16 +151,54 @@ def _hidden_states(model: nn.Module, batch: PairBatch, rows: Tensor, columns: Te
                           use_cache=False, dpokit_segments=flat.segments)
         hidden = _last_hidden(outputs)[0]  # (T, H)
         return hidden[flat.flat_index[rows * batch.input_ids.shape[1] + columns]]
-    outputs = decoder(input_ids=batch.input_ids, attention_mask=_mask(batch, dtype),
+    outputs = decoder(input_ids=batch.input_ids, attention_mask=_mask(batch, dtype, base.config),
                       position_ids=batch.position_ids, use_cache=False)
     return _last_hidden(outputs)[rows, columns]
 
 
-def _mask(batch: PairBatch, dtype: torch.dtype) -> Tensor | None:
+def _mask(batch: PairBatch, dtype: torch.dtype, config: Any = None) -> Tensor | dict | None:
     """The batch's attention mask as the model takes it: a custom 4D boolean mask (shared
-    layout) becomes additive, which eager and SDPA attention accept."""
-    mask = batch.dense_mask() if batch.layout == "shared" else batch.attention_mask
-    return additive_mask(mask, dtype) if mask is not None and mask.dim() == 4 else mask
+    layout) becomes additive, which eager and SDPA attention accept. transformers uses a 4D
+    mask as given on every layer, so for a model with sliding-window layers the shared layout's
+    mask carries the window itself — a key at position p is seen from position q when
+    q − p < ``sliding_window`` (transformers' rule, on the position ids: a later completion's
+    positions continue from the prompt) — and a model that mixes full and sliding layers gets
+    both, keyed by layer type as its forward takes them."""
+    if batch.layout != "shared":
+        mask = batch.attention_mask
+        return additive_mask(mask, dtype) if mask is not None and mask.dim() == 4 else mask
+    allowed = batch.dense_mask()
+    window, mixed = sliding_window(config)
+    if window is None:
+        return additive_mask(allowed, dtype)
+    positions = batch.position_ids
+    near = (positions[:, :, None] - positions[:, None, :]) < window  # (rows, L, L)
+    windowed = allowed & near[:, None]
+    if not mixed:
+        return additive_mask(windowed, dtype)
+    return {"full_attention": additive_mask(allowed, dtype),
+            "sliding_attention": additive_mask(windowed, dtype)}
+
+
+def sliding_window(config: Any) -> tuple[int | None, bool]:
+    """``(window, mixed)`` of a model config: the sliding window of its sliding layers (None
+    when no layer slides) and whether full-attention layers sit beside them. Read from
+    ``layer_types`` where the config lists them, else from ``sliding_window`` (every layer)."""
+    if config is None:
+        return None, False
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window:
+        return None, False
+    if types is not None:
+        kinds = set(types)
+        if "sliding_attention" not in kinds:
+            return None, False
+        return int(window), len(kinds) > 1
+    if getattr(config, "use_sliding_window", True) is False:
+        return None, False
+    return int(window), False
 
 
 def _last_hidden(outputs) -> Tensor:
