@@ -91,3 +91,20 @@ def test_the_shared_layout_keeps_every_layers_window(model_type, extra, unpadded
                                unpadded=unpadded).logps
     atol = 1e-6 if model_type == "gemma2" else 1e-10
     torch.testing.assert_close(got, _expected(model, pairs), rtol=0, atol=atol)
+
+
+def test_the_reference_cache_is_keyed_on_the_log_prob_code(monkeypatch):
+    """A release that changes how log-probs are computed (this file's fix) must not read a
+    reference table an earlier one cached: the source of logps/attention/collate is in the
+    reference cache's settings."""
+    import dpokit.objectives.reference as reference
+
+    before = reference.logps_code_digest()
+    original = type(reference.Path("x")).read_bytes
+
+    def edited(self):
+        data = original(self)
+        return data + b"# edited" if self.name == "logps.py" else data
+
+    monkeypatch.setattr(type(reference.Path("x")), "read_bytes", edited)
+    assert reference.logps_code_digest() != before

@@ -119,6 +119,27 @@ def hash_directory(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def logps_code_digest() -> str:
+    """A digest of what computes the log-probs — the source of :mod:`dpokit.logps`,
+    :mod:`dpokit.attention` (and its FlexAttention path) and :mod:`dpokit.data.collate`, and
+    the versions of torch and transformers — for the reference cache's settings: a release
+    that changes how log-probs are computed (a fix) computes the table again."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import dpokit
+
+    root = Path(dpokit.__file__).parent
+    digest = hashlib.sha256()
+    for name in ("logps.py", "attention.py", "attention_flex.py", "data/collate.py"):
+        digest.update(name.encode() + b"\0" + (root / name).read_bytes())
+    for package in ("torch", "transformers"):
+        try:
+            digest.update(f"{package}={version(package)}\0".encode())
+        except PackageNotFoundError:
+            digest.update(f"{package}=none\0".encode())
+    return digest.hexdigest()[:16]
+
+
 def cache_key(weights_hash: str, pairs: Sequence[TokenizedPair], settings: dict) -> str:
     """Key of a reference log-prob cache: weights, every token id (the content digest of every
     pair's prompt, chosen and rejected ids, with their lengths: :mod:`dpokit.data.store`, read

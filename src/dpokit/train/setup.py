@@ -46,6 +46,7 @@ from dpokit.objectives.reference import (
     cache_key,
     compute_reference_table,
     hash_directory,
+    logps_code_digest,
     read_table,
     write_table,
 )
@@ -558,7 +559,7 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
     settings = {"ld_alpha": config.ld_alpha, "dtype": weights_dtype(ref_dir, config.dtype),
                 "autocast": runtime.dtype,
                 "layout": config.layout, "chunk_size": config.chunk_size,
-                "unpadded": config.unpadded, "mode": reference.mode}
+                "unpadded": config.unpadded, "mode": reference.mode, "code": logps_code_digest()}
     train_rows = train_rows or len(items)
     cache_dir = config.cache_dir
     hashed = hash_directory(ref_dir)
