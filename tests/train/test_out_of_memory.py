@@ -11,7 +11,7 @@ from dpokit.errors import DpokitError
 from dpokit.objectives.dpo import DPOObjective
 from dpokit.train.loop import train
 from tests.helpers import read_metrics, run_cli
-from tests.train.test_trainer import config, weights
+from tests.train.test_trainer import assert_same_steps, config
 
 CPU_MESSAGE = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
                "allocate memory: you tried to allocate 8589934592 bytes. Error code 12 (Cannot "
@@ -160,13 +160,7 @@ def test_smaller_micro_batches_give_the_same_steps(workdir, monkeypatch, caplog)
     assert "step 1: out of memory" in caplog.text
     plain = train(config(workdir, "oom-accumulated", batch_size=2,
                          gradient_accumulation_steps=2, max_steps=3), progress=False)
-    a, b = read_metrics(split.parent), read_metrics(plain.parent)
-    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
-    for x, y in zip(a, b, strict=True):
-        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
-    for name, tensor in weights(split).items():
-        torch.testing.assert_close(tensor, weights(plain)[name], rtol=1e-5, atol=1e-7)
+    assert_same_steps(split, plain, steps=3)
 
 
 def test_one_pair_that_does_not_fit_is_the_one_line_error(workdir, monkeypatch):

@@ -227,6 +227,34 @@ def test_automatic_recomputation_fits_the_memory(workdir, monkeypatch, caplog, a
     assert switched_mode(caplog.text) == (expected if switched else None)
 
 
+def memory_need(workdir, monkeypatch, name):
+    """The trainer's own ``need(mode)`` estimate of the default config (a one-step run with
+    unbounded memory, its ``fit_memory`` call recorded)."""
+    import dpokit.memory
+    import dpokit.train.setup as setup
+
+    needs = []
+    original = setup.fit_memory
+    monkeypatch.setattr(setup, "fit_memory",
+                        lambda preferred, allowed, need, available: (
+                            needs.append(need), original(preferred, allowed, need, available))[1])
+    monkeypatch.setattr(dpokit.memory, "available_bytes", lambda device, **_: 1 << 50)
+    train(config(workdir, name, max_steps=1), progress=False)
+    return needs[0]
+
+
+def assert_same_steps(final_a, final_b, *, steps):
+    """Two runs took the same steps: losses 1e-6, gradient norms 1e-5, weights within float32
+    rounding (an accumulated step equals the step on the union)."""
+    a, b = read_metrics(final_a.parent), read_metrics(final_b.parent)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, steps + 1))
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+    for name, tensor in weights(final_a).items():
+        torch.testing.assert_close(tensor, weights(final_b)[name], rtol=1e-5, atol=1e-7)
+
+
 def test_micro_batch_tokens_by_hand():
     """Items of 10, 50, 20, 30 tokens; groups (spans) [0, 1] and [2, 3] make units of 60 and 50.
     Mean: batch × mean unit; largest: the batch's longest units together (unpadded) or batch ×
@@ -291,16 +319,8 @@ def test_fitting_recomputation_between_the_modes(workdir, monkeypatch, caplog):
     estimates come from a first run (the trainer's own need(mode)); the second is given the
     midpoint of none's and selective's."""
     import dpokit.memory
-    import dpokit.train.setup as setup
 
-    needs = []
-    original = setup.fit_memory
-    monkeypatch.setattr(setup, "fit_memory",
-                        lambda preferred, allowed, need, available: (
-                            needs.append(need), original(preferred, allowed, need, available))[1])
-    monkeypatch.setattr(dpokit.memory, "available_bytes", lambda device, **_: 1 << 50)
-    train(config(workdir, "fit-probe", max_steps=1), progress=False)
-    need = needs[0]
+    need = memory_need(workdir, monkeypatch, "fit-probe")
     assert need("none") > need("selective") > need("full") > 0
     between = (need("none") + need("selective")) / 2 / 0.8
     monkeypatch.setattr(dpokit.memory, "available_bytes", lambda device, **_: between)
@@ -339,13 +359,7 @@ def test_micro_batches_are_halved_up_front_when_nothing_else_fits(workdir, monke
     plain = train(config(workdir, "plan-accumulated", batch_size=1,
                          gradient_accumulation_steps=4, max_steps=3,
                          gradient_checkpointing=True), progress=False)
-    a, b = read_metrics(halved.parent), read_metrics(plain.parent)
-    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
-    for x, y in zip(a, b, strict=True):
-        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
-    for name, tensor in weights(halved).items():
-        torch.testing.assert_close(tensor, weights(plain)[name], rtol=1e-5, atol=1e-7)
+    assert_same_steps(halved, plain, steps=3)
 
     monkeypatch.setattr(dpokit.memory, "available_bytes", lambda device, **_: 0)
     caplog.clear()
@@ -360,16 +374,8 @@ def test_micro_batches_stay_whole_when_the_memory_is_there(workdir, monkeypatch,
     """Memory for whole layers at batch 4 but not for none: recomputation switches, the
     micro-batch stays 4 (the trainer's own estimate, as in the test above)."""
     import dpokit.memory
-    import dpokit.train.setup as setup
 
-    needs = []
-    original = setup.fit_memory
-    monkeypatch.setattr(setup, "fit_memory",
-                        lambda preferred, allowed, need, available: (
-                            needs.append(need), original(preferred, allowed, need, available))[1])
-    monkeypatch.setattr(dpokit.memory, "available_bytes", lambda device, **_: 1 << 50)
-    train(config(workdir, "plan-probe", max_steps=1), progress=False)
-    need = needs[0]
+    need = memory_need(workdir, monkeypatch, "plan-probe")
     just = (need("full") + need("selective")) / 2 / 0.8  # whole layers fit, selective not
     monkeypatch.setattr(dpokit.memory, "available_bytes", lambda device, **_: just)
     with caplog.at_level("INFO", logger="dpokit.train"):
