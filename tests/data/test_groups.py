@@ -108,6 +108,8 @@ def test_conversational_groups():
     ({"prompt": "p", "completions": [" a", " b"], "scores": [1, "x"]},
      r"'scores\[1\]': expected a number"),
     ({"completions": [" a", " b"], "scores": [1, 2]}, "'prompt': missing"),
+    ({"prompt": "p", "completions": [{"text": " a", "score": 3}, " b"], "scores": [1, 2]},
+     r"'completions\[0\]': its own score 3 differs from scores\[0\] = 1; give one"),
     ({"prompt": "p", "completions": [" a", [{"role": "assistant", "content": "b"}]],
       "scores": [1, 2]}, "conversation beside a text prompt"),
 ])

@@ -173,7 +173,12 @@ def _listed(row: RawRow, columns: ColumnMap, conversational: bool
         if not isinstance(listed_scores, list) or len(listed_scores) != len(items):
             raise fail(row, columns.scores, f"expected a list of {len(items)} numbers, one per "
                                              f"completion")
-        scores = [_score(row, f"{columns.scores}[{j}]", s) for j, s in enumerate(listed_scores)]
+        listed = [_score(row, f"{columns.scores}[{j}]", s) for j, s in enumerate(listed_scores)]
+        for j, (own, given) in enumerate(zip(scores, listed, strict=True)):
+            if own is not None and own != given:  # two scores for one completion
+                raise fail(row, f"{name}[{j}]", f"its own score {own:g} differs from "
+                                                 f"{columns.scores}[{j}] = {given:g}; give one")
+        scores = listed
     elif any(s is None for s in scores):
         j = scores.index(None)
         raise fail(row, f"{name}[{j}]", f"no score: give a {columns.scores!r} list or a "
