@@ -33,9 +33,10 @@ def reward_dir(tmp_path_factory, tokenizer):
     return path
 
 
-def _one(model, tokenizer, text):
-    """The oracle: the classifier's output on one unpadded text."""
-    ids = torch.tensor([tokenizer(text)["input_ids"]])
+def _one(model, tokenizer, text, *, special=True):
+    """The oracle: the classifier's output on one unpadded text (``special``: with the
+    tokenizer's special tokens added, as for a plain text; a chat template renders its own)."""
+    ids = torch.tensor([tokenizer(text, add_special_tokens=special)["input_ids"]])
     with torch.no_grad():
         return float(model(input_ids=ids).logits[0, 0])
 
@@ -62,7 +63,7 @@ def test_conversational_prompts_go_through_the_chat_template(reward_dir, tokeniz
         [*messages, {"role": "assistant", "content": " teal"}], tokenize=False)
     assert reward.text(messages, " teal") == text
     assert reward([messages], [" teal"]) == pytest.approx(
-        [_one(_classifier(tokenizer), tokenizer, text)], abs=1e-5)
+        [_one(_classifier(tokenizer), tokenizer, text, special=False)], abs=1e-5)
 
 
 def test_reward_model_errors(tmp_path, tokenizer):

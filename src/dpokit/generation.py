@@ -15,7 +15,8 @@ gives the same completions, and training that generates between steps resumes ex
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +73,8 @@ def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[Pro
     model.eval()
     out: list[Completion] = []
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                _plain_generation_config(model):
             torch.manual_seed(seed)
             for chunk, copies in _calls(prompts, k, batch_size):
                 width = max(len(r) for r in chunk)
@@ -95,6 +97,28 @@ def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[Pro
     finally:
         model.train(was_training)
     return [out[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+@contextlib.contextmanager
+def _plain_generation_config(model: nn.Module) -> Iterator[None]:
+    """While inside, ``model`` (and a PEFT model's base) generates with transformers' defaults
+    and the call's settings only: ``generate`` fills every setting a call leaves unset from the
+    model's ``generation_config`` — a checkpoint's ``generation_config.json`` may hold a
+    repetition penalty, banned words, a minimum length… — which would sample from another
+    distribution than π_θ (on-policy pairs; kl_to_ref's unbiasedness)."""
+    from transformers import GenerationConfig
+
+    holders = [m for m in {id(m): m for m in (model, getattr(model, "get_base_model",
+                                                               lambda: model)())}.values()
+               if hasattr(m, "generation_config")]
+    saved = [m.generation_config for m in holders]
+    for m in holders:
+        m.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for m, config in zip(holders, saved, strict=True):
+            m.generation_config = config
 
 
 def _calls(prompts: Sequence[Prompt], k: int,

@@ -66,11 +66,15 @@ class RewardModel:
         import torch
 
         texts = [self.text(p, c) for p, c in zip(prompts, completions, strict=True)]
+        # a chat template renders its own special tokens (a BOS): not a second time
+        templated = (any(isinstance(p, list) for p in prompts)
+                     and bool(getattr(self.tokenizer, "chat_template", None)))
         device = next(self.model.parameters()).device
         scores: list[float] = []
         with torch.no_grad():
             for start in range(0, len(texts), self.batch_size):
                 encoded = self.tokenizer(texts[start:start + self.batch_size], padding=True,
+                                         add_special_tokens=not templated,
                                          return_tensors="pt").to(device)
                 logits = self.model(**encoded).logits
                 scores += logits[:, 0].float().cpu().tolist()

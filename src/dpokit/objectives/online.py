@@ -121,6 +121,10 @@ class OnlineDPOObjective(DPOObjective):
             out.sums[key] = torch.tensor(self._stats.get(key, 0.0), dtype=torch.float64,
                                          device=device)
         e = out.examples
+        if "ref_chosen_logps" not in e:  # a reference-free loss (simpo …): no KL to estimate
+            out.sums["kl_k3_sum"] = out.sums["kl_samples"] = torch.zeros(
+                (), dtype=torch.float64, device=device)
+            return out
         policy_logps = torch.cat([e["chosen_logps"], e["rejected_logps"]]).double()
         ref_logps = torch.cat([e["ref_chosen_logps"], e["ref_rejected_logps"]]).double()
         log_ratio = (ref_logps.to(policy_logps) - policy_logps).clamp(max=_MAX_LOG_RATIO)
@@ -133,10 +137,11 @@ class OnlineDPOObjective(DPOObjective):
         """DPO's means, and reward mean/std, EOS share and length of the generations."""
         n = max(sums["generations"], 1.0)
         mean = sums["reward_sum"] / n
-        return {**super().means(sums), "reward/mean": mean,
+        kl = ({"kl_to_ref": sums["kl_k3_sum"] / sums["kl_samples"]} if sums["kl_samples"] > 0
+              else {})  # none without a reference
+        return {**super().means(sums), **kl, "reward/mean": mean,
                 "reward/std": math.sqrt(max(sums["reward_sq_sum"] / n - mean * mean, 0.0)),
                 "eos_fraction": sums["eos"] / n, "completion_tokens": sums["completion_tokens"] / n,
-                "kl_to_ref": sums["kl_k3_sum"] / max(sums["kl_samples"], 1.0),
                 "label_entropy": sums["label_entropy_sum"] / max(sums["pairs"], 1.0),
                 "generation/tokens_per_second":
                     sums["completion_tokens"] / max(sums["generation_seconds"], 1e-9)}
