@@ -143,10 +143,10 @@ def _evaluate_batch(objective: Objective, policy: nn.Module, chunk: list, indice
     """One batch's :class:`~dpokit.objectives.Output` and the examples it scored (on-policy:
     the pairs generated for ``chunk``)."""
     positions = [offset + j for j in indices]
-    if model is not None:
-        chunk = objective.prepare(model, chunk, positions, step)
-    batch = objective.collate(chunk, positions).to(runtime.device)
-    with runtime.autocast():
+    with runtime.autocast():  # on-policy samples in the precision scored in
+        if model is not None:
+            chunk = objective.prepare(model, chunk, positions, step)
+        batch = objective.collate(chunk, positions).to(runtime.device)
         return objective.forward(policy, batch), chunk
 
 

@@ -80,3 +80,21 @@ def test_online_with_a_reference_free_loss(workdir, reward_file):  # noqa: F811
     records = [m for m in read_metrics(final.parent) if "loss" in m]
     assert len(records) == 2 and all(math.isfinite(m["loss"]) for m in records)
     assert all("kl_to_ref" not in m for m in records)
+
+
+def test_generation_runs_in_the_precision_trained_on(workdir, reward_file, monkeypatch):  # noqa: F811
+    """With bf16 autocast the policy's log-probs are computed under autocast; the on-policy
+    samples are drawn under it too (they were drawn in float32): the same π_θ."""
+    import dpokit.objectives.online as online_module
+
+    seen = []
+    original = online_module.generate_completions
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(online_module, "generate_completions", recording)
+    train(online(workdir, "online-bf16", reward_file, bf16=True, max_steps=1, batch_size=2,
+                 num_generations=2, max_new_tokens=2), progress=False)
+    assert seen and all(seen)

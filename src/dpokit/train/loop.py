@@ -166,7 +166,8 @@ def _accumulate(run: Run, global_indices: list[int], scale: float) -> tuple[list
     for i, (indices, weight) in enumerate(micro):
         raw = [run.train_items[j] for j in indices]
         try:
-            items = objective.prepare(run.model, raw, indices, run.step)
+            with runtime.autocast():  # on-policy samples in the precision trained on
+                items = objective.prepare(run.model, raw, indices, run.step)
             batch = objective.collate(items, indices)
             batch = batch.to(runtime.device)
             with _no_sync(run.policy, i < len(micro) - 1), runtime.autocast():
