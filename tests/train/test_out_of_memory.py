@@ -285,6 +285,22 @@ def test_out_of_memory_at_one_example_in_the_reference_pass_is_one_line(workdir,
                      output_dir=str(tmp_path / "run")), progress=False)
 
 
+def test_the_reference_pass_names_the_row_that_does_not_fit(workdir, tmp_path, monkeypatch):
+    """Nothing fits: the real pass halves 6 → 3 → 1 and the one line names the pair that did
+    not fit at one example a batch (its file, row and tokens)."""
+    from dpokit.objectives.reference import Reference
+
+    def logps(self, batch):
+        raise RuntimeError(CPU_MESSAGE)
+
+    monkeypatch.setattr(Reference, "logps", logps)
+    with pytest.raises(DpokitError, match=r"even at one example a batch \(halved from "
+                                          r"precompute_ref_batch_size 6: .*prefs\.jsonl, row "
+                                          r"\d+, 1 pair\(s\), \d+ tokens\)"):
+        train(config(workdir, "oom-ref-row", precompute_ref_batch_size=6,
+                     output_dir=str(tmp_path / "run")), progress=False)
+
+
 def test_out_of_memory_outside_a_step_is_one_line_too(workdir, monkeypatch):
     """E.g. in an evaluation between steps: named by the step before it."""
     import dpokit.train.loop as loop

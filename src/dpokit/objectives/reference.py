@@ -165,7 +165,8 @@ def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair]
 
     A batch that runs out of memory is retried at half the size, and the rest of the pass goes
     on at that size (logged): a row's log-probs do not depend on its batch (tested), so the
-    table is the same. Out of memory at one unit a batch is raised."""
+    table is the same. Out of memory at one unit a batch is raised, with that unit's pairs as
+    its ``dpokit_items``."""
     from dpokit.data.batching import group_ids, unit_spans, units_of
     from dpokit.memory import is_out_of_memory, release_cached
 
@@ -186,7 +187,10 @@ def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair]
             batch = collate_pairs(items, layout, pad_token_id=pad_token_id).to(device)
             chosen, rejected = reference.logps(batch)
         except Exception as error:
-            if len(units) == 1 or not is_out_of_memory(error):
+            if not is_out_of_memory(error):
+                raise
+            if len(units) == 1:
+                error.dpokit_items = items  # the caller's one line names them
                 raise
             size = len(units) // 2
         else:

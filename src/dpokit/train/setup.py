@@ -591,12 +591,22 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
             except Exception as error:
                 if not memory.is_out_of_memory(error):
                     raise
+                unit, which = "example", ""
+                failed = getattr(error, "dpokit_items", None)
+                if failed:
+                    first = failed[0]
+                    unit = "prompt's pairs" if len(failed) > 1 else "example"
+                    tokens = sum(len(x.prompt_ids) + len(x.chosen_ids) + len(x.rejected_ids)
+                                 for x in failed)
+                    where = (f"{first.source}, row {first.row}" if getattr(first, "source", "")
+                             else f"{what} example")
+                    which = f": {where}, {len(failed)} pair(s), {tokens} tokens"
                 raise DpokitError(
                     f"reference pass over the {what} examples: out of memory on "
-                    f"{runtime.device}{memory.shortage(error)} even at one example a batch "
-                    f"(halved from precompute_ref_batch_size {batch_size}): the reference "
-                    f"model with one example's activations does not fit — lower max_length, "
-                    f"or load the weights in bfloat16 (dtype: bfloat16)") from None
+                    f"{runtime.device}{memory.shortage(error)} even at one {unit} a batch "
+                    f"(halved from precompute_ref_batch_size {batch_size}{which}): the "
+                    f"reference model with one {unit}'s activations does not fit — lower "
+                    f"max_length, or load the weights in bfloat16 (dtype: bfloat16)") from None
             computed = table if used is None else table[list(used)]
             if not bool(torch.isfinite(computed).all()):
                 bad = int((~torch.isfinite(computed)).any(-1).nonzero()[0])
