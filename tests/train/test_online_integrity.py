@@ -67,15 +67,19 @@ def _save(tokenizer, path):
     return path
 
 
-def test_online_with_a_reference_free_loss(workdir, reward_file):  # noqa: F811
+@pytest.mark.parametrize("settings", [{"label": "hard", "loss_type": ["simpo"]},
+                                      {"ld_alpha": 0.5}])
+def test_online_with_a_reference_free_loss(workdir, reward_file, settings):  # noqa: F811
     """simpo (no π_ref) online with hard labels trains (it died in forward with a KeyError):
-    finite losses, and no kl_to_ref logged, there being no reference to measure it against."""
+    finite losses, and no kl_to_ref logged, there being no reference to measure it against —
+    nor with ld_alpha, whose down-weighted log-probs make the ratio no log π_ref/π_θ."""
     import math
 
     from tests.helpers import read_metrics
 
-    cfg = online(workdir, "online-simpo", reward_file, label="hard", loss_type=["simpo"],
-                 max_steps=2, logging_steps=1, num_generations=2, batch_size=4)
+    name = "online-" + "-".join(map(str, settings.values())).replace("[", "").replace("]", "")
+    cfg = online(workdir, name.replace("'", ""), reward_file, max_steps=2, logging_steps=1,
+                 num_generations=2, batch_size=4, **settings)
     final = train(cfg, progress=False)
     records = [m for m in read_metrics(final.parent) if "loss" in m]
     assert len(records) == 2 and all(math.isfinite(m["loss"]) for m in records)

@@ -20,7 +20,8 @@ per logging window:
     kl_to_ref                 k3 estimate of KL(π_θ‖π_ref) from the paired completions,
                               mean of (ρ − 1) − log ρ with ρ = π_ref(y)/π_θ(y) (docs/theory.md §1);
                               unbiased at temperature 1 without top-k/top-p and with
-                              num_generations = 2 (more: best and worst, a selected pair)
+                              num_generations = 2 (more: best and worst, a selected pair);
+                              not logged with a reference-free loss or ld_alpha
     label_entropy             mean binary entropy H(p) of p = σ((r₁ − r₂)/τ), in nats (0: every
                               pair decided, log 2: coin flips)
     generation/tokens_per_second   generated tokens per second of generate, per process
@@ -121,7 +122,9 @@ class OnlineDPOObjective(DPOObjective):
             out.sums[key] = torch.tensor(self._stats.get(key, 0.0), dtype=torch.float64,
                                          device=device)
         e = out.examples
-        if "ref_chosen_logps" not in e:  # a reference-free loss (simpo …): no KL to estimate
+        # a reference-free loss (simpo …) has no π_ref; LD-DPO's log-probs weigh some tokens
+        # down (ld_alpha), so their ratio is not log π_ref/π_θ: no KL to estimate either way
+        if "ref_chosen_logps" not in e or self.config.ld_alpha is not None:
             out.sums["kl_k3_sum"] = out.sums["kl_samples"] = torch.zeros(
                 (), dtype=torch.float64, device=device)
             return out
