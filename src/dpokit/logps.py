@@ -76,11 +76,16 @@ _UNHANDLED_HEAD_SCALES = ("output_multiplier", "scale_width", "dim_model_base",
 model's own forward (full logits) is used instead of the chunked head."""
 
 
+def text_config(config: Any) -> Any:
+    """The language model's part of a ``transformers`` config (itself for a text-only model)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def logit_transform(config) -> Callable[[Tensor], Tensor] | None:
     """Post-processing some models apply to their logits — Cohere's ``logit_scale``, Granite's
     ``logits_scaling``, Falcon-H1's ``lm_head_multiplier``, Gemma's final soft cap — or None when
     the head is one this module cannot reproduce."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _UNHANDLED_HEAD_SCALES):
         return None
     scale = getattr(config, "logit_scale", None)
@@ -186,7 +191,7 @@ def sliding_window(config: Any) -> tuple[int | None, bool]:
     ``layer_types`` where the config lists them, else from ``sliding_window`` (every layer)."""
     if config is None:
         return None, False
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
     if not window:

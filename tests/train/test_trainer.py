@@ -339,7 +339,7 @@ def test_micro_batches_are_halved_up_front_when_nothing_else_fits(workdir, monke
     batch_size 1 × 4 accumulation steps does (losses 1e-6, weights float32 rounding); the
     decision needs no out-of-memory error, so it holds under torchrun too (every rank decides
     from the all-reduced minimum). With dropout on (its masks depend on the micro-batch) it only
-    warns, as on-policy data does (Objective.offline, tested with the loop's halving)."""
+    warns, as on-policy data does (Objective.splittable, tested with the loop's halving)."""
     import dpokit.memory
     from dpokit.objectives.dpo import DPOObjective
 

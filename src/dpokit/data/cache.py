@@ -116,18 +116,17 @@ def code_digest() -> str:
 
 
 def items_key(data: Path, split: str | None, tokenizer: Any, settings: Any,
-              columns: Any, kind: str = "TokenizedPair", *,
-              data_digest: str | None = None) -> str | None:
+              columns: Any, kind: str = "TokenizedPair", *, data_digest: str) -> str | None:
     """The cache key of the items of ``data`` (module docstring), or None when the tokenizer has
-    no files to key on. ``data_digest``: :func:`content_digest` of ``data``, when the caller
-    has it."""
+    no files to key on. ``data_digest``: :func:`content_digest` of ``data`` (the caller takes
+    it again after a build, to compare)."""
     from dpokit import __version__
 
     tokenizer_id = tokenizer_digest(tokenizer)
     if tokenizer_id is None:
         return None
     parts = {"format": FORMAT, "dpokit": __version__, "code": code_digest(),
-             "path": str(data), "data": data_digest or content_digest(data),
+             "path": str(data), "data": data_digest,
              "split": split, "tokenizer": tokenizer_id, "settings": settings.to_dict(),
              "columns": asdict(columns) if dataclasses.is_dataclass(columns) else columns,
              "kind": kind}

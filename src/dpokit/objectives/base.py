@@ -211,17 +211,12 @@ class Objective(ABC):
                f"{max(tokens)}{note})"
 
     @property
-    def offline(self) -> bool:
-        """Whether :meth:`prepare` returns the loaded items as they are (no generation, no
-        random draws)."""
-        return type(self).prepare is Objective.prepare
-
-    @property
     def splittable(self) -> bool:
         """Whether a micro-batch may be cut into smaller ones with the same loss and metric sums:
-        offline data whose loss is a sum of per-example terms (not a loss that couples the
+        offline data (:meth:`prepare` returns the loaded items as they are: no generation, no
+        random draws) whose loss is a sum of per-example terms (not a loss that couples the
         micro-batch, as DPO's ``aot`` and ``sft`` terms do)."""
-        return self.offline
+        return type(self).prepare is Objective.prepare
 
     def prepare(self, model: nn.Module, items: Sequence[Any], indices: Sequence[int],
                 step: int) -> Sequence[Any]:

@@ -166,12 +166,11 @@ def _accumulate(run: Run, global_indices: list[int], scale: float) -> tuple[list
     for i, (indices, weight) in enumerate(micro):
         raw = [run.train_items[j] for j in indices]
         try:
-            with runtime.autocast():  # on-policy samples in the precision trained on
+            with runtime.autocast():  # on-policy samples too: in the precision trained on
                 items = objective.prepare(run.model, raw, indices, run.step)
-            batch = objective.collate(items, indices)
-            batch = batch.to(runtime.device)
-            with _no_sync(run.policy, i < len(micro) - 1), runtime.autocast():
-                out = objective.forward(run.policy, batch)
+                batch = objective.collate(items, indices).to(runtime.device)
+                with _no_sync(run.policy, i < len(micro) - 1):
+                    out = objective.forward(run.policy, batch)
             run.scaler.scale(out.loss_sum * (scale * weight)).backward()
         except Exception as error:
             if not is_out_of_memory(error):

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from dpokit.errors import DpokitError
-from dpokit.logps import logit_transform
+from dpokit.logps import logit_transform, text_config
 
 _aten = torch.ops.aten
 SAVED_OPS = frozenset(
@@ -100,16 +100,10 @@ attention output and the MLP's four I-wide tensors; with selective recomputation
 matmul and attention outputs."""
 
 
-def _text_config(model_config):
-    """The language model's part of a ``transformers`` config (itself for a text-only model)."""
-    return model_config.get_text_config() if hasattr(model_config, "get_text_config") \
-        else model_config
-
-
 def _shape(model_config) -> tuple[int, int, int]:
     """(hidden size H, decoder layers, MLP width I) of a ``transformers`` config; models without
     an MLP width in their config count I = 4·H."""
-    config = _text_config(model_config)
+    config = text_config(model_config)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
     inner = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
@@ -150,7 +144,7 @@ def lm_head_scratch_bytes(model_config, tokens: float, chunk_size: int) -> float
     3 · min(chunk_size, tokens) · V · 4 bytes — ~1.9 GB for a 152 k vocabulary at 1,024. A head
     the chunked path cannot reproduce (:func:`dpokit.logps.completion_logps` then runs the
     model's own forward) holds the logits of every position: 3 · tokens · V · 4."""
-    vocab = getattr(_text_config(model_config), "vocab_size", 0) or 0
+    vocab = getattr(text_config(model_config), "vocab_size", 0) or 0
     chunked = logit_transform(model_config) is not None
     return 3 * (min(chunk_size, tokens) if chunked else tokens) * vocab * 4
 
