@@ -31,6 +31,7 @@ from dpokit.runtime import Runtime
 
 log = logging.getLogger("dpokit.eval")
 
+
 @dataclass
 class Evaluation:
     """Means over the data, and (when asked) one record per example."""
