@@ -19,9 +19,11 @@ complete, then read memory-mapped (a hit builds no Python object per item); an u
 inconsistent entry is removed with a warning and rebuilt, never read, and the temporary
 directory of a build whose process died is removed by a later build. The data's digest is taken
 again after a build: data rewritten while it was read is refused in one line and nothing is
-cached. What a build says about the data (rows dropped, identical completions, shortened
-prompts, counts) is stored in the entry and said again by every run that reads it. Data whose
-digest cannot be taken (an unreadable file in its directory) is prepared without the cache.
+cached. Under ``torchrun`` a node's local rank 0 builds a missing entry while the node's
+other ranks wait for it (:class:`NodePeers`). What a build says about the data (rows dropped,
+identical completions, shortened prompts, counts) is stored in the entry and said again by
+every run that reads it. Data whose digest cannot be taken (an unreadable file in its
+directory) is prepared without the cache.
 """
 
 from __future__ import annotations
@@ -190,7 +192,6 @@ def cached_items(cache_dir: Path, path: str | Path, split: str | None, tokenizer
     are then built without the cache, :func:`scratch_items`); data that is not there is
     ``build``'s to refuse. ``columns``: whatever else chose the items (column names, loss-span
     settings), as a dataclass or a dict."""
-    from dpokit.atomic import discard, replace, temporary_sibling
     from dpokit.hub import locate
 
     data = locate(path, repo_type="dataset")
@@ -208,12 +209,30 @@ def cached_items(cache_dir: Path, path: str | Path, split: str | None, tokenizer
     if key is None:
         return scratch_items(build)
     entry = cache_dir / f"{cls.__name__.lower()}-{key}"
+    peers = node_peers(key)
     items = load_entry(entry, key, cls)
-    if items is not None:
-        _replay(entry)
-        log.info("%s: %d tokenised examples read from %s (same data, tokenizer and settings as "
-                 "an earlier run)", data, len(items), entry)
-        return items
+    waiting = items is None and peers is not None and not peers.leader  # local rank 0 builds
+    if waiting and peers.wait(data):
+        items = load_entry(entry, key, cls)
+    try:
+        if items is not None:
+            _replay(entry)
+            log.info("%s: %d tokenised examples read from %s (same data, tokenizer and "
+                     "settings as an earlier run)", data, len(items), entry)
+            return items
+        return _build_entry(data, digest, key, entry, cls, build)
+    finally:  # read, built, refused or not cacheable: the node's other ranks go on
+        if peers is not None and peers.leader:
+            peers.done()
+
+
+def _build_entry(data: Path, digest: str, key: str, entry: Path, cls: type,
+                 build: Callable[[Path | None, dict[str, Any]], Sequence[Any]]
+                 ) -> Sequence[Any]:
+    """:func:`cached_items`' build of a missing ``entry``."""
+    from dpokit.atomic import discard, replace, temporary_sibling
+
+    cache_dir = entry.parent
     tmp = temporary_sibling(entry)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -244,6 +263,73 @@ def cached_items(cache_dir: Path, path: str | Path, split: str | None, tokenizer
     except BaseException:
         discard(tmp)  # an error in the data, or an interruption: no entry, nothing left
         raise
+
+
+@dataclasses.dataclass(frozen=True)
+class NodePeers:
+    """The processes of one node of a ``torch.distributed`` job that need the same missing
+    entry: the node's local rank 0 (``leader``) builds it while the others wait for it, then read
+    it — the data is tokenised once a node, not once a rank (a shared cache directory across
+    nodes: once a node, the later entry reading the earlier, :func:`_built_meanwhile`). The
+    signal goes through the job's key-value store (``torch.distributed``'s default store); the
+    entry itself through the cache directory."""
+
+    store: Any
+    name: str
+    leader: bool
+
+    WAIT_LOG_S = 60.0
+
+    def done(self) -> None:
+        """The leader: the entry is built — or could not be (bad data, a full disk), and then
+        every waiting rank goes on to do what the leader did (refuse, or prepare without it)."""
+        try:
+            self.store.set(self.name, "1")
+        except Exception as error:  # the store gone: the job is ending anyway
+            log.debug("could not signal the tokenised-data cache entry %s: %s", self.name, error)
+
+    def wait(self, data: Path) -> bool:
+        """Wait for the leader's :meth:`done`; False when the store fails (the job's rank 0
+        gone), and this rank then builds the entry itself."""
+        import time
+        from datetime import timedelta
+
+        start = time.monotonic()
+        while True:
+            asked = time.monotonic()
+            try:
+                self.store.wait([self.name], timedelta(seconds=self.WAIT_LOG_S))
+                return True
+            except Exception as error:  # a timeout: still building; anything else: no store
+                if time.monotonic() - asked < 0.9 * self.WAIT_LOG_S:
+                    log.warning("could not wait for local rank 0 to tokenise %s (%s); "
+                                "tokenising here too", data, error)
+                    return False
+                log.info("waiting for local rank 0 to tokenise %s (%.0f s so far)", data,
+                         time.monotonic() - start)
+
+
+def node_peers(key: str) -> NodePeers | None:
+    """The :class:`NodePeers` of the entry ``key`` under a ``torch.distributed`` job of more
+    than one process started with ``LOCAL_RANK`` set (torchrun); None otherwise (then this
+    process builds what it needs, as in one process)."""
+    import os
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # (never imported for this)
+    local = os.environ.get("LOCAL_RANK")
+    if (dist is None or local is None or not dist.is_available() or not dist.is_initialized()
+            or dist.get_world_size() < 2):
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        rank, local_rank = dist.get_rank(), int(local)
+    except Exception:  # a store-less group or a foreign LOCAL_RANK: each rank on its own
+        return None
+    if not 0 <= local_rank <= rank:
+        return None
+    # torchrun numbers a node's ranks consecutively: its local rank 0 is rank − local rank
+    return NodePeers(store, f"dpokit/tokenised/{key}/{rank - local_rank}", local_rank == 0)
 
 
 def _built_meanwhile(entry: Path, key: str, cls: type) -> ItemStore | None:
