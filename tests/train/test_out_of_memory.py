@@ -27,7 +27,7 @@ def fail_on_call(monkeypatch, n, error, where="forward", split=False):
     import dpokit.train.loop as loop
 
     if not split:
-        monkeypatch.setattr(loop, "_can_split", lambda run: False)
+        monkeypatch.setattr(loop, "_can_split", lambda run, units=None: False)
     calls = {"n": 0}
     original = DPOObjective.forward
 
@@ -193,6 +193,8 @@ def test_halving_only_where_it_gives_the_same_step(workdir):
     assert _can_split(run())
     assert _can_split(run(objective=objective(loss_type=("sigmoid", "ipo", "apo_zero"))))
     assert not _can_split(run(micro_batch=1))
+    # a short last micro-batch of one unit fails at any size: no halving, the error at once
+    assert not _can_split(run(), 1) and _can_split(run(), 2)
     assert not _can_split(run(runtime=SimpleNamespace(distributed=True)))
     assert not _can_split(run(config=SimpleNamespace(disable_dropout=False)))
     assert not _can_split(run(objective=objective(OnlineDPOObjective)))

@@ -30,6 +30,7 @@ from torch import nn
 from dpokit.atomic import atomic_path
 from dpokit.config import config_yaml
 from dpokit.data import epoch_batches, micro_batches
+from dpokit.data.batching import units_of
 from dpokit.errors import DpokitError
 from dpokit.evaluate import EvaluationOutOfMemory, evaluate
 from dpokit.logps import unwrap_model
@@ -175,7 +176,7 @@ def _accumulate(run: Run, global_indices: list[int], scale: float) -> tuple[list
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
-            if _can_split(run):
+            if _can_split(run, len(units_of(indices, run.train_groups))):
                 failed, run.micro_batch = run.micro_batch, run.micro_batch // 2
                 raise _SmallerMicroBatches(failed, objective.unit) from None
             raise _out_of_memory(run, raw, error) from None
@@ -185,13 +186,15 @@ def _accumulate(run: Run, global_indices: list[int], scale: float) -> tuple[list
     return sums, loss
 
 
-def _can_split(run: Run) -> bool:
+def _can_split(run: Run, units: int | None = None) -> bool:
     """Whether halving the micro-batches after running out of memory gives the same step: more
-    than one unit a micro-batch, one process (ranks would run different numbers of forwards:
+    than one unit a micro-batch (and in the one that failed, ``units``: a short last one of a
+    single unit would fail again at any size), one process (ranks would run different numbers of forwards:
     FSDP's gathers and DDP's reductions must match), offline data (on-policy generation draws
     from the RNG) with a loss of per-example terms (:attr:`Objective.splittable`: not ``aot``
     or ``sft``, which couple the micro-batch) and no dropout (its masks are drawn per forward)."""
-    return (run.micro_batch > 1 and not run.runtime.distributed and run.config.disable_dropout
+    return (run.micro_batch > 1 and (units is None or units > 1)
+            and not run.runtime.distributed and run.config.disable_dropout
             and run.objective.splittable)
 
 
