@@ -6,6 +6,7 @@
     python benchmarks/data_scale.py prepare --root out/scale --rows 60000 --cache --clear  # cold
     python benchmarks/data_scale.py prepare --root out/scale --rows 60000 --cache      # warm
     python benchmarks/data_scale.py start --root out/scale --rows 1000 1000000 --repeats 3
+    python benchmarks/data_scale.py ranks --root out/scale --rows 60000 --nproc 2  # torchrun
     python benchmarks/data_scale.py all --root out/scale --rows 60000 1000000
 
 Rows are built as :func:`dpokit.bench.build_fixtures` builds its own (prompts of 30–50 words,
@@ -161,6 +162,61 @@ def one_start(root: Path, rows: int, run: str) -> dict:
             "peak_rss_mb": round(_peak_mb())}
 
 
+def one_rank(root: Path, rows: int) -> dict:
+    """One rank's ``load_preference_pairs`` with the cache, in a process group of
+    ``torchrun`` (``ranks``): how long it took and whether this rank tokenised."""
+    import dpokit.data.prepare as prepare_module
+    from dpokit.data import load_preference_pairs
+    from dpokit.models import load_tokenizer
+    from dpokit.runtime import setup_runtime, shutdown_runtime
+
+    runtime = setup_runtime("cpu")
+    config = run_config(root, rows, "ranks")
+    tokenizer = load_tokenizer(config.model)
+    built = []
+    original = prepare_module.prepare_items
+
+    def counted(*args, **kwargs):
+        built.append(1)
+        return original(*args, **kwargs)
+
+    prepare_module.prepare_items = counted
+    runtime.barrier()
+    started = time.perf_counter()
+    pairs = load_preference_pairs(config.data, tokenizer, settings=config.tokenize_settings,
+                                  progress=False, cache_dir=config.cache_dir)
+    seconds = time.perf_counter() - started
+    result = {"mode": "rank", "rank": runtime.rank, "rows": rows, "pairs": len(pairs),
+              "tokenised": bool(built), "seconds": round(seconds, 2),
+              "peak_rss_mb": round(_peak_mb())}
+    shutdown_runtime(runtime)
+    return result
+
+
+def ranks(root: Path, rows_list: list[int], nproc: int) -> list[dict]:
+    """A cold cache, ``nproc`` ranks of one ``torchrun`` job each loading the file: every
+    rank's time and whether it tokenised, and the whole job's wall time."""
+    results = []
+    for rows in rows_list:
+        clear_cache(root, rows)
+        env = {**os.environ, "OMP_NUM_THREADS": "2"}
+        command = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+                   "--nproc-per-node", str(nproc), __file__, "one", "rank", str(root),
+                   str(rows)]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            results.append({"error": (done.stderr.strip().splitlines() or ["?"])[-1]})
+        else:
+            per_rank = [json.loads(line) for line in done.stdout.splitlines()
+                        if line.startswith("{")]
+            results.append({"mode": "ranks", "rows": rows, "nproc": nproc,
+                            "job_seconds": round(wall, 2), "ranks": per_rank})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 def _fresh(args: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     done = subprocess.run([sys.executable, __file__, "one", *args], capture_output=True,
@@ -203,12 +259,14 @@ def main(argv: list[str]) -> None:
         mode, root, rows = argv[1], Path(argv[2]), int(argv[3])
         if mode == "prepare":
             result = one_prepare(root, rows, argv[4] == "1", int(argv[5]) or None)
+        elif mode == "rank":
+            result = one_rank(root, rows)
         else:
             result = one_start(root, rows, argv[4])
         print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["build", "prepare", "start", "all"])
+    parser.add_argument("command", choices=["build", "prepare", "start", "ranks", "all"])
     parser.add_argument("--root", type=Path, default=Path("out/scale"))
     parser.add_argument("--rows", type=int, nargs="+", default=[60_000])
     parser.add_argument("--cache", action="store_true", help="prepare with the cache")
@@ -216,10 +274,14 @@ def main(argv: list[str]) -> None:
                         help="empty the file's cache before the first run")
     parser.add_argument("--num-proc", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--nproc", type=int, default=2, help="ranks (the ranks command)")
     args = parser.parse_args(argv)
     build(args.root, args.rows)
     if args.command == "prepare":
         prepare(args.root, args.rows, args.cache, args.num_proc, args.repeats, args.clear)
+    elif args.command == "ranks":
+        for _ in range(args.repeats):
+            ranks(args.root, args.rows, args.nproc)
     elif args.command == "start":
         if args.clear:
             for rows in args.rows:
