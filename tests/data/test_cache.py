@@ -168,3 +168,40 @@ def test_a_tokenizer_changed_in_memory_is_another_key(setup, tmp_path):
     before = tokenizer_digest(tokenizer)
     tokenizer.chat_template = "{{ messages }}"
     assert tokenizer_digest(tokenizer) != before
+
+
+@pytest.mark.parametrize("failing", ["rename", "writing"])
+def test_a_cache_that_cannot_be_written_still_gives_the_pairs(setup, tmp_path, caplog,
+                                                              monkeypatch, failing):
+    """A full disk: at the rename (or fsync) of a complete build the pairs already tokenised
+    are used as they are — not tokenised a second time; while writing the arrays, they are
+    prepared again without the cache. Either way the pairs are those of a plain load, and no
+    entry nor temporary directory is left."""
+    import dpokit.atomic as atomic
+    import dpokit.data.store as store
+
+    data, model, calls = setup
+    plain = list(load_preference_pairs(data, load_tokenizer(model)))
+    before = len(calls)
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    if failing == "rename":
+        monkeypatch.setattr(atomic, "replace", no_space)
+    else:  # the first build's first chunk
+        append = store.StoreWriter.append
+
+        def append_once(self, arrays):
+            monkeypatch.setattr(store.StoreWriter, "append", append)
+            no_space()
+
+        monkeypatch.setattr(store.StoreWriter, "append", append_once)
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING, logger="dpokit.data"):
+        pairs = load(data, model, cache)
+        assert list(pairs) == plain
+    assert "No space left on device" in caplog.text
+    # one tokenisation at the rename; two (the failed build, then without the cache) otherwise
+    assert len(calls) - before == (1 if failing == "rename" else 2)
+    assert not entries(cache) and not list(cache.glob(".*"))

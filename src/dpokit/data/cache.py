@@ -234,13 +234,14 @@ def _build_entry(data: Path, digest: str, key: str, entry: Path, cls: type,
 
     cache_dir = entry.parent
     tmp = temporary_sibling(entry)
+    built = None
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         _stale_builds(cache_dir, cls)
         discard(tmp)
         tmp.mkdir()
         with _recorded() as messages:
-            build(tmp, {"key": key})
+            built = build(tmp, {"key": key})
         if content_digest(data) != digest:  # rewritten while it was read: the items may mix
             from dpokit.errors import DpokitError
 
@@ -254,9 +255,14 @@ def _build_entry(data: Path, digest: str, key: str, entry: Path, cls: type,
         replace(tmp, entry)
         return open_store(entry, cls, key=key)
     except OSError as error:  # a full disk must not stop a run that has its data
-        discard(tmp)
         if (items := _built_meanwhile(entry, key, cls)) is not None:
+            discard(tmp)
             return items
+        if built is not None and tmp.is_dir():  # complete, only not cached (fsync, rename)
+            log.warning("could not cache the tokenised data in %s: %s; training on it "
+                        "without caching it", entry, error.strerror or error)
+            return _unlinked(built, tmp)
+        discard(tmp)
         log.warning("could not cache the tokenised data in %s: %s; preparing it without the "
                     "cache", entry, error.strerror or error)
         return scratch_items(build)
@@ -382,9 +388,7 @@ def scratch_items(build: Callable[[Path | None, dict[str, Any]], Sequence[Any]]
     garbage-collected), so memory stays that of one chunk whatever the size of the data; the
     disk space is the store's (~4 bytes a token) for as long. Where the temporary directory
     cannot be written (a full disk), the arrays are built in memory."""
-    import shutil
     import tempfile
-    import weakref
 
     from dpokit.atomic import discard
 
@@ -402,6 +406,18 @@ def scratch_items(build: Callable[[Path | None, dict[str, Any]], Sequence[Any]]
     except BaseException:
         discard(directory)
         raise
+    return _unlinked(items, directory)
+
+
+def _unlinked(items: Sequence[Any], directory: Path) -> Sequence[Any]:
+    """``items``, memory-mapped from the files of ``directory``, with ``directory`` removed:
+    at once on POSIX (mapped files stay readable, unnamed, until unmapped), else when
+    ``items`` is garbage-collected."""
+    import shutil
+    import weakref
+
+    from dpokit.atomic import discard
+
     try:
         shutil.rmtree(directory)  # POSIX: the mapped files stay readable until unmapped
     except OSError:  # (Windows keeps mapped files: removed when the store is gone)

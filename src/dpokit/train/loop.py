@@ -189,10 +189,11 @@ def _accumulate(run: Run, global_indices: list[int], scale: float) -> tuple[list
 def _can_split(run: Run, units: int | None = None) -> bool:
     """Whether halving the micro-batches after running out of memory gives the same step: more
     than one unit a micro-batch (and in the one that failed, ``units``: a short last one of a
-    single unit would fail again at any size), one process (ranks would run different numbers of forwards:
-    FSDP's gathers and DDP's reductions must match), offline data (on-policy generation draws
-    from the RNG) with a loss of per-example terms (:attr:`Objective.splittable`: not ``aot``
-    or ``sft``, which couple the micro-batch) and no dropout (its masks are drawn per forward)."""
+    single unit would fail again at any size), one process (ranks would run different numbers
+    of forwards: FSDP's gathers and DDP's reductions must match), offline data (on-policy
+    generation draws from the RNG) with a loss of per-example terms
+    (:attr:`Objective.splittable`: not ``aot`` or ``sft``, which couple the micro-batch) and no
+    dropout (its masks are drawn per forward)."""
     return (run.micro_batch > 1 and (units is None or units > 1)
             and not run.runtime.distributed and run.config.disable_dropout
             and run.objective.splittable)
