@@ -164,6 +164,9 @@ def get_number(row: RawRow, field: str) -> float | None:
         raise fail(row, field, f"expected a number, got {value!r}")
     try:
         number = float(value)
+    except OverflowError:  # an integer past float's range (JSON allows any)
+        raise fail(row, field, "expected a finite number, got an integer too large for a "
+                               "float") from None
     except (TypeError, ValueError):
         raise fail(row, field, f"expected a number, got {value!r}") from None
     if not math.isfinite(number):

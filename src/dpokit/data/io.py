@@ -17,6 +17,7 @@ one wins". What was read is logged (``dpokit.data``, info).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -119,10 +120,12 @@ def _lines(path: Path) -> Iterator[bytes]:
 
 def _read_jsonl(path: Path) -> Iterator[RawRow]:
     for number, raw_line in enumerate(_lines(path), start=1):
+        if number == 1 and raw_line.startswith(codecs.BOM_UTF8):
+            raw_line = raw_line[len(codecs.BOM_UTF8):]
         if not raw_line.strip():
             continue
         try:
-            line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
+            line = raw_line.decode("utf-8")
         except UnicodeDecodeError as error:
             raise DpokitError(f"{path}, row {number}: undecodable text (not UTF-8)") from error
         try:
@@ -132,6 +135,9 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
                               f"{error.colno})") from None
         except _DuplicateKey as error:
             raise _duplicate_error(f"{path}, row {number}", error.key) from None
+        except (ValueError, RecursionError) as error:  # a huge integer, a deep nesting
+            raise DpokitError(f"{path}, row {number}: JSON that cannot be read "
+                              f"({_json_limit(error)})") from None
         if not isinstance(record, dict):
             raise DpokitError(f"{path}, row {number}: expected a JSON object, got "
                               f"{type(record).__name__}")
@@ -148,6 +154,8 @@ def _read_json(path: Path, split: str | None) -> Iterator[RawRow]:
         raise DpokitError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
     except _DuplicateKey as error:
         raise _duplicate_error(str(path), error.key) from None
+    except (ValueError, RecursionError) as error:  # a huge integer, a deep nesting
+        raise DpokitError(f"{path}: JSON that cannot be read ({_json_limit(error)})") from None
     if isinstance(document, dict):
         splits = sorted(k for k, v in document.items() if isinstance(v, list))
         if split is None and len(splits) > 1:
@@ -160,6 +168,8 @@ def _read_json(path: Path, split: str | None) -> Iterator[RawRow]:
             raise DpokitError(f"{path}: expected a list of objects, or an object with a "
                               f"{split or 'train'!r} list (keys found: {sorted(document)})")
         document = document[key]
+    elif split is not None:
+        log.warning("%s: a list of rows without splits; split=%r is ignored", path, split)
     if not isinstance(document, list):
         raise DpokitError(f"{path}: expected a list of objects, got {type(document).__name__}")
     for number, record in enumerate(document, start=1):
@@ -175,23 +185,47 @@ def _maybe_json(value: str) -> Any:
     if text.startswith("[{") and text.endswith("}]"):
         try:
             decoded = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (or unreadable): the cell's text
             return value
         if all(isinstance(m, dict) and "role" in m for m in decoded):
             return decoded
     return value
 
 
+_EXTRA_CELLS = "\0extra cells"
+"""``csv.DictReader``'s key for the cells of a row past its header's (a name no header has)."""
+_CSV_FIELD_LIMIT = 2**31 - 1
+"""The csv module's per-field limit while reading (its default, 131,072 characters, is below
+``max_row_chars``' default: a long well-formed cell is read, the row's size then checked)."""
+
+
+def _json_limit(error: BaseException) -> str:
+    """What a JSON parser's limit error says, in a line: Python's int-conversion limit, or
+    nesting too deep to parse."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error).splitlines()[0]
+
+
 def _read_csv(path: Path) -> Iterator[RawRow]:
     handle = _open(path)
     # decoded as it is read; the lines are those of the whole text (newline="")
     text = io.TextIOWrapper(handle, encoding="utf-8-sig", newline="")
-    reader = csv.DictReader(text)
+    # strict: a quote left open (or text after a closing one) is an error, not a cell that
+    # runs on over the rows after it; no field limit below max_row_chars' (checked per row)
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
+    reader = csv.DictReader(text, strict=True, restkey=_EXTRA_CELLS)
     try:
-        _check_unique_columns(path, [k.strip() for k in reader.fieldnames or []], "header")
+        header = [k.strip() for k in reader.fieldnames or []]
+        _check_unique_columns(path, header, "header")
         for number, record in enumerate(reader, start=1):
+            if _EXTRA_CELLS in record:  # an unquoted comma moves every later value
+                raise DpokitError(
+                    f"{path}, row {number} (line {reader.line_num}): "
+                    f"{len(header) + len(record[_EXTRA_CELLS])} cells, the header has "
+                    f"{len(header)} (a cell holding a comma must be quoted)")
             fields = {k.strip(): _maybe_json(v) if isinstance(v, str) else v
-                      for k, v in record.items() if k is not None}
+                      for k, v in record.items()}
             yield RawRow(str(path), number, fields)
     except UnicodeDecodeError:  # where in the file: the whole of it, as read at once
         data = _read_bytes(path)
@@ -300,8 +334,11 @@ def _shard_split(path: Path, shard: Path) -> str | None:
     return folder or (match.group(1) if match else None)
 
 
-def _shards(path: Path, split: str | None) -> list[Path]:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _READERS
+def _shards(path: Path, split: str | None) -> tuple[list[Path], str | None]:
+    """The data files of the directory ``path`` for ``split``, and the split to read inside
+    each (a JSON document's own splits, when no shard is named by one)."""
+    inner = None
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _READERS
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if split is None:
         splits = sorted({s for p in files if (s := _shard_split(path, p)) is not None})
@@ -311,8 +348,10 @@ def _shards(path: Path, split: str | None) -> list[Path]:
     elif files and all(_shard_split(path, p) is None for p in files) and not any(
             p.name.startswith(split) for p in files):
         # shards named by no split are one split (as load_dataset calls them "train"): read
-        # whole, as a single file is
-        log.warning("%s: shards without split names; split=%r is ignored", path, split)
+        # whole, as a single file is — a JSON document's own splits are its reader's
+        if any(p.suffix.lower() != ".json" for p in files):
+            log.warning("%s: shards without split names; split=%r is ignored", path, split)
+        inner = split
     else:
         files = [p for p in files if p.name.startswith(split) or
                  any(part == split for part in p.relative_to(path).parts[:-1])]
@@ -320,14 +359,14 @@ def _shards(path: Path, split: str | None) -> list[Path]:
         wanted = f" for split {split!r}" if split else ""
         raise DpokitError(f"{path}: no data files{wanted} (looked for "
                           f"{', '.join(SUPPORTED_SUFFIXES)} files, or a saved dataset)")
-    suffixes = {p.suffix for p in files}
+    suffixes = {p.suffix.lower() for p in files}
     if len(suffixes) > 1:
         raise DpokitError(f"{path}: shards of mixed formats ({', '.join(sorted(suffixes))})")
     names = [str(p.relative_to(path)) for p in files]
     log.info("%s: reading %d shard%s%s (%s%s)", path, len(files), "s" * (len(files) > 1),
              f" of split {split!r}" if split else "", ", ".join(names[:5]),
              f", … {names[-1]}" if len(names) > 5 else "")
-    return files
+    return files, inner
 
 
 def _data_path(path: str | Path) -> Path:
@@ -349,8 +388,9 @@ def iter_rows(path: str | Path, *, split: str | None = None) -> Iterator[RawRow]
         if _is_saved_dataset(path):
             yield from _read_saved_dataset(path, split)
             return
-        for shard in _shards(path, split):
-            yield from _READERS[shard.suffix](shard, None)
+        shards, inner = _shards(path, split)
+        for shard in shards:
+            yield from _READERS[shard.suffix.lower()](shard, inner)
         return
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
