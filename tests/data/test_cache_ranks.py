@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent("""
     runtime = setup_runtime("cpu")
     logging.basicConfig(level=logging.INFO, format=f"rank {runtime.rank}: %(message)s")
     data_cache.NodePeers.WAIT_LOG_S = 1.0  # a wait past it is said, and waited on
+    data_cache.NodePeers.START_GRACE_S = 4.0
     built = []
     prepare_items = prepare.prepare_items
 
@@ -41,6 +42,8 @@ SCRIPT = textwrap.dedent("""
         def no_space(*args, **kwargs):
             raise OSError(28, "No space left on device")
         atomic.replace = no_space
+    if mode == "elsewhere" and runtime.rank == 0:
+        data = data + ".other.jsonl"  # rank 0 never loads the file rank 1 waits for
     try:
         pairs = load_preference_pairs(data, load_tokenizer(model), cache_dir=Path(cache))
         out = {"pairs": [[list(p.chosen_ids), list(p.rejected_ids)] for p in pairs]}
@@ -98,3 +101,15 @@ def test_data_rank_0_refuses_is_refused_by_every_rank_without_waiting(run, tmp_p
     assert ranks[0]["built"] == 1 and ranks[1]["built"] == 1
     assert "row 2" in ranks[0]["error"] and ranks[1]["error"] == ranks[0]["error"]
     assert not entries
+
+
+def test_a_rank_whose_local_rank_0_never_reaches_its_data_tokenises_it(run, workdir, tmp_path):
+    """Rank 0 loads another file (a launcher that numbers ranks otherwise, say): rank 1 waits
+    START_GRACE_S for word of rank 0 on its data, then tokenises it itself — no hang."""
+    data = tmp_path / "prefs.jsonl"
+    shutil.copy(workdir / "prefs.jsonl", data)
+    shutil.copy(workdir / "prefs.jsonl", tmp_path / "prefs.jsonl.other.jsonl")
+    ranks, entries, log = run(data, mode="elsewhere")
+    assert ranks[0]["built"] == 1 and ranks[1]["built"] == 1
+    assert "rank 1: local rank 0 has not reached" in log
+    assert ranks[0]["pairs"] == ranks[1]["pairs"]

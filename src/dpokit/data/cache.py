@@ -209,7 +209,9 @@ def cached_items(cache_dir: Path, path: str | Path, split: str | None, tokenizer
     if key is None:
         return scratch_items(build)
     entry = cache_dir / f"{cls.__name__.lower()}-{key}"
-    peers = node_peers(key)
+    peers = node_peers(key, json.dumps([str(data), split, cls.__name__]))
+    if peers is not None and peers.leader:
+        peers.announce()
     items = load_entry(entry, key, cls)
     waiting = items is None and peers is not None and not peers.leader  # local rank 0 builds
     if waiting and peers.wait(data):
@@ -277,48 +279,86 @@ class NodePeers:
     entry: the node's local rank 0 (``leader``) builds it while the others wait for it, then read
     it — the data is tokenised once a node, not once a rank (a shared cache directory across
     nodes: once a node, the later entry reading the earlier, :func:`_built_meanwhile`). The
-    signal goes through the job's key-value store (``torch.distributed``'s default store); the
-    entry itself through the cache directory."""
+    signals go through the job's key-value store (``torch.distributed``'s default store); the
+    entry itself through the cache directory. The leader first says which key it found for the
+    data (``source``: a name of the data, split and kind, not of their content), so a rank whose
+    key differs — the data changed between the two reads — refuses in one line rather than
+    wait for an entry nobody builds, or train on other rows than its peers."""
 
     store: Any
     name: str
+    """Set by the leader once it is done with the entry ``key``."""
+    source: str
+    """Set by the leader to the key it found for this data."""
+    key: str
     leader: bool
 
     WAIT_LOG_S = 60.0
+    """A waiting rank says so this often."""
+    START_GRACE_S = 30.0
+    """How long a waiting rank gives the leader to reach the same data (the ranks run the same
+    code before it); past it, with no word of the leader on this data, it tokenises itself."""
+
+    def announce(self) -> None:
+        """The leader: the key it found for the data (before it reads or builds the entry)."""
+        self._set(self.source, self.key)
 
     def done(self) -> None:
         """The leader: the entry is built — or could not be (bad data, a full disk), and then
         every waiting rank goes on to do what the leader did (refuse, or prepare without it)."""
+        self._set(self.name, "1")
+
+    def _set(self, name: str, value: str) -> None:
         try:
-            self.store.set(self.name, "1")
+            self.store.set(name, value)
         except Exception as error:  # the store gone: the job is ending anyway
-            log.debug("could not signal the tokenised-data cache entry %s: %s", self.name, error)
+            log.debug("could not signal %s to the other ranks: %s", name, error)
 
     def wait(self, data: Path) -> bool:
-        """Wait for the leader's :meth:`done`; False when the store fails (the job's rank 0
-        gone), and this rank then builds the entry itself."""
+        """Wait for the leader's :meth:`done`; False (this rank then builds the entry itself)
+        when the store fails (the job's rank 0 gone) or the leader has not reached this data
+        after :data:`START_GRACE_S`. The leader found another key for it: a one-line error."""
         import time
         from datetime import timedelta
 
-        start = time.monotonic()
+        from dpokit.errors import DpokitError
+
+        start = said = time.monotonic()
+        step = min(self.WAIT_LOG_S, self.START_GRACE_S, 5.0)
         while True:
             asked = time.monotonic()
             try:
-                self.store.wait([self.name], timedelta(seconds=self.WAIT_LOG_S))
+                self.store.wait([self.name], timedelta(seconds=step))
                 return True
             except Exception as error:  # a timeout: still building; anything else: no store
-                if time.monotonic() - asked < 0.9 * self.WAIT_LOG_S:
+                now = time.monotonic()
+                if now - asked < 0.9 * step:
                     log.warning("could not wait for local rank 0 to tokenise %s (%s); "
                                 "tokenising here too", data, error)
                     return False
+            try:
+                theirs = (self.store.get(self.source).decode()
+                          if self.store.check([self.source]) else None)
+            except Exception:
+                theirs = None
+            if theirs is not None and theirs != self.key:
+                raise DpokitError(f"{data} changed between this rank's read and local rank "
+                                  f"0's (their contents differ); run again once it is written")
+            if theirs is None and now - start >= self.START_GRACE_S:
+                log.warning("local rank 0 has not reached %s after %.0f s; tokenising it here "
+                            "too", data, now - start)
+                return False
+            if now - said >= self.WAIT_LOG_S:
+                said = now
                 log.info("waiting for local rank 0 to tokenise %s (%.0f s so far)", data,
-                         time.monotonic() - start)
+                         now - start)
 
 
-def node_peers(key: str) -> NodePeers | None:
-    """The :class:`NodePeers` of the entry ``key`` under a ``torch.distributed`` job of more
-    than one process started with ``LOCAL_RANK`` set (torchrun); None otherwise (then this
-    process builds what it needs, as in one process)."""
+def node_peers(key: str, source: str) -> NodePeers | None:
+    """The :class:`NodePeers` of the entry ``key`` (of the data, split and kind ``source``
+    names) under a ``torch.distributed`` job of more than one process started with
+    ``LOCAL_RANK`` set (torchrun); None otherwise (then this process builds what it needs, as
+    in one process)."""
     import os
     import sys
 
@@ -335,7 +375,10 @@ def node_peers(key: str) -> NodePeers | None:
     if not 0 <= local_rank <= rank:
         return None
     # torchrun numbers a node's ranks consecutively: its local rank 0 is rank − local rank
-    return NodePeers(store, f"dpokit/tokenised/{key}/{rank - local_rank}", local_rank == 0)
+    node = rank - local_rank
+    named = hashlib.sha256(source.encode()).hexdigest()[:32]
+    return NodePeers(store, f"dpokit/tokenised/{key}/{node}",
+                     f"dpokit/tokenised-source/{named}/{node}", key, local_rank == 0)
 
 
 def _built_meanwhile(entry: Path, key: str, cls: type) -> ItemStore | None:

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -168,7 +169,6 @@ def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair]
     table is the same. Out of memory at one unit a batch is raised, with that unit's pairs as
     its ``dpokit_items``."""
     from dpokit.data.batching import group_ids, unit_spans, units_of
-    from dpokit.memory import is_out_of_memory, release_cached
 
     table = torch.zeros(len(pairs), 2, dtype=torch.float32)
     rows = list(range(len(pairs))) if rows is None else list(rows)
@@ -176,6 +176,47 @@ def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair]
     mine = units_of(rows, groups if unit_spans(groups) else None)[rank::world_size]
     bar = tqdm(total=sum(map(len, mine)), unit="pair", desc="reference log-probs",
                disable=not progress)
+    try:
+        _fill_table(table, mine, pairs, reference, batch_size=batch_size,
+                    pad_token_id=pad_token_id, layout=layout, device=device, bar=bar)
+        failure = None
+    except Exception as error:  # said by this rank once every rank knows (below)
+        failure = error
+    finally:
+        bar.close()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        # one rank's failure stops every rank here, each with a line, not in the all-reduce
+        failed = torch.tensor([float(rank + 1 if failure is not None else 0)], device=device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failure is None and failed.item():
+            from dpokit.errors import DpokitError
+
+            raise DpokitError(f"the reference pass failed on rank {int(failed.item()) - 1} "
+                              f"(its message is above)")
+    if failure is not None:
+        raise failure
+    if world_size > 1:
+        import torch.distributed as dist
+
+        table = table.to(device)
+        dist.all_reduce(table)  # each row was filled by exactly one rank
+        table = table.cpu()
+    if len(rows) < len(pairs):
+        unused = torch.ones(len(pairs), dtype=torch.bool)
+        unused[rows] = False
+        table[unused] = float("nan")
+    return table
+
+
+def _fill_table(table: Tensor, mine: list[list[int]], pairs: Sequence[TokenizedPair],
+                reference: Reference, *, batch_size: int, pad_token_id: int, layout: str,
+                device: torch.device, bar: Any) -> None:
+    """:func:`compute_reference_table`'s pass over this rank's units ``mine``, into
+    ``table``."""
+    from dpokit.memory import is_out_of_memory, release_cached
+
     position, size = 0, batch_size
     while position < len(mine):
         units = mine[position:position + size]
@@ -204,18 +245,6 @@ def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair]
         log.warning("reference log-probs: out of memory on %s at %d %s a batch; going on at %d "
                     "(the same log-probs: a row's do not depend on its batch)", device,
                     len(units), "prompts" if len(chunk) > len(units) else "pairs", size)
-    bar.close()
-    if world_size > 1:
-        import torch.distributed as dist
-
-        table = table.to(device)
-        dist.all_reduce(table)  # each row was filled by exactly one rank
-        table = table.cpu()
-    if len(rows) < len(pairs):
-        unused = torch.ones(len(pairs), dtype=torch.bool)
-        unused[rows] = False
-        table[unused] = float("nan")
-    return table
 
 
 def read_table(cache_file: Path, rows: int, used: Sequence[int] | None = None) -> Tensor | None:

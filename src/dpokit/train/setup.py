@@ -9,6 +9,7 @@ when resuming — the checkpoint's weights, optimizer, schedule, RNG and unlogge
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -579,8 +580,10 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
             used = None
         cache_file = cache_dir / f"{cache_key(hashed, part, part_settings)}.safetensors"
         table = read_table(cache_file, len(part), used)
-        cached = table is not None
-        if table is None:
+        # one decision for every rank (another job may write the file between their reads):
+        # the pass is a collective
+        cached = runtime.all_ok(table is not None)
+        if not cached:
             batch_size = config.precompute_ref_batch_size or 2 * config.batch_size
             try:
                 table = compute_reference_table(
@@ -614,9 +617,7 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
                 raise DpokitError(f"reference log-probs are not finite ({what} example "
                                   f"{row + 1} of {len(part)}); the reference model {ref_dir} "
                                   f"is broken")
-            if runtime.is_main:
-                write_table(cache_file, table)
-        runtime.barrier()
+            on_main(runtime, functools.partial(_store_table, cache_file, table))
         log.info("reference log-probs of the %s examples %s %s", what,
                  "loaded from" if cached else "computed into", cache_file)
         tables.append(table)
@@ -625,6 +626,16 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
         del reference.model  # never kept in memory during training
         gc.collect()
     return Reference("precomputed", table=table, **common)
+
+
+def _store_table(cache_file: Path, table: torch.Tensor) -> None:
+    """Cache a reference table; one that cannot be written (a full disk, a file where the
+    cache directory should be) only warns: the run has its table."""
+    try:
+        write_table(cache_file, table)
+    except DpokitError as error:
+        log.warning("could not cache the reference log-probs (%s); training on them without "
+                    "caching them", error)
 
 
 def fsdp_mixed_precision(config: TrainConfig) -> Any:
