@@ -388,7 +388,8 @@ def finish(run: Run) -> Path:
     a model card ``README.md`` (:mod:`dpokit.train.modelcard`)."""
     config, runtime = run.config, run.runtime
     if (run.eval_items and config.eval_strategy != "no"
-            and not config.evaluates_at(run.step, run.steps_per_epoch)):
+            and not config.evaluates_at(run.step, run.steps_per_epoch)
+            and not _evaluated_already(run)):
         evaluate_run(run)
     state_dict = None
     if run.sharded:  # gather the full weights on every rank, save on rank 0
@@ -409,6 +410,17 @@ def finish(run: Run) -> Path:
             (tmp / "README.md").write_text(run_model_card(run), encoding="utf-8")
     runtime.barrier()
     return final
+
+
+def _evaluated_already(run: Run) -> bool:
+    """Whether ``metrics.jsonl`` holds an evaluation at this step already: a run resumed from
+    its last checkpoint after its final evaluation was logged (a crash while ``final/`` was
+    written, a finished job requeued) — the same weights, not evaluated and logged twice.
+    One answer on every rank (rank 0's: it writes the records)."""
+    logged = run.runtime.is_main and any(
+        record.get("step") == run.step and any(key.startswith("eval/") for key in record)
+        for record in read_records(run.output_dir))
+    return not run.runtime.all_ok(not logged)
 
 
 def run_model_card(run: Run) -> str:

@@ -308,12 +308,18 @@ def check_resumable(checkpoint: Path, config: TrainConfig, runtime: Runtime, fin
     recorded = state.get("fingerprint") or {}
     if items is not None and not str(recorded.get("data", ITEMS_DIGEST)).startswith(ITEMS_DIGEST):
         fingerprint = {**fingerprint, "data": legacy_items_identity(items)}
-    for key, value in (("world_size", runtime.world_size), ("steps_per_epoch", steps_per_epoch)):
+
+    def same(key: str, value: int) -> None:
         if state.get(key, value) != value:
             raise DpokitError(f"resume: {checkpoint} was written with {key}={state[key]}, "
                               f"this run has {value}; resume with the same number of "
                               f"processes, batch_size and gradient_accumulation_steps")
+
+    # the process count first, then the run (its fingerprint names a changed data set or batch
+    # setting), then the epoch's length they imply
+    same("world_size", runtime.world_size)
     check_same_run(checkpoint, state.get("fingerprint"), fingerprint)
+    same("steps_per_epoch", steps_per_epoch)
     check_length(checkpoint, state, config, total_steps)
     return state["global_step"]
 
