@@ -112,4 +112,4 @@ def test_a_rank_whose_local_rank_0_never_reaches_its_data_tokenises_it(run, work
     ranks, entries, log = run(data, mode="elsewhere")
     assert ranks[0]["built"] == 1 and ranks[1]["built"] == 1
     assert "rank 1: local rank 0 has not reached" in log
-    assert ranks[0]["pairs"] == ranks[1]["pairs"]
+    assert ranks[0]["pairs"] == ranks[1]["pairs"] and len(entries) == 2  # one file each

@@ -112,6 +112,9 @@ def tokenize_sft(examples: Sequence[_Example], tokenizer: Any, settings: Tokeniz
     for example in progress_bar(examples, total=len(examples), progress=progress,
                                 desc="tokenising"):
         conversational = isinstance(example.completion, list)
+        if settings.text_mode == "chat" and not conversational:  # as preference pairs refuse
+            raise DpokitError(f"{example.where}: text_mode='chat' needs conversational rows "
+                              f"(lists of messages); this row is plain text")
         if conversational and settings.text_mode != "plain":
             if not getattr(tokenizer, "chat_template", None):
                 raise DpokitError("conversational data needs a tokenizer with a chat template; "
@@ -120,7 +123,10 @@ def tokenize_sft(examples: Sequence[_Example], tokenizer: Any, settings: Tokeniz
                 tokenizer, [(example.prompt, True), (example.prompt + example.completion, False)],
                 where=example.where)
         else:
-            eos = tokenizer.eos_token or ""
+            eos = tokenizer.eos_token
+            if not eos:  # a completion must end, as a preference pair's does
+                raise DpokitError("the tokenizer has no eos_token; plain-text completions end "
+                                  "with EOS")
             prompt_text = render_plain(example.prompt) if conversational else example.prompt
             completion = (render_plain(example.completion) if conversational
                           else example.completion)
