@@ -98,7 +98,8 @@ def test_a_dpokit_config_is_not_trl():
     ({"bf16": True}, {"bf16": True}),
     ({"fp16": True}, {"fp16": True, "bf16": "unset"}),  # TRL: bf16 defaults to not fp16
     ({}, {"bf16": True, "dtype": "unset"}),  # load float32, compute bf16, as TRL
-    ({"bf16": None, "dtype": None}, {"bf16": True, "dtype": "unset"}),
+    # an explicit null reaches from_pretrained(dtype=None): transformers 5's auto
+    ({"bf16": None, "dtype": None}, {"bf16": True, "dtype": "auto"}),
     ({"bf16": False}, {"bf16": False}),
     ({"dtype": "bfloat16"}, {"dtype": "bfloat16"}),
     ({"dtype": "auto"}, {"dtype": "auto"}),

@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from dpokit.errors import DpokitError
-from dpokit.trl_config import is_trl, read_trl
+from dpokit.trl_config import is_trl, read_trl, trl_defaults
 
 C = TypeVar("C")
 _MISSING = dataclasses.MISSING
@@ -74,6 +74,14 @@ def split_list_text(text: str) -> list:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _names(hint: Any, text: str) -> bool:
+    """Whether ``text`` is one of the literal values of ``hint`` (or of its list's items)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return _names(args[0], text)
+    return origin is Literal and text in args
+
+
 def coerce(key: str, value: Any, hint: Any, *, from_text: bool = False) -> Any:
     """``value`` as the type ``hint`` of field ``key``, or a ``DpokitError`` naming the key.
 
@@ -82,7 +90,9 @@ def coerce(key: str, value: Any, hint: Any, *, from_text: bool = False) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     wrong = DpokitError(f"{key}: expected {_describe(hint)}, got {value!r}")
     if origin in (types.UnionType, typing.Union):
-        if value is None or (from_text and str(value).lower() in ("none", "null")):
+        named = from_text and any(_names(arg, str(value)) for arg in args)
+        if value is None or (from_text and str(value).lower() in ("none", "null")
+                             and not named):  # ("none" of report_to is a tracker list's)
             if type(None) in args:
                 return None
             raise wrong
@@ -101,6 +111,8 @@ def coerce(key: str, value: Any, hint: Any, *, from_text: bool = False) -> Any:
     if origin is list:
         if from_text and isinstance(value, str):
             value = split_list_text(value)
+        elif isinstance(value, str) and _names(hint, value):  # YAML's `report_to: none`
+            value = [value]
         if not isinstance(value, list | tuple):
             raise wrong
         return [coerce(key, item, args[0], from_text=from_text) for item in value]
@@ -140,7 +152,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise DpokitError(f"{path}: not a UTF-8 text file") from None
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_UniqueKeyLoader)  # safe_load's, keys checked
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
@@ -151,7 +163,34 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise DpokitError(f"{path}: expected a mapping of config keys, got "
                           f"{type(document).__name__}")
+    names: dict[str, Any] = {}
+    for key in document:
+        if not isinstance(key, str):
+            raise DpokitError(f"{path}: key {key!r} is not a name (config keys are strings)")
+        name = key.replace("-", "_")
+        if name in names:
+            raise DpokitError(f"{path}: {names[name]!r} and {key!r} are the same key; keep one")
+        names[name] = key
     return document
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` refusing a key given twice in one mapping (safe_load keeps the
+    last silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def build_config(cls: type[C], values: Mapping[str, Any], *, source: str = "config",
@@ -184,15 +223,27 @@ def load_config(cls: type[C], path: str | Path | None = None,
     """The YAML file at ``path`` (optional) with command-line ``overrides`` (text) on top."""
     values: dict[str, Any] = {}
     source = "config"
+    trl = False
+    known = [f.name for f in dataclasses.fields(cls)]
     if path is not None:
         document = read_yaml(path)
         source = str(path)
         if is_trl(document):  # a TRL config, read with TRL's names and meanings
-            document = read_trl(document, source=source,
-                                known=[f.name for f in dataclasses.fields(cls)])
+            document = read_trl(document, source=source, known=known, defaults=False)
+            trl = True
         values.update({k.replace("-", "_"): v for k, v in document.items()})
     texts = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
     values.update(texts)
+    if trl:  # TRL's defaults for what neither the file nor a flag set (flags decide some)
+        hints = _hints(cls)
+
+        def given(key: str) -> Any:
+            if key not in values or key not in hints:
+                return values.get(key)
+            return coerce(key, values[key], hints[key], from_text=key in texts)
+
+        for key, default in trl_defaults(given, known).items():
+            values.setdefault(key, default)
     return build_config(cls, values, source=source, from_text=tuple(texts))
 
 

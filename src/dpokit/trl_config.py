@@ -19,8 +19,10 @@ reason and what to use instead; nothing is dropped silently:
   with torchrun", ``load_in_4bit: true``, …).
 
 TRL's defaults that change the result are applied to a TRL-flavoured file when it does not set
-them (:data:`TRL_DEFAULTS`: 3 epochs, LoRA dropout 0.05, no evaluation unless ``eval_strategy``
-asks, every checkpoint kept, bfloat16 autocast unless ``fp16``, the ``train`` split).
+them (:data:`TRL_DEFAULTS`: 3 epochs, LoRA dropout 0.05 on peft's default modules, no
+evaluation unless ``eval_strategy`` asks, every checkpoint kept, bfloat16 autocast unless
+``fp16``, the ``train`` split) — by ``load_config`` once command-line flags are merged, so a
+flag that decides one (``--fp16``, ``--no-lora``) keeps it out (:func:`trl_defaults`).
 :func:`translate` is a pure function of the mapping; ``dpokit config convert`` prints its result
 as a native YAML with a comment per changed key.
 """
@@ -28,7 +30,7 @@ as a native YAML with a comment per changed key.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +63,7 @@ NO_EFFECT = {
     "include_num_input_tokens_seen": None, "log_level": None, "disable_tqdm": None,
     "remove_unused_columns": None, "do_train": None, "do_eval": None, "local_rank": None,
     "label_names": None, "save_only_model": None, "dataloader_pin_memory": None,
-    "logging_dir": None, "tf32": None, "seed_data": None, "data_seed": None,
+    "logging_dir": None, "tf32": None, "seed_data": None, "data_seed": (None,),
     "ignore_bias_buffers": None, "bnb_4bit_quant_type": None, "use_bnb_nested_quant": None,
     "bnb_4bit_quant_storage": None, "lora_task_type": ("CAUSAL_LM",),
     "optim": ("adamw_torch", "adamw_torch_fused"),
@@ -113,10 +115,13 @@ WHY = {
                           "the tokenizer directory",
     "dataset_kwargs": "dpokit always prepares the data itself",
     "lr_scheduler_type": "lr_scheduler is linear, cosine or constant",
+    "data_seed": "dpokit orders the data by seed alone (transformers' data_seed seeds the "
+                 "sampler apart from it); set seed, or leave data_seed null",
 }
 """Why a key (at that value) is refused, and what to use instead."""
 
-TRL_DEFAULTS = {"num_epochs": 3.0, "lora_dropout": 0.05, "save_total_limit": None,
+TRL_DEFAULTS = {"num_epochs": 3.0, "lora_dropout": 0.05, "lora_target_modules": None,
+                "save_total_limit": None,
                 "eval_strategy": "no", "bf16": True, "split": "train",
                 # SFTConfig's: the loss's token mean, and which tokens it covers
                 "loss_normalization": "token", "completion_only_loss": None}
@@ -154,12 +159,15 @@ def _refuse(source: str, key: str, value: Any) -> DpokitError:
 
 
 def translate(values: Mapping[str, Any], *, source: str = "config",
-              known: Iterable[str] | None = None) -> Translation:
+              known: Iterable[str] | None = None, defaults: bool = True) -> Translation:
     """``values`` (a TRL-flavoured mapping) as dpokit keys; a key dpokit cannot honour is a
     :class:`DpokitError` naming it, its value, why and what to use instead. ``known``: the
-    target config's fields (TRL's defaults are applied only to those)."""
+    target config's fields (TRL's defaults are applied only to those). ``defaults``: False
+    leaves TRL's defaults out (:func:`trl_defaults`: the caller applies them once command-line
+    flags are merged, which decide some of them)."""
     values = {k.replace("-", "_"): v for k, v in values.items()}
     known = set(known) if known is not None else None
+    constant = False
     out: dict[str, Any] = {}
     result = Translation(out)
     note = result.notes.append
@@ -175,10 +183,20 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
                 raise _refuse(source, key, value)
             note((key, f"{value!r}: the default, nothing to set"))
             continue
-        if key in ("bf16", "fp16", "dtype", "torch_dtype") and value is None:
+        if key in ("dtype", "torch_dtype") and value is None:
+            # TRL passes it to from_pretrained as it is, and transformers 5 reads None as
+            # auto (the checkpoint's dtype); unset, TRL's default is float32
+            out["dtype"] = "auto"
+            note((key, "null: dtype auto (from_pretrained(dtype=None), as TRL loads it)"))
+            continue
+        if key in ("bf16", "fp16") and value is None:
             note((key, "null: TRL's default"))
-            continue  # bf16/fp16: TRL's default below; dtype: float32 (DPOTrainer's default)
+            continue  # TRL's default below
         if key == "fsdp":
+            if not (value is None or isinstance(value, bool | str) or (
+                    isinstance(value, list) and all(isinstance(v, str) for v in value))):
+                raise DpokitError(f"{source}: TRL key fsdp: expected true/false, a string of "
+                                  f"FSDP options or a list of them, got {value!r}")
             text = " ".join(value) if isinstance(value, list) else (value or "")
             if isinstance(value, bool):
                 out["fsdp"] = value
@@ -204,22 +222,35 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
             note((key, f"{value!r}: the NLL, dpokit's SFT loss"))
             continue
         if key == "report_to":
+            if not (value is None or isinstance(value, str | list)):
+                raise _refuse(source, key, value)
             names = [value] if isinstance(value, str) else list(value or ["none"])
-            if any(name not in REPORT_TO for name in names):
+            if any(not isinstance(name, str) or name not in REPORT_TO for name in names):
                 raise _refuse(source, key, value)
             out["report_to"] = names
             if names != value:
                 note((key, f"report_to: {names}"))
             continue
         if key == "lr_scheduler_type":
-            if value not in _SCHEDULERS:
+            if not isinstance(value, str) or value not in _SCHEDULERS:
                 raise _refuse(source, key, value)
             out["lr_scheduler"] = _SCHEDULERS[value]
             note((key, f"lr_scheduler: {_SCHEDULERS[value]}"))
+            if value == "constant":  # transformers' constant has no warmup, whatever is set
+                constant = True
             continue
-        if key == "max_steps" and value is not None and int(value) < 0:
-            out["max_steps"] = None
-            note((key, "-1: null (num_epochs decides)"))
+        if key == "max_steps" and value is not None:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise DpokitError(f"{source}: TRL key max_steps: expected a number of steps "
+                                  f"(-1: no limit), got {value!r}")
+            if value < 0:
+                out["max_steps"] = None
+                note((key, "-1: null (num_epochs decides)"))
+                continue
+        if key == "resume_from_checkpoint" and isinstance(value, bool):
+            if value:
+                out["resume"] = "auto"
+                note((key, "true: resume auto (the last checkpoint, as TRL)"))
             continue
         if key in ("eval_steps", "save_steps", "logging_steps") and isinstance(value, float) \
                 and 0 < value < 1:
@@ -231,6 +262,13 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
         out[target] = value
         if target != key:
             note((key, f"{target}: {value!r}"))
+    if constant and (out.get("warmup_steps") or out.get("warmup_ratio")):
+        out["warmup_steps"], out["warmup_ratio"] = 0, 0.0
+        note(("lr_scheduler_type", "constant: no warmup (transformers' constant ignores "
+                                   "warmup_steps and warmup_ratio)"))
+    if out.get("eval_strategy") == "steps" and out.get("eval_steps") is None:
+        out["eval_steps"] = out.get("logging_steps") or 10  # transformers' fallback (TRL: 10)
+        note(("eval_steps", f"null: {out['eval_steps']}, logging_steps' (as transformers)"))
     revision = values.get("model_revision")
     if revision not in (None, "main") and out.get("model"):
         out["model"] = f"{out['model']}@{revision}"
@@ -251,19 +289,29 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
             note((key, "no effect without use_peft (as in TRL)"))
     if isinstance(out.get("loss_type"), str):
         out["loss_type"] = [out["loss_type"]]  # TRL takes one name or a list
-    for key, default in TRL_DEFAULTS.items():
-        if (key == "bf16" and out.get("fp16")) or (key.startswith("lora_") and not peft):
-            continue
-        if key not in out and (known is None or key in known):
-            out[key] = default
-            note((key, f"{default!r} (TRL's default; dpokit's own differs)"))
+    if defaults:
+        for key, default in trl_defaults(out.get, known).items():
+            if key not in out:
+                out[key] = default
+                note((key, f"{default!r} (TRL's default; dpokit's own differs)"))
     return result
 
 
-def read_trl(values: Mapping[str, Any], *, source: str,
-             known: Iterable[str] | None = None) -> dict[str, Any]:
+def trl_defaults(given: Callable[[str], Any], known: Iterable[str] | None) -> dict[str, Any]:
+    """The :data:`TRL_DEFAULTS` that apply where ``given(key)`` is what the file and the
+    flags set (None: unset): ``bf16`` unless ``fp16`` is set (TRL's bf16 is ``not fp16``), the
+    LoRA defaults only with LoRA; only keys of ``known`` (the target config's fields)."""
+    known = set(known) if known is not None else None
+    peft = bool(given("lora"))
+    return {key: default for key, default in TRL_DEFAULTS.items()
+            if not ((key == "bf16" and given("fp16")) or (key.startswith("lora_") and not peft))
+            and (known is None or key in known)}
+
+
+def read_trl(values: Mapping[str, Any], *, source: str, known: Iterable[str] | None = None,
+             defaults: bool = True) -> dict[str, Any]:
     """:func:`translate`, saying once that the file is read with TRL's meanings."""
-    result = translate(values, source=source, known=known)
+    result = translate(values, source=source, known=known, defaults=defaults)
     log.warning("%s: read as a TRL config (TRL's key names, meanings and defaults)%s", source,
                 f"; no effect on the result: {', '.join(result.no_effect)}"
                 if result.no_effect else "")

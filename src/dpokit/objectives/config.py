@@ -227,6 +227,10 @@ class _PreferenceConfig(Config):
             raise DpokitError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.shared_prompt is True and self.padding_free:
             raise DpokitError("shared_prompt and padding_free are two layouts; choose one")
+        sorting = [name for name in self.loss_type if name in ("aot", "aot_unpaired")]
+        if self.use_weighting and sorting:  # as TRL: a pair's weight, a sorted batch's term
+            raise DpokitError(f"use_weighting weighs each pair, but loss_type {sorting[0]} "
+                              f"sorts the batch (its terms are no pair's); drop one")
 
     @property
     def needs_reference(self) -> bool:

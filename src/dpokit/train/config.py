@@ -307,8 +307,14 @@ class DPOConfig(PreferenceConfig, TrainConfig):
         if self.sync_ref_model and not self.needs_reference:
             raise DpokitError(f"sync_ref_model moves a reference, but loss_type "
                               f"{self.loss_type} uses none")
+        if self.ref_model is not None and not self.needs_reference:
+            raise DpokitError(f"ref_model is a reference, but loss_type {self.loss_type} uses "
+                              f"none; remove ref_model")
         if self.online:
             self._validate_online()
+        elif self.missing_eos_penalty is not None:
+            raise DpokitError("missing_eos_penalty changes the rewards of online samples; set "
+                              "online: true, or remove missing_eos_penalty")
 
         if self.sync_ref_model and read_adapter_config(self.model) is not None:
             raise DpokitError(f"sync_ref_model is not supported with a PEFT adapter as model "

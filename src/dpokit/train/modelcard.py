@@ -97,7 +97,8 @@ def _weights(config: TrainConfig) -> str:
     """Full fine-tune, or the LoRA adapter's shape."""
     if not config.lora:
         return "full fine-tune"
-    targets = ", ".join(config.lora_target_modules)
+    targets = (", ".join(config.lora_target_modules) if config.lora_target_modules is not None
+               else "peft's default for the model family")
     merged = "; merged model in `merged/`" if config.merge_lora else ""
     return (f"LoRA adapter (r = {config.lora_r}, α = {config.lora_alpha}, "
             f"modules {targets}){merged}")
