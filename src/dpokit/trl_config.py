@@ -59,7 +59,7 @@ RENAMED = {
 
 NO_EFFECT = {
     "dataloader_num_workers": None, "pad_to_multiple_of": None,
-    "ddp_find_unused_parameters": None, "average_tokens_across_devices": None,
+    "average_tokens_across_devices": None,
     "include_num_input_tokens_seen": None, "log_level": None, "disable_tqdm": None,
     "remove_unused_columns": None, "do_train": None, "do_eval": None, "local_rank": None,
     "label_names": None, "save_only_model": None, "dataloader_pin_memory": None,

@@ -178,16 +178,21 @@ def test_fsdp_tr_dpo_resumed_with_save_total_limit_matches_one_process(workdir, 
 def test_ddp_with_parameters_the_loss_does_not_use_trains_as_one_process(workdir, tokenizer,
                                                                         tmp_path):
     """A GPT-2 with ``add_cross_attention`` (a valid causal LM whose cross-attention weights
-    are used only with encoder states, so never here) trains in one process; under DDP (the
-    default under torchrun) it must train the same. DDP is built without
-    ``find_unused_parameters``, so the second step dies in every rank with torch's 'Expected
-    to have finished reduction in the prior iteration' traceback."""
+    are used only with encoder states, so never here) trains in one process. Under DDP it
+    died at step 2 in every rank with torch's 'Expected to have finished reduction in the prior
+    iteration' traceback; now every rank says in one line what to set, and with
+    ``ddp_find_unused_parameters`` it trains as one process."""
     model = save_model(tmp_path / "gpt2x", "gpt2", tokenizer, add_cross_attention=True)
     common = ["--max-steps", "2", "--save-steps", "1000"]
     one_process(*_args(model, workdir / "prefs.jsonl", tmp_path / "one", "--batch-size", "4",
                        *common))
-    two_processes(*_args(model, workdir / "prefs.jsonl", tmp_path / "two", "--batch-size", "2",
-                         *common))
+    args = _args(model, workdir / "prefs.jsonl", tmp_path / "two", "--batch-size", "2", *common)
+    done = torchrun("-m", "dpokit", *args, timeout=240)
+    assert done.returncode != 0 and not RANK_TRACEBACK.search(done.stderr), done.stderr[-3000:]
+    assert done.stderr.count("step 2: some trained parameters get no gradient") == 2
+    assert "set ddp_find_unused_parameters: true" in done.stderr
+    shutil.rmtree(tmp_path / "two")
+    two_processes(*args, "--ddp-find-unused-parameters")
     assert_same_records(tmp_path / "one", tmp_path / "two")
     assert_same_tensors(load_file(str(tmp_path / "one" / "final" / "model.safetensors")),
                         load_file(str(tmp_path / "two" / "final" / "model.safetensors")))

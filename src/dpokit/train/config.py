@@ -117,6 +117,10 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
     ddp_timeout: int = field(
         1800, help="Seconds a rank waits in a collective under torchrun before the run stops "
                    "with an error naming it (as transformers' ddp_timeout).")
+    ddp_find_unused_parameters: bool | None = field(
+        None, help="DDP: look for parameters the loss leaves without a gradient each step "
+                   "(slower; needed for a model with such parameters — the run says so). "
+                   "Null: off (as transformers with gradient checkpointing, TRL's default).")
 
     def validate(self) -> None:
         """Reject impossible values with a message naming the key."""

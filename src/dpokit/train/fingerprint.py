@@ -36,6 +36,7 @@ MAY_CHANGE = frozenset({
     "eval_strategy", "per_device_eval_batch_size", "eval_generate",
     "max_nonfinite_steps", "max_row_chars", "max_steps", "num_epochs", "merge_lora",
     "dataset_num_proc", "ddp_timeout",  # how many processes tokenise: the same tokens
+    "ddp_find_unused_parameters",  # DDP's search for unused parameters: the same gradients
     # memory and layout: the same numbers within float32 rounding (tested equal)
     "gradient_checkpointing", "selective_checkpointing", "chunk_size", "unpadded",
     "shared_prompt", "padding_free", "precompute_ref_logps", "precompute_ref_batch_size"})

@@ -35,7 +35,7 @@ from dpokit.errors import DpokitError
 from dpokit.evaluate import EvaluationOutOfMemory, evaluate
 from dpokit.logps import unwrap_model
 from dpokit.memory import error_line, is_out_of_memory, release_cached, shortage
-from dpokit.models import nonfinite_parameter
+from dpokit.models import load_causal_lm, nonfinite_parameter
 from dpokit.runtime import rng_state, setup_runtime, shutdown_runtime
 from dpokit.train.checkpoint import list_checkpoints, save_checkpoint
 from dpokit.train.config import DPOConfig, SFTConfig, TrainConfig
@@ -174,6 +174,11 @@ def _accumulate(run: Run, global_indices: list[int], scale: float) -> tuple[list
                     out = objective.forward(run.policy, batch)
             run.scaler.scale(out.loss_sum * (scale * weight)).backward()
         except Exception as error:
+            if _unused_parameters(error):
+                raise DpokitError(
+                    f"step {run.step + 1}: some trained parameters get no gradient from the "
+                    f"loss (DDP found them unreduced); set ddp_find_unused_parameters: true, or "
+                    f"freeze them") from None
             if not is_out_of_memory(error):
                 raise
             if _can_split(run, len(units_of(indices, run.train_groups))):
@@ -184,6 +189,12 @@ def _accumulate(run: Run, global_indices: list[int], scale: float) -> tuple[list
             sums.append(out.sums)
             loss += out.loss_sum.detach().double()
     return sums, loss
+
+
+def _unused_parameters(error: Exception) -> bool:
+    """Whether ``error`` is DDP's: a parameter left without a gradient in the last step."""
+    return isinstance(error, RuntimeError) and (
+        "Expected to have finished reduction in the prior iteration" in str(error))
 
 
 def _can_split(run: Run, units: int | None = None) -> bool:
@@ -404,7 +415,11 @@ def finish(run: Run) -> Path:
             run.model.save_pretrained(tmp, state_dict=state_dict)
             run.tokenizer.save_pretrained(tmp)
             if config.lora and config.merge_lora:
-                merged = run.model.merge_and_unload()
+                # sharded: merging the shards would need every rank (rank 0 alone hung in
+                # its all-gather) — the adapter just saved, onto its base, here instead
+                merged = (load_causal_lm(tmp, dtype=config.dtype,
+                                         trust_remote_code=config.trust_remote_code)
+                          if run.sharded else run.model.merge_and_unload())
                 merged.save_pretrained(tmp / "merged")
                 run.tokenizer.save_pretrained(tmp / "merged")
             (tmp / "README.md").write_text(run_model_card(run), encoding="utf-8")

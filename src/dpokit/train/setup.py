@@ -335,10 +335,11 @@ def resume(run: Run, checkpoint: Path | None) -> None:
     run.step = state["global_step"]
     run.skipped_steps = state.get("skipped_steps", 0)
     run.nonfinite_in_row = state.get("nonfinite_in_row", 0)
-    bad = nonfinite_parameter(run.model)
-    if bad is not None:
-        raise DpokitError(f"resume: {checkpoint} holds non-finite weights (parameter {bad}); "
-                          f"it is corrupt — resume from an earlier checkpoint")
+    bad = nonfinite_parameter(run.model)  # this rank's shard under FSDP: every rank decides
+    if not runtime.all_ok(bad is None):
+        which = f"parameter {bad}" if bad is not None else "another rank's shard: its line above"
+        raise DpokitError(f"resume: {checkpoint} holds non-finite weights ({which}); it is "
+                          f"corrupt — resume from an earlier checkpoint")
     if state.get("metric_window") is not None:
         run.window.load_state_dict(state["metric_window"], holds_sums=runtime.is_main)
     set_rng_state(rng)
@@ -677,7 +678,8 @@ def wrap(module: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.Module:
 
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     # gradients as views into DDP's all-reduce buckets: no second copy of every gradient
-    return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
+    return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True,
+                                   find_unused_parameters=bool(config.ddp_find_unused_parameters))
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig,
