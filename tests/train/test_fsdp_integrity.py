@@ -5,7 +5,7 @@ reference, sharded resume), tied embeddings, gradient accumulation, recomputatio
 ``save_total_limit``, a model with parameters the loss does not use, and a sharded checkpoint
 whose weights are not finite on one rank's shard only.
 
-Each test asserts the correct behaviour; those from the review failed before their fix.
+Each test asserts the correct behaviour; those from the review failed before their fix."""
 
 import json
 import os
