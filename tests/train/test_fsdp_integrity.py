@@ -114,6 +114,7 @@ def test_fsdp_lora_merge_lora_writes_the_merged_model_of_one_process(workdir, tm
                         load_file(str(out / "final" / "merged" / "model.safetensors")))
 
 
+@pytest.mark.slow  # a combination that held (make test-slow)
 def test_fsdp_lora_with_a_live_reference_resumes_to_the_one_process_adapter(workdir, tmp_path,
                                                                             lora_oracle):
     """``fsdp`` + ``lora`` with the adapters-off reference run live, stopped at step 2 (a
@@ -132,6 +133,7 @@ def test_fsdp_lora_with_a_live_reference_resumes_to_the_one_process_adapter(work
 # ------------------------------------------------------------------ full fine-tunes
 
 
+@pytest.mark.slow  # a combination that held (make test-slow)
 def test_fsdp_tied_embeddings_accumulation_clipping_and_recomputation_match_one_process(
         workdir, tokenizer, tmp_path):
     """A Llama with ``tie_word_embeddings`` under FSDP, 1 pair a micro-batch × 2 accumulated
@@ -156,6 +158,7 @@ def test_fsdp_tied_embeddings_accumulation_clipping_and_recomputation_match_one_
     assert_same_tensors(dict(one.state_dict()), dict(two.state_dict()))
 
 
+@pytest.mark.slow  # a combination that held (make test-slow)
 def test_fsdp_tr_dpo_resumed_with_save_total_limit_matches_one_process(workdir, tmp_path):
     """TR-DPO (a live, replicated reference synced from the gathered shards every step) under
     FSDP, checkpointed every step with ``save_total_limit 1`` and resumed at step 2: the same

@@ -75,6 +75,7 @@ def k_completion_rows():
 # ------------------------------------------------------------------ the reference pass
 
 
+@pytest.mark.slow  # a combination that held (make test-slow)
 def test_two_process_reference_tables_equal_one_process_with_groups_max_steps_and_eval(
         workdir, tmp_path):
     """Oracle: k-completion groups (all pairs), a max_steps that uses a subset of the rows, and
@@ -198,6 +199,7 @@ def test_a_reference_cache_rank_0_cannot_write_only_warns(workdir, tmp_path):
 # ------------------------------------------------------------------------ the memory plan
 
 
+@pytest.mark.slow  # a combination that held (make test-slow)
 def test_the_memory_plan_is_one_decision_when_the_ranks_memory_differs(workdir, tmp_path):
     """Rank 0 has memory to spare, rank 1 none: both plan from the all-reduced minimum, so
     both halve the micro-batch to one pair (and recompute whole layers) — the same forwards on
