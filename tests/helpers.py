@@ -134,3 +134,19 @@ def count_calls(monkeypatch, owner, name):
 
     monkeypatch.setattr(owner, name, counting)
     return calls
+
+
+def k_completion_rows(n=14, seed=1):
+    """``n`` prompts with 2–4 scored completions each (k-completion groups of 1–6 pairs)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["red", "sea", "moon", "yes", "no"]
+    rows = []
+    for i in range(n):
+        k = rng.choice([2, 3, 4])
+        rows.append({"prompt": f"prompt {i}: what is it?",
+                     "completions": [" ans" + f" {rng.choice(words)}" * (j + 1)
+                                     for j in range(k)],
+                     "scores": [rng.random() for _ in range(k)]})
+    return rows

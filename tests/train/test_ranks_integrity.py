@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import read_metrics, torchrun, write_jsonl
+from tests.helpers import k_completion_rows, read_metrics, torchrun, write_jsonl
 
 DPOKIT = [sys.executable, "-m", "dpokit"]
 RANK_TRACEBACK = re.compile(r"\[rank\d+\]: Traceback")
@@ -54,22 +54,6 @@ def wrapper(tmp_path, body):
         main(sys.argv[1:])
     """))
     return script
-
-
-def k_completion_rows():
-    """Prompts with 2–4 scored completions (k-completion groups of 1–6 pairs)."""
-    import random
-
-    rng = random.Random(1)
-    words = ["red", "sea", "moon", "yes", "no"]
-    rows = []
-    for i in range(14):
-        k = rng.choice([2, 3, 4])
-        rows.append({"prompt": f"prompt {i}: what is it?",
-                     "completions": [" ans" + f" {rng.choice(words)}" * (j + 1)
-                                     for j in range(k)],
-                     "scores": [rng.random() for _ in range(k)]})
-    return rows
 
 
 # ------------------------------------------------------------------ the reference pass

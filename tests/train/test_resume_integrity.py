@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from dpokit.train.loop import train
-from tests.helpers import read_metrics, write_jsonl
+from tests.helpers import k_completion_rows, read_metrics, write_jsonl
 from tests.train.test_trainer import config
 
 VOLATILE = ("_per_second",)
@@ -61,21 +61,6 @@ def straight_and_resumed(workdir, tmp_path, name, step, cls=None, **overrides):
     resumed = train(config(workdir, target, **kwargs, **{**overrides, "resume": "auto"}),
                     progress=False)
     return straight, resumed
-
-
-def k_completion_rows(n=14, seed=1):
-    import random
-
-    rng = random.Random(seed)
-    words = ["red", "sea", "moon", "yes", "no"]
-    rows = []
-    for i in range(n):
-        k = rng.choice([2, 3, 4])
-        rows.append({"prompt": f"prompt {i}: what is it?",
-                     "completions": [" ans" + f" {rng.choice(words)}" * (j + 1)
-                                     for j in range(k)],
-                     "scores": [rng.random() for _ in range(k)]})
-    return rows
 
 
 # ------------------------------------------------------------------ resume = uninterrupted
