@@ -230,7 +230,7 @@ def test_a_sharded_checkpoint_non_finite_on_one_shard_stops_every_rank_with_a_li
     setup's check looks at each rank's own shard and raises where it finds the NaN, without
     the ranks agreeing — rank 1 says its line (exit 2) while rank 0 goes on into the first
     step's collectives, where torchrun's SIGTERM (or, across hosts, a gloo error or a wait
-    until ddp_timeout) ends it. Every rank must stop with the one-line refusal."""
+    until ddp_timeout) ended it. Every rank must stop with the one-line refusal."""
     out = tmp_path / "run"
     args = _args(workdir / "llama", workdir / "prefs.jsonl", out, "--batch-size", "2", "--fsdp")
     two_processes(*args, "--max-steps", "2", "--save-steps", "2")
@@ -242,7 +242,8 @@ def test_a_sharded_checkpoint_non_finite_on_one_shard_stops_every_rank_with_a_li
              if "dpokit: error" in line]
     assert any("holds non-finite weights" in line for line in lines), done.stderr[-3000:]
     assert len(lines) == 2, done.stderr[-3000:]  # one line from each rank
-    assert "exitcode  : -15" not in done.stderr, done.stderr[-3000:]  # none killed by torchrun
+    # no rank went on (torchrun may still SIGTERM the slower one once the first has exited)
+    assert "resumed from" not in done.stderr, done.stderr[-3000:]
     assert not RANK_TRACEBACK.search(done.stderr), done.stderr[-3000:]
     assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())[
         "global_step"] == 2
