@@ -192,7 +192,8 @@ def test_ddp_with_parameters_the_loss_does_not_use_trains_as_one_process(workdir
     args = _args(model, workdir / "prefs.jsonl", tmp_path / "two", "--batch-size", "2", *common)
     done = torchrun("-m", "dpokit", *args, timeout=240)
     assert done.returncode != 0 and not RANK_TRACEBACK.search(done.stderr), done.stderr[-3000:]
-    assert done.stderr.count("step 2: some trained parameters get no gradient") == 2
+    # one line a rank (torchrun may SIGTERM the slower rank once the first has exited)
+    assert done.stderr.count("step 2: some trained parameters get no gradient") >= 1
     assert "set ddp_find_unused_parameters: true" in done.stderr
     shutil.rmtree(tmp_path / "two")
     two_processes(*args, "--ddp-find-unused-parameters")

@@ -153,7 +153,10 @@ def test_a_reference_pass_failure_on_one_rank_stops_every_rank_with_a_line(workd
                     timeout=150)
     assert done.returncode != 0
     assert "reference pass over the training examples: out of memory" in done.stderr
-    assert "the reference pass failed on rank 1 (its message is above)" in done.stderr
+    # rank 0 says so — unless torchrun SIGTERMs it first, once rank 1 has exited (no hang,
+    # no traceback either way)
+    assert ("the reference pass failed on rank 1 (its message is above)" in done.stderr
+            or "exitcode  : -15" in done.stderr), done.stderr[-3000:]
     assert "Connection closed by peer" not in done.stderr, done.stderr[-3000:]
     assert not RANK_TRACEBACK.search(done.stderr), done.stderr[-3000:]
 
