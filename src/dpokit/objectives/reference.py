@@ -195,14 +195,12 @@ def compute_reference_table(reference: Reference, pairs: Sequence[TokenizedPair]
 
             raise DpokitError(f"the reference pass failed on rank {int(failed.item()) - 1} "
                               f"(its message is above)")
+        if failure is None:
+            table = table.to(device)
+            dist.all_reduce(table)  # each row was filled by exactly one rank
+            table = table.cpu()
     if failure is not None:
         raise failure
-    if world_size > 1:
-        import torch.distributed as dist
-
-        table = table.to(device)
-        dist.all_reduce(table)  # each row was filled by exactly one rank
-        table = table.cpu()
     if len(rows) < len(pairs):
         unused = torch.ones(len(pairs), dtype=torch.bool)
         unused[rows] = False
