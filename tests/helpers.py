@@ -150,3 +150,16 @@ def k_completion_rows(n=14, seed=1):
                                      for j in range(k)],
                      "scores": [rng.random() for _ in range(k)]})
     return rows
+
+
+def save_policy_and_ref(root, tokenizer):
+    """Two tiny Llamas (seeds 11 and 12) saved with ``tokenizer`` in ``root/policy`` and
+    ``root/ref``: an evaluation's policy and reference; returns ``(policy, ref)``."""
+    from dpokit.fixtures import tiny_causal_lm
+
+    policy = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=11)
+    ref = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=12)
+    for name, model in (("policy", policy), ("ref", ref)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return policy, ref

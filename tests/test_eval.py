@@ -6,8 +6,7 @@ import math
 
 import pytest
 
-from dpokit.fixtures import tiny_causal_lm
-from tests.helpers import reference_token_logps, write_jsonl
+from tests.helpers import reference_token_logps, save_policy_and_ref, write_jsonl
 from tests.helpers import run_cli as run
 
 ROWS = [
@@ -20,11 +19,7 @@ ROWS = [
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("eval")
-    policy = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=11)
-    ref = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=12)
-    for name, model in (("policy", policy), ("ref", ref)):
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
+    policy, ref = save_policy_and_ref(root, tokenizer)
     data = root / "prefs.jsonl"
     write_jsonl(data, ROWS)
     return root, policy, ref

@@ -13,7 +13,7 @@ import torch
 
 from dpokit.fixtures import tiny_causal_lm
 from tests.helpers import run_cli as run
-from tests.helpers import write_jsonl
+from tests.helpers import save_policy_and_ref, write_jsonl
 
 ROWS = [
     {"prompt": "the cat sat", "chosen": " on the mat.", "rejected": " under the tree!"},
@@ -36,11 +36,7 @@ REL = 2e-6
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("integrity")
-    policy = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=11)
-    ref = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=12)
-    for name, model in (("policy", policy), ("ref", ref)):
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
+    policy, ref = save_policy_and_ref(root, tokenizer)
     write_jsonl(root / "prefs.jsonl", ROWS)
     write_jsonl(root / "groups.jsonl", GROUP_ROWS)
     return root, policy.double(), ref.double()
