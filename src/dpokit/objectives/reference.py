@@ -100,23 +100,24 @@ class Reference:
             ref_param.mul_(1.0 - alpha).add_(update, alpha=alpha)
 
 
-def hash_directory(path: str | Path) -> str:
-    """SHA-256 of a model directory's weight and config files (names and contents) — a hub
-    name's cached snapshot; for a PEFT adapter, its base's files too (the weights are both)."""
+def hash_directory(path: str | Path, memo_dir: str | Path | None = None) -> str:
+    """SHA-256 over a model directory's weight and config files (each file's name and the
+    SHA-256 of its bytes) — a hub name's cached snapshot; for a PEFT adapter, its base's files
+    too (the weights are both). ``memo_dir`` remembers each large file's digest by its identity
+    on the file system (:func:`dpokit.digests.file_sha256`), so a later start does not read
+    the weights again."""
+    from dpokit.digests import file_sha256
     from dpokit.hub import locate
     from dpokit.models import adapter_base
 
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(b"files-v2\0")
     path = locate(path)
     base = adapter_base(path)
     if base is not None:
-        digest.update(hash_directory(base).encode())
+        digest.update(hash_directory(base, memo_dir).encode())
     for file in sorted(path.iterdir()):
         if file.is_file() and file.suffix in (".safetensors", ".bin", ".json", ".pt"):
-            digest.update(file.name.encode())
-            with file.open("rb") as handle:
-                for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                    digest.update(block)
+            digest.update(f"{file.name}\0{file_sha256(file, memo_dir)}\0".encode())
     return digest.hexdigest()
 
 

@@ -570,7 +570,7 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
                 "unpadded": config.unpadded, "mode": reference.mode, "code": logps_code_digest()}
     train_rows = train_rows or len(items)
     cache_dir = config.cache_dir
-    hashed = hash_directory(ref_dir)
+    hashed = hash_directory(ref_dir, cache_dir / "digests")
     # the training rows and the evaluation rows are two entries: changing eval_data (or its
     # split) does not recompute the training rows' pass
     parts = [("training", items[:train_rows], rows), ("evaluation", items[train_rows:], None)]
