@@ -213,3 +213,43 @@ def test_reference_table_follows_weights_rewritten_in_place(workdir, tmp_path, c
     time.sleep(0.02)
     third = run("three")
     assert len(third - first) == 1  # new weights, a new table
+
+
+def test_tokenised_data_cache_follows_data_rewritten_in_place(workdir, tmp_path, counted,
+                                                              monkeypatch):
+    """The data's digest is remembered too: a second load reads the entry without reading the
+    data file; the same file rewritten in place (same size, old mtime put back) is a new key,
+    its new rows tokenised — never the old entry's."""
+    import json
+
+    from dpokit.data import load_preference_pairs
+    from dpokit.models import load_tokenizer
+
+    monkeypatch.setattr(digests, "MEMO_MIN_BYTES", 0)
+    data = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": "the cat", "chosen": " sat on the mat", "rejected": " no"},
+            {"prompt": "a bird", "chosen": " flew", "rejected": " sat on a tree"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    time.sleep(0.02)
+    cache = tmp_path / "cache"
+    tokenizer = load_tokenizer(workdir / "llama")
+
+    def chosen():
+        pairs = load_preference_pairs(data, tokenizer, cache_dir=cache, progress=False)
+        return [tokenizer.decode(list(p.chosen_ids)) for p in pairs]
+
+    first = chosen()
+    assert any(p.name == data.name for p in counted)
+    counted.clear()
+    assert chosen() == first
+    assert not any(p.name == data.name for p in counted)  # remembered
+    stat = os.stat(data)
+    text = data.read_text().replace(" sat on the mat", " ran to the sea")
+    assert len(text.encode()) == stat.st_size
+    time.sleep(0.02)
+    with data.open("r+", encoding="utf-8") as handle:
+        handle.write(text)
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    time.sleep(0.02)
+    again = chosen()
+    assert again != first and "ran to the sea" in again[0]
