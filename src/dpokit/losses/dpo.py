@@ -94,7 +94,7 @@ def dpo_loss(
         f_divergence_type: ``reverse_kl`` (standard), ``forward_kl``, ``js_divergence`` or
             ``alpha_divergence`` (see :mod:`dpokit.losses.scores`).
         f_alpha_divergence_coef: α of ``alpha_divergence`` (TRL 1.x default 0.5).
-        rpo_alpha: weight of the RPO term (see :func:`rpo_nll`); None or 0 for none.
+        rpo_alpha: weight ≥ 0 of the RPO term (see :func:`rpo_nll`); None or 0 for none.
         chosen_wpo_logweights: ``(B,)`` WPO statistic of y_w (see :func:`wpo_weights`).
         rejected_wpo_logweights: ``(B,)`` WPO statistic of y_l; give both or neither.
         **hyper_parameters: the values of the hyper-parameters the losses declare
@@ -111,9 +111,11 @@ def dpo_loss(
 
     Raises:
         DpokitError: unknown loss name or hyper-parameter, β ≤ 0, a hyper-parameter out of a
-            loss's range, or an argument the chosen losses need but lack (reference, lengths,
-            margins) or cannot use (a non-default hyper-parameter none of them reads, a
-            non-default f-divergence).
+            loss's range, ``rpo_alpha`` negative or not finite, or an argument the chosen
+            losses need but lack (reference, lengths, margins) or cannot use (a non-default
+            hyper-parameter none of them reads, a non-default f-divergence, a non-default
+            ``f_alpha_divergence_coef`` without ``alpha_divergence``, WPO weights with a loss
+            that sorts the batch).
     """
     beta = check_beta(beta)
     specs = resolve_losses(loss_type)
@@ -132,8 +134,13 @@ def dpo_loss(
                  label_probs is not None)
     check_loss_options(loss_type, hyper_parameters)
     _check_f_divergence(specs, f_divergence_type, f_alpha_divergence_coef)
+    if rpo_alpha is not None and not (math.isfinite(float(rpo_alpha)) and rpo_alpha >= 0):
+        raise DpokitError(f"rpo_alpha must be a finite number ≥ 0 or None, got {rpo_alpha!r}")
     if rpo_alpha and chosen_lengths is None:
         raise DpokitError("rpo_alpha needs chosen_lengths: the RPO term is the NLL per token")
+    if has_wpo and (sorting := [s.name for s in specs if s.sorts_batch]):
+        raise DpokitError(f"WPO weights are per pair, but loss_type {', '.join(sorting)} sorts "
+                          f"the batch (its terms are no pair's); drop one (as TRL)")
 
     def scores(policy: Tensor, ref: Tensor | None) -> Tensor | None:
         if ref is None:

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 """TRL 1.x's ``f_divergence_type`` values (the scores are :mod:`dpokit.losses.scores`')."""
+DEFAULT_ALPHA_COEF = 0.5
+"""TRL 1.x's default ``f_alpha_divergence_coef``, the only value accepted without
+``alpha_divergence`` (any other would silently do nothing)."""
 
 
 def check_f_divergence(f_divergence_type: str, alpha_coef: float) -> None:
@@ -34,6 +37,10 @@ def check_f_divergence(f_divergence_type: str, alpha_coef: float) -> None:
                           f"known: {', '.join(F_DIVERGENCES)}")
     if not math.isfinite(alpha_coef):
         raise DpokitError(f"f_alpha_divergence_coef must be finite, got {alpha_coef!r}")
+    if f_divergence_type != "alpha_divergence" and alpha_coef != DEFAULT_ALPHA_COEF:
+        raise DpokitError(f"f_alpha_divergence_coef={alpha_coef!r} has no effect with "
+                          f"f_divergence_type={f_divergence_type!r}; set it to "
+                          f"{DEFAULT_ALPHA_COEF:g} or use alpha_divergence")
 
 
 def _is_tensor(value: object) -> bool:
@@ -168,6 +175,9 @@ class LossSpec:
     """One line for CLI help."""
     source: str
     """Where the formula is taken from (paper and trainer)."""
+    sorts_batch: bool = False
+    """Its terms are sorted over the batch (AOT), so term i belongs to no pair: per-pair weights
+    (WPO) cannot apply to it."""
 
     @property
     def hyper_parameter_names(self) -> tuple[str, ...]:
@@ -188,7 +198,8 @@ _LABEL_SMOOTHING = HyperParameter(
 _EXO_LABEL_SMOOTHING = replace(_LABEL_SMOOTHING, low_open=True, high=1.0,
                                hint="the EXO paper recommends 1e-3")
 _BCO_DELTA = HyperParameter(
-    "bco_delta", 0.0, "δ: reward shift of bco_pair, the running mean of rewards (0: TRL 1.x)")
+    "bco_delta", 0.0, "δ: constant reward shift of bco_pair, not updated during training "
+    "(TRL 0.x used a running mean of the rewards; 0: TRL 1.x)")
 _DISCOPOP_TAU = HyperParameter(
     "discopop_tau", 0.05, "τ > 0: temperature of the discopop modulation (TRL default 0.05)",
     low=0.0, low_open=True)
@@ -205,9 +216,9 @@ _DPOP_LAMBDA = HyperParameter(
 def _spec(name: str, fn: Callable[..., Tensor], doc: str, source: str, *,
           reference: bool = True, lengths: bool = False, margins: bool = False,
           label_probs: bool = False, coupled: bool = False, f_divergence: bool = False,
-          hyper: tuple[HyperParameter, ...] = ()) -> LossSpec:
+          sorts: bool = False, hyper: tuple[HyperParameter, ...] = ()) -> LossSpec:
     return LossSpec(name, fn, reference, lengths, margins, label_probs, coupled, f_divergence,
-                    hyper, doc, source)
+                    hyper, doc, source, sorts)
 
 
 _TRL = "TRL 1.x DPOTrainer"
@@ -230,9 +241,11 @@ _SPECS = (
     _spec("sppo_hard", _Variant("sppo_hard"), "SPPO with hard win probabilities",
           f"arXiv:2405.00675; {_TRL}"),
     _spec("aot", _Variant("aot"), "AOT for paired data (sorted over the batch)",
-          f"arXiv:2406.05882; {_TRL}", coupled=True, hyper=(_LABEL_SMOOTHING,)),
+          f"arXiv:2406.05882; {_TRL}", coupled=True, sorts=True,
+          hyper=(_LABEL_SMOOTHING,)),
     _spec("aot_unpaired", _Variant("aot_unpaired"), "AOT for unpaired data (sorted over the batch)",
-          f"arXiv:2406.05882; {_TRL}", coupled=True, hyper=(_LABEL_SMOOTHING,)),
+          f"arXiv:2406.05882; {_TRL}", coupled=True, sorts=True,
+          hyper=(_LABEL_SMOOTHING,)),
     _spec("apo_zero", _Variant("apo_zero"), "APO-zero: raise chosen, lower rejected",
           f"arXiv:2408.06266; {_TRL}"),
     _spec("apo_down", _Variant("apo_down"), "APO-down: lower both, rejected more",

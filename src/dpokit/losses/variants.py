@@ -88,10 +88,10 @@ def bco_pair(x: LossInputs, *, bco_delta: float | Tensor) -> Tensor:
 
         L = −log σ(βu_w − δ) − log σ(−(βu_l − δ))
 
-    δ is the running mean of the rewards βu over all pairs seen so far. The function stays pure:
-    the caller keeps that mean (TRL 0.x first folds the current batch's mean of
-    cat(βu_w, βu_l) into it, then uses it) and passes it in, a float or a 0-dim Tensor.
-    δ = 0 is TRL 1.x, which dropped it.
+    The function stays pure: δ is what the caller passes, a float or a 0-dim Tensor. TRL 0.x
+    used the running mean of the rewards βu over all pairs seen so far (folding the current
+    batch's mean of cat(βu_w, βu_l) in first); dpokit's trainer keeps no such mean and passes
+    the configured constant. δ = 0 is TRL 1.x, which dropped it.
     """
     delta = bco_delta
     r_w, r_l = x.beta * x.chosen_logratios, x.beta * x.rejected_logratios
