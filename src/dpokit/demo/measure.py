@@ -333,10 +333,11 @@ def full_space_measure(policy: nn.Module, ref: nn.Module, space: Space, tokenize
         per_prompt["log_mass_outside_table"].append(drawn.log_mass)
     mean = {key: sum(values) / len(values) for key, values in per_prompt.items()
             if key != "kl_policy_to_optimal_ci"}
-    lows, highs = zip(*per_prompt["kl_policy_to_optimal_ci"], strict=True)
-    # Prompts are sampled independently: the mean's interval from the per-prompt half-widths.
-    half = math.sqrt(sum(((h - lo) / 2) ** 2 for lo, h in zip(lows, highs, strict=True)))
-    half /= len(lows)
+    highs = [h for _, h in per_prompt["kl_policy_to_optimal_ci"]]
+    # Prompts are sampled independently: the mean's interval from the per-prompt half-widths,
+    # high − estimate (the low end may be cut at the lower bound, which would shrink them).
+    half = math.sqrt(sum((h - e) ** 2 for h, e in zip(
+        highs, per_prompt["kl_policy_to_optimal_estimate"], strict=True))) / len(highs)
     estimate = mean["kl_policy_to_optimal_estimate"]
     ref_kl = mean["kl_ref_to_optimal"]
     return {**mean, "kl_policy_to_optimal_ci": [

@@ -204,11 +204,13 @@ class OptimalSolution:
     """KL(π* ‖ π_ref)."""
 
     def to_json(self) -> dict:
-        """The JSON object of ``dpokit optimal --json``."""
+        """The JSON object of ``dpokit optimal --json``. ``partition`` is null when Z is past
+        float64's range (log Z > 709; ``log_partition`` still holds it): ``Infinity`` is not
+        JSON, and a strict parser (jq, JavaScript, Go) would reject the whole document."""
         return {
             "beta": self.beta,
             "log_partition": self.log_partition,
-            "partition": math.exp(self.log_partition) if self.log_partition < 709 else math.inf,
+            "partition": math.exp(self.log_partition) if self.log_partition < 709 else None,
             "objective": self.objective,
             "max_objective": self.beta * self.log_partition,
             "expected_reward": self.expected_reward,

@@ -285,27 +285,45 @@ def monte_carlo_study(space: BuiltinSpace, betas: Sequence[float], sample_sizes:
 
     Refused (:func:`check_monte_carlo`, :func:`check_space_betas`) before sampling when a batch
     of ``repeats × n`` samples would not fit in :data:`MAX_STUDY_BYTES` or a β is out of range.
+
+    The errors are taken in a frame shifted by the best reward c = T·max_v r(v) (token rewards
+    r(v) − max_v r(v) ≤ 0, exactly 0 on the best sequence): log Ẑ − log Z = (log Ẑ − c/β) −
+    (log Z − c/β), both parts of moderate size. Subtracting the absolute values instead loses
+    everything once |log Z| ≈ c/β passes ~1e16 times the error (β ≲ 1e-14·|r|), where
+    float64's rounding of log Z swallows the error and the study would report RMSE 0 and full
+    coverage for estimates that are off by tens of percent.
     """
     check_space_betas(space, betas)
     check_monte_carlo(space.vocab_size, space.length, sample_sizes, repeats)
     generator = torch.Generator().manual_seed(seed)
+    top = float(space.token_rewards.max())
+    below_top = space.token_rewards - top  # ≤ 0, exactly 0 at the best token
     rows = []
     for beta in betas:
         exact = float(markov_log_partition(space.log_init, space.log_trans, space.token_rewards,
                                            beta, space.length))
+        exact_rest = float(markov_log_partition(space.log_init, space.log_trans, below_top, beta,
+                                                space.length))  # log Z − c/β
         for n in sample_sizes:
             samples = markov_sample(repeats * n, space.length, space.log_init, space.log_trans,
                                     generator=generator)
-            rewards = token_additive_reward(samples, space.token_rewards).view(repeats, n)
-            estimate = estimate_log_partition(rewards, beta, confidence=confidence)
-            log_error = estimate.log_partition - exact
-            covered = (estimate.ci_low <= exact) & (exact <= estimate.ci_high)
+            shifted = token_additive_reward(samples, below_top).view(repeats, n)  # r − c ≤ 0
+            gap = shifted.amax(dim=-1, keepdim=True)  # best sampled r − c, ≤ 0
+            # Ẑ of the rewards r − c − gap (best sample at 0), then gap/β back: log Ẑ − c/β.
+            estimate = estimate_log_partition(shifted - gap, beta, confidence=confidence)
+            offset = gap.squeeze(-1) / beta
+            log_error = offset + estimate.log_partition - exact_rest
+            covered = ((offset + estimate.ci_low <= exact_rest)
+                       & (exact_rest <= offset + estimate.ci_high))
+            scale = float(log_error.abs().max())
+            rmse = (scale * float((log_error / scale).pow(2).mean().sqrt())
+                    if 0 < scale < math.inf else scale)  # no overflow of the squares
             rows.append(EstimateRow(
                 beta=beta,
                 num_samples=n,
                 exact_log_partition=exact,
-                mean_log_estimate=float(estimate.log_partition.mean()),
-                rmse_log=float(log_error.pow(2).mean().sqrt()),
+                mean_log_estimate=float(exact + log_error.mean()),
+                rmse_log=rmse,
                 mean_abs_relative_error=float(torch.expm1(log_error).abs().mean()),
                 coverage=float(covered.double().mean()),
                 mean_ess=float(estimate.effective_sample_size.mean()),

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from dpokit.errors import DpokitError, check_beta
+from dpokit.theory.optimal import _shifted_scores
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,15 @@ def full_space_kl(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, beta
     policy, ref, reward = (t.double() for t in (policy_logps, ref_logps, rewards))
     log_z_out = torch.as_tensor(outside_log_partition, dtype=torch.float64,
                                 device=policy.device).expand(policy.shape[:-1])
-    log_z_in = torch.logsumexp(ref + reward / beta, dim=-1)
-    log_z = torch.logaddexp(log_z_in, log_z_out)
-    optimal = ref + reward / beta - log_z.unsqueeze(-1)
+    # Shifted by the best in-space reward (log Z_S = shift + rest): no r/β overflow, and an
+    # outcome with π_ref(y) = 0 gets log π*(y) = −inf whatever its reward (no −inf + inf).
+    shift, scores = _shifted_scores(ref, reward, beta)
+    shift = shift.squeeze(-1)
+    log_z_in_rest = torch.logsumexp(scores, dim=-1)
+    log_z = torch.logaddexp(shift + log_z_in_rest, log_z_out)
+    # log π*(y) = scores − (log Z − shift), with log Z − shift formed without cancelling.
+    log_z_rest = torch.logaddexp(log_z_in_rest, log_z_out - shift)
+    optimal = scores - log_z_rest.unsqueeze(-1)
     terms = torch.where(policy > -math.inf, policy.exp() * (policy - optimal),
                         torch.zeros_like(policy))
     in_space = terms.sum(dim=-1)

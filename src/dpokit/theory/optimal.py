@@ -34,14 +34,23 @@ def _shifted_scores(ref_logps: Tensor, rewards: Tensor, beta: float) -> tuple[Te
     overflows (β → 0: r/β = ±inf but (r − r_max)/β ≤ 0 is −inf only for outcomes that lose all
     their mass), and the shifted scores of the leading outcomes stay O(log π_ref), so rounding
     never absorbs them.
+
+    Outcomes outside the support score −inf whatever their reward (a NaN, ±inf or huge reward
+    there plays no part: −inf + r/β would be NaN). An r_max of +inf is kept: the outcomes with
+    r = +inf share all of π*'s mass in the ratio of π_ref (the β → 0 limit) and log Z = +inf.
     """
     beta = check_beta(beta)
     ref_logps, rewards = torch.broadcast_tensors(ref_logps, rewards)
     in_support = ref_logps > float("-inf")
     r_max = torch.where(in_support, rewards, torch.full_like(rewards, float("-inf")))
     r_max = r_max.amax(dim=-1, keepdim=True)
-    r_max = torch.where(torch.isfinite(r_max), r_max, torch.zeros_like(r_max)).detach()
-    return r_max / beta, ref_logps + (rewards - r_max) / beta
+    r_max = torch.where(r_max > float("-inf"), r_max, torch.zeros_like(r_max)).detach()
+    gap = rewards - r_max
+    # +inf − (+inf): a best outcome when r_max = +inf (gap 0); elsewhere the gradient is kept.
+    gap = torch.where(torch.isnan(gap) & (rewards == r_max), torch.zeros_like(gap), gap)
+    shifted = torch.where(in_support, ref_logps + gap / beta, torch.full_like(ref_logps,
+                                                                            float("-inf")))
+    return r_max / beta, shifted
 
 
 def log_partition(ref_logps: Tensor, rewards: Tensor, beta: float) -> Tensor:

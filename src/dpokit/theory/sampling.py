@@ -62,6 +62,9 @@ def rejection_sample(sample_ref: Callable[[int], Tensor], reward_fn: Callable[[T
         progress: show a progress bar on stderr.
     """
     beta = check_beta(beta)
+    if not math.isfinite(max_reward):
+        # +inf or NaN would reject every proposal, only noticed after max_proposals of them.
+        raise DpokitError(f"max_reward must be a finite bound on r, got {max_reward!r}")
     if num_samples < 1 or batch_size < 1:
         raise DpokitError(
             f"num_samples and batch_size must be ≥ 1, got {num_samples}, {batch_size}")
@@ -82,6 +85,10 @@ def rejection_sample(sample_ref: Callable[[int], Tensor], reward_fn: Callable[[T
                     f"max_reward or a larger beta raises the acceptance rate")
             proposals = sample_ref(batch_size)
             rewards = reward_fn(proposals)
+            if bool(torch.isnan(rewards).any()):
+                # NaN < anything is False: it would be rejected silently, biasing the samples.
+                raise DpokitError("a proposal has reward NaN; rejection sampling needs a "
+                                  "number (or −inf) for every y")
             if bool((rewards > max_reward).any()):
                 raise DpokitError(
                     f"a proposal has reward {float(rewards.max()):.6g} above max_reward="
