@@ -28,6 +28,12 @@ class EvalConfig(PreferenceConfig, DataConfig, ModelConfig):
     per_example: str | None = field_(None, help="Write one JSON line per pair to this file.")
     json: bool = field_(False, help="Print the summary as JSON.")
 
+    def validate(self) -> None:
+        """The training keys' checks, and a per-example file that is not the data."""
+        super().validate()
+        if self.per_example is not None:
+            check_not_input(self.per_example, "per_example", self.data)
+
 
 @dataclass(kw_only=True)
 class GenerateConfig(SamplingConfig, PrecisionConfig):
@@ -49,7 +55,8 @@ class GenerateConfig(SamplingConfig, PrecisionConfig):
     reward: str | None = field_(
         None, help="Also score each completion (a 'reward' field): module:function, "
                    "path/file.py:function (TRL's signature) or a reward-model directory.")
-    seed: int = field_(0, help="Seed of the sampling (same seed, same completions).")
+    seed: int = field_(0, help="Seed of the sampling (the same seed, prompts and batch_size "
+                               "give the same completions).")
     batch_size: int = field_(64, help="Sequences generated together.")
     device: str = field_("auto", help="auto, cpu, cuda.")
     trust_remote_code: bool = field_(False, help="Allow model code shipped in the directory.")
@@ -66,3 +73,12 @@ class GenerateConfig(SamplingConfig, PrecisionConfig):
                               f"{self.max_prompt_length}")
         if Path(self.output).is_dir():
             raise DpokitError(f"output {self.output} is a directory; name a file")
+        check_not_input(self.output, "output", self.data)
+
+
+def check_not_input(path: str, key: str, data: str) -> None:
+    """Refuse an output file that is the data file itself: writing it would replace the data
+    (``dpokit generate --data samples.jsonl`` with the default ``output: samples.jsonl``)."""
+    if Path(data).is_file() and Path(path).resolve() == Path(data).resolve():
+        raise DpokitError(f"{key} {path} is the data file; writing it would replace the data; "
+                          f"name another file")

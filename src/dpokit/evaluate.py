@@ -216,7 +216,7 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
     from dpokit.data import TokenizeSettings
     from dpokit.data.prompts import load_prompts
     from dpokit.generation import completion_records, generate_completions
-    from dpokit.models import load_causal_lm, load_tokenizer
+    from dpokit.models import check_positions, load_causal_lm, load_tokenizer, position_limit
     from dpokit.runtime import setup_runtime, shutdown_runtime
 
     check_data_exists(config.data)
@@ -229,6 +229,17 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
                                     max_row_chars=config.max_row_chars)
         prompts = load_prompts(config.data, tokenizer, settings=settings,
                                prompt_column=config.prompt_column, split=config.split)
+        # a prompt and max_new_tokens past the model's positions: GPT-2 would fail with an
+        # IndexError, Llama run past them silently — refused before any weights load
+        limit = position_limit(config.model)
+        if limit is not None:
+            check_positions(prompts, [(*limit, str(config.model), False)],
+                            config.max_new_tokens)
+        reward = None
+        if config.reward:  # a typo is refused now, not after generating everything
+            from dpokit.rewards import load_reward, score_groups
+
+            reward = load_reward(config.reward)
         model = load_causal_lm(config.model, dtype=config.dtype, device=runtime.device,
                                trust_remote_code=config.trust_remote_code)
         with runtime.autocast():
@@ -236,12 +247,10 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
                 model, tokenizer, prompts, num_generations=config.num_generations,
                 seed=config.seed, batch_size=config.batch_size, **config.sampling)
         records = completion_records(prompts, completions)
-        if config.reward:
-            from dpokit.rewards import load_reward, score_groups
-
-            values = score_groups(load_reward(config.reward), config.reward,
-                                  [p.prompt for p in prompts], completions, step=0,
-                                  device=runtime.device)
+        if reward is not None:
+            values = score_groups(reward, config.reward, [p.prompt for p in prompts],
+                                  completions, step=0, device=runtime.device,
+                                  rows=[f"{p.source}, row {p.row}" for p in prompts])
             for record, value in zip(records, values, strict=True):
                 record["reward"] = value
         write_jsonl(config.output, records)  # OS errors: one line naming it

@@ -10,7 +10,9 @@ output equal to the plain path, tested). Each completion is cut after its first 
 True) or keeps all ``max_new_tokens`` tokens (``eos`` False). ``temperature`` 0 is greedy
 decoding; otherwise sampling with ``top_k`` (0: off) and ``top_p`` (1: off). The random stream
 is seeded from ``seed`` alone and the caller's global RNG is left as it was, so the same call
-gives the same completions, and training that generates between steps resumes exactly.
+gives the same completions, and training that generates between steps resumes exactly. It is
+one stream over the batches: another ``batch_size`` or other prompts beside a prompt give it
+other (equally distributed) draws.
 """
 
 from __future__ import annotations

@@ -2,26 +2,33 @@
 reward-model directory.
 
 The function has TRL's reward-function signature, ``f(prompts, completions, **kwargs) ->
-list[float]`` (text in; conversational prompts as message lists), so a TRL user's rewards carry
-over. Like TRL, dpokit also passes ``completion_ids`` (each completion's token ids, its EOS
-included when it ended) to a function that takes ``**kwargs`` or names that parameter — text
-decoded without special tokens cannot tell a completion cut at ``max_new_tokens`` from one that
-ended.
+list[float]``, and gets what TRL passes: text, or for a conversational prompt (a message list)
+the completion as one assistant message, ``[{"role": "assistant", "content": text}]`` — so a
+TRL user's rewards carry over. Like TRL, dpokit also passes ``completion_ids`` (each
+completion's token ids, its EOS included when it ended) to a function that takes ``**kwargs``
+or names that parameter — text decoded without special tokens cannot tell a completion cut at
+``max_new_tokens`` from one that ended.
 
 A directory is an ``AutoModelForSequenceClassification`` with one output (TRL's reward models
 are) and its tokenizer: :class:`RewardModel` scores prompt + completion in batches, without
 gradients. A text prompt is joined to its completion as is; a conversational one goes through the
 reward tokenizer's chat template with the completion as the assistant's message (as TRL does).
 Only the module or file the user names is imported. A reward that raises, returns the
-wrong number of values or a non-finite one is a one-line error naming the reward and the step.
+wrong number of values, a non-number (a string, None) or a non-finite one is a one-line error
+naming the reward, the step and the completion; so is a text longer than a reward model's
+positions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import math
+import numbers
+import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +43,7 @@ class RewardModel:
     """A reward-model directory as a reward function: ``model(prompts, completions)``."""
 
     def __init__(self, path: str | Path, *, batch_size: int = 32, trust_remote_code: bool = False):
-        from dpokit.models import load_reward_model, load_tokenizer
+        from dpokit.models import load_reward_model, load_tokenizer, position_limit
 
         self.path = str(path)
         self.batch_size = batch_size
@@ -44,6 +51,7 @@ class RewardModel:
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         if self.model.config.pad_token_id is None:  # it finds each row's last token by padding
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.positions = position_limit(path, what="reward model")
         self.__name__ = f"reward model {self.path}"
 
     def to(self, device: Any) -> RewardModel:
@@ -62,23 +70,43 @@ class RewardModel:
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[str],
                  **kwargs: Any) -> list[float]:
-        """One scalar per completion: the model's output at the row's last token."""
+        """One scalar per completion: the model's output at the row's last token.
+
+        Rows are padded on the right with the model's own ``pad_token_id`` (the id it finds each
+        row's last token by), whatever the tokenizer's padding side and pad token, so a text
+        scores the same in any batch as alone (left padding would shift an absolute-position
+        model's positions). A text longer than the model's positions is a one-line error."""
         import torch
 
-        texts = [self.text(p, c) for p, c in zip(prompts, completions, strict=True)]
-        # a chat template renders its own special tokens (a BOS): not a second time
-        templated = (any(isinstance(p, list) for p in prompts)
-                     and bool(getattr(self.tokenizer, "chat_template", None)))
+        rows = [self.encode(p, c, i) for i, (p, c) in
+                enumerate(zip(prompts, completions, strict=True))]
+        pad = self.model.config.pad_token_id
         device = next(self.model.parameters()).device
         scores: list[float] = []
         with torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                encoded = self.tokenizer(texts[start:start + self.batch_size], padding=True,
-                                         add_special_tokens=not templated,
-                                         return_tensors="pt").to(device)
-                logits = self.model(**encoded).logits
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start:start + self.batch_size]
+                width = max(len(r) for r in chunk)
+                ids = torch.tensor([r + [pad] * (width - len(r)) for r in chunk], device=device)
+                mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk],
+                                    device=device)
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
                 scores += logits[:, 0].float().cpu().tolist()
         return scores
+
+    def encode(self, prompt: Any, completion: str, index: int = 0) -> list[int]:
+        """The token ids of :meth:`text` — a chat template renders its own special tokens (a
+        BOS), so they are not added a second time — checked against the model's positions."""
+        templated = isinstance(prompt, list) and bool(getattr(self.tokenizer, "chat_template",
+                                                              None))
+        ids = list(self.tokenizer(self.text(prompt, completion),
+                                  add_special_tokens=not templated)["input_ids"])
+        if self.positions is not None and len(ids) > self.positions[0]:
+            positions, key = self.positions
+            raise DpokitError(f"completion {index} with its prompt is {len(ids)} tokens, longer "
+                              f"than the reward model has positions ({key} = {positions}); "
+                              f"lower max_new_tokens or max_prompt_length")
+        return ids
 
 
 def load_reward(spec: str) -> RewardFn:
@@ -95,19 +123,27 @@ def load_reward(spec: str) -> RewardFn:
         path = Path(target)
         if not path.is_file():
             raise DpokitError(f"reward {spec!r}: file not found: {path}")
-        module_spec = importlib.util.spec_from_file_location(f"dpokit_reward_{path.stem}", path)
+        # registered under a name of its own (one per file) while it runs, as a module is:
+        # dataclasses, pickling and typing look the module up in sys.modules by name
+        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        module_name = f"dpokit_reward_{path.stem}_{digest}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
         try:
             module_spec.loader.exec_module(module)
-        except Exception as error:
+        except BaseException as error:
+            sys.modules.pop(module_name, None)
+            if not isinstance(error, Exception):
+                raise
             raise DpokitError(f"reward {spec!r}: importing {path} failed "
-                              f"({type(error).__name__}: {error})") from None
+                              f"({_one_line(error)})") from None
     else:
         try:
             module = importlib.import_module(target)
         except Exception as error:
             raise DpokitError(f"reward {spec!r}: cannot import {target} "
-                              f"({type(error).__name__}: {error})") from None
+                              f"({_one_line(error)})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise DpokitError(f"reward {spec!r}: {target} has no function {name!r}")
@@ -124,39 +160,106 @@ def _takes(fn: RewardFn, name: str) -> bool:
                for p in parameters)
 
 
+def _one_line(error: BaseException) -> str:
+    """``Type: message`` of an exception raised in the user's code, on one line, with the
+    file and line of the user's code it was raised from when there is one."""
+    message = " / ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    libraries = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith(("<", *libraries))
+              and Path(f.filename).resolve() != Path(__file__).resolve()]
+    if frames:
+        text += f" ({Path(frames[-1].filename).name}, line {frames[-1].lineno})"
+    return text
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float when it is one number (a Python or NumPy number, or a tensor or
+    array of one element), else None — a string, None, a list, a tensor of several."""
+    if isinstance(value, bool | numbers.Real):
+        return float(value)
+    shape = getattr(value, "shape", None)
+    if shape is not None and getattr(value, "dtype", None) is not None:
+        size = math.prod(shape)
+        kind = str(value.dtype)
+        if size == 1 and not kind.startswith(("complex", "torch.complex", "<U", "|S", "object")):
+            try:
+                return float(value.reshape(()).item() if hasattr(value, "item") else value)
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
 def score(fn: RewardFn, spec: str, prompts: Sequence[Any], completions: Sequence[str], *,
-          step: int, completion_ids: Sequence[Sequence[int]] | None = None) -> list[float]:
+          step: int, completion_ids: Sequence[Sequence[int]] | None = None,
+          rows: Sequence[str] | None = None) -> list[float]:
     """``fn(prompts=…, completions=…[, completion_ids=…])`` checked: one finite number per
-    completion. ``step`` (1-based; 0: not in training) goes into the error messages."""
+    completion. ``step`` (1-based; 0: not in training) goes into the error messages, and so does
+    ``rows[i]`` (where completion ``i``'s prompt comes from) when given.
+
+    As TRL passes them, the completion of a conversational prompt (a message list) reaches a
+    reward *function* as one assistant message, ``[{"role": "assistant", "content": text}]``;
+    a :class:`RewardModel` takes the text."""
     where = f" at step {step}" if step else ""
     extra = ({"completion_ids": [list(ids) for ids in completion_ids]}
              if completion_ids is not None and _takes(fn, "completion_ids") else {})
+    given = list(completions)
+    if not isinstance(fn, RewardModel):
+        given = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
+                 for p, c in zip(prompts, given, strict=True)]
     try:
-        values = list(fn(prompts=list(prompts), completions=list(completions), **extra))
+        values = fn(prompts=list(prompts), completions=given, **extra)
+    except DpokitError as error:
+        raise DpokitError(f"reward {spec} failed{where}: {error}") from None
     except Exception as error:
-        raise DpokitError(f"reward {spec} failed{where}: "
-                          f"{type(error).__name__}: {error}") from None
+        raise DpokitError(f"reward {spec} failed{where}: {_one_line(error)}") from None
+    if (isinstance(values, str | bytes | dict) or not hasattr(values, "__iter__")
+            or getattr(values, "ndim", 1) == 0):
+        raise DpokitError(f"reward {spec} returned {type(values).__name__}, not a list of "
+                          f"{len(completions)} numbers{where}")
+    try:
+        values = list(values)
+    except Exception as error:  # a generator that raises
+        raise DpokitError(f"reward {spec} failed{where}: {_one_line(error)}") from None
     if len(values) != len(completions):
         raise DpokitError(f"reward {spec} returned {len(values)} values for "
                           f"{len(completions)} completions{where}")
-    try:
-        values = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise DpokitError(f"reward {spec} returned a non-number{where}") from None
-    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+
+    def which(i: int) -> str:
+        return f"completion {i}" + (f" ({rows[i]})" if rows is not None else "")
+
+    numbers_ = [_number(v) for v in values]
+    bad = next((i for i, v in enumerate(numbers_) if v is None), None)
     if bad is not None:
-        raise DpokitError(f"reward {spec} returned a non-finite value ({values[bad]}) for "
-                          f"completion {bad}{where}")
-    return values
+        raise DpokitError(f"reward {spec} returned a non-number ({_preview(values[bad])}) for "
+                          f"{which(bad)}{where}")
+    bad = next((i for i, v in enumerate(numbers_) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise DpokitError(f"reward {spec} returned a non-finite value ({numbers_[bad]}) for "
+                          f"{which(bad)}{where}")
+    return numbers_
+
+
+def _preview(value: Any) -> str:
+    """A short one-line ``repr`` of a returned value and its type."""
+    text = " ".join(repr(value).split())
+    return f"{type(value).__name__} {text[:40] + '…' if len(text) > 40 else text}"
 
 
 def score_groups(fn: RewardFn, spec: str, prompts: Sequence[Any], groups: Sequence[Sequence[Any]],
-                 *, step: int, device: Any = None) -> list[float]:
+                 *, step: int, device: Any = None,
+                 rows: Sequence[str] | None = None) -> list[float]:
     """:func:`score` of generated completions: ``groups[i]`` are the completions (with ``text``
-    and ``ids``) of ``prompts[i]``; one reward per completion, flattened in that order. A
-    :class:`RewardModel` is first moved to ``device`` when one is given."""
+    and ``ids``) of ``prompts[i]`` (from ``rows[i]``, for the error messages, when given); one
+    reward per completion, flattened in that order. A :class:`RewardModel` is first moved to
+    ``device`` when one is given."""
     if device is not None and isinstance(fn, RewardModel):
         fn.to(device)
     flat = [c for group in groups for c in group]
+    where = None if rows is None else [
+        f"{row}, generation {j + 1}" for row, group in zip(rows, groups, strict=True)
+        for j in range(len(group))]
     return score(fn, spec, [p for p, group in zip(prompts, groups, strict=True) for _ in group],
-                 [c.text for c in flat], step=step, completion_ids=[c.ids for c in flat])
+                 [c.text for c in flat], step=step, completion_ids=[c.ids for c in flat],
+                 rows=where)
