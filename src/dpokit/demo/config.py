@@ -79,7 +79,8 @@ class DemoConfig(Config):
         8, help="Generation limit: of those samples, and of on-policy training's pairs.")
     target_closed_fraction: float | None = field(
         None, help=f"The bar: fraction of the whole-space KL(π_ref‖π*) the {DEFAULT} policy "
-                   f"must close, lower bound (null: 0.97; quick: 0.85).")
+                   f"must close, at least (from the high end of KL(π_θ‖π*)'s 95% interval; "
+                   f"null: 0.97; quick: 0.85).")
     target_sampled_in_space: float | None = field(
         None, help=f"The bar: share of the {DEFAULT} policy's generate samples that must be "
                    f"completions of the task (null: 0.99; quick: 0.97).")
