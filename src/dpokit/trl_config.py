@@ -289,6 +289,13 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
             note((key, "no effect without use_peft (as in TRL)"))
     if isinstance(out.get("loss_type"), str):
         out["loss_type"] = [out["loss_type"]]  # TRL takes one name or a list
+    smoothing = values.get("label_smoothing")
+    if smoothing and "sigmoid" in (out.get("loss_type") or ["sigmoid"]) and (
+            known is None or "loss_type" in known):
+        raise DpokitError(f"{source}: TRL key label_smoothing: {smoothing!r} has no effect on "
+                          f"TRL 1.16's sigmoid loss (TRL ignores it there, dpokit's sigmoid "
+                          f"applies it: cDPO); remove it for TRL's result, or set it in a "
+                          f"native dpokit config for cDPO")
     if defaults:
         for key, default in trl_defaults(out.get, known).items():
             if key not in out:

@@ -221,8 +221,10 @@ class _PreferenceConfig(Config):
         if self.f_divergence_type != "reverse_kl" and not supports_f_divergence(self.loss_type):
             raise DpokitError(f"f_divergence_type={self.f_divergence_type!r} is not defined for "
                               f"loss_type {self.loss_type}; use reverse_kl")
-        if self.rpo_alpha is not None and self.rpo_alpha < 0:
-            raise DpokitError(f"rpo_alpha must be ≥ 0 or null, got {self.rpo_alpha}")
+        if self.rpo_alpha is not None and not (math.isfinite(self.rpo_alpha)
+                                               and self.rpo_alpha >= 0):
+            raise DpokitError(f"rpo_alpha must be a finite number ≥ 0 or null, got "
+                              f"{self.rpo_alpha}")
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
             raise DpokitError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.shared_prompt is True and self.padding_free:

@@ -36,6 +36,7 @@ from dpokit.losses import (
     needs_lengths,
     needs_margins,
     preference_metrics,
+    resolve_losses,
 )
 from dpokit.losses.metrics import (
     LOGIT_METRIC_KEYS,
@@ -121,6 +122,12 @@ class DPOObjective(Objective):
                                       dataset_num_proc=getattr(self.config, "dataset_num_proc",
                                                                None))
         losses = ", ".join(self.config.loss_type)
+        sorting = [s.name for s in resolve_losses(self.config.loss_type) if s.sorts_batch]
+        if sorting and present(pairs, "weight").any():
+            raise DpokitError(f"{path}: loss_type {', '.join(sorting)} sorts the batch (its terms "
+                              f"are no pair's), so the per-pair weights of column "
+                              f"{self.config.weight_column!r} cannot apply; remove the column or "
+                              f"set weight_column to a name the data does not have")
         for needed, attr, key in ((self.margins, "margin", "margin_column"),
                                   (self.label_probs, "label_prob", "label_prob_column")):
             column = getattr(self.config, key)

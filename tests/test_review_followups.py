@@ -1,0 +1,77 @@
+"""Findings of this session's loss review outside the losses package: a weight column with a
+loss that sorts the batch, TRL's label_smoothing on sigmoid, rpo_alpha at config load."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dpokit.config import load_config
+from dpokit.errors import DpokitError
+from dpokit.train.config import DPOConfig
+from dpokit.trl_config import translate
+
+
+def _config(workdir, tmp_path, **overrides):
+    values = {"model": str(workdir / "llama"), "data": str(workdir / "prefs.jsonl"),
+              "output_dir": str(tmp_path / "run"), "batch_size": 4, "max_steps": 1,
+              "save_steps": None, "max_length": 64, **overrides}
+    return load_config(DPOConfig, None, {k: v if isinstance(v, str) else json.dumps(v)
+                                         for k, v in values.items()})
+
+
+@pytest.mark.parametrize("loss", ["aot", "aot_unpaired"])
+def test_weight_column_with_a_sorting_loss_is_refused(workdir, tmp_path, loss):
+    """aot sorts the batch's log-ratios: term i is no pair's, so weighting it by pair i's weight
+    is silently wrong (TRL refuses use_weighting with it; a data weight is the same mistake)."""
+    from dpokit.train.loop import train
+
+    rows = [json.loads(line) for line in (workdir / "prefs.jsonl").read_text().splitlines()]
+    data = tmp_path / "weighted.jsonl"
+    data.write_text("".join(json.dumps({**r, "weight": 0.5 + i % 2}) + "\n"
+                            for i, r in enumerate(rows)))
+    config = _config(workdir, tmp_path, data=str(data), loss_type=[loss])
+    with pytest.raises(DpokitError, match=r"sorts the batch.*'weight'"):
+        train(config, progress=False)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_weight_column_with_other_losses_still_trains(workdir, tmp_path):
+    from dpokit.train.loop import train
+
+    rows = [json.loads(line) for line in (workdir / "prefs.jsonl").read_text().splitlines()]
+    data = tmp_path / "weighted.jsonl"
+    data.write_text("".join(json.dumps({**r, "weight": 2.0}) + "\n" for r in rows))
+    final = train(_config(workdir, tmp_path, data=str(data), loss_type=["sigmoid"]),
+                  progress=False)
+    assert final.exists()
+
+
+@pytest.mark.parametrize("values", [
+    {"label_smoothing": 0.1},
+    {"label_smoothing": 0.1, "loss_type": "sigmoid"},
+    {"label_smoothing": 0.1, "loss_type": ["sigmoid", "robust"]},
+])
+def test_trl_label_smoothing_on_sigmoid_is_refused(values):
+    """TRL 1.16's sigmoid ignores label_smoothing; dpokit's applies it (cDPO): a TRL file
+    would silently train another loss than TRL's."""
+    with pytest.raises(DpokitError, match=r"label_smoothing.*sigmoid"):
+        translate(values, source="trl.yaml")
+
+
+@pytest.mark.parametrize("values", [
+    {"label_smoothing": 0.0},
+    {"label_smoothing": 0.1, "loss_type": "robust"},
+    {"label_smoothing": 1e-3, "loss_type": ["exo_pair"]},
+])
+def test_trl_label_smoothing_where_trl_reads_it_is_kept(values):
+    assert translate(values, source="trl.yaml").values["label_smoothing"] == \
+        values["label_smoothing"]
+
+
+@pytest.mark.parametrize("alpha", [math.nan, math.inf, -0.5])
+def test_rpo_alpha_not_finite_is_refused_at_load(workdir, tmp_path, alpha):
+    with pytest.raises(DpokitError, match="rpo_alpha must be a finite number"):
+        _config(workdir, tmp_path, rpo_alpha=alpha).validate()
