@@ -28,8 +28,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dpokit.attention import additive_mask, enable_segment_attention, flatten
-from dpokit.data.collate import PairBatch
+from dpokit.attention import (
+    SEGMENT_ATTENTION,
+    UNPADDED_MODEL_TYPES,
+    additive_mask,
+    enable_segment_attention,
+    flatten,
+)
+from dpokit.data.collate import PairBatch, as_padded
 from dpokit.errors import DpokitError
 
 log = logging.getLogger("dpokit.logps")
@@ -83,8 +89,9 @@ def text_config(config: Any) -> Any:
 
 def logit_transform(config) -> Callable[[Tensor], Tensor] | None:
     """Post-processing some models apply to their logits — Cohere's ``logit_scale``, Granite's
-    ``logits_scaling``, Falcon-H1's ``lm_head_multiplier``, Gemma's final soft cap — or None when
-    the head is one this module cannot reproduce."""
+    ``logits_scaling``, Falcon-H1's ``lm_head_multiplier``, Gemma's final soft cap
+    (RecurrentGemma's ``logits_soft_cap``) — or None when the head is one this module cannot
+    reproduce."""
     config = text_config(config)
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _UNHANDLED_HEAD_SCALES):
         return None
@@ -92,6 +99,8 @@ def logit_transform(config) -> Callable[[Tensor], Tensor] | None:
     divisor = getattr(config, "logits_scaling", None)
     multiplier = getattr(config, "lm_head_multiplier", None)
     cap = getattr(config, "final_logit_softcapping", None)
+    if cap is None:
+        cap = getattr(config, "logits_soft_cap", None)  # RecurrentGemma's name for it
 
     def transform(logits: Tensor) -> Tensor:
         if scale is not None:
@@ -144,7 +153,7 @@ def _hidden_states(model: nn.Module, batch: PairBatch, rows: Tensor, columns: Te
     columns)``, ``(N, H)``. ``unpadded`` runs the decoder on the real tokens only
     (:mod:`dpokit.attention`) when the model allows it; the states are the same."""
     base = unwrap_model(model)
-    decoder = base.get_decoder()
+    decoder = _decoder(base)
     dtype = next(base.parameters()).dtype
     if unpadded and enable_segment_attention(base):
         flat = flatten(batch)
@@ -159,6 +168,58 @@ def _hidden_states(model: nn.Module, batch: PairBatch, rows: Tensor, columns: Te
     outputs = decoder(input_ids=batch.input_ids, attention_mask=_mask(batch, dtype, base.config),
                       position_ids=batch.position_ids, use_cache=False)
     return _last_hidden(outputs)[rows, columns]
+
+
+def _decoder(base: nn.Module) -> nn.Module | None:
+    """The decoder of a bare ``transformers`` causal LM (its layers and final norm, no LM head),
+    or None when ``get_decoder`` finds none but the model itself (Llama-4's text model names
+    its base ``language_model`` but keeps it in ``model``)."""
+    decoder = base.get_decoder()
+    if decoder is base:
+        decoder = getattr(base, "model", None)
+    if not isinstance(decoder, nn.Module) or decoder is base:
+        return None
+    return decoder
+
+
+LAYOUT_MODEL_TYPES = UNPADDED_MODEL_TYPES | frozenset({
+    "apertus", "arcee", "bitnet", "codegen", "cohere2", "cohere2_moe", "deepseek_v3",
+    "diffllama", "doge", "ernie4_5", "exaone4", "falcon", "gemma2", "glm", "glm4", "gpt_bigcode",
+    "gpt_neox", "gptj", "granite_swa", "granitemoe", "helium", "hunyuan_v1_dense", "internlm3",
+    "jetmoe", "minicpm3", "ministral", "nemotron", "olmo", "olmo3", "olmoe", "persimmon",
+    "phimoe", "qwen2_moe", "seed_oss", "stablelm", "vaultgemma",
+})
+"""``config.model_type`` of the families whose own forward is checked (each sequence alone as
+the oracle, ``tests/test_logps_integrity.py``) to read a packed row's restarting position ids
+as sequence boundaries and to take the shared layout's 4D block mask as given, sliding windows
+included: softmax attention only, positions from the position ids. Any other model — hybrids
+whose convolution, recurrence or state-space layers carry state from one sequence into the
+next (LFM2, Qwen3-Next, Jamba, Falcon-H1, Nemotron-H, RecurrentGemma, MiniMax), ALiBi models
+that build their biases from a 2D mask (Bloom, MPT, Falcon with ``alibi``), models that count
+positions from the mask (OPT) or keep their window out of it (GPT-Neo), attention sinks
+(gpt-oss) — gets a packed or shared batch laid out right-padded
+(:func:`~dpokit.data.collate.as_padded`): its plain forward, each sequence its own row."""
+
+_RELAID: set[str] = set()
+"""Model classes whose batches were laid out padded (logged once each)."""
+
+_MASK_IMPLEMENTATIONS = ("sdpa", "eager", SEGMENT_ATTENTION)
+"""Attention implementations that apply a custom 4D mask as given (the shared layout's)."""
+
+
+def takes_layout(model: nn.Module, layout: str) -> bool:
+    """Whether ``model`` (bare) computes a ``packed`` or ``shared`` batch exactly as each of its
+    sequences alone (:data:`LAYOUT_MODEL_TYPES`; a packed row also under flash attention, which
+    reads the restarting position ids; a shared one only where the 4D mask is applied as
+    given)."""
+    config = text_config(model.config)
+    if (getattr(config, "model_type", None) not in LAYOUT_MODEL_TYPES
+            or getattr(config, "alibi", False)):
+        return False
+    implementation = str(getattr(model.config, "_attn_implementation", None))
+    if implementation in _MASK_IMPLEMENTATIONS:
+        return True
+    return layout == "packed" and "flash" in implementation
 
 
 def _mask(batch: PairBatch, dtype: torch.dtype, config: Any = None) -> Tensor | dict | None:
@@ -262,6 +323,14 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         raise DpokitError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
     if chunk_size < 1:
         raise DpokitError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    base = unwrap_model(model)
+    if batch.layout != "padded" and not takes_layout(base, batch.layout):
+        if type(base).__name__ not in _RELAID:
+            _RELAID.add(type(base).__name__)
+            log.info("%s is not checked to compute a %s batch as its sequences alone "
+                     "(LAYOUT_MODEL_TYPES); running its batches padded", type(base).__name__,
+                     batch.layout)
+        batch = as_padded(batch)
     sequence_ids = batch.sequence_ids
     num_sequences = batch.num_sequences or int(sequence_ids.max()) + 1
     if batch.predictor is not None:  # shared-prompt layout: explicit predicting columns
@@ -276,11 +345,14 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         rows, columns = scored.nonzero(as_tuple=True)  # the predicting positions, row-major
         targets = batch.input_ids[:, 1:][scored]
         owners = sequence_ids[:, 1:][scored]
-    base = unwrap_model(model)
     transform = logit_transform(base.config)
     if fused and transform is None:
         log.warning("%s scales its logits in a way the chunked head does not reproduce; using "
                     "the model's full forward", type(base).__name__)
+        fused = False
+    if fused and _decoder(base) is None:
+        log.warning("%s has no decoder module apart from its LM head; using the model's full "
+                    "forward", type(base).__name__)
         fused = False
 
     if fused:
@@ -308,7 +380,7 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
             stats = hidden.new_zeros(0, 3, dtype=torch.float32)
     else:
         logits = model(input_ids=batch.input_ids,
-                       attention_mask=_mask(batch, next(base.parameters()).dtype),
+                       attention_mask=_mask(batch, next(base.parameters()).dtype, base.config),
                        position_ids=batch.position_ids, use_cache=False).logits
         logits = logits[rows, columns]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))

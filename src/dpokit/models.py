@@ -146,10 +146,12 @@ def _scaled_positions(config: dict) -> int:
     return 0
 
 
-ROW_MASK_TYPES = frozenset({"gpt_neo"})
+ROW_MASK_TYPES: frozenset[str] = frozenset()
 """Model types whose attention slices a causal-mask buffer of ``max_position_embeddings`` by the
-row's length, not by its position ids: a shared-prompt row p + c + r must fit in it (reproduced:
-GPT-Neo with 16 positions fails on a pair of 6 + 6 + 6 tokens, which fits by positions)."""
+row's length, not by its position ids, *and* that take the shared-prompt layout: a shared row
+p + c + r must fit in it. None today: GPT-Neo, the family found to slice so (16 positions failed
+on a pair of 6 + 6 + 6 tokens), is not in :data:`dpokit.logps.LAYOUT_MODEL_TYPES`, so its shared
+batches run padded, each completion its own row of p + c tokens."""
 
 
 def position_limits(config: Any) -> list[tuple[int, str, str, bool]]:

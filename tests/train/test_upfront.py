@@ -239,13 +239,14 @@ def tiny_gpt_neo(tokenizer, path):
     return neo, path
 
 
-def test_gpt_neo_needs_the_whole_shared_row_within_its_positions(workdir, tmp_path, capsys,
-                                                                  tokenizer):
-    """GPT-Neo slices a causal-mask buffer of max_position_embeddings by the row's length: a
-    pair that fits by positions (p + max(c, r)) but not as a shared-prompt row (p + c + r) is
-    refused up front with one line (it was a RuntimeError mid-forward), and trains with
-    shared_prompt: false."""
-    from dpokit.data import collate_shared, load_preference_pairs
+def test_gpt_neo_runs_a_shared_row_past_its_positions_padded(workdir, tmp_path, capsys,
+                                                              tokenizer):
+    """GPT-Neo slices a causal-mask buffer of max_position_embeddings by the row's length, so a
+    shared-prompt row p + c + r past its positions failed mid-forward (and its local layers keep
+    their window out of the 4D mask): it is not in LAYOUT_MODEL_TYPES, so its shared batches run
+    padded — a pair that fits by positions (p + max(c, r)) trains in the default layout, with
+    the log-probs of each sequence alone."""
+    from dpokit.data import collate_padded, collate_shared, load_preference_pairs
     from dpokit.logps import completion_logps
 
     neo, path = tiny_gpt_neo(tokenizer, tmp_path / "neo")
@@ -256,24 +257,20 @@ def test_gpt_neo_needs_the_whole_shared_row_within_its_positions(workdir, tmp_pa
     (pair,) = tokenized
     p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
     assert p + max(c, r) <= 24 < p + c + r, (p, c, r)
-    with pytest.raises(RuntimeError):  # what the check prevents
-        completion_logps(neo.eval(), collate_shared(tokenized, pad_token_id=0))
+    shared = completion_logps(neo.eval(), collate_shared(tokenized, pad_token_id=0))
+    padded = completion_logps(neo.eval(), collate_padded(tokenized, pad_token_id=0))
+    assert torch.allclose(shared.logps, padded.logps, atol=1e-5)
     args = ["train", "--model", str(path), "--data", str(data), "--max-length", "24",
             "--batch-size", "2", "--max-steps", "1", "--output-dir", str(tmp_path / "out")]
     code, _, err = run_cli(capsys, *args)
-    line = one_error(code, err)
-    assert f"{data}, row 1: {p + c + r} tokens" in line and "shared_prompt: false" in line
-    code, _, err = run_cli(capsys, *args, "--no-shared-prompt")
     assert code == 0, err[-2000:]
 
 
-def test_gpt_neo_needs_a_groups_whole_row_within_its_positions(workdir, tmp_path, capsys,
-                                                               tokenizer):
-    """k completions of one prompt share one row [x, y_1, …, y_k]: with every pair fitting
-    GPT-Neo's positions as a row of its own (p + c + r) but not the group's row
-    (p + Σ_j |y_j|), the run is refused up front naming the row (the forward would fail
-    mid-run), and trains with shared_prompt: false."""
-    from dpokit.data import ColumnMap, collate_shared, load_preference_pairs
+def test_gpt_neo_runs_a_groups_row_past_its_positions_padded(workdir, tmp_path, capsys,
+                                                             tokenizer):
+    """k completions of one prompt share one row [x, y_1, …, y_k]; past GPT-Neo's positions as
+    one row, each pair fitting as rows of its own: the group runs padded and trains."""
+    from dpokit.data import ColumnMap, collate_padded, collate_shared, load_preference_pairs
     from dpokit.logps import completion_logps
 
     neo, path = tiny_gpt_neo(tokenizer, tmp_path / "neo")
@@ -289,14 +286,12 @@ def test_gpt_neo_needs_a_groups_whole_row_within_its_positions(workdir, tmp_path
     distinct = {tuple(ids) for pair in group for ids in (pair.chosen_ids, pair.rejected_ids)}
     whole = p + sum(map(len, distinct))
     assert max(p + len(x.chosen_ids) + len(x.rejected_ids) for x in group) <= 24 < whole
-    with pytest.raises(RuntimeError):  # what the check prevents
-        completion_logps(neo.eval(), collate_shared(group, pad_token_id=0))
+    shared = completion_logps(neo.eval(), collate_shared(group, pad_token_id=0))
+    padded = completion_logps(neo.eval(), collate_padded(group, pad_token_id=0))
+    assert torch.allclose(shared.logps, padded.logps, atol=1e-5)
     args = ["train", "--model", str(path), "--data", str(data), "--pairs-from-scores", "all",
             "--max-length", "24", "--batch-size", "1", "--max-steps", "1",
             "--output-dir", str(tmp_path / "out")]
     code, _, err = run_cli(capsys, *args)
-    line = one_error(code, err)
-    assert f"{data}, row 1: {whole} tokens (its prompt and every completion of its group" in line
-    assert "shared_prompt: false" in line
-    code, _, err = run_cli(capsys, *args, "--no-shared-prompt")
     assert code == 0, err[-2000:]
+

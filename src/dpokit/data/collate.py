@@ -284,6 +284,40 @@ def _sequence_numbers(rows: list[tuple[list[int], list[list[int]]]],
     return numbers
 
 
+def as_padded(batch: PairBatch) -> PairBatch:
+    """The sequences of a ``packed`` or ``shared`` batch laid out right-padded: the same
+    sequence numbers, pairs (:attr:`PairBatch.pair_index`) and per-pair columns, each sequence
+    ``prompt + completion`` in a row of its own with a 2D attention mask — the plain batch every
+    causal LM takes. A ``padded`` batch is returned as it is."""
+    if batch.layout == "padded":
+        return batch
+    ids, numbers = batch.input_ids.cpu(), batch.sequence_ids.cpu()
+    completion = batch.completion_mask.cpu()
+    sequences: dict[int, tuple[list[int], int]] = {}
+    if batch.layout == "packed":
+        for s in numbers[0].unique().tolist():
+            if s < 0:
+                continue
+            where = numbers[0] == s
+            sequences[s] = (ids[0][where].tolist(), int((~completion[0][where]).sum()))
+    else:
+        for row, lengths in enumerate(batch.parts):
+            prompt = ids[row, :lengths[0]].tolist()
+            start = lengths[0]
+            for n in lengths[1:]:
+                sequences[int(numbers[row, start])] = (prompt + ids[row, start:start + n].tolist(),
+                                                       len(prompt))
+                start += n
+    count = batch.num_sequences or len(sequences)
+    if sorted(sequences) != list(range(count)):
+        raise DpokitError("the batch's sequence numbers are not 0..n−1; cannot lay it out padded")
+    padded = pad_sequences([sequences[s] for s in range(count)], pad_token_id=0,
+                           num_pairs=batch.num_pairs)
+    return replace(padded, weights=batch.weights, margins=batch.margins,
+                   label_probs=batch.label_probs, extras=batch.extras,
+                   pair_index=batch.pair_index).to(batch.input_ids.device)
+
+
 LAYOUTS = ("padded", "packed", "shared")
 
 
