@@ -10,12 +10,15 @@ Commands live in :mod:`~dpokit.cli.training` (train, sft, eval, demo, bench) and
 :mod:`~dpokit.cli.lecture` (optimal, partition, figures); their flags come from config
 dataclasses (:mod:`~dpokit.cli.options`). User errors (:class:`~dpokit.errors.DpokitError`, bad
 flags, and any OS error or allocation failure no command turned into one) print one line on
-stderr and exit with status 2; other exceptions are bugs and stay tracebacks.
+stderr and exit with status 2; other exceptions are bugs and stay tracebacks. Ctrl-C or SIGTERM
+outside the training loop (which checkpoints on them) unwinds and exits with 130 or 143.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
 
 import click
@@ -69,11 +72,47 @@ def _os_error_line(error: OSError) -> str:
     return f"{' → '.join(names)}: {cause}" if names else cause
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside the training loop's own handling (setup, the final save): it unwinds
+    like Ctrl-C — ``finally`` blocks run, the run directory's lock is released, half-written
+    temporaries are removed — where the default action would kill the process on the spot."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While inside, SIGTERM raises :class:`_Terminated` (the loop's own handler takes over
+    during the steps and gives it back after). Only in a process of its own whose SIGTERM has
+    its default action: not when embedded with a handler of its own, nor under torchrun, whose
+    workers a SIGTERM must stop at once even inside a collective."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL or "LOCAL_RANK" in os.environ:
+        yield
+        return
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dpokit`` script and ``python -m dpokit``."""
     _configure_logging()
     try:
-        app.main(args=argv, prog_name="dpokit", standalone_mode=False)
+        with _sigterm_unwinds():
+            app.main(args=argv, prog_name="dpokit", standalone_mode=False)
+    except _Terminated:
+        _say("dpokit: terminated (SIGTERM)")
+        sys.exit(128 + signal.SIGTERM)
     except DpokitError as error:
         _say(f"dpokit: error: {error}")
         sys.exit(2)
@@ -81,9 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         _say(error.format_message(), stream_name="stdout")
         sys.exit(0)
     except click.UsageError as error:
-        hint = f" (see 'dpokit {error.ctx.info_name} --help')" if error.ctx else ""
-        if error.ctx and error.ctx.info_name == "dpokit":
-            hint = " (see 'dpokit --help')"
+        # the whole path (``dpokit config convert``): a subcommand's name alone is no command
+        hint = f" (see '{error.ctx.command_path} --help')" if error.ctx else ""
         _say(f"dpokit: error: {error.format_message()}{hint}")
         sys.exit(2)
     except click.exceptions.Exit as exit_:

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from dpokit.config import field_help, load_config, split_list_text
+from dpokit.errors import DpokitError
 
 NO = "__no"
 """The parameter-name suffix of an optional boolean's ``--no-x`` flag."""
@@ -28,6 +30,19 @@ def _is_list(hint: Any) -> bool:
     """``list[X]`` or ``list[X] | None``: the flag may be repeated."""
     return typing.get_origin(hint) is list or any(
         typing.get_origin(arg) is list for arg in typing.get_args(hint))
+
+
+def _check_list_text(key: str, text: str) -> None:
+    """A list flag's ``[a, b]`` must be valid YAML: its parse error would otherwise escape
+    ``split_list_text`` as a traceback (``--loss-type "[sigmoid"``)."""
+    if not text.strip().startswith("["):
+        return
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise DpokitError(f"{key}: {text!r} is not a YAML list ({problem}); give a,b or "
+                          f"[a, b]") from None
 
 
 def _params(config_cls: type) -> list[click.Parameter]:
@@ -88,6 +103,8 @@ def config_command(name: str, config_cls: type, run: Callable[[Any], None], *,
             if isinstance(value, bool):
                 value = "true" if value else "false"
             elif isinstance(value, tuple):  # a list flag: each occurrence is one text value
+                for text in value:
+                    _check_list_text(key, text)
                 value = value[0] if len(value) == 1 else [
                     item for text in value for item in split_list_text(text)]
             overrides[key] = value

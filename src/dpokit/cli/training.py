@@ -26,7 +26,7 @@ def _train(config) -> None:
     if loop.last_stop_signal is not None:
         console.print(f"stopped: checkpoint {path} (resume with --resume auto)", soft_wrap=True)
         sys.exit(128 + int(loop.last_stop_signal))
-    console.print(f"done: {path}")
+    console.print(f"done: {path}", soft_wrap=True)  # one line, whatever the path's length
 
 
 
@@ -73,7 +73,8 @@ def _long_ratios(rows: list[dict]) -> None:
             if ours is None:
                 continue
             if "error" in theirs:
-                console.print(f"{length}: TRL {theirs['setting']} failed: {theirs['error']}")
+                console.print(f"{length}: TRL {theirs['setting']} failed: {theirs['error']}",
+                              soft_wrap=True)
                 continue
             speed = theirs["seconds_per_step"] / ours["seconds_per_step"]
             memory = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
