@@ -75,3 +75,21 @@ def test_trl_label_smoothing_where_trl_reads_it_is_kept(values):
 def test_rpo_alpha_not_finite_is_refused_at_load(workdir, tmp_path, alpha):
     with pytest.raises(DpokitError, match="rpo_alpha must be a finite number"):
         _config(workdir, tmp_path, rpo_alpha=alpha).validate()
+
+
+def test_generates_wrote_line_is_one_line_whatever_the_paths_length(monkeypatch, capsys,
+                                                                    tmp_path):
+    """As train's done: line — piped stdout is 120 columns: a long --output was folded."""
+    import dpokit.evaluate
+    from tests.helpers import run_cli
+
+    deep = tmp_path.joinpath(*[f"experiment-{i:02d}-beta0.1-lr5e-7" for i in range(6)])
+    deep.mkdir(parents=True)
+    output = deep / "completions.jsonl"
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    monkeypatch.setattr(dpokit.evaluate, "run_generate", lambda config: [{"eos": True}])
+    code, out, err = run_cli(capsys, "generate", "--model", str(tmp_path), "--data", str(data),
+                             "--output", str(output))
+    assert code == 0, err
+    assert out.count("\n") == 1 and str(output) in out

@@ -36,7 +36,7 @@ def _eval(config: EvalConfig) -> None:
     if "loss" not in result.metrics:
         console.print("No --ref-model: log-probs only (rewards and loss need a reference).")
     if config.per_example is not None:
-        console.print(f"wrote {result.num_examples} rows to {config.per_example}")
+        console.print(f"wrote {result.num_examples} rows to {config.per_example}", soft_wrap=True)
 
 
 def _generate(config: GenerateConfig) -> None:
@@ -46,7 +46,7 @@ def _generate(config: GenerateConfig) -> None:
     records = run_generate(config)
     ended = sum(r["eos"] for r in records)
     console.print(f"wrote {len(records)} completions to {config.output} ({ended} ended with "
-                  f"EOS within {config.max_new_tokens} tokens)")
+                  f"EOS within {config.max_new_tokens} tokens)", soft_wrap=True)
 
 
 for _name, _cls, _run in (("eval", EvalConfig, _eval), ("generate", GenerateConfig, _generate)):
