@@ -93,3 +93,40 @@ def test_generates_wrote_line_is_one_line_whatever_the_paths_length(monkeypatch,
                              "--output", str(output))
     assert code == 0, err
     assert out.count("\n") == 1 and str(output) in out
+
+
+def test_inverse_cdf_draws_follow_the_law_and_skip_zeros():
+    """The outside sampler's draws: frequencies within 4.5σ of each probability, never an index
+    of probability 0 (also at the ends of the table)."""
+    import torch
+
+    from dpokit.demo.measure import _inverse_cdf_draws
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0], dtype=torch.float64)
+    n = 40000
+    draws = torch.tensor(_inverse_cdf_draws(probs, n, seed=3))
+    counts = torch.bincount(draws, minlength=len(probs)).double()
+    assert counts[probs == 0].sum() == 0
+    sigma = (n * probs * (1 - probs)).sqrt()
+    assert bool(((counts - n * probs).abs() <= 4.5 * sigma + 1e-9).all())
+
+
+def test_the_outside_sampler_takes_a_real_vocabulary():
+    """The deviation table has Σ_t |words|^t · V entries: 16 words, 2 positions and a
+    65,536-token vocabulary make 17.9 M, past torch.multinomial's 2²⁴ (it raised a traceback);
+    drawn now, every sample outside S."""
+    from dpokit.demo.measure import sample_outside
+    from dpokit.fixtures import tiny_causal_lm
+
+    vocab, eos = 65536, 0
+    model = tiny_causal_lm("llama", vocab_size=vocab, hidden_size=8, num_layers=1, num_heads=1,
+                           max_positions=16, seed=0)
+    words = list(range(1, 17))
+    assert (1 + 16 + 256) * vocab > 2 ** 24
+    drawn = sample_outside(model, [5, 6], words, 2, eos, num_samples=64, max_new_tokens=3,
+                           seed=1)
+    assert len(drawn.completions) == 64
+    for c in drawn.completions:
+        in_space = len(c) == 3 and c[0] in words and c[1] in words and c[2] == eos
+        assert not in_space
+    assert math.isfinite(drawn.log_mass) and drawn.log_mass < 0

@@ -183,6 +183,18 @@ class OutsideSamples:
 
 
 @torch.no_grad()
+def _inverse_cdf_draws(probs: Tensor, num_samples: int, seed: int) -> list[int]:
+    """``num_samples`` indices drawn i.i.d. from ``probs`` (float64, summing to ~1), by inverse
+    CDF: any number of categories (``torch.multinomial`` stops at 2²⁴, which a real model's
+    vocabulary times a few hundred prefixes passes), never an index of probability 0."""
+    cdf = torch.cumsum(probs.double(), 0)
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.rand(num_samples, generator=generator, dtype=torch.float64) * cdf[-1]
+    index = torch.searchsorted(cdf, u, right=True)  # the first with cdf > u: a positive one
+    last = int(torch.nonzero(probs > 0).max())
+    return index.clamp(max=last).tolist()
+
+
 def sample_outside(model: nn.Module, prompt_ids: list[int], word_ids: Sequence[int], length: int,
                    eos_token_id: int, *, num_samples: int, max_new_tokens: int,
                    seed: int) -> OutsideSamples:
@@ -234,9 +246,7 @@ def sample_outside(model: nn.Module, prompt_ids: list[int], word_ids: Sequence[i
     log_mass = float(torch.logsumexp(flat, 0))
     if log_mass == -math.inf or num_samples == 0:
         return OutsideSamples([], log_mass)
-    generator = torch.Generator().manual_seed(seed)
-    draws = torch.multinomial((flat - log_mass).exp().cpu(), num_samples, replacement=True,
-                              generator=generator).tolist()
+    draws = _inverse_cdf_draws((flat - log_mass).exp().cpu(), num_samples, seed)
     offsets = [0]
     for part in table:
         offsets.append(offsets[-1] + len(part))
