@@ -130,3 +130,19 @@ def test_the_outside_sampler_takes_a_real_vocabulary():
         in_space = len(c) == 3 and c[0] in words and c[1] in words and c[2] == eos
         assert not in_space
     assert math.isfinite(drawn.log_mass) and drawn.log_mass < 0
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e-18])
+def test_demo_measure_refuses_a_reward_that_makes_pi_star_the_reference(offset):
+    """A constant reward: π* = π_ref, KL(π_ref‖π*) = 0 (or ~1e-17 by rounding) — the closed
+    fraction is undefined; it was a ZeroDivisionError or a garbage −1e16."""
+    import torch
+
+    from dpokit.demo.measure import measure
+
+    ref = torch.log_softmax(torch.tensor([[0.1, 0.7, -0.3, 0.0]], dtype=torch.float64), -1)
+    rewards = torch.full((1, 4), 2.0, dtype=torch.float64)
+    rewards[0, 0] += offset
+    policy = torch.log_softmax(torch.tensor([[0.5, 0.2, 0.1, 0.0]], dtype=torch.float64), -1)
+    with pytest.raises(DpokitError, match="constant where π_ref has mass"):
+        measure(policy, ref, rewards, 1.0)

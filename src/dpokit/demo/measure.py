@@ -121,6 +121,12 @@ def measure(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, beta: floa
         for i in range(len(rewards))]
     for key in ("implicit_reward_correlation", "implicit_reward_correlation_weighted"):
         result[key] = sum(result["per_prompt"][key]) / len(rewards)
+    if not result["kl_ref_to_optimal"] > 1e-12:  # 0 up to rounding: the fraction is undefined
+        from dpokit.errors import DpokitError
+
+        raise DpokitError(f"KL(π_ref‖π*) is {result['kl_ref_to_optimal']:.3g}: the reward is "
+                          f"constant where π_ref has mass, so π* = π_ref and there is no "
+                          f"distance to close; use a reward that tells completions apart")
     result["closed_fraction"] = 1.0 - result["kl_policy_to_optimal"] / result["kl_ref_to_optimal"]
     return result
 
