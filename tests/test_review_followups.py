@@ -146,3 +146,26 @@ def test_demo_measure_refuses_a_reward_that_makes_pi_star_the_reference(offset):
     policy = torch.log_softmax(torch.tensor([[0.5, 0.2, 0.1, 0.0]], dtype=torch.float64), -1)
     with pytest.raises(DpokitError, match="constant where π_ref has mass"):
         measure(policy, ref, rewards, 1.0)
+
+
+def test_a_signal_that_stops_a_demo_training_stops_the_demo(monkeypatch, capsys, tmp_path):
+    """The loop stops at a step boundary on SIGTERM and returns its checkpoint; the demo used
+    that partly trained model and went on to report on it (exit 0). Now it stops: 128 + the
+    signal, one line, no report."""
+    import signal
+
+    from dpokit.train import loop
+    from tests.helpers import run_cli
+
+    calls = []
+
+    def stopped(config, **kwargs):
+        calls.append(config.output_dir)
+        loop.last_stop_signal = signal.SIGTERM
+        return tmp_path / "checkpoint-3"
+
+    monkeypatch.setattr(loop, "train", stopped)
+    code, out, err = run_cli(capsys, "demo", "--quick", "--out", str(tmp_path / "demo"))
+    assert code == 128 + signal.SIGTERM, (out, err)
+    assert len(calls) == 1 and "stopped: stopped by signal" in out
+    assert not (tmp_path / "demo" / "report.json").exists()

@@ -11,12 +11,18 @@ from dpokit.demo.config import DemoConfig
 
 def _demo(config: DemoConfig) -> None:
     """``dpokit demo``: run it, print the summary table and where the report is."""
+    import sys
+
     from rich.table import Table
 
-    from dpokit.demo.run import run_demo
+    from dpokit.demo.run import DemoStopped, run_demo
     from dpokit.demo.text import METHOD_COLUMNS, method_rows, verdict
 
-    r = run_demo(config, report=lambda line: console.print(line))
+    try:
+        r = run_demo(config, report=lambda line: console.print(line))
+    except DemoStopped as stopped:
+        console.print(f"stopped: {stopped}", soft_wrap=True)
+        sys.exit(128 + stopped.signum)
     full = r["full_space"]
     table = Table(title=f"Distance to the exact π* on the model's whole output space "
                         f"(β = {r['beta']:g}, mean over prompts; KL(π_ref ‖ π*) = "

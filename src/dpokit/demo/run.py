@@ -53,10 +53,23 @@ from dpokit.theory import (
 log = logging.getLogger("dpokit.demo")
 
 
-def _quiet_train(config, probe=None) -> Path:
-    from dpokit.train.loop import train
+class DemoStopped(Exception):
+    """SIGINT/SIGTERM stopped one of the demo's trainings: the demo stops too (its numbers would
+    be a partly trained model's); ``dpokit demo`` exits with 128 + ``signum``."""
 
-    return train(config, progress=False, probe=probe)
+    def __init__(self, signum: int, output_dir: str):
+        super().__init__(f"stopped by signal {signum} while training {output_dir}; the demo "
+                         f"reports nothing (run it again: it starts afresh)")
+        self.signum = signum
+
+
+def _quiet_train(config, probe=None) -> Path:
+    from dpokit.train import loop
+
+    final = loop.train(config, progress=False, probe=probe)
+    if loop.last_stop_signal is not None:  # a checkpoint, not the trained model
+        raise DemoStopped(int(loop.last_stop_signal), config.output_dir)
+    return final
 
 
 def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
