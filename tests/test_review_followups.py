@@ -169,3 +169,21 @@ def test_a_signal_that_stops_a_demo_training_stops_the_demo(monkeypatch, capsys,
     assert code == 128 + signal.SIGTERM, (out, err)
     assert len(calls) == 1 and "stopped: stopped by signal" in out
     assert not (tmp_path / "demo" / "report.json").exists()
+
+
+def test_a_second_demo_on_the_same_directory_is_refused(tmp_path):
+    """The demo removes its own runs under --out and rewrites them: two at once deleted each
+    other's models (seen: 'model directory not found: …/sft/final'). The directory is locked."""
+    from dpokit.demo.config import DemoConfig
+    from dpokit.demo.run import run_demo
+    from dpokit.train.rundir import RunLock
+
+    out = tmp_path / "demo"
+    held = RunLock.acquire(out)
+    (out / "sft").mkdir()
+    try:
+        with pytest.raises(DpokitError, match="in use by another run"):
+            run_demo(DemoConfig(quick=True, out_dir=str(out)), report=lambda line: None)
+        assert (out / "sft").is_dir()  # nothing of the running demo's removed
+    finally:
+        held.release()

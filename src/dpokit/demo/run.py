@@ -74,7 +74,20 @@ def _quiet_train(config, probe=None) -> Path:
 
 def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
              report=print) -> dict[str, Any]:
-    """Run every step and return the report (also written to ``out_dir/report.json``)."""
+    """Run every step and return the report (also written to ``out_dir/report.json``). The
+    output directory is locked while the demo runs (it removes and rewrites its own runs
+    there: a second demo on it is refused)."""
+    from dpokit.train.rundir import RunLock
+
+    lock = RunLock.acquire(config.out_dir)
+    try:
+        return _run_demo(config, task=task, report=report)
+    finally:
+        lock.release()
+
+
+def _run_demo(config: DemoConfig, *, task: DemoTask | None,
+              report) -> dict[str, Any]:
     from dpokit.fixtures import tiny_causal_lm
     from dpokit.models import load_causal_lm
     from dpokit.train.config import SFTConfig
