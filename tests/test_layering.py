@@ -10,7 +10,8 @@ import pytest
 SRC = Path(__file__).resolve().parent.parent / "src" / "dpokit"
 
 LAYERS = [
-    {"dpokit", "_lazy", "errors", "format", "atomic", "config", "hub", "trl_config"},  # base
+    {"dpokit", "_lazy", "errors", "format", "atomic", "digests", "config", "hub",
+     "trl_config"},  # base
     {"theory"},  # exact math: standalone
     {"lecture"},  # the lecture's tables, study and figures, computed by theory
     {"data"},

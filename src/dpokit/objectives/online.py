@@ -5,9 +5,16 @@ completions of each prompt from the policy being trained (``generate``, no grad,
 seeded by the step and the batch so a resumed run draws the same), scores them with the user's
 reward, and forms one pair per prompt (the two completions; with more, the best and the worst):
 
-    soft     p = σ((r₁ − r₂)/τ), loss ``sigmoid_soft``: −p log σ(βh) − (1−p) log σ(−βh)
-    sampled  y₁ ≻ y₂ with probability p (one Bernoulli draw), the loss of ``loss_type``
+    soft     p = σ((r₁ − r₂)/τ), loss ``sigmoid_soft``: −p log σ(βh) − (1−p) log σ(−βh);
+             the pair is ordered with the higher reward first (p ≥ ½: the same loss, and
+             ``rewards/accuracies``, RPO's NLL and the other chosen-side terms see the better one)
+    sampled  y₁ ≻ y₂ with probability p (one Bernoulli draw, from a stream of its own: never
+             the sampler's), the loss of ``loss_type``
     hard     the higher reward wins (TRL's OnlineDPOTrainer rule), the loss of ``loss_type``
+
+Prompts are cut to their last ``max_length − max_new_tokens`` tokens (as TRL's OnlineDPOTrainer
+keeps the end), before generation, so a pair is generated and scored on the same prompt and is
+never longer than ``max_length``.
 
 Soft labels keep π* as the fixed point (βh = r₁ − r₂ at τ = 1); hard ones push h without end.
 The DPO step itself is :class:`~dpokit.objectives.dpo.DPOObjective`'s, with the starting model as
@@ -29,9 +36,12 @@ per logging window:
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -39,13 +49,18 @@ from torch import nn
 
 from dpokit.data import TokenizedPair
 from dpokit.data.prompts import Prompt, load_prompts
+from dpokit.errors import DpokitError
 from dpokit.generation import generate_completions
 from dpokit.objectives.base import Output
 from dpokit.objectives.dpo import DPOObjective
 from dpokit.rewards import load_reward, score_groups
 
+log = logging.getLogger("dpokit.train")
+
 _GENERATION_KEYS = ("generations", "reward_sum", "reward_sq_sum", "eos", "completion_tokens",
                     "generation_seconds", "label_entropy_sum", "pairs")
+_SEED_MODULUS = 2**64
+"""torch takes seeds below 2⁶⁴ (a larger one is a ValueError); the derived seeds are reduced."""
 _MAX_LOG_RATIO = 50.0
 """k3's ρ = exp(log π_ref − log π_θ) is taken with the log-ratio clamped here (exp guarded)."""
 
@@ -66,9 +81,26 @@ class OnlineDPOObjective(DPOObjective):
 
     def load(self, path: str, split: str | None, *,
              progress: bool | None = None) -> list[Prompt]:
-        """The prompts of ``path`` (other columns are ignored; prompts tokenise fast: no bar)."""
-        return load_prompts(path, self.tokenizer, settings=self.config.tokenize_settings,
-                            prompt_column=self.config.prompt_column, split=split)
+        """The prompts of ``path`` (other columns are ignored; prompts tokenise fast: no bar),
+        each cut to its last ``max_length − max_new_tokens`` tokens (module docstring)."""
+        c = self.config
+        prompts = load_prompts(path, self.tokenizer, settings=c.tokenize_settings,
+                               prompt_column=c.prompt_column, split=split)
+        if c.max_length is None:
+            return prompts
+        room = c.max_length - c.max_new_tokens
+        if room < 1:
+            raise DpokitError(f"max_length ({c.max_length}) leaves no room for a prompt before "
+                              f"max_new_tokens ({c.max_new_tokens}) generated tokens; raise "
+                              f"max_length (or set it to null) or lower max_new_tokens")
+        long = [p for p in prompts if len(p.prompt_ids) > room]
+        if long:
+            log.warning("%s: %d of %d prompts are longer than max_length − max_new_tokens = %d "
+                        "tokens (the first: %s, row %d, %d tokens); their start is cut off",
+                        path, len(long), len(prompts), room, long[0].source, long[0].row,
+                        len(long[0].prompt_ids))
+        return [replace(p, prompt_ids=p.prompt_ids[-room:]) if len(p.prompt_ids) > room else p
+                for p in prompts]
 
     def tokens(self, item: Prompt) -> int:
         """An upper estimate: the prompt once, two completions of ``max_new_tokens``."""
@@ -79,33 +111,45 @@ class OnlineDPOObjective(DPOObjective):
                 step: int) -> list[TokenizedPair]:
         """Generate, score and pair (see the module docstring); keeps the generation stats."""
         c = self.config
-        seed = (c.seed * 1_000_003 + step) * 1_000_003 + min(indices)
+        seed = ((c.seed * 1_000_003 + step) * 1_000_003 + min(indices)) % _SEED_MODULUS
         started = time.perf_counter()
         groups = generate_completions(model, self.tokenizer, items, seed=seed,
                                       num_generations=c.num_generations, **c.sampling)
         seconds = time.perf_counter() - started
         flat = [completion for group in groups for completion in group]
-        rewards = score_groups(self.reward_fn, c.reward, [item.prompt for item in items], groups,
-                               step=step + 1, device=next(model.parameters()).device)
+        # evaluation (the policy in eval mode) runs after step ``step``, not in step ``step + 1``
+        evaluating = not model.training
+        try:
+            rewards = score_groups(self.reward_fn, c.reward, [item.prompt for item in items],
+                                   groups, step=0 if evaluating else step + 1,
+                                   device=next(model.parameters()).device,
+                                   rows=[f"{item.source}, row {item.row}" for item in items])
+        except DpokitError as error:
+            if not evaluating:
+                raise
+            raise DpokitError(f"evaluation after step {step}: {error}") from None
         if c.missing_eos_penalty:
             rewards = [r - (0.0 if x.eos else c.missing_eos_penalty)
                        for r, x in zip(rewards, flat, strict=True)]
-        generator = torch.Generator().manual_seed(seed)
+        # the labels' own stream: seeded with ``seed`` itself it would replay the sampler's
+        # draws (on the CPU), coupling a Bernoulli label with the completions it labels
+        label_seed = int.from_bytes(hashlib.sha256(f"labels {seed}".encode()).digest()[:8],
+                                    "little")
+        generator = torch.Generator().manual_seed(label_seed)
         pairs, entropy = [], 0.0
         k = c.num_generations
         for i, item in enumerate(items):
             r = rewards[i * k:(i + 1) * k]
             a, b = (0, 1) if k == 2 else (max(range(k), key=r.__getitem__),
                                           min(range(k), key=r.__getitem__))
-            gap = (r[a] - r[b]) / c.label_temperature
-            p = 1.0 / (1.0 + math.exp(-max(-700.0, min(700.0, gap))))  # σ, exp guarded
+            p = _sigmoid((r[a] - r[b]) / c.label_temperature)
             entropy += _binary_entropy(p)
             draw = float(torch.rand((), generator=generator))  # drawn for every label kind
-            if (c.label == "sampled" and draw >= p) or (c.label == "hard" and r[b] > r[a]):
-                a, b = b, a
+            if (c.label == "sampled" and draw >= p) or (c.label != "sampled" and r[b] > r[a]):
+                a, b = b, a  # hard: the higher reward wins; soft: it goes first, p ≥ ½
+            label = _sigmoid((r[a] - r[b]) / c.label_temperature) if c.label == "soft" else None
             pairs.append(TokenizedPair(item.prompt_ids, groups[i][a].ids, groups[i][b].ids,
-                                       source=item.source, row=item.row,
-                                       label_prob=p if c.label == "soft" else None))
+                                       source=item.source, row=item.row, label_prob=label))
         self._stats = {"generations": float(len(flat)), "reward_sum": sum(rewards),
                        "reward_sq_sum": sum(v * v for v in rewards),
                        "eos": float(sum(x.eos for x in flat)),
@@ -148,6 +192,11 @@ class OnlineDPOObjective(DPOObjective):
                 "label_entropy": sums["label_entropy_sum"] / max(sums["pairs"], 1.0),
                 "generation/tokens_per_second":
                     sums["completion_tokens"] / max(sums["generation_seconds"], 1e-9)}
+
+
+def _sigmoid(x: float) -> float:
+    """σ(x) = 1/(1 + e^−x), exp guarded."""
+    return 1.0 / (1.0 + math.exp(-max(-700.0, min(700.0, x))))
 
 
 def _binary_entropy(p: float) -> float:
