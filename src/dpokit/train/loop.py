@@ -6,7 +6,8 @@
 setup (:func:`~dpokit.train.setup.setup_run`: data, reference, model, optimizer, resume) →
 steps → log / probe / evaluate / save → final save. Every optimizer step takes one global batch of
 ``batch_size × gradient_accumulation_steps × world_size`` examples (a seeded permutation per
-epoch, so the position in the data is just the step number); each rank backpropagates
+epoch, so the position in the data is just the step number; an epoch's last batch holds the
+rest — kept, as transformers' default ``dataloader_drop_last: false``); each rank backpropagates
 SUM(losses) × world_size / |global batch| per micro-batch, so accumulation and ranks give the
 gradient of the mean over the global batch, exactly. The objective (SFT, DPO, …) is whatever the
 config says; the loop only calls its methods.
@@ -144,6 +145,9 @@ def train_step(run: Run) -> None:
             raise
         raise _optimizer_out_of_memory(run, error) from None
     run.scaler.update()
+    # the rate this step used, logged as transformers logs it ("get learning rate before
+    # update"), not the next step's: warmup's first step is 0, a linear decay's last is not
+    run.learning_rate = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
@@ -308,7 +312,7 @@ def log_window(run: Run) -> None:
     objective = run.objective
     means = objective.means(sums) if sums["count"] > 0 else {}  # empty: every step skipped
     record = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4),
-              **means, "learning_rate": run.scheduler.get_last_lr()[0],
+              **means, "learning_rate": run.learning_rate,
               "grad_norm": run.grad_norm,
               f"{objective.unit}_per_second": sums["count"] / seconds,
               "skipped_steps": run.skipped_steps}

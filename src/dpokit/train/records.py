@@ -2,9 +2,11 @@
 ``report_to`` (:mod:`dpokit.train.trackers`) and the progress bar. Only rank 0 writes; other
 ranks get a log that does nothing.
 
-Training records carry ``step``, ``epoch``, ``loss``, ``learning_rate``, ``grad_norm``, the
-objective's metric means and its throughput; evaluation records ``eval/…`` keys; probes
-``probe/…`` keys. In a tracker a key without a ``/`` is filed under ``train/``.
+Training records carry ``step``, ``epoch``, ``loss``, ``learning_rate`` (the rate the logged
+step used, as transformers' Trainer logs it), ``grad_norm`` (the logged step's, before clipping),
+the objective's metric means over the logging window and its throughput; evaluation records
+``eval/…`` keys; probes ``probe/…`` keys. In a tracker a key without a ``/`` is filed under
+``train/``.
 """
 
 from __future__ import annotations
