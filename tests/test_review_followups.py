@@ -187,3 +187,36 @@ def test_a_second_demo_on_the_same_directory_is_refused(tmp_path):
         assert (out / "sft").is_dir()  # nothing of the running demo's removed
     finally:
         held.release()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "cohere_qk_norm"])
+def test_weight_decay_groups_are_transformers_trainers(kind):
+    """The decayed tensors are exactly those of transformers' Trainer (a TRL user's
+    weight_decay): Cohere's q/k norms (2-D: heads × head_dim) were decayed by a rule on ndim."""
+    import types
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer
+
+    from dpokit.fixtures import tiny_causal_lm
+    from dpokit.train.setup import build_optimizer
+
+    if kind == "cohere_qk_norm":
+        config = AutoConfig.for_model("cohere", vocab_size=64, hidden_size=32,
+                                      intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      use_qk_norm=True)
+        model = AutoModelForCausalLM.from_config(config)
+        assert model.model.layers[0].self_attn.q_norm.weight.ndim == 2
+    else:
+        model = tiny_causal_lm(kind, vocab_size=64, seed=0)
+    settings = types.SimpleNamespace(weight_decay=0.1, fsdp=False, learning_rate=1e-3,
+                                     adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
+    optimizer = build_optimizer(model, settings, types.SimpleNamespace(
+        device=torch.device("cpu")))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0
+               for p in g["params"]}
+    expected = set(Trainer.get_decay_parameter_names(None, model)) & set(names.values())
+    assert decayed == expected
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)
