@@ -220,3 +220,62 @@ def test_weight_decay_groups_are_transformers_trainers(kind):
     expected = set(Trainer.get_decay_parameter_names(None, model)) & set(names.values())
     assert decayed == expected
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)
+
+
+_LD_ROWS = [
+    {"prompt": "the cat sat", "chosen": " on the mat and the red sea", "rejected": " no"},
+    {"prompt": "why", "chosen": " blue", "rejected": " green sea far away"},
+    {"prompt": "a bird", "chosen": " sings a song at dawn", "rejected": " flies"},
+]
+
+
+@pytest.mark.parametrize("extra", [["--loss-type", "sigmoid,sft"], ["--rpo-alpha", "0.5"]])
+def test_nll_terms_read_plain_logps_under_ld_alpha(tokenizer, tmp_path, capsys, extra):
+    """LD-DPO weighs a completion's tokens past its partner's length by α in the preference
+    term; TRL's sft term (and RPO, its NLL) reads the plain per-token log-probs. dpokit's read
+    the weighted sums. Oracle: float64 per-token log-probs of each sequence alone."""
+    import torch
+
+    from dpokit.data import load_preference_pairs
+    from tests.helpers import run_cli, save_policy_and_ref, write_jsonl
+
+    policy, ref = save_policy_and_ref(tmp_path, tokenizer)
+    policy, ref = policy.double().eval(), ref.double().eval()
+    data = write_jsonl(tmp_path / "prefs.jsonl", _LD_ROWS)
+    alpha, beta = 0.3, 0.5
+
+    @torch.no_grad()
+    def token_logps(model, prompt, completion):
+        ids = torch.tensor([list(prompt) + list(completion)])
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double()
+        return logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None])[:, 0]
+
+    sig, nll_tokens, plain_chosen, rpo = [], 0, 0.0, []
+    for p in load_preference_pairs(data, tokenizer):
+        nc, nr = len(p.chosen_ids), len(p.rejected_ids)
+
+        def weighted(values, n, other):
+            w = torch.where(torch.arange(n) < min(n, other), 1.0, alpha).double()
+            return float((values * w).sum())
+
+        pc = token_logps(policy, p.prompt_ids, p.chosen_ids)
+        pr = token_logps(policy, p.prompt_ids, p.rejected_ids)
+        rc = token_logps(ref, p.prompt_ids, p.chosen_ids)
+        rr = token_logps(ref, p.prompt_ids, p.rejected_ids)
+        z = beta * ((weighted(pc, nc, nr) - weighted(rc, nc, nr))
+                    - (weighted(pr, nr, nc) - weighted(rr, nr, nc)))
+        sig.append(math.log1p(math.exp(-z)))
+        plain_chosen += float(pc.sum())
+        nll_tokens += nc
+        rpo.append(-float(pc.sum()) / nc)
+    n = len(sig)
+    if "sft" in extra[1]:
+        want = sum(sig) / n - plain_chosen / nll_tokens
+    else:
+        want = sum(sig) / n + 0.5 * sum(rpo) / n
+    code, out, err = run_cli(capsys, "eval", "--model", str(tmp_path / "policy"),
+                             "--ref-model", str(tmp_path / "ref"), "--data", str(data),
+                             "--beta", str(beta), "--ld-alpha", str(alpha), "--batch-size", "8",
+                             "--json", *extra)
+    assert code == 0, err
+    assert json.loads(out)["loss"] == pytest.approx(want, abs=5e-5, rel=2e-6)

@@ -288,6 +288,9 @@ class CompletionLogps:
     ``entropy`` metric averages it per token."""
     top1: Tensor | None = None
     """Completion tokens that are the argmax of π(·|x, y_<t): ``mean_token_accuracy``'s count."""
+    plain: Tensor | None = None
+    """With LD-DPO's ``ld_alpha``: Σ log π over the completion tokens without its weights (the
+    NLL terms, ``sft`` and RPO, read them as TRL does); None otherwise (``logps`` is plain)."""
 
 
 def completion_logps(model: nn.Module, batch: PairBatch, *,
@@ -411,17 +414,18 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
                               torch.full((), ld_alpha, dtype=dtype, device=owners.device))
     sums = torch.zeros(num_sequences, dtype=dtype, device=targets.device)
     sums = sums.index_add(0, owners, token_logps * weights)
+    plain = None if ld_alpha is None else torch.zeros_like(sums).index_add(0, owners, token_logps)
     wpo_means = None
     if wpo:
         wpo_sums = torch.zeros(num_sequences, dtype=dtype, device=targets.device)
         wpo_sums.index_add_(0, owners, wpo_terms.to(dtype))
         wpo_means = wpo_sums / counts.clamp(min=1)
     if not token_stats:
-        return _per_pair(CompletionLogps(sums, counts, wpo_means), batch.pair_index)
+        return _per_pair(CompletionLogps(sums, counts, wpo_means, plain=plain), batch.pair_index)
     stat_sums = torch.zeros(num_sequences, 3, dtype=dtype, device=targets.device)
     stat_sums.index_add_(0, owners, stats.to(dtype))
-    return _per_pair(CompletionLogps(sums, counts, wpo_means, *stat_sums.unbind(dim=-1)),
-                     batch.pair_index)
+    return _per_pair(CompletionLogps(sums, counts, wpo_means, *stat_sums.unbind(dim=-1),
+                                     plain=plain), batch.pair_index)
 
 
 def _per_pair(out: CompletionLogps, pair_index: Tensor | None) -> CompletionLogps:
@@ -432,7 +436,7 @@ def _per_pair(out: CompletionLogps, pair_index: Tensor | None) -> CompletionLogp
         return out
     index = pair_index.reshape(-1)
     return CompletionLogps(*(None if value is None else value[index] for value in (
-        out.logps, out.tokens, out.wpo, out.mean_logits, out.entropy, out.top1)))
+        out.logps, out.tokens, out.wpo, out.mean_logits, out.entropy, out.top1, out.plain)))
 
 
 def sequence_logps(model: nn.Module, batch: PairBatch, *, chunk_size: int = DEFAULT_CHUNK_SIZE,

@@ -72,6 +72,7 @@ def dpo_loss(
     rpo_alpha: float | None = None,
     chosen_wpo_logweights: Tensor | None = None,
     rejected_wpo_logweights: Tensor | None = None,
+    chosen_nll_logps: Tensor | None = None,
     **hyper_parameters: float | Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair preference losses and implicit rewards.
@@ -97,6 +98,9 @@ def dpo_loss(
         rpo_alpha: weight ≥ 0 of the RPO term (see :func:`rpo_nll`); None or 0 for none.
         chosen_wpo_logweights: ``(B,)`` WPO statistic of y_w (see :func:`wpo_weights`).
         rejected_wpo_logweights: ``(B,)`` WPO statistic of y_l; give both or neither.
+        chosen_nll_logps: ``(B,)`` Σ_t log π_θ(y_w,t) without LD-DPO's weights, for the NLL
+            terms (``sft``, RPO), which read the plain log-probs as TRL's ``sft`` does; None:
+            ``policy_chosen_logps`` (no ``ld_alpha``).
         **hyper_parameters: the values of the hyper-parameters the losses declare
             (:func:`~dpokit.losses.registry.hyper_parameters`: name, default, range; e.g.
             ``label_smoothing=0.1``), each a float (``bco_delta`` may be a 0-dim Tensor).
@@ -156,7 +160,8 @@ def dpo_loss(
         scores(policy_chosen_logps, ref_chosen_logps),
         scores(policy_rejected_logps, ref_rejected_logps),
         beta=beta, margins=None if margins is None else margins.to(dtype),
-        label_probs=None if label_probs is None else label_probs.to(dtype))
+        label_probs=None if label_probs is None else label_probs.to(dtype),
+        chosen_nll_logps=chosen_nll_logps)
 
     def options(spec: LossSpec) -> dict[str, float | Tensor]:
         # exactly what the spec declares; defaults for what the caller left out
@@ -166,7 +171,7 @@ def dpo_loss(
     losses = sum(weight * spec.fn(inputs, **options(spec))
                  for spec, weight in zip(specs, weights, strict=True))
     if rpo_alpha:
-        losses = losses + float(rpo_alpha) * rpo_nll(policy_chosen_logps, chosen_lengths)
+        losses = losses + float(rpo_alpha) * rpo_nll(inputs.chosen_plain_logps, chosen_lengths)
     if has_wpo:
         losses = losses * wpo_weights(chosen_wpo_logweights, rejected_wpo_logweights)
 

@@ -48,6 +48,14 @@ class LossInputs:
     beta: float
     margins: Tensor | None = None  # m, the per-pair margin from the data; None without one
     label_probs: Tensor | None = None  # p = P(y_w ≻ y_l), soft labels from the data
+    chosen_nll_logps: Tensor | None = None  # Σ_t log π_θ(y_w,t) unweighted (LD-DPO); None: the
+    # same as policy_chosen_logps
+
+    @property
+    def chosen_plain_logps(self) -> Tensor:
+        """Σ_t log π_θ(y_w,t | x, y_w,<t) without LD-DPO's weights: what the NLL terms read."""
+        return (self.policy_chosen_logps if self.chosen_nll_logps is None
+                else self.chosen_nll_logps)
 
     @property
     def chosen_logratios(self) -> Tensor:

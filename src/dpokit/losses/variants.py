@@ -159,7 +159,7 @@ def sft(x: LossInputs) -> Tensor:
     Couples the batch (its value depends on every pair's length).
     """
     chosen_len, _ = x.lengths
-    nll = -x.policy_chosen_logps.sum() / chosen_len.sum()
+    nll = -x.chosen_plain_logps.sum() / chosen_len.sum()  # TRL: the plain per-token log-probs
     return nll.expand_as(x.policy_chosen_logps)
 
 

@@ -117,10 +117,11 @@ class LogpsModule(nn.Module):
     Wrapping this (not the bare LM) in DDP or FSDP makes every log-prob computation go through
     the wrapper's ``forward``, so gradient synchronisation and parameter gathering happen even
     though :func:`~dpokit.logps.completion_logps` calls the decoder and the LM head separately.
-    ``forward(batch)`` returns ``(logps, tokens, wpo, stats)``: the first three
-    ``(num_sequences,)``, ``stats`` ``(num_sequences, 3)`` the per-sequence sums of the mean
-    logit, the entropy and the argmax hits (:attr:`~dpokit.logps.CompletionLogps.entropy`);
-    ``wpo`` and ``stats`` are zeros unless asked for.
+    ``forward(batch)`` returns ``(logps, tokens, wpo, stats, plain)``: ``(num_sequences,)``
+    each but ``stats``, ``(num_sequences, 3)`` the per-sequence sums of the mean logit, the
+    entropy and the argmax hits (:attr:`~dpokit.logps.CompletionLogps.entropy`); ``wpo`` and
+    ``stats`` are zeros unless asked for; ``plain`` the log-probs without LD-DPO's weights
+    (``logps`` itself without ``ld_alpha``).
     """
 
     def __init__(self, model: nn.Module, *, chunk_size: int, ld_alpha: float | None = None,
@@ -131,15 +132,15 @@ class LogpsModule(nn.Module):
         self.chunk_size, self.ld_alpha, self.wpo = chunk_size, ld_alpha, wpo
         self.unpadded, self.token_stats = unpadded, token_stats
 
-    def forward(self, batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(logps, tokens, wpo, stats)`` of every sequence of ``batch``."""
+    def forward(self, batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(logps, tokens, wpo, stats, plain)`` of every sequence of ``batch``."""
         out = completion_logps(self.model, batch, chunk_size=self.chunk_size, wpo=self.wpo,
                                unpadded=self.unpadded, token_stats=self.token_stats,
                                ld_alpha=self.ld_alpha if batch.num_pairs else None)
         wpo = out.wpo if out.wpo is not None else torch.zeros_like(out.logps)
         stats = (torch.stack([out.mean_logits, out.entropy, out.top1], dim=-1)
                  if self.token_stats else out.logps.detach().new_zeros(len(out.logps), 3))
-        return out.logps, out.tokens, wpo, stats
+        return out.logps, out.tokens, wpo, stats, (out.logps if out.plain is None else out.plain)
 
 
 def count(batch_size: int, like: Tensor) -> Tensor:

@@ -169,7 +169,7 @@ class DPOObjective(Objective):
 
     def forward(self, policy: nn.Module, batch: PairBatch) -> Output:
         """Σ_i w_i L_i over the B pairs of ``batch``, metric sums, per-pair values."""
-        logps, tokens, wpo, stats = policy(batch)
+        logps, tokens, wpo, stats, plain = policy(batch)
         b = batch.num_pairs
         chosen, rejected = logps[:b], logps[b:]
         examples = {"chosen_logps": chosen.detach(), "rejected_logps": rejected.detach(),
@@ -191,6 +191,7 @@ class DPOObjective(Objective):
             label_probs=batch.label_probs.to(chosen) if self.label_probs else None,
             chosen_wpo_logweights=wpo[:b] if use_wpo else None,
             rejected_wpo_logweights=wpo[b:] if use_wpo else None,
+            chosen_nll_logps=plain[:b] if self.config.ld_alpha is not None else None,
             **self.config.loss_options())
         if batch.weights is not None:
             examples["weight"] = batch.weights

@@ -93,7 +93,7 @@ class SFTObjective(Objective):
 
     def forward(self, policy: nn.Module, batch: PairBatch) -> Output:
         """Σ_i L_i, the NLL and token sums, per-example NLL."""
-        logps, tokens, _, stats = policy(batch)
+        logps, tokens, _, stats, _ = policy(batch)
         nll = -logps / tokens.clamp(min=1).to(logps.dtype)
         loss_sum = -logps.sum() if self.per_token else nll.sum()
         stats = stats.detach().double()
