@@ -113,8 +113,24 @@ def resolve(path: str | Path, *, what: str, logger: str, repo_type: str = "model
         raise DpokitError(f"{what} {name}: not a local {local} and not in the Hugging Face "
                           f"cache{at} (looked in {hub_cache()}{held}); download it with "
                           f"`{command}` (or pass a local {local})") from None
+    broken = _dangling_links(directory)
+    if broken:  # the blobs these point to were removed, or their download never finished
+        shown = ", ".join(broken[:3]) + (", …" if len(broken) > 3 else "")
+        raise DpokitError(f"{what} {name}: its snapshot in the Hugging Face cache ({directory}) "
+                          f"is incomplete: {len(broken)} of its files "
+                          f"link to blobs that are not there ({shown}); download it again "
+                          f"with `{command}`")
     _log_once(logger, repo_type, str(name), str(directory))
     return directory
+
+
+def _dangling_links(snapshot: Path) -> list[str]:
+    """The files of a cached snapshot whose symlink leads to no blob, relative to it."""
+    try:
+        return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*")
+                      if p.is_symlink() and not p.exists())
+    except OSError:
+        return []
 
 
 def cached_revisions(repo_id: str, *, repo_type: str = "model") -> list[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from dpokit.errors import DpokitError
 from dpokit.hub import locate, resolve
@@ -278,7 +279,7 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
                                                   trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise DpokitError(f"cannot load a tokenizer from {directory}: "
-                          f"{str(error).splitlines()[0]}") from None
+                          f"{_first_line(error, trust_remote_code)}") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise DpokitError(f"the tokenizer in {directory} has neither a pad nor an eos token")
@@ -311,6 +312,21 @@ def weights_dtype(path: str | Path, dtype: str, *, what: str = "model") -> str:
     return "float32"
 
 
+def _first_line(error: Exception, trust_remote_code: bool) -> str:
+    """The first line of a ``from_pretrained`` error (all its lines, joined, when the first
+    only introduces the next); for code shipped in the directory (its
+    ``auto_map``), refused because ``trust_remote_code`` is off, what to set — the line
+    transformers gives says where the code is, its next lines how to allow it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = lines[0] if lines else type(error).__name__
+    if first.endswith(":"):  # a list follows ("… from one of: (1) …"): all of it, one line
+        first = " ".join(lines)
+    if not trust_remote_code and "contains custom code" in str(error):
+        first += (" Its code was not run: set trust_remote_code: true (--trust-remote-code) "
+                  "only if you trust it")
+    return first
+
+
 def _from_pretrained(auto_class: Any, path: str | Path, *, what: str, kind: str, dtype: str,
                      device: str | torch.device, trust_remote_code: bool) -> Any:
     """``auto_class.from_pretrained`` of a local directory (no network), one-line errors, its
@@ -320,19 +336,25 @@ def _from_pretrained(auto_class: Any, path: str | Path, *, what: str, kind: str,
     directory = _model_dir(path, what)
     hf_logging.disable_progress_bar()
     try:
-        model = auto_class.from_pretrained(directory,
-                                           dtype=resolve_dtype(weights_dtype(directory, dtype)),
-                                           local_files_only=True,
-                                           trust_remote_code=trust_remote_code)
+        model, info = auto_class.from_pretrained(
+            directory, dtype=resolve_dtype(weights_dtype(directory, dtype)),
+            local_files_only=True, trust_remote_code=trust_remote_code, output_loading_info=True)
     except (OSError, ValueError, KeyError) as error:
         raise DpokitError(f"cannot load a {kind} from {directory}: "
-                          f"{str(error).splitlines()[0]}") from None
+                          f"{_first_line(error, trust_remote_code)}") from None
     except Exception as error:
         if type(error).__name__ != "SafetensorError":  # a truncated or garbled weights file
             raise
         files = ", ".join(sorted(p.name for p in directory.glob("*.safetensors")))
         raise DpokitError(f"cannot load a {kind} from {directory}: its weights ({files}) are "
                           f"corrupt: {str(error).splitlines()[0]}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers initialised them at random, with a warning only
+        raise DpokitError(f"{directory}: its weights lack {len(missing)} tensor"
+                          f"{'s' if len(missing) > 1 else ''} of the {type(model).__name__} its "
+                          f"config.json describes ({', '.join(missing[:3])}"
+                          f"{', …' if len(missing) > 3 else ''}), which would start at random; "
+                          f"the {what} directory is incomplete or not a {kind}")
     bad = nonfinite_parameter(model)
     if bad is not None:
         raise DpokitError(f"{directory}: weight {bad} holds NaN or inf values; the {what} is "
@@ -355,7 +377,33 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", device: str | to
                              dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if base is None:
         return model
-    return load_adapter(model, path, what=what).merge_and_unload().eval()
+    return merge_adapter(load_adapter(model, path, what=what))
+
+
+def merge_adapter(peft_model: Any) -> Any:
+    """``peft_model.merge_and_unload()`` (a plain model, eval mode), right for a model whose
+    output head is tied to its token embedding (GPT-2, small Qwen, Gemma): peft merges LoRA into
+    the weight in place, so an adapter on ``lm_head`` (or on the embedding) would change both
+    ends of the one shared matrix. The head gets a copy of it first; the merged model is then
+    untied, and peft's merge sets its config's ``tie_word_embeddings`` false, so
+    ``save_pretrained`` keeps both matrices and ``from_pretrained`` does not tie them again."""
+    inner = peft_model.get_base_model()
+    inputs, outputs = inner.get_input_embeddings(), inner.get_output_embeddings()
+    if inputs is not None and outputs is not None:
+        in_owner, out_owner = _weight_owner(inputs), _weight_owner(outputs)
+        shared = (isinstance(getattr(in_owner, "weight", None), nn.Parameter)
+                  and getattr(out_owner, "weight", None) is in_owner.weight)
+        if shared and (in_owner is not inputs or out_owner is not outputs):  # a LoRA on one
+            weight = out_owner.weight
+            out_owner.weight = nn.Parameter(weight.detach().clone(),
+                                            requires_grad=weight.requires_grad)
+    return peft_model.merge_and_unload().eval()  # peft unties the config of an untied result
+
+
+def _weight_owner(module: nn.Module) -> nn.Module:
+    """The module holding ``module``'s weight: a peft layer's base layer, else itself."""
+    base = getattr(module, "get_base_layer", None)
+    return base() if callable(base) else module
 
 
 def load_adapter(model: Any, path: str | Path, *, trainable: bool = False,
@@ -366,17 +414,45 @@ def load_adapter(model: Any, path: str | Path, *, trainable: bool = False,
     from peft import PeftModel, get_peft_model_state_dict
 
     directory = resolve(path, what=what, logger="dpokit.models")
+    saved = _saved_adapter_keys(directory)  # first: a garbled file is one line, not peft's raise
     try:
         peft_model = PeftModel.from_pretrained(model, directory, is_trainable=trainable,
                                                torch_device=str(model.device))
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise DpokitError(f"cannot load the PEFT adapter in {directory} onto its base: "
                           f"{str(error).splitlines()[0]}") from None
-    for name, tensor in get_peft_model_state_dict(peft_model).items():
+    loaded = get_peft_model_state_dict(peft_model)
+    if saved is not None and saved != set(loaded):
+        # peft fills what the file lacks with its initial values (a warning at most) and drops
+        # what the model has no place for, silently: either is another model than was saved
+        missing, unknown = sorted(set(loaded) - saved), sorted(saved - set(loaded))
+        parts = [f"{len(keys)} {label} ({', '.join(keys[:2])}{', …' if len(keys) > 2 else ''})"
+                 for keys, label in ((missing, "missing"), (unknown, "with no place in the model"))
+                 if keys]
+        raise DpokitError(f"{directory}: the adapter's weights do not match its "
+                          f"{ADAPTER_CONFIG} on its base model: {'; '.join(parts)}; the adapter "
+                          f"file is incomplete or belongs to another config or base")
+    for name, tensor in loaded.items():
         if not bool(torch.isfinite(tensor).all()):
             raise DpokitError(f"{directory}: adapter weight {name} holds NaN or inf values; the "
                               f"adapter is corrupt or came from a diverged run")
     return peft_model if trainable else peft_model.eval()
+
+
+def _saved_adapter_keys(directory: Path) -> set[str] | None:
+    """The tensor names in the adapter file of ``directory`` (read from the safetensors header,
+    no weights), or None for a pickled ``adapter_model.bin`` (not inspected)."""
+    from safetensors import safe_open
+
+    file = directory / "adapter_model.safetensors"
+    if not file.is_file():
+        return None
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return set(handle.keys())
+    except Exception as error:  # SafetensorError: a truncated or garbled file
+        raise DpokitError(f"cannot read the PEFT adapter {file}: it is corrupt: "
+                          f"{str(error).splitlines()[0]}") from None
 
 
 def load_reward_model(path: str | Path, *, dtype: str = "float32",

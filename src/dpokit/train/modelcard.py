@@ -70,6 +70,9 @@ def _objective(config: TrainConfig) -> str:
     losses = ", ".join(f"`{name}`" for name in config.loss_type)
     if config.loss_weights is not None:
         losses += f" (weights {', '.join(str(w) for w in config.loss_weights)})"
+    terms = _loss_settings(config)
+    if terms:
+        losses += f" with {', '.join(terms)}"
     if not config.needs_reference:
         reference = "no reference"
     elif config.sync_ref_model:
@@ -82,6 +85,29 @@ def _objective(config: TrainConfig) -> str:
     else:
         reference = ("reference: the base model" + (" (adapters off)" if config.lora else ""))
     return f"DPO family: loss_type {losses}, β = {config.beta}, {reference}"
+
+
+def _loss_settings(config: DPOConfig) -> list[str]:
+    """What else sets the loss: the hyper-parameters its losses read (``label_smoothing``,
+    ``simpo_gamma``, …) set away from their defaults, an RPO NLL term, LD-DPO, WPO weighting,
+    an f-divergence other than the reverse KL — as ``key = value``, the config's keys."""
+    from dpokit.losses import LOSSES
+
+    read = {parameter.name: parameter.default for name in config.loss_type if name in LOSSES
+            for parameter in LOSSES[name].hyper_parameters}
+    terms = [f"{name} = {getattr(config, name)}" for name, default in read.items()
+             if getattr(config, name) != default]
+    if config.rpo_alpha is not None:
+        terms.append(f"rpo_alpha = {config.rpo_alpha} (NLL of the chosen completion)")
+    if config.ld_alpha is not None:
+        terms.append(f"ld_alpha = {config.ld_alpha}")
+    if config.use_weighting:
+        terms.append("use_weighting (WPO)")
+    if config.f_divergence_type != "reverse_kl":
+        terms.append(f"f_divergence_type = {config.f_divergence_type}"
+                     + (f" (α = {config.f_alpha_divergence_coef})"
+                        if config.f_divergence_type == "alpha_divergence" else ""))
+    return terms
 
 
 def _regime(config: TrainConfig) -> str:
