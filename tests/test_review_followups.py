@@ -279,3 +279,31 @@ def test_nll_terms_read_plain_logps_under_ld_alpha(tokenizer, tmp_path, capsys, 
                              "--json", *extra)
     assert code == 0, err
     assert json.loads(out)["loss"] == pytest.approx(want, abs=5e-5, rel=2e-6)
+
+
+def test_merge_lora_on_a_tied_head_writes_the_trained_model(workdir):
+    """merge_lora's final/merged/ of a LoRA on GPT-2's tied lm_head: peft merged into the one
+    matrix both ends share (logits ~7 off); it is the adapter's model now."""
+    import copy
+
+    import torch
+
+    from dpokit.models import load_causal_lm
+    from dpokit.train.loop import Probe, train
+    from tests.train.test_trainer import config
+
+    held = {}
+
+    def grab(model, step):
+        held["policy"] = copy.deepcopy(model)
+        return {}
+
+    final = train(config(workdir, "followup-tied-merge", model=str(workdir / "gpt2"),
+                         max_steps=2, lora=True, lora_r=4, learning_rate=5e-2, merge_lora=True,
+                         lora_target_modules=["c_attn", "lm_head"]),
+                  progress=False, probe=Probe(every=1, fn=grab))
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        want = held["policy"].eval()(input_ids=ids).logits
+        got = load_causal_lm(final / "merged").eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -72,7 +72,7 @@ def test_online_prompt_and_new_tokens_past_the_positions(workdir, short_models, 
     reward = tmp_path / "reward.py"
     reward.write_text("def score(prompts, completions, **kw):\n    return [0.0] * len(prompts)\n")
     code, _, err = run_cli(capsys, *cli_args(workdir, tmp_path / "run", "--max-steps", "1"),
-                           "--model", str(short_models / "llama"), "--max-length", "32",
+                           "--model", str(short_models / "llama"), "--max-length", "null",
                            "--data", str(prompts), "--online", "--reward", f"{reward}:score",
                            "--loss-type", "sigmoid", "--label", "hard", "--max-new-tokens", "40")
     line = one_error(code, err)

@@ -36,7 +36,7 @@ from dpokit.errors import DpokitError
 from dpokit.evaluate import EvaluationOutOfMemory, evaluate
 from dpokit.logps import unwrap_model
 from dpokit.memory import error_line, is_out_of_memory, release_cached, shortage
-from dpokit.models import load_causal_lm, nonfinite_parameter
+from dpokit.models import load_causal_lm, merge_adapter, nonfinite_parameter
 from dpokit.runtime import rng_state, setup_runtime, shutdown_runtime
 from dpokit.train.checkpoint import list_checkpoints, save_checkpoint
 from dpokit.train.config import DPOConfig, SFTConfig, TrainConfig
@@ -423,7 +423,7 @@ def finish(run: Run) -> Path:
                 # its all-gather) — the adapter just saved, onto its base, here instead
                 merged = (load_causal_lm(tmp, dtype=config.dtype,
                                          trust_remote_code=config.trust_remote_code)
-                          if run.sharded else run.model.merge_and_unload())
+                          if run.sharded else merge_adapter(run.model))  # tied heads too
                 merged.save_pretrained(tmp / "merged")
                 run.tokenizer.save_pretrained(tmp / "merged")
             (tmp / "README.md").write_text(run_model_card(run), encoding="utf-8")
