@@ -47,15 +47,16 @@ def test_samples_follow_the_exact_law_on_the_whole_output_space(temperature, top
     """A model over 6 ids, 2 new tokens: every completion (EOS first, or any 2 tokens) has its
     exact probability by enumeration. 3,000 samples of one prompt, generated beside longer
     prompts (left padding) with its KV cache shared by its generations, and with a checkpoint
-    generation_config that would change the law (repetition penalty, suppressed token, another
-    EOS), match it: every outcome within 4.5σ (+1), no sample off the support."""
+    generation_config that would change the law (repetition penalty, suppressed token, top-k),
+    match it (another end token in it does end a completion: tests/test_review_followups.py):
+    every outcome within 4.5σ (+1), no sample off the support."""
     from transformers import GenerationConfig
 
     model = tiny_causal_lm("llama", vocab_size=6, seed=3)
     with torch.no_grad():
         model.lm_head.weight.mul_(15)  # a peaked law, not near-uniform
     model.generation_config = GenerationConfig(repetition_penalty=3.0, suppress_tokens=[5],
-                                               eos_token_id=[2, 3], top_k=2, do_sample=True)
+                                               top_k=2, do_sample=True)
     prompt = [1, 3, 4]
     exact = {}
     with torch.no_grad():

@@ -307,3 +307,52 @@ def test_merge_lora_on_a_tied_head_writes_the_trained_model(workdir):
         want = held["policy"].eval()(input_ids=ids).logits
         got = load_causal_lm(final / "merged").eval()(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_ends_at_the_models_end_tokens_too():
+    """TRL's online trainer stops at the tokenizer's EOS and at the model's
+    generation_config.eos_token_id (a chat model's end of turn and end of text); dpokit went on
+    past the model's. Exact law on a 6-id model: a completion ends at id 2 or id 3, and every
+    outcome's frequency is within 4.5σ of its probability by enumeration."""
+    import torch
+    from transformers import GenerationConfig
+
+    from dpokit.data.prompts import Prompt
+    from dpokit.fixtures import tiny_causal_lm
+    from dpokit.generation import end_token_ids, generate_completions
+
+    class Ids:
+        eos_token_id, pad_token_id = 2, 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    model = tiny_causal_lm("llama", vocab_size=6, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4)
+    model.generation_config = GenerationConfig(eos_token_id=[3, 2])
+    assert end_token_ids(model, Ids()) == [2, 3]
+    prompt = [1, 4, 5]
+    exact = {}
+    with torch.no_grad():
+        first = model(input_ids=torch.tensor([prompt])).logits[0, -1].double().softmax(-1)
+        for a in range(6):
+            if a in (2, 3):
+                exact[(a,)] = float(first[a])
+                continue
+            second = model(input_ids=torch.tensor([[*prompt, a]])).logits[0, -1].double()
+            for b, q in enumerate(second.softmax(-1).tolist()):
+                exact[(a, b)] = float(first[a]) * q
+    n = 4000
+    (group,) = generate_completions(model, Ids(), [Prompt("", prompt)], num_generations=n,
+                                    max_new_tokens=2, seed=2, batch_size=n)
+    counts = {}
+    for c in group:
+        counts[tuple(c.ids)] = counts.get(tuple(c.ids), 0) + 1
+        assert c.eos == (c.ids[-1] in (2, 3))
+    assert all(outcome in exact for outcome in counts)
+    for outcome, p in exact.items():
+        assert abs(counts.get(outcome, 0) - n * p) <= 4.5 * math.sqrt(n * p * (1 - p)) + 1.0
+    (alone,) = generate_completions(model, Ids(), [Prompt("", prompt)], num_generations=50,
+                                    max_new_tokens=2, seed=2, batch_size=50, stop_token_ids=[2])
+    assert all(c.ids[0] != 3 or len(c.ids) == 2 for c in alone)  # 3 no longer ends one

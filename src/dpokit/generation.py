@@ -6,8 +6,11 @@
 Prompts are left-padded into batches (``generate`` continues every row from its last column).
 With ``num_generations`` > 1 each prompt is computed once: its KV cache is filled by one forward
 over the unique prompts and repeated for its generations before ``generate`` decodes (greedy
-output equal to the plain path, tested). Each completion is cut after its first EOS (``eos``
-True) or keeps all ``max_new_tokens`` tokens (``eos`` False). ``temperature`` 0 is greedy
+output equal to the plain path, tested). Each completion is cut after its first end token
+(``eos`` True) or keeps all ``max_new_tokens`` tokens (``eos`` False); the end tokens are the
+tokenizer's EOS and the model's ``generation_config.eos_token_id`` (a chat model's end of turn
+and end of text, e.g. Qwen2.5-Instruct's ``<|im_end|>`` and ``<|endoftext|>``), as TRL stops
+(:func:`end_token_ids`; ``stop_token_ids`` overrides them). ``temperature`` 0 is greedy
 decoding; otherwise sampling with ``top_k`` (0: off) and ``top_p`` (1: off). The random stream
 is seeded from ``seed`` alone and the caller's global RNG is left as it was, so the same call
 gives the same completions, and training that generates between steps resumes exactly. It is
@@ -56,17 +59,36 @@ def check_sampling(*, max_new_tokens: int, temperature: float, top_p: float, top
         raise DpokitError(f"num_generations must be ≥ 1, got {num_generations}")
 
 
+def end_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """The tokens that end a completion: the tokenizer's EOS first, then the model's (or a PEFT
+    model's base's) ``generation_config.eos_token_id`` — one id or a list — as TRL 1.16's
+    online trainer stops."""
+    ids = [tokenizer.eos_token_id]
+    base = getattr(model, "get_base_model", lambda: model)()
+    config = getattr(base, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    for token in ([extra] if isinstance(extra, int) else list(extra or [])):
+        if isinstance(token, int) and token not in ids:
+            ids.append(token)
+    return ids
+
+
 @torch.no_grad()
 def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], *,
                          num_generations: int = 1, max_new_tokens: int = 64,
                          temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                         seed: int = 0, batch_size: int = 64) -> list[list[Completion]]:
-    """``num_generations`` completions of each prompt (outer list: prompts, in order)."""
+                         seed: int = 0, batch_size: int = 64,
+                         stop_token_ids: Sequence[int] | None = None) -> list[list[Completion]]:
+    """``num_generations`` completions of each prompt (outer list: prompts, in order), each
+    ended by the first of ``stop_token_ids`` (None: :func:`end_token_ids`)."""
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    top_k=top_k, num_generations=num_generations)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if eos is None:
         raise DpokitError("generation needs a tokenizer with an eos_token")
+    stops = list(stop_token_ids) if stop_token_ids is not None else end_token_ids(model,
+                                                                                 tokenizer)
+    stop_set = set(stops)
     device = next(model.parameters()).device
     k = num_generations
     sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
@@ -89,11 +111,13 @@ def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[Pro
                     extra[name] = cache
                 generated = model.generate(ids.repeat_interleave(copies, 0),
                                            attention_mask=mask.repeat_interleave(copies, 0),
-                                           max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                           pad_token_id=pad, **sampling, **extra)
+                                           max_new_tokens=max_new_tokens,
+                                           eos_token_id=stops, pad_token_id=pad, **sampling,
+                                           **extra)
                 for row in generated[:, width:].tolist():
-                    ended = eos in row
-                    row = row[:row.index(eos) + 1] if ended else row
+                    end = next((i for i, token in enumerate(row) if token in stop_set), None)
+                    ended = end is not None
+                    row = row[:end + 1] if ended else row
                     out.append(Completion(row, tokenizer.decode(row, skip_special_tokens=True),
                                           ended))
     finally:

@@ -273,6 +273,7 @@ def sample_outside(model: nn.Module, prompt_ids: list[int], word_ids: Sequence[i
     for n, rows in sorted(pending.items()):  # continue from each start, the same law as π_θ
         prompts = [Prompt("", prompt_ids + starts[i]) for i in rows]
         groups = generate_completions(model, _EosOnly(eos_token_id), prompts,
+                                      stop_token_ids=[eos_token_id],
                                       max_new_tokens=max_new_tokens - n, temperature=1.0,
                                       seed=seed + n, batch_size=1024)
         for i, (rest,) in zip(rows, groups, strict=True):
@@ -316,7 +317,7 @@ def full_space_measure(policy: nn.Module, ref: nn.Module, space: Space, tokenize
     # One generate batch per prompt, one seeded stream over the prompts.
     samples = [[c.ids for c in group] for group in generate_completions(
         policy, tokenizer, prompts, num_generations=num_samples, max_new_tokens=max_new_tokens,
-        temperature=1.0, seed=seed, batch_size=num_samples)]
+        temperature=1.0, seed=seed, batch_size=num_samples, stop_token_ids=[eos])]
     word_ids = set(tokenizer.convert_tokens_to_ids(list(space.task.words)))
     per_prompt: dict[str, list] = {key: [] for key in (
         "kl_ref_to_optimal", "kl_policy_to_optimal_lower_bound", "kl_policy_to_optimal_estimate",
