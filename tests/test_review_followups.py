@@ -356,3 +356,21 @@ def test_generation_ends_at_the_models_end_tokens_too():
     (alone,) = generate_completions(model, Ids(), [Prompt("", prompt)], num_generations=50,
                                     max_new_tokens=2, seed=2, batch_size=50, stop_token_ids=[2])
     assert all(c.ids[0] != 3 or len(c.ids) == 2 for c in alone)  # 3 no longer ends one
+
+
+def test_an_eval_generate_reward_failure_names_the_evaluation(workdir, tmp_path):
+    """eval_generate samples are scored after step N; a failing reward said 'at step N + 1', a
+    step that never ran. Now 'eval_generate samples after step N' and the prompt's row."""
+    from dpokit.train.loop import train
+    from tests.train.test_trainer import config
+
+    reward = tmp_path / "reward.py"
+    reward.write_text("def score(prompts, completions, **kw):\n"
+                      "    return [float('nan')] * len(prompts)\n")
+    with pytest.raises(DpokitError) as error:
+        train(config(workdir, str(tmp_path / "run"), eval_data=str(workdir / "prefs.jsonl"),
+                     eval_steps=2, eval_generate=2, max_new_tokens=3, max_steps=2,
+                     reward=f"{reward}:score"), progress=False)
+    message = str(error.value)
+    assert "eval_generate samples after step 2" in message and "at step 3" not in message
+    assert "prefs.jsonl, row 1" in message

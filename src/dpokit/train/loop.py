@@ -358,9 +358,13 @@ def sample_eval_prompts(run: Run) -> list[dict]:
                                            seed=run.config.seed + run.step, **run.config.sampling)
     records = completion_records(prompts, completions)
     if run.sample_reward is not None:
-        rewards = score_groups(run.sample_reward, run.config.reward,
-                               [p.prompt for p in prompts], completions, step=run.step + 1,
-                               device=run.runtime.device)
+        try:  # after step run.step, not in step run.step + 1
+            rewards = score_groups(run.sample_reward, run.config.reward,
+                                   [p.prompt for p in prompts], completions, step=0,
+                                   device=run.runtime.device,
+                                   rows=[f"{p.source}, row {p.row}" for p in prompts])
+        except DpokitError as error:
+            raise DpokitError(f"eval_generate samples after step {run.step}: {error}") from None
         for record, value in zip(records, rewards, strict=True):
             record["reward"] = value
     return records
