@@ -374,3 +374,16 @@ def test_an_eval_generate_reward_failure_names_the_evaluation(workdir, tmp_path)
     message = str(error.value)
     assert "eval_generate samples after step 2" in message and "at step 3" not in message
     assert "prefs.jsonl, row 1" in message
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("lora_target_modules", "[]", "lora_target_modules is empty"),
+    ("output_dir", "", "output_dir is empty"),
+    ("output_dir", "  ", "output_dir is empty"),
+])
+def test_empty_values_are_refused(key, value, match):
+    """An empty target list adapted no layer; an empty output_dir wrote the run into the
+    working directory (found by the CLI review)."""
+    values = {"model": "m", "data": "d", "lora": "true", key: value}
+    with pytest.raises(DpokitError, match=match):
+        load_config(DPOConfig, None, values).validate()

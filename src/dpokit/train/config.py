@@ -147,6 +147,12 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
                 raise DpokitError(f"{key} must be ≥ 1 or null, got {value}")
         if not self.learning_rate > 0:
             raise DpokitError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lora_target_modules is not None and not self.lora_target_modules:
+            raise DpokitError("lora_target_modules is empty: it would adapt no layer; name the "
+                              "modules, all-linear, or null for peft's family default")
+        for key in ("output_dir", "model", "data"):
+            if isinstance(getattr(self, key, None), str) and not getattr(self, key).strip():
+                raise DpokitError(f"{key} is empty; give a path")
         if self.num_epochs <= 0 and self.max_steps is None:
             raise DpokitError(f"num_epochs must be > 0 (or set max_steps), got {self.num_epochs}")
         if not 0.0 <= self.warmup_ratio < 1.0:
