@@ -13,7 +13,12 @@ after the first (the prompt is trained on too); None — TRL's rule: the complet
 prompt-completion rows, every token of ``messages`` and ``text`` rows. ``assistant_only_loss``
 trains a conversation's assistant message only (whatever ``completion_only_loss`` says, as TRL's
 assistant mask), which must be its last and only one (several assistant turns are refused,
-naming the row: dpokit masks one span per row).
+naming the row: dpokit masks one span per row). With a chat template that marks the assistant's
+tokens (``{% generation %}``) the trained span is exactly the template's assistant mask, as TRL's
+(for prompt-completion rows, its part in the completion, unless ``completion_only_loss`` is
+False); the template's tokens after it (e.g. a newline after the end-of-turn token) are not
+trained. A row's ``tools`` and ``chat_template_kwargs`` go to the chat template, as TRL passes
+them.
 
 :func:`load_sft_sequences` prepares the rows chunk by chunk into an item store
 (:mod:`dpokit.data.prepare`, :mod:`dpokit.data.store`), with the checks and counts of the whole
@@ -23,12 +28,19 @@ data.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from dpokit.data.formats import as_messages, check_columns, check_row_chars, is_messages
+from dpokit.data.formats import (
+    _template_kwargs,
+    as_messages,
+    check_columns,
+    check_row_chars,
+    is_messages,
+)
 from dpokit.data.io import RawRow
 from dpokit.data.prepare import ChunkResult, Recipe, Summary, load_items, take
 from dpokit.data.tokenize import (
@@ -63,6 +75,8 @@ class _Example:
     where: str
     kind: str = "completion"
     """``completion`` (prompt-completion rows), ``conversation`` (``messages``) or ``text``."""
+    template_kwargs: dict[str, Any] | None = None
+    """The row's ``tools`` and ``chat_template_kwargs`` for the chat template."""
 
 
 def _parse(row: RawRow, prompt_column: str, completion_column: str,
@@ -79,7 +93,8 @@ def _parse(row: RawRow, prompt_column: str, completion_column: str,
             raise DpokitError(f"{row.where}, field {messages_column!r}: {turns} assistant "
                               f"messages; assistant_only_loss trains one (the last) per row in "
                               f"dpokit — split the conversation into one row per turn")
-        return _Example(messages[:-1], messages[-1:], row.where, "conversation")
+        return _Example(messages[:-1], messages[-1:], row.where, "conversation",
+                        _template_kwargs(row))
     if (text_column in fields and fields[text_column] is not None
             and prompt_column not in fields and completion_column not in fields):
         text = fields[text_column]
@@ -94,7 +109,8 @@ def _parse(row: RawRow, prompt_column: str, completion_column: str,
     prompt, completion = fields[prompt_column], fields[completion_column]
     if is_messages(completion) or is_messages(prompt):
         return _Example(as_messages(row, prompt_column, prompt, single_ok=False),
-                        as_messages(row, completion_column, completion, single_ok=True), row.where)
+                        as_messages(row, completion_column, completion, single_ok=True), row.where,
+                        template_kwargs=_template_kwargs(row))
     for name, value in ((prompt_column, prompt), (completion_column, completion)):
         if not isinstance(value, str):
             raise DpokitError(f"{row.where}, field {name!r}: expected a string, "
@@ -104,9 +120,62 @@ def _parse(row: RawRow, prompt_column: str, completion_column: str,
     return _Example(prompt, completion, row.where)
 
 
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+"""What marks a chat template's assistant tokens (transformers' test for an assistant mask)."""
+
+
+def _marks_assistant_tokens(tokenizer: Any, template_kwargs: dict | None) -> bool:
+    template = tokenizer.chat_template
+    getter = getattr(tokenizer, "get_chat_template", None)
+    if getter is not None:
+        try:
+            template = getter(tools=(template_kwargs or {}).get("tools"))
+        except Exception:  # no usable template: encode_chat says so
+            return False
+    return isinstance(template, str) and _GENERATION_TAG.search(template) is not None
+
+
+def _assistant_span(tokenizer: Any, example: _Example, full: list[int], shared: int,
+                    completion_only_loss: bool | None) -> tuple[int, int] | None:
+    """``[start, end)`` of the tokens TRL's ``assistant_only_loss`` trains in ``full`` (the
+    template's assistant mask, in a prompt-completion row cut to the completion unless
+    ``completion_only_loss`` is False), or None for a template that marks none."""
+    if not _marks_assistant_tokens(tokenizer, example.template_kwargs):
+        return None
+    try:
+        encoded = tokenizer.apply_chat_template(
+            example.prompt + example.completion, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True, **(example.template_kwargs or {}))
+    except Exception as error:
+        raise DpokitError(f"{example.where}: assistant_only_loss: the chat template's assistant "
+                          f"mask failed ({type(error).__name__}: {error})") from None
+    mask = list(encoded["assistant_masks"])
+    if _ids(encoded) != full or len(mask) != len(full):
+        raise DpokitError(f"{example.where}: assistant_only_loss: the chat template renders "
+                          f"this conversation differently when asked for its assistant mask")
+    if example.kind == "completion" and completion_only_loss is not False:
+        mask = [bit if i >= shared else 0 for i, bit in enumerate(mask)]
+    trained = [i for i, bit in enumerate(mask) if bit]
+    if not trained:
+        raise DpokitError(f"{example.where}: assistant_only_loss: the chat template marks no "
+                          f"assistant token of this row's completion ({{% generation %}})")
+    start, end = trained[0], trained[-1] + 1
+    if len(trained) != end - start:
+        raise DpokitError(f"{example.where}: assistant_only_loss: the chat template's assistant "
+                          f"tokens form several spans; dpokit trains one per row — split the "
+                          f"conversation into one row per assistant turn")
+    return start, end
+
+
 def tokenize_sft(examples: Sequence[_Example], tokenizer: Any, settings: TokenizeSettings, *,
-                 progress: bool | None = None) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids) per example, before truncation."""
+                 progress: bool | None = None, assistant_only: bool = False,
+                 completion_only_loss: bool | None = True
+                 ) -> list[tuple[list[int], list[int], int]]:
+    """(prompt ids, completion ids, tail) per example, before truncation: ``tail`` tokens of
+    the rendered conversation follow the completion, untrained (left out of the sequence, which
+    they cannot change; counted by ``keep_end`` truncation as TRL's ``[-max_length:]`` does).
+    ``assistant_only``: the completion is the chat template's assistant mask where the template
+    has one (:func:`_assistant_span`)."""
     log.info("tokenising %d SFT rows", len(examples))
     out = []
     for example in progress_bar(examples, total=len(examples), progress=progress,
@@ -121,7 +190,14 @@ def tokenize_sft(examples: Sequence[_Example], tokenizer: Any, settings: Tokeniz
                                   "set text_mode='plain'")
             prompt, full = encode_chat(
                 tokenizer, [(example.prompt, True), (example.prompt + example.completion, False)],
-                where=example.where)
+                where=example.where, template_kwargs=example.template_kwargs)
+            shared = common_prefix_length(prompt, full)
+            span = _assistant_span(tokenizer, example, full, shared, completion_only_loss) if (
+                assistant_only) else None
+            if span is not None:
+                start, end = span
+                out.append((list(full[:start]), list(full[start:end]), len(full) - end))
+                continue
         else:
             eos = tokenizer.eos_token
             if not eos:  # a completion must end, as a preference pair's does
@@ -133,19 +209,20 @@ def tokenize_sft(examples: Sequence[_Example], tokenizer: Any, settings: Tokeniz
             completion = completion if completion.endswith(eos) else completion + eos
             prompt, full = (_ids(tokenizer(prompt_text)), _ids(tokenizer(prompt_text + completion)))
         shared = common_prefix_length(prompt, full)
-        out.append((list(full[:shared]), list(full[shared:])))
+        out.append((list(full[:shared]), list(full[shared:]), 0))
     return out
 
 
 def sft_sequences(examples: Sequence[_Example], rows: Sequence[RawRow],
-                  tokenized: Sequence[tuple[list[int], list[int]]], settings: TokenizeSettings,
+                  tokenized: Sequence[tuple[list[int], list[int], int]],
+                  settings: TokenizeSettings,
                   *, completion_only_loss: bool | None, assistant_only_loss: bool
                   ) -> tuple[list[SFTSequence], int]:
     """The sequences of tokenised examples: the loss span chosen, truncated; and how many
     were left without completion tokens (dropped)."""
     sequences, dropped = [], 0
-    for example, row, (prompt_ids, completion_ids) in zip(examples, rows, tokenized,
-                                                          strict=True):
+    for example, row, (prompt_ids, completion_ids, tail) in zip(examples, rows, tokenized,
+                                                                strict=True):
         whole = not assistant_only_loss and (completion_only_loss is False or (
             completion_only_loss is None and example.kind != "completion"))
         if whole:  # every token after the first is trained on (TRL's language modelling)
@@ -155,8 +232,13 @@ def sft_sequences(examples: Sequence[_Example], rows: Sequence[RawRow],
         if settings.max_prompt_length is not None:
             prompt_ids = _truncate(prompt_ids, settings.max_prompt_length,
                                    settings.prompt_truncation)
-        prompt_ids, (completion_ids,) = truncate_to_length(prompt_ids, [completion_ids],
-                                                           settings)
+        cut = settings
+        if tail and settings.max_length is not None and settings.truncation_mode == "keep_end":
+            if settings.max_length <= tail:  # TRL's last max_length tokens are all after it
+                dropped += 1
+                continue
+            cut = replace(settings, max_length=settings.max_length - tail)
+        prompt_ids, (completion_ids,) = truncate_to_length(prompt_ids, [completion_ids], cut)
         if not completion_ids:
             dropped += 1
             continue
@@ -189,7 +271,7 @@ class SFTRecipe(Recipe):
             "sources": list(dict.fromkeys(r.source for r in rows)),
             "columns": list(dict.fromkeys(n for r in rows for n in r.fields))})
         try:
-            check_row_chars(rows, list(named.values()), self.settings.max_row_chars)
+            check_row_chars(rows, [*named.values(), "tools"], self.settings.max_row_chars)
         except DpokitError as error:
             return result.failed(ROW_CHARS, error)
         if stop <= PARSE:
@@ -203,7 +285,9 @@ class SFTRecipe(Recipe):
         if stop <= TOKENIZE:
             return result
         try:
-            tokenized = tokenize_sft(examples, tokenizer, self.settings, progress=False)
+            tokenized = tokenize_sft(examples, tokenizer, self.settings, progress=False,
+                                     assistant_only=self.assistant_only_loss,
+                                     completion_only_loss=self.completion_only_loss)
         except DpokitError as error:
             return result.failed(TOKENIZE, error)
         take(records, "tokenising %d SFT rows")
