@@ -387,3 +387,52 @@ def test_empty_values_are_refused(key, value, match):
     values = {"model": "m", "data": "d", "lora": "true", key: value}
     with pytest.raises(DpokitError, match=match):
         load_config(DPOConfig, None, values).validate()
+
+
+def test_a_step_float16_scaling_skips_does_not_advance_the_schedule(workdir, tmp_path,
+                                                                    monkeypatch):
+    """GradScaler skips the optimizer step of an overflowing float16 step (and halves its
+    scale); transformers then leaves the scheduler alone. dpokit stepped it, so the schedule
+    ran ahead by every skipped step. A stand-in scaler (float16 needs a GPU) skips step 2."""
+    import torch
+
+    from dpokit.train.loop import train
+    from tests.helpers import read_metrics
+    from tests.train.test_trainer import config
+
+    class Scaler:
+        def __init__(self, *args, **kwargs):
+            self.calls, self._scale = 0, 1024.0
+
+        def is_enabled(self):
+            return True
+
+        def scale(self, loss):
+            return loss
+
+        def unscale_(self, optimizer):
+            pass
+
+        def step(self, optimizer):
+            self.calls += 1
+            self.skipped = self.calls == 2
+            if not self.skipped:
+                optimizer.step()
+
+        def update(self):
+            if self.skipped:
+                self._scale /= 2
+
+        def get_scale(self):
+            return self._scale
+
+        def state_dict(self):
+            return {"scale": self._scale}
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Scaler)
+    lr = 1e-3
+    final = train(config(workdir, str(tmp_path / "run"), max_steps=4, lr_scheduler="linear",
+                         learning_rate=lr, warmup_steps=0), progress=False)
+    logged = [record["learning_rate"] for record in read_metrics(final.parent)
+              if "learning_rate" in record]
+    assert logged == pytest.approx([lr, 0.75 * lr, 0.75 * lr, 0.5 * lr], rel=1e-9)

@@ -144,11 +144,15 @@ def train_step(run: Run) -> None:
         if not is_out_of_memory(error):
             raise
         raise _optimizer_out_of_memory(run, error) from None
+    scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
     run.scaler.update()
     # the rate this step used, logged as transformers logs it ("get learning rate before
     # update"), not the next step's: warmup's first step is 0, a linear decay's last is not
     run.learning_rate = run.scheduler.get_last_lr()[0]
-    run.scheduler.step()
+    # float16 loss scaling skips the update of a step whose gradients overflowed (its scale
+    # then backs off); the schedule waits for it, as transformers' optimizer_step_was_skipped
+    if scale is None or run.scaler.get_scale() >= scale:
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     objective.after_step(run.model, run.step)
