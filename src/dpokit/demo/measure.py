@@ -201,6 +201,7 @@ def _inverse_cdf_draws(probs: Tensor, num_samples: int, seed: int) -> list[int]:
     return index.clamp(max=last).tolist()
 
 
+@torch.no_grad()
 def sample_outside(model: nn.Module, prompt_ids: list[int], word_ids: Sequence[int], length: int,
                    eos_token_id: int, *, num_samples: int, max_new_tokens: int,
                    seed: int) -> OutsideSamples:
