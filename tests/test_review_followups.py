@@ -306,7 +306,7 @@ def test_merge_lora_on_a_tied_head_writes_the_trained_model(workdir):
     with torch.no_grad():
         want = held["policy"].eval()(input_ids=ids).logits
         got = load_causal_lm(final / "merged").eval()(input_ids=ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # merged vs unmerged: float32 rounding
 
 
 def test_generation_ends_at_the_models_end_tokens_too():

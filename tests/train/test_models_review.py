@@ -61,18 +61,18 @@ def test_a_merged_adapter_on_a_tied_model_is_the_adapter(workdir, tmp_path, lora
 
     directory, expected = tied_adapter(tmp_path, workdir, "adapter", **lora)
     merged = load_causal_lm(directory)
-    torch.testing.assert_close(logits(merged), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(merged), expected, rtol=1e-4, atol=1e-4)  # merged vs unmerged: float32 rounding
     assert merged.lm_head.weight is not merged.get_input_embeddings().weight
     assert merged.config.tie_word_embeddings is False
     merged.save_pretrained(tmp_path / "merged")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True)
-    torch.testing.assert_close(logits(again.eval()), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(again.eval()), expected, rtol=1e-4, atol=1e-4)  # merged vs unmerged: float32 rounding
 
 
 def test_an_adapter_not_on_the_tied_modules_stays_tied(workdir, tmp_path):
     directory, expected = tied_adapter(tmp_path, workdir, "adapter", target_modules=["c_attn"])
     merged = load_causal_lm(directory)
-    torch.testing.assert_close(logits(merged), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(merged), expected, rtol=1e-4, atol=1e-4)  # merged vs unmerged: float32 rounding
     assert merged.lm_head.weight is merged.get_input_embeddings().weight
     assert merged.config.tie_word_embeddings is True
 
@@ -91,7 +91,7 @@ def test_a_trained_lora_on_a_tied_head_loads_as_trained(workdir):
                          lora_target_modules=["c_attn", "lm_head"]),
                   progress=False, probe=Probe(every=1, fn=grab))
     torch.testing.assert_close(logits(load_causal_lm(final)), logits(held["policy"]),
-                               rtol=1e-5, atol=1e-5)
+                               rtol=1e-4, atol=1e-4)  # merged vs unmerged: float32 rounding
 
 
 # ------------------------------------------------------------- weights that are not all there
@@ -198,7 +198,7 @@ def test_a_whole_adapter_still_loads(trained_adapter, workdir):
     base = AutoModelForCausalLM.from_pretrained(workdir / "llama", local_files_only=True)
     expected = logits(PeftModel.from_pretrained(base, trained_adapter).eval())
     torch.testing.assert_close(logits(load_causal_lm(trained_adapter)), expected,
-                               rtol=1e-5, atol=1e-5)
+                               rtol=1e-4, atol=1e-4)  # merged vs unmerged: float32 rounding
 
 
 # ------------------------------------------------------------------ code shipped in a model
