@@ -28,6 +28,11 @@ class Prompt:
     source: str = ""
     row: int = 0
 
+    @property
+    def where(self) -> str:
+        """``file, row N`` — the prefix of every error about this prompt's row."""
+        return f"{self.source}, row {self.row}"
+
 
 def _prompt(row: RawRow, column: str) -> str | Messages:
     value = row.fields.get(column)

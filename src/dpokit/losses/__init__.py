@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # the names, for readers and linters; imported on first use
         needs_margins,
         needs_reference,
         resolve_losses,
+        sorting_losses,
         supports_f_divergence,
         uses_label_smoothing,
     )
@@ -85,6 +86,7 @@ _EXPORTS = {
     "needs_margins": "registry",
     "needs_reference": "registry",
     "resolve_losses": "registry",
+    "sorting_losses": "registry",
     "supports_f_divergence": "registry",
     "uses_label_smoothing": "registry",
     "F_DIVERGENCES": "registry",
@@ -117,6 +119,7 @@ __all__ = [
     "preference_metrics",
     "resolve_losses",
     "rpo_nll",
+    "sorting_losses",
     "supports_f_divergence",
     "uses_label_smoothing",
     "wpo_weights",

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from dpokit.errors import DpokitError, check_beta
-from dpokit.losses.registry import LossSpec, check_loss_options, resolve_losses
+from dpokit.losses.registry import LossSpec, check_loss_options, resolve_losses, sorting_losses
 from dpokit.losses.scores import LossInputs, check_f_divergence, f_divergence_scores
 
 
@@ -142,7 +142,7 @@ def dpo_loss(
         raise DpokitError(f"rpo_alpha must be a finite number ≥ 0 or None, got {rpo_alpha!r}")
     if rpo_alpha and chosen_lengths is None:
         raise DpokitError("rpo_alpha needs chosen_lengths: the RPO term is the NLL per token")
-    if has_wpo and (sorting := [s.name for s in specs if s.sorts_batch]):
+    if has_wpo and (sorting := sorting_losses(loss_type)):
         raise DpokitError(f"WPO weights are per pair, but loss_type {', '.join(sorting)} sorts "
                           f"the batch (its terms are no pair's); drop one (as TRL)")
 

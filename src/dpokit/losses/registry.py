@@ -374,6 +374,12 @@ def is_batch_coupled(loss_type: str | Sequence[str]) -> bool:
     return any(spec.batch_coupled for spec in resolve_losses(loss_type))
 
 
+def sorting_losses(loss_type: str | Sequence[str]) -> list[str]:
+    """The names of the losses that sort their terms over the batch (per-pair weights cannot
+    apply to them)."""
+    return [spec.name for spec in resolve_losses(loss_type) if spec.sorts_batch]
+
+
 def uses_label_smoothing(loss_type: str | Sequence[str]) -> bool:
     """Whether any of the losses reads ``label_smoothing``."""
     return any(spec.uses_label_smoothing for spec in resolve_losses(loss_type))

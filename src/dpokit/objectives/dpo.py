@@ -36,7 +36,7 @@ from dpokit.losses import (
     needs_lengths,
     needs_margins,
     preference_metrics,
-    resolve_losses,
+    sorting_losses,
 )
 from dpokit.losses.metrics import (
     LOGIT_METRIC_KEYS,
@@ -122,7 +122,7 @@ class DPOObjective(Objective):
                                       dataset_num_proc=getattr(self.config, "dataset_num_proc",
                                                                None))
         losses = ", ".join(self.config.loss_type)
-        sorting = [s.name for s in resolve_losses(self.config.loss_type) if s.sorts_batch]
+        sorting = sorting_losses(self.config.loss_type)
         if sorting and present(pairs, "weight").any():
             raise DpokitError(f"{path}: loss_type {', '.join(sorting)} sorts the batch (its terms "
                               f"are no pair's), so the per-pair weights of column "

@@ -123,7 +123,7 @@ class OnlineDPOObjective(DPOObjective):
             rewards = score_groups(self.reward_fn, c.reward, [item.prompt for item in items],
                                    groups, step=0 if evaluating else step + 1,
                                    device=next(model.parameters()).device,
-                                   rows=[f"{item.source}, row {item.row}" for item in items])
+                                   rows=[item.where for item in items])
         except DpokitError as error:
             if not evaluating:
                 raise

@@ -24,7 +24,6 @@ newest one that passes, with a warning naming what it skipped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -38,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dpokit.atomic import discard, os_error_cause, replace, temporary_sibling
+from dpokit.digests import file_sha256
 from dpokit.errors import DpokitError
 
 log = logging.getLogger("dpokit.train")
@@ -273,17 +273,12 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 _RANK_SUMS = ".sums-{rank}.json"
 """The checksums one rank computed of the files it wrote (merged into ``checksums.json``)."""
 
 
 def _entry(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _write_rank_sums(directory: Path, rank: int, paths: list[Path]) -> None:
@@ -337,7 +332,7 @@ def checkpoint_problem(path: Path, rank: int = 0, world_size: int = 1) -> str | 
             size = file.stat().st_size
             if size != expected["bytes"]:
                 return f"{name} has {size} bytes, {expected['bytes']} were written"
-            if _sha256(file) != expected["sha256"]:
+            if file_sha256(file) != expected["sha256"]:
                 return f"{name} does not match its checksum"
         except OSError as error:
             return f"{name} unreadable ({error.strerror or error})"
