@@ -96,8 +96,8 @@ class OnlineDPOObjective(DPOObjective):
         long = [p for p in prompts if len(p.prompt_ids) > room]
         if long:
             log.warning("%s: %d of %d prompts are longer than max_length − max_new_tokens = %d "
-                        "tokens (the first: %s, row %d, %d tokens); their start is cut off",
-                        path, len(long), len(prompts), room, long[0].source, long[0].row,
+                        "tokens (the first: %s, %d tokens); their start is cut off",
+                        path, len(long), len(prompts), room, long[0].where,
                         len(long[0].prompt_ids))
         return [replace(p, prompt_ids=p.prompt_ids[-room:]) if len(p.prompt_ids) > room else p
                 for p in prompts]
