@@ -188,3 +188,36 @@ def test_loss_and_kl_see_the_sampled_tokens(workdir, tokenizer, rewards):
     assert means["kl_to_ref"] == pytest.approx(sum(k3) / len(k3), rel=1e-4, abs=1e-7)
     assert means["kl_to_ref"] > 1e-4
     assert json.dumps(means)  # every value a plain number
+
+
+def test_equal_rewards_of_k_generations_pair_two_completions(workdir, tokenizer, rewards,
+                                                             monkeypatch):
+    """With more than two generations the pair is the best against the worst; when all k
+    rewards were equal both were the first completion (max and min of equal values), so the
+    pair was (y₀, y₀): a margin of exactly 0 and no gradient, counted as a pair. Now the worst
+    is taken among the others: two distinct completions, and with distinct rewards still the
+    first best and the first worst."""
+    tok_ids = [5, 6, 7, 8]
+
+    def sampler(model, tok, items, *, seed, num_generations, **kwargs):
+        return [[Completion([tok_ids[j], tok.eos_token_id], str(j), True)
+                 for j in range(num_generations)] for _ in items]
+
+    monkeypatch.setattr(online_module, "generate_completions", sampler)
+    model = torch.nn.Linear(1, 1)
+    objective = _objective(workdir, tokenizer, rewards, "online-k-ties",
+                           reward=f"{rewards}:zero", num_generations=4)
+    prompts = objective.load(str(workdir / "sft.jsonl"), None)[:2]
+    for pair in objective.prepare(model, prompts, [0, 1], 0):
+        assert pair.chosen_ids != pair.rejected_ids
+    # distinct rewards (shorter is better): the best is the shortest text, the worst the longest
+    lengths = {5: 3, 6: 1, 7: 4, 8: 1}
+
+    def by_length(model, tok, items, *, seed, num_generations, **kwargs):
+        return [[Completion([t, tok.eos_token_id], "x" * lengths[t], True) for t in tok_ids]
+                for _ in items]
+
+    monkeypatch.setattr(online_module, "generate_completions", by_length)
+    objective = _objective(workdir, tokenizer, rewards, "online-k-distinct", num_generations=4)
+    (pair,) = objective.prepare(model, prompts[:1], [0], 0)
+    assert pair.chosen_ids[0] == 6 and pair.rejected_ids[0] == 7

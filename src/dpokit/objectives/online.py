@@ -140,8 +140,10 @@ class OnlineDPOObjective(DPOObjective):
         k = c.num_generations
         for i, item in enumerate(items):
             r = rewards[i * k:(i + 1) * k]
-            a, b = (0, 1) if k == 2 else (max(range(k), key=r.__getitem__),
-                                          min(range(k), key=r.__getitem__))
+            # best against worst; the worst among the others, so that k equal rewards pair
+            # two completions, not the best with itself (a pair with no gradient)
+            a = 0 if k == 2 else max(range(k), key=r.__getitem__)
+            b = 1 if k == 2 else min((j for j in range(k) if j != a), key=r.__getitem__)
             p = _sigmoid((r[a] - r[b]) / c.label_temperature)
             entropy += _binary_entropy(p)
             draw = float(torch.rand((), generator=generator))  # drawn for every label kind
