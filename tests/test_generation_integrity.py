@@ -327,3 +327,27 @@ def test_outputs_that_are_the_data_file_are_refused(model_dir, tmp_path, capsys,
     assert code == 2 and out == "" and err.count("\n") == 1, err
     assert "per_example ./samples.jsonl is the data file" in err
     assert (tmp_path / "samples.jsonl").read_text() == before
+
+
+def test_a_reward_file_imports_its_sibling_modules(tmp_path, monkeypatch):
+    """``reward: path/to/reward.py:fn`` whose file imports a helper module beside it (as
+    ``python reward.py`` would let it) failed with "importing ... failed (No module named
+    'scoring')"; and ``module:fn`` for a module in the working directory failed under the
+    ``dpokit`` console script, whose sys.path starts with its bin directory, not the cwd."""
+    import sys
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    folder = tmp_path / "rewards_with_helper"
+    folder.mkdir()
+    (folder / "scoring_helper_a.py").write_text("def length(c):\n    return -float(len(c))\n")
+    (folder / "reward.py").write_text(
+        "from scoring_helper_a import length\n\n"
+        "def fn(prompts, completions, **kw):\n    return [length(c) for c in completions]\n")
+    reward = load_reward(f"{folder / 'reward.py'}:fn")
+    assert reward(["p", "p"], ["ab", "abcd"]) == [-2.0, -4.0]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "cwd_reward_module_b.py").write_text(
+        "def fn(prompts, completions, **kw):\n    return [1.5 for c in completions]\n")
+    monkeypatch.chdir(cwd)
+    assert load_reward("cwd_reward_module_b:fn")(["p"], ["x"]) == [1.5]

@@ -112,7 +112,9 @@ class RewardModel:
 def load_reward(spec: str) -> RewardFn:
     """The callable ``spec`` names (``pkg.module:fn`` or ``file.py:fn``), or a
     :class:`RewardModel` for a directory or a hub name (``Org/Name[@revision]``, from the
-    Hugging Face cache: one without a ``:`` is never a function)."""
+    Hugging Face cache: one without a ``:`` is never a function). A file's directory goes first
+    on ``sys.path``, and for a module the working directory, as ``python file.py`` and
+    ``python -m`` would have them: the reward's own helper modules import."""
     if Path(spec).is_dir() or parse_name(spec) is not None:
         return RewardModel(spec)
     target, sep, name = spec.rpartition(":")
@@ -127,6 +129,7 @@ def load_reward(spec: str) -> RewardFn:
         # dataclasses, pickling and typing look the module up in sys.modules by name
         digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
         module_name = f"dpokit_reward_{path.stem}_{digest}"
+        _importable(path.resolve().parent)  # as ``python file.py``: its siblings import
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
@@ -139,6 +142,9 @@ def load_reward(spec: str) -> RewardFn:
             raise DpokitError(f"reward {spec!r}: importing {path} failed "
                               f"({_one_line(error)})") from None
     else:
+        # as ``python -m``, the working directory's modules import (the ``dpokit`` console
+        # script's sys.path starts with its own bin directory instead)
+        _importable(Path.cwd())
         try:
             module = importlib.import_module(target)
         except Exception as error:
@@ -148,6 +154,13 @@ def load_reward(spec: str) -> RewardFn:
     if not callable(fn):
         raise DpokitError(f"reward {spec!r}: {target} has no function {name!r}")
     return fn
+
+
+def _importable(directory: Path) -> None:
+    """Put ``directory`` first on ``sys.path`` (once), as Python does for a script's own
+    directory: a reward file's helper modules beside it import as they would if it ran."""
+    if not any(entry and Path(entry).resolve() == directory for entry in sys.path):
+        sys.path.insert(0, str(directory))
 
 
 def _takes(fn: RewardFn, name: str) -> bool:
