@@ -78,3 +78,36 @@ def test_a_run_past_its_memory_limit_is_named_out_of_memory():
     free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           preexec_fn=_limit_memory(None), check=False)
     assert free.returncode == 0, free.stderr  # no cap: the same 2 GB is fine
+
+
+def test_json_rows_are_written_as_they_come(tmp_path, monkeypatch):
+    """``--json`` was written once, at the end: a benchmark interrupted after an hour of rows
+    (Ctrl-C, a TRL crash in a later setting) left no file. Now each row is kept as it is
+    measured (atomically), so the file holds every row finished before the interruption."""
+    import pytest
+
+    from dpokit import bench
+    from dpokit.cli.training import _bench
+
+    monkeypatch.setattr(bench, "build_fixtures", lambda workdir, models: bench.Fixture(tmp_path))
+    monkeypatch.setattr(bench, "help_seconds", lambda: 0.05)
+    monkeypatch.setattr(bench, "matmul_peak_gflops", lambda **kw: 100.0)
+    monkeypatch.setattr(bench, "_params", lambda fixture, model: 1000)
+    monkeypatch.setattr(bench, "_tokens_per_pair", lambda fixture, model: 10.0)
+
+    def runs(frameworks, repeats, args, memory_limit_gb=None):
+        if args[2] == "no_ckpt_precompute":
+            raise KeyboardInterrupt
+        return {f: [{"seconds_per_step": 0.5, "peak_rss_mb": 100.0, "start_rss_mb": 50.0}]
+                for f in frameworks}
+
+    monkeypatch.setattr(bench, "_alternating_runs", runs)
+    out = tmp_path / "rows.json"
+    config = bench.BenchConfig(workdir=str(tmp_path), models=["tiny"],
+                               settings=["default", "no_ckpt_precompute"], frameworks=["dpokit"],
+                               end_to_end=False, json=str(out))
+    with pytest.raises(KeyboardInterrupt):
+        _bench(config)
+    help_row, row = json.loads(out.read_text())
+    assert help_row["setting"] == "cli_help" and row["setting"] == "default"
+    assert row["seconds_per_step"] == 0.5 and row["pairs_per_second"] == bench.BATCH / 0.5

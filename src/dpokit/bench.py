@@ -505,10 +505,13 @@ def _alternating_runs(frameworks: list[str], repeats: int, args: list[str],
 def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], steps: int,
               repeats: int, frameworks: list[str], end_to_end: bool = True,
               device: str = "cpu", precision: dict | None = None,
-              memory_limit_gb: float | None = None, report=print) -> list[dict]:
+              memory_limit_gb: float | None = None, report=print,
+              written=lambda rows: None) -> list[dict]:
     """Alternate frameworks, repeat, and return one summary row per (model, setting, framework).
 
-    ``device="cuda"`` with ``dtype: bfloat16`` is the GPU benchmark (one GPU per process)."""
+    ``device="cuda"`` with ``dtype: bfloat16`` is the GPU benchmark (one GPU per process).
+    ``written(rows)`` gets the rows so far after each one (``--json`` keeps them as they come:
+    an interrupted benchmark keeps what it measured)."""
     precision = precision or {"dtype": "float32", "bf16": False, "fp16": False}
     dtype = compute_dtype(precision)
     fixture = build_fixtures(workdir, models)
@@ -516,6 +519,7 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
     report(f"dpokit --help: {startup:.3f} s (median of 5 fresh processes)")
     rows = [{"framework": "dpokit", "model": "-", "setting": "cli_help",
              "wall_seconds": startup}]
+    written(rows)
     peak = matmul_peak_gflops(device=device, dtype=dtype)
     where = ["--device", device, "--dtype", precision["dtype"],
              *(["--bf16"] if precision["bf16"] else []), *(["--fp16"] if precision["fp16"] else [])]
@@ -536,6 +540,7 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
                 if not good:
                     rows.append({"framework": framework, "model": model, "setting": setting,
                                  "error": runs[0]["error"]})
+                    written(rows)
                     continue
                 spp = statistics.median(r["seconds_per_step"] for r in good)
                 if setting.startswith("online"):  # a step's work depends on the generations
@@ -545,6 +550,7 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
                            "peak_rss_mb": max(r["peak_rss_mb"] for r in good),
                            "device": device, **precision}
                     rows.append(row)
+                    written(rows)
                     report(_format_row(row))
                     continue
                 # 6·N per trained token (prompt once per pair) + 2·N per reference token when
@@ -568,13 +574,15 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
                     row["end_to_end_seconds"] = statistics.median(walls) if walls else None
                     row["end_to_end_runs"] = walls
                 rows.append(row)
+                written(rows)
                 report(_format_row(row))
     return rows
 
 
 def long_context_benchmark(workdir: str | Path, *, lengths: list[int], settings: list[str],
                            steps: int, repeats: int, frameworks: list[str],
-                           memory_limit_gb: float | None = None, report=print) -> list[dict]:
+                           memory_limit_gb: float | None = None, report=print,
+                           written=lambda rows: None) -> list[dict]:
     """s/step and peak RSS at each context length (:func:`build_long_fixture`: the small
     model, batch 2, ``steps × 2`` pairs so that TRL's precomputed reference covers only the
     rows trained on, as dpokit's does), frameworks alternating. A run that fails (TRL out of
@@ -602,6 +610,7 @@ def long_context_benchmark(workdir: str | Path, *, lengths: list[int], settings:
                                wall_seconds=statistics.median(r["wall_seconds"] for r in good))
                     row.update(_recompute_switch(good))
                 rows.append(row)
+                written(rows)
                 report(_format_long_row(row))
     return rows
 

@@ -44,14 +44,16 @@ def _bench(config: BenchConfig) -> None:
         rows = long_context_benchmark(
             config.workdir, lengths=config.context_lengths, settings=config.settings,
             steps=config.steps, repeats=config.repeats, frameworks=config.frameworks,
-            memory_limit_gb=limit, report=lambda line: console.print(line, soft_wrap=True))
+            memory_limit_gb=limit, report=lambda line: console.print(line, soft_wrap=True),
+            written=lambda rows: _write_rows(config, rows))
         _long_ratios(rows)
         _write_rows(config, rows)
         return
     rows = benchmark(config.workdir, steps=config.steps, repeats=config.repeats,
                      end_to_end=config.end_to_end, device=config.device, precision=config.precision,
                      memory_limit_gb=limit,
-                     report=lambda line: console.print(line, soft_wrap=True), **chosen)
+                     report=lambda line: console.print(line, soft_wrap=True),
+                     written=lambda rows: _write_rows(config, rows), **chosen)
     for model in config.models:
         for setting in config.settings:
             pair = {r["framework"]: r for r in rows if r["model"] == model
