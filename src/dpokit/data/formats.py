@@ -8,6 +8,9 @@ Accepted per row (column names mappable with :class:`ColumnMap`):
 - implicit prompt: only ``chosen``/``rejected``, two full conversations (or texts) sharing a
   prefix, which is split off as the prompt;
 
+a conversational prompt ends with a turn the completions answer (not a ``system`` or
+``developer`` message, which TRL refuses too);
+
 plus optional numeric ``weight`` (finite, ≥ 0; scales the pair's loss), ``margin`` (the offset m
 of the losses that read one, e.g. ``odpo``; ignored, with a warning, by the others) and
 ``label_prob`` (p = P(chosen ≻ rejected) ∈ [0, 1], the soft label of ``sigmoid_soft``) columns.
@@ -132,7 +135,7 @@ def as_messages(row: RawRow, field: str, value: Any, *, single_ok: bool) -> Mess
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise fail(row, field, f"message {i} must be an object with 'role' and 'content'")
         role, content = message["role"], message["content"]
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or dict is unhashable
             raise fail(row, field, f"message {i} has unknown role {role!r} "
                                     f"(expected one of {', '.join(sorted(ROLES))})")
         if not isinstance(content, str):
@@ -149,6 +152,8 @@ def is_messages(value: Any) -> bool:
 
 
 _NUMERIC = ("weight_column", "margin_column", "label_prob_column")
+_UNANSWERED_ROLES = frozenset({"system", "developer"})
+"""Roles a prompt cannot end with: instructions, not a turn the completions reply to."""
 
 
 def _is_null(value: Any, numeric: bool) -> bool:
@@ -160,7 +165,9 @@ def get_number(row: RawRow, field: str) -> float | None:
     value = row.fields.get(field)
     if _is_null(value, numeric=True):
         return None
-    if isinstance(value, bool):
+    # float() alone reads "1_0" as 10 and a full-width "１" as 1: no CSV reader's numbers
+    if isinstance(value, bool) or (isinstance(value, str) and (
+            "_" in value or not value.isascii())):
         raise fail(row, field, f"expected a number, got {value!r}")
     try:
         number = float(value)
@@ -218,6 +225,12 @@ def parse_example(row: RawRow, columns: ColumnMap = ColumnMap()) -> PreferenceEx
             prompt, chosen, rejected = _split_implicit(row, columns, chosen, rejected)
         else:
             prompt = as_messages(row, columns.prompt, prompt, single_ok=False)
+        last = prompt[-1]["role"]
+        if last in _UNANSWERED_ROLES:  # TRL's chat template step raises on it too
+            raise fail(row, columns.prompt, f"the prompt ends with a {last!r} message, which "
+                                            f"no completion answers (the completions would "
+                                            f"hold the next user turn); end it with the "
+                                            f"user's (or a tool's) message")
     else:
         for name, value in ((columns.chosen, chosen), (columns.rejected, rejected)):
             if not isinstance(value, str):
@@ -249,7 +262,8 @@ def parse_example(row: RawRow, columns: ColumnMap = ColumnMap()) -> PreferenceEx
 
 def _template_kwargs(row: RawRow) -> dict[str, Any] | None:
     """``tools`` (a list or its JSON text) and ``chat_template_kwargs`` of a row, as TRL reads
-    them, for the chat template."""
+    them, for the chat template; no tools (``[]``) is none, as TRL passes it (``tools or
+    None``: a Llama template renders its tool preamble for ``tools=[]``)."""
     kwargs: dict[str, Any] = {}
     tools = row.fields.get("tools")
     if isinstance(tools, str):
@@ -257,7 +271,12 @@ def _template_kwargs(row: RawRow) -> dict[str, Any] | None:
             tools = json.loads(tools)
         except json.JSONDecodeError:
             raise fail(row, "tools", "not valid JSON") from None
-    if tools is not None:
+        except (ValueError, RecursionError):  # a 5,000-digit integer, nesting too deep
+            raise fail(row, "tools", "JSON that cannot be read (too deep, or an integer "
+                                     "too long)") from None
+    if tools is not None and not isinstance(tools, list):
+        raise fail(row, "tools", f"expected a list of tool schemas, got {type(tools).__name__}")
+    if tools:
         kwargs["tools"] = tools
     extra = row.fields.get("chat_template_kwargs")
     if extra is not None:

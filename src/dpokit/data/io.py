@@ -1,13 +1,15 @@
 """Read users' preference files into rows that remember where they came from.
 
 Supported: JSON Lines (``.jsonl``/``.ndjson``), JSON (a list of objects, or an object holding one
-under a split name such as ``"train"``), CSV, Parquet, Arrow stream files (``.arrow``, as written
-by ``datasets``), a Hugging Face dataset saved with ``save_to_disk`` (a ``Dataset`` or a
-``DatasetDict``, whose ``split`` is chosen), and a directory of such shards (read in name order;
-with ``split``, only shards whose name or folder starts with it). Every row keeps its file and
-1-based row number (the line number for JSON Lines) so errors can point at it. Rows are read as
-they are needed (:func:`iter_rows`, :func:`iter_row_chunks`): JSON Lines and CSV line by line,
-Parquet and Arrow by record batch; only a JSON document is read whole.
+under a split name such as ``"train"``; a ``.json`` of one object per line is JSON Lines, as
+``datasets`` reads it), CSV, Parquet, Arrow files (``.arrow``: the IPC stream ``datasets``
+writes, or the IPC file format), a Hugging Face dataset saved with ``save_to_disk`` (a
+``Dataset`` or a ``DatasetDict``, whose ``split`` is chosen), and a directory of such shards (read
+in name order; with ``split``, only shards whose name or folder starts with it — a Hub shard
+name ``train_prefs-00000-of-00001…`` is split ``train_prefs``, not ``train``'s). Every row keeps
+its file and 1-based row number (the line number for JSON Lines) so errors can point at it. Rows
+are read as they are needed (:func:`iter_rows`, :func:`iter_row_chunks`): JSON Lines and CSV line
+by line, Parquet and Arrow by record batch; only a JSON document is read whole.
 
 Nothing is read by guess: data holding several splits (a ``DatasetDict``, a JSON object of split
 lists, shards named ``train-*``/``test-*`` or in ``train/``/``test/`` folders) needs ``split``;
@@ -36,6 +38,9 @@ log = logging.getLogger("dpokit.data")
 SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
 """Names that mark a shard as one split's (``train-00000.parquet``, ``test/0.jsonl``)."""
 _SPLIT_PREFIX = re.compile(rf"^({'|'.join(SPLIT_NAMES)})(?=[-_.]|$)")
+_SHARDED_SPLIT = re.compile(r"^(\w+(?:\.\w+)*?)-\d{5}-of-\d{5}")
+"""The Hub's shard names, ``{split}-00000-of-00001…``: the whole ``{split}`` is the split's name
+(``train_prefs``, ``test_sft``), as ``datasets`` reads them, not only its ``train`` prefix."""
 
 
 @dataclass(frozen=True)
@@ -146,16 +151,28 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
 
 def _read_json(path: Path, split: str | None) -> Iterator[RawRow]:
     data = _read_bytes(path)
+    lines = False
     try:
-        document = json.loads(data.decode("utf-8-sig"), object_pairs_hook=_unique_keys)
+        text = data.decode("utf-8-sig")
+        document = json.loads(text, object_pairs_hook=_unique_keys)
     except UnicodeDecodeError as error:
         raise _decode_error(path, data, error) from None
     except json.JSONDecodeError as error:
-        raise DpokitError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+        # one object per line: JSON Lines named .json, which datasets reads as such
+        lines = error.msg == "Extra data" and text.lstrip().startswith("{")
+        if not lines:
+            raise DpokitError(f"{path}, line {error.lineno}: not valid JSON "
+                              f"({error.msg})") from None
     except _DuplicateKey as error:
         raise _duplicate_error(str(path), error.key) from None
     except (ValueError, RecursionError) as error:  # a huge integer, a deep nesting
         raise DpokitError(f"{path}: JSON that cannot be read ({_json_limit(error)})") from None
+    if lines:
+        log.info("%s: one JSON object per line; read as JSON Lines", path)
+        if split is not None:
+            log.warning("%s: JSON Lines rows without splits; split=%r is ignored", path, split)
+        yield from _read_jsonl(path)
+        return
     if isinstance(document, dict):
         splits = sorted(k for k, v in document.items() if isinstance(v, list))
         if split is None and len(splits) > 1:
@@ -194,6 +211,8 @@ def _maybe_json(value: str) -> Any:
 
 _EXTRA_CELLS = "\0extra cells"
 """``csv.DictReader``'s key for the cells of a row past its header's (a name no header has)."""
+_MISSING_CELL = object()
+"""``csv.DictReader``'s value for the columns a short row has no cell for."""
 _CSV_FIELD_LIMIT = 2**31 - 1
 """The csv module's per-field limit while reading (its default, 131,072 characters, is below
 ``max_row_chars``' default: a long well-formed cell is read, the row's size then checked)."""
@@ -214,7 +233,7 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
     # strict: a quote left open (or text after a closing one) is an error, not a cell that
     # runs on over the rows after it; no field limit below max_row_chars' (checked per row)
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
-    reader = csv.DictReader(text, strict=True, restkey=_EXTRA_CELLS)
+    reader = csv.DictReader(text, strict=True, restkey=_EXTRA_CELLS, restval=_MISSING_CELL)
     try:
         header = [k.strip() for k in reader.fieldnames or []]
         _check_unique_columns(path, header, "header")
@@ -224,6 +243,12 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
                     f"{path}, row {number} (line {reader.line_num}): "
                     f"{len(header) + len(record[_EXTRA_CELLS])} cells, the header has "
                     f"{len(header)} (a cell holding a comma must be quoted)")
+            cells = sum(v is not _MISSING_CELL for v in record.values())
+            if cells < len(header):  # a cut-off row, or one written with another delimiter
+                raise DpokitError(
+                    f"{path}, row {number} (line {reader.line_num}): {cells} cell"
+                    f"{'s' * (cells != 1)}, the header has {len(header)} (every row needs a "
+                    f"cell for each column, empty or not)")
             fields = {k.strip(): _maybe_json(v) if isinstance(v, str) else v
                       for k, v in record.items()}
             yield RawRow(str(path), number, fields)
@@ -267,15 +292,23 @@ def _read_arrow(path: Path) -> Iterator[RawRow]:
 
     try:
         with pa.memory_map(str(path)) as source:
-            stream = pa.ipc.open_stream(source)
-            _check_unique_columns(path, stream.schema.names, "schema")
+            try:
+                batches = pa.ipc.open_stream(source)
+                schema = batches.schema
+            except pa.ArrowInvalid:  # the IPC file format (Feather 2), as datasets reads too
+                source.seek(0)
+                file = pa.ipc.open_file(source)
+                schema = file.schema
+                batches = (file.get_batch(i) for i in range(file.num_record_batches))
+            _check_unique_columns(path, schema.names, "schema")
             number = 0
-            for batch in stream:
+            for batch in batches:
                 for record in batch.to_pylist():
                     number += 1
                     yield RawRow(str(path), number, record)
     except (OSError, pa.ArrowException) as error:
-        raise DpokitError(f"cannot read {path} as an Arrow stream: {_one_line(error)}") from None
+        raise DpokitError(f"cannot read {path} as an Arrow stream or file: "
+                          f"{_one_line(error)}") from None
 
 
 _READERS: dict[str, Callable[[Path, str | None], Iterator[RawRow]]] = {
@@ -318,6 +351,9 @@ def _read_saved_dataset(path: Path, split: str | None) -> Iterator[RawRow]:
         source = str(path)
         if split is not None:
             log.warning("%s: a saved Dataset without splits; split=%r is ignored", path, split)
+    # as Python objects whatever format it was saved with: a numpy/torch format would give
+    # np.True_ or tensor(1.) for a boolean, which reads as the number 1
+    loaded = loaded.with_format(None)
     number = 0
     for batch in loaded.iter(batch_size=_BATCH_ROWS):  # columns of up to _BATCH_ROWS rows
         names = list(batch)
@@ -327,11 +363,24 @@ def _read_saved_dataset(path: Path, split: str | None) -> Iterator[RawRow]:
 
 
 def _shard_split(path: Path, shard: Path) -> str | None:
-    """The split a shard belongs to by its folder (``test/…``) or name (``train-00000…``)."""
+    """The split a shard belongs to by its folder (``test/…``) or name (``train-00000…``;
+    ``train_prefs-00000-of-00001…`` is split ``train_prefs``)."""
     parts = shard.relative_to(path).parts
     folder = next((part for part in parts[:-1] if part in SPLIT_NAMES), None)
     match = _SPLIT_PREFIX.match(shard.name)
-    return folder or (match.group(1) if match else None)
+    if folder or match is None:
+        return folder
+    sharded = _SHARDED_SPLIT.match(shard.name)
+    return sharded.group(1) if sharded else match.group(1)
+
+
+def _in_split(path: Path, shard: Path, split: str) -> bool:
+    """``shard`` is one of ``split``'s: in a folder of that name, or named by it — but a Hub
+    shard name states its whole split (``train_sft-00000-of-00001`` is not ``train``'s)."""
+    if any(part == split for part in shard.relative_to(path).parts[:-1]):
+        return True
+    sharded = _SHARDED_SPLIT.match(shard.name)
+    return shard.name.startswith(split) and (sharded is None or sharded.group(1) == split)
 
 
 def _shards(path: Path, split: str | None) -> tuple[list[Path], str | None]:
@@ -353,8 +402,11 @@ def _shards(path: Path, split: str | None) -> tuple[list[Path], str | None]:
             log.warning("%s: shards without split names; split=%r is ignored", path, split)
         inner = split
     else:
-        files = [p for p in files if p.name.startswith(split) or
-                 any(part == split for part in p.relative_to(path).parts[:-1])]
+        present = sorted({s for p in files if (s := _shard_split(path, p)) is not None})
+        files = [p for p in files if _in_split(path, p, split)]
+        if not files and present:
+            raise DpokitError(f"{path}: no data files for split {split!r} (the shards' splits: "
+                              f"{', '.join(present)}); set split to one of them")
     if not files:
         wanted = f" for split {split!r}" if split else ""
         raise DpokitError(f"{path}: no data files{wanted} (looked for "
