@@ -327,7 +327,7 @@ def test_sft_sequences_are_those_of_the_list_path(tokenizer, tmp_path, mode,
                                  completion_only_loss=completion_only_loss, cache_dir=cache)
         assert isinstance(got, ItemStore) and got == expected
         assert got.kinds == {"prompt_ids": "ids", "completion_ids": "ids", "source": "text",
-                             "row": "int"} and isinstance(got[0], SFTSequence)
+                             "row": "int", "tail": "int"} and isinstance(got[0], SFTSequence)
     rows[7] = {"prompt": "a", "completion": 3}  # a bad row in the 3rd chunk
     path = jsonl(tmp_path, rows)
     assert message(load_sft_sequences, path, tokenizer, chunk_rows=3) == (

@@ -11,14 +11,16 @@ Which tokens are the completion follows TRL's SFTConfig keys: ``completion_only_
 (dpokit's default) — the completion, for a conversation its last message; False — every token
 after the first (the prompt is trained on too); None — TRL's rule: the completion of
 prompt-completion rows, every token of ``messages`` and ``text`` rows. ``assistant_only_loss``
+(conversational rows only: a plain-text row is refused, naming it, as TRL refuses the data)
 trains a conversation's assistant message only (whatever ``completion_only_loss`` says, as TRL's
 assistant mask), which must be its last and only one (several assistant turns are refused,
 naming the row: dpokit masks one span per row). With a chat template that marks the assistant's
 tokens (``{% generation %}``) the trained span is exactly the template's assistant mask, as TRL's
 (for prompt-completion rows, its part in the completion, unless ``completion_only_loss`` is
 False); the template's tokens after it (e.g. a newline after the end-of-turn token) are not
-trained. A row's ``tools`` and ``chat_template_kwargs`` go to the chat template, as TRL passes
-them.
+trained, but counted in ``num_tokens`` as TRL's attention mask counts them
+(:attr:`SFTSequence.tail`). A row's ``tools`` and ``chat_template_kwargs`` go to the chat
+template, as TRL passes them.
 
 :func:`load_sft_sequences` prepares the rows chunk by chunk into an item store
 (:mod:`dpokit.data.prepare`, :mod:`dpokit.data.store`), with the checks and counts of the whole
@@ -66,6 +68,11 @@ class SFTSequence:
     completion_ids: list[int]
     source: str = ""
     row: int = 0
+    tail: int = 0
+    """Tokens of the rendered conversation after the completion that the truncation keeps
+    (``assistant_only_loss``: the chat template's tokens after its assistant mask, e.g. the
+    newline after the end-of-turn token): left out of the sequence, which they cannot change,
+    but input tokens of TRL's ``attention_mask``, so ``num_tokens`` counts them."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,8 @@ def _parse(row: RawRow, prompt_column: str, completion_column: str,
         text = fields[text_column]
         if not isinstance(text, str) or not text.strip():
             raise DpokitError(f"{row.where}, field {text_column!r}: expected a non-empty string")
+        if assistant_only:
+            raise DpokitError(_not_conversational(row, text_column))
         return _Example("", text, row.where, "text")
     for name in (prompt_column, completion_column):
         if name not in fields or fields[name] is None:
@@ -117,7 +126,16 @@ def _parse(row: RawRow, prompt_column: str, completion_column: str,
                               f"got {type(value).__name__}")
     if not completion.strip():
         raise DpokitError(f"{row.where}, field {completion_column!r}: empty completion")
+    if assistant_only:
+        raise DpokitError(_not_conversational(row, f"{prompt_column}/{completion_column}"))
     return _Example(prompt, completion, row.where)
+
+
+def _not_conversational(row: RawRow, fields: str) -> str:
+    """TRL's SFTTrainer refuses ``assistant_only_loss`` on data that is not conversational (a
+    ValueError); dpokit names the row rather than train its text whole or its completion."""
+    return (f"{row.where}, field {fields!r}: assistant_only_loss needs conversational rows "
+            f"(lists of messages); this row is plain text — set assistant_only_loss false")
 
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -242,7 +260,10 @@ def sft_sequences(examples: Sequence[_Example], rows: Sequence[RawRow],
         if not completion_ids:
             dropped += 1
             continue
-        sequences.append(SFTSequence(prompt_ids, completion_ids, row.source, row.row))
+        if tail and settings.max_length is not None and settings.truncation_mode == "keep_start":
+            # TRL's [:max_length] reaches the tail only after the whole sequence
+            tail = min(tail, max(settings.max_length - len(prompt_ids) - len(completion_ids), 0))
+        sequences.append(SFTSequence(prompt_ids, completion_ids, row.source, row.row, tail))
     return sequences, dropped
 
 

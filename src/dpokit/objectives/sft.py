@@ -8,7 +8,9 @@ micro-batch sums by :meth:`SFTObjective.units` of the global batch — its examp
 completion tokens — so with ``example`` every example weighs the same whatever its length, and
 with ``token`` every token does (TRL's SFTTrainer, which divides by ``num_items_in_batch``).
 ``nll_per_token`` (logged) is the token mean either way, and ``num_tokens`` the input tokens
-(prompt and completion) trained on since the start, as TRL's SFTTrainer logs it.
+(prompt and completion, and a chat template's untrained tokens after an ``assistant_only_loss``
+span, :attr:`~dpokit.data.sft.SFTSequence.tail`) trained on since the start, as TRL's
+SFTTrainer logs it (``attention_mask.sum()``).
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ class SFTObjective(Objective):
         batch = (pack_sequences(sequences) if self.config.padding_free
                  else pad_sequences(sequences, pad_token_id=self.tokenizer.pad_token_id))
         batch.extras["indices"] = torch.tensor(list(indices), dtype=torch.long)
-        batch.extras["input_tokens"] = input_tokens(len(ids) for ids, _ in sequences)
+        # TRL's attention mask also covers a chat template's untrained tokens after the span
+        batch.extras["input_tokens"] = input_tokens(
+            len(ids) + s.tail for (ids, _), s in zip(sequences, items, strict=True))
         return batch
 
     def policy(self, model: nn.Module) -> LogpsModule:
