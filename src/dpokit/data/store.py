@@ -13,7 +13,15 @@ an optional float as ``float64`` values plus a ``bool`` mask of the ones set, a 
 index into a table of the distinct strings (first-seen order), an int as ``int64``. On disk an
 entry is a directory of ``.npy`` files (opened with ``np.load(mmap_mode="r")``: only the pages an
 item touches are read) and ``meta.json``, written last, with the item count and a digest of every
-field (:func:`content_digest` reads these instead of the tokens).
+field (:func:`content_digest` reads these instead of the tokens). No file is ever written over
+(an existing one is refused): a store mapped by a running process is never truncated under it.
+
+Opening an entry verifies it cheaply (:func:`open_store`): ``meta.json`` carries a SHA-256 of
+its own content, and for each ``.npy`` file its size and a SHA-256 of its bytes — of the whole
+file up to :data:`_WHOLE_FILE` bytes, else of :data:`_SAMPLES` evenly spaced blocks from its
+first to its last byte (a truncated, extended or replaced file, or one edited at its ends, is
+found in O(1); an edit of one value deep inside a file over 4 MiB may not be: a full check
+would cost a read of the whole data at every start).
 
 The digest of a field is the SHA-256 of its values in a canonical form (token ids and lengths as
 little-endian int64, floats as their float64 bytes with the None mask, strings as the codes of
@@ -35,13 +43,18 @@ from typing import Any
 
 import numpy as np
 
-FORMAT = 1
-"""Version of the on-disk layout (``meta.json``'s ``format``)."""
+FORMAT = 2
+"""Version of the on-disk layout (``meta.json``'s ``format``). 2: ``meta.json`` holds the
+sizes and checksums of the files and of itself (module docstring)."""
 _TOKEN_DTYPE = np.dtype("<i4")
 _INT_DTYPE = np.dtype("<i8")
 _FLOAT_DTYPE = np.dtype("<f8")
 _BLOCK = 1 << 16
 """Items per block when a digest or a column is computed item by item (lists, views)."""
+_WHOLE_FILE = 1 << 22
+"""Files up to this many bytes are checksummed whole when a store is opened."""
+_SAMPLES, _SAMPLE_BYTES = 32, 1 << 16
+"""Larger files: this many blocks of this many bytes, evenly spaced, first and last included."""
 
 _KINDS = {"list[int]": "ids", "float | None": "number", "float": "number",
           "Optional[float]": "number", "str": "text", "int": "int"}
@@ -197,7 +210,7 @@ class _NpyAppender:
 
     def __init__(self, path: Path, dtype: np.dtype):
         self.path, self.dtype, self.count = path, dtype, 0
-        self.handle = path.open("wb")
+        self.handle = path.open("xb")  # never over a file (one mapped elsewhere: SIGBUS)
         self._header(0)
         self.start = self.handle.tell()
 
@@ -283,13 +296,19 @@ class StoreWriter:
         meta = {**self.meta(), **extra}
         if self.directory is None:
             arrays = {}
+            dtypes = _arrays(self.kinds)
             for name, parts in self.columns.items():  # one column's copy at a time
-                arrays[name] = np.concatenate(parts)
+                arrays[name] = (np.concatenate(parts).astype(dtypes[name], copy=False) if parts
+                                else np.zeros(0, dtype=dtypes[name]))  # no item appended
                 parts.clear()
             return ItemStore(self.cls, arrays, meta)
         for column in self.columns.values():
             column.close()
-        (self.directory / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        meta["files"] = {array: _file_check(self.directory / f"{array}.npy")
+                         for array in self.columns}
+        meta["checksum"] = _meta_checksum(meta)
+        with (self.directory / "meta.json").open("x", encoding="utf-8") as handle:
+            handle.write(json.dumps(meta))
         return open_store(self.directory, self.cls)
 
     def abort(self) -> None:
@@ -299,14 +318,41 @@ class StoreWriter:
                 column.abort()
 
 
+def _file_check(path: Path) -> dict[str, Any]:
+    """The size of the file ``path`` and a SHA-256 of its bytes: all of them up to
+    :data:`_WHOLE_FILE`, else :data:`_SAMPLES` blocks from its first byte to its last."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{size}\0".encode())
+    with path.open("rb") as handle:
+        if size <= _WHOLE_FILE:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+        else:
+            for k in range(_SAMPLES):
+                handle.seek((size - _SAMPLE_BYTES) * k // (_SAMPLES - 1))
+                digest.update(handle.read(_SAMPLE_BYTES))
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def _meta_checksum(meta: dict[str, Any]) -> str:
+    """SHA-256 of ``meta`` but its own ``checksum`` (canonical JSON)."""
+    rest = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
 def open_store(directory: Path, cls: type, *, key: str | None = None) -> ItemStore:
     """The store written in ``directory``, its arrays memory-mapped; an entry that is not
-    complete, not of ``cls`` (or of another ``key``) or inconsistent raises (ValueError,
-    OSError, …: the caller removes it)."""
+    complete, not of ``cls`` (or of another ``key``), altered since it was written (its files'
+    sizes and checksums, module docstring) or inconsistent raises (ValueError, OSError, …,
+    naming the file: the caller removes it)."""
     meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError("meta.json: not an object")
     if meta.get("format") != FORMAT or meta.get("kind") != cls.__name__:
         raise ValueError(f"format {meta.get('format')} of {meta.get('kind')}, expected "
                          f"{FORMAT} of {cls.__name__}")
+    if meta.get("checksum") != _meta_checksum(meta):
+        raise ValueError("meta.json: altered since it was written (its checksum differs)")
     if key is not None and meta.get("key") != key:
         raise ValueError(f"it holds the items of key {meta.get('key')}")
     kinds = field_kinds(cls)
@@ -315,6 +361,13 @@ def open_store(directory: Path, cls: type, *, key: str | None = None) -> ItemSto
     n = meta["count"]
     arrays = {}
     for array, dtype in _arrays(kinds).items():
+        expected, path = meta["files"][array], directory / f"{array}.npy"
+        found = _file_check(path)
+        if found["bytes"] != expected["bytes"]:
+            raise ValueError(f"{path.name}: {found['bytes']} bytes, {expected['bytes']} when "
+                             f"written (truncated or extended)")
+        if found["sha256"] != expected["sha256"]:
+            raise ValueError(f"{path.name}: altered since it was written (its checksum differs)")
         arrays[array] = np.load(directory / f"{array}.npy", mmap_mode="r",
                                 allow_pickle=False).view(np.ndarray)
         if arrays[array].dtype != dtype or arrays[array].ndim != 1:
@@ -537,9 +590,26 @@ class ItemChain(_Items):
         return np.concatenate([present(p, name) for p in self.parts] or [np.zeros(0, bool)])
 
     def digest(self, *, fields: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> str:
+        """:func:`content_digest` of the parts one after another, a block of items at a time
+        (a store's as arrays): never every item in memory at once."""
         if not self.parts:
             return hashlib.sha256(b"empty").hexdigest()
-        return content_digest(list(self), fields=fields, exclude=exclude)
+        first = self.parts[0]  # (a store's class: no item built)
+        cls = first.cls if isinstance(first, ItemStore) else type(first[0])
+        kinds = field_kinds(cls)
+        names = [n for n in (fields or kinds) if n not in exclude]
+        running = {name: _FieldDigest(kinds[name]) for name in names}
+        for part in self.parts:
+            for start in range(0, len(part), _BLOCK):
+                if isinstance(part, ItemStore):
+                    positions = np.arange(start, min(start + _BLOCK, len(part)), dtype=np.int64)
+                    block = part._block_arrays(
+                        positions if part.rows is None else part.rows[positions], names)
+                else:
+                    block = chunk_arrays(part[start:start + _BLOCK], cls)
+                for name in names:
+                    running[name].update(name, block)
+        return _combine({n: d.hexdigest() for n, d in running.items()}, names)
 
 
 # ---------------------------------------------------------- the same, for any sequence of items
