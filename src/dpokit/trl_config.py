@@ -9,6 +9,7 @@ reason and what to use instead; nothing is dropped silently:
 - renamed keys (:data:`RENAMED`) map onto dpokit's field of the same meaning;
 - keys dpokit shares with TRL (``learning_rate``, ``beta``, ``loss_type``, …) pass through;
 - keys whose TRL value has another form are converted (``max_steps: -1`` → null,
+  ``max_grad_norm: 0`` → null, ``lora_target_modules: all-linear`` → a list,
   ``fsdp: "full_shard auto_wrap"`` → ``fsdp: true``, ``model_revision`` → ``Org/Name@revision``,
   ``report_to: wandb`` → a list, ``dataset_test_split`` with an ``eval_strategy`` → the
   evaluation data);
@@ -21,8 +22,9 @@ reason and what to use instead; nothing is dropped silently:
 TRL's defaults that change the result are applied to a TRL-flavoured file when it does not set
 them (:data:`TRL_DEFAULTS`: 3 epochs, LoRA dropout 0.05 on peft's default modules, no
 evaluation unless ``eval_strategy`` asks, every checkpoint kept, bfloat16 autocast unless
-``fp16``, the ``train`` split) — by ``load_config`` once command-line flags are merged, so a
-flag that decides one (``--fp16``, ``--no-lora``) keeps it out (:func:`trl_defaults`).
+``fp16``, the ``train`` split; for SFT the model's own dropout, :data:`TRL_SFT_DEFAULTS`) —
+by ``load_config`` once command-line flags are merged, so a flag that decides one
+(``--fp16``, ``--no-lora``) keeps it out (:func:`trl_defaults`).
 :func:`translate` is a pure function of the mapping; ``dpokit config convert`` prints its result
 as a native YAML with a comment per changed key.
 """
@@ -59,8 +61,21 @@ RENAMED = {
 
 NO_EFFECT = {
     "dataloader_num_workers": None, "pad_to_multiple_of": None,
-    "average_tokens_across_devices": None,
+    "average_tokens_across_devices": None,  # (False refused for SFT, in translate)
     "include_num_input_tokens_seen": None, "log_level": None, "disable_tqdm": None,
+    "logging_first_step": None, "log_level_replica": None, "log_on_each_node": None,
+    "logging_nan_inf_filter": None, "skip_memory_metrics": None, "do_predict": None,
+    "hub_strategy": None, "hub_token": None, "hub_private_repo": None, "hub_always_push": None,
+    "hub_revision": None, "greater_is_better": None, "length_column_name": None,
+    "dataloader_persistent_workers": None, "dataloader_prefetch_factor": None,
+    "dataloader_multiprocessing_context": None, "dataloader_in_order": None,
+    "ddp_bucket_cap_mb": None, "ddp_broadcast_buffers": None, "ddp_static_graph": None,
+    "ddp_backend": None, "save_on_each_node": None, "torch_empty_cache_steps": None,
+    "use_cache": None, "prediction_loss_only": None, "eval_do_concat_batches": None,
+    "eval_use_gather_object": None, "eval_accumulation_steps": None,
+    "batch_eval_metrics": None, "include_for_metrics": None,
+    "activation_checkpointing": None,
+    "activation_checkpointing_kwargs": (None, {}, {"use_reentrant": False}),
     "remove_unused_columns": None, "do_train": None, "do_eval": None, "local_rank": None,
     "label_names": None, "save_only_model": None, "dataloader_pin_memory": None,
     "logging_dir": None, "tf32": None, "seed_data": None, "data_seed": (None,),
@@ -83,9 +98,21 @@ DEFAULT_ONLY = {
     "dataset_config": (None,), "dataset_streaming": (False,), "torch_compile": (False,),
     "load_best_model_at_end": (False,), "metric_for_best_model": (None,),
     "eval_on_start": (False,), "group_by_length": (False,), "dataloader_drop_last": (False,),
-    "full_determinism": (False,), "lr_scheduler_kwargs": (None, {}), "logging_first_step": (False,),
+    "full_determinism": (False,), "lr_scheduler_kwargs": (None, {}),
     "bf16_full_eval": (False,), "fp16_full_eval": (False,), "deepspeed": (None,),
-"generate_during_eval": (False,),
+    "generate_during_eval": (False,),
+    # transformers 5's TrainingArguments that change the numbers, the data or the run at any
+    # other value
+    "label_smoothing_factor": (0, 0.0), "neftune_noise_alpha": (None,),
+    "use_liger_kernel": (False,), "liger_kernel_config": (None, {}), "optim_args": (None, ""),
+    "optim_target_modules": (None,), "torch_compile_backend": (None,),
+    "torch_compile_mode": (None,), "auto_find_batch_size": (False,),
+    "train_sampling_strategy": ("random",), "ignore_data_skip": (False,),
+    "restore_callback_states_from_checkpoint": (False,), "enable_jit_checkpoint": (False,),
+    "eval_delay": (0, 0.0), "accelerator_config": (None, {}), "parallelism_config": (None,),
+    "fsdp_config": (None, {}), "debug": ("", None, []), "trackio_static_space_id": (None,),
+    # TRL's DatasetMixtureConfig
+    "datasets": (None, []), "streaming": (False,), "test_split_size": (None,),
     "use_logits_to_keep": (False,), "trackio_space_id": (None,), "trackio_bucket_id": (None,),
     "packing": (False,), "eval_packing": (None, False), "eos_token": (None,),
     "chat_template_path": (None,), "dataset_kwargs": (None, {}),
@@ -117,6 +144,33 @@ WHY = {
     "lr_scheduler_type": "lr_scheduler is linear, cosine or constant",
     "data_seed": "dpokit orders the data by seed alone (transformers' data_seed seeds the "
                  "sampler apart from it); set seed, or leave data_seed null",
+    "label_smoothing_factor": "dpokit's SFT loss is the plain NLL",
+    "neftune_noise_alpha": "NEFTune embedding noise is not supported",
+    "use_liger_kernel": "dpokit computes log-probs in its own chunked LM head",
+    "liger_kernel_config": "dpokit computes log-probs in its own chunked LM head",
+    "optim_args": "dpokit trains with AdamW: set adam_beta1, adam_beta2, adam_epsilon",
+    "optim_target_modules": "dpokit trains with AdamW on every trained parameter",
+    "torch_compile_backend": "torch.compile is not supported",
+    "torch_compile_mode": "torch.compile is not supported",
+    "auto_find_batch_size": "dpokit does not change batch_size during a run",
+    "train_sampling_strategy": "dpokit samples the training rows at random (by seed)",
+    "ignore_data_skip": "a resumed dpokit run always continues the interrupted data order",
+    "restore_callback_states_from_checkpoint": "dpokit has no callbacks",
+    "enable_jit_checkpoint": "dpokit checkpoints every save_steps",
+    "eval_delay": "dpokit evaluates from the first eval_steps on",
+    "accelerator_config": "dpokit does not run through accelerate",
+    "parallelism_config": "dpokit shards with FSDP2 (fsdp: true) under torchrun",
+    "fsdp_config": "dpokit's fsdp: true is FSDP2 fully_shard per decoder layer, without options",
+    "debug": "transformers' debug options are not supported",
+    "trackio_static_space_id": "dpokit logs trackio locally (TRACKIO_DIR); a Space is not "
+                               "supported",
+    "datasets": "dpokit reads one data source: dataset_name (or data)",
+    "streaming": "dpokit reads the whole data source before training",
+    "test_split_size": "give the evaluation data as dataset_test_split (or eval_data)",
+    "average_tokens_across_devices": "dpokit's SFT loss divides by the global batch's token "
+                                     "count, TRL's default true",
+    "lora_target_modules": "peft reads a string as a regular expression over whole module "
+                           "names; give a list of module names, or all-linear",
 }
 """Why a key (at that value) is refused, and what to use instead."""
 
@@ -128,7 +182,20 @@ TRL_DEFAULTS = {"num_epochs": 3.0, "lora_dropout": 0.05, "lora_target_modules": 
 """TRL 1.16 defaults that change the result, applied to a TRL-flavoured file that sets none of
 the keys that mean them (``bf16``: unless ``fp16`` is set, as DPOConfig's ``__post_init__``)."""
 
+TRL_SFT_DEFAULTS = {"disable_dropout": False}
+"""TRL 1.16 defaults of SFT alone: SFTTrainer trains with the model's dropout (only DPOConfig
+has ``disable_dropout``, default true, as dpokit's own)."""
+
 REPORT_TO = ("tensorboard", "wandb", "trackio", "all", "none")
+
+NONE_TEXT = frozenset({
+    "data_seed", "dataloader_prefetch_factor", "dataset_num_proc", "ddp_bucket_cap_mb",
+    "eval_accumulation_steps", "eval_steps", "label_names", "ld_alpha", "liger_kernel_config",
+    "lora_modules_to_save", "lora_target_modules", "lora_target_parameters", "loss_weights",
+    "max_length", "neftune_noise_alpha", "parallelism_config", "precompute_ref_batch_size",
+    "router_aux_loss_coef", "save_total_limit", "test_split_size", "torch_empty_cache_steps"})
+"""TRL keys typed ``X | None`` with X not str (nor bool): TRL's argument parser reads the text
+``None``/``null`` (any case) there as None, in a YAML file too (``max_length: None``)."""
 
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant",
                "constant_with_warmup": "constant"}
@@ -171,7 +238,14 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
     out: dict[str, Any] = {}
     result = Translation(out)
     note = result.notes.append
+    sft = known is not None and "completion_only_loss" in known  # SFTConfig's key alone
     for key, value in values.items():
+        if key in NONE_TEXT and isinstance(value, str) and value.lower() in ("none", "null"):
+            value = None
+        if key == "average_tokens_across_devices" and value is False and sft:
+            # transformers then divides each rank's token sum by its own count: another
+            # gradient under torchrun (DPO's loss never reads it)
+            raise _refuse(source, key, value)
         if key in NO_EFFECT:
             allowed = NO_EFFECT[key]
             if allowed is not None and value not in allowed:
@@ -243,19 +317,31 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise DpokitError(f"{source}: TRL key max_steps: expected a number of steps "
                                   f"(-1: no limit), got {value!r}")
-            if value < 0:
+            if value <= 0:  # transformers: max_steps > 0 overrides the epochs, else unset
                 out["max_steps"] = None
-                note((key, "-1: null (num_epochs decides)"))
+                note((key, f"{value!r}: null (num_epochs decides)"))
                 continue
         if key == "resume_from_checkpoint" and isinstance(value, bool):
             if value:
                 out["resume"] = "auto"
                 note((key, "true: resume auto (the last checkpoint, as TRL)"))
             continue
-        if key in ("eval_steps", "save_steps", "logging_steps") and isinstance(value, float) \
-                and 0 < value < 1:
-            raise DpokitError(f"{source}: TRL key {key}: {value} (a fraction of the run) is not "
-                              f"supported; give a number of steps")
+        if key in ("eval_steps", "save_steps", "logging_steps") and isinstance(value, float):
+            if 0 < value < 1:
+                raise DpokitError(f"{source}: TRL key {key}: {value} (a fraction of the run) is "
+                                  f"not supported; give a number of steps")
+            if value == int(value):  # transformers takes 10.0 as 10 steps
+                value = int(value)
+        if key == "max_grad_norm" and isinstance(value, int | float) \
+                and not isinstance(value, bool) and value <= 0:
+            out["max_grad_norm"] = None  # transformers clips only when max_grad_norm > 0
+            note((key, f"{value!r}: null (no clipping, as transformers)"))
+            continue
+        if key == "lora_target_modules" and isinstance(value, str):
+            # TRL hands a string to peft as it is: all-linear, or a regex over whole names
+            if value != "all-linear":
+                raise _refuse(source, key, value)
+            value = [value]
         if key in ("model_revision", "dataset_test_split"):
             continue  # combined below
         target = RENAMED.get(key, key)
@@ -266,9 +352,10 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
         out["warmup_steps"], out["warmup_ratio"] = 0, 0.0
         note(("lr_scheduler_type", "constant: no warmup (transformers' constant ignores "
                                    "warmup_steps and warmup_ratio)"))
-    if out.get("eval_strategy") == "steps" and out.get("eval_steps") is None:
+    if out.get("eval_strategy") == "steps" and not out.get("eval_steps"):  # (None or 0)
         out["eval_steps"] = out.get("logging_steps") or 10  # transformers' fallback (TRL: 10)
-        note(("eval_steps", f"null: {out['eval_steps']}, logging_steps' (as transformers)"))
+        note(("eval_steps", f"{values.get('eval_steps')!r}: {out['eval_steps']}, "
+                            f"logging_steps' (as transformers)"))
     revision = values.get("model_revision")
     if revision not in (None, "main") and out.get("model"):
         out["model"] = f"{out['model']}@{revision}"
@@ -307,10 +394,13 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
 def trl_defaults(given: Callable[[str], Any], known: Iterable[str] | None) -> dict[str, Any]:
     """The :data:`TRL_DEFAULTS` that apply where ``given(key)`` is what the file and the
     flags set (None: unset): ``bf16`` unless ``fp16`` is set (TRL's bf16 is ``not fp16``), the
-    LoRA defaults only with LoRA; only keys of ``known`` (the target config's fields)."""
+    LoRA defaults only with LoRA, :data:`TRL_SFT_DEFAULTS` only for an SFT config; only keys of
+    ``known`` (the target config's fields)."""
     known = set(known) if known is not None else None
     peft = bool(given("lora"))
-    return {key: default for key, default in TRL_DEFAULTS.items()
+    sft = known is not None and "completion_only_loss" in known  # SFTConfig's key alone
+    defaults = {**TRL_DEFAULTS, **(TRL_SFT_DEFAULTS if sft else {})}
+    return {key: default for key, default in defaults.items()
             if not ((key == "bf16" and given("fp16")) or (key.startswith("lora_") and not peft))
             and (known is None or key in known)}
 
