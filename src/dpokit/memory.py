@@ -8,9 +8,11 @@ traceback:
 - CUDA: the driver's free memory plus what PyTorch's caching allocator holds unused;
 - CPU (Linux): the host's share — the least of ``MemAvailable`` (``/proc/meminfo``) and the
   headroom of this process's memory cgroup and each of its ancestors (limit minus usage, the
-  reclaimable file cache not counted as used; v2's ``memory.max``, v1's
-  ``memory.limit_in_bytes``), divided among the ranks on this host — and this process's own
-  address-space limit (``RLIMIT_AS``) minus its virtual size;
+  reclaimable file cache not counted as used; v2's ``memory.max`` and ``memory.high``, past
+  which the kernel throttles the cgroup; v1's ``memory.limit_in_bytes``), divided among the
+  ranks on this host — and this process's own limits: address space (``RLIMIT_AS``) minus its
+  virtual size, data segment (``RLIMIT_DATA``, ``ulimit -d``, which counts the allocator's
+  private mappings) minus its data size;
 - anything else (MPS, another OS): unknown (``None``).
 """
 
@@ -23,11 +25,11 @@ from pathlib import Path
 import torch
 
 _UNLIMITED = 1 << 60  # cgroup v1 writes a page-rounded 2⁶³ for "no limit"
-_CGROUPS = {"v2": ("", "memory.max", "memory.current", "inactive_file"),
-            "v1": ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+_CGROUPS = {"v2": ("", ("memory.max", "memory.high"), "memory.current", "inactive_file"),
+            "v1": ("memory", ("memory.limit_in_bytes",), "memory.usage_in_bytes",
                    "total_inactive_file")}
-"""Per cgroup version: the mount under /sys/fs/cgroup, the limit, usage and ``memory.stat``'s
-reclaimable-file-cache key."""
+"""Per cgroup version: the mount under /sys/fs/cgroup, the limits (the least binds), usage and
+``memory.stat``'s reclaimable-file-cache key."""
 
 OUT_OF_MEMORY_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
                         MemoryError)
@@ -88,12 +90,13 @@ def cgroup_headroom(root: Path = Path("/")) -> int | None:
         if version is not None:
             paths[version] = path.strip("/")
     headrooms = []
-    for version, (mount, limit_name, usage_name, cache_key) in _CGROUPS.items():
+    for version, (mount, limit_names, usage_name, cache_key) in _CGROUPS.items():
         base = root / "sys" / "fs" / "cgroup" / mount
         path = Path(paths.get(version, ""))
         for level in [path, *path.parents]:
             directory = base / level
-            limit = _read_int(directory / limit_name)
+            limits = [_read_int(directory / name) for name in limit_names]
+            limit = min((n for n in limits if n is not None), default=None)
             usage = _read_int(directory / usage_name)
             if limit is None or usage is None or limit >= _UNLIMITED:
                 continue
@@ -103,14 +106,18 @@ def cgroup_headroom(root: Path = Path("/")) -> int | None:
 
 
 def address_space_headroom() -> int | None:
-    """``RLIMIT_AS`` minus this process's virtual size (``VmSize``); None without a limit."""
+    """The least of ``RLIMIT_AS`` minus this process's virtual size (``VmSize``) and
+    ``RLIMIT_DATA`` minus its data size (``VmData``: heap and private writable mappings, where
+    PyTorch's CPU allocator takes its memory); None without either limit."""
     import resource
 
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     status = _read_fields(Path("/proc/self/status"))
-    if soft == resource.RLIM_INFINITY or "VmSize" not in status:
-        return None
-    return max(0, soft - status["VmSize"] * 1024)
+    headrooms = []
+    for limit, used in ((resource.RLIMIT_AS, "VmSize"), (resource.RLIMIT_DATA, "VmData")):
+        soft, _ = resource.getrlimit(limit)
+        if soft != resource.RLIM_INFINITY and used in status:
+            headrooms.append(max(0, soft - status[used] * 1024))
+    return min(headrooms) if headrooms else None
 
 
 def is_out_of_memory(error: BaseException) -> bool:

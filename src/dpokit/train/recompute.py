@@ -97,7 +97,16 @@ KEPT_PER_TOKEN = {"none": (9, 4), "selective": (6, 2)}
 """Values a Llama-style decoder layer keeps per token for backward, as (a, b) of a·H + b·I
 (H hidden size, I MLP width): without recomputation its norm outputs, rotated queries/keys,
 attention output and the MLP's four I-wide tensors; with selective recomputation only the
-matmul and attention outputs."""
+matmul and attention outputs (5·H), the layer's input (H) and the MLP's two I-wide matmul
+outputs.
+
+Under mixed precision (autocast around weights of a wider dtype) autocast narrows only the
+matmul and attention inputs: the residual stream, the norms and the rotary embeddings stay in
+the weights' dtype, so the H-wide values kept without recomputation are in the weights' dtype
+(measured on float32 Llama weights under bfloat16 autocast: 35·H + 8.75·I bytes a token and
+layer, against 9·H·4 + 4·I·2 = 36·H + 8·I), and of selective recomputation's 6·H the layer's
+input (14·H measured, 5·H·2 + H·4 estimated); the I-wide values are matmul outputs, in the
+compute dtype (:func:`kept_bytes`'s ``residual_bytes``)."""
 
 
 def _shape(model_config) -> tuple[int, int, int]:
@@ -112,29 +121,44 @@ def _shape(model_config) -> tuple[int, int, int]:
 
 
 def kept_bytes(model_config, tokens: float, bytes_per_value: int,
-               mode: Literal["none", "selective", "full"]) -> float:
+               mode: Literal["none", "selective", "full"], *,
+               residual_bytes: int | None = None) -> float:
     """Activation bytes the backward pass needs for ``tokens`` tokens of a micro-batch.
 
-    Per token: ``none`` keeps ≈ layers · (9·H + 4·I) values, ``selective`` layers · (6·H + 2·I)
-    (:data:`KEPT_PER_TOKEN`), ``full`` each layer's input, layers · H, plus one layer's
-    9·H + 4·I while backward recomputes it. (Measured on the benchmark's 26 M model at 8,192
-    tokens a pair: selective − full = 2.16 GB estimated, 2.31 GB of peak RSS.)
+    ``bytes_per_value``: the element size of the compute dtype (autocast's, else the weights');
+    ``residual_bytes``: the weights' element size, that of the residual stream, norms and rotary
+    embeddings (default ``bytes_per_value``; float32 weights under bfloat16 autocast: 4 and 2).
+    Per token with s = ``bytes_per_value`` and w = ``residual_bytes`` (:data:`KEPT_PER_TOKEN`):
+    ``none`` keeps ≈ layers · (9·H·w + 4·I·s) bytes, ``selective`` layers · (5·H·s + H·w +
+    2·I·s), ``full`` each layer's input, layers · H·w, plus one layer's ``none`` while backward
+    recomputes it. (Measured on the benchmark's 26 M model at 8,192 tokens a pair: selective −
+    full = 2.16 GB estimated, 2.31 GB of peak RSS.)
     """
     hidden, layers, inner = _shape(model_config)
+    s = bytes_per_value
+    w = bytes_per_value if residual_bytes is None else residual_bytes
     a, b = KEPT_PER_TOKEN["none"]
+    layer = a * hidden * w + b * inner * s  # one layer, nothing recomputed
     if mode == "full":
-        per_token = layers * hidden + a * hidden + b * inner
+        per_token = layers * hidden * w + layer
+    elif mode == "none":
+        per_token = layers * layer
     else:
-        a, b = KEPT_PER_TOKEN[mode]
-        per_token = layers * (a * hidden + b * inner)
-    return tokens * per_token * bytes_per_value
+        a, b = KEPT_PER_TOKEN["selective"]
+        per_token = layers * ((a - 1) * hidden * s + hidden * w + b * inner * s)
+    return tokens * per_token
 
 
-def freed_bytes(model_config, tokens: float, bytes_per_value: int) -> float:
+def freed_bytes(model_config, tokens: float, bytes_per_value: int, *,
+                residual_bytes: int | None = None) -> float:
     """Activation bytes selective recomputation frees for ``tokens`` tokens of a micro-batch:
-    ``kept_bytes(none) − kept_bytes(selective)`` ≈ tokens · layers · (3·H + 2·I) values."""
-    return (kept_bytes(model_config, tokens, bytes_per_value, "none")
-            - kept_bytes(model_config, tokens, bytes_per_value, "selective"))
+    ``kept_bytes(none) − kept_bytes(selective)`` ≈ tokens · layers · (3·H + 2·I) values (with
+    ``residual_bytes`` above ``bytes_per_value``, the 8·H values the two keep in the weights'
+    dtype count at its size)."""
+    return (kept_bytes(model_config, tokens, bytes_per_value, "none",
+                       residual_bytes=residual_bytes)
+            - kept_bytes(model_config, tokens, bytes_per_value, "selective",
+                         residual_bytes=residual_bytes))
 
 
 def lm_head_scratch_bytes(model_config, tokens: float, chunk_size: int) -> float:
