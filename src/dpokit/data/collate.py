@@ -155,10 +155,12 @@ def _per_pair(pairs: Sequence[TokenizedPair]) -> dict[str, Tensor | None]:
 
 
 def _optional(pairs: Sequence[TokenizedPair], name: str) -> Tensor | None:
+    """The column ``name`` of the pairs, each pair without it at the neutral value: weight 1,
+    margin 0, and label_prob 1 — a pair is chosen ≻ rejected, the hard label (0 would flip it)."""
     values = [getattr(p, name) for p in pairs]
     if all(v is None for v in values):
         return None
-    default = 1.0 if name == "weight" else 0.0
+    default = 0.0 if name == "margin" else 1.0
     return torch.tensor([default if v is None else v for v in values], dtype=torch.float32)
 
 
