@@ -451,8 +451,8 @@ class _TakePadded(torch.autograd.Function):
         out = None
         for r in range(take.shape[0]):
             part = grad.index_select(1, take[r])
-            if valid is not None:
-                part = part.masked_fill(~valid[r][None, :, None], 0)
+            if valid is not None:  # (in place: ``part`` is the gather's own new tensor)
+                part = part.masked_fill_(~valid[r][None, :, None], 0)
             out = part if out is None else out.add_(part)
         return out, None, None, None
 
@@ -478,20 +478,28 @@ class _Permute(torch.autograd.Function):
 
 def _padded_outputs(query: Tensor, key: Tensor, value: Tensor, plan: SegmentPlan,
                     **sdpa: Any) -> list[Tensor]:
-    """Every padded call's result, ``(S · Lq, heads, d)`` each."""
-    queries = _TakePadded.apply(query[0], plan.query_gather, plan.query_take, plan.query_valid)
-    keys, values = (_TakePadded.apply(t[0], plan.key_gather, plan.key_take, plan.key_valid)
-                    for t in (key, value))  # (h, P, d) each
-    outputs, q_at, k_at = [], 0, 0
-    for call in plan.calls:
-        rows, lq = call.query_index.shape
-        lk = call.key_index.shape[1]
-        q = queries[:, q_at:q_at + rows * lq].unflatten(1, (rows, lq)).transpose(0, 1)
-        k, v = (t[:, k_at:k_at + rows * lk].unflatten(1, (rows, lk)).transpose(0, 1)
-                for t in (keys, values))  # (S, h, L, d)
+    """Every padded call's result, ``(S · Lq, heads, d)`` each.
+
+    The calls' queries, keys and values are ``split`` off the gathered tensors, not sliced: the
+    backward of a split is one concatenation of the calls' gradients, where each slice's
+    backward zero-fills a tensor of the whole gather and autograd adds them up (a call's worth
+    of ``fill_`` and ``add_`` passes over ``(h, P, d)`` per call and layer). The same values."""
+    # squeeze, not [0]: a view whose backward is one too (select's zero-fills and copies)
+    queries = _TakePadded.apply(query.squeeze(0), plan.query_gather, plan.query_take,
+                                plan.query_valid)
+    keys, values = (_TakePadded.apply(t.squeeze(0), plan.key_gather, plan.key_take,
+                                      plan.key_valid) for t in (key, value))  # (h, P, d) each
+    shapes = [(call.query_index.shape, call.key_index.shape[1]) for call in plan.calls]
+    q_parts = queries.split([rows * lq for (rows, lq), _ in shapes], dim=1)
+    k_parts, v_parts = (t.split([rows * lk for (rows, _), lk in shapes], dim=1)
+                        for t in (keys, values))
+    outputs = []
+    for call, ((rows, lq), lk), q, k, v in zip(plan.calls, shapes, q_parts, k_parts, v_parts,
+                                                strict=True):
+        q = q.unflatten(1, (rows, lq)).transpose(0, 1)
+        k, v = (t.unflatten(1, (rows, lk)).transpose(0, 1) for t in (k, v))  # (S, h, L, d)
         out = _sdpa(q, k, v, call.mask, causal=True, **sdpa)
         outputs.append(out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[3]))
-        q_at, k_at = q_at + rows * lq, k_at + rows * lk
     return outputs
 
 
@@ -563,7 +571,7 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     if plan is None:
         return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
     pieces = _padded_outputs(query, key, value, plan, **sdpa) if plan.calls else []
-    pieces += [out[0].transpose(0, 1) for out in outputs]  # (n, h, d) each
+    pieces += [out.squeeze(0).transpose(0, 1) for out in outputs]  # (n, h, d) each
     flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return _Permute.apply(flat, plan.back)[None], None
 
