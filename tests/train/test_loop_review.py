@@ -333,3 +333,33 @@ def test_weight_decay_skips_what_transformers_skips(tokenizer, kind):
             } == set(names.values())
     for group in optimizer.param_groups:
         assert group["betas"] == (0.7, 0.9) and group["eps"] == 1e-5
+
+
+@pytest.mark.parametrize("scale, max_norm", [(1e-3, 1.0), (10.0, 1.0), (1.0, None),
+                                             (1.0, 1.0 + 1e-7), (float("nan"), 1.0)])
+def test_clipping_is_clip_grad_norm_bit_for_bit(scale, max_norm):
+    """The loop's clipping skips clip_grad_norm_'s multiplication by a coefficient of exactly 1
+    (every step where the norm is within max_norm); the gradients and the returned norm must
+    be clip_grad_norm_'s to the bit whether it clips or not, at the boundary and with NaN."""
+    import copy
+
+    from dpokit.train.loop import _clip
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * scale
+    if max_norm == 1.0 + 1e-7:  # a norm at max_norm: the coefficient's rounding decides
+        total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        for p in model.parameters():
+            p.grad /= total
+    oracle = copy.deepcopy(model)
+    for mine, theirs in zip(model.parameters(), oracle.parameters(), strict=True):
+        theirs.grad = mine.grad.clone()  # (deepcopy leaves .grad behind)
+    expected = torch.nn.utils.clip_grad_norm_(list(oracle.parameters()),
+                                              max_norm if max_norm else float("inf"))
+    norm = _clip(model, max_norm)
+    assert norm == float(expected) or (math.isnan(norm) and math.isnan(float(expected)))
+    for mine, theirs in zip(model.parameters(), oracle.parameters(), strict=True):
+        assert torch.equal(mine.grad, theirs.grad) or (
+            torch.isnan(mine.grad).all() and torch.isnan(theirs.grad).all())

@@ -479,9 +479,15 @@ def _clip(model: nn.Module, max_norm: float | None) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         raise DpokitError("no parameter received a gradient (is anything trainable?)")
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-        norm = norm.full_tensor()
+    max_norm = max_norm if max_norm else float("inf")
+    if hasattr(params[0].grad, "full_tensor"):  # FSDP2: DTensors, clipped as PyTorch does
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm).full_tensor())
+    # clip_grad_norm_ multiplies every gradient by min(1, max_norm / (norm + 1e-6)) even when
+    # that is exactly 1 (a whole pass over the gradients a step for nothing): the same
+    # coefficient, and the multiplication only where it changes something (NaN included)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if not bool(max_norm / (norm + 1e-6) >= 1.0):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)
 
 
