@@ -179,3 +179,79 @@ def test_selective_recomputation_keeps_every_gradient_with_dropout_on(kind):
             assert (plain is None) == (recomputed is None)
             if plain is not None:
                 torch.testing.assert_close(recomputed, plain, rtol=0, atol=0)
+
+
+def _opt():
+    """A tiny OPT: a family outside LAYOUT_MODEL_TYPES (it counts positions from the mask),
+    whose packed and shared batches run padded."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    max_position_embeddings=128,
+                                    word_embed_proj_dim=32)).eval()
+
+
+class _Layout:
+    def __init__(self, layout, unpadded):
+        self.layout, self.unpadded = layout, unpadded
+
+
+@pytest.mark.parametrize("family, layout, unpadded, expected", [
+    ("llama", "shared", True, ("shared", True)),
+    ("llama", "shared", False, ("shared", False)),
+    ("llama", "padded", True, ("padded", True)),
+    ("opt", "shared", True, ("padded", False)),
+    ("opt", "packed", False, ("padded", False)),
+])
+def test_the_plan_sees_the_layout_the_batches_run_in(family, layout, unpadded, expected):
+    """The memory plan counted the layout the config asked for: a shared batch of a family
+    completion_logps lays out padded (OPT) was counted as shared rows, and ``unpadded`` as
+    real tokens only for families segment attention does not switch."""
+    from dpokit.data import TokenizedPair, collate_pairs
+    from dpokit.logps import completion_logps
+    from dpokit.train.setup import run_layout
+
+    model = _opt() if family == "opt" else tiny_causal_lm("llama", vocab_size=64)
+    assert run_layout(_Layout(layout, unpadded), model) == expected
+    # the oracle: the batch completion_logps actually runs (its input rows, padded or flat)
+    seen = {}
+
+    def spy(module, args, kwargs):
+        seen["ids"] = kwargs.get("input_ids", args[0] if args else None)
+
+    decoder = model.get_decoder()
+    handle = decoder.register_forward_pre_hook(spy, with_kwargs=True)
+    pairs = [TokenizedPair([1, 2, 3], [4], [5, 6, 7, 8, 9]), TokenizedPair([1], [4, 5], [6])]
+    try:
+        with torch.no_grad():
+            completion_logps(model, collate_pairs(pairs, layout, pad_token_id=0),
+                             unpadded=unpadded)
+    finally:
+        handle.remove()
+    runs_flat = seen["ids"].shape[0] == 1 and seen["ids"].numel() == sum(
+        (1 if layout == "shared" else 2) * len(p.prompt_ids) + len(p.chosen_ids)
+        + len(p.rejected_ids) for p in pairs)
+    rows = seen["ids"].shape[0]
+    assert runs_flat == expected[1]
+    if not expected[1]:
+        assert rows == {"padded": 4, "shared": 2, "packed": 1}[expected[0]]
+
+
+def test_padded_pairs_are_counted_as_their_two_padded_rows():
+    """A padded pair is two rows, prompt + chosen and prompt + rejected, both as long as the
+    longer: 2·(p + max(c, r)) tokens, not 2p + c + r (1.8× low at p = 10, c = 1, r = 100);
+    from the store's lengths as from a list, equal to the collated batch's size."""
+    from dpokit.data import TokenizedPair, collate_pairs
+    from dpokit.data.store import StoreWriter, chunk_arrays
+    from dpokit.train.setup import padded_pair_rows
+
+    pairs = [TokenizedPair(list(range(10)), [1], list(range(100))),
+             TokenizedPair([3, 4], [5, 6, 7], [8])]
+    rows = padded_pair_rows(pairs)
+    assert rows.tolist() == [220, 10]
+    for pair, tokens in zip(pairs, rows, strict=True):
+        assert collate_pairs([pair], "padded", pad_token_id=0).input_ids.numel() == tokens
+    writer = StoreWriter(TokenizedPair, None)
+    writer.append(chunk_arrays(pairs, TokenizedPair))
+    assert padded_pair_rows(writer.finish()).tolist() == [220, 10]

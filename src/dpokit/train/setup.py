@@ -380,18 +380,23 @@ def plan_memory(config: TrainConfig, model: nn.Module, objective: Objective,
     supported = supports_recompute(model)
     if selective is None and not supported:
         selective = False
-    size = 2 if config.compute_dtype != "float32" else next(model.parameters()).element_size()
-    padded = not (getattr(config, "unpadded", False) or getattr(config, "padding_free", False))
-    per_item = item_tokens(objective, items)
-    whole_rows = (spans is not None and getattr(config, "layout", "padded") == "shared"
-                  and len(items) > 0 and hasattr(items[0], "chosen_ids"))
+    weights = next(model.parameters()).element_size()
+    size = 2 if config.compute_dtype != "float32" else weights
+    layout, flat = run_layout(config, model)
+    pairs = len(items) > 0 and hasattr(items[0], "chosen_ids")
+    if pairs and layout == "padded" and not flat:  # two rows a pair, each padded
+        per_item = padded_pair_rows(items)
+    else:
+        per_item = item_tokens(objective, items)
+    whole_rows = spans is not None and layout == "shared" and pairs
     if whole_rows:  # a group is one row: its prompt once, each distinct completion once
         per_item = group_rows_needed(items, np.asarray(per_item, dtype=np.int64))
+    padded = not flat and layout != "packed"
     mean_tokens, largest_tokens = micro_batch_tokens(per_item, spans, config.batch_size,
                                                      padded=padded, whole_rows=whole_rows)
     state = training_state_bytes(model, lora=lora)
     if selective is None:
-        freed = freed_bytes(model.config, mean_tokens, size)
+        freed = freed_bytes(model.config, mean_tokens, size, residual_bytes=weights)
         selective = auto_selective(freed, state)
         log.info("selective recomputation %s (auto: it would free ~%.0f MiB per micro-batch; "
                  "the trained weights' state is ~%.0f MiB)", "on" if selective else "off",
@@ -410,7 +415,8 @@ def plan_memory(config: TrainConfig, model: nn.Module, objective: Objective,
 
     def need(mode: str, tokens: int = largest_tokens) -> float:
         scratch = lm_head_scratch_bytes(model.config, tokens, config.chunk_size)
-        return to_come + scratch + kept_bytes(model.config, tokens, size, mode)
+        return to_come + scratch + kept_bytes(model.config, tokens, size, mode,
+                                              residual_bytes=weights)
 
     allowed = set() if config.gradient_checkpointing is False else {"full"}
     if config.selective_checkpointing is not False:
@@ -449,6 +455,34 @@ def plan_memory(config: TrainConfig, model: nn.Module, objective: Objective,
                     _gib(need(mode, tokens)), _gib(available), runtime.device,
                     "" if mode == "full" else ", or set gradient_checkpointing: true")
     return mode, micro
+
+
+def run_layout(config: TrainConfig, model: nn.Module) -> tuple[str, bool]:
+    """The layout the batches of ``model`` run in and whether the decoder sees only their real
+    tokens — what :func:`dpokit.logps.completion_logps` does, not what the config asks for: a
+    ``packed``/``shared`` batch of a family it has not checked runs padded
+    (:func:`~dpokit.logps.takes_layout`), and ``unpadded`` flattens only the SDPA models of
+    :data:`~dpokit.attention.UNPADDED_MODEL_TYPES` (switched here as the first forward would)."""
+    from dpokit.attention import enable_segment_attention
+    from dpokit.logps import takes_layout
+
+    base = unwrap_model(model)
+    layout = getattr(config, "layout", None) or ("packed" if getattr(config, "padding_free",
+                                                                      False) else "padded")
+    if layout != "padded" and not takes_layout(base, layout):
+        layout = "padded"
+    flat = bool(getattr(config, "unpadded", False)) and enable_segment_attention(base)
+    return layout, flat
+
+
+def padded_pair_rows(items: Sequence) -> np.ndarray:
+    """Tokens of each pair in the padded layout: two rows (prompt + chosen, prompt +
+    rejected), both padded to the longer, ``2 · (p + max(c, r))`` — from the stored lengths
+    for an item store."""
+    from dpokit.data.store import lengths
+
+    completions = np.maximum(lengths(items, "chosen_ids"), lengths(items, "rejected_ids"))
+    return 2 * (lengths(items, "prompt_ids") + completions)
 
 
 def micro_batch_tokens(per_item: Sequence[int], spans: Spans | None, batch_size: int, *,
