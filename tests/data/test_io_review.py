@@ -221,17 +221,20 @@ def test_unusable_tools_are_row_errors(tools, message):
         f"prefs.jsonl, row 4, field 'tools': {message}")
 
 
-def test_a_prompt_ending_with_a_system_message_is_refused():
+def test_an_implicit_prompt_ending_with_a_system_message_is_refused():
     """Fails on the old code: chosen/rejected sharing only a system message gave the prompt
-    [system] and completions holding the user's turn (trained on as the model's own words);
-    TRL 1.16's apply_chat_template raises "Invalid role in the last message: system"."""
+    [system] and completions holding the user's turn (trained on as the model's own words).
+    An explicit prompt ending with a system message is read: TRL 1.16's DPOTrainer renders
+    it with the generation prompt (its tokenize_fn; only data_utils' apply_chat_template
+    raises), and so does dpokit."""
     system = {"role": "system", "content": "Be brief."}
     implicit = {"chosen": [system, USER, BLUE],
                 "rejected": [system, {"role": "user", "content": "Other?"}, GREEN]}
     assert error(parse_example, row(implicit)).startswith(
-        "prefs.jsonl, row 4, field 'prompt': the prompt ends with a 'system' message")
-    explicit = {"prompt": [system], "chosen": BLUE, "rejected": GREEN}
-    assert "ends with a 'system' message" in error(parse_example, row(explicit))
+        "prefs.jsonl, row 4, field 'prompt': missing, and chosen/rejected share only messages "
+        "up to a 'system' one")
+    explicit = {"prompt": [USER, system], "chosen": BLUE, "rejected": GREEN}
+    assert parse_example(row(explicit)).prompt == [USER, system]
     # what TRL accepts still reads: a user turn, a tool result, an assistant prefix to continue
     for last in (USER, {"role": "tool", "content": "42"}, {"role": "assistant", "content": "It"}):
         example = parse_example(row({"prompt": [system, last], "chosen": BLUE,

@@ -8,8 +8,8 @@ Accepted per row (column names mappable with :class:`ColumnMap`):
 - implicit prompt: only ``chosen``/``rejected``, two full conversations (or texts) sharing a
   prefix, which is split off as the prompt;
 
-a conversational prompt ends with a turn the completions answer (not a ``system`` or
-``developer`` message, which TRL refuses too);
+an implicit prompt must end with a turn the completions answer (sharing only a ``system`` or
+``developer`` message, the completions would start with the user's turn: refused);
 
 plus optional numeric ``weight`` (finite, ≥ 0; scales the pair's loss), ``margin`` (the offset m
 of the losses that read one, e.g. ``odpo``; ignored, with a warning, by the others) and
@@ -223,14 +223,17 @@ def parse_example(row: RawRow, columns: ColumnMap = ColumnMap()) -> PreferenceEx
                 log.warning("%s: a text prompt beside conversational chosen/rejected is ignored; "
                             "the prompt is their shared leading messages", row.where)
             prompt, chosen, rejected = _split_implicit(row, columns, chosen, rejected)
+            last = prompt[-1]["role"]
+            if last in _UNANSWERED_ROLES:  # the completions would start with a user's turn
+                raise fail(row, columns.prompt, f"missing, and chosen/rejected share only "
+                                                f"messages up to a {last!r} one: the "
+                                                f"completions would hold the next user turn, "
+                                                f"trained on as the model's own words; give "
+                                                f"the prompt, or share the user's message")
         else:
+            # (a prompt given explicitly may end with a system message: TRL's DPOTrainer
+            # renders it with the generation prompt, and so does dpokit)
             prompt = as_messages(row, columns.prompt, prompt, single_ok=False)
-        last = prompt[-1]["role"]
-        if last in _UNANSWERED_ROLES:  # TRL's chat template step raises on it too
-            raise fail(row, columns.prompt, f"the prompt ends with a {last!r} message, which "
-                                            f"no completion answers (the completions would "
-                                            f"hold the next user turn); end it with the "
-                                            f"user's (or a tool's) message")
     else:
         for name, value in ((columns.chosen, chosen), (columns.rejected, rejected)):
             if not isinstance(value, str):
