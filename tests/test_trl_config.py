@@ -203,3 +203,61 @@ def test_flags_still_override_a_trl_file(tmp_path, workdir):
     path.write_text(yaml.safe_dump({"model_name_or_path": str(workdir / "llama"),
                                     "dataset_name": "d", "per_device_train_batch_size": 4}))
     assert load_config(DPOConfig, path, {"batch_size": "2"}).batch_size == 2
+
+
+def test_trl_flags_are_read_as_trl_dpo_takes_them():
+    """``trl dpo --config dpo.yaml --per_device_train_batch_size 4`` — TRL's flag forms: a value,
+    ``=value``, several values (a list), a boolean alone, ``--no_x``, dashes, negative and
+    YAML-1.1-text numbers (``5e-7``)."""
+    from dpokit.cli.options import trl_flag_values
+
+    flags = trl_flag_values(["--per_device_train_batch_size", "4", "--learning-rate=5e-7",
+                             "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
+                             "--no_bf16", "--max_steps", "-1", "--dataset_name", "d.jsonl",
+                             "--max_length", "None"], known=["bf16"])
+    assert flags == {"per_device_train_batch_size": 4, "learning_rate": 5e-7, "use_peft": True,
+                     "lora_target_modules": ["q_proj", "v_proj"], "bf16": False,
+                     "max_steps": -1, "dataset_name": "d.jsonl", "max_length": "None"}
+    import click
+
+    with pytest.raises(click.UsageError, match="unexpected argument 'stray'"):
+        trl_flag_values(["stray", "--beta", "0.1"])
+
+
+def test_trl_flags_override_a_trl_file_and_dpokit_flags_override_both(tmp_path, workdir):
+    path = tmp_path / "trl.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": str(workdir / "llama"),
+                                    "dataset_name": "d", "per_device_train_batch_size": 4,
+                                    "num_train_epochs": 2}))
+    config = load_config(DPOConfig, path, {}, {"per_device_train_batch_size": 2,
+                                               "lr_scheduler_type": "constant",
+                                               "max_length": "None"})
+    assert (config.batch_size, config.num_epochs, config.lr_scheduler) == (2, 2.0, "constant")
+    assert config.max_length is None  # "None" read as TRL's parser reads it for an int field
+    config = load_config(DPOConfig, path, {"batch_size": "3"},
+                         {"per_device_train_batch_size": 2})
+    assert config.batch_size == 3
+    # TRL flags alone (no file) are a TRL config too, with TRL's defaults (3 epochs)
+    config = load_config(DPOConfig, None, {}, {"model_name_or_path": str(workdir / "llama"),
+                                               "dataset_name": "d"})
+    assert config.model == str(workdir / "llama") and config.num_epochs == 3.0
+
+
+def test_trl_flags_on_the_command_line(tmp_path, workdir, capsys):
+    """Through the CLI: a TRL flag reaches the config (its value checked as dpokit's key), a
+    TRL flag with a dpokit file is refused naming it (with the dpokit flag it resembles), and
+    commands other than train/sft keep click's own refusal."""
+    path = tmp_path / "trl.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": str(workdir / "llama"),
+                                    "dataset_name": str(workdir / "prefs.jsonl")}))
+    code, _, err = run_cli(capsys, "train", "--config", str(path),
+                           "--per_device_train_batch_size", "0")
+    assert code == 2 and "batch_size must be ≥ 1" in err and "Traceback" not in err, err
+    native = tmp_path / "native.yaml"
+    native.write_text(yaml.safe_dump({"model": str(workdir / "llama"), "data": "d"}))
+    code, _, err = run_cli(capsys, "train", "--config", str(native), "--batch_sise", "2")
+    lines = [x for x in err.splitlines() if "error" in x]
+    assert code == 2 and len(lines) == 1, err
+    assert "No such option '--batch-sise'" in lines[0] and "'--batch-size'" in lines[0], lines[0]
+    code, _, err = run_cli(capsys, "bench", "--per_device_train_batch_size", "2")
+    assert code == 2 and "No such option" in err

@@ -218,16 +218,41 @@ def build_config(cls: type[C], values: Mapping[str, Any], *, source: str = "conf
     return config
 
 
+class UnknownFlags(DpokitError):
+    """Flags that are neither the config's nor, with a TRL config, TRL's (``flags``: their
+    keys; ``known``: the config's fields, for the closest names)."""
+
+    def __init__(self, flags: list[str], known: Sequence[str]):
+        self.flags, self.known = flags, list(known)
+        close = [m for k in flags for m in difflib.get_close_matches(k, self.known, n=2)]
+        hint = f" (did you mean {' or '.join('--' + m.replace('_', '-') for m in close)}?)"
+        super().__init__(f"No such option: {', '.join('--' + k for k in flags)}"
+                         f"{hint if close else ''}")
+
+
 def load_config(cls: type[C], path: str | Path | None = None,
-                overrides: Mapping[str, str] | None = None) -> C:
-    """The YAML file at ``path`` (optional) with command-line ``overrides`` (text) on top."""
+                overrides: Mapping[str, str] | None = None,
+                trl_flags: Mapping[str, Any] | None = None) -> C:
+    """The YAML file at ``path`` (optional) with command-line ``overrides`` (text) on top.
+
+    ``trl_flags``: flags under TRL's names (``--per_device_train_batch_size 4``, values read
+    as ``TrlParser`` reads them, :func:`dpokit.cli.options.trl_flag_values`), for a TRL
+    config: they override the file's keys before it is read with TRL's meanings, as ``trl dpo
+    --config dpo.yaml --per_device_train_batch_size 4`` does; dpokit-named flags go on top."""
     values: dict[str, Any] = {}
     source = "config"
     trl = False
     known = [f.name for f in dataclasses.fields(cls)]
+    document: dict[str, Any] = {}
     if path is not None:
         document = read_yaml(path)
         source = str(path)
+    if trl_flags:
+        document = {**{k.replace("-", "_"): v for k, v in document.items()}, **trl_flags}
+        if not is_trl(document):
+            raise UnknownFlags(list(trl_flags), known)
+        source = f"{source} and TRL flags" if path is not None else "TRL flags"
+    if document:
         if is_trl(document):  # a TRL config, read with TRL's names and meanings
             document = read_trl(document, source=source, known=known, defaults=False)
             trl = True

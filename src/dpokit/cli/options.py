@@ -11,16 +11,19 @@ validated before the command's function runs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
 
-from dpokit.config import field_help, load_config, split_list_text
+from dpokit.config import UnknownFlags, field_help, load_config, split_list_text
 from dpokit.errors import DpokitError
+from dpokit.trl_config import TRL_ONLY
 
 NO = "__no"
 """The parameter-name suffix of an optional boolean's ``--no-x`` flag."""
@@ -80,12 +83,66 @@ def _params(config_cls: type) -> list[click.Parameter]:
     return params
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)",
+                     re.IGNORECASE)
+
+
+def _trl_value(text: str) -> Any:
+    """One TRL flag value as ``TrlParser``'s typed fields read it: YAML's scalars, and numbers
+    YAML 1.1 leaves as text (``5e-7``)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value if isinstance(value, str | int | float | bool) or value is None else text
+
+
+def trl_flag_values(args: list[str], known: Collection[str] = ()) -> dict[str, Any]:
+    """The flags dpokit does not have, read under TRL's names as ``trl dpo`` takes them:
+    ``--key value``, ``--key=value``, ``--key v1 v2`` (a list), ``--flag`` alone (true) and
+    ``--no_flag`` (false, for a TRL key or one of ``known``); dashes or underscores. A value
+    before any flag is a usage error."""
+    flags: dict[str, Any] = {}
+    key, given = None, []
+
+    def close() -> None:
+        if key is None:
+            return
+        if not given:  # a boolean flag alone
+            if key.startswith("no_") and (key[3:] in TRL_ONLY or key[3:] in known):
+                flags[key[3:]] = False
+            else:
+                flags[key] = True
+        else:
+            values = [_trl_value(text) for text in given]
+            flags[key] = values[0] if len(values) == 1 else values
+
+    for arg in args:
+        if arg.startswith("--") and len(arg) > 2 and not _NUMBER.fullmatch(arg[2:]):
+            close()
+            name, sep, text = arg[2:].partition("=")
+            key, given = name.replace("-", "_"), ([text] if sep else [])
+        elif key is None:
+            raise click.UsageError(f"unexpected argument {arg!r}")
+        else:
+            given.append(arg)
+    close()
+    return flags
+
+
 def config_command(name: str, config_cls: type, run: Callable[[Any], None], *,
-                   summary: str) -> click.Command:
-    """A click command: flags from ``config_cls``, ``--config`` YAML, then ``run(config)``."""
+                   summary: str, trl_names: bool = False) -> click.Command:
+    """A click command: flags from ``config_cls``, ``--config`` YAML, then ``run(config)``.
+    ``trl_names``: flags dpokit does not have are read under TRL's names
+    (:func:`trl_flag_values`), for a TRL config (``train``, ``sft``)."""
 
     def callback(config_path: Path | None, **flags: Any) -> None:
         """Flags given (as text) over the YAML file, validated, then ``run``."""
+        trl_flags = (trl_flag_values(click.get_current_context().args,
+                                     [f.name for f in dataclasses.fields(config_cls)])
+                     if trl_names else None)
         overrides = {}
         optional = [k[:-len(NO)] for k in flags if k.endswith(NO)]  # the bool | None fields
         for name in optional:
@@ -108,7 +165,17 @@ def config_command(name: str, config_cls: type, run: Callable[[Any], None], *,
                 value = value[0] if len(value) == 1 else [
                     item for text in value for item in split_list_text(text)]
             overrides[key] = value
-        run(load_config(config_cls, config_path, overrides))
+        try:
+            config = load_config(config_cls, config_path, overrides, trl_flags)
+        except UnknownFlags as error:  # click's own refusal, with the closest flags
+            close = [name for key in error.flags
+                     for name in difflib.get_close_matches(key, error.known, n=2)]
+            raise click.NoSuchOption(f"--{error.flags[0].replace('_', '-')}",
+                                     possibilities=[f"--{n.replace('_', '-')}" for n in close],
+                                     ctx=click.get_current_context()) from None
+        run(config)
 
     return click.Command(name, callback=callback, params=_params(config_cls), help=summary,
-                         context_settings={"max_content_width": 100})
+                         context_settings={"max_content_width": 100,
+                                           "ignore_unknown_options": trl_names,
+                                           "allow_extra_args": trl_names})

@@ -93,4 +93,5 @@ def _write_rows(config: BenchConfig, rows: list[dict]) -> None:
 
 for _name, _cls, _run in (("train", DPOConfig, _train), ("sft", SFTConfig, _train),
                           ("bench", BenchConfig, _bench)):
-    app.add_command(config_command(_name, _cls, _run, summary=COMMANDS[_name][1]))
+    app.add_command(config_command(_name, _cls, _run, summary=COMMANDS[_name][1],
+                                   trl_names=_name != "bench"))
