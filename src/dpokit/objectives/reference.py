@@ -101,11 +101,12 @@ class Reference:
 
 
 def hash_directory(path: str | Path, memo_dir: str | Path | None = None) -> str:
-    """SHA-256 over a model directory's weight and config files (each file's name and the
+    """SHA-256 over a model directory's weight, config and code files (each file's name and the
     SHA-256 of its bytes) — a hub name's cached snapshot; for a PEFT adapter, its base's files
-    too (the weights are both). ``memo_dir`` remembers each large file's digest by its identity
-    on the file system (:func:`dpokit.digests.file_sha256`), so a later start does not read
-    the weights again."""
+    too (the weights are both). Code: with ``trust_remote_code`` the directory's own
+    ``modeling_*.py`` computes the log-probs, so an edit to it is a new reference.
+    ``memo_dir`` remembers each large file's digest by its identity on the file system
+    (:func:`dpokit.digests.file_sha256`), so a later start does not read the weights again."""
     from dpokit.digests import file_sha256
     from dpokit.hub import locate
     from dpokit.models import adapter_base
@@ -116,23 +117,25 @@ def hash_directory(path: str | Path, memo_dir: str | Path | None = None) -> str:
     if base is not None:
         digest.update(hash_directory(base, memo_dir).encode())
     for file in sorted(path.iterdir()):
-        if file.is_file() and file.suffix in (".safetensors", ".bin", ".json", ".pt"):
+        if file.is_file() and file.suffix in (".safetensors", ".bin", ".json", ".pt", ".py"):
             digest.update(f"{file.name}\0{file_sha256(file, memo_dir)}\0".encode())
     return digest.hexdigest()
 
 
 def logps_code_digest() -> str:
     """A digest of what computes the log-probs — the source of :mod:`dpokit.logps`,
-    :mod:`dpokit.attention` (and its FlexAttention path) and :mod:`dpokit.data.collate`, and
-    the versions of torch and transformers — for the reference cache's settings: a release
-    that changes how log-probs are computed (a fix) computes the table again."""
+    :mod:`dpokit.attention` (and its FlexAttention path), :mod:`dpokit.data.collate` and this
+    module (the table's own pass: its batches, LD-DPO's pairs, the float32 rows), and the
+    versions of torch and transformers — for the reference cache's settings: a release that
+    changes how log-probs are computed (a fix) computes the table again."""
     from importlib.metadata import PackageNotFoundError, version
 
     import dpokit
 
     root = Path(dpokit.__file__).parent
     digest = hashlib.sha256()
-    for name in ("logps.py", "attention.py", "attention_flex.py", "data/collate.py"):
+    for name in ("logps.py", "attention.py", "attention_flex.py", "data/collate.py",
+                 "objectives/reference.py"):
         digest.update(name.encode() + b"\0" + (root / name).read_bytes())
     for package in ("torch", "transformers"):
         try:

@@ -602,6 +602,8 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
         return reference
     settings = {"ld_alpha": config.ld_alpha, "dtype": weights_dtype(ref_dir, config.dtype),
                 "autocast": runtime.dtype,
+                # another device rounds differently (and on a GPU runs other attention kernels)
+                "device": runtime.device.type,
                 "layout": config.layout, "chunk_size": config.chunk_size,
                 "unpadded": config.unpadded, "mode": reference.mode, "code": logps_code_digest()}
     train_rows = train_rows or len(items)
