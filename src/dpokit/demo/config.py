@@ -73,8 +73,9 @@ class DemoConfig(Config):
                    "token, no EOS), defining π* on the model's whole output space (null: the "
                    "lowest in-space reward − 1).")
     full_space_samples: int = field(
-        1000, help="Samples per prompt for the full-space measurement (plain generate samples "
-                   "for the share in the space; exact samples outside it for the estimate).")
+        1000, help="Samples per prompt for the full-space measurement, ≥ 2 (plain generate "
+                   "samples for the share in the space; exact samples outside it for the "
+                   "estimate).")
     max_new_tokens: int = field(
         8, help="Generation limit: of those samples, and of on-policy training's pairs.")
     target_closed_fraction: float | None = field(
@@ -114,6 +115,12 @@ class DemoConfig(Config):
                     "hidden_size", "num_layers", "full_space_samples", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise DpokitError(f"{key} must be ≥ 1")
+        if self.full_space_samples < 2:  # the outside term's interval needs a variance
+            raise DpokitError(f"full_space_samples must be ≥ 2 (the whole-space estimate's "
+                              f"interval needs a sample variance), got {self.full_space_samples}")
+        if self.r_invalid is not None and not math.isfinite(self.r_invalid):
+            raise DpokitError(f"r_invalid must be a finite number, got {self.r_invalid}: "
+                              f"π* = π_ref·exp(r/β)/Z needs a finite reward outside the space")
         for key in ("sft_epochs", "dpo_epochs", "dpo_learning_rate"):
             value = getattr(self, key)
             if not (value > 0 and math.isfinite(value)):

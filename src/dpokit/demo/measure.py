@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from dpokit.data.collate import pad_sequences
 from dpokit.demo.task import DemoTask
+from dpokit.errors import DpokitError
 from dpokit.logps import completion_logps
 from dpokit.theory import (
     constant_outside_log_partition,
@@ -122,11 +123,14 @@ def measure(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, beta: floa
     for key in ("implicit_reward_correlation", "implicit_reward_correlation_weighted"):
         result[key] = sum(result["per_prompt"][key]) / len(rewards)
     if not result["kl_ref_to_optimal"] > 1e-12:  # 0 up to rounding: the fraction is undefined
-        from dpokit.errors import DpokitError
-
-        raise DpokitError(f"KL(π_ref‖π*) is {result['kl_ref_to_optimal']:.3g}: the reward is "
-                          f"constant where π_ref has mass, so π* = π_ref and there is no "
-                          f"distance to close; use a reward that tells completions apart")
+        raise DpokitError(f"KL(π_ref‖π*) is {result['kl_ref_to_optimal']:.3g}: π* = π_ref up to "
+                          f"rounding (a reward constant where π_ref has mass, or β = {beta:g} "
+                          f"far above the reward's spread), so there is no distance to close; "
+                          f"use a reward that tells completions apart, or a smaller β")
+    if not math.isfinite(result["kl_ref_to_optimal"]):  # β so small that log π* underflows
+        raise DpokitError(f"KL(π_ref‖π*) is {result['kl_ref_to_optimal']:.3g} at β = {beta:g}: "
+                          f"π* = π_ref·exp(r/β)/Z puts a probability that underflows float64 "
+                          f"where π_ref has mass; use a larger β")
     result["closed_fraction"] = 1.0 - result["kl_policy_to_optimal"] / result["kl_ref_to_optimal"]
     return result
 
@@ -145,7 +149,10 @@ def best_of_n(ref_logps: Tensor, rewards: Tensor, n: int) -> Tensor:
         group_best = cdf**n - below**n
         share = probs[i] / group_mass[inverse].clamp(min=1e-300)
         out[i] = group_best[inverse] * share
-    return out.clamp(min=1e-300).log()
+    # An outcome best-of-n never returns (π_ref(y) = 0, or its group's mass underflows) has
+    # log-probability −inf: a floor such as 1e-300 would put mass where π_ref has none and make
+    # KL(best-of-n ‖ π_ref) infinite.
+    return out.log()
 
 
 def matched_best_of_n(ref_logps: Tensor, rewards: Tensor, target_kl: float,
@@ -310,6 +317,12 @@ def full_space_measure(policy: nn.Module, ref: nn.Module, space: Space, tokenize
     from dpokit.data.prompts import Prompt
     from dpokit.generation import generate_completions
 
+    if num_samples < 2:
+        raise DpokitError(f"the whole-space estimate needs ≥ 2 samples per prompt (its interval "
+                          f"needs a sample variance), got {num_samples}")
+    if max_new_tokens < space.task.length + 1:  # S, scored without the limit, would not fit
+        raise DpokitError(f"max_new_tokens = {max_new_tokens} cannot generate any of the task's "
+                          f"completions ({space.task.length} words + EOS)")
     policy_in, ref_in = policy_space_logps, ref_space_logps
     log_z_out = constant_outside_log_partition(ref_in, r_invalid, beta)
     eos = tokenizer.eos_token_id
@@ -358,6 +371,9 @@ def full_space_measure(policy: nn.Module, ref: nn.Module, space: Space, tokenize
         highs, per_prompt["kl_policy_to_optimal_estimate"], strict=True))) / len(highs)
     estimate = mean["kl_policy_to_optimal_estimate"]
     ref_kl = mean["kl_ref_to_optimal"]
+    if not (0 < ref_kl < math.inf):  # the closed fractions divide by it
+        raise DpokitError(f"KL(π_ref‖π*) on the whole output space is {ref_kl:.3g} at β = "
+                          f"{beta:g}: the fraction of it closed is undefined")
     return {**mean, "kl_policy_to_optimal_ci": [
                 max(mean["kl_policy_to_optimal_lower_bound"], estimate - half), estimate + half],
             # 1 − KL/KL(π_ref‖π*): the exact KL lower bound gives the most it can have

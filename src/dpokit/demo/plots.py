@@ -44,7 +44,8 @@ def _kl_history(result: dict, methods: list[dict]) -> Figure:
 
 def _distribution(result, task, space, ref_logps, methods) -> Figure:
     """For one prompt, the probabilities a user samples (not renormalised): the 25 most likely
-    completions under π*, then all the rest of the output space as one bar."""
+    completions under π*, then the rest of the task's completions as one bar and everything
+    outside the task's space as another (each series' bars sum to 1)."""
     beta = result["beta"]
     mass_ref = result["data"]["ref_mass_in_space_per_prompt"][0]
     optimal = optimal_policy(ref_logps[0], space.rewards[0], beta).exp()
@@ -58,16 +59,19 @@ def _distribution(result, task, space, ref_logps, methods) -> Figure:
     series.append(("π* (exact)", "black", optimal * optimal_in))
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     ax = fig.subplots()
-    x = torch.arange(len(order) + 1).double()
+    x = torch.arange(len(order) + 2).double()
     width = 0.8 / len(series)
     for k, (label, colour, probs) in enumerate(series):
-        heights = [max(v, 1e-6) for v in (*probs[order].tolist(), 1.0 - float(probs.sum()))]
+        shown, inside = probs[order], float(probs.sum())
+        heights = [max(v, 1e-6) for v in (*shown.tolist(), inside - float(shown.sum()),
+                                          1.0 - inside)]
         ax.bar((x + (k - (len(series) - 1) / 2) * width).numpy(), heights, width, color=colour,
                label=label, alpha=0.6 if k == len(series) - 1 else 1.0)
-    labels = [t.strip() for t in task.text(space.completions[order])] + ["everything else"]
+    labels = [t.strip() for t in task.text(space.completions[order])] + [
+        f"the other {len(optimal) - len(order)} task completions", "outside the task's space"]
     ax.set_xticks(x.numpy(), labels, rotation=60, ha="right", fontsize=7)
     ax.set(title=f"Prompt '{task.prompts[0]}': what a sampler gets — the 25 most likely "
-                 f"completions under π* and the rest of the output space (β = {beta:g})",
+                 f"completions under π*, the rest of the task and the outside (β = {beta:g})",
            ylabel="probability (log scale)", yscale="log", ylim=(1e-6, 1.5))
     ax.legend(fontsize=8, loc="upper left")
     return fig

@@ -18,6 +18,7 @@ it trains is an ordinary ``dpokit train --online --reward out/demo/reward.py:rew
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,11 +40,13 @@ class TaskReward:
         self._word_index = {word: i for i, word in enumerate(task.words)}
 
     def settings(self) -> dict[str, Any]:
-        """What :meth:`from_json` reads back (a built-in reward by name only)."""
-        if not isinstance(self.task.reward, str):
-            raise DpokitError("a custom Python reward cannot be written to task.json")
+        """What :meth:`from_json` reads back: a built-in reward by name, a custom one as the
+        ``module:name`` it imports from (a module-level function; a lambda or a local function
+        cannot be found again and is refused)."""
+        reward = self.task.reward
         return {"prompts": list(self.task.prompts), "words": list(self.task.words),
-                "length": self.task.length, "reward": self.task.reward,
+                "length": self.task.length,
+                "reward": reward if isinstance(reward, str) else callable_spec(reward),
                 "eos_token_id": self.eos_token_id, "r_invalid": self.r_invalid}
 
     @classmethod
@@ -52,11 +55,15 @@ class TaskReward:
         path = Path(anchor).resolve().parent / name
         try:
             data = json.loads(path.read_text())
+            reward = data["reward"]
+            if isinstance(reward, str) and ":" in reward:  # a custom reward, module:name
+                reward = resolve_callable(reward)
             task = DemoTask(prompts=tuple(data["prompts"]), words=tuple(data["words"]),
-                            length=int(data["length"]), reward=data["reward"])
+                            length=int(data["length"]), reward=reward)
             return cls(task, eos_token_id=int(data["eos_token_id"]),
                        r_invalid=float(data["r_invalid"]))
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, ImportError,
+                AttributeError) as error:
             raise DpokitError(f"{path}: not a demo task file ({type(error).__name__}: "
                               f"{error})") from None
 
@@ -84,6 +91,30 @@ class TaskReward:
             out.append(self.r_invalid if words is None else float(self.task.rewards(
                 self.task.prompts.index(prompt), torch.tensor([words]))[0]))
         return out
+
+
+def resolve_callable(spec: str) -> Any:
+    """The object ``module:qualified.name`` names (ImportError/AttributeError if none)."""
+    module, _, qualname = spec.partition(":")
+    target: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def callable_spec(fn: Any) -> str:
+    """``module:qualname`` of a module-level callable, checked to import back to ``fn``."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    spec = f"{module}:{qualname}"
+    try:
+        found = (module and qualname and "<" not in qualname) and resolve_callable(spec) is fn
+    except (ImportError, AttributeError):
+        found = False
+    if not found:
+        raise DpokitError(f"the custom reward {spec} cannot be written to task.json: on-policy "
+                          f"training loads it by module:name, so it must be a module-level "
+                          f"function (not a lambda or a local function)")
+    return spec
 
 
 def write_reward_file(out: Path, reward: TaskReward) -> str:

@@ -41,6 +41,7 @@ from dpokit.demo.measure import (
 from dpokit.demo.methods import DEFAULT, METHODS, Method
 from dpokit.demo.reward import TaskReward, write_reward_file
 from dpokit.demo.task import DemoTask, build_word_tokenizer
+from dpokit.errors import DpokitError
 from dpokit.theory import (
     constant_outside_log_partition,
     expected_reward,
@@ -51,6 +52,12 @@ from dpokit.theory import (
 )
 
 log = logging.getLogger("dpokit.demo")
+
+MAX_LENGTH = 32
+"""Tokens of prompt + completion in the demo's SFT and DPO runs."""
+
+MAX_POSITIONS = 64
+"""Positions of the demo's transformer: prompt + ``max_new_tokens`` must fit."""
 
 
 class DemoStopped(Exception):
@@ -93,8 +100,17 @@ def _run_demo(config: DemoConfig, *, task: DemoTask | None,
     from dpokit.train.config import SFTConfig
 
     started = time.perf_counter()
+    config.validate()  # as the command line does: a library caller gets the same refusals
     torch.manual_seed(config.seed)
     task = task or DemoTask(reward=config.reward, seed=config.seed)
+    # Everything that can be refused is refused before any training (SFT takes minutes).
+    tokenizer = build_word_tokenizer(task)
+    space = build_space(task, tokenizer)
+    r_invalid = (float(space.rewards.min()) - 1.0 if config.r_invalid is None
+                 else config.r_invalid)
+    task_reward = TaskReward(task, eos_token_id=tokenizer.eos_token_id, r_invalid=r_invalid)
+    task_reward.settings()  # a custom reward that on-policy training could not load: refused
+    _check_task(config, task, space)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     import shutil
@@ -105,9 +121,8 @@ def _run_demo(config: DemoConfig, *, task: DemoTask | None,
     generator = torch.Generator().manual_seed(config.seed + 1)
 
     # 1. π_ref: a real transformer, trained by dpokit's SFT on the reference distribution.
-    tokenizer = build_word_tokenizer(task)
     base = tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=config.hidden_size,
-                          num_layers=config.num_layers, num_heads=4, max_positions=64,
+                          num_layers=config.num_layers, num_heads=4, max_positions=MAX_POSITIONS,
                           seed=config.seed)
     base.save_pretrained(out / "base")
     tokenizer.save_pretrained(out / "base")
@@ -121,10 +136,9 @@ def _run_demo(config: DemoConfig, *, task: DemoTask | None,
         model=str(out / "base"), data=str(out / "sft.jsonl"), output_dir=str(out / "sft"),
         batch_size=config.batch_size, learning_rate=3e-3, num_epochs=config.sft_epochs,
         lr_scheduler="cosine", warmup_ratio=0.05, save_steps=None, logging_steps=20,
-        seed=config.seed, max_length=32))
+        seed=config.seed, max_length=MAX_LENGTH))
 
     # 2. Score every completion of every prompt through π_ref.
-    space = build_space(task, tokenizer)
     ref_model = load_causal_lm(sft_final)  # kept: it scores the samples outside the space
     ref_scores = score_space(ref_model, space)
     ref_logps, ref_mass = renormalise(ref_scores)
@@ -155,12 +169,9 @@ def _run_demo(config: DemoConfig, *, task: DemoTask | None,
            f"twice left out)")
 
     # 4. Every method, with exact measurements along the way.
-    r_invalid = (float(space.rewards.min()) - 1.0 if config.r_invalid is None
-                 else config.r_invalid)
     trainer = _Trainer(config, out, sft_final, space, ref_model, ref_scores, tokenizer,
                        r_invalid, report)
-    reward_spec = write_reward_file(out, TaskReward(task, eos_token_id=tokenizer.eos_token_id,
-                                                    r_invalid=r_invalid))
+    reward_spec = write_reward_file(out, task_reward)
     write_jsonl(out / "prompts.jsonl", [{"prompt": prompt} for prompt in task.prompts
                                         for _ in range(config.pairs_per_prompt)])
     names = config.method_names
@@ -228,6 +239,28 @@ def _run_demo(config: DemoConfig, *, task: DemoTask | None,
     return result
 
 
+def _check_task(config: DemoConfig, task: DemoTask, space) -> None:
+    """Refuse a task the demo cannot measure, naming the setting (before anything trains)."""
+    longest_prompt = max(sequences[0][1] for sequences in space.sequences)  # prompt tokens
+    if longest_prompt + task.length + 1 > MAX_LENGTH:
+        raise DpokitError(f"a prompt of {longest_prompt} tokens and a completion of "
+                          f"{task.length} words + EOS pass the demo's max_length of "
+                          f"{MAX_LENGTH} tokens (training would truncate them)")
+    if config.max_new_tokens < task.length + 1:
+        raise DpokitError(f"max_new_tokens = {config.max_new_tokens} cannot generate any of the "
+                          f"task's completions ({task.length} words + EOS = {task.length + 1} "
+                          f"tokens); give max_new_tokens ≥ {task.length + 1}")
+    if longest_prompt + config.max_new_tokens > MAX_POSITIONS:
+        raise DpokitError(f"max_new_tokens = {config.max_new_tokens} after a prompt of "
+                          f"{longest_prompt} tokens passes the model's {MAX_POSITIONS} "
+                          f"positions; give max_new_tokens ≤ {MAX_POSITIONS - longest_prompt}")
+    constant = space.rewards.amax(dim=-1) == space.rewards.amin(dim=-1)
+    if bool(constant.all()):
+        raise DpokitError(f"the reward {task.reward_name} is constant on every prompt's "
+                          f"completions, so π* = π_ref on the task's space and there is no "
+                          f"distance to close; use a reward that tells completions apart")
+
+
 class _Trainer:
     """Trains one method and measures it: exact probes during training, the whole output space
     at the end."""
@@ -283,7 +316,7 @@ class _Trainer:
             model=str(self.sft_final), data=str(data), output_dir=str(self.out / name),
             beta=beta, batch_size=c.batch_size, learning_rate=c.dpo_learning_rate,
             max_steps=steps, lr_scheduler="cosine", warmup_ratio=0.05, save_steps=None,
-            logging_steps=20, seed=c.seed, max_length=32, **settings),
+            logging_steps=20, seed=c.seed, max_length=MAX_LENGTH, **settings),
             probe=Probe(max(1, steps // c.probes), probe_fn))
         model = load_causal_lm(final)
         scores = score_space(model, self.space)

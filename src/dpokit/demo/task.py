@@ -15,6 +15,7 @@ drawn independently per position, word w at position t with probability ∝ exp(
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,27 +27,35 @@ from dpokit.errors import DpokitError
 WORDS = ("red", "green", "blue", "cyan", "pink", "gold", "gray", "teal")
 PROMPTS = ("paint the fence", "choose a palette", "name three colours", "mix the paint")
 
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+"""The word tokenizer's special tokens (:func:`build_word_tokenizer`), which no word may be."""
+
+MAX_OUTCOMES = 2**20
+"""Most completions per prompt (V^T): each is scored through the model at every probe."""
+
 RewardFn = Callable[[int, Tensor], Tensor]
 """``reward(prompt_index, words) -> (N,)``: ``words`` is an ``(N, T)`` int64 tensor of word
 indices (0..V−1) of N completions of that prompt."""
 
 
-def token_score_reward(prompt_index: int, words: Tensor) -> Tensor:
-    """Σ_t s(y_t): each word has a fixed score, evenly spaced from −1.5 (``red``) to +1.5
-    (``teal``). Additive over positions; the same for every prompt."""
-    scores = torch.linspace(-1.5, 1.5, len(WORDS), dtype=torch.float64)
+def token_score_reward(prompt_index: int, words: Tensor, *,
+                       vocab_size: int = len(WORDS)) -> Tensor:
+    """Σ_t s(y_t): each word has a fixed score, evenly spaced from −1.5 (the first word,
+    ``red``) to +1.5 (the last, ``teal``) over the task's V = ``vocab_size`` words. Additive over
+    positions; the same for every prompt."""
+    scores = torch.linspace(-1.5, 1.5, vocab_size, dtype=torch.float64)
     return scores[words].sum(dim=-1)
 
 
-def match_reward(prompt_index: int, words: Tensor) -> Tensor:
+def match_reward(prompt_index: int, words: Tensor, *, vocab_size: int = len(WORDS)) -> Tensor:
     """2 × the number of positions where y matches the prompt's target (word (i+t)·3 mod V at
-    position t for prompt i)."""
+    position t for prompt i, V = ``vocab_size``)."""
     length = words.shape[-1]
-    target = torch.tensor([((prompt_index + t) * 3) % len(WORDS) for t in range(length)])
+    target = torch.tensor([((prompt_index + t) * 3) % vocab_size for t in range(length)])
     return 2.0 * (words == target).double().sum(dim=-1)
 
 
-def sorted_reward(prompt_index: int, words: Tensor) -> Tensor:
+def sorted_reward(prompt_index: int, words: Tensor, *, vocab_size: int = len(WORDS)) -> Tensor:
     """1.5 × the number of adjacent word pairs in strictly increasing vocabulary order
     (not additive over positions)."""
     return 1.5 * (words[..., 1:] > words[..., :-1]).double().sum(dim=-1)
@@ -75,13 +84,30 @@ class DemoTask:
         if callable(self.reward):
             fn = self.reward
         elif self.reward in REWARDS:
-            fn = REWARDS[self.reward]
+            # Over this task's words: a table sized for the default 8 would index past its end
+            # (IndexError) with more words, and with fewer would not span −1.5..1.5.
+            fn = functools.partial(REWARDS[self.reward], vocab_size=len(self.words))
         else:
             raise DpokitError(f"unknown reward {self.reward!r}; built-ins: "
                               f"{', '.join(REWARDS)} (or pass a Python callable)")
         object.__setattr__(self, "_reward_fn", fn)
         if self.length < 1 or len(self.words) < 2:
             raise DpokitError("the demo needs length ≥ 1 and at least 2 words")
+        # One token per word (the space scores each completion as length word tokens + EOS): a
+        # repeated word would count one sequence twice, and a word with whitespace or a special
+        # token's name would not be the single word token the space assumes.
+        if len(set(self.words)) != len(self.words):
+            raise DpokitError(f"the demo's words must be distinct, got {list(self.words)}")
+        for word in self.words:
+            if not word or word != word.strip() or len(word.split()) != 1 or word in SPECIAL_TOKENS:
+                raise DpokitError(f"the demo's word {word!r} must be one non-empty token without "
+                                  f"whitespace, not one of {', '.join(SPECIAL_TOKENS)}")
+        if not self.prompts:
+            raise DpokitError("the demo needs at least one prompt")
+        if self.num_outcomes > MAX_OUTCOMES:
+            raise DpokitError(f"the demo's space has V^T = {len(self.words)}^{self.length} = "
+                              f"{self.num_outcomes:,} completions per prompt, over the limit of "
+                              f"{MAX_OUTCOMES:,} that every measurement scores through the model")
 
     @property
     def reward_name(self) -> str:
@@ -131,7 +157,7 @@ def build_word_tokenizer(task: DemoTask):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for word in [*task.words, *(w for p in task.prompts for w in p.split())]:
         vocab.setdefault(word, len(vocab))
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

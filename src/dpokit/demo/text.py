@@ -46,6 +46,21 @@ def verdict(r: dict) -> str:
     return f"**The bar is not met**: {said}. Why: {'; '.join(why)}."
 
 
+def _whole_space_standing(full: dict) -> str:
+    """Where a policy stands against π_ref on the whole output space, as far as the bounds
+    show: farther (even the most it can have closed is < 0), closer (even the least is > 0),
+    or not settled by the interval."""
+    most, least = full["closed_fraction_at_most"], full["closed_fraction_at_least"]
+    if most < 0:
+        return (f"farther from π* than π_ref was (closed at most {most:.1%}, from the exact KL "
+                f"lower bound)")
+    if least > 0:
+        return (f"closer to π* than π_ref was (closed at least {least:.1%}, from the 95% "
+                f"interval's high end)")
+    return (f"not clearly closer to π* or farther than π_ref was (closed between {least:.1%} "
+            f"and {most:.1%})")
+
+
 def report_markdown(r: dict) -> str:
     task, data, full = r["task"], r["data"], r["full_space"]
     table = "\n".join("| " + " | ".join(row) + " |" for row in method_rows(r))
@@ -58,9 +73,7 @@ def report_markdown(r: dict) -> str:
                   f"only {off['mass_in_space_policy']:.1%} of its mass there: a user who "
                   f"samples it gets a task completion {off['sampled_in_space']:.1%} of the time, "
                   f"and on the whole output space it is "
-                  f"{'farther from π* than π_ref was' if off['closed_fraction_at_most'] < 0 else 'not farther from π* than π_ref'}"
-                  f" (closed at most {off['closed_fraction_at_most']:.1%}, from the exact KL "
-                  f"lower bound). Its loss "
+                  f"{_whole_space_standing(off)}. Its loss "
                   f"only compares completions that appear in pairs; gradient steps move mass "
                   f"to everything else (likelihood displacement, docs/theory.md §6). On-policy "
                   f"pairs follow π_θ's mass wherever it goes, and soft Bradley–Terry labels keep "

@@ -48,12 +48,14 @@ def gaussian_kl_figure(ref_means: Sequence[float] = (-4.0, -3.0, -2.0, -1.0, 0.0
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     left, right = fig.subplots(1, 2)
     y = np.linspace(-7.5, 4.0, 600)
-    left.plot(y, _normal_pdf(y, 0.0, sigma), color=GREEN, lw=2.5, label="π* = N(0, 1)")
+    variance = f"{sigma**2:g}"
+    left.plot(y, _normal_pdf(y, 0.0, sigma), color=GREEN, lw=2.5, label=f"π* = N(0, {variance})")
     for i, mu in enumerate(ref_means):
         kl = float(gaussian_kl(mu, sigma, 0.0, sigma))
         alpha = 0.35 + 0.65 * (i + 1) / len(ref_means)
         left.plot(y, _normal_pdf(y, mu, sigma), color=RED, alpha=alpha, lw=1.6,
-                  ls="--" if mu == 0.0 else "-", label=f"π_ref = N({mu:g}, 1): KL = {kl:.3g}")
+                  ls="--" if mu == 0.0 else "-",
+                  label=f"π_ref = N({mu:g}, {variance}): KL = {kl:.3g}")
     left.set(title="π_ref moves onto π*", xlabel="y", ylabel="density")
     left.legend(fontsize=8, loc="upper left")
 
@@ -127,8 +129,8 @@ def worked_example_figure(outcomes: Sequence[Outcome] = WORKED_EXAMPLE,
     rewards = np.array([o.reward for o in outcomes])
     for ax, beta in zip(axes, betas, strict=True):
         solution = solve(outcomes, beta)
-        scaled = rewards / beta
-        weights = np.exp(scaled - scaled.max())
+        with np.errstate(over="ignore"):  # shifted first: r/β alone may overflow (inf − inf)
+            weights = np.exp((rewards - rewards.max()) / beta)  # −inf → weight 0
         ax.bar(x - 0.27, ref, 0.27, color=RED, label="π_ref")
         ax.bar(x, weights / weights.sum(), 0.27, color=BLUE, label="exp(r/β) / Σ exp(r/β)")
         ax.bar(x + 0.27, solution.optimal_probs, 0.27, color=GREEN, label="π*")
