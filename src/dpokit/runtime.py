@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -32,6 +33,9 @@ class Runtime:
     device: torch.device
     dtype: str
     """Compute precision asked for: float32, bfloat16 or float16."""
+    owns_group: bool = False
+    """Whether :func:`setup_runtime` started the process group (then :func:`shutdown_runtime`
+    destroys it; a group the caller started is the caller's to destroy)."""
 
     @property
     def is_main(self) -> bool:
@@ -73,48 +77,105 @@ class Runtime:
             dist.barrier()
 
 
+def _env_int(name: str, default: int) -> int:
+    """An integer variable of ``torchrun``'s environment, or a line naming it."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise DpokitError(f"environment variable {name}={text!r} is not a whole number (torchrun "
+                          f"sets it; unset it to run one process)") from None
+
+
 def setup_runtime(device: str = "auto", dtype: str = "float32", *,
                   timeout_s: float = 1800.0) -> Runtime:
     """Read ``torchrun``'s environment, start the process group, pick the device.
     ``timeout_s``: how long a collective waits for the other ranks before it raises (a rank
     that hangs stops the run instead of holding every other rank forever)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world_size)
+    distributed = world_size > 1
+    # (a rank ≥ 1 of a one-process run would write nothing: no config, metrics or model)
+    if world_size < 1 or not 0 <= rank < world_size or (
+            distributed and not 0 <= local_rank < local_world):
+        raise DpokitError(f"torchrun environment: RANK={rank}, LOCAL_RANK={local_rank} do not fit "
+                          f"WORLD_SIZE={world_size}, LOCAL_WORLD_SIZE={local_world}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DpokitError(f"device={device!r} but CUDA is not available on this machine")
-        torch_device = torch.device("cuda", local_rank if world_size > 1 else
-                                    (torch.device(device).index or 0))
+        index = torch.device(device).index
+        if distributed and index is not None:  # each process takes its LOCAL_RANK's GPU
+            raise DpokitError(f"device={device!r} names one GPU, but torchrun runs {world_size} "
+                              f"processes, each on the GPU of its LOCAL_RANK; use device cuda")
+        index = local_rank if distributed else (index or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise DpokitError(
+                f"device cuda:{index}" + (f" (LOCAL_RANK {local_rank})" if distributed else "")
+                + f" does not exist: this machine shows {count} GPU(s)"
+                + (" — start at most that many processes per node (--nproc-per-node)"
+                   if distributed else ""))
+        torch_device = torch.device("cuda", index)
         torch.cuda.set_device(torch_device)
+        if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise DpokitError(f"bf16 needs a GPU with bfloat16 support; "
+                              f"{torch.cuda.get_device_name(torch_device)} has none — use fp16")
+    elif device == "mps":
+        if not torch.backends.mps.is_available():
+            raise DpokitError("device='mps' but MPS is not available on this machine")
+        if distributed:
+            raise DpokitError("device mps under torchrun: no process-group backend reduces MPS "
+                              "tensors; run one process, or use device cpu")
+        torch_device = torch.device("mps")
     else:
         torch_device = torch.device(device)
     if dtype == "float16" and torch_device.type != "cuda":
         log.warning("float16 autocast needs a GPU; computing in float32 on %s", torch_device)
         dtype = "float32"
-    if world_size > 1 and not dist.is_initialized():
+    owns_group = False
+    if distributed and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=torch_device if torch_device.type == "cuda" else None)
-    return Runtime(rank, world_size, local_rank, torch_device, dtype)
+        try:
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                                    device_id=torch_device if torch_device.type == "cuda" else None)
+        except (ValueError, dist.DistError) as error:  # a launcher's missing or wrong settings
+            where = ", ".join(f"{name}={os.environ.get(name, '(unset)')}"
+                              for name in ("MASTER_ADDR", "MASTER_PORT"))
+            first = (str(error).strip() or type(error).__name__).splitlines()[0]
+            raise DpokitError(f"rank {rank}: the process group of WORLD_SIZE={world_size} did "
+                              f"not start ({where}): {first}; launch with torchrun") from None
+        owns_group = True
+    return Runtime(rank, world_size, local_rank, torch_device, dtype, owns_group)
 
 
 def shutdown_runtime(runtime: Runtime) -> None:
-    if runtime.distributed and dist.is_initialized():
+    """Destroy the process group :func:`setup_runtime` started (once; a group the caller had
+    started before is left to the caller)."""
+    if runtime.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's and torch's generators (all devices)."""
+    """Seed Python's, NumPy's and torch's generators (all devices) — the same on every rank,
+    so every rank builds the same initial weights (LoRA's, FSDP's shards)."""
     random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
     """Random generator states to store in a checkpoint (weights_only-loadable)."""
-    state = {"python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": list(internal), "python_version": version, "python_gauss": gauss,
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -122,7 +183,14 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate((state["python_version"], tuple(state["python"]), None))
+    """Restore :func:`rng_state`'s states (a checkpoint of an older dpokit has no NumPy state;
+    of a machine with more GPUs, the states of the GPUs this one has)."""
+    random.setstate((state["python_version"], tuple(state["python"]),
+                     state.get("python_gauss")))
+    if "numpy" in state:
+        saved = state["numpy"]
+        np.random.set_state((saved["kind"], saved["keys"].numpy().astype(np.uint32),
+                             saved["pos"], saved["has_gauss"], saved["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])

@@ -9,7 +9,8 @@ spread 1 MiB blocks beyond), a ``file.py:function`` reward by the file's SHA-256
 (:func:`items_identity`, read from the item store rather than recomputed), so another file with
 the same rows resumes and the same file tokenised differently does not. Resuming with any other
 value is an error listing the differing keys; a checkpoint of an older dpokit, whose ``data``
-digest is :func:`legacy_items_identity`'s, is compared with that one.
+digest is :func:`legacy_items_identity`'s, is compared with that one, and a key it predates
+with the value that run had (the key's default, or :data:`BEFORE_THE_KEY`'s).
 
 ``max_steps`` and ``num_epochs`` change the run's length: allowed when the learning rate at a
 step does not depend on it (``lr_scheduler: constant`` with warmup in absolute ``warmup_steps``
@@ -148,9 +149,34 @@ def _shown(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
+BEFORE_THE_KEY = {"disable_dropout": False}
+"""What a run did before its checkpoint recorded a key, where that is not the key's default
+(dropout stayed on before ``disable_dropout`` existed)."""
+
+
+def _meaning_before(key: str, current: dict[str, Any]) -> Any:
+    """The value ``key`` had in a run whose checkpoint predates it: :data:`BEFORE_THE_KEY`, else
+    the field's default in the config that ``current`` is the fingerprint of (as the fingerprint
+    holds it); ``current``'s own value where no config has the key."""
+    if key in BEFORE_THE_KEY:
+        return BEFORE_THE_KEY[key]
+    from dpokit.train.config import DPOConfig, SFTConfig
+
+    config = DPOConfig if "loss_type" in current else SFTConfig
+    for f in dataclasses.fields(config):
+        if f.name == key:
+            if f.default is not dataclasses.MISSING:
+                return json.loads(json.dumps(f.default, default=str))
+            if f.default_factory is not dataclasses.MISSING:
+                return json.loads(json.dumps(f.default_factory(), default=str))
+    return current.get(key)
+
+
 def check_same_run(checkpoint: Path, recorded: dict[str, Any] | None,
                    current: dict[str, Any]) -> None:
-    """Refuse to resume ``checkpoint`` when the run differs from the one that wrote it."""
+    """Refuse to resume ``checkpoint`` when the run differs from the one that wrote it. A key
+    the checkpoint predates had its default meaning (:func:`_meaning_before`) in that run: the
+    resumed run must keep it."""
     if recorded is None:
         return
     if "bf16" not in recorded and "dtype" in recorded:  # written when dtype was the autocast
@@ -162,12 +188,16 @@ def check_same_run(checkpoint: Path, recorded: dict[str, Any] | None,
     for key in sorted(set(recorded) | set(current)):
         if key in MAY_CHANGE or (not online and key in SAMPLING_KEYS):
             continue  # (older checkpoints recorded these)
-        if recorded.get(key) == current.get(key) or key not in recorded:
-            continue  # (a key the checkpoint predates keeps its default meaning)
+        predates = key not in recorded and key in current
+        before = _meaning_before(key, current) if predates else recorded.get(key)
+        if before == current.get(key):
+            continue
         if key in _CONTENT_KEYS and key in recorded and key in current:
             differing.append(f"{key} (content differs)")
         else:
-            differing.append(f"{key} {_shown(recorded.get(key))} → {_shown(current.get(key))}")
+            differing.append(f"{key} {_shown(before)}"
+                             + (" (the checkpoint predates the key)" if predates else "")
+                             + f" → {_shown(current.get(key))}")
     if differing:
         raise DpokitError(
             f"resume: this is not the run that wrote {checkpoint}: {'; '.join(differing)}. "
