@@ -241,6 +241,10 @@ def test_an_unverified_old_checkpoint_with_a_bad_file_names_it(workdir, three_ch
     optimizer.pt is then one line naming the file, not a traceback."""
     out = three_checkpoints
     (out / "checkpoint-6" / "checksums.json").unlink()
+    state_file = out / "checkpoint-6" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state.pop("checksums", None)  # as an older dpokit wrote it: no checksums recorded at all
+    state_file.write_text(json.dumps(state))
     _truncate(out / "checkpoint-6" / "optimizer.pt")
     code, _, err = run_cli(capsys, *cli_args(workdir, out, "--max-steps", "6", "--resume",
                                              "auto"))
@@ -494,3 +498,33 @@ def test_ddp_resume_mid_window_logs_the_uninterrupted_numbers(workdir, tmp_path)
     assert a["step"] == b["step"] == 40
     for key in ("loss", "rewards/accuracies", "num_tokens"):
         assert b[key] == pytest.approx(a[key], rel=1e-6), key
+
+
+def test_a_checkpoint_that_fails_to_load_leaves_the_later_ones(workdir, three_checkpoints,
+                                                               capsys):
+    """Resuming from checkpoint-4 set checkpoint-6 aside (``.discarded``) before loading it;
+    when the load then failed (here: non-finite weights, verified files) the good later
+    checkpoint was gone for a later ``--resume auto``. Now it is set aside only once the
+    resume has loaded."""
+    import math
+
+    from safetensors.torch import load_file, save_file
+
+    from dpokit.digests import file_sha256
+
+    out = three_checkpoints
+    checkpoint = out / "checkpoint-4"
+    weights_file = checkpoint / "trainable.safetensors"
+    weights = load_file(str(weights_file))
+    first = next(iter(weights))
+    weights[first] = weights[first].clone().fill_(math.nan)
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    sums = json.loads((checkpoint / "checksums.json").read_text())
+    sums["trainable.safetensors"] = {"bytes": weights_file.stat().st_size,
+                                     "sha256": file_sha256(weights_file, None)}
+    (checkpoint / "checksums.json").write_text(json.dumps(sums))
+    code, _, err = run_cli(capsys, *cli_args(workdir, out, "--max-steps", "6", "--resume",
+                                             str(checkpoint)))
+    assert "non-finite" in one_error(code, err)
+    assert (out / "checkpoint-6" / "trainer_state.json").is_file()
+    assert not list(out.glob("checkpoint-6.*"))

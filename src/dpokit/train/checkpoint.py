@@ -116,10 +116,40 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module,
                                tokenizer=tokenizer))
     stage(lambda: rank == 0 and _seal(tmp, final))
     if rank == 0 and save_total_limit is not None:
-        for old in list_checkpoints(output_dir)[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(output_dir, final, save_total_limit)
     barrier()
     return final
+
+
+def _prune(output_dir: Path, final: Path, limit: int) -> None:
+    """Delete the oldest complete checkpoints before ``final`` so that ``limit`` are left
+    (``final`` among them). Each is first renamed out of the listing (``.checkpoint-N.pruned``):
+    a crash while deleting leaves no half-deleted ``checkpoint-N`` that would still read as
+    complete."""
+    step = _step(final)
+    older = [p for p in list_checkpoints(output_dir) if _step(p) < step]
+    for old in older[:max(0, len(older) - (limit - 1))]:
+        doomed = old.with_name(f".{old.name}.pruned")
+        try:
+            discard(doomed)
+            old.rename(doomed)
+        except OSError as error:  # it stays complete; the next save tries again
+            log.warning("save_total_limit: cannot remove %s (%s)", old, error.strerror or error)
+            continue
+        discard(doomed)
+
+
+def _step(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
+def _numbered(output_dir: Path) -> list[Path]:
+    """Every ``checkpoint-N`` directory of ``output_dir``, complete or not, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.glob(f"{PREFIX}*") if p.is_dir()
+             and p.name[len(PREFIX):].isdecimal()]
+    return sorted(found, key=_step)
 
 
 def _fresh_directory(tmp: Path) -> None:
@@ -154,8 +184,10 @@ def _write_files(tmp: Path, *, model: nn.Module, optimizer: torch.optim.Optimize
         if ref_model is not None:
             save_file(_all_state(ref_model), str(tmp / "reference.safetensors"))
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2),
-                                                encoding="utf-8")
+        # a checkpoint that says it has checksums is never read unverified (one whose
+        # checksums.json was lost is not taken for an older dpokit's)
+        state = {**trainer_state, "checksums": CHECKSUMS}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
     elif sharded:  # each rank hashes its own shards (rank 0 hashes the rest when sealing)
@@ -265,12 +297,7 @@ def _save_error(output_dir: Path, final: Path, cause: str) -> DpokitError:
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints in ``output_dir``, oldest first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.glob(f"{PREFIX}*") if p.is_dir()
-             and p.name[len(PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return [p for p in _numbered(Path(output_dir)) if (p / "trainer_state.json").is_file()]
 
 
 _RANK_SUMS = ".sums-{rank}.json"
@@ -306,14 +333,23 @@ def checkpoint_problem(path: Path, rank: int = 0, world_size: int = 1) -> str | 
     """Why the checkpoint at ``path`` cannot be resumed (a file missing, truncated or altered),
     or None when its files match ``checksums.json``. With ``world_size`` > 1 this rank checks
     every ``world_size``-th file from its ``rank`` (the ranks share the reading). A checkpoint
-    of an older dpokit, without checksums, is accepted with a warning."""
+    of an older dpokit, without checksums, is accepted with a warning (one whose
+    ``trainer_state.json`` names ``checksums.json`` is not: that file was lost; nor one whose
+    ``trainer_state.json`` is another trainer's, without ``steps_per_epoch``)."""
     try:
-        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "trainer_state.json is missing"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         return f"trainer_state.json unreadable ({getattr(error, 'strerror', None) or error})"
     try:
         sums = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if not isinstance(state, dict) or "steps_per_epoch" not in state:
+            return (f"not a dpokit checkpoint (no {CHECKSUMS}, and its trainer_state.json has "
+                    f"no steps_per_epoch: another trainer's?)")
+        if state.get("checksums") == CHECKSUMS:
+            return f"{CHECKSUMS} is missing"
         if rank == 0:
             log.warning("%s has no %s (written by an older dpokit): its files are not verified",
                         path, CHECKSUMS)
@@ -356,10 +392,13 @@ def resolve_resume(resume: str | None, output_dir: str | Path, *, rank: int = 0,
         return problem or "a file failed verification on another rank (its warning is above)"
 
     if resume == "auto":
-        checkpoints = list_checkpoints(output_dir)
+        checkpoints = _numbered(Path(output_dir))
         skipped = []
         for path in reversed(checkpoints):
-            problem = verified(path)
+            if (path / "trainer_state.json").is_file():
+                problem = verified(path)
+            else:  # a directory every rank sees alike: no agreement needed
+                problem = "trainer_state.json is missing"
             if problem is None:
                 if skipped:
                     log.warning("resume auto: skipped %s; resuming from %s",
@@ -385,12 +424,19 @@ def set_aside_later(output_dir: Path, step: int) -> list[Path]:
     ones resume skipped) to ``checkpoint-N.discarded``, so that ``save_total_limit`` prunes
     the resumed run's own checkpoints and ``--resume auto`` never goes back to them."""
     moved = []
-    for path in list_checkpoints(output_dir):
-        if int(path.name[len(PREFIX):]) > step:
+    for path in _numbered(output_dir):
+        if _step(path) > step:
             target = path.with_name(f"{path.name}.discarded")
-            if target.exists():
-                shutil.rmtree(target)
-            path.rename(target)
+            try:
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                elif target.exists() or target.is_symlink():
+                    target.unlink()
+                path.rename(target)
+            except OSError as error:
+                raise DpokitError(f"resume: cannot set aside {path} (a checkpoint past step "
+                                  f"{step}) as {target.name}: {error.strerror or error}"
+                                  ) from None
             moved.append(target)
     if moved:
         log.warning("resuming at step %d: set aside the later %s", step,
@@ -437,13 +483,15 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
         optimizer_state = _read(path, "optimizer.pt", lambda: torch.load(
             path / "optimizer.pt", map_location=device, weights_only=True))
         _read(path, "optimizer.pt", lambda: optimizer.load_state_dict(optimizer_state))
-    if ref_model is not None and (path / "reference.safetensors").is_file():
+    if ref_model is not None:
+        if not (path / "reference.safetensors").is_file():
+            raise DpokitError(f"resume: {path} has no reference.safetensors (the moving "
+                              f"reference of sync_ref_model); it was not written by this run's "
+                              f"settings, or the file was lost")
         reference = _read(path, "reference.safetensors",
                           lambda: load_file(str(path / "reference.safetensors")))
-        with torch.no_grad():
-            ref_params = dict(ref_model.named_parameters())
-            for name, tensor in reference.items():
-                ref_params[name].copy_(tensor.to(ref_params[name].device))
+        _copy_into(path / "reference.safetensors", dict(ref_model.named_parameters()),
+                   reference, every=True)
     scheduler_state = _read(path, "scheduler.pt",
                             lambda: torch.load(path / "scheduler.pt", weights_only=True))
     scheduler.load_state_dict(scheduler_state)
@@ -466,12 +514,25 @@ def _load_trainable(path: Path, model: nn.Module) -> None:
         state = {names.get(key, key): tensor for key, tensor in adapter.items()}
     else:
         state = _read(path, TRAINABLE, lambda: load_file(str(path / TRAINABLE)))
-    params = dict(model.named_parameters())
-    missing = [name for name, p in params.items() if p.requires_grad and name not in state]
+    _copy_into(path, dict(model.named_parameters()), state, every=False)
+
+
+def _copy_into(source: Path, params: dict[str, nn.Parameter], state: dict[str, torch.Tensor],
+               *, every: bool) -> None:
+    """Copy ``state`` into ``params`` once every name and shape matches: each parameter that
+    trains (``every``: each parameter) has its tensor, of its shape (``copy_`` would broadcast
+    a smaller one silently), and no tensor is left over. A mismatch is one line."""
+    missing = [name for name, p in params.items()
+               if (every or p.requires_grad) and name not in state]
     unknown = [name for name in state if name not in params]
-    if missing or unknown:
-        raise DpokitError(f"{path}: checkpoint does not match the model (missing "
-                          f"{missing[:3]}, unexpected {unknown[:3]})")
+    shapes = [f"{name} {tuple(tensor.shape)} (model {tuple(params[name].shape)})"
+              for name, tensor in state.items()
+              if name in params and tensor.shape != params[name].shape]
+    if missing or unknown or shapes:
+        found = [f"{what} {names[:3]}" for what, names in (
+            ("missing", missing), ("unexpected", unknown), ("other shapes", shapes)) if names]
+        raise DpokitError(f"{source}: checkpoint does not match the model "
+                          f"({', '.join(found)})")
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor.to(params[name].device))

@@ -94,16 +94,33 @@ def truncate_metrics(output_dir: Path, step: int) -> None:
 
 
 def _truncate(path: Path, step: int) -> None:
-    """Keep the complete lines of ``path`` whose ``step`` is at most ``step``."""
+    """Keep the records of ``path`` whose ``step`` is at most ``step``, in order.
+
+    Only the last line may be cut short (a crash or a full disk stops the run in the middle of
+    an append; the run never writes after that): it is dropped. Any earlier line that is not a
+    record — a JSON object with a numeric ``step`` — is one line naming the file and the line
+    number: dropping it would lose a record of a step before the checkpoint."""
     if not path.is_file():
         return
-
-    def keep(line: str) -> bool:
-        """A complete record of a step up to the checkpoint."""
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as error:
+        raise DpokitError(f"resume: cannot read {path}: {error.strerror or error}") from None
+    while lines and not lines[-1].strip(b"\0 \t\r"):
+        lines.pop()  # the empty piece after the last newline (or a tail of NUL bytes)
+    kept = []
+    for number, raw in enumerate(lines, 1):
         try:
-            return json.loads(line)["step"] <= step
-        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
-            return False
-
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if keep(line)]
-    write_text(path, "".join(line + "\n" for line in lines))
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if number == len(lines):  # cut short by a crash
+                break
+            raise DpokitError(f"resume: {path} line {number} is not a JSON record (the file "
+                              f"was altered); fix or remove that line") from None
+        value = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise DpokitError(f"resume: {path} line {number} is not a record of a step (no "
+                              f"numeric \"step\"); fix or remove that line")
+        if value <= step:
+            kept.append(raw.decode("utf-8"))
+    write_text(path, "".join(line + "\n" for line in kept))

@@ -8,6 +8,12 @@ releases it when the process exits, however it exits (``kill -9`` included), so 
 left held by a dead run. The file itself stays; while held it says who holds it (pid, host,
 start time), and a non-empty file whose lock is free is the trace of a run that died holding it
 (a *stale* lock): it is taken over with a note. Under torchrun only rank 0 takes the lock.
+
+Only a directory that a dpokit run wrote (:func:`is_run_directory`: its ``config.yaml`` is a
+run's resolved config, or it holds a dpokit checkpoint) has anything deleted — by
+``overwrite``, or by ``resume: auto`` redoing a run that died before its first checkpoint; any
+other directory holding such names (a home directory given by mistake) is refused, and so is one
+whose ``config.yaml`` is not a run's (the run would replace it).
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ class RunLock:
                               f"another --output-dir")
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
-            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
+            handle = open(path, "a+", encoding="utf-8",  # noqa: SIM115 (held until release)
+                          errors="replace")
         except OSError as error:
             raise _os_error(output_dir, "use the run directory", error) from None
         try:
@@ -134,8 +141,64 @@ def existing_run(output_dir: Path) -> list[str]:
         return []
     found = [name for name in RUN_FILES if (output_dir / name).exists()]
     found += sorted(p.name for p in output_dir.glob(f"{PREFIX}*") if p.is_dir()
-                    and p.name[len(PREFIX):].isdigit())
+                    and p.name[len(PREFIX):].isdecimal())
     return found
+
+
+RUN_CONFIG_KEYS = frozenset({"model", "data", "output_dir", "seed", "save_total_limit"})
+"""Keys that every ``config.yaml`` a run writes holds (its whole resolved config), and that a
+hand-written config or another tool's file rarely holds all of."""
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is the ``config.yaml`` a dpokit run writes (its resolved config)."""
+    import yaml
+
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(content, dict) and content.keys() >= RUN_CONFIG_KEYS
+
+
+def _is_dpokit_checkpoint(path: Path) -> bool:
+    """Whether ``path`` holds a dpokit ``trainer_state.json`` (``transformers``' Trainer writes
+    one too, without ``steps_per_epoch``)."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(state, dict) and {"global_step", "steps_per_epoch"} <= state.keys()
+
+
+def _holds_run_records(output_dir: Path) -> bool:
+    """Whether ``output_dir/metrics.jsonl`` reads as a run's records: every complete line a JSON
+    object with an integer ``step`` (the last line may be cut short by a crash)."""
+    try:
+        lines = (output_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            return False
+        if not (isinstance(record, dict) and type(record.get("step")) is int):
+            return False
+    return bool(lines)
+
+
+def is_run_directory(output_dir: Path) -> bool:
+    """Whether ``output_dir`` was written by a dpokit run: its ``config.yaml`` is a run's, or
+    one of its ``checkpoint-N`` is a dpokit checkpoint. What ``overwrite`` may delete."""
+    from dpokit.train.checkpoint import PREFIX
+
+    if _is_run_config(output_dir / "config.yaml"):
+        return True
+    return any(_is_dpokit_checkpoint(p) for p in output_dir.glob(f"{PREFIX}*")
+               if p.name[len(PREFIX):].isdecimal())
 
 
 def check_fresh(output_dir: str | Path, *, overwrite: bool, resumable: bool,
@@ -143,11 +206,27 @@ def check_fresh(output_dir: str | Path, *, overwrite: bool, resumable: bool,
     """Before a fresh run: refuse a directory holding another run's results, or with
     ``overwrite`` delete them (logged). ``resumable``: whether it holds a checkpoint (the way
     out named in the message). ``redoable`` (``resume: auto`` found no checkpoint): the
-    records of a run that died before its first checkpoint are redone, with a warning."""
+    records of a run that died before its first checkpoint are redone, with a warning.
+
+    Nothing is deleted in a directory that is not a run's (:func:`is_run_directory`): such a
+    directory holding a run's names is refused, ``overwrite`` or not, and so is any directory
+    whose ``config.yaml`` is not a run's (the run writes its own there)."""
     output_dir = Path(output_dir)
+    config_file = output_dir / "config.yaml"
+    if config_file.exists() and not _is_run_config(config_file):
+        raise DpokitError(f"{config_file} is not the config of a dpokit run, and the run would "
+                          f"replace it; choose another --output-dir (or move the file)")
     found = existing_run(output_dir)
     if not found:
         return
+    records_only = set(found) <= set(RUN_FILES) - {"final"}
+    if not (is_run_directory(output_dir)
+            or (redoable and records_only and _holds_run_records(output_dir))):
+        shown = ", ".join(found[:4]) + (", …" if len(found) > 4 else "")
+        raise DpokitError(f"{output_dir} holds {shown} but is not a dpokit run directory (no "
+                          f"run's config.yaml, no dpokit checkpoint), so nothing in it is "
+                          f"replaced or deleted, --overwrite or not; choose another "
+                          f"--output-dir")
     if redoable and not resumable and "final" not in found:
         log.warning("resume auto: %s holds no checkpoint, only the records (%s) of a run that "
                     "stopped before its first one; starting afresh", output_dir,
@@ -162,7 +241,7 @@ def check_fresh(output_dir: str | Path, *, overwrite: bool, resumable: bool,
 
     removed = [output_dir / name for name in CLEARED_BY_OVERWRITE if (output_dir / name).exists()]
     removed += [p for p in output_dir.glob(f"{PREFIX}*") if p.is_dir()
-                and p.name[len(PREFIX):].isdigit()]  # what the refusal names, nothing else
+                and p.name[len(PREFIX):].isdecimal()]  # what the refusal names, nothing else
     for path in removed:
         try:
             if path.is_dir() and not path.is_symlink():

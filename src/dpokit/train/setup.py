@@ -193,8 +193,6 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     if checkpoint is not None:
         start = check_resumable(checkpoint, config, runtime, fingerprint, steps_per_epoch,
                                 total_steps, items=train_items)
-        if checkpoint.resolve().parent == output_dir.resolve():
-            on_main(runtime, lambda: set_aside_later(output_dir, start))
     used = rows_used(len(train_items), global_batch, seed=config.seed, total_steps=total_steps,
                      start_step=start, spans=spans)  # the rows of the steps still to come
     on_main(runtime, lambda: write_config(config, output_dir / "config.yaml"))
@@ -348,6 +346,10 @@ def resume(run: Run, checkpoint: Path | None) -> None:
     if state.get("grad_scaler") and run.scaler.is_enabled():
         run.scaler.load_state_dict(state["grad_scaler"])
     if runtime.is_main:
+        # the later checkpoints go aside only now: a checkpoint that fails to load (non-finite
+        # weights, another model, out of memory) leaves them where --resume auto finds them
+        if checkpoint.resolve().parent == output_dir.resolve():
+            set_aside_later(output_dir, run.step)
         truncate_metrics(output_dir, run.step)
         log.warning("resumed from %s at step %d", checkpoint, run.step)
 
