@@ -396,3 +396,31 @@ def test_full_space_measure_against_the_whole_output_space():
     assert got["closed_fraction_at_least"] == pytest.approx(1 - high / got["kl_ref_to_optimal"],
                                                             rel=1e-12)
     assert got["closed_fraction_at_most"] > got["closed_fraction_at_least"] + 0.05  # not exact
+
+
+@pytest.mark.parametrize("held", [["notes.txt", "prefs.jsonl"], ["sft/mine.txt"]])
+def test_the_demo_writes_only_into_a_directory_of_its_own(tmp_path, held):
+    """``dpokit demo --out ~`` deleted ``~/sft`` and ``~/dpo`` (start afresh) and wrote its
+    prefs.jsonl, report.md, base/ over a user's files of those names. An --out that already
+    holds anything but an earlier demo's output is refused before anything is written or
+    deleted; a new, empty or earlier demo directory is used as before."""
+    from dpokit.demo.run import DEMO_MARKER, DemoConfig, _check_demo_directory, run_demo
+
+    out = tmp_path / "home"
+    for name in held:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("the user's")
+    config = DemoConfig(quick=True, out_dir=str(out))
+    with pytest.raises(DpokitError, match="already holds files that are not the demo's"):
+        run_demo(config, report=lambda line: None)
+    for name in held:
+        assert (out / name).read_text() == "the user's"
+    assert not (out / "base").exists() and not (out / DEMO_MARKER).exists()
+    for ok in (tmp_path / "new", tmp_path / "empty"):
+        ok.mkdir()
+        _check_demo_directory(ok)
+    marked = tmp_path / "earlier"
+    marked.mkdir()
+    (marked / DEMO_MARKER).touch()
+    (marked / "report.md").write_text("an earlier demo's")
+    _check_demo_directory(marked)

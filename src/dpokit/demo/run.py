@@ -79,6 +79,26 @@ def _quiet_train(config, probe=None) -> Path:
     return final
 
 
+DEMO_MARKER = ".dpokit-demo"
+"""Marks a directory the demo writes into (its runs, data and report are replaced there)."""
+
+
+def _check_demo_directory(out: Path) -> None:
+    """``--out`` must be new, empty, or the demo's own (its marker, or an earlier version's
+    ``sft/`` run): the demo replaces ``sft/``, ``dpo/``, ``prefs.jsonl``, ``report.md``, … there,
+    and a user's directory must not lose files of those names."""
+    from dpokit.train.rundir import LOCK_NAME, is_run_directory
+
+    present = [entry.name for entry in out.iterdir() if entry.name != LOCK_NAME]
+    if (not present or (out / DEMO_MARKER).exists()
+            or ((out / "sft").is_dir() and is_run_directory(out / "sft"))):
+        return
+    shown = ", ".join(sorted(present)[:3]) + (", …" if len(present) > 3 else "")
+    raise DpokitError(f"--out {out} already holds files that are not the demo's ({shown}); the "
+                      f"demo replaces its runs, data and report there — choose a new or empty "
+                      f"directory")
+
+
 def run_demo(config: DemoConfig, *, task: DemoTask | None = None,
              report=print) -> dict[str, Any]:
     """Run every step and return the report (also written to ``out_dir/report.json``). The
@@ -113,6 +133,8 @@ def _run_demo(config: DemoConfig, *, task: DemoTask | None,
     _check_task(config, task, space)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _check_demo_directory(out)
+    (out / DEMO_MARKER).touch()
     import shutil
 
     for old in [out / "sft", *(out / name for name in METHODS),
