@@ -433,3 +433,19 @@ def test_a_checkpoint_from_before_disable_dropout_ran_with_dropout(workdir):
     check_same_run(workdir, recorded,
                    run_fingerprint(dataclasses.replace(base, disable_dropout=False), ITEMS))
 
+
+
+def test_a_resume_in_another_precision_is_refused(workdir):
+    """``fp16: true`` on a CPU runs float32 (a warning); resumed on a GPU the same config runs
+    float16 autocast — another run, with the same config keys, which was accepted. The
+    precision the steps really run in is in the fingerprint; a checkpoint from before it
+    resumes as before."""
+    base = DPOConfig(model=str(workdir / "llama"), data=str(workdir / "prefs.jsonl"), fp16=True)
+    on_cpu = run_fingerprint(base, ITEMS, autocast="float32")
+    on_gpu = run_fingerprint(base, ITEMS, autocast="float16")
+    with pytest.raises(DpokitError, match=r"autocast float32 → float16"):
+        check_same_run(workdir, on_cpu, on_gpu)
+    check_same_run(workdir, on_cpu, run_fingerprint(base, ITEMS, autocast="float32"))
+    older = dict(on_cpu)
+    older.pop("autocast")
+    check_same_run(workdir, older, on_gpu)

@@ -130,11 +130,17 @@ def _reward_identity(spec: str | None) -> str | None:
     return spec
 
 
-def run_fingerprint(config: Any, train_items: Sequence[Any]) -> dict[str, Any]:
-    """``{key: value}`` of everything that determines the run (see the module docstring)."""
+def run_fingerprint(config: Any, train_items: Sequence[Any], *,
+                    autocast: str | None = None) -> dict[str, Any]:
+    """``{key: value}`` of everything that determines the run (see the module docstring).
+    ``autocast``: the precision the steps really run in (the runtime's: ``fp16`` on a CPU runs
+    float32), so that a run resumed on another device type in another precision is refused
+    although its config keys are the same."""
     online = bool(getattr(config, "online", False))
     values = {k: v for k, v in config_to_dict(config).items()
               if k not in MAY_CHANGE and (online or k not in SAMPLING_KEYS)}
+    if autocast is not None:
+        values["autocast"] = autocast
     values.pop("split", None)  # covered by the rows' digest
     values["model"] = directory_identity(config.model)
     if getattr(config, "ref_model", None):

@@ -188,7 +188,7 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     spans = unit_spans(groups)
     steps_per_epoch = math.ceil(num_units(len(train_items), spans) / global_batch)
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
-    fingerprint = run_fingerprint(config, train_items)
+    fingerprint = run_fingerprint(config, train_items, autocast=runtime.dtype)
     start = 0
     if checkpoint is not None:
         start = check_resumable(checkpoint, config, runtime, fingerprint, steps_per_epoch,
