@@ -375,3 +375,20 @@ def test_an_older_dpokits_checkpoint_is_still_read_unverified(workdir, straight,
     assert "has no checksums.json (written by an older dpokit)" in caplog.text
     assert_same_tensors(load_file(str(straight / "final" / "model.safetensors")),
                         load_file(str(final / "model.safetensors")))
+
+
+def test_samples_records_stay_valid_json(tmp_path):
+    """samples.jsonl lines went out through json.dumps alone: a non-finite number in a sample
+    record (a reward model's NaN, were it ever let through) became the bare token NaN, which no
+    strict JSON reader parses. They now go through finite_json, as metrics.jsonl's do."""
+    from dpokit.train.records import MetricsLog
+
+    log = MetricsLog(tmp_path, enabled=True, total_steps=1, step=0, progress=False,
+                     trackers=[])
+    log.write_samples(1, [{"prompt": "p", "completion": "c", "reward": float("nan")},
+                          {"prompt": "q", "completion": "d", "reward": 1.5}])
+    log.close()
+    lines = (tmp_path / "samples.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=lambda name: pytest.fail(name)) for line in lines]
+    assert records == [{"step": 1, "prompt": "p", "completion": "c", "reward": None},
+                       {"step": 1, "prompt": "q", "completion": "d", "reward": 1.5}]

@@ -49,7 +49,7 @@ class MetricsLog:
         if not self.enabled:
             return
         _append(self.path.parent / "samples.jsonl",
-                [json.dumps({"step": step, **record}) for record in records])
+                [json.dumps(finite_json({"step": step, **record})) for record in records])
         for tracker in self.trackers:
             tracker.samples(step, records)
 
