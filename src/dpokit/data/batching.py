@@ -24,6 +24,11 @@ Spans = list[tuple[int, int]]
 def group_ids(items: Sequence[Any]) -> np.ndarray:
     """The ``group`` of every item (−1 for an item of its own, or one without the field), read
     as a column when the items are a store that has one."""
+    from dpokit.data.store import ItemChain
+
+    if isinstance(items, ItemChain):  # store + list: each part as it has the field or not
+        return np.concatenate([group_ids(part) for part in items.parts]
+                              or [np.zeros(0, dtype=np.int64)])
     column = getattr(items, "column", None)
     if column is not None:
         try:
@@ -59,30 +64,44 @@ def epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int,
     The order is a permutation drawn from ``seed`` and ``epoch`` alone (a fresh
     ``torch.Generator``), so it is the same on every rank and after a resume. With ``spans``
     (:func:`unit_spans`) the units are permuted and ``batch_size`` counts units; a unit's
-    examples follow each other in its batch.
+    examples follow each other in its batch. When the units do not divide by ``batch_size``
+    the last batch is smaller (``drop_last``: left out); the trainer divides each batch's loss
+    sums by that batch's own size, so every step is its batch's mean.
     """
     if batch_size < 1:
         raise DpokitError(f"batch_size must be ≥ 1, got {batch_size}")
     global _last_epoch
     key = (num_examples, batch_size, seed, epoch, shuffle, drop_last)
     if _last_epoch is not None and _last_epoch[0] == key and _last_epoch[1] is spans:
-        return _last_epoch[2]  # the set-up's rows_used and step 1 ask for the same epoch
-    batches = _epoch_batches(num_examples, batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
-                             drop_last=drop_last, spans=spans)
-    _last_epoch = (key, spans, batches)
-    return batches
+        batches = _last_epoch[2]  # the set-up's rows_used and step 1 ask for the same epoch
+    else:
+        batches = _epoch_batches(num_examples, batch_size, seed=seed, epoch=epoch,
+                                 shuffle=shuffle, drop_last=drop_last, spans=spans)
+        _last_epoch = (key, spans, batches)
+    # a copy: a caller that sorts or pops a batch must not change the next caller's order
+    return [list(batch) for batch in batches]
 
 
 _last_epoch: tuple[tuple, Spans | None, list[list[int]]] | None = None
-"""The last epoch :func:`epoch_batches` drew (its result is read, never changed, by callers):
-at 10⁶ rows a permutation costs ~0.3 s, and the start of a run asks for it twice."""
+"""The last epoch :func:`epoch_batches` drew (private: callers get copies): at 10⁶ rows a
+permutation costs ~0.3 s, and the start of a run asks for it twice."""
+
+
+def _order_seed(seed: int, epoch: int) -> int:
+    """The generator seed of (``seed``, ``epoch``): ``seed · 1000003 + epoch`` as always, taken
+    mod 2⁶⁴ where it leaves the range ``torch.Generator.manual_seed`` takes (seeds above
+    ~1.8·10¹³ raised ``Overflow when unpacking long long``)."""
+    value = seed * 1_000_003 + epoch
+    if not -2**63 <= value < 2**64:
+        value %= 2**64
+    return value
 
 
 def _epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int,
                    shuffle: bool, drop_last: bool, spans: Spans | None) -> list[list[int]]:
     n = num_units(num_examples, spans)
     if shuffle:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(_order_seed(seed, epoch))
         order = torch.randperm(n, generator=generator).tolist()
     else:
         order = list(range(n))
@@ -97,9 +116,15 @@ def _epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int,
 def rows_used(num_examples: int, batch_size: int, *, seed: int, total_steps: int,
               start_step: int = 0, spans: Spans | None = None) -> list[int]:
     """The example indices the global batches of steps ``start_step`` to ``total_steps`` of
-    :func:`epoch_batches` touch, sorted (every row once those steps span an epoch)."""
+    :func:`epoch_batches` touch, sorted: every row once those steps hold a whole epoch, first
+    batch to last. As many steps as an epoch that straddle two epochs are the end of one
+    permutation and the start of the next, which may leave rows out."""
+    if batch_size < 1:
+        raise DpokitError(f"batch_size must be ≥ 1, got {batch_size}")
     per_epoch = -(-num_units(num_examples, spans) // batch_size)
-    if total_steps - start_step >= per_epoch:
+    if per_epoch == 0 or total_steps <= start_step:
+        return []
+    if -(-start_step // per_epoch) * per_epoch + per_epoch <= total_steps:
         return list(range(num_examples))
     used: set[int] = set()
     for epoch in range(start_step // per_epoch, (total_steps - 1) // per_epoch + 1):
@@ -130,7 +155,11 @@ def micro_batches(global_indices: list[int], batch_size: int, rank: int,
     matched. ``groups`` (:func:`group_ids` of the data): ranks and micro-batches take whole
     units, ``batch_size`` of them.
     """
+    if batch_size < 1:
+        raise DpokitError(f"micro-batch size must be ≥ 1, got {batch_size}")
     units = units_of(global_indices, groups)
+    if not units:
+        raise DpokitError("an empty batch: no examples to split into micro-batches")
     mine = shard_for_rank(units, rank, world_size)
     largest = math.ceil(len(units) / world_size)
     count = max(1, math.ceil(largest / batch_size))
