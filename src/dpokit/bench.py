@@ -52,6 +52,8 @@ SETTINGS = {
     "no_ckpt_precompute": ({"shared_prompt": False, "precompute_ref_logps": True,
                             "selective_checkpointing": False, "gradient_checkpointing": False},
                            {"gradient_checkpointing": False, "precompute_ref_log_probs": True}),
+    # TRL 1.16 has no padding-free path: padding_free=True warns and falls back to padding
+    # (DPOTrainer.__init__), so its row is TRL's padded no_ckpt, not a packed TRL run.
     "padding_free": ({"padding_free": True, "precompute_ref_logps": False,
                       "selective_checkpointing": False, "gradient_checkpointing": False},
                      {"gradient_checkpointing": False, "padding_free": True}),
@@ -170,7 +172,12 @@ class Fixture:
 
 def build_fixtures(root: str | Path, models: list[str], *, rows: int = 1024,
                    seed: int = 0) -> Fixture:
-    """Tokenizer, preference rows and models, built once into ``root`` (reused when present)."""
+    """Tokenizer, preference rows and models, built once into ``root`` (reused when present).
+
+    Each model directory and each rows file is written to a temporary sibling and renamed
+    into place, so an interrupted build leaves no half-written fixture that a later run would
+    take as complete."""
+    from dpokit.atomic import atomic_path, write_text
     from dpokit.fixtures import WORDS, build_tokenizer, synthetic_corpus, tiny_causal_lm
 
     fixture = Fixture(Path(root))
@@ -183,9 +190,10 @@ def build_fixtures(root: str | Path, models: list[str], *, rows: int = 1024,
                                                  vocab_size=2048)
         model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=seed,
                                max_positions=MAX_LENGTH, **MODELS[name])
-        model.save_pretrained(fixture.model(name))
-        tokenizer.save_pretrained(fixture.model(name))
-    if not fixture.data.is_file():
+        with atomic_path(fixture.model(name), directory=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    if not (fixture.data.is_file() and fixture.data_320.is_file()):
         rng = random.Random(seed)
 
         def text(n: int) -> str:
@@ -195,8 +203,8 @@ def build_fixtures(root: str | Path, models: list[str], *, rows: int = 1024,
                              "chosen": " " + text(rng.randint(40, 66)) + ".",
                              "rejected": " " + text(rng.randint(40, 66)) + "!"})
                  for _ in range(rows)]
-        fixture.data.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        fixture.data_320.write_text("\n".join(lines[:320]) + "\n", encoding="utf-8")
+        write_text(fixture.data_320, "\n".join(lines[:320]) + "\n")
+        write_text(fixture.data, "\n".join(lines) + "\n")  # last: its presence means both
     return fixture
 
 
@@ -211,19 +219,22 @@ def build_long_fixture(root: str | Path, length: int, *, pairs: int, seed: int =
     (as the short fixture's), ``shape.json`` with batch 2 and max_length = ``length``."""
     from transformers import AutoTokenizer
 
+    from dpokit.atomic import atomic_path, write_text
     from dpokit.fixtures import WORDS
 
     base = build_fixtures(root, ["small"])
     fixture = Fixture(Path(root) / f"long-{length}")
     model = fixture.model("small")
     if not (model / "config.json").is_file():
-        model.mkdir(parents=True, exist_ok=True)
-        for file in base.model("small").iterdir():
-            (model / file.name).write_bytes(file.read_bytes())
-        config = json.loads((model / "config.json").read_text())
-        config["max_position_embeddings"] = length
-        (model / "config.json").write_text(json.dumps(config, indent=2))
-    if not fixture.data.is_file():
+        # (a temporary directory renamed into place: a copy cut short, with the base model's
+        # 256 positions in its config.json, must not be taken for the long model later)
+        with atomic_path(model, directory=True) as tmp:
+            for file in base.model("small").iterdir():
+                (tmp / file.name).write_bytes(file.read_bytes())
+            config = json.loads((tmp / "config.json").read_text())
+            config["max_position_embeddings"] = length
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if not (fixture.data.is_file() and (fixture.root / "shape.json").is_file()):
         tokenizer = AutoTokenizer.from_pretrained(model)
         rng = random.Random(seed)
 
@@ -243,9 +254,11 @@ def build_long_fixture(root: str | Path, length: int, *, pairs: int, seed: int =
                 words -= 10
                 prompt = text(words) + "?"
             lines.append(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}))
-        fixture.data.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        (fixture.root / "shape.json").write_text(json.dumps(
-            {"batch": LONG_BATCH, "max_length": length}))
+        # shape.json first: rows without it would run at the short fixture's batch 8 and
+        # max_length 256, truncating every long pair
+        write_text(fixture.root / "shape.json",
+                   json.dumps({"batch": LONG_BATCH, "max_length": length}))
+        write_text(fixture.data, "\n".join(lines) + "\n")
     return fixture
 
 
@@ -266,6 +279,8 @@ def matmul_peak_gflops(size: int | None = None, seconds: float = 1.0, *, device:
     a = torch.randn(size, size, device=device, dtype=kind)
     b = torch.randn(size, size, device=device, dtype=kind)
     a @ b
+    if device != "cpu":  # the warm-up (cuBLAS set-up included) done before the clock starts
+        torch.cuda.synchronize()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
@@ -276,6 +291,29 @@ def matmul_peak_gflops(size: int | None = None, seconds: float = 1.0, *, device:
 
 
 # ----------------------------------------------------------------------- one run per process
+
+
+def step_end_stamp(device: str) -> float:
+    """The time a step ended: on a GPU once its queued kernels have run (both frameworks'
+    stamps wait for them, so neither's step is timed at its launch)."""
+    if device != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def framework_modules(framework: str, setting: str) -> list[str]:
+    """What ``run_one`` imports before it reads the start RSS, the same for both frameworks:
+    transformers' model and tokenizer classes (both load the model through them) and the
+    framework's trainer module. ``import trl`` alone is lazy (it loads neither transformers nor
+    DPOTrainer): TRL's start was ~210 MB lower than dpokit's for want of its imports."""
+    common = ["transformers.models.auto.modeling_auto",
+              "transformers.models.auto.tokenization_auto"]
+    if framework == "dpokit":
+        return [*common, "dpokit.train.loop"]
+    return [*common, "trl.experimental.online_dpo" if setting.startswith("online")
+            else "trl.trainer.dpo_trainer"]
 
 
 def timed_dpokit_run(fixture: Fixture, **settings: Any) -> list[float]:
@@ -289,12 +327,16 @@ def timed_dpokit_run(fixture: Fixture, **settings: Any) -> list[float]:
     from dpokit.train.loop import Probe, train
 
     stamps: list[float] = []
+    device = settings.get("device", "cpu")
     run_root = Path(tempfile.mkdtemp(prefix="run-", dir=fixture.root))
+    # report_to none: TRL's runs get report_to=[] (no tracker); dpokit's null default would
+    # import TensorBoard and write its events inside the end-to-end time
     config = DPOConfig(output_dir=str(run_root / "dpokit"), save_steps=None,
-                       logging_steps=10**9, lr_scheduler="constant", **settings)
+                       logging_steps=10**9, lr_scheduler="constant", report_to=["none"],
+                       **settings)
     try:
         train(config, progress=False, probe=Probe(1, lambda m, s: stamps.append(
-            time.perf_counter()) or {}))
+            step_end_stamp(device)) or {}))
     finally:
         shutil.rmtree(run_root, ignore_errors=True)
     return stamps
@@ -309,8 +351,8 @@ def _run_dpokit(fixture: Fixture, model: str, setting: str, steps: int, data: Pa
         max_steps=None if epochs else steps, num_epochs=epochs or 1.0, **SETTINGS[setting][0])
 
 
-def trl_inputs(fixture: Fixture, model: str, data: Path,
-               dtype: str = "float32") -> tuple[Any, Any, Any, Any, list]:
+def trl_inputs(fixture: Fixture, model: str, data: Path, dtype: str = "float32",
+               device: str = "cpu") -> tuple[Any, Any, Any, Any, list]:
     """What a TRL trainer of the benchmark takes: tokenizer, policy, dataset, a callback that
     stamps each step's end, and the list it stamps into."""
     import datasets
@@ -320,7 +362,7 @@ def trl_inputs(fixture: Fixture, model: str, data: Path,
 
     class Stamp(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            stamps.append(time.perf_counter())
+            stamps.append(step_end_stamp(device))
 
     tokenizer = AutoTokenizer.from_pretrained(fixture.model(model))
     policy = AutoModelForCausalLM.from_pretrained(fixture.model(model), dtype=dtype)
@@ -333,7 +375,7 @@ def _run_trl(fixture: Fixture, model: str, setting: str, steps: int, data: Path,
     from trl import DPOConfig, DPOTrainer
 
     tokenizer, policy, dataset, stamp, stamps = trl_inputs(fixture, model, data,
-                                                           precision["dtype"])
+                                                           precision["dtype"], device)
     args = DPOConfig(output_dir=str(fixture.root / "runs" / f"trl-{model}-{setting}"),
                      per_device_train_batch_size=fixture.shape["batch"], learning_rate=LR,
                      beta=BETA, max_length=fixture.shape["max_length"],
@@ -359,7 +401,8 @@ def run_one(framework: str, fixture_dir: str, model: str, setting: str, steps: i
     started = time.perf_counter()
     torch.set_num_threads(THREADS)
     # the baseline: the memory of the framework's imports, before any model or data
-    importlib.import_module("dpokit.train.loop" if framework == "dpokit" else "trl")
+    for module in framework_modules(framework, setting):
+        importlib.import_module(module)
     start_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     fixture = Fixture(Path(fixture_dir))
     if setting.startswith("online"):
@@ -374,15 +417,37 @@ def run_one(framework: str, fixture_dir: str, model: str, setting: str, steps: i
         data = fixture.data_320 if end_to_end else fixture.data
         stamps = runner(fixture, model, setting, steps, data, 1.0 if end_to_end else None,
                         device, precision)
-    gaps = [b - a for a, b in itertools.pairwise(stamps)][2:] or [float("nan")]
+    expected = None if end_to_end and not setting.startswith("online") else steps
     result = {"framework": framework, "model": model, "setting": setting,
-              "seconds_per_step": statistics.median(gaps), "steps": len(stamps),
+              "seconds_per_step": steady_seconds_per_step(stamps, expected),
+              "steps": len(stamps),
               "wall_seconds": time.perf_counter() - started,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "start_rss_mb": start_rss_mb}
     if device != "cpu":
         result["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
+
+
+WARMUP_GAPS = 2
+"""Step gaps left out of s/step: the first step has no gap (setup ends where), the next two
+are warm-up (first-touch of activations and optimizer state). The same for both frameworks."""
+
+
+def steady_seconds_per_step(stamps: list[float], expected: int | None = None) -> float:
+    """The median gap between consecutive step-end ``stamps`` after :data:`WARMUP_GAPS`.
+
+    ``expected``: the steps the run was asked for (None: an epoch, any count). Fewer than 4
+    stamps leave no steady gap, and a count other than ``expected`` means the two frameworks
+    did not run the same steps: either is a ``DpokitError`` (the s/step was NaN, written into
+    the rows as a number, and a short run was compared with a full one)."""
+    if expected is not None and len(stamps) != expected:
+        raise DpokitError(f"the run ended after {len(stamps)} steps of the {expected} asked")
+    gaps = [b - a for a, b in itertools.pairwise(stamps)][WARMUP_GAPS:]
+    if not gaps:
+        raise DpokitError(f"the run ended after {len(stamps)} steps: s/step needs ≥ "
+                          f"{WARMUP_GAPS + 2} (the first {WARMUP_GAPS + 1} are warm-up)")
+    return statistics.median(gaps)
 
 
 # ------------------------------------------------------------------------------- the driver
@@ -399,11 +464,29 @@ def _tokens_per_pair(fixture: Fixture, model: str) -> float:
 
 
 def _params(fixture: Fixture, model: str) -> int:
-    from safetensors import safe_open
+    """All the model's parameters (the ``params`` of a row; tied weights once)."""
+    return _param_counts(fixture, model)[0]
 
-    with safe_open(str(fixture.model(model) / "model.safetensors"), "pt") as handle:
-        return sum(math.prod(handle.get_slice(key).get_shape())
-                   for key in handle.keys())  # noqa: SIM118
+
+def _flop_params(fixture: Fixture, model: str) -> int:
+    """N of the FLOP count: the parameters a token's forward multiplies by — all but the input
+    embedding, a table lookup (the LM head's matrix counts, also when tied to the embedding)."""
+    return _param_counts(fixture, model)[1]
+
+
+def _param_counts(fixture: Fixture, model: str) -> tuple[int, int]:
+    """(all parameters, all but the untied input embedding), from the model's config on the
+    meta device (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(fixture.model(model))
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in lm.parameters())  # (parameters() yields a tied one once)
+    embedding, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
+    lookup_only = 0 if head is embedding else embedding.numel()
+    return total, total - lookup_only
 
 
 def help_seconds(repeats: int = 5) -> float:
@@ -462,9 +545,11 @@ def _subprocess(args: list[str], memory_limit_gb: float | None = None) -> dict:
     import tempfile
 
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
-    cache = tempfile.mkdtemp(prefix="hf-datasets-") if "--end-to-end" in args else None
-    if cache:
-        env["HF_DATASETS_CACHE"] = cache
+    # every run, not only an end-to-end one: a step-timed TRL run read the user's datasets
+    # cache, warm from the run before (the long-context rows' wall_seconds, a TRL reference
+    # pass skipped) and filled it with every fixture's tables
+    cache = tempfile.mkdtemp(prefix="hf-datasets-")
+    env["HF_DATASETS_CACHE"] = cache
     on_gpu = "--device" in args and args[args.index("--device") + 1] != "cpu"
     limit = None if on_gpu else memory_limit_gb
     try:
@@ -472,11 +557,15 @@ def _subprocess(args: list[str], memory_limit_gb: float | None = None) -> dict:
                               capture_output=True, text=True, env=env, check=False,
                               preexec_fn=_limit_memory(limit))
     finally:
-        if cache:
-            shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
     if done.returncode != 0:
         return {"error": _run_error(done.stderr, done.returncode, limit)}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if not (isinstance(result, dict) and math.isfinite(result["seconds_per_step"])):
+            raise ValueError(result)
+    except (IndexError, ValueError, KeyError, TypeError):
+        return {"error": "the run exited 0 without a result line on its stdout"}
     switched = switched_mode(done.stderr)
     if switched:  # the memory rule recomputed more than the setting's default: say so
         result["recompute"] = switched
@@ -525,6 +614,7 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
              *(["--bf16"] if precision["bf16"] else []), *(["--fp16"] if precision["fp16"] else [])]
     for model in models:
         params, tokens = _params(fixture, model), _tokens_per_pair(fixture, model)
+        flop_params = _flop_params(fixture, model)
         for setting in settings:
             results = _alternating_runs(frameworks, repeats,
                                         [str(fixture.root), model, setting, str(steps), *where],
@@ -553,13 +643,9 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
                     written(rows)
                     report(_format_row(row))
                     continue
-                # 6·N per trained token (prompt once per pair) + 2·N per reference token when
-                # the reference runs every step (dpokit's default caches it, as "precompute").
-                cached = "precompute" in setting or (framework == "dpokit"
-                                                     and setting.startswith("default"))
-                flops = (6 * params * tokens + (0 if cached else 2 * params * tokens)) * BATCH
+                flops = step_flops(framework, setting, flop_params, tokens, BATCH)
                 row = {"framework": framework, "model": model, "setting": setting,
-                       "params": params, "tokens_per_pair": tokens,
+                       "params": params, "flop_params": flop_params, "tokens_per_pair": tokens,
                        "seconds_per_step": spp, "pairs_per_second": BATCH / spp,
                        "tokens_per_second": BATCH * tokens / spp,
                        "peak_fraction": flops / spp / (peak * 1e9),
@@ -577,6 +663,26 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
                 written(rows)
                 report(_format_row(row))
     return rows
+
+
+def reference_cached(framework: str, setting: str) -> bool:
+    """Whether the run's reference log-probs are computed once before training (no reference
+    forward in a step): the setting's overrides, else the framework's default (dpokit caches,
+    TRL 1.16 does not)."""
+    dpokit_side, trl_side = SETTINGS[setting]
+    if framework == "dpokit":
+        return dpokit_side.get("precompute_ref_logps", True)
+    return trl_side.get("precompute_ref_log_probs", False)
+
+
+def step_flops(framework: str, setting: str, n: int, tokens_per_pair: float,
+               batch: int) -> float:
+    """The FLOP lower bound of one step: 6·N per trained token (the prompt once per pair) +
+    2·N per reference token when the reference runs every step, ``batch`` pairs."""
+    per_pair = 6 * n * tokens_per_pair
+    if not reference_cached(framework, setting):
+        per_pair += 2 * n * tokens_per_pair
+    return per_pair * batch
 
 
 def long_context_benchmark(workdir: str | Path, *, lengths: list[int], settings: list[str],
@@ -660,11 +766,15 @@ def main(argv: list[str]) -> None:
         def option(name: str, default: str) -> str:
             return argv[argv.index(name) + 1] if name in argv else default
 
-        result = run_one(framework, fixture_dir, model, setting, int(steps),
-                         "--end-to-end" in argv, option("--device", "cpu"),
-                         {"dtype": option("--dtype", "float32"), "bf16": "--bf16" in argv,
-                          "fp16": "--fp16" in argv})
-        print(json.dumps(result))
+        try:
+            result = run_one(framework, fixture_dir, model, setting, int(steps),
+                             "--end-to-end" in argv, option("--device", "cpu"),
+                             {"dtype": option("--dtype", "float32"), "bf16": "--bf16" in argv,
+                              "fp16": "--fp16" in argv})
+        except DpokitError as error:  # one line (the row's error), exit 2, no traceback
+            print(f"dpokit: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(json.dumps(result, allow_nan=False))
         return
     raise SystemExit("usage: python -m dpokit.bench run FRAMEWORK FIXTURE MODEL SETTING STEPS")
 

@@ -55,7 +55,7 @@ def run_trl(fixture, model: str, steps: int, *, batch: int, lr: float, beta: flo
     from dpokit.bench import trl_inputs
 
     tokenizer, policy, dataset, stamp, stamps = trl_inputs(fixture, model, prompts_file(fixture),
-                                                           precision["dtype"])
+                                                           precision["dtype"], device)
     args = OnlineDPOConfig(
         output_dir=str(fixture.root / "runs" / f"trl-online-{model}"),
         per_device_train_batch_size=batch, learning_rate=lr, beta=beta, max_length=max_length,
