@@ -16,8 +16,11 @@ is not ``Org/Name`` (``out/final/``, ``model``, ``/abs/path``) is left to the ca
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
+import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +58,12 @@ def parse_name(spec: str | Path) -> HubName | None:
 def hub_cache() -> Path:
     """The hub cache directory, from the environment as it is now (``huggingface_hub.constants``
     holds the values at its import), in the library's order of precedence."""
+    # ``os.getenv(key, default)`` as ``huggingface_hub.constants``: a variable set to "" counts
+    # as set (an empty HF_HOME is the relative ``hub``, where ``hf download`` writes too)
     env = os.environ
-    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache",
-                                              "huggingface")
-    cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    home = os.path.expandvars(os.path.expanduser(
+        env.get("HF_HOME", os.path.join(env.get("XDG_CACHE_HOME", "~/.cache"), "huggingface"))))
+    cache = env.get("HF_HUB_CACHE", env.get("HUGGINGFACE_HUB_CACHE", os.path.join(home, "hub")))
     return Path(os.path.expandvars(os.path.expanduser(cache)))
 
 
@@ -113,24 +118,86 @@ def resolve(path: str | Path, *, what: str, logger: str, repo_type: str = "model
         raise DpokitError(f"{what} {name}: not a local {local} and not in the Hugging Face "
                           f"cache{at} (looked in {hub_cache()}{held}); download it with "
                           f"`{command}` (or pass a local {local})") from None
-    broken = _dangling_links(directory)
-    if broken:  # the blobs these point to were removed, or their download never finished
-        shown = ", ".join(broken[:3]) + (", …" if len(broken) > 3 else "")
+    problem = _incomplete(directory)
+    if problem:
         raise DpokitError(f"{what} {name}: its snapshot in the Hugging Face cache ({directory}) "
-                          f"is incomplete: {len(broken)} of its files "
-                          f"link to blobs that are not there ({shown}); download it again "
-                          f"with `{command}`")
+                          f"is incomplete: {problem}; download it again with `{command}`")
     _log_once(logger, repo_type, str(name), str(directory))
     return directory
 
 
-def _dangling_links(snapshot: Path) -> list[str]:
-    """The files of a cached snapshot whose symlink leads to no blob, relative to it."""
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+
+
+def _incomplete(snapshot: Path) -> str | None:
+    """What shows that a cached snapshot lacks files, or None.
+
+    ``huggingface_hub`` checks a snapshot against its tree listing only when ``hf download``
+    cached one (``trees/<commit>.json``); ``from_pretrained`` and ``hf_hub_download`` leave
+    none, and a download they did not finish leaves only the files it got. So, besides the
+    listing's check: links to blobs that are gone, a weights index (``*.index.json``) naming
+    shards that are not there, a shard set ``name-00001-of-00004`` with members missing (a
+    dataset's Parquet shards: a silently smaller data set), and — when there is no listing —
+    an unfinished ``blobs/*.incomplete`` of the repository (a download killed mid-file)."""
     try:
-        return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*")
-                      if p.is_symlink() and not p.exists())
-    except OSError:
-        return []
+        files = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*")
+                       if p.is_file() or p.is_symlink())
+        present = {f for f in files if (snapshot / f).is_file()}
+        broken = [f for f in files if f not in present]
+        if broken:  # the blobs these point to were removed
+            return (f"{len(broken)} of its files link to blobs that are not there "
+                    f"({_shown(broken)})")
+        missing = _missing_shards(snapshot, present)
+        if missing:
+            return f"{len(missing)} shard{'s' * (len(missing) > 1)} missing ({_shown(missing)})"
+        repo = snapshot.parent.parent
+        if not (repo / "trees" / f"{snapshot.name}.json").is_file():
+            unfinished = sorted(p.name for p in (repo / "blobs").glob("*.incomplete"))
+            if unfinished:
+                return (f"a download into it did not finish ({_shown(unfinished)} in "
+                        f"{repo / 'blobs'}), so files of it may be missing")
+    except OSError as error:
+        return f"it cannot be read ({error.strerror or error})"
+    return None
+
+
+_SHARD = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<total>\d{5})(?P<suffix>\.[^/]*)?$")
+
+
+_ONE_BASED = ("safetensors", "bin", "pt", "pth", "gguf", "h5", "msgpack")
+"""Weight files, which transformers (and llama.cpp) number from 1; a dataset's from 0."""
+
+
+def _missing_shards(snapshot: Path, present: set[str]) -> list[str]:
+    """The files of ``snapshot`` a weights index names that are not there, and the members of
+    a ``stem-NNNNN-of-MMMMM.suffix`` shard set that are not there (numbered from 0 as the Hub's
+    datasets, or from 1 as transformers' weights)."""
+    missing: set[str] = set()
+    for index in (f for f in present if f.endswith(".index.json")):
+        try:
+            weight_map = json.loads((snapshot / index).read_text(encoding="utf-8")).get(
+                "weight_map")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            continue  # not a weights index: the loader says what is wrong with it
+        if isinstance(weight_map, dict):
+            folder = posixpath.dirname(index)
+            missing.update(posixpath.join(folder, shard) for shard in weight_map.values()
+                           if isinstance(shard, str)
+                           and posixpath.join(folder, shard) not in present)
+    sets: dict[tuple[str, str, int], set[int]] = {}
+    for file in present:
+        match = _SHARD.match(file)
+        if match and int(match["total"]) > 0:
+            key = (match["stem"], match["suffix"] or "", int(match["total"]))
+            sets.setdefault(key, set()).add(int(match["index"]))
+    for (stem, suffix, total), indices in sets.items():
+        # numbered from 0 or from 1: what the set holds says, else the convention of its kind
+        first = (0 if 0 in indices else 1 if total in indices
+                 else int(suffix.split(".")[-1] in _ONE_BASED))
+        missing.update(f"{stem}-{i:05d}-of-{total:05d}{suffix}"
+                       for i in range(first, first + total) if i not in indices)
+    return sorted(missing)
 
 
 def cached_revisions(repo_id: str, *, repo_type: str = "model") -> list[str]:
@@ -140,7 +207,7 @@ def cached_revisions(repo_id: str, *, repo_type: str = "model") -> list[str]:
 
     try:
         repos = scan_cache_dir(hub_cache()).repos
-    except CacheNotFound:
+    except (CacheNotFound, ValueError, OSError):  # none, or a file where the cache should be
         return []
     return sorted(f"{r.commit_hash}" + (f" ({', '.join(sorted(r.refs))})" if r.refs else "")
                   for repo in repos if (repo.repo_id, repo.repo_type) == (repo_id, repo_type)

@@ -203,7 +203,8 @@ def test_the_model_card_names_the_real_base_and_reference(workdir, sft_final, dp
     """An adapter run's card: the base the adapter names (front matter and table), where it
     started, and a reference of base + that adapter — not "adapters off"."""
     card = (dpo_final / "README.md").read_text()
-    assert f"base_model: {workdir / 'llama'}" in card
+    assert f"| Base model | `{workdir / 'llama'}` (started from the adapter" in card
+    assert "base_model:" not in card  # a local base is no Hub id for the front matter
     assert f"(started from the adapter `{sft_final}`)" in card
     assert "base + that adapter, frozen" in card and "adapters off" not in card
 

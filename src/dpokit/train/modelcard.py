@@ -42,8 +42,12 @@ def model_card(config: TrainConfig, records: Sequence[dict[str, Any]], steps: in
     preference = isinstance(config, DPOConfig)
     tags = ["dpokit", "dpo" if preference else "sft", *(["lora"] if config.lora else [])]
     base = _base_model(config.model)
+    # the Hub takes repository ids here, so a local directory (or a revision) is no base_model
+    # or dataset of the front matter, as TRL leaves out a local base; the table names it
     data = ModelCardData(library_name="peft" if config.lora else "transformers",
-                         base_model=base, pipeline_tag="text-generation", tags=tags)
+                         base_model=_hub_base(config.model),
+                         datasets=_hub_ids([config.data]),
+                         pipeline_tag="text-generation", tags=tags)
     split = f" (split `{config.split}`)" if config.split else ""
     started = "" if base == config.model else f" (started from the adapter `{config.model}`)"
     rows = [("Base model", f"`{base}`{started}"), ("Data", f"`{config.data}`{split}"),
@@ -66,7 +70,7 @@ def model_card(config: TrainConfig, records: Sequence[dict[str, Any]], steps: in
 def _objective(config: TrainConfig) -> str:
     """``SFT: …``, or the DPO-family losses (their weights), β and the reference."""
     if not isinstance(config, DPOConfig):
-        return "SFT: negative log-likelihood of the completion tokens"
+        return _sft_objective(config)
     losses = ", ".join(f"`{name}`" for name in config.loss_type)
     if config.loss_weights is not None:
         losses += f" (weights {', '.join(str(w) for w in config.loss_weights)})"
@@ -85,6 +89,23 @@ def _objective(config: TrainConfig) -> str:
     else:
         reference = ("reference: the base model" + (" (adapters off)" if config.lora else ""))
     return f"DPO family: loss_type {losses}, β = {config.beta}, {reference}"
+
+
+def _sft_objective(config: TrainConfig) -> str:
+    """Which tokens SFT trains on and how their NLL is averaged, as the config sets them."""
+    if getattr(config, "assistant_only_loss", False):
+        tokens = "the conversation's assistant message"
+    elif getattr(config, "completion_only_loss", True) is None:
+        tokens = ("TRL's rule: the completion of prompt-completion rows, every token of "
+                  "messages and text rows")
+    elif getattr(config, "completion_only_loss", True):
+        tokens = "the completion (prompt masked; of a text row, every token)"
+    else:
+        tokens = "every token, prompt included (completion_only_loss false)"
+    mean = ("summed over the batch's trained tokens / their number"
+            if getattr(config, "loss_normalization", "example") == "token"
+            else "each example's per-token mean, averaged over examples")
+    return f"SFT: negative log-likelihood of {tokens}; {mean}"
 
 
 def _loss_settings(config: DPOConfig) -> list[str]:
@@ -113,8 +134,13 @@ def _loss_settings(config: DPOConfig) -> list[str]:
 def _regime(config: TrainConfig) -> str:
     """Offline (the data's pairs or completions) or online (the policy's own, scored)."""
     if isinstance(config, DPOConfig) and config.online:
+        label = config.label + (f" (τ = {config.label_temperature})"
+                                if config.label_temperature != 1 and config.label != "hard"
+                                else "")
+        penalty = ("" if config.missing_eos_penalty is None
+                   else f", missing_eos_penalty = {config.missing_eos_penalty}")
         return (f"online: each step the policy completes the prompts ({config.num_generations} "
-                f"per prompt), reward `{config.reward}` scores them, labels {config.label}")
+                f"per prompt), reward `{config.reward}` scores them{penalty}, labels {label}")
     return "offline: the data's " + ("preference pairs" if isinstance(config, DPOConfig)
                                      else "completions")
 
@@ -215,6 +241,35 @@ def read_records(output_dir: str | Path) -> list[dict[str, Any]]:
         if isinstance(record, dict) and "step" in record:
             records.append(record)
     return records
+
+
+def _hub_ids(names: Sequence[str | None]) -> list[str] | None:
+    """The Hub repository ids (``Org/Name``, without ``@revision``) of ``names`` that are
+    hub names and no local path, or None when there are none."""
+    from dpokit.hub import parse_name
+
+    ids = []
+    for name in names:
+        parsed = None if name is None or Path(name).exists() else parse_name(name)
+        if parsed is not None and parsed.repo_id not in ids:
+            ids.append(parsed.repo_id)
+    return ids or None
+
+
+def _hub_base(model: str) -> str | None:
+    """The Hub id of ``model``'s base: its own, or that of the base a PEFT adapter names
+    (``base_model_name_or_path``); None when it is a local directory."""
+    from dpokit.models import read_adapter_config
+
+    try:
+        settings = read_adapter_config(model)
+    except DpokitError:
+        settings = None
+    base = settings.get("base_model_name_or_path") if settings else model
+    if not isinstance(base, str) or not base:
+        return None
+    ids = _hub_ids([base])
+    return ids[0] if ids else None
 
 
 def _base_model(model: str) -> str:

@@ -12,7 +12,14 @@ W&B follows its environment as in transformers (``WANDB_MODE=offline`` logs loca
 ``WANDB_PROJECT`` beats ``project``, ``WANDB_ENTITY``, ``WANDB_DIR`` — without it the files go
 under the run directory); trackio logs locally under ``TRACKIO_DIR`` (default
 ``$HF_HOME/trackio``), project ``project``. A resumed run reports into a new tracker run of the
-same name, from the checkpoint's step on.
+same name, from the checkpoint's step on; TensorBoard, which appends to ``tensorboard/``, marks
+the steps past what ``metrics.jsonl`` keeps (a resume past its checkpoint, a run redone after it
+died before its first one) as purged, so its reader shows each step once, as the file has it.
+
+``metrics.jsonl`` is the run's record; a tracker mirrors it. A tracker that fails once the run
+is going (its service gone, a full disk under ``tensorboard/``) is a warning naming it, the step
+and the error; it gets nothing more, and the run, its records and the other trackers go on. A
+tracker that cannot start is a ``DpokitError`` before the first step.
 """
 
 from __future__ import annotations
@@ -79,11 +86,36 @@ def _first_line(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+def last_logged_step(path: Path) -> int:
+    """The largest ``step`` of the records in ``path`` (``metrics.jsonl``; 0: none)."""
+    steps = [0]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, int | float) and not isinstance(step, bool):
+            steps.append(int(step))
+    return max(steps)
+
+
 class TensorBoard:
     def __init__(self, output_dir: Path, **_: Any):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+        events = output_dir / "tensorboard"
+        # started after a resume truncated metrics.jsonl (or a fresh start removed it): the
+        # events of earlier writers past its last step are purged from TensorBoard's view, as
+        # they are from the file — else a resumed step shows twice, and a step never redone
+        # shows the dead run's value
+        earlier = events.is_dir() and any(events.glob("events.out.tfevents.*"))
+        purge = last_logged_step(output_dir / "metrics.jsonl") + 1 if earlier else None
+        self.writer = SummaryWriter(str(events), purge_step=purge)
 
     def log(self, record: dict[str, Any]) -> None:
         for key, value in _scalars(record).items():
@@ -162,9 +194,50 @@ def start_trackers(names: list[str], output_dir: Path, *, run_name: str, project
             started.append(_CLASSES[name](output_dir, run_name=run_name, project=project,
                                           config=config))
         except BaseException:
-            for tracker in started:
-                tracker.close(failed=True)
+            for done, tracker in zip(names, started, strict=False):
+                _close_quietly(done, tracker, failed=True)
             raise
     if started:
         log.info("reporting to %s as run %s", ", ".join(names), run_name)
-    return started
+    return [Reporting(name, tracker) for name, tracker in zip(names, started, strict=True)]
+
+
+def _close_quietly(name: str, tracker: Any, *, failed: bool) -> None:
+    try:
+        tracker.close(failed)
+    except Exception as error:
+        log.warning("report_to %s: closing it failed: %s", name, _first_line(error))
+
+
+class Reporting:
+    """A started tracker as the run calls it: an error of the tracker's own is a warning (its
+    name, the step, the error's first line) and the end of its reporting, never the run's end —
+    the run goes on with ``metrics.jsonl`` and the other trackers (nor, in ``close``, does it
+    mask the error that stopped the run, or keep the others from closing)."""
+
+    def __init__(self, name: str, tracker: Any):
+        self.name = name
+        self.tracker: Any = tracker
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._call("log", record.get("step"), record)
+
+    def samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        self._call("samples", step, step, records)
+
+    def _call(self, method: str, step: Any, *args: Any) -> None:
+        if self.tracker is None:
+            return
+        try:
+            getattr(self.tracker, method)(*args)
+        except Exception as error:
+            tracker, self.tracker = self.tracker, None
+            log.warning("report_to %s failed at step %s (%s); it gets nothing more from this "
+                        "run — metrics.jsonl has every record", self.name, step,
+                        _first_line(error))
+            _close_quietly(self.name, tracker, failed=True)
+
+    def close(self, failed: bool) -> None:
+        tracker, self.tracker = self.tracker, None
+        if tracker is not None:
+            _close_quietly(self.name, tracker, failed=failed)
