@@ -3,14 +3,14 @@
     dpokit bench --models tiny,small --steps 20 --repeats 2     # needs `pip install '.[bench]'`
     python benchmarks/bench_dpo.py --models tiny --steps 5      # the same
 
-Fixtures are built from nothing into ``--workdir``: a byte-level BPE tokenizer of 2,048 tokens
-trained on a synthetic corpus, 1,024 synthetic preference rows (prompts ~41 tokens, completions
-~54), and randomly initialised Llama models from configs ("tiny": hidden 128, 2 layers; "small":
-hidden 512, 8 layers, 8 heads, MLP 1408). Every (framework, setting) runs in its own process —
-same model, rows, batch, learning rate, β, max_length and threads — alternating frameworks and
-repeating, and reports s/step (median of the steady-state steps), pairs/s, tokens/s, the
-fraction of the measured fp32 matmul peak, peak RSS, and end-to-end seconds for one epoch over 320
-pairs from a cold start (data preparation and any reference pass included).
+Fixtures are built from nothing into ``--workdir``: a byte-level BPE tokenizer trained on a
+synthetic corpus (asked for 2,048 tokens; the corpus yields 420), 1,024 synthetic preference rows
+(prompts ~41 tokens, completions ~54), and randomly initialised Llama models from configs ("tiny":
+hidden 128, 2 layers; "small": hidden 512, 8 layers, 8 heads, MLP 1408). Every (framework, setting)
+runs in its own process — same model, rows, batch, learning rate, β, max_length and threads —
+alternating frameworks and repeating, and reports s/step (median of the steady-state steps),
+pairs/s, tokens/s, the fraction of the measured fp32 matmul peak, peak RSS, and end-to-end seconds
+for one epoch over 320 pairs from a cold start (data preparation and any reference pass included).
 """
 
 from __future__ import annotations
