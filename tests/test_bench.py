@@ -92,8 +92,7 @@ def test_json_rows_are_written_as_they_come(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "build_fixtures", lambda workdir, models: bench.Fixture(tmp_path))
     monkeypatch.setattr(bench, "help_seconds", lambda: 0.05)
     monkeypatch.setattr(bench, "matmul_peak_gflops", lambda **kw: 100.0)
-    monkeypatch.setattr(bench, "_params", lambda fixture, model: 1000)
-    monkeypatch.setattr(bench, "_flop_params", lambda fixture, model: 1000)
+    monkeypatch.setattr(bench, "_param_counts", lambda fixture, model: (1000, 1000))
     monkeypatch.setattr(bench, "_tokens_per_pair", lambda fixture, model: 10.0)
 
     def runs(frameworks, repeats, args, memory_limit_gb=None):

@@ -104,8 +104,7 @@ def test_flop_params_leave_out_the_input_embedding_only(tmp_path, tied):
     weights = dict(model.named_parameters())  # (a tied weight once)
     total = sum(w.numel() for w in weights.values())
     embed = weights["model.embed_tokens.weight"].numel()
-    assert bench._params(fixture, "m") == total
-    assert bench._flop_params(fixture, "m") == (total if tied else total - embed)
+    assert bench._param_counts(fixture, "m") == (total, total if tied else total - embed)
     assert ("lm_head.weight" in weights) is not tied  # the oracle saw the tie as configured
 
 
@@ -113,8 +112,7 @@ def _fake_benchmark(monkeypatch, tmp_path, settings, frameworks, spp=0.5):
     monkeypatch.setattr(bench, "build_fixtures", lambda workdir, models: bench.Fixture(tmp_path))
     monkeypatch.setattr(bench, "help_seconds", lambda: 0.05)
     monkeypatch.setattr(bench, "matmul_peak_gflops", lambda **kw: 100.0)
-    monkeypatch.setattr(bench, "_params", lambda fixture, model: 1000)
-    monkeypatch.setattr(bench, "_flop_params", lambda fixture, model: 800, raising=False)
+    monkeypatch.setattr(bench, "_param_counts", lambda fixture, model: (1000, 800))
     monkeypatch.setattr(bench, "_tokens_per_pair", lambda fixture, model: 10.0)
 
     def runs(frameworks, repeats, args, memory_limit_gb=None):

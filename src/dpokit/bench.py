@@ -463,20 +463,11 @@ def _tokens_per_pair(fixture: Fixture, model: str) -> float:
                for p in pairs) / len(pairs)
 
 
-def _params(fixture: Fixture, model: str) -> int:
-    """All the model's parameters (the ``params`` of a row; tied weights once)."""
-    return _param_counts(fixture, model)[0]
-
-
-def _flop_params(fixture: Fixture, model: str) -> int:
-    """N of the FLOP count: the parameters a token's forward multiplies by — all but the input
-    embedding, a table lookup (the LM head's matrix counts, also when tied to the embedding)."""
-    return _param_counts(fixture, model)[1]
-
-
 def _param_counts(fixture: Fixture, model: str) -> tuple[int, int]:
-    """(all parameters, all but the untied input embedding), from the model's config on the
-    meta device (no weights read)."""
+    """(all parameters — a row's ``params``, tied weights once — and N of the FLOP count, the
+    parameters a token's forward multiplies by: all but the input embedding, a table lookup;
+    the LM head's matrix counts, also when tied), from the model's config on the meta device
+    (no weights read)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -613,8 +604,8 @@ def benchmark(workdir: str | Path, *, models: list[str], settings: list[str], st
     where = ["--device", device, "--dtype", precision["dtype"],
              *(["--bf16"] if precision["bf16"] else []), *(["--fp16"] if precision["fp16"] else [])]
     for model in models:
-        params, tokens = _params(fixture, model), _tokens_per_pair(fixture, model)
-        flop_params = _flop_params(fixture, model)
+        (params, flop_params), tokens = (_param_counts(fixture, model),
+                                         _tokens_per_pair(fixture, model))
         for setting in settings:
             results = _alternating_runs(frameworks, repeats,
                                         [str(fixture.root), model, setting, str(steps), *where],
