@@ -220,14 +220,14 @@ def build_config(cls: type[C], values: Mapping[str, Any], *, source: str = "conf
 
 class UnknownFlags(DpokitError):
     """Flags that are neither the config's nor, with a TRL config, TRL's (``flags``: their
-    keys; ``known``: the config's fields, for the closest names)."""
+    keys; ``close``: the config's fields closest to them)."""
 
     def __init__(self, flags: list[str], known: Sequence[str]):
-        self.flags, self.known = flags, list(known)
-        close = [m for k in flags for m in difflib.get_close_matches(k, self.known, n=2)]
-        hint = f" (did you mean {' or '.join('--' + m.replace('_', '-') for m in close)}?)"
+        self.flags = flags
+        self.close = [m for k in flags for m in difflib.get_close_matches(k, list(known), n=2)]
+        hint = f" (did you mean {' or '.join('--' + m.replace('_', '-') for m in self.close)}?)"
         super().__init__(f"No such option: {', '.join('--' + k for k in flags)}"
-                         f"{hint if close else ''}")
+                         f"{hint if self.close else ''}")
 
 
 def load_config(cls: type[C], path: str | Path | None = None,
@@ -289,17 +289,25 @@ def write_config(config: Any, path: str | Path) -> None:
     write_text(path, config_yaml(config))
 
 
+def field_defaults(cls: Any) -> dict[str, Any]:
+    """``{field: default}`` of a config dataclass (or instance), for the fields that have one
+    (a ``default_factory``'s value made fresh)."""
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not _MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not _MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
+
+
 def field_help(cls: type) -> list[tuple[str, str, Any, str]]:
     """``(flag, type description, default, help)`` for every field, in declaration order."""
     hints = _hints(cls)
+    defaults = field_defaults(cls)
     rows = []
     for f in dataclasses.fields(cls):
-        if f.default is not _MISSING:
-            default = f.default
-        elif f.default_factory is not _MISSING:
-            default = f.default_factory()
-        else:
-            default = "(required)"
+        default = defaults.get(f.name, "(required)")
         rows.append((f"--{f.name.replace('_', '-')}", _describe(hints[f.name]), default,
                      f.metadata.get("help", "")))
     return rows

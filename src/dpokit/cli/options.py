@@ -11,7 +11,6 @@ validated before the command's function runs.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import typing
 from collections.abc import Callable, Collection
@@ -168,11 +167,9 @@ def config_command(name: str, config_cls: type, run: Callable[[Any], None], *,
         try:
             config = load_config(config_cls, config_path, overrides, trl_flags)
         except UnknownFlags as error:  # click's own refusal, with the closest flags
-            close = [name for key in error.flags
-                     for name in difflib.get_close_matches(key, error.known, n=2)]
-            raise click.NoSuchOption(f"--{error.flags[0].replace('_', '-')}",
-                                     possibilities=[f"--{n.replace('_', '-')}" for n in close],
-                                     ctx=click.get_current_context()) from None
+            raise click.NoSuchOption(
+                f"--{error.flags[0].replace('_', '-')}", ctx=click.get_current_context(),
+                possibilities=[f"--{n.replace('_', '-')}" for n in error.close]) from None
         run(config)
 
     return click.Command(name, callback=callback, params=_params(config_cls), help=summary,

@@ -13,13 +13,12 @@ says which objective it trains (:meth:`DPOConfig.objective`), so the loop never 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from dpokit.config import field
+from dpokit.config import field, field_defaults
 from dpokit.errors import DpokitError
 from dpokit.objectives.config import DataConfig, ModelConfig, PreferenceConfig, SamplingConfig
 
@@ -186,8 +185,7 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
         train every weight: refused, naming the keys."""
         if self.lora:
             return
-        defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
-                    for f in dataclasses.fields(self) if f.name.startswith("lora_")}
+        defaults = {k: v for k, v in field_defaults(self).items() if k.startswith("lora_")}
         changed = [key for key, default in defaults.items() if getattr(self, key) != default]
         if changed:
             raise DpokitError(f"{', '.join(changed)} set but lora is false: this would be a full "
@@ -211,8 +209,7 @@ class TrainConfig(SamplingConfig, DataConfig, ModelConfig):
                   "lora_dropout": float(adapter.get("lora_dropout") or 0.0),
                   "lora_target_modules": None if targets is None else sorted(
                       [targets] if isinstance(targets, str) else targets)}
-        defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
-                    for f in dataclasses.fields(self) if f.name in theirs}
+        defaults = field_defaults(self)
         for key, value in theirs.items():
             ours = getattr(self, key)
             same = (sorted(ours) == value if key == "lora_target_modules" and ours and value

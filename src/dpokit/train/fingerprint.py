@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dpokit.config import config_to_dict
+from dpokit.config import config_to_dict, field_defaults
 from dpokit.errors import DpokitError
 from dpokit.hub import locate
 
@@ -168,13 +168,9 @@ def _meaning_before(key: str, current: dict[str, Any]) -> Any:
         return BEFORE_THE_KEY[key]
     from dpokit.train.config import DPOConfig, SFTConfig
 
-    config = DPOConfig if "loss_type" in current else SFTConfig
-    for f in dataclasses.fields(config):
-        if f.name == key:
-            if f.default is not dataclasses.MISSING:
-                return json.loads(json.dumps(f.default, default=str))
-            if f.default_factory is not dataclasses.MISSING:
-                return json.loads(json.dumps(f.default_factory(), default=str))
+    defaults = field_defaults(DPOConfig if "loss_type" in current else SFTConfig)
+    if key in defaults:
+        return json.loads(json.dumps(defaults[key], default=str))
     return current.get(key)
 
 
