@@ -143,7 +143,7 @@ def _step(path: Path) -> int:
     return int(path.name[len(PREFIX):])
 
 
-def _numbered(output_dir: Path) -> list[Path]:
+def numbered_checkpoints(output_dir: Path) -> list[Path]:
     """Every ``checkpoint-N`` directory of ``output_dir``, complete or not, oldest first."""
     if not output_dir.is_dir():
         return []
@@ -297,7 +297,8 @@ def _save_error(output_dir: Path, final: Path, cause: str) -> DpokitError:
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints in ``output_dir``, oldest first."""
-    return [p for p in _numbered(Path(output_dir)) if (p / "trainer_state.json").is_file()]
+    return [p for p in numbered_checkpoints(Path(output_dir))
+            if (p / "trainer_state.json").is_file()]
 
 
 _RANK_SUMS = ".sums-{rank}.json"
@@ -392,7 +393,7 @@ def resolve_resume(resume: str | None, output_dir: str | Path, *, rank: int = 0,
         return problem or "a file failed verification on another rank (its warning is above)"
 
     if resume == "auto":
-        checkpoints = _numbered(Path(output_dir))
+        checkpoints = numbered_checkpoints(Path(output_dir))
         skipped = []
         for path in reversed(checkpoints):
             if (path / "trainer_state.json").is_file():
@@ -424,7 +425,7 @@ def set_aside_later(output_dir: Path, step: int) -> list[Path]:
     ones resume skipped) to ``checkpoint-N.discarded``, so that ``save_total_limit`` prunes
     the resumed run's own checkpoints and ``--resume auto`` never goes back to them."""
     moved = []
-    for path in _numbered(output_dir):
+    for path in numbered_checkpoints(output_dir):
         if _step(path) > step:
             target = path.with_name(f"{path.name}.discarded")
             try:

@@ -135,13 +135,12 @@ def _describe(content: str) -> str:
 
 def existing_run(output_dir: Path) -> list[str]:
     """The names in ``output_dir`` that a finished or interrupted run left."""
-    from dpokit.train.checkpoint import PREFIX
+    from dpokit.train.checkpoint import numbered_checkpoints
 
     if not output_dir.is_dir():
         return []
     found = [name for name in RUN_FILES if (output_dir / name).exists()]
-    found += sorted(p.name for p in output_dir.glob(f"{PREFIX}*") if p.is_dir()
-                    and p.name[len(PREFIX):].isdecimal())
+    found += sorted(p.name for p in numbered_checkpoints(output_dir))
     return found
 
 
@@ -193,12 +192,11 @@ def _holds_run_records(output_dir: Path) -> bool:
 def is_run_directory(output_dir: Path) -> bool:
     """Whether ``output_dir`` was written by a dpokit run: its ``config.yaml`` is a run's, or
     one of its ``checkpoint-N`` is a dpokit checkpoint. What ``overwrite`` may delete."""
-    from dpokit.train.checkpoint import PREFIX
+    from dpokit.train.checkpoint import numbered_checkpoints
 
     if _is_run_config(output_dir / "config.yaml"):
         return True
-    return any(_is_dpokit_checkpoint(p) for p in output_dir.glob(f"{PREFIX}*")
-               if p.name[len(PREFIX):].isdecimal())
+    return any(_is_dpokit_checkpoint(p) for p in numbered_checkpoints(output_dir))
 
 
 def check_fresh(output_dir: str | Path, *, overwrite: bool, resumable: bool,
@@ -237,11 +235,10 @@ def check_fresh(output_dir: str | Path, *, overwrite: bool, resumable: bool,
         way_out = "resume it with --resume auto, " if resumable else ""
         raise DpokitError(f"{output_dir} holds an earlier run ({shown}); {way_out}choose another "
                           f"--output-dir, or pass --overwrite to replace it")
-    from dpokit.train.checkpoint import PREFIX
+    from dpokit.train.checkpoint import numbered_checkpoints
 
     removed = [output_dir / name for name in CLEARED_BY_OVERWRITE if (output_dir / name).exists()]
-    removed += [p for p in output_dir.glob(f"{PREFIX}*") if p.is_dir()
-                and p.name[len(PREFIX):].isdecimal()]  # what the refusal names, nothing else
+    removed += numbered_checkpoints(output_dir)  # what the refusal names, nothing else
     for path in removed:
         try:
             if path.is_dir() and not path.is_symlink():
