@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("dpokit.train")
 
@@ -33,6 +34,22 @@ MEMO_MIN_BYTES = 1 << 20
 def identity(stat: os.stat_result) -> list[int]:
     """``[device, inode, size, mtime_ns, ctime_ns]`` — what :func:`file_sha256` keys on."""
     return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def update_sampled(digest: Any, path: Path, size: int, *, whole_up_to: int,
+                   block: int, blocks: int) -> None:
+    """Feed ``digest`` the bytes of ``path`` (``size`` bytes long): all of them up to
+    ``whole_up_to``, else ``blocks`` blocks of ``block`` bytes evenly spaced from its first byte
+    to its last — a cheap check of a large file (a truncated, extended or replaced file, or one
+    edited at its ends, changes it; one value edited deep inside may not)."""
+    with path.open("rb") as handle:
+        if size <= whole_up_to:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+            return
+        for k in range(blocks):
+            handle.seek((size - block) * k // (blocks - 1))
+            digest.update(handle.read(block))
 
 
 def _memo_file(memo_dir: Path, path: Path) -> Path:

@@ -321,16 +321,12 @@ class StoreWriter:
 def _file_check(path: Path) -> dict[str, Any]:
     """The size of the file ``path`` and a SHA-256 of its bytes: all of them up to
     :data:`_WHOLE_FILE`, else :data:`_SAMPLES` blocks from its first byte to its last."""
+    from dpokit.digests import update_sampled
+
     size = path.stat().st_size
     digest = hashlib.sha256(f"{size}\0".encode())
-    with path.open("rb") as handle:
-        if size <= _WHOLE_FILE:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-        else:
-            for k in range(_SAMPLES):
-                handle.seek((size - _SAMPLE_BYTES) * k // (_SAMPLES - 1))
-                digest.update(handle.read(_SAMPLE_BYTES))
+    update_sampled(digest, path, size, whole_up_to=_WHOLE_FILE, block=_SAMPLE_BYTES,
+                   blocks=_SAMPLES)
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.config import config_to_dict, field_defaults
+from dpokit.digests import update_sampled
 from dpokit.errors import DpokitError
 from dpokit.hub import locate
 
@@ -75,13 +76,8 @@ def directory_identity(path: str | Path) -> str:
             continue
         size = file.stat().st_size
         digest.update(f"{file.name}\0{size}\0".encode())
-        with file.open("rb") as handle:
-            if size <= _WHOLE_FILE:
-                digest.update(handle.read())
-                continue
-            for i in range(_BLOCKS):
-                handle.seek((size - _BLOCK) * i // (_BLOCKS - 1))
-                digest.update(handle.read(_BLOCK))
+        update_sampled(digest, file, size, whole_up_to=_WHOLE_FILE, block=_BLOCK,
+                       blocks=_BLOCKS)
     return digest.hexdigest()[:32]
 
 
