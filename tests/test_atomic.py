@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from dpokit import atomic
 from dpokit.atomic import atomic_path, temporary_sibling, write_jsonl, write_text
 
 
@@ -80,11 +81,20 @@ def test_what_is_renamed_into_place_is_on_the_disk_first(tmp_path, monkeypatch):
         events.append(("replace", str(dst)))
         rename(src, dst)
 
+    exchange = atomic._exchange
+
+    def recording_exchange(a, b):
+        swapped = exchange(a, b)
+        if swapped:
+            events.append(("replace", str(b)))
+        return swapped
+
     target = tmp_path / "checkpoint-2"
     target.mkdir()
     (target / "old.txt").write_text("old")
     monkeypatch.setattr(os, "fsync", recording_fsync)
     monkeypatch.setattr(os, "replace", recording_replace)
+    monkeypatch.setattr(atomic, "_exchange", recording_exchange)
     with atomic_path(target, directory=True) as tmp:
         (tmp / "model.safetensors").write_bytes(b"weights")
         (tmp / "sub").mkdir()
@@ -96,7 +106,69 @@ def test_what_is_renamed_into_place_is_on_the_disk_first(tmp_path, monkeypatch):
     assert {f"{tmp_name}/model.safetensors", f"{tmp_name}/sub/state.json", f"{tmp_name}/sub",
             tmp_name} <= synced
     renames = [path for kind, path in events if kind == "replace"]
-    assert renames[-1] == str(target)  # the old one aside, then the new one in place
+    assert renames[-1] == str(target)  # swapped, or the old one aside and the new one in place
     assert events[-1] == ("fsync", str(tmp_path))  # the parent, after the rename
     assert (target / "model.safetensors").read_bytes() == b"weights"
     assert not (target / "old.txt").exists()
+
+
+def _exchanges_here(tmp_path) -> bool:
+    a, b = tmp_path / "probe-a", tmp_path / "probe-b"
+    a.mkdir()
+    b.mkdir()
+    (a / "in-a").touch()
+    swapped = atomic._exchange(a, b)
+    if swapped:
+        assert (b / "in-a").exists() and not any(a.iterdir())
+    atomic.discard(a)
+    atomic.discard(b)
+    return swapped
+
+
+def test_a_directory_target_is_never_missing_while_it_is_replaced(tmp_path, monkeypatch):
+    """Where the system swaps two directories in one step (Linux ``renameat2``), the target
+    holds the old or the new directory at every moment: no rename leaves it missing (a crash
+    between the two renames of the fallback left it only as ``.<name>.<pid>.old``), and the
+    old one is deleted from the temporary's place only once the new one is in."""
+    if not _exchanges_here(tmp_path):
+        pytest.skip("this file system or kernel cannot exchange two paths")
+    target = tmp_path / "checkpoint-4"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    renames, seen = [], []
+    rename, discard = os.replace, atomic.discard
+    monkeypatch.setattr(os, "replace", lambda a, b: (renames.append(b), rename(a, b)))
+
+    def checking_discard(path):
+        seen.append(((target / "weights").read_text(), (Path(path) / "weights").read_text()))
+        discard(path)
+
+    monkeypatch.setattr(atomic, "discard", checking_discard)
+    with atomic_path(target, directory=True) as tmp:
+        (tmp / "weights").write_text("new")
+    monkeypatch.undo()
+    assert renames == []  # no rename: the target was never moved away
+    assert seen == [("new", "old")]  # the old one, deleted after the swap, from tmp's place
+    assert (target / "weights").read_text() == "new" and _siblings(target) == ["checkpoint-4"]
+
+
+def test_the_two_rename_fallback_still_replaces_a_directory(tmp_path, monkeypatch):
+    """Where no exchange is possible (another OS, an old kernel), the old directory is moved
+    aside, the new one put in place, and the old one deleted: the same result."""
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    target = tmp_path / "final"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_path(target, directory=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert _siblings(target) == ["final"]
+
+
+def test_exchange_of_a_missing_path_is_an_os_error(tmp_path):
+    if not _exchanges_here(tmp_path):
+        pytest.skip("this file system or kernel cannot exchange two paths")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(FileNotFoundError):
+        atomic._exchange(tmp_path / "a", tmp_path / "missing")
+    assert (tmp_path / "a").is_dir()

@@ -8,10 +8,11 @@ The temporary sibling is ``.<name>.<pid>.tmp`` (hidden, unique per process, so t
 writing the same target never share one); ``shared=True`` drops the pid for a directory that
 several ranks of one run fill together (``.<name>.tmp``). On an exception the temporary is
 removed and the target is left as it was; on success ``os.replace`` puts it in place in one step
-(an existing directory target is renamed aside first — POSIX cannot rename over a non-empty
-directory — and removed once the new one is in place). What is renamed is flushed to the disk
-first and the parent directory after (``fsync``), so a power loss leaves the old target or the
-complete new one.
+(an existing directory target is swapped with it in one step where the system can —
+Linux's ``renameat2(RENAME_EXCHANGE)`` — else renamed aside first, since POSIX cannot rename over
+a non-empty directory; the old one is removed once the new one is in place). What is renamed is
+flushed to the disk first and the parent directory after (``fsync``), so a power loss leaves
+the old target or the complete new one.
 
 An OS error while writing — a full disk, a read-only directory, a file where a directory should
 be — is a :class:`~dpokit.errors.DpokitError` ``cannot write PATH: CAUSE`` naming the target (not
@@ -23,11 +24,13 @@ as a ``RuntimeError`` raised while handling the ``OSError``); :func:`os_error_ca
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -111,17 +114,51 @@ def sync_tree(path: Path) -> None:
         _fsync(Path(root))
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_UNSUPPORTED_EXCHANGE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV)
+"""What ``renameat2`` answers where the file system or kernel cannot exchange."""
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``, glibc ≥ 2.28). False where the system cannot (another OS, an old glibc
+    or kernel, a file system without it): the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                         ctypes.c_uint]
+    if function(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED_EXCHANGE:
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
 def replace(tmp: Path, path: Path) -> None:
     """Move a finished temporary into place, durably: its files are flushed to the disk first
     (:func:`sync_tree`) and the parent directory after, so a power loss leaves the old target or
     the complete new one — never a renamed, still empty one (a checkpoint that
     ``save_total_limit`` would then count in place of an intact older one). An existing
-    directory target is first renamed aside (``.<name>.<pid>.old``), and deleted only once the
-    new one is in place; if the rename fails it is put back, so ``path`` is never lost."""
+    directory target is swapped with the temporary in one step where the system can
+    (:func:`_exchange`): ``path`` holds the old or the new directory at every moment, a crash
+    included, and the old one, now at ``tmp``, is deleted after. Elsewhere the old directory
+    is first renamed aside (``.<name>.<pid>.old``), and deleted only once the new one is in
+    place; if the rename fails it is put back, so ``path`` is never lost (a crash between the
+    two renames leaves it only aside)."""
     sync_tree(tmp)
     if not (tmp.is_dir() and path.is_dir()):
         os.replace(tmp, path)
         _fsync(path.parent)
+        return
+    if _exchange(tmp, path):
+        _fsync(path.parent)
+        discard(tmp)
         return
     aside = path.with_name(f".{path.name}.{os.getpid()}.old")
     _remove(aside)
