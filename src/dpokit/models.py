@@ -287,13 +287,28 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element of ``tensor`` is finite, in one read pass: a sum with a NaN or
+    ±inf in it is NaN or ±inf (IEEE arithmetic), so a finite sum means finite elements; only a
+    non-finite sum — a NaN, an inf, or finite numbers whose sum overflows — is checked element
+    by element. (``torch.isfinite(t).all()`` makes several passes and a temporary of the
+    tensor's size: ~20× the time on a CPU, seconds a save on a 7 B model.) Half-precision sums
+    accumulate in float32."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return True
+    half = tensor.dtype in (torch.float16, torch.bfloat16)
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32 if half else None))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def nonfinite_parameter(model: Any) -> str | None:
     """The name of the first parameter holding a NaN or ±inf (this process's shard under FSDP),
-    or None when every one is finite."""
+    or None when every one is finite (:func:`all_finite`)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             local = param.to_local() if hasattr(param, "to_local") else param
-            if not bool(torch.isfinite(local).all()):
+            if not all_finite(local):
                 return name
     return None
 
