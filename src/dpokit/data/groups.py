@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -34,7 +35,9 @@ from typing import Any
 from dpokit.data.formats import (
     ColumnMap,
     PreferenceExample,
+    _is_null,
     as_messages,
+    check_columns,
     check_filled,
     check_text,
     fail,
@@ -71,6 +74,9 @@ def score_pairs(scores: Sequence[float], selection: str) -> list[tuple[int, int]
         raise DpokitError(f"pairs_from_scores must be one of {', '.join(PAIR_SELECTIONS)}, "
                           f"got {selection!r}")
     k = len(scores)
+    bad = next((i for i in range(k) if not math.isfinite(scores[i])), None)
+    if bad is not None:  # NaN compares false both ways: max/min would pick it as best AND worst
+        raise ValueError(f"score_pairs: score {bad} is {scores[bad]!r}, not a finite number")
     if k < 2 or max(scores) == min(scores):
         return []
     best = max(range(k), key=lambda i: (scores[i], -i))  # the first of the best
@@ -79,8 +85,9 @@ def score_pairs(scores: Sequence[float], selection: str) -> list[tuple[int, int]
         return [(best, worst)]
     if selection == "best_vs_each":
         return [(best, j) for j in range(k) if scores[j] < scores[best]]
+    # chosen by score, highest (then first) first; each one's rejected in the completions' order
     order = sorted(range(k), key=lambda i: (-scores[i], i))
-    return [(i, j) for a, i in enumerate(order) for j in order[a + 1:] if scores[i] > scores[j]]
+    return [(i, j) for i in order for j in range(k) if scores[i] > scores[j]]
 
 
 def data_shape(rows: Sequence[RawRow], columns: ColumnMap) -> str:
@@ -103,7 +110,9 @@ def data_shape(rows: Sequence[RawRow], columns: ColumnMap) -> str:
         names = {"pairs": f"{columns.chosen}/{columns.rejected}",
                  "list": f"a {columns.completions!r} list",
                  "rows": f"{columns.completion}/{columns.score}"}
-        raise DpokitError(f"{other.where}: has {names[shape(other)]} while row 1 has "
+        # the data's first row, by its file too when it is another shard's
+        head = (f"row {rows[0].row}" if rows[0].source == other.source else rows[0].where)
+        raise DpokitError(f"{other.where}: has {names[shape(other)]} while {head} has "
                           f"{names[first]}; one data set holds one shape")
     return first
 
@@ -210,12 +219,16 @@ def grouped_examples(rows: Sequence[RawRow], columns: ColumnMap, shape: str, *,
                         if v in (columns.prompt, columns.weight, columns.margin,
                                  columns.label_prob)})
     if shape == "rows":
-        extra = [name for name in (columns.weight, columns.margin, columns.label_prob)
-                 if any(r.fields.get(name) is not None for r in rows)]
-        if extra:
-            raise DpokitError(f"{rows[0].source}: one row per completion cannot carry per-pair "
-                              f"columns ({', '.join(extra)}); put the k completions of a prompt "
-                              f"in one row ({columns.completions!r}) to weigh its pairs")
+        per_pair = (columns.weight, columns.margin, columns.label_prob)
+        carrying = [r for r in rows
+                    if any(not _is_null(r.fields.get(n), numeric=True) for n in per_pair)]
+        if carrying:  # (an empty CSV cell is no value, as check_filled reads it)
+            extra = [n for n in per_pair if not _is_null(carrying[0].fields.get(n), numeric=True)]
+            raise DpokitError(f"{carrying[0].where}: one row per completion cannot carry "
+                              f"per-pair columns ({', '.join(extra)}); put the k completions of "
+                              f"a prompt in one row ({columns.completions!r}) to weigh its pairs")
+    elif columns.scores != ColumnMap.scores:  # a renamed column must exist (as check_columns)
+        check_columns(rows, {"scores_column": columns.scores})
     groups: list[tuple[RawRow, Any, list[tuple[Any, float, RawRow]]]] = []
     if shape == "list":
         for row in rows:
@@ -232,7 +245,11 @@ def grouped_examples(rows: Sequence[RawRow], columns: ColumnMap, shape: str, *,
             completion = _completion(row, columns.completion, row.fields[columns.completion],
                                      isinstance(prompt, list))
             score = _score(row, columns.score, row.fields[columns.score])
-            key = json.dumps(prompt, sort_keys=True)
+            # the prompt as the chat template renders it: tools and template kwargs too (rows
+            # of one prompt text under other tools answer another input: another group)
+            key = json.dumps([prompt, row.fields.get("tools"),
+                              row.fields.get("chat_template_kwargs")], sort_keys=True,
+                             default=repr)
             if key not in index:
                 index[key] = len(groups)
                 groups.append((row, prompt, []))

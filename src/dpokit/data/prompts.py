@@ -3,7 +3,8 @@
 Any file :mod:`dpokit.data.io` reads; each row's ``prompt`` column (name mappable) is a string or
 a list of ``{role, content}`` messages; every other column is ignored. Conversational prompts go
 through the chat template with the generation prompt appended (``text_mode`` ``plain`` renders
-them as ``role: content`` lines instead); ``max_prompt_length`` keeps the end of a long prompt.
+them as ``role: content`` lines instead); ``max_prompt_length`` keeps the end of a long prompt
+(the start with ``prompt_truncation='right'``, as for a pair's prompt).
 Errors name the file, row and field.
 """
 
@@ -13,9 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpokit.data.formats import Messages, as_messages, check_columns, check_row_chars, is_messages
+from dpokit.data.formats import (
+    Messages,
+    as_messages,
+    check_columns,
+    check_row_chars,
+    check_text,
+    is_messages,
+)
 from dpokit.data.io import RawRow, load_rows
-from dpokit.data.tokenize import TokenizeSettings, _ids, encode_chat, render_plain
+from dpokit.data.tokenize import (
+    TokenizeSettings,
+    _ids,
+    _truncate,
+    encode_chat,
+    render_plain,
+)
 from dpokit.errors import DpokitError
 
 
@@ -42,8 +56,14 @@ def _prompt(row: RawRow, column: str) -> str | Messages:
         return as_messages(row, column, value, single_ok=False)
     if not isinstance(value, str) or not value.strip():
         raise DpokitError(f"{row.where}, field {column!r}: expected a non-empty string or a "
-                          f"list of messages, got {value!r}")
-    return value
+                          f"list of messages, got {_shown(value)}")
+    return check_text(row, column, value)  # a lone surrogate: the tokenizer's TypeError
+
+
+def _shown(value: Any) -> str:
+    """``value`` for an error line: its repr, cut short (a 1 MB cell must not fill the line)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}… ({type(value).__name__})"
 
 
 def tokenize_prompt(prompt: str | Messages, tokenizer: Any, settings: TokenizeSettings, *,
@@ -59,8 +79,8 @@ def tokenize_prompt(prompt: str | Messages, tokenizer: Any, settings: TokenizeSe
             raise DpokitError(f"{where}: text_mode='chat' needs conversational prompts")
         text = render_plain(prompt) if isinstance(prompt, list) else prompt
         ids = _ids(tokenizer(text))
-    limit = settings.max_prompt_length
-    return ids[len(ids) - limit:] if limit is not None and len(ids) > limit else ids
+    limit = settings.max_prompt_length  # cut as a pair's prompt is (prompt_truncation)
+    return ids if limit is None else _truncate(ids, limit, settings.prompt_truncation)
 
 
 def load_prompts(path: str | Path, tokenizer: Any, *,
