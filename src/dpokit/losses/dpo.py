@@ -130,7 +130,8 @@ def dpo_loss(
                   chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
                   margins=margins, label_probs=label_probs,
                   chosen_wpo_logweights=chosen_wpo_logweights,
-                  rejected_wpo_logweights=rejected_wpo_logweights)
+                  rejected_wpo_logweights=rejected_wpo_logweights,
+                  chosen_nll_logps=chosen_nll_logps)
     has_reference = _pair_present(ref_chosen_logps, ref_rejected_logps, "ref")
     has_lengths = _pair_present(chosen_lengths, rejected_lengths, "lengths")
     has_wpo = _pair_present(chosen_wpo_logweights, rejected_wpo_logweights, "wpo_logweights")
@@ -138,7 +139,7 @@ def dpo_loss(
                  label_probs is not None)
     check_loss_options(loss_type, hyper_parameters)
     _check_f_divergence(specs, f_divergence_type, f_alpha_divergence_coef)
-    if rpo_alpha is not None and not (math.isfinite(float(rpo_alpha)) and rpo_alpha >= 0):
+    if rpo_alpha is not None and not (math.isfinite(alpha := _as_float(rpo_alpha)) and alpha >= 0):
         raise DpokitError(f"rpo_alpha must be a finite number ≥ 0 or None, got {rpo_alpha!r}")
     if rpo_alpha and chosen_lengths is None:
         raise DpokitError("rpo_alpha needs chosen_lengths: the RPO term is the NLL per token")
@@ -189,13 +190,27 @@ def _loss_weights(specs: tuple[LossSpec, ...], loss_weights: Sequence[float] | N
                   ) -> tuple[float, ...]:
     if loss_weights is None:
         return (1.0,) * len(specs)
-    weights = tuple(float(w) for w in loss_weights)
+    try:
+        if isinstance(loss_weights, str):
+            raise TypeError
+        weights = tuple(_as_float(w) for w in loss_weights)
+    except TypeError:  # a bare number or a string: not one weight per loss
+        raise DpokitError(f"loss_weights must be a list of numbers, one per loss_type, got "
+                          f"{loss_weights!r}") from None
     if len(weights) != len(specs):
         raise DpokitError(f"loss_weights has {len(weights)} entries but loss_type has "
                           f"{len(specs)} ({', '.join(s.name for s in specs)})")
     if not all(math.isfinite(w) for w in weights):
-        raise DpokitError(f"loss_weights must be finite, got {list(loss_weights)!r}")
+        raise DpokitError(f"loss_weights must be finite numbers, got {list(loss_weights)!r}")
     return weights
+
+
+def _as_float(value: object) -> float:
+    """``float(value)``, or NaN for what is not a number (the callers' checks then refuse it)."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _check_shapes(reference: Tensor, **others: Tensor | None) -> None:

@@ -320,12 +320,14 @@ def check_loss_options(loss_type: str | Sequence[str],
     ``options`` or else the default. A key that no requested loss reads must equal its
     default (a non-default value would silently do nothing); an unknown key is an error.
     A 0-dim Tensor (``bco_delta``'s running mean, kept on the device) is accepted and its
-    value not read, so the training step never waits on the device; for a key no requested
-    loss reads, a Tensor counts as a non-default value.
+    value not read, so the training step never waits on the device, but only for a
+    hyper-parameter without a declared range (a Tensor would skip the range check); for a key
+    no requested loss reads, a Tensor counts as a non-default value.
 
     Raises:
-        DpokitError: unknown loss name or key, a value out of a loss's range, or a
-            non-default value that none of the losses reads.
+        DpokitError: unknown loss name or key, a value out of a loss's range, a Tensor for a
+            range-checked hyper-parameter, or a non-default value that none of the losses
+            reads.
     """
     specs = resolve_losses(loss_type)
     known = hyper_parameters()
@@ -347,6 +349,11 @@ def check_loss_options(loss_type: str | Sequence[str],
             elif value.ndim != 0:
                 raise DpokitError(f"{parameter.name} must be a number or a 0-dim Tensor for "
                                   f"{spec.name}, got shape {tuple(value.shape)}")
+            elif parameter.low is not None or parameter.high is not None:
+                # A Tensor's value is not read (no host sync), so it cannot be range-checked:
+                # robust's ε = 0.5 would divide by 0, discopop's τ = 0 silently change the loss.
+                raise DpokitError(f"{parameter.name} must be a number for {spec.name} (its range "
+                                  f"{parameter.describe_range()} is checked), got a Tensor")
 
 
 def needs_reference(loss_type: str | Sequence[str]) -> bool:
