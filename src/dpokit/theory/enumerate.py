@@ -66,6 +66,8 @@ def iter_sequences(vocab_size: int, length: int, *, batch_size: int = 4096,
     Yields ``(n, length)`` int64 batches of at most ``batch_size`` rows; row i of the whole
     stream is the base-V digits of i.
     """
+    if batch_size < 1:
+        raise DpokitError(f"batch_size must be ≥ 1, got {batch_size}")
     total = vocab_size**length
     if total >= 2**63:
         raise BudgetExceededError(f"{vocab_size}^{length} sequences cannot be indexed in int64")
@@ -90,12 +92,14 @@ class EnumeratedPartition:
 def check_enumeration_budget(scorer: Scorer, vocab_size: int, length: int, *,
                              all_lengths: bool = False, batch_size: int = 4096,
                              max_sequences: int | None = DEFAULT_MAX_SEQUENCES,
-                             max_seconds: float | None = None) -> int:
+                             max_seconds: float | None = None,
+                             device: torch.device | str | None = None) -> int:
     """Return the number of sequences, or raise :class:`BudgetExceededError` if over budget.
 
     When the count exceeds ``max_sequences`` or a time limit is set, the scorer is timed on one
-    batch of the longest sequences to estimate the total time, which the message states. A space
-    of 2^63 sequences or more (beyond int64 indexing) is refused from its log-space size alone.
+    batch of the longest sequences, built on ``device`` as the enumeration's are, to estimate
+    the total time, which the message states. A space of 2^63 sequences or more (beyond int64
+    indexing) is refused from its log-space size alone.
     """
     space = f"Σ_(t=1..{length}) {vocab_size}^t" if all_lengths else f"{vocab_size}^{length}"
     log10_count = log10_count_sequences(vocab_size, length, all_lengths=all_lengths)
@@ -113,7 +117,7 @@ def check_enumeration_budget(scorer: Scorer, vocab_size: int, length: int, *,
     # Time one batch of the longest sequences end to end: build, score, reduce (≤ 32 MB).
     probe_size = max(1, min(batch_size, vocab_size**length, 2**20, 2**22 // length))
     start = time.perf_counter()
-    probe = next(iter_sequences(vocab_size, length, batch_size=probe_size))
+    probe = next(iter_sequences(vocab_size, length, batch_size=probe_size, device=device))
     ref_logps, rewards = scorer(probe)
     torch.logsumexp(ref_logps.detach().double().cpu() + rewards.detach().double().cpu(), dim=0)
     rate = probe_size / max(time.perf_counter() - start, 1e-9)
@@ -145,7 +149,7 @@ def iter_scores(scorer: Scorer, vocab_size: int, length: int, *, all_lengths: bo
     """
     count = check_enumeration_budget(
         scorer, vocab_size, length, all_lengths=all_lengths, batch_size=batch_size,
-        max_sequences=max_sequences, max_seconds=max_seconds)
+        max_sequences=max_sequences, max_seconds=max_seconds, device=device)
     lengths = range(1, length + 1) if all_lengths else (length,)
     with tqdm(total=count, unit="seq", unit_scale=True, disable=not progress,
               desc="enumerating Z", leave=False) as bar:
@@ -178,6 +182,11 @@ def enumerate_log_partition(scorer: Scorer, vocab_size: int, length: int, *, bet
         max_seconds: also refuse when the estimated time exceeds this.
         progress: show a progress bar on stderr.
         device: where the token batches are built.
+
+    Raises:
+        BudgetExceededError: the space is over the budget (before anything is scored).
+        DpokitError: the scorer gave a NaN or +inf log π_ref(y), or a NaN reward where
+            π_ref(y) > 0 (log Z would be NaN); the message names the sequence.
     """
     beta = check_beta(beta)
     start = time.perf_counter()
@@ -187,8 +196,28 @@ def enumerate_log_partition(scorer: Scorer, vocab_size: int, length: int, *, bet
             scorer, vocab_size, length, all_lengths=all_lengths, batch_size=batch_size,
             max_sequences=max_sequences, max_seconds=max_seconds, progress=progress,
             device=device):
-        batch = log_partition(ref_logps.detach().double().cpu(), rewards.detach().double().cpu(),
-                              beta)
+        ref_logps, rewards = ref_logps.detach().double().cpu(), rewards.detach().double().cpu()
+        _check_scores(sequences, ref_logps, rewards)
+        batch = log_partition(ref_logps, rewards, beta)
         total = torch.logaddexp(total, batch)
         count += len(sequences)
     return EnumeratedPartition(float(total), count, time.perf_counter() - start)
+
+
+def _check_scores(sequences: Tensor, ref_logps: Tensor, rewards: Tensor) -> None:
+    """Refuse scores that would make log Z NaN, naming the first such sequence.
+
+    log π_ref must be finite or −inf (outside the support, where any reward plays no part); a
+    reward must not be NaN where π_ref(y) > 0 (±inf rewards are honest limits: log Z = +inf, or
+    y gets no mass).
+    """
+    ref_logps, rewards = torch.broadcast_tensors(ref_logps, rewards)
+    bad_ref = torch.isnan(ref_logps) | (ref_logps == math.inf)
+    bad_reward = torch.isnan(rewards) & (ref_logps > -math.inf)
+    for bad, name, values in ((bad_ref, "log π_ref", ref_logps), (bad_reward, "reward", rewards)):
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise DpokitError(
+                f"the scorer gave {name} = {float(values[row])!r} for sequence "
+                f"{sequences[row].tolist()}; exact log Z needs a finite log π_ref (or −inf) and "
+                f"a reward that is not NaN wherever π_ref(y) > 0")

@@ -73,6 +73,14 @@ def markov_log_partition(log_init: Tensor, log_trans: Tensor, token_rewards: Ten
     """
     if length < 1:
         raise DpokitError(f"length must be ≥ 1, got {length}")
+    vocab = log_trans.shape[-1]
+    if (log_trans.dim() < 2 or log_trans.shape[-2] != vocab or log_init.shape[-1] != vocab
+            or token_rewards.shape[-1] != vocab):
+        # A size-1 axis would otherwise broadcast: one reward for every token, silently.
+        raise DpokitError(
+            f"markov_log_partition: log_init {tuple(log_init.shape)}, log_trans "
+            f"{tuple(log_trans.shape)} and token_rewards {tuple(token_rewards.shape)} must all "
+            f"end in the vocabulary size V = {vocab} (log_trans (..., V, V))")
     scaled = _per_position(token_rewards, length) / check_beta(beta)
     log_backward = torch.zeros_like(log_init)
     for t in range(length - 1, 0, -1):

@@ -34,7 +34,9 @@ class RejectionSamples:
 
     @property
     def acceptance_rate(self) -> float:
-        """Accepted / proposed: an unbiased estimate of Z·exp(−r_max/β)."""
+        """Accepted / proposed: a consistent estimate of Z·exp(−r_max/β), not an unbiased one
+        (the run stops once enough proposals were accepted; with one proposal per batch and one
+        sample, E[1/N] = p·log(1/p)/(1 − p) > p). The bias fades as the batches grow."""
         return self.num_accepted / self.num_proposals
 
 
@@ -57,7 +59,8 @@ def rejection_sample(sample_ref: Callable[[int], Tensor], reward_fn: Callable[[T
         max_reward: an upper bound r_max on r; a proposal above it raises ``DpokitError``.
         num_samples: how many accepted samples to return.
         batch_size: proposals per round.
-        max_proposals: refuse (``BudgetExceededError``) rather than propose more than this.
+        max_proposals: refuse (``BudgetExceededError``) rather than propose more than this (the
+            last batch is cut to fit it); ≥ 1.
         generator: random generator for the acceptance draws.
         progress: show a progress bar on stderr.
     """
@@ -65,9 +68,9 @@ def rejection_sample(sample_ref: Callable[[int], Tensor], reward_fn: Callable[[T
     if not math.isfinite(max_reward):
         # +inf or NaN would reject every proposal, only noticed after max_proposals of them.
         raise DpokitError(f"max_reward must be a finite bound on r, got {max_reward!r}")
-    if num_samples < 1 or batch_size < 1:
-        raise DpokitError(
-            f"num_samples and batch_size must be ≥ 1, got {num_samples}, {batch_size}")
+    if num_samples < 1 or batch_size < 1 or max_proposals < 1:
+        raise DpokitError(f"num_samples, batch_size and max_proposals must be ≥ 1, got "
+                          f"{num_samples}, {batch_size}, {max_proposals}")
     kept_samples: list[Tensor] = []
     kept_rewards: list[Tensor] = []
     num_proposals = num_accepted = 0
@@ -83,19 +86,24 @@ def rejection_sample(sample_ref: Callable[[int], Tensor], reward_fn: Callable[[T
                     f"{format_count(needed) if math.isfinite(needed) else 'infinitely many'} "
                     f"proposals, over max_proposals={format_count(max_proposals)}. A tighter "
                     f"max_reward or a larger beta raises the acceptance rate")
-            proposals = sample_ref(batch_size)
+            # Never more than max_proposals in all: the last batch is cut to what is left.
+            proposals = sample_ref(min(batch_size, max_proposals - num_proposals))
             rewards = reward_fn(proposals)
-            if bool(torch.isnan(rewards).any()):
+            # Checked in float64: a float32 reward compared with the Python float max_reward
+            # would round max_reward to float32 first, and let r > r_max through (accepted with
+            # probability 1 instead of exp((r − r_max)/β) > 1, so π* would be off).
+            rewards64 = rewards.double()
+            if bool(torch.isnan(rewards64).any()):
                 # NaN < anything is False: it would be rejected silently, biasing the samples.
                 raise DpokitError("a proposal has reward NaN; rejection sampling needs a "
                                   "number (or −inf) for every y")
-            if bool((rewards > max_reward).any()):
+            if bool((rewards64 > max_reward).any()):
                 raise DpokitError(
-                    f"a proposal has reward {float(rewards.max()):.6g} above max_reward="
-                    f"{max_reward:.6g}; rejection sampling needs r ≤ r_max for every y")
+                    f"a proposal has reward {float(rewards64.max())!r} above max_reward="
+                    f"{max_reward!r}; rejection sampling needs r ≤ r_max for every y")
             uniforms = torch.rand(rewards.shape, generator=generator, dtype=torch.float64)
             accepted = uniforms.log().to(rewards.device) < accept_log_probability(
-                rewards.double(), max_reward, beta)
+                rewards64, max_reward, beta)
             num_proposals += len(rewards)
             num_accepted += int(accepted.sum())
             kept_samples.append(proposals[accepted])
