@@ -320,7 +320,8 @@ def _pieces(segments: Segments, s: int) -> list[_Piece]:
     pieces = [_Piece(start, prompt + parts[1], start, 0, True)]
     begin = start + prompt + parts[1]
     for n in parts[2:]:
-        pieces.append(_Piece(begin, n, start, prompt, False))
+        if n:  # (an empty completion has no queries)
+            pieces.append(_Piece(begin, n, start, prompt, False))
         begin += n
     return pieces
 
@@ -565,8 +566,9 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
                                     **sdpa))
         begin = first
         for part, n in enumerate(parts[2:], start=2):
-            outputs.append(_later_completion(q, k, v, prompt, begin, begin + n, positions,
-                                             window, masks, (index, part), **sdpa))
+            if n:
+                outputs.append(_later_completion(q, k, v, prompt, begin, begin + n, positions,
+                                                 window, masks, (index, part), **sdpa))
             begin += n
     if plan is None:
         return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None

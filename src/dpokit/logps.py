@@ -77,9 +77,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 _UNHANDLED_HEAD_SCALES = ("output_multiplier", "scale_width", "dim_model_base",
-                          "mup_output_alpha", "width_multiplier")
+                          "mup_output_alpha", "width_multiplier", "logits_mup_width_multiplier")
 """Config attributes of models whose head does more than the transforms below: for these the
 model's own forward (full logits) is used instead of the chunked head."""
+
+_MULTIPLYING_LOGITS_SCALING = frozenset({"hyperclovax"})
+"""``config.model_type`` of the families that multiply their logits by ``logits_scaling``
+(HyperCLOVA X: ``lm_head(h) * logits_scaling``); Granite and the others divide by it."""
 
 
 def text_config(config: Any) -> Any:
@@ -98,11 +102,17 @@ def logit_transform(config) -> Callable[[Tensor], Tensor] | None:
     scale = getattr(config, "logit_scale", None)
     divisor = getattr(config, "logits_scaling", None)
     multiplier = getattr(config, "lm_head_multiplier", None)
+    if getattr(config, "model_type", None) in _MULTIPLYING_LOGITS_SCALING and divisor is not None:
+        multiplier = divisor * (1.0 if multiplier is None else multiplier)
+        divisor = None
     cap = getattr(config, "final_logit_softcapping", None)
-    if cap is None:
-        cap = getattr(config, "logits_soft_cap", None)  # RecurrentGemma's name for it
+    for name in ("logits_soft_cap", "output_logit_soft_cap"):  # RecurrentGemma's, xLSTM's
+        cap = getattr(config, name, None) if cap is None else cap
+    vocab = getattr(config, "unpadded_vocab_size", None)  # Inkling: the head's padded rows cut
 
     def transform(logits: Tensor) -> Tensor:
+        if vocab is not None and vocab < logits.shape[-1]:
+            logits = logits[..., :vocab]
         if scale is not None:
             logits = logits * scale
         if multiplier is not None:
@@ -180,6 +190,35 @@ def _decoder(base: nn.Module) -> nn.Module | None:
     if not isinstance(decoder, nn.Module) or decoder is base:
         return None
     return decoder
+
+
+def _head_is_child(base: nn.Module) -> bool:
+    """Whether the output embedding is a module of the causal LM itself (``lm_head``,
+    ``embed_out``), the one its forward applies to the decoder's last hidden state. BERT- and
+    RoBERTa-style decoders keep theirs inside a prediction head (dense, activation, norm, then
+    the embedding), which the chunked head would skip."""
+    head = base.get_output_embeddings()
+    return head is not None and any(child is head for child in base.children())
+
+
+def _check_token_ids(base: nn.Module, batch: PairBatch) -> None:
+    """Raise :class:`DpokitError` for a token id outside the model's input embedding (a
+    tokenizer with more tokens than the model), instead of an indexing traceback. Run for
+    batches on the host only: on a GPU the two reductions would stall the queue at every
+    forward, and an id out of range stops there with the device's own assert."""
+    try:
+        size = getattr(base.get_input_embeddings(), "num_embeddings", None)
+    except NotImplementedError:  # a model without the accessor: its own error stands
+        return
+    if size is None or not batch.input_ids.numel():
+        return
+    low, high = int(batch.input_ids.min()), int(batch.input_ids.max())
+    if low < 0 or high >= size:
+        bad = low if low < 0 else high
+        row, column = (batch.input_ids == bad).nonzero()[0].tolist()
+        raise DpokitError(f"token id {bad} (batch row {row}, column {column}) is outside the "
+                          f"model's vocabulary of {size} embeddings; the tokenizer does not "
+                          f"belong to this model, or its embeddings need resizing")
 
 
 LAYOUT_MODEL_TYPES = UNPADDED_MODEL_TYPES | frozenset({
@@ -334,20 +373,33 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
                      "(LAYOUT_MODEL_TYPES); running its batches padded", type(base).__name__,
                      batch.layout)
         batch = as_padded(batch)
+    # Checks that read values back run for host batches only (on an accelerator they would
+    # stall its queue at every forward; the data path checks its pairs up front).
+    on_host = batch.input_ids.device.type == "cpu"
+    if on_host:
+        _check_token_ids(base, batch)
     sequence_ids = batch.sequence_ids
     num_sequences = batch.num_sequences or int(sequence_ids.max()) + 1
+    completion = batch.completion_mask & (sequence_ids >= 0)
     if batch.predictor is not None:  # shared-prompt layout: explicit predicting columns
-        scored = batch.completion_mask & (batch.predictor >= 0)
+        scored = completion & (batch.predictor >= 0)
         rows = torch.arange(len(scored), device=scored.device)[:, None].expand_as(scored)[scored]
         columns = batch.predictor[scored]
         targets, owners = batch.input_ids[scored], sequence_ids[scored]
+        unpredicted = completion & ~scored
     else:
         # Position t predicts token t+1: scored when t+1 is a completion token of its sequence.
-        scored = (batch.completion_mask[:, 1:] & (sequence_ids[:, 1:] == sequence_ids[:, :-1])
-                  & (sequence_ids[:, 1:] >= 0))
+        scored = completion[:, 1:] & (sequence_ids[:, 1:] == sequence_ids[:, :-1])
         rows, columns = scored.nonzero(as_tuple=True)  # the predicting positions, row-major
         targets = batch.input_ids[:, 1:][scored]
         owners = sequence_ids[:, 1:][scored]
+        unpredicted = completion.clone()
+        unpredicted[:, 1:] &= ~scored
+    if on_host and bool(unpredicted.any()):  # a completion with no token before it
+        sequence = int(sequence_ids[unpredicted][0])
+        raise DpokitError(f"sequence {sequence} of the batch starts with a completion token: "
+                          f"nothing predicts it, so log π(y|x) would silently leave it out; "
+                          f"give every sequence a prompt of at least one token (e.g. BOS)")
     transform = logit_transform(base.config)
     if fused and transform is None:
         log.warning("%s scales its logits in a way the chunked head does not reproduce; using "
@@ -357,13 +409,19 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
         log.warning("%s has no decoder module apart from its LM head; using the model's full "
                     "forward", type(base).__name__)
         fused = False
+    if fused and not _head_is_child(base):
+        log.warning("%s computes its logits through more than its output embedding (a "
+                    "prediction head, as BERT's and RoBERTa's); using the model's full forward",
+                    type(base).__name__)
+        fused = False
 
     if fused:
         # (N, H): only the positions that predict a completion token
         hidden = _hidden_states(model, batch, rows, columns, unpadded=unpadded)
         lm_head = base.get_output_embeddings()
         vocab = getattr(lm_head, "out_features", None)
-        itemsize = torch.promote_types(hidden.dtype, torch.float32).itemsize  # _chunk_logps'
+        logits_dtype = torch.promote_types(hidden.dtype, torch.float32)  # _chunk_logps'
+        itemsize = logits_dtype.itemsize
         recompute = (torch.is_grad_enabled() and hidden.requires_grad
                      and (vocab is None or len(targets) * vocab * itemsize > KEEP_LOGITS_BYTES))
         pieces = []
@@ -378,9 +436,9 @@ def completion_logps(model: nn.Module, batch: PairBatch, *,
             token_logps = torch.cat([p[0] for p in pieces])
             wpo_terms = torch.cat([p[1] for p in pieces])
             stats = torch.cat([p[2] for p in pieces])
-        else:
-            token_logps = wpo_terms = hidden.new_zeros(0, dtype=torch.float32)
-            stats = hidden.new_zeros(0, 3, dtype=torch.float32)
+        else:  # no completion token at all: every sum is the empty one, 0
+            token_logps = wpo_terms = hidden.new_zeros(0, dtype=logits_dtype)
+            stats = hidden.new_zeros(0, 3, dtype=logits_dtype)
     else:
         logits = model(input_ids=batch.input_ids,
                        attention_mask=_mask(batch, next(base.parameters()).dtype, base.config),

@@ -263,7 +263,8 @@ def collate_shared(pairs: Sequence[TokenizedPair], *, pad_token_id: int) -> Pair
             sequence_ids[i, start:stop] = numbers[i][j]
             completion_mask[i, start:stop] = True
             predictor[i, start:stop] = torch.arange(start - 1, stop - 1)
-            predictor[i, start] = p - 1  # the first token follows the prompt
+            if n:  # the first token follows the prompt (an empty completion has none)
+                predictor[i, start] = p - 1
             start = stop
     return PairBatch("shared", input_ids, position_ids, completion_mask, sequence_ids,
                      attention_mask=None, num_pairs=len(pairs),

@@ -295,6 +295,12 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer: Any,
         if not chosen_ids or not rejected_ids:
             dropped += 1
             continue
+        if not prompt_ids:
+            raise DpokitError(f"{example.where}: the prompt is no token after tokenisation (an "
+                              f"empty prompt and a tokenizer that adds no BOS, or a prompt "
+                              f"merged into the completion's first token): nothing would "
+                              f"predict the completion's first token, so log π(y|x) would "
+                              f"leave it out; give the row a prompt")
         pairs.append(TokenizedPair(prompt_ids, chosen_ids, rejected_ids, example.weight,
                                    example.margin, example.source, example.row,
                                    example.label_prob, example.group))
