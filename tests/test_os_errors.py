@@ -314,7 +314,8 @@ def test_generate_output_on_a_full_disk(workdir, tmp_path, capsys, monkeypatch):
         return handle
 
     monkeypatch.setattr(pathlib.Path, "open", filling_open)
-    code, _, err = run_cli(capsys, *generate_args(workdir, "--output", str(target)))
+    code, _, err = run_cli(capsys, *generate_args(workdir, "--output", str(target),
+                                                  "--overwrite"))
     assert one_error(code, err) == f"dpokit: error: cannot write {target}: {NO_SPACE}"
     assert tree_digest(tmp_path) == before and leftovers(tmp_path) == []
 

@@ -26,6 +26,8 @@ class EvalConfig(PreferenceConfig, DataConfig, ModelConfig):
         None, help="Reference model directory; without it a loss that needs π_ref is not "
                    "computed and only log-probs are reported.")
     per_example: str | None = field_(None, help="Write one JSON line per pair to this file.")
+    overwrite: bool = field_(False, help="Replace an existing per_example file (refused "
+                                         "without).")
     json: bool = field_(False, help="Print the summary as JSON.")
 
     def validate(self) -> None:
@@ -43,6 +45,7 @@ class GenerateConfig(SamplingConfig, PrecisionConfig):
     data: str = field_(help="Prompts: any data file dpokit reads (its prompt column; other "
                             "columns are ignored).")
     output: str = field_("samples.jsonl", help="Where the completions go (one JSON line each).")
+    overwrite: bool = field_(False, help="Replace an existing output file (refused without).")
     split: str | None = field_(None, help="Split of the data (saved DatasetDict/shards).")
     prompt_column: str = field_("prompt", help="Column holding the prompt (text or messages).")
     max_prompt_length: int | None = field_(None, help="Longest prompt in tokens (keeps the end).")
@@ -74,6 +77,14 @@ class GenerateConfig(SamplingConfig, PrecisionConfig):
         if Path(self.output).is_dir():
             raise DpokitError(f"output {self.output} is a directory; name a file")
         check_not_input(self.output, "output", self.data)
+
+
+def check_not_existing(path: str, key: str, overwrite: bool) -> None:
+    """Refuse to write over an earlier result unless asked: ``dpokit generate`` run twice in a
+    directory would otherwise replace the first ``samples.jsonl`` without a word."""
+    if not overwrite and Path(path).exists():
+        raise DpokitError(f"{key} {path} exists; pass --overwrite to replace it, or name "
+                          f"another file")
 
 
 def check_not_input(path: str, key: str, data: str) -> None:

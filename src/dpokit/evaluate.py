@@ -13,6 +13,7 @@ counts are reduced over batches (and ranks), then divided once.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from dpokit.data import micro_batches
 from dpokit.data.batching import group_ids, unit_spans, units_of
 from dpokit.errors import DpokitError
-from dpokit.eval_config import EvalConfig, GenerateConfig
+from dpokit.eval_config import EvalConfig, GenerateConfig, check_not_existing
 from dpokit.memory import is_out_of_memory, release_cached, shortage
 from dpokit.objectives import MetricSums, Objective
 from dpokit.runtime import Runtime
@@ -68,7 +69,8 @@ def _records(items: Sequence[Any], examples: dict[str, torch.Tensor]) -> list[di
 def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, batch_size: int,
              runtime: Runtime, offset: int = 0, per_example: bool = False,
              progress: bool = False, model: nn.Module | None = None,
-             step: int = 0) -> Evaluation:
+             step: int = 0, finite: bool = False,
+             batch_key: str = "per_device_eval_batch_size") -> Evaluation:
     """Loss and metrics of ``objective`` over ``items`` (sharded by rank, reduced as sums).
 
     ``offset`` is where ``items`` start among the examples the reference table was computed on
@@ -81,7 +83,11 @@ def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, b
     torchrun). In one process on offline data a batch that runs out of memory is halved and
     the evaluation goes on at that size (the same sums: each example is scored on its own;
     :attr:`Evaluation.batch_size` says where it ended); at one unit, or where the ranks or
-    generation would have to agree, it is :class:`EvaluationOutOfMemory`'s one line.
+    generation would have to agree, it is :class:`EvaluationOutOfMemory`'s one line (naming
+    ``batch_key``, the key that sets ``batch_size`` in the caller's config).
+    ``finite``: a NaN or ±inf per-example value (a model whose logits overflow) is a one-line
+    :class:`~dpokit.errors.DpokitError` naming the first such row and value, on every rank,
+    instead of means that are NaN (``dpokit eval``; training logs them as null).
     """
     was_training = policy.training
     policy.eval()
@@ -95,6 +101,7 @@ def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, b
     can_split = not runtime.distributed and objective.splittable
     bar = tqdm(total=len(items), unit=objective.unit[:-1], desc="evaluating",
                disable=not progress)
+    first_bad: str | None = None  # the first non-finite per-example value, where and what
     i = 0
     try:
         while i < len(batches):
@@ -110,8 +117,8 @@ def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, b
                 if not can_split or units == 1:
                     raise EvaluationOutOfMemory(
                         f"evaluation: out of memory on {runtime.device}{shortage(error)} in a "
-                        f"batch of {objective.describe(chunk)}: lower per_device_eval_batch_size"
-                        f" or max_length") from None
+                        f"batch of {objective.describe(chunk)}: lower {batch_key} or "
+                        f"max_length") from None
                 batch_size = units // 2
                 release_cached(runtime.device)
                 log.warning("evaluation: out of memory at %d %s a batch; going on at %d (the "
@@ -120,6 +127,8 @@ def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, b
                 batches[i:] = micro_batches(rest, batch_size, 0, 1, groups)
                 continue
             if weight:
+                if finite and first_bad is None:
+                    first_bad = _nonfinite(chunk, out.examples)
                 sums.add(out.sums)
                 if per_example:
                     records += _records(chunk, out.examples)
@@ -129,6 +138,15 @@ def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, b
         bar.close()
         policy.train(was_training)
     reduced = sums.reduce(runtime.all_reduce_sum)
+    if finite:
+        means = objective.means(reduced)
+        bad_means = [k for k, v in means.items() if not math.isfinite(v)]
+        if not runtime.all_ok(first_bad is None) or bad_means:  # the same answer on every rank
+            where = first_bad or (f"{bad_means[0]} = {means[bad_means[0]]}"
+                                  if bad_means else "another rank's share")
+            raise DpokitError(f"evaluation: a non-finite value ({where}): the model's "
+                              f"log-probs overflow (its weights or dtype); no result is "
+                              f"written")
     if per_example and runtime.distributed:  # ranks hold contiguous shares, in rank order
         import torch.distributed as dist
 
@@ -137,6 +155,49 @@ def evaluate(objective: Objective, policy: nn.Module, items: Sequence[Any], *, b
         records = [record for share in shares for record in share]
     return Evaluation(objective.means(reduced), int(reduced["count"]), records,
                       is_main=runtime.is_main, batch_size=batch_size)
+
+
+def _nonfinite(chunk: Sequence[Any], examples: dict[str, torch.Tensor]) -> str | None:
+    """``FILE, row N: KEY = VALUE`` of the first non-finite per-example value, or None."""
+    found = None  # (position in the chunk, key)
+    for key, values in examples.items():
+        if values.is_floating_point():
+            bad = (~torch.isfinite(values.detach())).nonzero()
+            if len(bad) and (found is None or int(bad[0]) < found[0]):
+                found = (int(bad[0]), key)
+    if found is None:
+        return None
+    i, key = found
+    item = chunk[i]
+    return (f"{getattr(item, 'source', '')}, row {getattr(item, 'row', i)}: {key} = "
+            f"{float(examples[key][i])}")
+
+
+def check_vocabulary(items: Sequence[Any], tokenizer: Any, models: Sequence[tuple[str, Any]],
+                     tokenizer_dir: str) -> None:
+    """Every token id of ``items`` (and the pad id) must have a row in each model's input
+    embedding: a model saved with another tokenizer would fail with an ``IndexError`` (on a GPU,
+    a device-side assert). ``models``: ``(name for the message, model)``. The items are read
+    only when the tokenizer can make an id past an embedding."""
+    vocabulary = tokenizer.get_vocab()
+    largest = max(vocabulary.values(), default=-1)
+    pad = tokenizer.pad_token_id
+    for what, model in models:
+        size = model.get_input_embeddings().num_embeddings
+        if max(largest, -1 if pad is None else pad) < size:
+            continue
+        for item in items:
+            ids = [t for name in ("prompt_ids", "chosen_ids", "rejected_ids")
+                   for t in getattr(item, name, ())]
+            if ids and max(ids) >= size:
+                raise DpokitError(
+                    f"{item.source}, row {item.row}: token id {max(ids)} has no embedding in "
+                    f"{what} ({size} rows); it was not trained with the tokenizer of "
+                    f"{tokenizer_dir} ({len(vocabulary)} tokens)")
+        if pad is not None and pad >= size:
+            raise DpokitError(f"the pad token id {pad} of the tokenizer of {tokenizer_dir} has no "
+                              f"embedding in {what} ({size} rows); it was not trained with "
+                              f"that tokenizer")
 
 
 def _evaluate_batch(objective: Objective, policy: nn.Module, chunk: list, indices: list[int], *,
@@ -172,6 +233,7 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> Evaluation:
     check_data_exists(config.data)
     if config.per_example is not None:  # refused now, not after the whole evaluation
         check_writable(config.per_example, "per_example")
+        check_not_existing(config.per_example, "per_example", config.overwrite)
     runtime = setup_runtime(config.device, config.compute_dtype)
     try:
         return _run_eval(config, runtime, progress=progress)
@@ -201,10 +263,14 @@ def _run_eval(config: EvalConfig, runtime: Runtime, *, progress: bool) -> Evalua
                               ld_alpha=config.ld_alpha, autocast=runtime.autocast,
                               unpadded=config.unpadded)
     objective.reference = reference
+    check_vocabulary(pairs, tokenizer, [(f"model {config.model}", model)] + (
+        [(f"ref_model {config.ref_model}", reference.model)] if reference.mode == "model"
+        else []), str(config.model))
     model.eval()
     result = evaluate(objective, objective.policy(model), pairs, batch_size=config.batch_size,
                       runtime=runtime, per_example=config.per_example is not None,
-                      progress=progress and runtime.is_main)
+                      progress=progress and runtime.is_main, finite=True,
+                      batch_key="batch_size")
     if config.per_example is not None and runtime.is_main:
         write_jsonl(config.per_example, result.per_example)  # OS errors: one line naming it
     return result
@@ -221,6 +287,7 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
 
     check_data_exists(config.data)
     check_writable(config.output)  # refused now, not after generating everything
+    check_not_existing(config.output, "output", config.overwrite)
     runtime = setup_runtime(config.device, config.compute_dtype)
     try:
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
@@ -242,6 +309,7 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
             reward = load_reward(config.reward)
         model = load_causal_lm(config.model, dtype=config.dtype, device=runtime.device,
                                trust_remote_code=config.trust_remote_code)
+        check_vocabulary(prompts, tokenizer, [(f"model {config.model}", model)], str(config.model))
         with runtime.autocast():
             completions = generate_completions(
                 model, tokenizer, prompts, num_generations=config.num_generations,

@@ -382,7 +382,7 @@ def test_evaluation_at_one_pair_that_does_not_fit_is_one_line(workdir, capsys, m
     assert len(lines) == 1, err[-2000:]
     assert lines[0].startswith("dpokit: error: evaluation: out of memory on cpu (it asked for "
                                "8.00 GiB more) in a batch of 1 pairs, ")
-    assert "prefs.jsonl, row 1, " in lines[0] and "lower per_device_eval_batch_size" in lines[0]
+    assert "prefs.jsonl, row 1, " in lines[0] and "lower batch_size" in lines[0]
 
 
 def test_evaluation_in_training_goes_on_at_the_halved_size(workdir, monkeypatch, caplog):
