@@ -10,12 +10,14 @@ config and chat template, vocabularies, a remote-code tokenizer's module), the
 tokenisation settings (``max_row_chars`` included: a lower limit must refuse again), the column
 names and whatever else chooses the tokens (SFT's loss span), the kind of item, the path as given
 (the items name it in their messages), the source of dpokit's data modules and the versions of
-transformers, tokenizers and jinja2, dpokit's version and this file's format. The tokenizer's chat
-template, special tokens and size are read from the loaded tokenizer too (a change made in memory),
-and a template that renders today's date (``strftime_now``) keys on the date. A tokenizer that is
-not a local directory gets no key, and its pairs are not cached (:func:`scratch_items`). An entry
+transformers, tokenizers and jinja2, dpokit's version and this file's format. The tokenizer's class,
+chat template, special tokens, size, BOS/EOS flags and its backend's serialised pipeline are read
+from the loaded tokenizer too (a change made in memory: ``add_eos_token = True``), and a
+template that renders today's date (``strftime_now``) keys on the date. A tokenizer that is not
+a local directory gets no key, and its pairs are not cached (:func:`scratch_items`). An entry
 is a directory of flat arrays (:mod:`dpokit.data.store`: ``.npy`` files, no pickles, and
-``meta.json``), written chunk by chunk into a temporary sibling and renamed into place when
+``meta.json``), written chunk by chunk into a temporary sibling of its own (named by host, pid
+and a random token: no other build, on any node, writes into it) and renamed into place when
 complete, then read memory-mapped (a hit builds no Python object per item); an unreadable or
 inconsistent entry is removed with a warning and rebuilt, never read, and the temporary
 directory of a build whose process died is removed by a later build. The data's digest is taken
@@ -34,6 +36,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import re
+import socket
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -94,15 +100,49 @@ def tokenizer_digest(tokenizer: Any) -> str | None:
     for file in files:
         digest.update(f"{file.name}\0".encode())
         _file_digest(file, digest)
-    # what may have changed in memory after loading: the template, the special tokens, the size
+    # what may have changed in memory after loading (or differs between two loads of the same
+    # files: use_fast): the class, template, special tokens, size and the backend's pipeline
     template = getattr(tokenizer, "chat_template", None)
-    digest.update(json.dumps([template, getattr(tokenizer, "special_tokens_map", {}),
-                              len(tokenizer)], sort_keys=True, default=str).encode())
+    digest.update(json.dumps(_loaded_state(tokenizer), sort_keys=True, default=str).encode())
     if isinstance(template, str) and "strftime_now" in template:  # it renders today's date
         import datetime
 
         digest.update(datetime.date.today().isoformat().encode())
     return digest.hexdigest()
+
+
+def _loaded_state(tokenizer: Any) -> list[Any]:
+    """What of a loaded tokenizer chooses tokens beyond its files: its class, chat template,
+    special tokens (named and extra), size, BOS/EOS flags and, for a Rust-backed tokenizer, a
+    digest of the backend's serialised pipeline (normaliser, pre-tokeniser, model, added tokens,
+    post-processor, decoder; not the padding and truncation an earlier call left set) —
+    ``tokenizer.add_eos_token = True`` or a normaliser set after loading rewrites the
+    post-processor or the pieces without touching a file."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        if backend is not None and (backend.truncation is not None
+                                    or backend.padding is not None):
+            # left set by the last call that padded or truncated (transformers resets them at
+            # its next call): not what the data's tokens are made with — keyed without them
+            backend = type(backend).from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+        pipeline = (hashlib.sha256(backend.to_str().encode()).hexdigest()
+                    if backend is not None else None)
+    except Exception:  # a backend that does not serialise: the rest still keys it
+        pipeline = None
+    added = getattr(tokenizer, "get_added_vocab", None)
+    try:
+        added = added() if callable(added) and pipeline is None else None
+    except Exception:
+        added = None
+    return [f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
+            getattr(tokenizer, "chat_template", None),
+            getattr(tokenizer, "special_tokens_map", {}),
+            getattr(tokenizer, "extra_special_tokens", None), len(tokenizer),
+            *(getattr(tokenizer, name, None)
+              for name in ("add_bos_token", "add_eos_token", "split_special_tokens")),
+            pipeline, added]
 
 
 def code_digest() -> str:
@@ -140,6 +180,19 @@ def items_key(data: Path, split: str | None, tokenizer: Any, settings: Any,
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def _host() -> str:
+    """This host's name as a build's temporary directory carries it (no dots, no dashes)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
+def _build_dir(entry: Path) -> Path:
+    """A temporary directory name for one build of ``entry``, unique to the build:
+    ``.<entry>.<host>-<random>.<pid>.tmp``. The pid alone is not: two nodes of a job (their
+    containers most of all) run their local rank 0 under the same pid, and with a shared cache
+    one build would remove and write into the other's directory while it is being filled."""
+    return entry.with_name(f".{entry.name}.{_host()}-{uuid.uuid4().hex[:12]}.{os.getpid()}.tmp")
+
+
 _STALE_SECONDS = 600
 """A build's temporary directory untouched this long, its process gone, is a dead build's."""
 
@@ -148,15 +201,18 @@ def _stale_builds(cache_dir: Path, cls: type) -> None:
     """Remove the temporary directories of builds (of any key) whose process is gone — killed
     mid-build: nothing renamed them into place, nothing will. A directory written to in the
     last :data:`_STALE_SECONDS` is left alone (a build on another host of a shared disk)."""
-    import os
     import time
 
     from dpokit.atomic import discard
 
+    here = _host()
     for tmp in cache_dir.glob(f".{cls.__name__.lower()}-*.tmp"):
+        parts = tmp.name.split(".")  # ["", entry, (host-token,) pid, "tmp"]
+        host = parts[2].rsplit("-", 1)[0] if len(parts) == 5 else here
         try:
-            os.kill(int(tmp.name.rsplit(".", 2)[-2]), 0)
-            continue  # alive (or not a pid of ours to judge)
+            if host == here:  # another host's pid means nothing here: its age alone says
+                os.kill(int(parts[-2]), 0)
+                continue  # alive (or not a pid of ours to judge)
         except ProcessLookupError:
             pass
         except (ValueError, OSError):
@@ -237,15 +293,14 @@ def _build_entry(data: Path, digest: str, key: str, entry: Path, cls: type,
                  build: Callable[[Path | None, dict[str, Any]], Sequence[Any]]
                  ) -> Sequence[Any]:
     """:func:`cached_items`' build of a missing ``entry``."""
-    from dpokit.atomic import discard, replace, temporary_sibling
+    from dpokit.atomic import discard, replace
 
     cache_dir = entry.parent
-    tmp = temporary_sibling(entry)
+    tmp = _build_dir(entry)
     built = None
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         _stale_builds(cache_dir, cls)
-        discard(tmp)
         tmp.mkdir()
         with _recorded() as messages:
             built = build(tmp, {"key": key})
