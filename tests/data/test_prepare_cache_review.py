@@ -370,3 +370,22 @@ def test_a_cache_hit_repeats_the_counts_of_the_build(saved, tmp_path, caplog, co
                                          cache_dir=cache))
     assert hit == built and len(counted) == 5  # five chunks, once
     assert "dropped 3 of 9 rows" in caplog.text and "9 rows, 6 pairs" in caplog.text
+
+
+def test_a_backend_left_truncating_by_an_earlier_call_does_not_truncate_the_data(tokenizer):
+    """After a first batch agreed, ``batch_ids`` called the Rust backend directly — with
+    whatever truncation and padding an earlier call of the user's had left set on it, so every
+    text came back cut to 4 tokens. The ids must be the tokenizer's own, as a fresh call
+    makes them."""
+    import copy
+
+    from dpokit.data.tokenize import batch_ids
+
+    tok = copy.deepcopy(tokenizer)
+    texts = ["the quick brown fox jumps over the lazy dog", "what color is the sky"]
+    want = tok(texts)["input_ids"]
+    direct: dict = {}
+    assert batch_ids(tok, texts, direct) == want and direct["ok"]
+    tok(["the cat sat on the mat"], truncation=True, max_length=4, padding="max_length")
+    assert tok.backend_tokenizer.truncation is not None  # the state the call leaves behind
+    assert batch_ids(tok, texts, direct) == want

@@ -184,9 +184,13 @@ def batch_ids(tokenizer: Any, texts: list[str], direct: dict[str, bool]) -> list
     """``tokenizer(texts)["input_ids"]``, through the Rust backend's ``encode_batch`` directly
     once the two agreed on a first batch (``direct`` holds the verdict across calls):
     transformers' conversion of each encoding is ~20% of tokenising. A tokenizer without a
-    backend, or one whose ids differed, keeps the plain call."""
+    backend, or one whose ids differed, keeps the plain call — and so does a backend left
+    padding or truncating by an earlier call of the user's (``tokenizer(..., truncation=True,
+    max_length=4)``: transformers resets that state at its next call, ``encode_batch`` would
+    truncate every text)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or direct.get("ok") is False:
+    if (backend is None or direct.get("ok") is False or backend.truncation is not None
+            or backend.padding is not None):
         return tokenizer(texts)["input_ids"]
     ids = [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=True)]
     if "ok" not in direct:
