@@ -395,3 +395,16 @@ def test_full_space_lower_bound_and_renormalised_slice_against_brute_force():
         outside_ref_logps=ref[:, 5:].log().gather(-1, index),
         outside_rewards=rewards[:, 5:].gather(-1, index), confidence=0.999)
     assert bool(((sampled.ci_low <= full) & (full <= sampled.ci_high)).all())
+
+
+@pytest.mark.parametrize("sigma_p,sigma_q", [(1.0, 0.0), (0.0, 1.0), (-1.0, 1.0), (1.0, -2.0),
+                                             (float("nan"), 1.0), (1.0, float("inf"))])
+def test_gaussian_kl_refuses_a_standard_deviation_that_is_not_positive(sigma_p, sigma_q):
+    """σ_q = 0 gave NaN (the KL to a point mass is +inf) and σ < 0 a finite number: both are
+    not standard deviations; refused with one line naming the argument."""
+    from dpokit.theory import gaussian_kl
+
+    name = "sigma_p" if not (sigma_p > 0 and math.isfinite(sigma_p)) else "sigma_q"
+    with pytest.raises(DpokitError, match=f"gaussian_kl: {name} must be"):
+        gaussian_kl(0.0, torch.tensor([1.0, sigma_p]), 0.5, sigma_q)
+    assert float(gaussian_kl(0.0, 1.0, 0.0, 1.0)) == 0.0

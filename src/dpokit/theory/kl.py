@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from dpokit.errors import DpokitError
+
 
 def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Discrete KL divergence from log-probabilities.
@@ -101,6 +103,11 @@ def gaussian_kl(mu_p: Tensor | float, sigma_p: Tensor | float,
         KL(p ‖ q) in nats, broadcast shape of the inputs (float64 for Python floats).
     """
     mu_p, sigma_p, mu_q, sigma_q = _as_float_tensors(mu_p, sigma_p, mu_q, sigma_q)
+    for name, sigma in (("sigma_p", sigma_p), ("sigma_q", sigma_q)):
+        bad = ~((sigma > 0) & torch.isfinite(sigma))  # NaN fails the comparison too
+        if bool(bad.any()):  # (σ_q = 0 gave NaN, not the KL's +inf; σ < 0 a number)
+            raise DpokitError(f"gaussian_kl: {name} must be a finite standard deviation > 0, "
+                              f"got {sigma[bad].flatten()[0].item()}")
     log_ratio = torch.log(sigma_p) - torch.log(sigma_q)
     spread = 0.5 * (torch.expm1(2.0 * log_ratio) - 2.0 * log_ratio)
     shift = (mu_p - mu_q) ** 2 / (2.0 * sigma_q**2)
