@@ -408,3 +408,24 @@ def test_gaussian_kl_refuses_a_standard_deviation_that_is_not_positive(sigma_p, 
     with pytest.raises(DpokitError, match=f"gaussian_kl: {name} must be"):
         gaussian_kl(0.0, torch.tensor([1.0, sigma_p]), 0.5, sigma_q)
     assert float(gaussian_kl(0.0, 1.0, 0.0, 1.0)) == 0.0
+
+
+def test_full_space_refuses_probabilities_of_s_that_sum_past_one():
+    """Σ_S π_θ > 1 was clamped to an outside mass of 0 without a word: such log-probs are not
+    one distribution over S ∪ O. Sums within float32 rounding of 1 are still taken (m = 0)."""
+    from dpokit.theory.fullspace import constant_outside_log_partition, full_space_kl
+
+    rewards = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    ref = torch.log(torch.tensor([0.2, 0.3, 0.4], dtype=torch.float64))
+    log_z_out = constant_outside_log_partition(ref, -1.0, 0.5)
+    over = torch.log(torch.tensor([0.5, 0.4, 0.3], dtype=torch.float64))  # sums to 1.2
+    with pytest.raises(DpokitError, match=r"policy_logps: the probabilities of S sum to 1\.2 "):
+        full_space_kl(over, ref, rewards, 0.5, outside_log_partition=log_z_out)
+    with pytest.raises(DpokitError, match=r"ref_logps_in_space: .* sum to 1\.2 "):
+        constant_outside_log_partition(over, -1.0, 0.5)
+    whole = torch.log(torch.tensor([0.25, 0.25, 0.5], dtype=torch.float32)) + 3e-7
+    result = full_space_kl(whole, ref, rewards, 0.5, outside_log_partition=log_z_out)
+    pi = torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64)  # m = 0: the lumped term is 0
+    log_z = torch.logaddexp(torch.logsumexp(ref + rewards / 0.5, -1), log_z_out)
+    brute = (pi * (pi.log() - (ref + rewards / 0.5 - log_z))).sum()
+    assert float(result.lower_bound) == pytest.approx(float(brute), abs=1e-5)

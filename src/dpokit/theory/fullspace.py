@@ -67,6 +67,24 @@ def log1mexp(log_p: Tensor) -> Tensor:
                        torch.log1p(-torch.exp(log_p)))
 
 
+MASS_TOLERANCE = 1e-4
+"""How far above 1 the probabilities of S may sum (float32 log-probs' rounding) before they are
+refused as not normalised over the full space."""
+
+
+def _log_mass_in(logps: Tensor, name: str) -> Tensor:
+    """log Σ_{y∈S} p(y), clamped to ≤ 0 — refused where it exceeds 1 by more than
+    :data:`MASS_TOLERANCE` (not probabilities of one distribution over S ∪ O: clamping
+    would report an outside mass of 0 for them)."""
+    log_mass = torch.logsumexp(logps, dim=-1)
+    over = log_mass > math.log1p(MASS_TOLERANCE)
+    if bool(over.any()):
+        mass = float(log_mass[over].flatten()[0].exp())
+        raise DpokitError(f"{name}: the probabilities of S sum to {mass:.6g} > 1; they are not "
+                          f"log-probs of one distribution over the full space")
+    return log_mass.clamp(max=0.0)
+
+
 def constant_outside_log_partition(ref_logps_in_space: Tensor, r_invalid: float,
                                    beta: float) -> Tensor:
     """log Z_O for a constant reward ``r_invalid`` on everything outside S:
@@ -82,7 +100,7 @@ def constant_outside_log_partition(ref_logps_in_space: Tensor, r_invalid: float,
         ``(...)`` log Z_O (−inf when π_ref puts all its mass on S).
     """
     beta = check_beta(beta)
-    mass_in = torch.logsumexp(ref_logps_in_space.double(), dim=-1).clamp(max=0.0)
+    mass_in = _log_mass_in(ref_logps_in_space.double(), "ref_logps_in_space")
     return log1mexp(mass_in) + r_invalid / beta
 
 
@@ -136,7 +154,8 @@ def full_space_kl(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, beta
     terms = torch.where(policy > -math.inf, policy.exp() * (policy - optimal),
                         torch.zeros_like(policy))
     in_space = terms.sum(dim=-1)
-    log_m = log1mexp(torch.logsumexp(policy, dim=-1).clamp(max=0.0))
+    _log_mass_in(ref, "ref_logps")
+    log_m = log1mexp(_log_mass_in(policy, "policy_logps"))
     log_m_opt = log_z_out - log_z
     m = log_m.exp()
     lumped = torch.where(m > 0, m * (log_m - log_m_opt), torch.zeros_like(m))
