@@ -15,7 +15,14 @@ decoding; otherwise sampling with ``top_k`` (0: off) and ``top_p`` (1: off). The
 is seeded from ``seed`` alone and the caller's global RNG is left as it was, so the same call
 gives the same completions, and training that generates between steps resumes exactly. It is
 one stream over the batches: another ``batch_size`` or other prompts beside a prompt give it
-other (equally distributed) draws.
+other (equally distributed) draws. Next-token logits that are not finite (NaN, +inf: a diverged
+or overflowing model) stop generation with a one-line error naming the prompt: greedy decoding
+took NaN's argmax silently, sampling failed with a traceback.
+
+No log-probabilities are recorded: what is sampled comes from the temperature/top-k/top-p
+adjusted law, while DPO's loss (and ``kl_to_ref``) need the raw π_θ(y|x), which the objective
+re-scores with gradients (:mod:`dpokit.logps`); the two agree only at temperature 1 without
+top-k/top-p.
 """
 
 from __future__ import annotations
@@ -83,13 +90,21 @@ def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[Pro
     ended by the first of ``stop_token_ids`` (None: :func:`end_token_ids`)."""
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    top_k=top_k, num_generations=num_generations)
+    if batch_size < 1:
+        raise DpokitError(f"batch_size must be ≥ 1, got {batch_size}")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if eos is None:
         raise DpokitError("generation needs a tokenizer with an eos_token")
+    if pad is None:  # any id pads: the attention mask is explicit and completions end at a stop
+        pad = eos
+    empty = next((i for i, p in enumerate(prompts) if not p.prompt_ids), None)
+    if empty is not None:  # alone an IndexError; beside others, a completion of nothing
+        raise DpokitError(f"{_where(prompts[empty], empty)}: the prompt has no tokens; "
+                          f"generation continues a prompt")
     stops = list(stop_token_ids) if stop_token_ids is not None else end_token_ids(model,
                                                                                  tokenizer)
     stop_set = set(stops)
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     k = num_generations
     sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
                 if temperature > 0 else {"do_sample": False})
@@ -101,6 +116,8 @@ def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[Pro
                 _plain_generation_config(model):
             torch.manual_seed(seed)
             for chunk, copies in _calls(prompts, k, batch_size):
+                first = len(out) // k  # the index of the call's first prompt
+                rows = [i for i in range(first, first + len(chunk)) for _ in range(copies)]
                 width = max(len(r) for r in chunk)
                 ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk], device=device)
                 mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk],
@@ -113,6 +130,8 @@ def generate_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[Pro
                                            attention_mask=mask.repeat_interleave(copies, 0),
                                            max_new_tokens=max_new_tokens,
                                            eos_token_id=stops, pad_token_id=pad, **sampling,
+                                           logits_processor=_finite_logits(
+                                               prompts, rows, width, dtype),
                                            **extra)
                 for row in generated[:, width:].tolist():
                     end = next((i for i, token in enumerate(row) if token in stop_set), None)
@@ -145,6 +164,33 @@ def _plain_generation_config(model: nn.Module) -> Iterator[None]:
     finally:
         for m, config in zip(holders, saved, strict=True):
             m.generation_config = config
+
+
+def _where(prompt: Prompt, index: int) -> str:
+    """``file, row N`` of a prompt read from a file, else its index in the call."""
+    return prompt.where if prompt.source else f"prompt {index}"
+
+
+def _finite_logits(prompts: Sequence[Prompt], rows: Sequence[int], width: int,
+                   dtype: torch.dtype) -> Any:
+    """A logits processor (generate runs it first, on the raw logits) that raises a one-line
+    error naming the prompt when a row's next-token logits hold a NaN or +inf, or are all −inf
+    (their max is not finite): ``rows[b]`` is the prompt of batch row ``b``, ``width`` the
+    prompt columns, ``dtype`` the model's (for the message)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FiniteLogits(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            bad = ~torch.isfinite(scores.amax(dim=-1))  # (B,); amax propagates NaN
+            if bool(bad.any()):
+                index = rows[int(bad.nonzero()[0, 0])]
+                raise DpokitError(
+                    f"{_where(prompts[index], index)}: the model's next-token logits are not "
+                    f"finite (NaN or inf) at generated token {input_ids.shape[1] - width + 1}; "
+                    f"the model has diverged or overflows its dtype ({dtype})")
+            return scores
+
+    return LogitsProcessorList([FiniteLogits()])
 
 
 def _calls(prompts: Sequence[Prompt], k: int,

@@ -29,7 +29,8 @@ import math
 import numbers
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,8 @@ class RewardModel:
         model's positions). A text longer than the model's positions is a one-line error."""
         import torch
 
-        rows = [self.encode(p, c, i) for i, (p, c) in
+        where = kwargs.get("rows")
+        rows = [self.encode(p, c, i, None if where is None else where[i]) for i, (p, c) in
                 enumerate(zip(prompts, completions, strict=True))]
         pad = self.model.config.pad_token_id
         device = next(self.model.parameters()).device
@@ -94,17 +96,21 @@ class RewardModel:
                 scores += logits[:, 0].float().cpu().tolist()
         return scores
 
-    def encode(self, prompt: Any, completion: str, index: int = 0) -> list[int]:
+    def encode(self, prompt: Any, completion: str, index: int = 0,
+               row: str | None = None) -> list[int]:
         """The token ids of :meth:`text` — a chat template renders its own special tokens (a
-        BOS), so they are not added a second time — checked against the model's positions."""
+        BOS), so they are not added a second time — checked against the model's positions
+        (``row``: where completion ``index`` comes from, for the error)."""
         templated = isinstance(prompt, list) and bool(getattr(self.tokenizer, "chat_template",
                                                               None))
         ids = list(self.tokenizer(self.text(prompt, completion),
                                   add_special_tokens=not templated)["input_ids"])
         if self.positions is not None and len(ids) > self.positions[0]:
             positions, key = self.positions
-            raise DpokitError(f"completion {index} with its prompt is {len(ids)} tokens, longer "
-                              f"than the reward model has positions ({key} = {positions}); "
+            at = f" ({row})" if row is not None else ""
+            raise DpokitError(f"completion {index}{at} with its prompt is {len(ids)} tokens, "
+                              f"longer than the reward model has positions ({key} = "
+                              f"{positions}); "
                               f"lower max_new_tokens or max_prompt_length")
         return ids
 
@@ -137,23 +143,32 @@ def load_reward(spec: str) -> RewardFn:
             module_spec.loader.exec_module(module)
         except BaseException as error:
             sys.modules.pop(module_name, None)
-            if not isinstance(error, Exception):
+            if not isinstance(error, Exception | SystemExit):  # Ctrl-C stays Ctrl-C
                 raise
             raise DpokitError(f"reward {spec!r}: importing {path} failed "
-                              f"({_one_line(error)})") from None
+                              f"({_one_line(error)}){_relative_hint(error, target)}") from None
     else:
         # as ``python -m``, the working directory's modules import (the ``dpokit`` console
         # script's sys.path starts with its own bin directory instead)
         _importable(Path.cwd())
         try:
             module = importlib.import_module(target)
-        except Exception as error:
+        except (Exception, SystemExit) as error:  # sys.exit() in it would end the run, exit 0
             raise DpokitError(f"reward {spec!r}: cannot import {target} "
                               f"({_one_line(error)})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise DpokitError(f"reward {spec!r}: {target} has no function {name!r}")
     return fn
+
+
+def _relative_hint(error: BaseException, target: str) -> str:
+    """A hint for a reward file that imports relatively (``from .helper import x``): run as a
+    file it has no package, as under ``python file.py``; as a module it has one."""
+    if isinstance(error, ImportError) and "relative import" in str(error):
+        return (f"; a file with relative imports is a module of its package: name it as "
+                f"package.module:function (from the package's parent directory), not {target}")
+    return ""
 
 
 def _importable(directory: Path) -> None:
@@ -191,7 +206,12 @@ def _number(value: Any) -> float | None:
     """``value`` as a float when it is one number (a Python or NumPy number, or a tensor or
     array of one element), else None — a string, None, a list, a tensor of several."""
     if isinstance(value, bool | numbers.Real):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past float's range: reported as non-finite
+            return math.inf if value > 0 else -math.inf
+        except (TypeError, ValueError):
+            return None
     shape = getattr(value, "shape", None)
     if shape is not None and getattr(value, "dtype", None) is not None:
         size = math.prod(shape)
@@ -199,7 +219,9 @@ def _number(value: Any) -> float | None:
         if size == 1 and not kind.startswith(("complex", "torch.complex", "<U", "|S", "object")):
             try:
                 return float(value.reshape(()).item() if hasattr(value, "item") else value)
-            except (TypeError, ValueError):
+            except OverflowError:
+                return math.inf
+            except Exception:  # a meta tensor, a broken array type: not a number
                 return None
     return None
 
@@ -221,19 +243,22 @@ def score(fn: RewardFn, spec: str, prompts: Sequence[Any], completions: Sequence
     if not isinstance(fn, RewardModel):
         given = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
                  for p, c in zip(prompts, given, strict=True)]
+    elif rows is not None:
+        extra["rows"] = list(rows)  # its errors name the completion's row
     try:
         values = fn(prompts=list(prompts), completions=given, **extra)
     except DpokitError as error:
         raise DpokitError(f"reward {spec} failed{where}: {error}") from None
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # sys.exit() in a reward: not a clean exit 0
         raise DpokitError(f"reward {spec} failed{where}: {_one_line(error)}") from None
-    if (isinstance(values, str | bytes | dict) or not hasattr(values, "__iter__")
+    # a set has no order (its values would meet other completions) and drops equal ones
+    if (isinstance(values, str | bytes | Mapping | AbstractSet) or not hasattr(values, "__iter__")
             or getattr(values, "ndim", 1) == 0):
         raise DpokitError(f"reward {spec} returned {type(values).__name__}, not a list of "
                           f"{len(completions)} numbers{where}")
     try:
         values = list(values)
-    except Exception as error:  # a generator that raises
+    except (Exception, SystemExit) as error:  # a generator that raises
         raise DpokitError(f"reward {spec} failed{where}: {_one_line(error)}") from None
     if len(values) != len(completions):
         raise DpokitError(f"reward {spec} returned {len(values)} values for "
