@@ -13,8 +13,10 @@ reward, and forms one pair per prompt (the two completions; with more, the best 
     hard     the higher reward wins (TRL's OnlineDPOTrainer rule), the loss of ``loss_type``
 
 Prompts are cut to their last ``max_length − max_new_tokens`` tokens (as TRL's OnlineDPOTrainer
-keeps the end), before generation, so a pair is generated and scored on the same prompt and is
-never longer than ``max_length``.
+keeps the end), before generation, so a pair is generated and its log-probs scored on the same
+prompt tokens and is never longer than ``max_length`` (a warning counts the prompts cut). The
+reward functions and reward models see the prompt as the row gives it, uncut (TRL passes them
+the dataset's prompts too).
 
 Soft labels keep π* as the fixed point (βh = r₁ − r₂ at τ = 1); hard ones push h without end.
 The DPO step itself is :class:`~dpokit.objectives.dpo.DPOObjective`'s, with the starting model as
