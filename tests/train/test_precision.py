@@ -60,7 +60,8 @@ def test_bfloat16_weights_full_fine_tune(workdir, loads, caplog):
     dtypes = {}
     final = train(config(workdir, "p-bf16w", max_steps=3, dtype="bfloat16", save_steps=3),
                   progress=False, probe=trained_dtypes(dtypes))
-    assert loads == [("reference model", torch.bfloat16), ("model", torch.bfloat16)]
+    # one load in bfloat16: the reference pass's model is the policy's start
+    assert loads == [("reference model", torch.bfloat16)]
     assert dtypes == {True: {torch.bfloat16}}
     assert saved_dtypes(final.parent / "checkpoint-3", "trainable.safetensors") == {"BF16"}
     assert "weights train in bfloat16" in caplog.text
@@ -75,7 +76,7 @@ def test_mixed_precision_keeps_float32_weights(workdir, loads):
     dtypes = {}
     train(config(workdir, "p-amp", max_steps=1, bf16=True), progress=False,
           probe=trained_dtypes(dtypes))
-    assert loads == [("reference model", torch.float32), ("model", torch.float32)]
+    assert loads == [("reference model", torch.float32)]  # the policy starts from it
     assert dtypes == {True: {torch.float32}}
 
 

@@ -203,12 +203,15 @@ def setup_run(config: TrainConfig, runtime: Runtime, *, progress: bool) -> Run:
     base = adapter_base(config.model)
     adapters = (objective.needs_reference and config.lora and config.ref_model is None
                 and base is None)
+    shared: dict[str, nn.Module] = {}  # the reference pass's model, when it is the policy's
     if objective.needs_reference and not adapters:
         objective.reference = setup_reference(config, runtime, items, tokenizer.pad_token_id,
                                               progress=progress, rows=used,
-                                              train_rows=len(train_items))
-    model = load_causal_lm(base or config.model, dtype=config.dtype, device=runtime.device,
-                           trust_remote_code=config.trust_remote_code)
+                                              train_rows=len(train_items),
+                                              share=shared if base is None else None)
+    model = shared.pop("model", None) or load_causal_lm(
+        base or config.model, dtype=config.dtype, device=runtime.device,
+        trust_remote_code=config.trust_remote_code)
     recompute, micro_batch = plan_memory(config, model, objective, train_items, runtime,
                                          spans=spans, lora=config.lora or base is not None)
     enable_recompute(model, recompute)
@@ -574,14 +577,26 @@ def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
         raise DpokitError(f"lora: {str(error).splitlines()[0]}") from None
 
 
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of ``model``'s buffers (rotary frequencies and the like: small)."""
+    return {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+
+
 def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: int, *,
                     progress: bool, policy: nn.Module | None = None,
-                    rows: list[int] | None = None, train_rows: int = 0) -> Reference:
+                    rows: list[int] | None = None, train_rows: int = 0,
+                    share: dict[str, nn.Module] | None = None) -> Reference:
     """π_ref for a DPO config: the policy with adapters off (LoRA, ``policy`` given), or a
     model of its own (a PEFT adapter: its base with it merged) — by default run once over
-    ``items`` into a cached table and freed.
+    ``items`` into a cached table and freed. The model of its own is loaded only when a table
+    is computed (a cached one needs no weights).
     ``rows``: the training rows (of the first ``train_rows`` items) the run uses, when not all
     of them (a short ``max_steps``); the evaluation items after them are always computed.
+    ``share``: where the reference is the model the policy starts from (no ``ref_model`` of
+    another directory), the model loaded for the pass is left in ``share["model"]`` instead of
+    freed, for the policy to start from — one load of the weights, not two (the same tensors:
+    a forward without gradients changes no parameter; a model whose buffers the pass changed,
+    dynamic rotary scaling, is freed and loaded again).
 
     The cache lives beside the run directory (``../.dpokit_cache``), keyed by the reference
     weights, every token id and the settings that change the numbers.
@@ -593,14 +608,28 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
         ref_dir = config.model
     else:
         ref_dir = config.ref_model or config.model
-        ref_model = load_causal_lm(ref_dir, dtype=config.dtype, device=runtime.device,
-                                   trust_remote_code=config.trust_remote_code,
-                                   what="reference model")
-        ref_model.requires_grad_(False)
         sync = config.ref_model_sync_steps if config.sync_ref_model else None
-        reference = Reference("model", model=ref_model, sync_steps=sync,
-                              sync_alpha=config.ref_model_mixup_alpha, **common)
+        reference = Reference("model", sync_steps=sync, sync_alpha=config.ref_model_mixup_alpha,
+                              **common)
+    if policy is None and share is not None and config.precompute and ref_dir == config.model:
+        keep = share
+    else:
+        keep = None
+    loaded: dict[str, torch.Tensor] = {}  # the buffers as loaded, when the model may be kept
+
+    def load_reference() -> None:
+        if reference.model is not None:
+            return
+        reference.model = load_causal_lm(ref_dir, dtype=config.dtype, device=runtime.device,
+                                         trust_remote_code=config.trust_remote_code,
+                                         what="reference model")
+        if keep is not None:
+            loaded.update(_buffers(reference.model))
+        else:
+            reference.model.requires_grad_(False)
+
     if not config.precompute:
+        load_reference()
         return reference
     settings = {"ld_alpha": config.ld_alpha, "dtype": weights_dtype(ref_dir, config.dtype),
                 "autocast": runtime.dtype,
@@ -631,6 +660,7 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
         # the pass is a collective
         cached = runtime.all_ok(table is not None)
         if not cached:
+            load_reference()
             batch_size = config.precompute_ref_batch_size or 2 * config.batch_size
             try:
                 table = compute_reference_table(
@@ -669,8 +699,13 @@ def setup_reference(config: Any, runtime: Runtime, items: list, pad_token_id: in
                  "loaded from" if cached else "computed into", cache_file)
         tables.append(table)
     table = torch.cat(tables)
-    if reference.mode == "model":
-        del reference.model  # never kept in memory during training
+    if reference.mode == "model" and reference.model is not None:
+        model, reference.model = reference.model, None  # never kept as a reference in training
+        after = _buffers(model)
+        if keep is not None and after.keys() == loaded.keys() and all(
+                torch.equal(after[name], loaded[name]) for name in after):
+            keep["model"] = model  # the policy starts from it (setup_run)
+        del model
         gc.collect()
     return Reference("precomputed", table=table, **common)
 
