@@ -189,8 +189,9 @@ def batch_ids(tokenizer: Any, texts: list[str], direct: dict[str, bool]) -> list
     max_length=4)``: transformers resets that state at its next call, ``encode_batch`` would
     truncate every text)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if (backend is None or direct.get("ok") is False or backend.truncation is not None
-            or backend.padding is not None):
+    if (backend is None or direct.get("ok") is False
+            or getattr(backend, "truncation", None) is not None
+            or getattr(backend, "padding", None) is not None):
         return tokenizer(texts)["input_ids"]
     ids = [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=True)]
     if "ok" not in direct:
