@@ -18,7 +18,10 @@ of the losses that read one, e.g. ``odpo``; ignored, with a warning, by the othe
 Checked over the whole dataset, so nothing is misread without a word: a column renamed from its
 default must exist (a misspelt ``prompt_column`` is an error, not implicit-prompt rows); an
 optional column some rows fill must not be null (or missing, or an empty CSV cell) in others;
-a row longer than ``max_row_chars`` is refused before it reaches the tokenizer.
+a row longer than ``max_row_chars`` is refused before it reaches the tokenizer; what is read
+other than as written (a text prompt beside whole conversations, a message prompt the
+conversations repeat, an implicit text prompt left empty: :data:`NOTES`) is one warning with a
+count. Data of k scored completions gets the same column check (:func:`check_renamed`).
 """
 
 from __future__ import annotations
@@ -73,9 +76,16 @@ class ColumnMap:
         other column renamed from its default. A default name may be absent — no ``prompt`` is
         the implicit-prompt format, no ``weight`` weighs every pair 1 — but a name the user
         changed is one they mean (``prompt_column: promt`` must not read as "no prompts")."""
+        # the names the user chose first: a misspelt score_column is what an error names, not
+        # the 'chosen' column that data of one row per completion has no need of
+        return {**self.renamed, "chosen_column": self.chosen, "rejected_column": self.rejected}
+
+    @property
+    def renamed(self) -> dict[str, str]:
+        """Config key → name of each column renamed from its default (whatever the data's
+        shape, a name the user chose must be a column of the data)."""
         defaults = ColumnMap().by_key
-        return {key: name for key, name in self.by_key.items()
-                if key in ("chosen_column", "rejected_column") or name != defaults[key]}
+        return {key: name for key, name in self.by_key.items() if name != defaults[key]}
 
     @property
     def optional(self) -> dict[str, str]:
@@ -205,8 +215,50 @@ def _split_implicit(row: RawRow, columns: ColumnMap, chosen: Any, rejected: Any)
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
-def parse_example(row: RawRow, columns: ColumnMap = ColumnMap()) -> PreferenceExample:
-    """Validate one row and return it as a :class:`PreferenceExample` (raises ``DpokitError``)."""
+NOTES = {
+    "text_prompt": "a text prompt beside conversational chosen/rejected is not read; the prompt "
+                   "is the messages they share",
+    "repeated_prompt": "chosen/rejected are whole conversations beginning with the prompt's "
+                       "messages; those are split off (else the model is trained to say the "
+                       "prompt again as its own turn)",
+    "empty_prompt": "no prompt column, and chosen and rejected share no leading text: the pair "
+                    "is trained on an empty prompt",
+}
+"""What :func:`parse_example` notes of a row it reads, said once for the data with a count."""
+
+
+def note(notes: dict[str, list] | None, key: str, row: RawRow) -> None:
+    """Count ``key`` for ``row`` in ``notes`` (``key → [count, first row's where]``), or,
+    without ``notes`` (a row parsed alone), log it for this row."""
+    if notes is None:
+        log.warning("%s: %s", row.where, NOTES[key])
+        return
+    notes.setdefault(key, [0, row.where])[0] += 1
+
+
+def warn_notes(notes: dict[str, list], total: int, columns: ColumnMap,
+               present: Sequence[str]) -> None:
+    """Log each note of ``notes`` once, with its count of ``total`` rows; an empty implicit
+    prompt also names the columns of ``present`` no option reads (a prompt left unmapped)."""
+    for key, (count, where) in notes.items():
+        hint = ""
+        if key == "empty_prompt":
+            read = {*columns.by_key.values(), "tools", "chat_template_kwargs"}
+            unread = [name for name in present if name not in read]
+            if unread:
+                hint = f"; columns not read: {', '.join(unread)} (prompt_column names the prompt)"
+        log.warning("%d of %d rows: %s (first: %s)%s", count, total, NOTES[key], where, hint)
+
+
+def _repeats(prompt: Messages, completion: Messages) -> bool:
+    return len(completion) > len(prompt) and completion[:len(prompt)] == prompt
+
+
+def parse_example(row: RawRow, columns: ColumnMap = ColumnMap(), *,
+                  notes: dict[str, list] | None = None) -> PreferenceExample:
+    """Validate one row and return it as a :class:`PreferenceExample` (raises ``DpokitError``).
+    What is worth saying of a row that is read (:data:`NOTES`) is counted in ``notes``, for the
+    caller to say once for all rows (:func:`warn_notes`); without it, logged for this row."""
     fields = row.fields
     for name in (columns.chosen, columns.rejected):
         if name not in fields or fields[name] is None:
@@ -220,8 +272,12 @@ def parse_example(row: RawRow, columns: ColumnMap = ColumnMap()) -> PreferenceEx
         rejected = as_messages(row, columns.rejected, rejected, single_ok=True)
         if prompt is None or (isinstance(prompt, str) and not is_messages(prompt)):
             if prompt is not None:
-                log.warning("%s: a text prompt beside conversational chosen/rejected is ignored; "
-                            "the prompt is their shared leading messages", row.where)
+                if not chosen or not rejected or chosen[0] != rejected[0]:
+                    raise fail(row, columns.prompt, "a text prompt beside conversational "
+                                                    "chosen/rejected that share no leading "
+                                                    "messages: give the prompt as a list of "
+                                                    "messages, or the completions as text")
+                note(notes, "text_prompt", row)
             prompt, chosen, rejected = _split_implicit(row, columns, chosen, rejected)
             last = prompt[-1]["role"]
             if last in _UNANSWERED_ROLES:  # the completions would start with a user's turn
@@ -234,6 +290,11 @@ def parse_example(row: RawRow, columns: ColumnMap = ColumnMap()) -> PreferenceEx
             # (a prompt given explicitly may end with a system message: TRL's DPOTrainer
             # renders it with the generation prompt, and so does dpokit)
             prompt = as_messages(row, columns.prompt, prompt, single_ok=False)
+            if _repeats(prompt, chosen) and _repeats(prompt, rejected):
+                # whole conversations beside their prompt (UltraFeedback-style exports): the
+                # model would be trained to say the user's turn again
+                chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+                note(notes, "repeated_prompt", row)
     else:
         for name, value in ((columns.chosen, chosen), (columns.rejected, rejected)):
             if not isinstance(value, str):
@@ -242,6 +303,8 @@ def parse_example(row: RawRow, columns: ColumnMap = ColumnMap()) -> PreferenceEx
             check_text(row, name, value)
         if prompt is None:
             prompt, chosen, rejected = _split_implicit(row, columns, chosen, rejected)
+            if not prompt:
+                note(notes, "empty_prompt", row)
         elif not isinstance(prompt, str):
             raise fail(row, columns.prompt, f"expected a string (the completions are text), "
                                              f"got {type(prompt).__name__}")
@@ -359,6 +422,7 @@ def parse_examples(rows: Sequence[RawRow], columns: ColumnMap = ColumnMap(), *,
 
     shape = data_shape(rows, columns)
     if shape != "pairs":
+        check_renamed(rows, columns, shape)
         return _checked(grouped_examples(rows, columns, shape, max_row_chars=max_row_chars))
     check_row_chars(rows, [columns.prompt, columns.chosen, columns.rejected, "tools"],
                     max_row_chars)
@@ -368,7 +432,30 @@ def parse_examples(rows: Sequence[RawRow], columns: ColumnMap = ColumnMap(), *,
         log.info("%s: no %r column (prompt_column): implicit-prompt rows, the prompt is the "
                  "leading text or messages chosen and rejected share", _data_name(rows),
                  columns.prompt)
-    return _checked([parse_example(row, columns) for row in rows])
+    notes: dict[str, list] = {}
+    examples = _checked([parse_example(row, columns, notes=notes) for row in rows])
+    warn_notes(notes, len(examples), columns,
+               list(dict.fromkeys(name for row in rows for name in row.fields)))
+    return examples
+
+
+def check_renamed(rows: Sequence[RawRow], columns: ColumnMap, shape: str) -> None:
+    """Every column renamed from its default is a column of data of k scored completions
+    (``shape`` ``list`` or ``rows``), as of pair rows: a ``weight_column`` or ``score_column``
+    naming no column must not read as "weight 1" or "the default score" without a word."""
+    if shape == "list":
+        from dpokit.data.groups import SCORE_KEYS, TEXT_KEYS
+
+        present = {name for row in rows for name in row.fields}
+        for key, what, keys in (("score_column", "score", SCORE_KEYS),
+                                ("completion_column", "completion", TEXT_KEYS)):
+            name = columns.renamed.get(key)
+            if name is not None and name not in present:
+                raise DpokitError(
+                    f"{_data_name(rows)}: no column {name!r} ({key}); {key} is for data of one "
+                    f"row per completion — in a {columns.completions!r} list each object's "
+                    f"{what} is read from the first of its keys {', '.join(keys)} present")
+    check_columns(rows, columns.renamed)
 
 
 def _checked(examples: list[PreferenceExample]) -> list[PreferenceExample]:

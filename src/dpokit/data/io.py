@@ -19,6 +19,7 @@ one wins". What was read is logged (``dpokit.data``, info).
 
 from __future__ import annotations
 
+import ast
 import codecs
 import csv
 import io
@@ -196,15 +197,31 @@ def _read_json(path: Path, split: str | None) -> Iterator[RawRow]:
         yield RawRow(str(path), number, record)
 
 
-def _maybe_json(value: str) -> Any:
-    """CSV cells holding a JSON list of messages (``[{"role": …}]``) are decoded; others stay."""
+_REPR_MESSAGE = re.compile(r"""\{\s*'(role|content)'\s*:""")
+"""A message as Python prints it (``{'role': …``): pandas' and ``datasets``' ``to_csv``."""
+
+
+def _maybe_json(value: str, where: str = "", column: str = "") -> Any:
+    """CSV cells holding a JSON list of messages (``[{"role": …}]``) are decoded — and so is
+    the Python text of one (``[{'role': …}, …]``, as pandas' ``to_csv`` writes it); a list of
+    messages in a form neither reads (``datasets``' ``to_csv`` prints them as a numpy array,
+    without commas) is an error, not text trained on as the completion. Other cells stay."""
     text = value.strip()
     if text.startswith("[{") and text.endswith("}]"):
         try:
             decoded = json.loads(text)
-        except (ValueError, RecursionError):  # not JSON (or unreadable): the cell's text
-            return value
-        if all(isinstance(m, dict) and "role" in m for m in decoded):
+        except (ValueError, RecursionError):  # not JSON (or unreadable)
+            if not _REPR_MESSAGE.match(text, 1):
+                return value  # the cell's text
+            try:
+                decoded = ast.literal_eval(text)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                raise DpokitError(
+                    f"{where}, field {column!r}: a list of messages written as Python or "
+                    f"numpy text, not JSON (as datasets' to_csv prints it); read the data "
+                    f"set's Parquet/JSON files, or write the cells as JSON") from None
+        if isinstance(decoded, list) and all(isinstance(m, dict) and "role" in m
+                                             for m in decoded):
             return decoded
     return value
 
@@ -249,7 +266,8 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
                     f"{path}, row {number} (line {reader.line_num}): {cells} cell"
                     f"{'s' * (cells != 1)}, the header has {len(header)} (every row needs a "
                     f"cell for each column, empty or not)")
-            fields = {k.strip(): _maybe_json(v) if isinstance(v, str) else v
+            where = f"{path}, row {number}"
+            fields = {k.strip(): _maybe_json(v, where, k.strip()) if isinstance(v, str) else v
                       for k, v in record.items()}
             yield RawRow(str(path), number, fields)
     except UnicodeDecodeError:  # where in the file: the whole of it, as read at once

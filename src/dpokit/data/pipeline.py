@@ -30,6 +30,7 @@ from dpokit.data.formats import (
     check_row_chars,
     parse_example,
     parse_examples,
+    warn_notes,
 )
 from dpokit.data.groups import data_shape
 from dpokit.data.io import RawRow
@@ -122,15 +123,17 @@ class PairRecipe(Recipe):
             return result.failed(ROW_CHARS, error)
         if stop <= PARSE:
             return result
+        notes: dict[str, list] = {}  # said once over all chunks (PairSummary.finish)
         try:
-            examples = [parse_example(row, c) for row in rows]
+            examples = [parse_example(row, c, notes=notes) for row in rows]
         except DpokitError as error:
             return result.failed(PARSE, error)
         kind = examples[0].conversational
         mixed = next((e.where for e in examples if e.conversational != kind), None)
         identical = [e.where for e in examples if e.chosen == e.rejected]
         result.stats.update(kind=kind, mixed=mixed, first_where=examples[0].where,
-                            examples=len(examples), identical=(len(identical), identical[:1]))
+                            examples=len(examples), identical=(len(identical), identical[:1]),
+                            notes=notes)
         if stop <= TOKENIZE or mixed is not None:
             return result
         return self._tokenize(examples, tokenizer, records, result)
@@ -168,6 +171,7 @@ class PairSummary(Summary):
         self.no_prompt = True
         self.kind: bool | None = None
         self.identical: list = [0, []]
+        self.notes: dict[str, list] = {}
         self.dropped_record: tuple | None = None
         self.merge_example: list = []
         self.whole = False
@@ -195,6 +199,8 @@ class PairSummary(Summary):
             self.examples += stats["examples"]
             self.identical[0] += stats["identical"][0]
             self.identical[1] = self.identical[1] or stats["identical"][1]
+            for key, (count, where) in stats.get("notes", {}).items():
+                self.notes.setdefault(key, [0, where])[0] += count
         if "dropped" in stats:
             self.dropped += stats["dropped"][0]
             self.dropped_record = self.dropped_record or stats["dropped"][1]
@@ -218,6 +224,7 @@ class PairSummary(Summary):
 
     def finish(self, count: int) -> None:
         settings = self.recipe.settings
+        warn_notes(self.notes, self.examples, self.recipe.columns, list(self.columns))
         if self.identical[0]:
             log.warning("%d of %d rows have identical chosen and rejected completions (no "
                         "preference signal; first: %s)", self.identical[0], self.examples,
