@@ -213,6 +213,9 @@ class Translation:
     notes: list[tuple[str, str]] = field(default_factory=list)
     """``(TRL key, what it became)`` for every key not passed through as it is."""
     no_effect: list[str] = field(default_factory=list)
+    unread: list[str] = field(default_factory=list)
+    """Keys TRL does not read in this file (``lora_*`` without ``use_peft``), said at read
+    time."""
 
 
 def is_trl(keys: Iterable[str]) -> bool:
@@ -344,6 +347,9 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
             value = [value]
         if key in ("model_revision", "dataset_test_split"):
             continue  # combined below
+        if key == "eval_steps" and not value:  # set once the flags are in (trl_defaults)
+            note((key, f"{value!r}: logging_steps' under eval_strategy steps (as transformers)"))
+            continue
         target = RENAMED.get(key, key)
         out[target] = value
         if target != key:
@@ -352,28 +358,22 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
         out["warmup_steps"], out["warmup_ratio"] = 0, 0.0
         note(("lr_scheduler_type", "constant: no warmup (transformers' constant ignores "
                                    "warmup_steps and warmup_ratio)"))
-    if out.get("eval_strategy") == "steps" and not out.get("eval_steps"):  # (None or 0)
-        out["eval_steps"] = out.get("logging_steps") or 10  # transformers' fallback (TRL: 10)
-        note(("eval_steps", f"{values.get('eval_steps')!r}: {out['eval_steps']}, "
-                            f"logging_steps' (as transformers)"))
     revision = values.get("model_revision")
     if revision not in (None, "main") and out.get("model"):
         out["model"] = f"{out['model']}@{revision}"
         note(("model_revision", f"model: {out['model']}"))
     elif "model_revision" in values:
         note(("model_revision", f"{revision!r}: the default, nothing to set"))
-    if out.get("eval_strategy", "no") != "no" and out.get("data") and "eval_data" not in out:
-        out["eval_data"] = out["data"]
-        out["eval_split"] = values.get("dataset_test_split", "test")
-        note(("dataset_test_split", f"eval_data: {out['data']}, eval_split: "
-                                    f"{out['eval_split']}"))
-    elif "dataset_test_split" in values:
-        note(("dataset_test_split", "not read: TRL evaluates only when eval_strategy is not no"))
+    if "dataset_test_split" in values:  # read once eval_strategy is known (trl_defaults)
+        out["eval_split"] = values["dataset_test_split"]
+        note(("dataset_test_split", f"eval_split: {out['eval_split']!r} (read when "
+                                    f"eval_strategy is not no, as TRL)"))
     peft = values.get("use_peft") or values.get("lora")
     if not peft:  # TRL reads lora_* only with use_peft
         for key in [k for k in out if k.startswith("lora_")]:
             del out[key]
             note((key, "no effect without use_peft (as in TRL)"))
+            result.unread.append(key)
     if isinstance(out.get("loss_type"), str):
         out["loss_type"] = [out["loss_type"]]  # TRL takes one name or a list
     smoothing = values.get("label_smoothing")
@@ -387,8 +387,14 @@ def translate(values: Mapping[str, Any], *, source: str = "config",
         for key, default in trl_defaults(out.get, known).items():
             if key not in out:
                 out[key] = default
-                note((key, f"{default!r} (TRL's default; dpokit's own differs)"))
+                note((key, f"{default!r} ({_DERIVED.get(key, TRL_DEFAULT_NOTE)})"))
     return result
+
+
+TRL_DEFAULT_NOTE = "TRL's default; dpokit's own differs"
+_DERIVED = {"eval_steps": "logging_steps', as transformers",
+            "eval_data": "the training data's eval_split, as TRL's scripts",
+            "eval_split": "TRL's dataset_test_split default"}
 
 
 def trl_defaults(given: Callable[[str], Any], known: Iterable[str] | None) -> dict[str, Any]:
@@ -400,6 +406,14 @@ def trl_defaults(given: Callable[[str], Any], known: Iterable[str] | None) -> di
     peft = bool(given("lora"))
     sft = known is not None and "completion_only_loss" in known  # SFTConfig's key alone
     defaults = {**TRL_DEFAULTS, **(TRL_SFT_DEFAULTS if sft else {})}
+    # what TRL derives from other keys, from their final values (a flag may set them):
+    # TrainingArguments' eval_steps fallback, and the scripts' evaluation data
+    strategy = given("eval_strategy")
+    if strategy == "steps" and not given("eval_steps"):  # (None or 0)
+        defaults["eval_steps"] = given("logging_steps") or 10  # (TRL's logging_steps: 10)
+    if strategy not in (None, "no") and given("data") and given("eval_data") is None:
+        defaults["eval_data"] = given("data")
+        defaults["eval_split"] = given("eval_split") or "test"
     return {key: default for key, default in defaults.items()
             if not ((key == "bf16" and given("fp16")) or (key.startswith("lora_") and not peft))
             and (known is None or key in known)}
@@ -409,7 +423,9 @@ def read_trl(values: Mapping[str, Any], *, source: str, known: Iterable[str] | N
              defaults: bool = True) -> dict[str, Any]:
     """:func:`translate`, saying once that the file is read with TRL's meanings."""
     result = translate(values, source=source, known=known, defaults=defaults)
-    log.warning("%s: read as a TRL config (TRL's key names, meanings and defaults)%s", source,
+    log.warning("%s: read as a TRL config (TRL's key names, meanings and defaults)%s%s", source,
                 f"; no effect on the result: {', '.join(result.no_effect)}"
-                if result.no_effect else "")
+                if result.no_effect else "",
+                f"; not read without use_peft (as TRL; use_peft: true or --use_peft reads "
+                f"them): {', '.join(result.unread)}" if result.unread else "")
     return result.values
