@@ -359,3 +359,27 @@ def test_csv_text_that_merely_looks_bracketed_stays_text(tmp_path, tokenizer):
         f'{r["prompt"]},"{r["chosen"]}",{r["rejected"]}' for r in rows) + "\n")
     pairs = load(tmp_path / "t.csv", tokenizer)
     assert triples(pairs) == [trl_ids(tokenizer, "JSON?", "[{x: 1}]", "no")]
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 2])
+def test_hh_rlhf_rows_with_the_same_two_conversations_are_dropped_and_counted(
+        tmp_path, tokenizer, caplog, chunk_rows):
+    """HH-RLHF holds pairs whose chosen and rejected are the same conversation (or one a prefix
+    of the other): with an implicit prompt no completion is left. They stopped the run at the
+    first of them; now they are dropped and counted in one warning, the other rows read as
+    before — in chunks too."""
+    same = {"chosen": hh("Hi", "Hello."), "rejected": hh("Hi", "Hello.")}
+    prefix = {"chosen": hh("Hi", "Hello."), "rejected": hh("Hi", "Hello.", "More", "Yes")}
+    rows = [HH_ROWS[0], same, HH_ROWS[1], prefix, same]
+    path = write_jsonl(tmp_path / "hh.jsonl", rows)
+    kwargs = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
+    with caplog.at_level(logging.WARNING, logger="dpokit"):
+        pairs = load(path, tokenizer, **kwargs)
+    assert triples(pairs) == [trl_ids(tokenizer, None, r["chosen"], r["rejected"])
+                              for r in (HH_ROWS[0], HH_ROWS[1])]
+    lines = [r.getMessage() for r in caplog.records if "dropped: no prompt column" in
+             r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("3 of 5 rows: dropped") \
+        and "row 2" in lines[0], lines
+    with pytest.raises(DpokitError, match=r"no rows left: all 2 are implicit-prompt rows"):
+        load(write_jsonl(tmp_path / "same.jsonl", [same, same]), tokenizer, **kwargs)

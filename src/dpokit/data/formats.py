@@ -209,10 +209,31 @@ def _split_implicit(row: RawRow, columns: ColumnMap, chosen: Any, rejected: Any)
             shared -= 1
     if shared >= min(len(chosen), len(rejected)):
         relation = "identical" if chosen == rejected else "one is a prefix of the other"
-        raise fail(row, columns.chosen, f"no prompt column, and chosen/rejected are {relation}: "
-                                         f"splitting off their shared prefix as the prompt "
-                                         f"leaves an empty completion")
+        error = fail(row, columns.chosen, f"no prompt column, and chosen/rejected are {relation}: "
+                                           f"splitting off their shared prefix as the prompt "
+                                           f"leaves an empty completion")
+        raise Unsplittable(str(error))
     return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+class Unsplittable(DpokitError):
+    """An implicit-prompt row whose chosen and rejected are identical or one a prefix of the
+    other: no completion is left to split off. Data read whole drops such rows and counts them
+    (:func:`parse_rows`); one row parsed alone raises it."""
+
+
+def parse_rows(rows: Sequence[RawRow], columns: ColumnMap,
+               notes: dict[str, list]) -> list[PreferenceExample]:
+    """:func:`parse_example` of each row, the :class:`Unsplittable` ones dropped and counted in
+    ``notes`` (Anthropic HH-RLHF holds pairs whose two conversations are the same: they carry
+    no preference, and TRL would train on their last character as both completions)."""
+    examples = []
+    for row in rows:
+        try:
+            examples.append(parse_example(row, columns, notes=notes))
+        except Unsplittable:
+            note(notes, "unsplittable", row)
+    return examples
 
 
 NOTES = {
@@ -223,6 +244,9 @@ NOTES = {
                        "prompt again as its own turn)",
     "empty_prompt": "no prompt column, and chosen and rejected share no leading text: the pair "
                     "is trained on an empty prompt",
+    "unsplittable": "dropped: no prompt column, and chosen/rejected are identical or one is a "
+                    "prefix of the other (no completion is left once their shared start is "
+                    "split off as the prompt)",
 }
 """What :func:`parse_example` notes of a row it reads, said once for the data with a count."""
 
@@ -433,10 +457,13 @@ def parse_examples(rows: Sequence[RawRow], columns: ColumnMap = ColumnMap(), *,
                  "leading text or messages chosen and rejected share", _data_name(rows),
                  columns.prompt)
     notes: dict[str, list] = {}
-    examples = _checked([parse_example(row, columns, notes=notes) for row in rows])
-    warn_notes(notes, len(examples), columns,
+    examples = parse_rows(rows, columns, notes)
+    warn_notes(notes, len(rows), columns,
                list(dict.fromkeys(name for row in rows for name in row.fields)))
-    return examples
+    if rows and not examples:
+        raise DpokitError(f"{_data_name(rows)}: no rows left: all {len(rows)} are implicit-"
+                          f"prompt rows with identical (or prefix) chosen/rejected")
+    return _checked(examples)
 
 
 def check_renamed(rows: Sequence[RawRow], columns: ColumnMap, shape: str) -> None:

@@ -28,8 +28,8 @@ from dpokit.data.formats import (
     check_columns,
     check_filled,
     check_row_chars,
-    parse_example,
     parse_examples,
+    parse_rows,
     warn_notes,
 )
 from dpokit.data.groups import data_shape
@@ -125,15 +125,17 @@ class PairRecipe(Recipe):
             return result
         notes: dict[str, list] = {}  # said once over all chunks (PairSummary.finish)
         try:
-            examples = [parse_example(row, c, notes=notes) for row in rows]
+            examples = parse_rows(rows, c, notes)
         except DpokitError as error:
             return result.failed(PARSE, error)
+        result.stats.update(notes=notes)
+        if not examples:  # every row of this chunk dropped (counted in notes)
+            return result if stop <= TOKENIZE else result.holding([], TokenizedPair)
         kind = examples[0].conversational
         mixed = next((e.where for e in examples if e.conversational != kind), None)
         identical = [e.where for e in examples if e.chosen == e.rejected]
         result.stats.update(kind=kind, mixed=mixed, first_where=examples[0].where,
-                            examples=len(examples), identical=(len(identical), identical[:1]),
-                            notes=notes)
+                            examples=len(examples), identical=(len(identical), identical[:1]))
         if stop <= TOKENIZE or mixed is not None:
             return result
         return self._tokenize(examples, tokenizer, records, result)
@@ -199,8 +201,8 @@ class PairSummary(Summary):
             self.examples += stats["examples"]
             self.identical[0] += stats["identical"][0]
             self.identical[1] = self.identical[1] or stats["identical"][1]
-            for key, (count, where) in stats.get("notes", {}).items():
-                self.notes.setdefault(key, [0, where])[0] += count
+        for key, (count, where) in stats.get("notes", {}).items():
+            self.notes.setdefault(key, [0, where])[0] += count
         if "dropped" in stats:
             self.dropped += stats["dropped"][0]
             self.dropped_record = self.dropped_record or stats["dropped"][1]
@@ -224,7 +226,10 @@ class PairSummary(Summary):
 
     def finish(self, count: int) -> None:
         settings = self.recipe.settings
-        warn_notes(self.notes, self.examples, self.recipe.columns, list(self.columns))
+        warn_notes(self.notes, self.rows, self.recipe.columns, list(self.columns))
+        if not self.examples and self.notes.get("unsplittable"):
+            raise DpokitError(f"{self.path}: no rows left: all {self.rows} are implicit-prompt "
+                              f"rows with identical (or prefix) chosen/rejected")
         if self.identical[0]:
             log.warning("%d of %d rows have identical chosen and rejected completions (no "
                         "preference signal; first: %s)", self.identical[0], self.examples,
