@@ -102,7 +102,7 @@ def test_conversational_groups():
     ({"prompt": "p", "completions": [" a", " b"], "scores": [1]}, r"row 1, field 'scores': "
                                                                    r"expected a list of 2"),
     ({"prompt": "p", "completions": [" a", {"text": " b"}]}, r"field 'completions\[0\]': no score"),
-    ({"prompt": "p", "completions": [" a"], "scores": [1]}, "at least 2 completions"),
+    ({"prompt": "p", "completions": {"a": 1}, "scores": [1]}, "expected a list of completions"),
     ({"prompt": "p", "completions": [" a", "  "], "scores": [1, 2]},
      r"'completions\[1\]': empty completion"),
     ({"prompt": "p", "completions": [" a", " b"], "scores": [1, "x"]},
@@ -304,3 +304,15 @@ def test_eval_on_groups_equals_the_pairs_one_by_one(tmp_path, tokenizer, capsys)
     for a, b in zip(records["g"], records["p"], strict=True):
         assert a["chosen_logps"] == pytest.approx(b["chosen_logps"], abs=1e-5)
         assert a["rejected_logps"] == pytest.approx(b["rejected_logps"], abs=1e-5)
+
+
+@pytest.mark.parametrize("few", [[], [" a"]])
+def test_a_prompt_with_fewer_than_two_completions_is_dropped_and_counted(few, caplog):
+    """As a prompt of one row per completion with one completion: no pair, dropped with the
+    others in one count (raw UltraFeedback holds such rows; they stopped the run)."""
+    data = [{"prompt": "p", "completions": [" a", " b"], "scores": [2, 1]},
+            {"prompt": "q", "completions": few, "scores": [1] * len(few)}]
+    with caplog.at_level("WARNING", logger="dpokit"):
+        (example,) = parse_examples(rows(data), ColumnMap())
+    assert (example.chosen, example.rejected) == (" a", " b")
+    assert "1 of 2 prompts have no two completions" in caplog.text

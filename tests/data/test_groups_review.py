@@ -118,9 +118,9 @@ def test_nan_and_infinity_literals_of_a_json_file_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("completions, message", [
-    ([], "expected a list of at least 2 completions"),
-    ([" only"], "expected a list of at least 2 completions"),
-    ({" a": 1}, "expected a list of at least 2 completions"),
+    ([], "'scores': expected a list of 0 numbers"),  # (scores of 2: the row is inconsistent)
+    ([" only"], "'scores': expected a list of 1 numbers"),
+    ({" a": 1}, "expected a list of completions"),
     ([" a", None], "'completions[1]': expected a string or a list of messages"),
 ])
 def test_empty_and_single_lists_name_the_row(completions, message):

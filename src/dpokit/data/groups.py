@@ -155,8 +155,8 @@ def _listed(row: RawRow, columns: ColumnMap, conversational: bool
             items = json.loads(items)
         except json.JSONDecodeError:
             raise fail(row, name, "not a list (nor JSON of one)") from None
-    if not isinstance(items, list) or len(items) < 2:
-        raise fail(row, name, "expected a list of at least 2 completions")
+    if not isinstance(items, list):  # (fewer than 2: no pair; dropped and counted, as a prompt
+        raise fail(row, name, "expected a list of completions")  # of one row per completion)
     completions, scores = [], []
     listed_scores = row.fields.get(columns.scores)
     if isinstance(listed_scores, str):
@@ -272,8 +272,8 @@ def grouped_examples(rows: Sequence[RawRow], columns: ColumnMap, shape: str, *,
             example = parse_example(RawRow(where.source, where.row, fields), columns)
             examples.append(replace(example, group=ordinal))
     if dropped:
-        log.warning("%d of %d prompts have no two completions of different scores: no pair, "
-                    "dropped", dropped, len(groups))
+        log.warning("%d of %d prompts have no two completions of different scores (or fewer "
+                    "than two completions): no pair, dropped", dropped, len(groups))
     if groups and not examples:
         raise DpokitError(f"{rows[0].source}: no prompt has two completions of different "
                           f"scores, so there is no preference pair to train on")
