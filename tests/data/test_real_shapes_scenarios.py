@@ -14,6 +14,7 @@ built on these rows (run once beside this file's review).
 
 import json
 import logging
+import re
 
 import pytest
 
@@ -383,3 +384,42 @@ def test_hh_rlhf_rows_with_the_same_two_conversations_are_dropped_and_counted(
         and "row 2" in lines[0], lines
     with pytest.raises(DpokitError, match=r"no rows left: all 2 are implicit-prompt rows"):
         load(write_jsonl(tmp_path / "same.jsonl", [same, same]), tokenizer, **kwargs)
+
+
+def test_gzipped_json_lines_json_and_csv_read_as_the_plain_files(tmp_path):
+    """Anthropic's HH-RLHF ships as ``train.jsonl.gz``/``test.jsonl.gz`` (no data files were
+    found in its snapshot): the text formats are read gzip-compressed too — the same rows and
+    row numbers as uncompressed, shards chosen by split, a broken stream one line."""
+    import csv
+    import gzip
+
+    from dpokit.data.io import iter_rows
+
+    rows = [{"chosen": hh("Hi", f"Hello {i} 😀"), "rejected": hh("Hi", "Go.")} for i in range(5)]
+    plain = write_jsonl(tmp_path / "rows.jsonl", rows)
+    (tmp_path / "rows.json").write_text(json.dumps(rows), encoding="utf-8")
+    with open(tmp_path / "rows.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, ["chosen", "rejected"])
+        writer.writeheader()
+        writer.writerows(rows)
+    for name in ("rows.jsonl", "rows.json", "rows.csv"):
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress((tmp_path / name).read_bytes()))
+        want = [(r.row, r.fields) for r in iter_rows(tmp_path / name)]
+        got = [(r.row, r.fields) for r in iter_rows(tmp_path / f"{name}.gz")]
+        assert got == want and len(got) == 5, name
+    hub = tmp_path / "hh-rlhf"
+    (hub / "harmless-base").mkdir(parents=True)
+    for split, part in (("train", rows[:3]), ("test", rows[3:])):
+        (hub / "harmless-base" / f"{split}.jsonl.gz").write_bytes(
+            gzip.compress(plain.read_bytes().split(b"\n", 3)[-1] if split == "test" else
+                          b"".join(json.dumps(r).encode() + b"\n" for r in part)))
+    assert [r.fields for r in iter_rows(hub, split="train")] == rows[:3]
+    with pytest.raises(DpokitError, match="shards of several splits"):
+        list(iter_rows(hub))
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(plain.read_bytes())[:-20])
+    with pytest.raises(DpokitError, match=f"cannot read {re.escape(str(broken))}"):
+        list(iter_rows(broken))
+    (tmp_path / "x.parquet.gz").write_bytes(b"")
+    with pytest.raises(DpokitError, match=r"unsupported file type '\.gz'"):
+        list(iter_rows(tmp_path / "x.parquet.gz"))

@@ -9,7 +9,9 @@ in name order; with ``split``, only shards whose name or folder starts with it �
 name ``train_prefs-00000-of-00001…`` is split ``train_prefs``, not ``train``'s). Every row keeps
 its file and 1-based row number (the line number for JSON Lines) so errors can point at it. Rows
 are read as they are needed (:func:`iter_rows`, :func:`iter_row_chunks`): JSON Lines and CSV line
-by line, Parquet and Arrow by record batch; only a JSON document is read whole.
+by line, Parquet and Arrow by record batch; only a JSON document is read whole. JSON Lines, JSON
+and CSV may be gzip-compressed (``train.jsonl.gz``, as Anthropic's HH-RLHF ships): read
+decompressing as they are read.
 
 Nothing is read by guess: data holding several splits (a ``DatasetDict``, a JSON object of split
 lists, shards named ``train-*``/``test-*`` or in ``train/``/``test/`` folders) needs ``split``;
@@ -22,6 +24,7 @@ from __future__ import annotations
 import ast
 import codecs
 import csv
+import gzip
 import io
 import json
 import logging
@@ -99,16 +102,34 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+GZIP_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv")
+"""The formats read gzip-compressed too (``rows.jsonl.gz``)."""
+
+
+def _suffix(path: Path) -> str:
+    """The data format's suffix of ``path``, lower case: ``.jsonl`` for ``rows.jsonl.gz`` too
+    (a ``.gz`` of another format keeps ``.gz``: unsupported)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] == ".gz" and suffixes[-2] in GZIP_SUFFIXES:
+        return suffixes[-2]
+    return path.suffix.lower()
+
+
+def _gzipped(path: Path) -> bool:
+    return path.suffix.lower() == ".gz"
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
-        return path.read_bytes()
-    except OSError as error:
-        raise DpokitError(f"cannot read {path}: {error.strerror or error}") from None
+        return gzip.decompress(path.read_bytes()) if _gzipped(path) else path.read_bytes()
+    except (OSError, EOFError) as error:  # gzip: BadGzipFile, a truncated stream
+        raise DpokitError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}"
+                          ) from None
 
 
-def _open(path: Path) -> io.BufferedReader:
+def _open(path: Path) -> io.BufferedIOBase:
     try:
-        return path.open("rb")
+        return gzip.open(path, "rb") if _gzipped(path) else path.open("rb")
     except OSError as error:
         raise DpokitError(f"cannot read {path}: {error.strerror or error}") from None
 
@@ -120,8 +141,9 @@ def _lines(path: Path) -> Iterator[bytes]:
         try:
             for raw_line in handle:
                 yield raw_line[:-1] if raw_line.endswith(b"\n") else raw_line
-        except OSError as error:
-            raise DpokitError(f"cannot read {path}: {error.strerror or error}") from None
+        except (OSError, EOFError) as error:  # gzip: BadGzipFile, a truncated stream
+            raise DpokitError(f"cannot read {path}: "
+                              f"{getattr(error, 'strerror', None) or error}") from None
 
 
 def _read_jsonl(path: Path) -> Iterator[RawRow]:
@@ -405,7 +427,7 @@ def _shards(path: Path, split: str | None) -> tuple[list[Path], str | None]:
     """The data files of the directory ``path`` for ``split``, and the split to read inside
     each (a JSON document's own splits, when no shard is named by one)."""
     inner = None
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _READERS
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in _READERS
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if split is None:
         splits = sorted({s for p in files if (s := _shard_split(path, p)) is not None})
@@ -416,7 +438,7 @@ def _shards(path: Path, split: str | None) -> tuple[list[Path], str | None]:
             p.name.startswith(split) for p in files):
         # shards named by no split are one split (as load_dataset calls them "train"): read
         # whole, as a single file is — a JSON document's own splits are its reader's
-        if any(p.suffix.lower() != ".json" for p in files):
+        if any(_suffix(p) != ".json" for p in files):
             log.warning("%s: shards without split names; split=%r is ignored", path, split)
         inner = split
     else:
@@ -429,7 +451,7 @@ def _shards(path: Path, split: str | None) -> tuple[list[Path], str | None]:
         wanted = f" for split {split!r}" if split else ""
         raise DpokitError(f"{path}: no data files{wanted} (looked for "
                           f"{', '.join(SUPPORTED_SUFFIXES)} files, or a saved dataset)")
-    suffixes = {p.suffix.lower() for p in files}
+    suffixes = {_suffix(p) for p in files}
     if len(suffixes) > 1:
         raise DpokitError(f"{path}: shards of mixed formats ({', '.join(sorted(suffixes))})")
     names = [str(p.relative_to(path)) for p in files]
@@ -442,7 +464,7 @@ def _shards(path: Path, split: str | None) -> tuple[list[Path], str | None]:
 def _data_path(path: str | Path) -> Path:
     """``path``, or the cached snapshot of a dataset repository named ``Org/name`` (a name
     ending in a data file's suffix is a file, never a repository)."""
-    if Path(path).suffix.lower() in _READERS:
+    if _suffix(Path(path)) in _READERS:
         return Path(path)
     return resolve(path, what="data", logger=log.name, repo_type="dataset",
                    local="file or directory")
@@ -460,9 +482,9 @@ def iter_rows(path: str | Path, *, split: str | None = None) -> Iterator[RawRow]
             return
         shards, inner = _shards(path, split)
         for shard in shards:
-            yield from _READERS[shard.suffix.lower()](shard, inner)
+            yield from _READERS[_suffix(shard)](shard, inner)
         return
-    reader = _READERS.get(path.suffix.lower())
+    reader = _READERS.get(_suffix(path))
     if reader is None:
         raise DpokitError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; expected "
                           f"{', '.join(SUPPORTED_SUFFIXES)}, a saved dataset or a directory")
