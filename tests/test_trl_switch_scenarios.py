@@ -161,6 +161,14 @@ def test_lora_keys_without_use_peft_are_said_when_read(workdir, data, tmp_path, 
     lines = [r.getMessage() for r in caplog.records if "read as a TRL config" in r.getMessage()]
     assert len(lines) == 1 and "lora_alpha, lora_r" in lines[0] and "use_peft" in lines[0]
     assert load_config(DPOConfig, path, None, {"use_peft": True}).lora_r == 64
+    # dpokit's own --lora is TRL's --use_peft: the file's lora_* keys are read (they were
+    # dropped, the run trained at r=16)
+    config = load_config(DPOConfig, path, {"lora": "true"})
+    assert (config.lora, config.lora_r, config.lora_alpha) == (True, 64, 128)
+    config = load_config(DPOConfig, _write(tmp_path, "off", {
+        "model_name_or_path": str(workdir / "llama"), "dataset_name": str(data["prefs"]),
+        "use_peft": True, "lora_r": 64, "output_dir": str(tmp_path / "o")}), {"lora": "false"})
+    assert (config.lora, config.lora_r) == (False, 16)  # --no-lora wins over use_peft
 
 
 # ---- TRL 1.16 itself as the oracle ---------------------------------------------------------

@@ -252,12 +252,17 @@ def load_config(cls: type[C], path: str | Path | None = None,
         if not is_trl(document):
             raise UnknownFlags(list(trl_flags), known)
         source = f"{source} and TRL flags" if path is not None else "TRL flags"
+    texts = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
     if document:
         if is_trl(document):  # a TRL config, read with TRL's names and meanings
+            if "lora" in texts and "lora" in known:  # dpokit's --lora/--no-lora is TRL's
+                # --use_peft: it decides whether the file's lora_* keys are read (as TrlParser
+                # merges --use_peft over the file before TRL reads them)
+                document = {**document, "use_peft": coerce("lora", texts["lora"], bool,
+                                                            from_text=True)}
             document = read_trl(document, source=source, known=known, defaults=False)
             trl = True
         values.update({k.replace("-", "_"): v for k, v in document.items()})
-    texts = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
     values.update(texts)
     if trl:  # TRL's defaults for what neither the file nor a flag set (flags decide some)
         hints = _hints(cls)
