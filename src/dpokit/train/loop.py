@@ -80,9 +80,13 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
         with _stop_on_signal() as stop:  # from the first step: a signal in setup stops it
             while run.step < run.total_steps:
                 train_step(run)
-                stopping = runtime.all_reduce_sum(torch.tensor(float(stop.requested))).item() > 0
-                after_step(run, probe, stopping)
-                if stopping:
+                saved = after_step(run, probe)
+                # asked after the step's log, evaluation and save, not before them: a signal
+                # that came while they ran stops here too (its checkpoint is the one just
+                # saved, or saved now), not after one more step and another checkpoint
+                if runtime.all_reduce_sum(torch.tensor(float(stop.requested))).item() > 0:
+                    if not saved:
+                        save(run)
                     if runtime.is_main:
                         log.warning("stopped by signal after step %d; checkpoint saved — "
                                     "resume with --resume auto", run.step)
@@ -295,8 +299,9 @@ def _finite_step(run: Run, loss: torch.Tensor) -> bool:
     return False
 
 
-def after_step(run: Run, probe: Probe | None, stopping: bool) -> None:
-    """The named steps between optimizer steps: log, probe, evaluate, checkpoint."""
+def after_step(run: Run, probe: Probe | None) -> bool:
+    """The named steps between optimizer steps: log, probe, evaluate, checkpoint. Returns
+    whether it checkpointed this step."""
     config, step = run.config, run.step
     if step % config.logging_steps == 0 or step == run.total_steps:
         log_window(run)
@@ -304,9 +309,11 @@ def after_step(run: Run, probe: Probe | None, stopping: bool) -> None:
         run_probe(run, probe)
     if run.eval_items and config.evaluates_at(step, run.steps_per_epoch):
         evaluate_run(run)
-    if config.saves_at(step, run.steps_per_epoch) or stopping:
+    saves = config.saves_at(step, run.steps_per_epoch)
+    if saves:
         save(run)
     run.metrics.bar.update(1)
+    return saves
 
 
 def log_window(run: Run) -> None:
