@@ -389,3 +389,24 @@ def test_a_backend_left_truncating_by_an_earlier_call_does_not_truncate_the_data
     tok(["the cat sat on the mat"], truncation=True, max_length=4, padding="max_length")
     assert tok.backend_tokenizer.truncation is not None  # the state the call leaves behind
     assert batch_ids(tok, texts, direct) == want
+
+
+def test_tokenising_workers_leave_ctrl_c_to_the_parent(tokenizer, monkeypatch):
+    """Ctrl-C in a terminal signals the whole process group: each ``dataset_num_proc``
+    worker printed its own KeyboardInterrupt traceback. A worker ignores SIGINT (the parent
+    shuts the pool down and prints its one line)."""
+    import pickle
+    import signal
+
+    from dpokit.data import prepare
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(prepare.log, "level", prepare.log.level)  # the worker raises it
+    try:
+        prepare._start_worker(pickle.dumps(tokenizer))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert prepare._WORKER["tokenizer"](["the cat"])["input_ids"] == tokenizer(
+            ["the cat"])["input_ids"]
+    finally:
+        signal.signal(signal.SIGINT, before)
+        prepare._WORKER.clear()

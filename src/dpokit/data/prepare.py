@@ -200,7 +200,11 @@ _WORKER: dict[str, Any] = {}
 
 def _start_worker(tokenizer: bytes) -> None:
     import os
+    import signal
 
+    # Ctrl-C reaches the terminal's whole process group: the parent stops the pool (each
+    # worker printed a KeyboardInterrupt traceback of its own)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # one thread per worker (the processes are the parallelism), unless the user chose
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.setLevel(logging.DEBUG)  # every record is captured and sent back; the parent filters
