@@ -318,7 +318,8 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
         if reward is not None:
             values = score_groups(reward, config.reward, [p.prompt for p in prompts],
                                   completions, step=0, device=runtime.device,
-                                  rows=[p.where for p in prompts])
+                                  rows=[p.where for p in prompts],
+                                  columns=[p.columns for p in prompts])
             for record, value in zip(records, values, strict=True):
                 record["reward"] = value
         write_jsonl(config.output, records)  # OS errors: one line naming it

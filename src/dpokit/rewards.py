@@ -32,6 +32,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from dpokit.errors import DpokitError
@@ -226,12 +227,22 @@ def _number(value: Any) -> float | None:
     return None
 
 
+_RESERVED = frozenset({"prompts", "completions", "completion_ids", "rows", "trainer_state"})
+"""Keywords a reward function gets from dpokit itself: a data column of one of these names is
+not passed."""
+
+
 def score(fn: RewardFn, spec: str, prompts: Sequence[Any], completions: Sequence[str], *,
           step: int, completion_ids: Sequence[Sequence[int]] | None = None,
-          rows: Sequence[str] | None = None) -> list[float]:
-    """``fn(prompts=…, completions=…[, completion_ids=…])`` checked: one finite number per
-    completion. ``step`` (1-based; 0: not in training) goes into the error messages, and so does
-    ``rows[i]`` (where completion ``i``'s prompt comes from) when given.
+          rows: Sequence[str] | None = None,
+          columns: Mapping[str, Sequence[Any]] | None = None,
+          global_step: int = 0) -> list[float]:
+    """``fn(prompts=…, completions=…[, completion_ids=…][, COLUMN=…][, trainer_state=…])``
+    checked: one finite number per completion. ``step`` (1-based; 0: not in training) goes into
+    the error messages, and so does ``rows[i]`` (where completion ``i``'s prompt comes from)
+    when given. ``columns``: the data's other columns, a value per completion (TRL passes them
+    as keywords), and ``trainer_state`` (its ``global_step``: the optimizer steps done,
+    ``global_step``) — each only to a function that takes it by name or through ``**kwargs``.
 
     As TRL passes them, the completion of a conversational prompt (a message list) reaches a
     reward *function* as one assistant message, ``[{"role": "assistant", "content": text}]``;
@@ -245,6 +256,12 @@ def score(fn: RewardFn, spec: str, prompts: Sequence[Any], completions: Sequence
                  for p, c in zip(prompts, given, strict=True)]
     elif rows is not None:
         extra["rows"] = list(rows)  # its errors name the completion's row
+    if not isinstance(fn, RewardModel):
+        for name, values in (columns or {}).items():
+            if name not in _RESERVED and name.isidentifier() and _takes(fn, name):
+                extra[name] = list(values)
+        if _takes(fn, "trainer_state"):
+            extra["trainer_state"] = SimpleNamespace(global_step=global_step)
     try:
         values = fn(prompts=list(prompts), completions=given, **extra)
     except DpokitError as error:
@@ -287,17 +304,25 @@ def _preview(value: Any) -> str:
 
 def score_groups(fn: RewardFn, spec: str, prompts: Sequence[Any], groups: Sequence[Sequence[Any]],
                  *, step: int, device: Any = None,
-                 rows: Sequence[str] | None = None) -> list[float]:
+                 rows: Sequence[str] | None = None,
+                 columns: Sequence[Mapping[str, Any]] | None = None,
+                 global_step: int = 0) -> list[float]:
     """:func:`score` of generated completions: ``groups[i]`` are the completions (with ``text``
-    and ``ids``) of ``prompts[i]`` (from ``rows[i]``, for the error messages, when given); one
-    reward per completion, flattened in that order. A :class:`RewardModel` is first moved to
-    ``device`` when one is given."""
+    and ``ids``) of ``prompts[i]`` (from ``rows[i]``, for the error messages, when given, and
+    with the row's other ``columns[i]``: each column's value repeated for each of the prompt's
+    completions, None where a row lacks it); one reward per completion, flattened in that
+    order. A :class:`RewardModel` is first moved to ``device`` when one is given."""
     if device is not None and isinstance(fn, RewardModel):
         fn.to(device)
     flat = [c for group in groups for c in group]
     where = None if rows is None else [
         f"{row}, generation {j + 1}" for row, group in zip(rows, groups, strict=True)
         for j in range(len(group))]
+    by_column = None
+    if columns is not None:
+        names = list(dict.fromkeys(name for row in columns for name in row))
+        by_column = {name: [row.get(name) for row, group in zip(columns, groups, strict=True)
+                            for _ in group] for name in names}
     return score(fn, spec, [p for p, group in zip(prompts, groups, strict=True) for _ in group],
                  [c.text for c in flat], step=step, completion_ids=[c.ids for c in flat],
-                 rows=where)
+                 rows=where, columns=by_column, global_step=global_step)

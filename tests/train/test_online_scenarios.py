@@ -407,3 +407,41 @@ def test_the_whole_space_measure_equals_brute_force(whole_space):
     assert high - got["kl_policy_to_optimal_estimate"] == pytest.approx(half, rel=1e-9)
     assert got["closed_fraction_at_most"] == pytest.approx(
         1 - got["kl_policy_to_optimal_lower_bound"] / got["kl_ref_to_optimal"], rel=1e-12)
+
+
+COLUMNS_REWARD = '''
+import json
+
+LOG = {log!r}
+
+
+def with_answer(prompts, completions, answer, trainer_state, **kwargs):
+    with open(LOG, "a") as f:
+        f.write(json.dumps({{"prompts": list(prompts), "answer": list(answer),
+                            "step": trainer_state.global_step,
+                            "keys": sorted(kwargs)}}) + "\\n")
+    return [float(a == "yes") - len(c) / 100 for c, a in zip(completions, answer)]
+'''
+
+
+def test_a_rows_other_columns_reach_the_reward_as_trl_passes_them(workdir, tmp_path):
+    """TRL passes a data set's other columns to a reward function as keywords, a value per
+    completion, and ``trainer_state``; dpokit passed only prompts, completions and
+    completion_ids (``answer`` was a TypeError, ``kwargs["trainer_state"]`` a KeyError).
+    Oracle: each completion's ``answer`` is its own prompt row's, and ``global_step`` counts
+    the optimizer steps done."""
+    rows = [{"prompt": p, "answer": a, "level": i} for i, (p, a) in
+            enumerate([("the cat", "yes"), ("a dog", "no"), ("the sky", "yes"), ("sun", "no")])]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    log = tmp_path / "calls.jsonl"
+    (tmp_path / "answers.py").write_text(COLUMNS_REWARD.format(log=str(log)))
+    train(online(workdir, tmp_path / "run", tmp_path / "answers.py", data=str(data),
+                 reward=f"{tmp_path / 'answers.py'}:with_answer", batch_size=2,
+                 num_generations=2, max_steps=2, max_new_tokens=3), progress=False)
+    calls = _calls(log)
+    by_prompt = {r["prompt"]: r["answer"] for r in rows}
+    assert [c["step"] for c in calls] == [0, 1]
+    for call in calls:
+        assert len(call["answer"]) == len(call["prompts"]) == 4  # 2 prompts × 2 generations
+        assert call["answer"] == [by_prompt[p] for p in call["prompts"]]
+        assert call["keys"] == ["completion_ids", "level"]  # the other columns, by **kwargs

@@ -10,7 +10,7 @@ Errors name the file, row and field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,9 @@ class Prompt:
     prompt_ids: list[int]
     source: str = ""
     row: int = 0
+    columns: dict[str, Any] = field(default_factory=dict)
+    """The row's other columns (``answer``, …): reward functions get them as keywords, as
+    TRL passes a data set's other columns."""
 
     @property
     def where(self) -> str:
@@ -98,5 +101,6 @@ def load_prompts(path: str | Path, tokenizer: Any, *,
     for row in rows:
         prompt = _prompt(row, prompt_column)
         ids = tokenize_prompt(prompt, tokenizer, settings, where=row.where)
-        prompts.append(Prompt(prompt, ids, row.source, row.row))
+        prompts.append(Prompt(prompt, ids, row.source, row.row,
+                              {k: v for k, v in row.fields.items() if k != prompt_column}))
     return prompts

@@ -125,7 +125,8 @@ class OnlineDPOObjective(DPOObjective):
             rewards = score_groups(self.reward_fn, c.reward, [item.prompt for item in items],
                                    groups, step=0 if evaluating else step + 1,
                                    device=next(model.parameters()).device,
-                                   rows=[item.where for item in items])
+                                   rows=[item.where for item in items],
+                                   columns=[item.columns for item in items], global_step=step)
         except DpokitError as error:
             if not evaluating:
                 raise

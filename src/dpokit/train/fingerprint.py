@@ -109,6 +109,8 @@ def legacy_items_identity(items: Sequence[Any]) -> str:
                   else {"item": repr(item)})
         fields.pop("source", None)
         fields.pop("row", None)
+        if fields.get("columns") == {}:  # a prompt without other columns: its digest as before
+            fields.pop("columns")        # prompts carried them (runs resume across the change)
         digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:32]
 

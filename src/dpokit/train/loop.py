@@ -373,7 +373,8 @@ def sample_eval_prompts(run: Run) -> list[dict]:
             rewards = score_groups(run.sample_reward, run.config.reward,
                                    [p.prompt for p in prompts], completions, step=0,
                                    device=run.runtime.device,
-                                   rows=[p.where for p in prompts])
+                                   rows=[p.where for p in prompts],
+                                   columns=[p.columns for p in prompts], global_step=run.step)
         except DpokitError as error:
             raise DpokitError(f"eval_generate samples after step {run.step}: {error}") from None
         for record, value in zip(records, rewards, strict=True):
