@@ -26,7 +26,7 @@ from dpokit.data import micro_batches
 from dpokit.data.batching import group_ids, unit_spans, units_of
 from dpokit.errors import DpokitError
 from dpokit.eval_config import EvalConfig, GenerateConfig, check_not_existing
-from dpokit.memory import is_out_of_memory, release_cached, shortage
+from dpokit.memory import is_out_of_memory, release_cached, shortage, tune_allocator
 from dpokit.objectives import MetricSums, Objective
 from dpokit.runtime import Runtime
 
@@ -234,6 +234,7 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> Evaluation:
     if config.per_example is not None:  # refused now, not after the whole evaluation
         check_writable(config.per_example, "per_example")
         check_not_existing(config.per_example, "per_example", config.overwrite)
+    tune_allocator()
     runtime = setup_runtime(config.device, config.compute_dtype)
     try:
         return _run_eval(config, runtime, progress=progress)
@@ -288,6 +289,7 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> list[dict[
     check_data_exists(config.data)
     check_writable(config.output)  # refused now, not after generating everything
     check_not_existing(config.output, "output", config.overwrite)
+    tune_allocator()
     runtime = setup_runtime(config.device, config.compute_dtype)
     try:
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)

@@ -35,7 +35,7 @@ from dpokit.data.batching import units_of
 from dpokit.errors import DpokitError
 from dpokit.evaluate import EvaluationOutOfMemory, evaluate
 from dpokit.logps import unwrap_model
-from dpokit.memory import error_line, is_out_of_memory, release_cached, shortage
+from dpokit.memory import error_line, is_out_of_memory, release_cached, shortage, tune_allocator
 from dpokit.models import load_causal_lm, merge_adapter, nonfinite_parameter
 from dpokit.runtime import rng_state, setup_runtime, shutdown_runtime
 from dpokit.train.checkpoint import list_checkpoints, save_checkpoint
@@ -71,6 +71,7 @@ def train(config: TrainConfig, *, progress: bool = True, probe: Probe | None = N
     checkpoint written when SIGINT/SIGTERM stopped the run early."""
     global last_stop_signal
     last_stop_signal = None
+    tune_allocator()  # before the first tensor-sized allocation (dpokit.memory)
     runtime = setup_runtime(config.device, config.compute_dtype, timeout_s=config.ddp_timeout)
     run, lock, failed = None, None, False
     try:
